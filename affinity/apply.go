@@ -1,0 +1,549 @@
+package affinity
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"net/netip"
+	"strings"
+	"time"
+)
+
+// ChangeKind says what a Change does.
+type ChangeKind uint8
+
+// The kinds of change.
+const (
+	PutNode ChangeKind = iota + 1
+	DeleteNode
+	PutTunnel
+	DeleteTunnel
+)
+
+var changeKindNames = [...]string{"", "put-node", "delete-node", "put-tunnel", "delete-tunnel"}
+
+func (k ChangeKind) String() string {
+	if int(k) < len(changeKindNames) && k != 0 {
+		return changeKindNames[k]
+	}
+	return fmt.Sprintf("ChangeKind(%d)", uint8(k))
+}
+
+// Change is one step of a batch given to Apply.
+type Change struct {
+	Kind ChangeKind
+	// Node is the new node for PutNode.
+	Node *Node
+	// Tunnel is the new tunnel for PutTunnel. An empty Node asks the
+	// scheduler to place a new tunnel and keeps an existing tunnel's owner.
+	Tunnel *Tunnel
+	// Name is the node name or tunnel id for the Delete kinds.
+	Name string
+	// Reason says why the change was made ("import", "node n1 down",
+	// "rebalance: node n2 draining"); carried into journals and reports.
+	Reason string
+}
+
+// Key returns the node name or tunnel id the change is about.
+func (c *Change) Key() string {
+	switch {
+	case c.Node != nil:
+		return c.Node.Name
+	case c.Tunnel != nil:
+		return c.Tunnel.ID
+	}
+	return c.Name
+}
+
+// ChangeError is a change that Apply refused.
+type ChangeError struct {
+	Index int // position in the batch
+	Kind  ChangeKind
+	Key   string // tunnel id or node name
+	Err   error
+}
+
+func (e *ChangeError) Error() string {
+	return fmt.Sprintf("change %d (%s %s): %v", e.Index, e.Kind, e.Key, e.Err)
+}
+
+func (e *ChangeError) Unwrap() error { return e.Err }
+
+// MaxReportedErrors caps the errors a BatchError lists.
+const MaxReportedErrors = 100
+
+// BatchError lists every refused change of a batch (up to
+// MaxReportedErrors) and how many there were in all. Nothing of the batch
+// was applied.
+type BatchError struct {
+	Errors []*ChangeError
+	Total  int
+}
+
+func (e *BatchError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d change(s) refused, nothing applied", e.Total)
+	for _, ce := range e.Errors {
+		b.WriteString("\n  ")
+		b.WriteString(ce.Error())
+	}
+	if e.Total > len(e.Errors) {
+		fmt.Fprintf(&b, "\n  ... and %d more", e.Total-len(e.Errors))
+	}
+	return b.String()
+}
+
+// Sentinel errors, wrapped by ChangeError, for callers that branch on them.
+var (
+	ErrConflict    = errors.New("conflict")
+	ErrUnknownNode = errors.New("unknown node")
+	ErrNotFound    = errors.New("not found")
+	ErrInvalid     = errors.New("invalid")
+)
+
+// Applied is the result of a successful Apply.
+type Applied struct {
+	// Revision is the table revision after the batch; unchanged when
+	// the batch changed nothing.
+	Revision uint64
+	// Changes are the effective changes, resolved: nodes carry their
+	// marks, tunnels their owners, times and revision. No-op changes are
+	// left out, so replaying Changes on an equal table gives an equal
+	// table.
+	Changes []Change
+
+	t    *Table
+	undo []undoRec
+	prev uint64
+}
+
+// Rollback undoes the batch. It is valid only as long as no other change
+// was applied after it; the store uses it when its commit fails.
+func (a *Applied) Rollback() {
+	if a == nil || a.t == nil {
+		return
+	}
+	a.t.mu.Lock()
+	defer a.t.mu.Unlock()
+	a.t.rollback(a.undo)
+	a.t.rev = a.prev
+	a.t = nil
+}
+
+type undoRec struct {
+	oldT, newT *entry
+	oldN, newN *Node
+}
+
+// Apply applies a batch of changes atomically: either every change is
+// valid and all are applied, bumping the revision once, or a *BatchError
+// lists every refused change and the table is unchanged. Changes that
+// alter nothing are dropped; a batch of only those does not bump the
+// revision.
+func (t *Table) Apply(batch []Change) (*Applied, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.applyLocked(batch, t.rev+1, true)
+}
+
+// ApplyAt applies resolved changes (as Applied.Changes lists them) at the
+// revision chosen by the caller, keeping the times and revisions they
+// carry: a replica replaying its master's journal ends up equal to it. The
+// revision must be above the table's.
+func (t *Table) ApplyAt(rev uint64, batch []Change) (*Applied, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if rev <= t.rev {
+		return nil, fmt.Errorf("apply at revision %d: table is already at revision %d", rev, t.rev)
+	}
+	return t.applyLocked(batch, rev, false)
+}
+
+// Load fills an empty table with nodes and tunnels as stored (marks, owners,
+// times and revisions kept) and sets the revision. Every invariant is
+// checked; on error the table must be discarded.
+func (t *Table) Load(rev uint64, nodes []Node, tunnels []Tunnel) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if len(t.nodes) > 0 || len(t.tunnels) > 0 {
+		return errors.New("load into a table that is not empty")
+	}
+	batch := make([]Change, 0, len(nodes)+len(tunnels))
+	for i := range nodes {
+		if nodes[i].Mark == 0 {
+			return fmt.Errorf("load node %s: no mark", nodes[i].Name)
+		}
+		batch = append(batch, Change{Kind: PutNode, Node: &nodes[i]})
+	}
+	for i := range tunnels {
+		batch = append(batch, Change{Kind: PutTunnel, Tunnel: &tunnels[i]})
+	}
+	if _, err := t.applyLocked(batch, rev, false); err != nil {
+		return err
+	}
+	t.rev = rev
+	return nil
+}
+
+// applyLocked applies a batch. With stamp false (replay and load) it
+// keeps the times and revisions the changes carry; otherwise it stamps
+// them. It records an undo log so a failing batch leaves no trace.
+func (t *Table) applyLocked(batch []Change, rev uint64, stamp bool) (*Applied, error) {
+	a := &Applied{t: t, prev: t.rev, Revision: t.rev}
+	var berr BatchError
+	now := unixSeconds(t.now())
+	fail := func(i int, c *Change, err error) {
+		berr.Total++
+		if len(berr.Errors) < MaxReportedErrors {
+			berr.Errors = append(berr.Errors, &ChangeError{Index: i, Kind: c.Kind, Key: c.Key(), Err: err})
+		}
+	}
+	for i := range batch {
+		c := &batch[i]
+		var (
+			res Change
+			u   undoRec
+			ok  bool
+			err error
+		)
+		switch c.Kind {
+		case PutNode:
+			res, u, ok, err = t.putNode(c)
+		case DeleteNode:
+			res, u, ok, err = t.deleteNode(c)
+		case PutTunnel:
+			res, u, ok, err = t.putTunnel(c, rev, now, stamp)
+		case DeleteTunnel:
+			res, u, ok, err = t.deleteTunnel(c)
+		default:
+			err = fmt.Errorf("%w: unknown change kind %d", ErrInvalid, c.Kind)
+		}
+		if err != nil {
+			fail(i, c, err)
+			continue
+		}
+		if ok {
+			res.Reason = c.Reason
+			a.Changes = append(a.Changes, res)
+			a.undo = append(a.undo, u)
+		}
+	}
+	if berr.Total > 0 {
+		t.rollback(a.undo)
+		return nil, &berr
+	}
+	if len(a.Changes) > 0 {
+		t.rev = rev
+		a.Revision = rev
+	}
+	return a, nil
+}
+
+func (t *Table) rollback(undo []undoRec) {
+	for i := len(undo) - 1; i >= 0; i-- {
+		u := undo[i]
+		switch {
+		case u.newT != nil || u.oldT != nil:
+			if u.newT != nil {
+				t.unindex(u.newT)
+			}
+			if u.oldT != nil {
+				t.index(u.oldT)
+			}
+		default:
+			if u.newN != nil {
+				delete(t.nodes, u.newN.Name)
+				t.byMark[u.newN.Mark] = nil
+			}
+			if u.oldN != nil {
+				t.nodes[u.oldN.Name] = u.oldN
+				t.byMark[u.oldN.Mark] = u.oldN
+			}
+		}
+	}
+}
+
+func (t *Table) index(e *entry) {
+	t.tunnels[e.id] = e
+	t.setPeer(e)
+	for _, p := range e.subnets {
+		t.subnets.Insert(p, e)
+	}
+	t.count[e.mark]++
+}
+
+func (t *Table) unindex(e *entry) {
+	delete(t.tunnels, e.id)
+	t.deletePeer(e.peer)
+	for _, p := range e.subnets {
+		t.subnets.Delete(p)
+	}
+	t.count[e.mark]--
+}
+
+func (t *Table) isVIP(a netip.Addr) bool {
+	for _, v := range t.vips {
+		if v == a {
+			return true
+		}
+	}
+	return false
+}
+
+func (t *Table) putNode(c *Change) (Change, undoRec, bool, error) {
+	if c.Node == nil {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: put-node without a node", ErrInvalid)
+	}
+	n := *c.Node
+	if err := ValidateID("node name", n.Name); err != nil {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if err := ValidateAddr(n.Addr); err != nil {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: node address: %v", ErrInvalid, err)
+	}
+	if t.isVIP(n.Addr) {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: node address %s is a director VIP", ErrConflict, n.Addr)
+	}
+	if n.Weight == 0 {
+		n.Weight = DefaultWeight
+	}
+	if n.Weight > 10000 {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: weight %d above 10000", ErrInvalid, n.Weight)
+	}
+	if n.Capacity < 0 {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: capacity %d is negative", ErrInvalid, n.Capacity)
+	}
+	if n.State > NodeDown {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: state %d", ErrInvalid, n.State)
+	}
+	for _, o := range t.nodes {
+		if o.Name != n.Name && o.Addr == n.Addr {
+			return Change{}, undoRec{}, false, fmt.Errorf("%w: address %s already belongs to node %s", ErrConflict, n.Addr, o.Name)
+		}
+	}
+	old := t.nodes[n.Name]
+	switch {
+	case old != nil && n.Mark == 0:
+		n.Mark = old.Mark
+	case old != nil && n.Mark != old.Mark:
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: node %s has mark %d for life, not %d", ErrConflict, n.Name, old.Mark, n.Mark)
+	case old == nil && n.Mark == 0:
+		for m := 1; m <= MaxMark; m++ {
+			if t.byMark[m] == nil {
+				n.Mark = uint16(m)
+				break
+			}
+		}
+		if n.Mark == 0 {
+			return Change{}, undoRec{}, false, fmt.Errorf("%w: no free mark: %d nodes already", ErrConflict, MaxMark)
+		}
+	case old == nil:
+		if int(n.Mark) > MaxMark {
+			return Change{}, undoRec{}, false, fmt.Errorf("%w: mark %d above %d", ErrInvalid, n.Mark, MaxMark)
+		}
+		if o := t.byMark[n.Mark]; o != nil {
+			return Change{}, undoRec{}, false, fmt.Errorf("%w: mark %d already belongs to node %s", ErrConflict, n.Mark, o.Name)
+		}
+	}
+	if old != nil && sameNode(old, &n) {
+		return Change{}, undoRec{}, false, nil
+	}
+	nn := &n
+	t.nodes[n.Name] = nn
+	t.byMark[n.Mark] = nn
+	res := *nn
+	return Change{Kind: PutNode, Node: &res}, undoRec{oldN: old, newN: nn}, true, nil
+}
+
+func (t *Table) deleteNode(c *Change) (Change, undoRec, bool, error) {
+	old := t.nodes[c.Name]
+	if old == nil {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: node %q", ErrNotFound, c.Name)
+	}
+	if n := t.count[old.Mark]; n > 0 {
+		var example string
+		for _, e := range t.tunnels {
+			if e.mark == old.Mark {
+				example = e.id
+				break
+			}
+		}
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: node %s still owns %d tunnel(s), for example %s: move them first", ErrConflict, old.Name, n, example)
+	}
+	delete(t.nodes, old.Name)
+	t.byMark[old.Mark] = nil
+	return Change{Kind: DeleteNode, Name: old.Name}, undoRec{oldN: old}, true, nil
+}
+
+func (t *Table) deleteTunnel(c *Change) (Change, undoRec, bool, error) {
+	old := t.tunnels[c.Name]
+	if old == nil {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: tunnel %q", ErrNotFound, c.Name)
+	}
+	t.unindex(old)
+	return Change{Kind: DeleteTunnel, Name: old.id}, undoRec{oldT: old}, true, nil
+}
+
+func (t *Table) putTunnel(c *Change, rev uint64, now uint32, stamp bool) (Change, undoRec, bool, error) {
+	if c.Tunnel == nil {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: put-tunnel without a tunnel", ErrInvalid)
+	}
+	tu := *c.Tunnel
+	normalizeTunnel(&tu)
+	if err := t.checkTunnelShape(&tu); err != nil {
+		return Change{}, undoRec{}, false, err
+	}
+	old := t.tunnels[tu.ID]
+
+	// Owner: a named node, the current owner, or the scheduler's choice.
+	var owner *Node
+	switch {
+	case tu.Node != "":
+		owner = t.nodes[tu.Node]
+		if owner == nil {
+			return Change{}, undoRec{}, false, fmt.Errorf("%w: owner %q does not exist", ErrUnknownNode, tu.Node)
+		}
+		if owner.State == NodeDown && (old == nil || old.mark != owner.Mark) {
+			return Change{}, undoRec{}, false, fmt.Errorf("%w: owner %s is down: leave the node empty to let the scheduler choose, or bring %s up", ErrConflict, owner.Name, owner.Name)
+		}
+	case tu.Pinned:
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: pinned without an owner node", ErrInvalid)
+	case old != nil:
+		owner = t.byMark[old.mark]
+	}
+
+	// Conflicts with other tunnels.
+	if o, ok := t.peer(tu.Peer); ok && o != old {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: peer %s already belongs to tunnel %s", ErrConflict, tu.Peer, o.id)
+	}
+	for _, p := range tu.Subnets {
+		if err := t.checkSubnetFree(p, old); err != nil {
+			return Change{}, undoRec{}, false, err
+		}
+	}
+
+	if owner == nil {
+		// Only new tunnels get here: an existing one keeps its owner.
+		var err error
+		owner, err = t.schedule(tu.Peer)
+		if err != nil {
+			return Change{}, undoRec{}, false, err
+		}
+	}
+	tu.Node = owner.Name
+
+	if old != nil {
+		prev := t.tunnelOf(old)
+		if prev.sameContent(&tu) {
+			return Change{}, undoRec{}, false, nil
+		}
+	}
+	e := &entry{
+		id:      tu.ID,
+		peer:    tu.Peer,
+		subnets: tu.Subnets,
+		mark:    owner.Mark,
+		pinned:  tu.Pinned,
+	}
+	if tu.Comment != "" {
+		e.comment = &tu.Comment
+	}
+	if stamp {
+		e.rev = rev
+		e.updated = now
+		e.created = now
+		if old != nil {
+			e.created = old.created
+		}
+	} else {
+		e.rev = tu.Revision
+		e.created = unixSeconds(tu.Created)
+		e.updated = unixSeconds(tu.Updated)
+	}
+	if old != nil {
+		t.unindex(old)
+	}
+	t.index(e)
+	return Change{Kind: PutTunnel, Tunnel: ptr(t.tunnelOf(e))}, undoRec{oldT: old, newT: e}, true, nil
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// unixSeconds clamps a time into the entry's uint32 seconds.
+func unixSeconds(t time.Time) uint32 {
+	s := t.Unix()
+	switch {
+	case t.IsZero() || s < 0:
+		return 0
+	case s > math.MaxUint32:
+		return math.MaxUint32
+	}
+	return uint32(s)
+}
+
+// checkTunnelShape checks what a tunnel must satisfy on its own.
+func (t *Table) checkTunnelShape(tu *Tunnel) error {
+	if err := ValidateID("tunnel id", tu.ID); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if err := ValidateAddr(tu.Peer); err != nil {
+		return fmt.Errorf("%w: peer: %v", ErrInvalid, err)
+	}
+	if t.isVIP(tu.Peer) {
+		return fmt.Errorf("%w: peer %s is a director VIP", ErrConflict, tu.Peer)
+	}
+	if len(tu.Subnets) == 0 {
+		return fmt.Errorf("%w: no protected subnet", ErrInvalid)
+	}
+	if len(tu.Subnets) > 64 {
+		return fmt.Errorf("%w: %d protected subnets, at most 64", ErrInvalid, len(tu.Subnets))
+	}
+	for i, p := range tu.Subnets {
+		if err := ValidatePrefix(p); err != nil {
+			return fmt.Errorf("%w: subnet: %v", ErrInvalid, err)
+		}
+		for _, v := range t.vips {
+			if p.Contains(v) {
+				return fmt.Errorf("%w: subnet %s contains director VIP %s", ErrConflict, p, v)
+			}
+		}
+		// Subnets are sorted, so a subnet overlaps its own tunnel's
+		// earlier subnets only if one of those contains its address.
+		for _, q := range tu.Subnets[:i] {
+			if q.Overlaps(p) {
+				return fmt.Errorf("%w: subnets %s and %s of the same tunnel overlap", ErrConflict, q, p)
+			}
+		}
+	}
+	if len(tu.Comment) > 1024 {
+		return fmt.Errorf("%w: comment longer than 1024 bytes", ErrInvalid)
+	}
+	return nil
+}
+
+// checkSubnetFree reports a conflict when p equals, contains or lies inside
+// a subnet of a tunnel other than self.
+func (t *Table) checkSubnetFree(p netip.Prefix, self *entry) error {
+	for q, o := range t.subnets.Supernets(p) {
+		if o != self {
+			return subnetConflict(p, q, o)
+		}
+	}
+	for q, o := range t.subnets.Subnets(p) {
+		if o != self {
+			return subnetConflict(p, q, o)
+		}
+	}
+	return nil
+}
+
+func subnetConflict(p, q netip.Prefix, o *entry) error {
+	switch {
+	case p == q:
+		return fmt.Errorf("%w: subnet %s is already protected by tunnel %s", ErrConflict, p, o.id)
+	case q.Bits() < p.Bits():
+		return fmt.Errorf("%w: subnet %s lies inside subnet %s of tunnel %s", ErrConflict, p, q, o.id)
+	default:
+		return fmt.Errorf("%w: subnet %s contains subnet %s of tunnel %s", ErrConflict, p, q, o.id)
+	}
+}

@@ -1,0 +1,128 @@
+package affinity
+
+import (
+	"fmt"
+	"net/netip"
+	"runtime"
+	"sync"
+	"testing"
+)
+
+// bigBatch builds n tunnels with one peer and one /27 each over 16 nodes:
+// the shape of the benchmarks.
+func bigBatch(n int) []Change {
+	batch := make([]Change, 0, n+16)
+	for i := 0; i < 16; i++ {
+		batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("vpn-%02d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+	}
+	for i := 0; i < n; i++ {
+		batch = append(batch, Change{Kind: PutTunnel, Tunnel: &Tunnel{
+			ID:      fmt.Sprintf("tun-%07d", i),
+			Peer:    netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)}),
+			Subnets: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(10 + i>>19), byte(i >> 11), byte(i >> 3), byte(i << 5)}), 27)},
+		}})
+	}
+	return batch
+}
+
+var (
+	bigOnce  sync.Once
+	bigTable *Table
+)
+
+func millionTable(b *testing.B) *Table {
+	bigOnce.Do(func() {
+		tb, _ := New(Options{})
+		if _, err := tb.Apply(bigBatch(1_000_000)); err != nil {
+			panic(err)
+		}
+		bigTable = tb
+	})
+	return bigTable
+}
+
+func BenchmarkPeerLookup1M(b *testing.B) {
+	tb := millionTable(b)
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		j := i % 1_000_000
+		if _, ok := tb.LookupPeer(netip.AddrFrom4([4]byte{100, byte(j >> 16), byte(j >> 8), byte(j)})); !ok {
+			b.Fatal("miss")
+		}
+	}
+}
+
+func BenchmarkPeerMark1M(b *testing.B) {
+	tb := millionTable(b)
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		j := i % 1_000_000
+		if _, ok := tb.PeerMark(netip.AddrFrom4([4]byte{100, byte(j >> 16), byte(j >> 8), byte(j)})); !ok {
+			b.Fatal("miss")
+		}
+	}
+}
+
+func BenchmarkSubnetLookup1M(b *testing.B) {
+	tb := millionTable(b)
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		j := i % 1_000_000
+		a := netip.AddrFrom4([4]byte{byte(10 + j>>19), byte(j >> 11), byte(j >> 3), byte(j<<5) | 7})
+		if _, _, ok := tb.LookupSubnet(a); !ok {
+			b.Fatal("miss")
+		}
+	}
+}
+
+func BenchmarkSubnetMark1M(b *testing.B) {
+	tb := millionTable(b)
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		j := i % 1_000_000
+		a := netip.AddrFrom4([4]byte{byte(10 + j>>19), byte(j >> 11), byte(j >> 3), byte(j<<5) | 7})
+		if _, ok := tb.SubnetMark(a); !ok {
+			b.Fatal("miss")
+		}
+	}
+}
+
+func BenchmarkApply100k(b *testing.B) {
+	for b.Loop() {
+		b.StopTimer()
+		batch := bigBatch(100_000)
+		tb, _ := New(Options{})
+		b.StartTimer()
+		if _, err := tb.Apply(batch); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestMemoryPerTunnel measures the heap the table holds per tunnel at a
+// million tunnels. It reports the figure; the bound asserted is loose (a
+// regression that doubles the footprint fails), the README quotes the
+// measured number.
+func TestMemoryPerTunnel(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds a million-tunnel table; skipped with -short")
+	}
+	const n = 1_000_000
+	var m0, m1 runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&m0)
+	batch := bigBatch(n)
+	tb, _ := New(Options{})
+	if _, err := tb.Apply(batch); err != nil {
+		t.Fatal(err)
+	}
+	batch = nil
+	runtime.GC()
+	runtime.ReadMemStats(&m1)
+	per := float64(m1.HeapAlloc-m0.HeapAlloc) / n
+	t.Logf("table of %d tunnels (1 peer + 1 /27 each): %.0f bytes/tunnel heap", n, per)
+	if per > 600 {
+		t.Fatalf("%.0f bytes per tunnel", per)
+	}
+	runtime.KeepAlive(tb)
+}

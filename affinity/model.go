@@ -1,0 +1,189 @@
+// Package affinity holds the director's model of the farm: terminator nodes,
+// IPsec tunnels (a peer address plus protected subnets) and which node owns
+// each tunnel. It keeps the lookup indexes the dataplane is programmed from,
+// enforces the table's invariants on every change, and schedules tunnels onto
+// nodes.
+//
+// The package is pure Go: it touches neither the kernel nor the disk. The
+// store persists what this package decides, and the director programs the
+// kernel from it.
+package affinity
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+)
+
+// NodeState is the administrative and health state of a terminator node.
+type NodeState uint8
+
+const (
+	// NodeActive nodes take new tunnels and keep their own.
+	NodeActive NodeState = iota
+	// NodeDraining nodes keep their tunnels but take no new ones; a
+	// rebalance moves their tunnels away when the operator asks for it.
+	NodeDraining
+	// NodeDown nodes have failed: their tunnels are rescheduled at once.
+	NodeDown
+)
+
+var nodeStateNames = [...]string{"active", "draining", "down"}
+
+func (s NodeState) String() string {
+	if int(s) < len(nodeStateNames) {
+		return nodeStateNames[s]
+	}
+	return fmt.Sprintf("NodeState(%d)", uint8(s))
+}
+
+// ParseNodeState parses "active", "draining" or "down".
+func ParseNodeState(s string) (NodeState, error) {
+	for i, n := range nodeStateNames {
+		if strings.EqualFold(s, n) {
+			return NodeState(i), nil
+		}
+	}
+	return 0, fmt.Errorf("unknown node state %q (want active, draining or down)", s)
+}
+
+// MaxMark is the largest node mark. Marks index small kernel objects (one
+// routing table and one IPVS service per node), so they stay small.
+const MaxMark = 4095
+
+// DefaultWeight is the weight of a node whose weight was not given.
+const DefaultWeight = 100
+
+// Node is one terminator (strongSwan or libreswan box) behind the director.
+type Node struct {
+	// Name identifies the node in the table, the CLI and imports.
+	Name string
+	// Addr is the node's inside address: where the director forwards to.
+	Addr netip.Addr
+	// Weight scales the node's share of scheduled tunnels (1..10000).
+	Weight uint32
+	// Capacity is the most tunnels the node may hold; 0 means no limit.
+	Capacity int
+	// State is active, draining or down.
+	State NodeState
+	// Mark is a small number (1..MaxMark) assigned when the node is added
+	// and kept for the node's life; the dataplane derives the node's
+	// packet mark, routing table and IPVS service from it. Zero in a
+	// change asks the table to assign one.
+	Mark uint16
+	// Comment is free text carried from the NMS.
+	Comment string
+}
+
+// Tunnel is one IPsec tunnel: the peer's endpoint address, the subnets
+// protected behind it, and the node that holds its SAs.
+type Tunnel struct {
+	// ID is the NMS's name for the tunnel.
+	ID string
+	// Peer is the tunnel endpoint address (the IKE/ESP source).
+	Peer netip.Addr
+	// Subnets are the protected subnets behind the peer; return traffic
+	// to any address in them goes to the owner.
+	Subnets []netip.Prefix
+	// Node is the owner node's name. Empty in a change asks the
+	// scheduler to choose one.
+	Node string
+	// Pinned is true when the NMS chose the owner; the scheduler and a
+	// rebalance leave pinned tunnels alone unless their node fails.
+	Pinned bool
+	// Comment is free text carried from the NMS.
+	Comment string
+	// Created and Updated are set by the table when the change is applied.
+	Created, Updated time.Time
+	// Revision is the table revision of the tunnel's last change.
+	Revision uint64
+}
+
+// sameContent reports whether two tunnels carry the same user-visible data,
+// ignoring timestamps and revision. Subnets compare as sets in canonical
+// order, which normalizeTunnel establishes.
+func (t *Tunnel) sameContent(o *Tunnel) bool {
+	return t.ID == o.ID && t.Peer == o.Peer && t.Node == o.Node &&
+		t.Pinned == o.Pinned && t.Comment == o.Comment &&
+		slices.Equal(t.Subnets, o.Subnets)
+}
+
+func sameNode(a, b *Node) bool {
+	return a.Name == b.Name && a.Addr == b.Addr && a.Weight == b.Weight &&
+		a.Capacity == b.Capacity && a.State == b.State && a.Mark == b.Mark &&
+		a.Comment == b.Comment
+}
+
+// ComparePrefix orders prefixes by family, address, then length, the order
+// in which tables and exports list them.
+func ComparePrefix(a, b netip.Prefix) int {
+	if c := a.Addr().Compare(b.Addr()); c != 0 {
+		return c
+	}
+	return a.Bits() - b.Bits()
+}
+
+// ValidateID checks a tunnel id or node name: non-empty, at most 128 bytes,
+// printable, no white space or separators that would break CSV or the CLI.
+func ValidateID(kind, id string) error {
+	if id == "" {
+		return fmt.Errorf("%s is empty", kind)
+	}
+	if len(id) > 128 {
+		return fmt.Errorf("%s %.20q... is longer than 128 bytes", kind, id)
+	}
+	for _, r := range id {
+		if r <= ' ' || r == 0x7f || r == ',' || r == ';' || r == '"' || r == '\ufffd' {
+			return fmt.Errorf("%s %q contains %q (allowed: printable characters without space, comma, semicolon or quote)", kind, id, r)
+		}
+	}
+	return nil
+}
+
+// ValidatePrefix checks a protected subnet: valid, no host bits set, not
+// an IPv4-mapped IPv6 prefix, and no zone.
+func ValidatePrefix(p netip.Prefix) error {
+	if !p.IsValid() {
+		return fmt.Errorf("invalid prefix")
+	}
+	if p.Addr().Is4In6() {
+		return fmt.Errorf("prefix %s is IPv4-mapped IPv6; write it as IPv4", p)
+	}
+	if p.Addr().Zone() != "" {
+		return fmt.Errorf("prefix %s has a zone", p)
+	}
+	if m := p.Masked(); m != p {
+		return fmt.Errorf("prefix %s has host bits set (did you mean %s?)", p, m)
+	}
+	return nil
+}
+
+// ValidateAddr checks a peer or node address: valid, unicast-usable,
+// without zone, not IPv4-mapped IPv6.
+func ValidateAddr(a netip.Addr) error {
+	switch {
+	case !a.IsValid():
+		return fmt.Errorf("invalid address")
+	case a.Zone() != "":
+		return fmt.Errorf("address %s has a zone", a)
+	case a.Is4In6():
+		return fmt.Errorf("address %s is IPv4-mapped IPv6; write it as IPv4 %s", a, a.Unmap())
+	case a.IsUnspecified():
+		return fmt.Errorf("address %s is unspecified", a)
+	case a.IsMulticast():
+		return fmt.Errorf("address %s is multicast", a)
+	case a.Is4() && a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return fmt.Errorf("address %s is broadcast", a)
+	}
+	return nil
+}
+
+// normalizeTunnel sorts the subnets so that equal tunnels compare equal
+// and exports are stable; it copies the slice so the caller's stays intact.
+func normalizeTunnel(t *Tunnel) {
+	s := slices.Clone(t.Subnets)
+	slices.SortFunc(s, ComparePrefix)
+	t.Subnets = slices.Clip(s)
+}
