@@ -1,0 +1,687 @@
+// Package store persists the affinity table in a bbolt file.
+//
+// Every logical change (one import, one node action, one learned tunnel) is
+// one bbolt transaction that writes the changed records, their index
+// entries, the new revision and a journal entry, so a crash at any instant
+// leaves either the old or the new table. Open loads the whole table into
+// an affinity.Table and checks the stored indexes against it.
+package store
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+	berrors "go.etcd.io/bbolt/errors"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+)
+
+// SchemaVersion is the layout of the buckets this code writes. A store
+// with a newer schema is refused rather than misread.
+const SchemaVersion = 1
+
+// DefaultJournalChanges is how many changes the journal keeps by default.
+const DefaultJournalChanges = 500_000
+
+var (
+	bucketMeta    = []byte("meta")
+	bucketNodes   = []byte("nodes")
+	bucketTunnels = []byte("tunnels")
+	bucketPeers   = []byte("idx_peers")
+	bucketSubnets = []byte("idx_subnets")
+	bucketJournal = []byte("journal")
+
+	keySchema   = []byte("schema")
+	keyRevision = []byte("revision")
+	keyJournalN = []byte("journal_changes")
+)
+
+// ErrJournalGap means the journal no longer holds the revisions asked for:
+// the reader must take a snapshot instead.
+var ErrJournalGap = errors.New("journal does not reach back that far")
+
+// Options configures Open.
+type Options struct {
+	// Path is the bbolt file.
+	Path string
+	// Table configures the in-memory table (VIPs, epsilon, clock).
+	Table affinity.Options
+	// JournalChanges bounds the journal (0: DefaultJournalChanges). The
+	// newest entry is always kept, however large.
+	JournalChanges int
+	// ReadOnly opens the file with a shared lock and refuses commits.
+	ReadOnly bool
+	// LockTimeout is how long to wait for another process's lock (0: 1s).
+	LockTimeout time.Duration
+	// NoCreate refuses to create a missing file.
+	NoCreate bool
+}
+
+// Store is an open store: the bbolt file and the table loaded from it.
+type Store struct {
+	mu         sync.Mutex // serialises commits: plan, apply, persist
+	db         *bolt.DB
+	table      *affinity.Table
+	path       string
+	readOnly   bool
+	journalMax int
+	onCommit   []func(*affinity.Applied)
+}
+
+// Open opens (or creates) a store and loads its table.
+func Open(opts Options) (*Store, error) {
+	if opts.Path == "" {
+		return nil, errors.New("open store: no path")
+	}
+	if opts.NoCreate || opts.ReadOnly {
+		if _, err := os.Stat(opts.Path); err != nil {
+			return nil, fmt.Errorf("open store %s: %w", opts.Path, err)
+		}
+	} else if err := os.MkdirAll(filepath.Dir(opts.Path), 0o750); err != nil {
+		return nil, fmt.Errorf("open store %s: %w", opts.Path, err)
+	}
+	if err := sniff(opts.Path); err != nil {
+		return nil, err
+	}
+	timeout := opts.LockTimeout
+	if timeout == 0 {
+		timeout = time.Second
+	}
+	db, err := bolt.Open(opts.Path, 0o600, &bolt.Options{
+		Timeout:        timeout,
+		ReadOnly:       opts.ReadOnly,
+		NoFreelistSync: true,
+		FreelistType:   bolt.FreelistMapType,
+	})
+	if err != nil {
+		switch {
+		case errors.Is(err, berrors.ErrTimeout):
+			return nil, fmt.Errorf("open store %s: locked by %s (waited %s); stop it or use its API", opts.Path, lockHolder(opts.Path), timeout)
+		case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrChecksum), errors.Is(err, berrors.ErrVersionMismatch):
+			return nil, fmt.Errorf("open store %s: not a tunneldirector store (bbolt: %v)", opts.Path, err)
+		}
+		return nil, fmt.Errorf("open store %s: %w", opts.Path, err)
+	}
+	s := &Store{db: db, path: opts.Path, readOnly: opts.ReadOnly, journalMax: opts.JournalChanges}
+	if s.journalMax <= 0 {
+		s.journalMax = DefaultJournalChanges
+	}
+	if err := s.init(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	t, err := affinity.New(opts.Table)
+	if err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open store %s: %w", opts.Path, err)
+	}
+	// A bulk load allocates millions of small objects that all stay
+	// live: collecting while it runs only burns the other core.
+	gc := debug.SetGCPercent(400)
+	err = s.load(t)
+	debug.SetGCPercent(gc)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	s.table = t
+	return s, nil
+}
+
+// sniff refuses a file that is clearly not a bbolt file before bbolt maps
+// it, so the error names the problem instead of a page checksum.
+func sniff(path string) error {
+	f, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("open store %s: %w", path, err)
+	}
+	defer f.Close()
+	var hdr [32]byte
+	n, _ := io.ReadFull(f, hdr[:])
+	if n == 0 {
+		return nil // empty: bbolt initialises it
+	}
+	// A bbolt meta page: page header (16 bytes), then magic 0xED0CDAED.
+	if n < 20 || binary.LittleEndian.Uint32(hdr[16:20]) != 0xED0CDAED {
+		return fmt.Errorf("open store %s: not a tunneldirector store (no bbolt header; is it an import file?)", path)
+	}
+	return nil
+}
+
+// lockHolder names the process holding a lock on the file, from /proc/locks.
+func lockHolder(path string) string {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return "another process"
+	}
+	f, err := os.Open("/proc/locks")
+	if err != nil {
+		return "another process"
+	}
+	defer f.Close()
+	want := ":" + strconv.FormatUint(st.Ino, 10)
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// 1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 6 || !strings.HasSuffix(fields[5], want) {
+			continue
+		}
+		pid := fields[4]
+		cmd, _ := os.ReadFile("/proc/" + pid + "/cmdline")
+		c := strings.TrimSpace(strings.ReplaceAll(string(cmd), "\x00", " "))
+		if c == "" {
+			return "process " + pid
+		}
+		return fmt.Sprintf("process %s (%s)", pid, c)
+	}
+	return "another process"
+}
+
+func (s *Store) init() error {
+	check := func(tx *bolt.Tx) error {
+		m := tx.Bucket(bucketMeta)
+		if m == nil {
+			return fmt.Errorf("open store %s: not a tunneldirector store (no meta bucket)", s.path)
+		}
+		v := m.Get(keySchema)
+		if len(v) != 4 {
+			return fmt.Errorf("open store %s: not a tunneldirector store (no schema version)", s.path)
+		}
+		if got := binary.BigEndian.Uint32(v); got > SchemaVersion {
+			return fmt.Errorf("open store %s: schema version %d is newer than this director's %d; upgrade tunneldirector", s.path, got, SchemaVersion)
+		}
+		for _, b := range [][]byte{bucketNodes, bucketTunnels, bucketPeers, bucketSubnets, bucketJournal} {
+			if tx.Bucket(b) == nil {
+				return fmt.Errorf("open store %s: bucket %s missing; restore a backup", s.path, b)
+			}
+		}
+		return nil
+	}
+	if s.readOnly {
+		return s.db.View(check)
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketMeta) == nil {
+			if c := tx.Cursor(); func() bool { k, _ := c.First(); return k != nil }() {
+				return fmt.Errorf("open store %s: a bbolt file of something else (no meta bucket)", s.path)
+			}
+			m, err := tx.CreateBucket(bucketMeta)
+			if err != nil {
+				return err
+			}
+			if err := m.Put(keySchema, be32(SchemaVersion)); err != nil {
+				return err
+			}
+			if err := m.Put(keyRevision, be64(0)); err != nil {
+				return err
+			}
+			for _, b := range [][]byte{bucketNodes, bucketTunnels, bucketPeers, bucketSubnets, bucketJournal} {
+				if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+					return err
+				}
+			}
+		}
+		return check(tx)
+	})
+}
+
+func be32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+func be64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+
+func peerKey(a netip.Addr) []byte { return a.AsSlice() }
+
+func subnetKey(p netip.Prefix) []byte {
+	return append(p.Addr().AsSlice(), byte(p.Bits()))
+}
+
+func (s *Store) load(t *affinity.Table) error {
+	return s.db.View(func(tx *bolt.Tx) error {
+		rev := binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyRevision))
+		var nodes []affinity.Node
+		err := tx.Bucket(bucketNodes).ForEach(func(k, v []byte) error {
+			n, err := affinity.UnmarshalNode(v)
+			if err != nil {
+				return fmt.Errorf("load store %s: node %q: %w", s.path, k, err)
+			}
+			nodes = append(nodes, n)
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		// Tunnels stream from the cursor into the table: a million of
+		// them never sit in a slice as well.
+		var decodeErr error
+		seq := func(yield func(*affinity.Tunnel) bool) {
+			c := tx.Bucket(bucketTunnels).Cursor()
+			var tu affinity.Tunnel
+			for k, v := c.First(); k != nil; k, v = c.Next() {
+				var err error
+				if tu, err = affinity.UnmarshalTunnel(v); err != nil {
+					decodeErr = fmt.Errorf("load store %s: tunnel %q: %w", s.path, k, err)
+					return
+				}
+				if tu.ID != string(k) {
+					decodeErr = fmt.Errorf("load store %s: tunnel record %q holds id %q", s.path, k, tu.ID)
+					return
+				}
+				if !yield(&tu) {
+					return
+				}
+			}
+		}
+		err = t.Load(rev, nodes, tx.Bucket(bucketTunnels).Stats().KeyN, seq)
+		if decodeErr != nil {
+			return decodeErr
+		}
+		if err != nil {
+			return fmt.Errorf("load store %s: the stored table breaks an invariant: %w", s.path, err)
+		}
+		if errs := checkIndexes(tx, t, 5); len(errs) > 0 {
+			return fmt.Errorf("load store %s: indexes disagree with the tunnels (run 'tunneldirector store check'): %w", s.path, errors.Join(errs...))
+		}
+		return nil
+	})
+}
+
+// checkIndexes compares the stored peer and subnet indexes with the table
+// built from the tunnel records, returning at most max problems. A cheap
+// order-independent digest of both sides decides whether they agree; only
+// when they do not is each index entry looked up to name the culprits.
+func checkIndexes(tx *bolt.Tx, t *affinity.Table, max int) []error {
+	var stored, built indexDigest
+	_ = tx.Bucket(bucketPeers).ForEach(func(k, v []byte) error { stored.add(k, v); return nil })
+	_ = tx.Bucket(bucketSubnets).ForEach(func(k, v []byte) error { stored.add(k, v); return nil })
+	var buf []byte
+	t.EachTunnel(func(tu *affinity.Tunnel) {
+		buf = append(buf[:0], tu.ID...)
+		built.add(peerKey(tu.Peer), buf)
+		for _, p := range tu.Subnets {
+			built.add(subnetKey(p), buf)
+		}
+	})
+	if stored == built {
+		return nil
+	}
+	return findIndexProblems(tx, t, max)
+}
+
+// indexDigest sums a hash of every (key, tunnel id) pair, so two sets of
+// pairs compare equal whatever order they were read in.
+type indexDigest struct {
+	n   int
+	sum uint64
+	xor uint64
+}
+
+func (d *indexDigest) add(k, v []byte) {
+	// FNV-1a over key, a separator and value, inline: this runs for
+	// every index entry at startup.
+	x := uint64(14695981039346656037)
+	for _, c := range k {
+		x = (x ^ uint64(c)) * 1099511628211
+	}
+	x *= 1099511628211
+	for _, c := range v {
+		x = (x ^ uint64(c)) * 1099511628211
+	}
+	d.n++
+	d.sum += x
+	d.xor ^= x * 0x9E3779B97F4A7C15
+}
+
+func findIndexProblems(tx *bolt.Tx, t *affinity.Table, max int) []error {
+	var errs []error
+	add := func(err error) bool {
+		errs = append(errs, err)
+		return len(errs) < max
+	}
+	stop := errors.New("stop")
+	peers, subnets := 0, 0
+	_ = tx.Bucket(bucketPeers).ForEach(func(k, v []byte) error {
+		peers++
+		a, ok := netip.AddrFromSlice(k)
+		tu, found := t.LookupPeer(a)
+		if !ok || !found || tu.ID != string(v) {
+			if !add(fmt.Errorf("peer index entry %s -> %q has no such tunnel", a, v)) {
+				return stop
+			}
+		}
+		return nil
+	})
+	_ = tx.Bucket(bucketSubnets).ForEach(func(k, v []byte) error {
+		subnets++
+		if len(k) != 5 && len(k) != 17 {
+			if !add(fmt.Errorf("subnet index key %x malformed", k)) {
+				return stop
+			}
+			return nil
+		}
+		a, _ := netip.AddrFromSlice(k[:len(k)-1])
+		p := netip.PrefixFrom(a, int(k[len(k)-1]))
+		tu, q, found := t.LookupSubnet(a)
+		if !found || q != p || tu.ID != string(v) {
+			if !add(fmt.Errorf("subnet index entry %s -> %q has no such tunnel", p, v)) {
+				return stop
+			}
+		}
+		return nil
+	})
+	wantSubnets := 0
+	t.SubnetMarks(func(netip.Prefix, uint16) { wantSubnets++ })
+	if n := t.Len(); peers != n {
+		add(fmt.Errorf("peer index has %d entries for %d tunnels", peers, n))
+	}
+	if subnets != wantSubnets {
+		add(fmt.Errorf("subnet index has %d entries for %d protected subnets", subnets, wantSubnets))
+	}
+	if len(errs) == 0 {
+		errs = append(errs, errors.New("index digest differs from the tunnels, but no single entry was found wrong"))
+	}
+	return errs
+}
+
+// Table returns the loaded table. Read from it freely; change it only
+// through Commit, so that the store and the table stay equal.
+func (s *Store) Table() *affinity.Table { return s.table }
+
+// Path returns the store's file.
+func (s *Store) Path() string { return s.path }
+
+// Revision returns the committed revision.
+func (s *Store) Revision() uint64 { return s.table.Revision() }
+
+// OnCommit registers fn to run after every commit that changed something,
+// in commit order, with the store's lock held: keep it short (hand off to a
+// channel). The reconciler and replication subscribe here.
+func (s *Store) OnCommit(fn func(*affinity.Applied)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.onCommit = append(s.onCommit, fn)
+}
+
+// Commit applies a batch to the table and persists it in one transaction.
+// A batch that changes nothing is not written and bumps no revision.
+func (s *Store) Commit(batch []affinity.Change) (*affinity.Applied, error) {
+	return s.Do(func(*affinity.Table) ([]affinity.Change, error) { return batch, nil })
+}
+
+// Do plans and commits under the store's lock: plan reads the table and
+// returns the batch to commit, so nothing changes between the two.
+func (s *Store) Do(plan func(*affinity.Table) ([]affinity.Change, error)) (*affinity.Applied, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	batch, err := plan(s.table)
+	if err != nil {
+		return nil, err
+	}
+	return s.commitLocked(func() (*affinity.Applied, error) { return s.table.Apply(batch) })
+}
+
+// CommitAt applies resolved changes at a given revision (a replica
+// following its master) and persists them.
+func (s *Store) CommitAt(rev uint64, changes []affinity.Change) (*affinity.Applied, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.commitLocked(func() (*affinity.Applied, error) { return s.table.ApplyAt(rev, changes) })
+}
+
+func (s *Store) commitLocked(apply func() (*affinity.Applied, error)) (*affinity.Applied, error) {
+	if s.readOnly {
+		return nil, fmt.Errorf("commit to store %s: opened read-only", s.path)
+	}
+	applied, err := apply()
+	if err != nil {
+		return nil, err
+	}
+	if len(applied.Changes) == 0 {
+		return applied, nil
+	}
+	if err := s.db.Update(func(tx *bolt.Tx) error { return s.persist(tx, applied) }); err != nil {
+		applied.Rollback()
+		return nil, fmt.Errorf("commit revision %d to store %s: %w", applied.Revision, s.path, err)
+	}
+	for _, fn := range s.onCommit {
+		fn(applied)
+	}
+	return applied, nil
+}
+
+// persist writes one applied batch: records, index entries, revision and
+// journal entry, all in the caller's transaction.
+func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
+	nodes := tx.Bucket(bucketNodes)
+	tunnels := tx.Bucket(bucketTunnels)
+	peers := tx.Bucket(bucketPeers)
+	subnets := tx.Bucket(bucketSubnets)
+	// The old record's index entries go first: a changed tunnel may have
+	// left a peer or subnet that another tunnel of this batch now holds.
+	for i := range a.Changes {
+		c := &a.Changes[i]
+		if c.Kind != affinity.PutTunnel && c.Kind != affinity.DeleteTunnel {
+			continue
+		}
+		if err := unindexOld(tunnels, peers, subnets, c.Key()); err != nil {
+			return err
+		}
+	}
+	for i := range a.Changes {
+		c := &a.Changes[i]
+		var err error
+		switch c.Kind {
+		case affinity.PutNode:
+			err = nodes.Put([]byte(c.Node.Name), affinity.MarshalNode(c.Node))
+		case affinity.DeleteNode:
+			err = nodes.Delete([]byte(c.Name))
+		case affinity.PutTunnel:
+			t := c.Tunnel
+			id := []byte(t.ID)
+			err = tunnels.Put(id, affinity.MarshalTunnel(t))
+			if err == nil {
+				err = peers.Put(peerKey(t.Peer), id)
+			}
+			for _, p := range t.Subnets {
+				if err == nil {
+					err = subnets.Put(subnetKey(p), id)
+				}
+			}
+		case affinity.DeleteTunnel:
+			err = tunnels.Delete([]byte(c.Name))
+		}
+		if err != nil {
+			return fmt.Errorf("write %s %s: %w", c.Kind, c.Key(), err)
+		}
+	}
+	meta := tx.Bucket(bucketMeta)
+	if err := meta.Put(keyRevision, be64(a.Revision)); err != nil {
+		return err
+	}
+	return s.journal(tx, a)
+}
+
+// unindexOld removes the index entries of the tunnel's stored record, if
+// any. Keys another tunnel took over earlier in the batch are left alone.
+func unindexOld(tunnels, peers, subnets *bolt.Bucket, id string) error {
+	v := tunnels.Get([]byte(id))
+	if v == nil {
+		return nil
+	}
+	old, err := affinity.UnmarshalTunnel(v)
+	if err != nil {
+		return fmt.Errorf("read stored tunnel %s: %w", id, err)
+	}
+	if bytes.Equal(peers.Get(peerKey(old.Peer)), []byte(id)) {
+		if err := peers.Delete(peerKey(old.Peer)); err != nil {
+			return err
+		}
+	}
+	for _, p := range old.Subnets {
+		if bytes.Equal(subnets.Get(subnetKey(p)), []byte(id)) {
+			if err := subnets.Delete(subnetKey(p)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (s *Store) journal(tx *bolt.Tx, a *affinity.Applied) error {
+	j := tx.Bucket(bucketJournal)
+	if err := j.Put(be64(a.Revision), affinity.MarshalChanges(a.Changes)); err != nil {
+		return fmt.Errorf("write journal entry %d: %w", a.Revision, err)
+	}
+	meta := tx.Bucket(bucketMeta)
+	total := uint64(len(a.Changes))
+	if v := meta.Get(keyJournalN); len(v) == 8 {
+		total += binary.BigEndian.Uint64(v)
+	}
+	// Trim the oldest entries past the bound, never the newest.
+	c := j.Cursor()
+	for k, v := c.First(); k != nil && total > uint64(s.journalMax); k, v = c.First() {
+		if binary.BigEndian.Uint64(k) == a.Revision {
+			break
+		}
+		total -= journalCount(v)
+		if err := c.Delete(); err != nil {
+			return err
+		}
+	}
+	return meta.Put(keyJournalN, be64(total))
+}
+
+// journalCount reads the change count of an encoded journal entry (version
+// byte, then a uvarint count) without decoding it.
+func journalCount(v []byte) uint64 {
+	if len(v) < 2 {
+		return 0
+	}
+	n, _ := binary.Uvarint(v[1:])
+	return n
+}
+
+// JournalEntry is one committed batch.
+type JournalEntry struct {
+	Revision uint64
+	Changes  []affinity.Change
+}
+
+// Journal calls fn for every journal entry after revision from, in order.
+// It returns ErrJournalGap when the journal no longer holds from+1.
+func (s *Store) Journal(from uint64, fn func(JournalEntry) error) error {
+	return s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketJournal).Cursor()
+		cur := binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyRevision))
+		if from >= cur {
+			return nil
+		}
+		k, v := c.Seek(be64(from + 1))
+		if k == nil || binary.BigEndian.Uint64(k) != from+1 {
+			first, _ := c.First()
+			oldest := uint64(0)
+			if first != nil {
+				oldest = binary.BigEndian.Uint64(first)
+			}
+			return fmt.Errorf("%w: asked for revision %d, oldest kept is %d", ErrJournalGap, from+1, oldest)
+		}
+		for ; k != nil; k, v = c.Next() {
+			cs, err := affinity.UnmarshalChanges(v)
+			if err != nil {
+				return fmt.Errorf("journal entry %d: %w", binary.BigEndian.Uint64(k), err)
+			}
+			if err := fn(JournalEntry{Revision: binary.BigEndian.Uint64(k), Changes: cs}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Backup writes a consistent copy of the store to path while it stays in
+// use (a bbolt read transaction), through a temporary file renamed into
+// place so a failed backup never leaves a half-written file.
+func (s *Store) Backup(path string) (int64, error) {
+	tmp := path + ".tmp"
+	var n int64
+	err := s.db.View(func(tx *bolt.Tx) error {
+		f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+		if err != nil {
+			return err
+		}
+		n, err = tx.WriteTo(f)
+		if err == nil {
+			err = f.Sync()
+		}
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+		return err
+	})
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return 0, fmt.Errorf("backup store %s to %s: %w", s.path, path, err)
+	}
+	return n, nil
+}
+
+// CheckReport is the result of an integrity check.
+type CheckReport struct {
+	Path     string   `json:"path"`
+	Schema   uint32   `json:"schema"`
+	Revision uint64   `json:"revision"`
+	Nodes    int      `json:"nodes"`
+	Tunnels  int      `json:"tunnels"`
+	Subnets  int      `json:"subnets"`
+	Journal  int      `json:"journal_entries"`
+	Oldest   uint64   `json:"journal_oldest"`
+	Problems []string `json:"problems"`
+}
+
+// OK reports whether the check found nothing wrong.
+func (r *CheckReport) OK() bool { return len(r.Problems) == 0 }
+
+// Check verifies the bbolt pages (free lists, page references), the table's
+// invariants (already checked at Open) and the indexes against the records.
+func (s *Store) Check() (*CheckReport, error) {
+	r := &CheckReport{Path: s.path, Revision: s.table.Revision(), Tunnels: s.table.Len(), Nodes: len(s.table.Nodes())}
+	s.table.SubnetMarks(func(netip.Prefix, uint16) { r.Subnets++ })
+	err := s.db.View(func(tx *bolt.Tx) error {
+		for e := range tx.Check() {
+			r.Problems = append(r.Problems, "bbolt: "+e.Error())
+		}
+		r.Schema = binary.BigEndian.Uint32(tx.Bucket(bucketMeta).Get(keySchema))
+		for _, e := range checkIndexes(tx, s.table, 100) {
+			r.Problems = append(r.Problems, e.Error())
+		}
+		j := tx.Bucket(bucketJournal)
+		r.Journal = j.Stats().KeyN
+		if k, _ := j.Cursor().First(); k != nil {
+			r.Oldest = binary.BigEndian.Uint64(k)
+		}
+		return nil
+	})
+	return r, err
+}
+
+// Close closes the file.
+func (s *Store) Close() error { return s.db.Close() }

@@ -1,0 +1,221 @@
+package store
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+)
+
+func clock() func() time.Time {
+	t0 := time.Date(2026, 5, 1, 0, 0, 0, 0, time.UTC)
+	n := 0
+	return func() time.Time { n++; return t0.Add(time.Duration(n) * time.Second) }
+}
+
+func open(t testing.TB, path string) *Store {
+	t.Helper()
+	s, err := Open(Options{Path: path, Table: affinity.Options{Now: clock()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func nodes(n int) []affinity.Change {
+	var b []affinity.Change
+	for i := 0; i < n; i++ {
+		b = append(b, affinity.Change{Kind: affinity.PutNode, Node: &affinity.Node{Name: fmt.Sprintf("vpn-%d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+	}
+	return b
+}
+
+func tunnels(from, n int) []affinity.Change {
+	var b []affinity.Change
+	for i := from; i < from+n; i++ {
+		b = append(b, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{
+			ID:      fmt.Sprintf("t%06d", i),
+			Peer:    netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)}),
+			Subnets: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(10 + i>>19), byte(i >> 11), byte(i >> 3), byte(i << 5)}), 27)},
+			Comment: fmt.Sprintf("site %d", i),
+		}})
+	}
+	return b
+}
+
+func TestCommitReopenJournal(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "td.db")
+	s := open(t, path)
+	if _, err := s.Commit(nodes(3)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Commit(tunnels(0, 100)); err != nil {
+		t.Fatal(err)
+	}
+	// A move and a deletion: the stale index entries must go.
+	moved, _ := s.Table().Tunnel("t000005")
+	moved.Peer = netip.MustParseAddr("192.0.2.5")
+	moved.Subnets = []netip.Prefix{netip.MustParsePrefix("10.200.0.0/24")}
+	if _, err := s.Commit([]affinity.Change{{Kind: affinity.PutTunnel, Tunnel: &moved}, {Kind: affinity.DeleteTunnel, Name: "t000007"}}); err != nil {
+		t.Fatal(err)
+	}
+	// A no-op writes nothing.
+	rev := s.Revision()
+	if a, err := s.Commit(tunnels(10, 10)); err != nil || len(a.Changes) != 0 || s.Revision() != rev {
+		t.Fatalf("no-op commit: %v, revision %d -> %d", err, rev, s.Revision())
+	}
+	want := s.Table().Snapshot()
+	if rev != 3 {
+		t.Fatalf("revision %d after 3 commits", rev)
+	}
+	var revs []uint64
+	if err := s.Journal(0, func(e JournalEntry) error { revs = append(revs, e.Revision); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(revs, []uint64{1, 2, 3}) {
+		t.Fatalf("journal revisions %v", revs)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	s = open(t, path)
+	defer s.Close()
+	got := s.Table().Snapshot()
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("reopened table differs")
+	}
+	r, err := s.Check()
+	if err != nil || !r.OK() || r.Tunnels != 99 || r.Revision != 3 {
+		t.Fatalf("check: %+v %v", r, err)
+	}
+}
+
+// TestReplicaReplay: a second store that replays the first's journal with
+// CommitAt ends up equal, revision included.
+func TestReplicaReplay(t *testing.T) {
+	dir := t.TempDir()
+	m := open(t, filepath.Join(dir, "m.db"))
+	defer m.Close()
+	r := open(t, filepath.Join(dir, "r.db"))
+	defer r.Close()
+	m.Commit(nodes(4))
+	m.Commit(tunnels(0, 500))
+	p, _ := m.Table().PlanNodeState("vpn-2", affinity.NodeDown)
+	if _, err := m.Commit(p.Batch()); err != nil {
+		t.Fatal(err)
+	}
+	err := m.Journal(r.Revision(), func(e JournalEntry) error {
+		_, err := r.CommitAt(e.Revision, e.Changes)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(m.Table().Snapshot(), r.Table().Snapshot()) {
+		t.Fatal("replica differs from master")
+	}
+}
+
+func TestJournalBound(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), JournalChanges: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	for i := 0; i < 20; i++ {
+		if _, err := s.Commit(tunnels(i*10, 10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err = s.Journal(0, func(JournalEntry) error { return nil })
+	if !errors.Is(err, ErrJournalGap) {
+		t.Fatalf("want ErrJournalGap reading from 0, got %v", err)
+	}
+	n := 0
+	if err := s.Journal(s.Revision()-5, func(JournalEntry) error { n++; return nil }); err != nil || n != 5 {
+		t.Fatalf("recent entries: %d, %v", n, err)
+	}
+	// One entry bigger than the bound is still kept: it is the newest.
+	if _, err := s.Commit(tunnels(1000, 80)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Journal(s.Revision()-1, func(JournalEntry) error { return nil }); err != nil {
+		t.Fatalf("newest entry dropped: %v", err)
+	}
+}
+
+func TestOpenErrors(t *testing.T) {
+	dir := t.TempDir()
+	notDB := filepath.Join(dir, "tunnels.csv")
+	os.WriteFile(notDB, []byte("id,peer,subnets\nx,192.0.2.1,10.0.0.0/24\n"), 0o600)
+	if _, err := Open(Options{Path: notDB}); err == nil || !strings.Contains(err.Error(), "not a tunneldirector store") {
+		t.Fatalf("csv as store: %v", err)
+	}
+
+	other := filepath.Join(dir, "other.db")
+	db, _ := bolt.Open(other, 0o600, nil)
+	db.Update(func(tx *bolt.Tx) error { _, err := tx.CreateBucket([]byte("x")); return err })
+	db.Close()
+	if _, err := Open(Options{Path: other}); err == nil || !strings.Contains(err.Error(), "bbolt file of something else") {
+		t.Fatalf("foreign bbolt: %v", err)
+	}
+
+	newer := filepath.Join(dir, "newer.db")
+	s := open(t, newer)
+	s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keySchema, be32(SchemaVersion+1)) })
+	s.Close()
+	if _, err := Open(Options{Path: newer}); err == nil || !strings.Contains(err.Error(), "newer than this director's") {
+		t.Fatalf("newer schema: %v", err)
+	}
+
+	locked := filepath.Join(dir, "locked.db")
+	s = open(t, locked)
+	defer s.Close()
+	_, err := Open(Options{Path: locked, LockTimeout: 50 * time.Millisecond})
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("locked by process %d", os.Getpid())) {
+		t.Fatalf("locked store: %v", err)
+	}
+}
+
+func TestLoadDetectsBrokenIndex(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "td.db")
+	s := open(t, path)
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 10))
+	s.db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketPeers).Delete(netip.MustParseAddr("100.0.0.3").AsSlice())
+	})
+	s.Close()
+	_, err := Open(Options{Path: path})
+	if err == nil || !strings.Contains(err.Error(), "peer index has 9 entries for 10 tunnels") {
+		t.Fatalf("broken index: %v", err)
+	}
+}
+
+func TestBackup(t *testing.T) {
+	dir := t.TempDir()
+	s := open(t, filepath.Join(dir, "td.db"))
+	defer s.Close()
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 50))
+	n, err := s.Backup(filepath.Join(dir, "copy.db"))
+	if err != nil || n == 0 {
+		t.Fatalf("backup: %d %v", n, err)
+	}
+	b := open(t, filepath.Join(dir, "copy.db"))
+	defer b.Close()
+	if !reflect.DeepEqual(b.Table().Snapshot(), s.Table().Snapshot()) {
+		t.Fatal("backup differs")
+	}
+}
