@@ -1,0 +1,278 @@
+package nms
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+)
+
+// Diff is what importing a file would do to the table: which tunnels (or
+// nodes) it adds, changes, removes and leaves alone, and the batch that
+// does it.
+type Diff struct {
+	// Kind is KindTunnels for Plan and KindNodes for PlanNodes.
+	Kind Kind `json:"kind"`
+	// File is the file planned from, taken from the records; set it
+	// yourself when planning an empty file, for messages.
+	File string `json:"file,omitempty"`
+	// Revision is the table revision the diff was planned against.
+	Revision uint64 `json:"revision"`
+	// Replace says the file replaces the table: what is not in the file
+	// is removed.
+	Replace bool `json:"replace"`
+	// Tunnel ids or node names, each list sorted.
+	Added     []string `json:"added"`
+	Changed   []string `json:"changed"`
+	Removed   []string `json:"removed"`
+	Unchanged []string `json:"unchanged"`
+	// Suspended lists tunnels the file pins to a node that is down: the
+	// pin is not applied while the node is down (the tunnel stays where
+	// failover put it, or a new one is scheduled), and re-importing the
+	// file once the node is up moves them back.
+	Suspended []string `json:"suspended_pins,omitempty"`
+	// Batch is the change batch to apply or commit: deletions, then
+	// changes, then additions. It is empty when the file matches the
+	// table.
+	Batch []affinity.Change `json:"-"`
+	// Sources gives, for each element of Batch, the record it came from;
+	// a removal has Line 0 and Index -1, since it is not in the file.
+	Sources []Pos `json:"-"`
+}
+
+// importReason is the Change.Reason of an import, carried into journals.
+func importReason(file string) string {
+	if file == "" {
+		return "import"
+	}
+	return "import " + file
+}
+
+// Plan compares a tunnels file with the table. A record equal to the
+// table's tunnel in id, peer, subnets (as a set), comment and, when it
+// names a node, node and pinned, is unchanged. A record without a node
+// keeps whatever owner the scheduler gave the tunnel, but unpins a pinned
+// one. With replace, tunnels the file does not list are removed.
+// Importing the same file twice plans an empty batch the second time.
+func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
+	d := &Diff{Kind: KindTunnels, Revision: t.Revision(), Replace: replace}
+	if len(tunnels) > 0 {
+		d.File = tunnels[0].Pos.File
+	}
+	reason := importReason(d.File)
+	var changed, added []int
+	var changes []affinity.Tunnel
+	inFile := make(map[string]struct{}, len(tunnels))
+	var suspended []affinity.Tunnel // new tunnels whose pin is suspended
+	for i := range tunnels {
+		r := &tunnels[i]
+		inFile[r.ID] = struct{}{}
+		old, ok := t.Tunnel(r.ID)
+		down := false
+		if r.Node != "" {
+			n, exists := t.Node(r.Node)
+			down = exists && n.State == affinity.NodeDown
+		}
+		if down {
+			d.Suspended = append(d.Suspended, r.ID)
+		}
+		if !ok {
+			if down {
+				tu := r.Tunnel
+				tu.Node, tu.Pinned = "", false
+				suspended = append(suspended, tu)
+			}
+			added = append(added, i)
+			d.Added = append(d.Added, r.ID)
+			continue
+		}
+		want := r.Tunnel
+		if down {
+			// Failover moved the tunnel off the down node; the NMS's
+			// pin waits until the node is back.
+			want.Node = ""
+		}
+		same := old.Peer == want.Peer && old.Comment == want.Comment && sameSubnets(old.Subnets, want.Subnets)
+		if want.Node == "" {
+			// The scheduler's choice sticks; only a pin is undone.
+			same = same && !old.Pinned
+			want.Node, want.Pinned = old.Node, false
+		} else {
+			same = same && old.Node == want.Node && old.Pinned == want.Pinned
+		}
+		if same {
+			d.Unchanged = append(d.Unchanged, r.ID)
+			continue
+		}
+		d.Changed = append(d.Changed, r.ID)
+		changed = append(changed, i)
+		changes = append(changes, want)
+	}
+	if replace {
+		for _, tu := range t.Filter(func(tu *affinity.Tunnel) bool {
+			_, ok := inFile[tu.ID]
+			return !ok
+		}) {
+			d.Removed = append(d.Removed, tu.ID)
+		}
+	}
+
+	d.Batch = make([]affinity.Change, 0, len(d.Removed)+len(changed)+len(added))
+	d.Sources = make([]Pos, 0, cap(d.Batch))
+	for _, id := range d.Removed {
+		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.DeleteTunnel, Name: id, Reason: reason})
+		d.Sources = append(d.Sources, Pos{File: d.File, Index: -1})
+	}
+	for k, i := range changed {
+		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &changes[k], Reason: reason})
+		d.Sources = append(d.Sources, tunnels[i].Pos)
+	}
+	for _, i := range added {
+		// Apply copies the tunnel it is given, so the record can serve.
+		tu := &tunnels[i].Tunnel
+		if len(suspended) > 0 && suspended[0].ID == tu.ID {
+			tu, suspended = &suspended[0], suspended[1:]
+		}
+		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: tu, Reason: reason})
+		d.Sources = append(d.Sources, tunnels[i].Pos)
+	}
+	d.sortLists()
+	return d
+}
+
+func sameSubnets(a, b []netip.Prefix) bool {
+	// Both sides are sorted (the table and the reader normalize), so
+	// equal sets are equal slices.
+	return slices.Equal(a, b)
+}
+
+// PlanNodes compares a nodes file with the table. A record equal to the
+// table's node is unchanged; a record without a mark keeps the node's
+// mark. With replace, nodes the file does not list are removed, which
+// Apply refuses for nodes that still own tunnels.
+func PlanNodes(t *affinity.Table, nodes []NodeRecord, replace bool) *Diff {
+	d := &Diff{Kind: KindNodes, Revision: t.Revision(), Replace: replace}
+	if len(nodes) > 0 {
+		d.File = nodes[0].Pos.File
+	}
+	reason := importReason(d.File)
+	var changed, added []int
+	var changes []affinity.Node
+	inFile := make(map[string]struct{}, len(nodes))
+	for i := range nodes {
+		r := &nodes[i]
+		inFile[r.Name] = struct{}{}
+		old, ok := t.Node(r.Name)
+		if !ok {
+			added = append(added, i)
+			d.Added = append(d.Added, r.Name)
+			continue
+		}
+		want := r.Node
+		if want.Mark == 0 {
+			want.Mark = old.Mark
+		}
+		if want.Weight == 0 {
+			want.Weight = affinity.DefaultWeight
+		}
+		if want == old {
+			d.Unchanged = append(d.Unchanged, r.Name)
+			continue
+		}
+		d.Changed = append(d.Changed, r.Name)
+		changed = append(changed, i)
+		changes = append(changes, want)
+	}
+	if replace {
+		for _, n := range t.Nodes() {
+			if _, ok := inFile[n.Name]; !ok {
+				d.Removed = append(d.Removed, n.Name)
+			}
+		}
+	}
+	d.Batch = make([]affinity.Change, 0, len(d.Removed)+len(changed)+len(added))
+	d.Sources = make([]Pos, 0, cap(d.Batch))
+	for _, name := range d.Removed {
+		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.DeleteNode, Name: name, Reason: reason})
+		d.Sources = append(d.Sources, Pos{File: d.File, Index: -1})
+	}
+	for k, i := range changed {
+		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutNode, Node: &changes[k], Reason: reason})
+		d.Sources = append(d.Sources, nodes[i].Pos)
+	}
+	for _, i := range added {
+		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutNode, Node: &nodes[i].Node, Reason: reason})
+		d.Sources = append(d.Sources, nodes[i].Pos)
+	}
+	d.sortLists()
+	return d
+}
+
+func (d *Diff) sortLists() {
+	for _, l := range [][]string{d.Added, d.Changed, d.Removed, d.Unchanged, d.Suspended} {
+		slices.Sort(l)
+	}
+}
+
+// Empty reports whether applying the diff would change nothing.
+func (d *Diff) Empty() bool { return len(d.Batch) == 0 }
+
+// MapError turns a *affinity.BatchError from applying or committing
+// d.Batch into an *Errors that points at the file's lines, so the operator
+// fixes the file rather than decoding batch indexes. Other errors are
+// returned as they are.
+func (d *Diff) MapError(err error) error {
+	var be *affinity.BatchError
+	if !errors.As(err, &be) {
+		return err
+	}
+	out := &Errors{Total: be.Total}
+	what := "tunnel"
+	if d.Kind == KindNodes {
+		what = "node"
+	}
+	for _, ce := range be.Errors {
+		fe := &FieldError{Pos: Pos{File: d.File, Index: -1}, Value: ce.Key}
+		if ce.Index >= 0 && ce.Index < len(d.Sources) {
+			fe.Pos = d.Sources[ce.Index]
+		}
+		if fe.Pos.Line == 0 && fe.Pos.Index < 0 {
+			fe.Msg = fmt.Sprintf("%s not in the file, so replacing removes it: %v", what, ce.Err)
+		} else {
+			fe.Msg = fmt.Sprintf("%s refused by the table: %v", what, ce.Err)
+		}
+		out.List = append(out.List, fe)
+	}
+	return out
+}
+
+// Summary describes the diff for a dry run: the counts, then up to max
+// ids or names of each list.
+func (d *Diff) Summary(max int) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: %d added, %d changed, %d removed, %d unchanged (table revision %d)",
+		d.Kind, len(d.Added), len(d.Changed), len(d.Removed), len(d.Unchanged), d.Revision)
+	if !d.Replace {
+		b.WriteString("; not replacing, so nothing is removed")
+	}
+	if len(d.Suspended) > 0 {
+		fmt.Fprintf(&b, "\n%d pinned to a node that is down: the scheduler places them until it is back", len(d.Suspended))
+	}
+	for _, l := range []struct {
+		name string
+		ids  []string
+	}{{"added", d.Added}, {"changed", d.Changed}, {"removed", d.Removed}, {"unchanged", d.Unchanged}, {"suspended", d.Suspended}} {
+		if len(l.ids) == 0 || max <= 0 {
+			continue
+		}
+		n := min(max, len(l.ids))
+		fmt.Fprintf(&b, "\n  %-10s %s", l.name+":", strings.Join(l.ids[:n], " "))
+		if n < len(l.ids) {
+			fmt.Fprintf(&b, " ... and %d more", len(l.ids)-n)
+		}
+	}
+	return b.String()
+}

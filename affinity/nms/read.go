@@ -1,0 +1,366 @@
+package nms
+
+import (
+	"bytes"
+	"encoding/csv"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// File is what Read found in a file of either kind.
+type File struct {
+	Name    string
+	Kind    Kind
+	Format  Format
+	Tunnels []TunnelRecord // when Kind is KindTunnels
+	Nodes   []NodeRecord   // when Kind is KindNodes
+}
+
+// Read reads a tunnels or nodes file, telling which from Options.Kind or,
+// when that is KindAuto, from the header or first object (see DetectKind).
+// When records are refused, the *Errors comes with a File holding the
+// tunnels that were valid on their own (nodes files: none).
+func Read(r io.Reader, opts Options) (*File, error) {
+	in, err := open(r, &opts)
+	if err != nil {
+		return nil, err
+	}
+	defer in.cr.finish()
+	f := &File{Name: opts.Name, Kind: opts.Kind, Format: in.format}
+	if f.Kind == KindAuto {
+		k, err := DetectKind(in.head, in.format)
+		if err != nil {
+			return nil, &Errors{Total: 1, List: []*FieldError{{Pos: Pos{File: in.name, Line: 1, Index: -1}, Msg: err.Error()}}}
+		}
+		f.Kind = k
+	}
+	switch f.Kind {
+	case KindTunnels:
+		f.Tunnels, err = readTunnels(in, &opts)
+	case KindNodes:
+		f.Nodes, err = readNodes(in, &opts)
+	default:
+		return nil, fmt.Errorf("read %s: unknown kind %v", in.displayName(), f.Kind)
+	}
+	if err != nil {
+		// The records that were valid on their own come back with the
+		// error, so a caller can also check them against the table and
+		// report every problem of the file at once.
+		return f, err
+	}
+	return f, nil
+}
+
+// wrongKind reports a file of the other kind as one clear error instead
+// of a column or field error per record. It is only consulted on the
+// first object or header, so a damaged file still gets the full report.
+func wrongKind(c *collector, pos Pos, keys []string, want Kind) bool {
+	k := kindOfKeys(keys)
+	if k == KindAuto || k == want {
+		return false
+	}
+	c.addf(pos, "", "", "this is a %s file, not a %s file (it has the fields %s)", k, want, strings.Join(keys, ","))
+	return true
+}
+
+func tooMany(c *collector, pos Pos, max int) {
+	c.aborted = true
+	c.addf(pos, "", "", "more than %d records: file refused without reading the rest (raise the record limit if it is genuine)", max)
+}
+
+// readCSV reads the header and calls row for every record that has the
+// header's number of fields. cols maps each known column to its position
+// in the record, -1 when absent.
+func readCSV(in *input, opts *Options, c *collector, kind Kind, columns []string, required []bool, row func(pos Pos, cols []int, rec []string)) {
+	cr := csv.NewReader(in.br)
+	cr.Comment = '#'
+	cr.FieldsPerRecord = -1
+	cr.ReuseRecord = true
+	cr.TrimLeadingSpace = true
+	file := in.name
+	header, err := cr.Read()
+	if err == io.EOF {
+		c.addf(Pos{File: file, Index: -1}, "", "", "empty file: no header (want a first line naming the columns: %s)", strings.Join(columns, ","))
+		return
+	}
+	if err != nil {
+		csvError(c, file, err)
+		return
+	}
+	hline, _ := cr.FieldPos(0)
+	hpos := Pos{File: file, Line: hline, Index: -1}
+	header = slices.Clone(header)
+	if wrongKind(c, hpos, header, kind) {
+		return
+	}
+	cols := make([]int, len(columns))
+	for i := range cols {
+		cols[i] = -1
+	}
+	bad := false
+	for hi, h := range header {
+		name := strings.ToLower(strings.TrimSpace(h))
+		ci := -1
+		for i, col := range columns {
+			if name == col {
+				ci = i
+				break
+			}
+		}
+		switch {
+		case name == "":
+			c.addf(hpos, "", "", "column %d has no name in the header", hi+1)
+			bad = true
+		case ci < 0:
+			c.addf(hpos, "", h, "unknown column (the columns are %s)", strings.Join(columns, ", "))
+			bad = true
+		case cols[ci] >= 0:
+			c.addf(hpos, "", h, "duplicate column (columns %d and %d)", cols[ci]+1, hi+1)
+			bad = true
+		default:
+			cols[ci] = hi
+		}
+	}
+	for i, req := range required {
+		if req && cols[i] < 0 {
+			c.addf(hpos, "", "", "missing required column %s (the header has %s)", columns[i], strings.Join(header, ","))
+			bad = true
+		}
+	}
+	if bad {
+		return
+	}
+
+	max := opts.maxRecords()
+	n := 0
+	// A short or broken record is reported only when the next read tells
+	// whether it was the file's last: then the file was probably cut.
+	var pending *FieldError
+	var pendingCut string
+	flush := func(atEOF bool) {
+		if pending == nil {
+			return
+		}
+		if atEOF && in.cr.last != '\n' && pendingCut != "" {
+			pending.Msg = pendingCut
+		}
+		c.add(pending)
+		pending = nil
+	}
+	for {
+		rec, err := cr.Read()
+		if err == io.EOF {
+			flush(true)
+			return
+		}
+		flush(false)
+		if err != nil {
+			var pe *csv.ParseError
+			if !errors.As(err, &pe) {
+				csvError(c, file, err)
+				return
+			}
+			pending = &FieldError{Pos: Pos{File: file, Line: pe.StartLine, Index: -1}, Msg: fmt.Sprintf("%v (line %d, column %d)", pe.Err, pe.Line, pe.Column)}
+			pendingCut = pending.Msg + ": the file is truncated"
+			continue
+		}
+		line, _ := cr.FieldPos(0)
+		pos := Pos{File: file, Line: line, Index: -1}
+		if n >= max {
+			tooMany(c, pos, max)
+			return
+		}
+		n++
+		if len(rec) != len(header) {
+			pending = &FieldError{Pos: pos, Msg: fmt.Sprintf("%d fields, the header has %d", len(rec), len(header))}
+			pendingCut = ""
+			if len(rec) < len(header) {
+				pendingCut = fmt.Sprintf("truncated file: the last line has %d of the header's %d fields", len(rec), len(header))
+			}
+			continue
+		}
+		row(pos, cols, rec)
+	}
+}
+
+func csvError(c *collector, file string, err error) {
+	var pe *csv.ParseError
+	if errors.As(err, &pe) {
+		c.addf(Pos{File: file, Line: pe.StartLine, Index: -1}, "", "", "%v (line %d, column %d)", pe.Err, pe.Line, pe.Column)
+		return
+	}
+	c.addf(Pos{File: file, Index: -1}, "", "", "read: %v", err)
+}
+
+// decodeFunc decodes the current array element into v, reporting any
+// problem; it returns false when the element is unusable.
+type decodeFunc func(v any) bool
+
+// trackLines starts recording newline offsets. The bytes sniffed so far
+// are all still in the buffer, so they are scanned here.
+func (in *input) trackLines() {
+	cr := in.cr
+	cr.trackLines = true
+	off := int64(in.bom)
+	b := in.head
+	for {
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			break
+		}
+		cr.nl = append(cr.nl, off+int64(i))
+		off += int64(i) + 1
+		b = b[i+1:]
+	}
+}
+
+// skipSep counts the bytes before the next element in what the decoder
+// has buffered: the comma after the previous element and white space. The
+// decoder leaves its offset before the comma, and a message should point
+// at the element's own line.
+func skipSep(r io.Reader) int64 {
+	var buf [256]byte
+	var n int64
+	for {
+		m, _ := r.Read(buf[:])
+		if m == 0 {
+			return n
+		}
+		for _, c := range buf[:m] {
+			switch c {
+			case ',', ' ', '\t', '\r', '\n':
+				n++
+			default:
+				return n
+			}
+		}
+	}
+}
+
+// readJSON streams a top-level array, calling elem for each element with
+// its position. elem decodes it through the given function; a syntax
+// error or the end of the input stops the read.
+func readJSON(in *input, opts *Options, c *collector, kind Kind, elem func(pos Pos, dec decodeFunc) bool) {
+	in.trackLines()
+	file := in.name
+	filePos := Pos{File: file, Index: -1}
+	if keys, err := firstObjectKeys(in.head); err == nil && wrongKind(c, Pos{File: file, Line: 1, Index: -1}, keys, kind) {
+		return
+	}
+	dec := json.NewDecoder(in.br)
+	dec.DisallowUnknownFields()
+	lineOf := func(off int64) int { return in.cr.lineAt(off + int64(in.bom)) }
+	index := 0
+	truncated := func() {
+		if index == 0 {
+			c.addf(filePos, "", "", "truncated JSON: the input ends before the first element is complete")
+		} else {
+			c.addf(Pos{File: file, Line: lineOf(dec.InputOffset()), Index: -1}, "", "", "truncated JSON after element %d", index-1)
+		}
+	}
+	fatal := func(err error) {
+		var se *json.SyntaxError
+		switch {
+		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
+			truncated()
+		case errors.As(err, &se):
+			c.addf(Pos{File: file, Line: lineOf(se.Offset), Index: -1}, "", "", "JSON syntax error: %v", se)
+		default:
+			c.addf(filePos, "", "", "read: %v", err)
+		}
+	}
+	tok, err := dec.Token()
+	if err == io.EOF {
+		c.addf(filePos, "", "", "empty file: want a JSON array of objects")
+		return
+	}
+	if err != nil {
+		fatal(err)
+		return
+	}
+	if tok != json.Delim('[') {
+		c.addf(Pos{File: file, Line: 1, Index: -1}, "", "", "want a JSON array of objects ([{...}, ...]) at the top level, not %s", jsonTokenKind(tok))
+		return
+	}
+	max := opts.maxRecords()
+	for dec.More() {
+		start := dec.InputOffset() + skipSep(dec.Buffered())
+		pos := Pos{File: file, Line: lineOf(start), Index: index}
+		if index >= max {
+			tooMany(c, pos, max)
+			return
+		}
+		stop := false
+		elem(pos, func(v any) bool {
+			err := dec.Decode(v)
+			if err == nil {
+				return true
+			}
+			var te *json.UnmarshalTypeError
+			switch {
+			case errors.As(err, &te):
+				if te.Field == "" {
+					c.addf(pos, "", "", "element is a JSON %s, not an object", te.Value)
+				} else {
+					c.addf(pos, te.Field, "", "JSON %s where a string is wanted", te.Value)
+				}
+			case strings.HasPrefix(err.Error(), "json: unknown field "):
+				name, uerr := strconv.Unquote(strings.TrimPrefix(err.Error(), "json: unknown field "))
+				if uerr != nil {
+					name = strings.TrimPrefix(err.Error(), "json: unknown field ")
+				}
+				c.addf(pos, name, "", "unknown field (the fields are %s)", strings.Join(fieldsOf(kind), ", "))
+			default:
+				fatal(err)
+				stop = true
+			}
+			return false
+		})
+		if stop {
+			return
+		}
+		index++
+	}
+	if _, err := dec.Token(); err != nil {
+		fatal(err)
+		return
+	}
+	if tok, err := dec.Token(); err != io.EOF {
+		if err != nil {
+			fatal(err)
+			return
+		}
+		c.addf(Pos{File: file, Line: lineOf(dec.InputOffset()), Index: -1}, "", "", "data after the closing ] of the array: %s", jsonTokenKind(tok))
+	}
+}
+
+func fieldsOf(k Kind) []string {
+	if k == KindNodes {
+		return nodeColumns[:]
+	}
+	return tunnelColumns[:]
+}
+
+func jsonTokenKind(tok json.Token) string {
+	switch v := tok.(type) {
+	case json.Delim:
+		if v == '{' {
+			return "an object"
+		}
+		return string(v)
+	case string:
+		return "a string"
+	case float64, json.Number:
+		return "a number"
+	case bool:
+		return "a boolean"
+	case nil:
+		return "null"
+	}
+	return fmt.Sprint(tok)
+}
