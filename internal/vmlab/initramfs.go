@@ -1,0 +1,253 @@
+package vmlab
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"debug/elf"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+)
+
+// initScript is the guest's /init. It prints VMLAB-STAGE lines with the
+// guest uptime so the host can report where boot time goes, loads the
+// modules in the host-computed order with busybox insmod (no modprobe, no
+// modules.dep needed), runs the test binary through run.sh and reports its
+// exit status as a VMLAB-EXIT line before powering off.
+const initScript = `#!/bin/busybox sh
+/bin/busybox --install -s
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+exec 0</dev/console 1>/dev/console 2>&1
+echo "VMLAB-STAGE=booted $(cut -d' ' -f1 /proc/uptime)"
+while read -r m; do
+	insmod "/lib/modules/$(uname -r)/vmlab/$m.ko" || echo "VMLAB-MODFAIL=$m"
+done < /etc/vmlab/modules
+echo "VMLAB-STAGE=modules $(cut -d' ' -f1 /proc/uptime)"
+ip link set lo up
+sh /etc/vmlab/run.sh
+echo "VMLAB-EXIT=$?"
+echo "VMLAB-STAGE=done $(cut -d' ' -f1 /proc/uptime)"
+poweroff -f
+`
+
+// cpioWriter writes the "newc" cpio format that the kernel unpacks as an
+// initramfs. Written here rather than by cpio(1) so the lab needs one tool
+// fewer and the archive is byte-for-byte reproducible (mtime 0).
+type cpioWriter struct {
+	w   *bufio.Writer
+	ino int
+	err error
+}
+
+func newCpio(w io.Writer) *cpioWriter { return &cpioWriter{w: bufio.NewWriterSize(w, 1<<20)} }
+
+func (c *cpioWriter) header(name string, mode uint32, size int, rmaj, rmin int) {
+	if c.err != nil {
+		return
+	}
+	c.ino++
+	_, c.err = fmt.Fprintf(c.w, "070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X",
+		c.ino, mode, 0, 0, 1, 0, size, 0, 0, rmaj, rmin, len(name)+1, 0)
+	if c.err == nil {
+		_, c.err = io.WriteString(c.w, name+"\x00")
+	}
+	c.pad(110 + len(name) + 1)
+}
+
+func (c *cpioWriter) pad(n int) {
+	if c.err != nil {
+		return
+	}
+	if r := n % 4; r != 0 {
+		_, c.err = c.w.Write(make([]byte, 4-r))
+	}
+}
+
+func (c *cpioWriter) dir(name string) { c.header(name, 0o040755, 0, 0, 0) }
+
+func (c *cpioWriter) charDev(name string, maj, min int) { c.header(name, 0o020600, 0, maj, min) }
+
+func (c *cpioWriter) bytes(name string, mode uint32, data []byte) {
+	c.header(name, 0o100000|mode, len(data), 0, 0)
+	if c.err == nil {
+		_, c.err = c.w.Write(data)
+	}
+	c.pad(len(data))
+}
+
+func (c *cpioWriter) file(name string, mode uint32, src string) {
+	if c.err != nil {
+		return
+	}
+	f, err := os.Open(src)
+	if err != nil {
+		c.err = fmt.Errorf("initramfs: add %s: %w", src, err)
+		return
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		c.err = fmt.Errorf("initramfs: stat %s: %w", src, err)
+		return
+	}
+	c.header(name, 0o100000|mode, int(st.Size()), 0, 0)
+	if c.err == nil {
+		if _, err := io.Copy(c.w, f); err != nil {
+			c.err = fmt.Errorf("initramfs: copy %s: %w", src, err)
+		}
+	}
+	c.pad(int(st.Size()))
+}
+
+func (c *cpioWriter) close() error {
+	c.header("TRAILER!!!", 0, 0, 0, 0)
+	if c.err != nil {
+		return c.err
+	}
+	return c.w.Flush()
+}
+
+// findBusybox returns a statically linked busybox: the initramfs has no
+// libc for a dynamic one.
+func findBusybox() (string, error) {
+	cands := []string{os.Getenv("TD_VMLAB_BUSYBOX"), "/bin/busybox", "/usr/bin/busybox"}
+	if p, err := exec.LookPath("busybox"); err == nil {
+		cands = append(cands, p)
+	}
+	for _, p := range cands {
+		if p == "" {
+			continue
+		}
+		f, err := elf.Open(p)
+		if err != nil {
+			continue
+		}
+		static := true
+		for _, prog := range f.Progs {
+			if prog.Type == elf.PT_INTERP {
+				static = false
+			}
+		}
+		f.Close()
+		if static {
+			return p, nil
+		}
+	}
+	return "", &MissingError{What: "statically linked busybox (apt-get install busybox-static)", Err: fmt.Errorf("none of %v is a static busybox", cands)}
+}
+
+// baseInitramfs returns the cached archive with /init, busybox and the
+// modules, building it when the inputs changed.
+func baseInitramfs(cache string, k *Kernel, mods []Module) (string, error) {
+	bb, err := findBusybox()
+	if err != nil {
+		return "", err
+	}
+	st, err := os.Stat(bb)
+	if err != nil {
+		return "", fmt.Errorf("stat busybox %s: %w", bb, err)
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "v2\n%s\n%s\n%d %d\n%s\n", k.Package, bb, st.Size(), st.ModTime().UnixNano(), initScript)
+	names := make([]string, 0, len(mods))
+	for _, m := range mods {
+		names = append(names, m.Name)
+	}
+	fmt.Fprintln(h, strings.Join(names, ","))
+	out := filepath.Join(cache, "initramfs", "base-"+hex.EncodeToString(h.Sum(nil))[:16]+".cpio")
+	if _, err := os.Stat(out); err == nil {
+		return out, nil
+	}
+	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
+		return "", fmt.Errorf("create %s: %w", filepath.Dir(out), err)
+	}
+	tmp := out + ".tmp"
+	f, err := os.Create(tmp)
+	if err != nil {
+		return "", fmt.Errorf("create initramfs %s: %w", tmp, err)
+	}
+	defer os.Remove(tmp)
+	c := newCpio(f)
+	for _, d := range []string{"bin", "sbin", "usr", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run", "etc", "etc/vmlab", "lib", "lib/modules", "lib/modules/" + k.Release, "lib/modules/" + k.Release + "/vmlab"} {
+		c.dir(d)
+	}
+	// The kernel opens /dev/console for init before /init can mount
+	// devtmpfs; without this node init would start with no stdio.
+	c.charDev("dev/console", 5, 1)
+	c.bytes("init", 0o755, []byte(initScript))
+	c.file("bin/busybox", 0o755, bb)
+	// A modules.dep for the loaded set lets busybox modprobe (which
+	// libraries such as moby/ipvs run) find them already loaded instead of
+	// failing.
+	var dep strings.Builder
+	for _, m := range mods {
+		c.file("lib/modules/"+k.Release+"/vmlab/"+m.Name+".ko", 0o644, m.Path)
+		dep.WriteString("vmlab/" + m.Name + ".ko:")
+		for _, d := range m.Deps {
+			dep.WriteString(" vmlab/" + d + ".ko")
+		}
+		dep.WriteString("\n")
+	}
+	c.bytes("lib/modules/"+k.Release+"/modules.dep", 0o644, []byte(dep.String()))
+	c.bytes("etc/vmlab/modules", 0o644, []byte(strings.Join(names, "\n")+"\n"))
+	if err := c.close(); err != nil {
+		f.Close()
+		return "", fmt.Errorf("write initramfs %s: %w", tmp, err)
+	}
+	if err := f.Close(); err != nil {
+		return "", fmt.Errorf("write initramfs %s: %w", tmp, err)
+	}
+	if err := os.Rename(tmp, out); err != nil {
+		return "", fmt.Errorf("install initramfs %s: %w", out, err)
+	}
+	// Older bases (other kernel, module list or init) are dead weight.
+	old, _ := filepath.Glob(filepath.Join(filepath.Dir(out), "base-*.cpio"))
+	for _, o := range old {
+		if o != out {
+			os.Remove(o)
+		}
+	}
+	return out, nil
+}
+
+func shQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// testInitramfs writes the per-run archive: the test binary and run.sh.
+func testInitramfs(path, testBin string, env map[string]string, args []string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("create test initramfs %s: %w", path, err)
+	}
+	var sb strings.Builder
+	sb.WriteString("export " + GuestEnv + "=1\n")
+	keys := make([]string, 0, len(env))
+	for k := range env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		sb.WriteString("export " + k + "=" + shQuote(env[k]) + "\n")
+	}
+	sb.WriteString("cd /tmp\nexec /td.test")
+	for _, a := range args {
+		sb.WriteString(" " + shQuote(a))
+	}
+	sb.WriteString("\n")
+	c := newCpio(f)
+	c.file("td.test", 0o755, testBin)
+	c.bytes("etc/vmlab/run.sh", 0o644, []byte(sb.String()))
+	if err := c.close(); err != nil {
+		f.Close()
+		return fmt.Errorf("write test initramfs %s: %w", path, err)
+	}
+	return f.Close()
+}
