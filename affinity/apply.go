@@ -2,7 +2,11 @@ package affinity
 
 import (
 	"errors"
+	"iter"
+	"slices"
+
 	"fmt"
+	"github.com/gaissmai/bart"
 	"math"
 	"net/netip"
 	"strings"
@@ -143,7 +147,21 @@ type undoRec struct {
 func (t *Table) Apply(batch []Change) (*Applied, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	return t.applyLocked(batch, t.rev+1, true)
+	return t.applyLocked(batch, t.rev+1, modeStamp)
+}
+
+// Check reports what Apply would refuse, changing nothing: the batch is
+// applied and rolled back under one hold of the lock, so no reader sees it.
+func (t *Table) Check(batch []Change) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	a, err := t.applyLocked(batch, t.rev+1, modeStamp)
+	if err != nil {
+		return err
+	}
+	t.rollback(a.undo)
+	t.rev = a.prev
+	return nil
 }
 
 // ApplyAt applies resolved changes (as Applied.Changes lists them) at the
@@ -156,39 +174,82 @@ func (t *Table) ApplyAt(rev uint64, batch []Change) (*Applied, error) {
 	if rev <= t.rev {
 		return nil, fmt.Errorf("apply at revision %d: table is already at revision %d", rev, t.rev)
 	}
-	return t.applyLocked(batch, rev, false)
+	return t.applyLocked(batch, rev, modeReplay)
 }
 
 // Load fills an empty table with nodes and tunnels as stored (marks, owners,
-// times and revisions kept) and sets the revision. Every invariant is
-// checked; on error the table must be discarded.
-func (t *Table) Load(rev uint64, nodes []Node, tunnels []Tunnel) error {
+// times and revisions kept) and sets the revision. The table keeps the
+// tunnels' Subnets slices. Every invariant is checked; on error the table
+// is left empty.
+// sizeHint, when known, sizes the indexes once instead of growing them.
+func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*Tunnel]) error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if len(t.nodes) > 0 || len(t.tunnels) > 0 {
 		return errors.New("load into a table that is not empty")
 	}
-	batch := make([]Change, 0, len(nodes)+len(tunnels))
-	for i := range nodes {
-		if nodes[i].Mark == 0 {
-			return fmt.Errorf("load node %s: no mark", nodes[i].Name)
+	if sizeHint > 0 {
+		t.tunnels = make(map[string]*entry, sizeHint)
+		t.peers4 = make(map[uint32]*entry, sizeHint)
+	}
+	var berr BatchError
+	i := 0
+	fail := func(c *Change, err error) {
+		berr.Total++
+		if len(berr.Errors) < MaxReportedErrors {
+			berr.Errors = append(berr.Errors, &ChangeError{Index: i, Kind: c.Kind, Key: c.Key(), Err: err})
 		}
-		batch = append(batch, Change{Kind: PutNode, Node: &nodes[i]})
 	}
-	for i := range tunnels {
-		batch = append(batch, Change{Kind: PutTunnel, Tunnel: &tunnels[i]})
+	for k := range nodes {
+		c := Change{Kind: PutNode, Node: &nodes[k]}
+		if nodes[k].Mark == 0 {
+			fail(&c, fmt.Errorf("%w: stored node has no mark", ErrInvalid))
+		} else if _, _, _, err := t.putNode(&c); err != nil {
+			fail(&c, err)
+		}
+		i++
 	}
-	if _, err := t.applyLocked(batch, rev, false); err != nil {
-		return err
+	for tu := range tunnels {
+		c := Change{Kind: PutTunnel, Tunnel: tu}
+		if _, _, _, err := t.putTunnel(&c, 0, 0, modeLoad); err != nil {
+			fail(&c, err)
+		}
+		i++
+	}
+	if berr.Total > 0 {
+		t.reset()
+		return &berr
 	}
 	t.rev = rev
 	return nil
 }
 
-// applyLocked applies a batch. With stamp false (replay and load) it
-// keeps the times and revisions the changes carry; otherwise it stamps
-// them. It records an undo log so a failing batch leaves no trace.
-func (t *Table) applyLocked(batch []Change, rev uint64, stamp bool) (*Applied, error) {
+func (t *Table) reset() {
+	clear(t.nodes)
+	clear(t.tunnels)
+	clear(t.peers4)
+	clear(t.peers6)
+	t.byMark = [MaxMark + 1]*Node{}
+	t.count = [MaxMark + 1]int{}
+	t.subnets = bart.Table[*entry]{}
+}
+
+// applyMode says how putTunnel treats times, revisions and results.
+type applyMode uint8
+
+const (
+	// modeStamp stamps new times and the batch revision (local changes).
+	modeStamp applyMode = iota
+	// modeReplay keeps the times and revision the change carries.
+	modeReplay
+	// modeLoad is modeReplay without results or undo, and keeps the
+	// caller's Subnets slice: a million tunnels load without copies.
+	modeLoad
+)
+
+// applyLocked applies a batch, recording an undo log so that a failing
+// batch leaves no trace.
+func (t *Table) applyLocked(batch []Change, rev uint64, mode applyMode) (*Applied, error) {
 	a := &Applied{t: t, prev: t.rev, Revision: t.rev}
 	var berr BatchError
 	now := unixSeconds(t.now())
@@ -212,7 +273,7 @@ func (t *Table) applyLocked(batch []Change, rev uint64, stamp bool) (*Applied, e
 		case DeleteNode:
 			res, u, ok, err = t.deleteNode(c)
 		case PutTunnel:
-			res, u, ok, err = t.putTunnel(c, rev, now, stamp)
+			res, u, ok, err = t.putTunnel(c, rev, now, mode)
 		case DeleteTunnel:
 			res, u, ok, err = t.deleteTunnel(c)
 		default:
@@ -384,12 +445,14 @@ func (t *Table) deleteTunnel(c *Change) (Change, undoRec, bool, error) {
 	return Change{Kind: DeleteTunnel, Name: old.id}, undoRec{oldT: old}, true, nil
 }
 
-func (t *Table) putTunnel(c *Change, rev uint64, now uint32, stamp bool) (Change, undoRec, bool, error) {
+func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Change, undoRec, bool, error) {
 	if c.Tunnel == nil {
 		return Change{}, undoRec{}, false, fmt.Errorf("%w: put-tunnel without a tunnel", ErrInvalid)
 	}
 	tu := *c.Tunnel
-	normalizeTunnel(&tu)
+	if mode != modeLoad || !slices.IsSortedFunc(tu.Subnets, ComparePrefix) {
+		normalizeTunnel(&tu)
+	}
 	if err := t.checkTunnelShape(&tu); err != nil {
 		return Change{}, undoRec{}, false, err
 	}
@@ -448,7 +511,7 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, stamp bool) (Change
 	if tu.Comment != "" {
 		e.comment = &tu.Comment
 	}
-	if stamp {
+	if mode == modeStamp {
 		e.rev = rev
 		e.updated = now
 		e.created = now
@@ -464,6 +527,9 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, stamp bool) (Change
 		t.unindex(old)
 	}
 	t.index(e)
+	if mode == modeLoad {
+		return Change{}, undoRec{}, true, nil
+	}
 	return Change{Kind: PutTunnel, Tunnel: ptr(t.tunnelOf(e))}, undoRec{oldT: old, newT: e}, true, nil
 }
 

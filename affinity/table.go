@@ -405,6 +405,19 @@ func (t *Table) Snapshot() Snapshot {
 	return s
 }
 
+// EachTunnel calls fn for every tunnel in no particular order, under the
+// read lock: fn must not call back into the table. The Tunnel is reused
+// between calls.
+func (t *Table) EachTunnel(fn func(*Tunnel)) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	var tu Tunnel
+	for _, e := range t.tunnels {
+		tu = t.tunnelOf(e)
+		fn(&tu)
+	}
+}
+
 // PeerMarks calls fn for every peer address and its owner's mark, in no
 // particular order: the dataplane's peer map.
 func (t *Table) PeerMarks(fn func(netip.Addr, uint16)) {

@@ -290,3 +290,18 @@ func TestPinnedToDownNodeRefused(t *testing.T) {
 		t.Fatalf("got %v", err)
 	}
 }
+
+func TestCheckChangesNothing(t *testing.T) {
+	tb := newTable(t, 2)
+	before := tb.Snapshot()
+	if err := tb.Check([]Change{put("a", "192.0.2.1", "", "10.0.0.0/16")}); err != nil {
+		t.Fatal(err)
+	}
+	assertSameSnapshot(t, before, tb.Snapshot())
+	if _, ok := tb.Tunnel("a"); ok {
+		t.Fatal("Check left the tunnel in the table")
+	}
+	if err := tb.Check([]Change{put("a", "192.0.2.1", "nope", "10.0.0.0/16")}); err == nil {
+		t.Fatal("Check accepted an unknown owner")
+	}
+}

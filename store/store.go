@@ -436,6 +436,18 @@ func (s *Store) Do(plan func(*affinity.Table) ([]affinity.Change, error)) (*affi
 	return s.commitLocked(func() (*affinity.Applied, error) { return s.table.Apply(batch) })
 }
 
+// Try plans and applies a batch under the store's lock and rolls it back
+// at once: it reports whether the batch would commit, changing nothing.
+func (s *Store) Try(plan func(*affinity.Table) ([]affinity.Change, error)) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	batch, err := plan(s.table)
+	if err != nil {
+		return err
+	}
+	return s.table.Check(batch)
+}
+
 // CommitAt applies resolved changes at a given revision (a replica
 // following its master) and persists them.
 func (s *Store) CommitAt(rev uint64, changes []affinity.Change) (*affinity.Applied, error) {
