@@ -1,0 +1,274 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/sim"
+)
+
+func newNodeCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "node", Short: "Add, remove, drain, fail or reweight a node"}
+	run := func(req director.NodeRequest) error {
+		return g.withService(false, func(s *director.Service) error {
+			res, err := s.NodeAction(req)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.emitJSON(res)
+			}
+			if !res.Changed {
+				fmt.Fprintf(g.out, "node %s: nothing to change (revision %d)\n", req.Name, res.Revision)
+				return nil
+			}
+			fmt.Fprintf(g.out, "node %s: %s done, revision %d\n", req.Name, req.Action, res.Revision)
+			if res.Plan != nil {
+				printMoves(g, res.Plan, 20)
+			}
+			return nil
+		})
+	}
+	var weight uint32
+	var capacity int
+	var comment string
+	add := &cobra.Command{
+		Use:   "add NAME ADDRESS",
+		Short: "Add a node (it takes new tunnels; nothing moves to it until a rebalance)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(_ *cobra.Command, args []string) error {
+			a, err := netip.ParseAddr(args[1])
+			if err != nil {
+				return fmt.Errorf("node add %s: address %q: %w", args[0], args[1], affinity.ErrInvalid)
+			}
+			return run(director.NodeRequest{Action: "add", Name: args[0], Addr: a, Weight: weight, Capacity: capacity, Comment: comment})
+		},
+	}
+	add.Flags().Uint32Var(&weight, "weight", affinity.DefaultWeight, "relative share of scheduled tunnels (1..10000)")
+	add.Flags().IntVar(&capacity, "capacity", 0, "most tunnels the node may hold (0: no limit)")
+	add.Flags().StringVar(&comment, "comment", "", "free text")
+	simple := func(action, short string) *cobra.Command {
+		return &cobra.Command{
+			Use:   action + " NAME",
+			Short: short,
+			Args:  cobra.ExactArgs(1),
+			RunE: func(_ *cobra.Command, args []string) error {
+				return run(director.NodeRequest{Action: action, Name: args[0]})
+			},
+		}
+	}
+	setWeight := &cobra.Command{
+		Use:   "set-weight NAME WEIGHT",
+		Short: "Change a node's weight (affects new tunnels and rebalances only)",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(_ *cobra.Command, args []string) error {
+			w, err := strconv.ParseUint(args[1], 10, 32)
+			if err != nil || w == 0 {
+				return fmt.Errorf("set-weight %s: weight %q: want 1..10000", args[0], args[1])
+			}
+			return run(director.NodeRequest{Action: "set-weight", Name: args[0], Weight: uint32(w)})
+		},
+	}
+	cmd.AddCommand(add,
+		simple("remove", "Remove a node; its tunnels move to the scheduler's choice first"),
+		simple("drain", "Stop giving the node new tunnels; its tunnels stay until a rebalance"),
+		simple("undrain", "Let a draining node take new tunnels again"),
+		simple("down", "Mark a node failed: its tunnels, and only those, move now"),
+		simple("up", "Mark a failed node active again (nothing moves back until a rebalance)"),
+		setWeight)
+	return cmd
+}
+
+func printMoves(g *globals, p *affinity.Plan, max int) {
+	fmt.Fprintf(g.out, "%d tunnel(s) move", len(p.Moves))
+	if p.Remaining > 0 {
+		fmt.Fprintf(g.out, ", %d more wanted beyond the budget", p.Remaining)
+	}
+	if len(p.Unplaced) > 0 {
+		fmt.Fprintf(g.out, ", %d cannot be placed", len(p.Unplaced))
+	}
+	fmt.Fprintln(g.out)
+	w := g.table()
+	if len(p.Moves) > 0 {
+		fmt.Fprintln(w, "TUNNEL\tPEER\tFROM\tTO\tREASON")
+	}
+	for i, m := range p.Moves {
+		if i == max {
+			fmt.Fprintf(w, "...\t(%d more)\t\t\t\n", len(p.Moves)-max)
+			break
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", m.Tunnel, m.Peer, m.From, m.To, m.Reason)
+	}
+	for i, m := range p.Unplaced {
+		if i == max {
+			break
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t-\t%s\n", m.Tunnel, m.Peer, m.From, m.Reason)
+	}
+	w.Flush()
+}
+
+func newRebalanceCmd(g *globals) *cobra.Command {
+	var maxMoves, show int
+	var apply bool
+	cmd := &cobra.Command{
+		Use:   "rebalance --max-moves N [--apply]",
+		Short: "Plan (and with --apply, make) at most N tunnel moves to even the load",
+		Long: `Plan tunnel moves, most urgent first: tunnels stranded on down nodes, tunnels on
+draining nodes, tunnels on nodes above their bounded-load limit, then tunnels whose
+preferred node is below its fair share. Without --apply nothing changes. Moving a live
+tunnel breaks it until it re-establishes on its new node: keep the budget small.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !cmd.Flags().Changed("max-moves") {
+				return fmt.Errorf("rebalance: --max-moves is required (moving live tunnels breaks them; choose a budget)")
+			}
+			return g.withService(!apply, func(s *director.Service) error {
+				res, err := s.Rebalance(maxMoves, apply)
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return g.emitJSON(res)
+				}
+				printMoves(g, res.Plan, show)
+				if apply {
+					fmt.Fprintf(g.out, "applied: revision %d\n", res.Revision)
+				} else {
+					fmt.Fprintln(g.out, "plan only: run again with --apply to move them")
+				}
+				return nil
+			})
+		},
+	}
+	cmd.Flags().IntVar(&maxMoves, "max-moves", 0, "most tunnels to move")
+	cmd.Flags().BoolVar(&apply, "apply", false, "carry the plan out")
+	cmd.Flags().IntVar(&show, "show", 20, "moves to list")
+	return cmd
+}
+
+func newStoreCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "store", Short: "Back up or check the store file"}
+	backup := &cobra.Command{
+		Use:   "backup FILE",
+		Short: "Write a consistent copy of the store while it is in use",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(_ *cobra.Command, args []string) error {
+			return g.withService(true, func(s *director.Service) error {
+				n, err := s.Store().Backup(args[0])
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(g.out, "backed up revision %d (%d bytes) to %s\n", s.Store().Revision(), n, args[0])
+				return nil
+			})
+		},
+	}
+	check := &cobra.Command{
+		Use:   "check",
+		Short: "Check the store's pages, invariants and indexes",
+		Args:  cobra.NoArgs,
+		RunE: func(_ *cobra.Command, _ []string) error {
+			return g.withService(true, func(s *director.Service) error {
+				r, err := s.Store().Check()
+				if err != nil {
+					return err
+				}
+				if g.json {
+					if err := g.emitJSON(r); err != nil {
+						return err
+					}
+				} else {
+					fmt.Fprintf(g.out, "%s: schema %d, revision %d, %d nodes, %d tunnels, %d subnets, journal %d entries from revision %d\n",
+						r.Path, r.Schema, r.Revision, r.Nodes, r.Tunnels, r.Subnets, r.Journal, r.Oldest)
+					for _, p := range r.Problems {
+						fmt.Fprintln(g.out, "problem:", p)
+					}
+				}
+				if !r.OK() {
+					return fmt.Errorf("store %s: %d problem(s)", r.Path, len(r.Problems))
+				}
+				if !g.json {
+					fmt.Fprintln(g.out, "ok")
+				}
+				return nil
+			})
+		},
+	}
+	cmd.AddCommand(backup, check)
+	return cmd
+}
+
+// newGenCmd writes a generated farm as NMS files: for demos, benchmarks and
+// the simulator.
+func newGenCmd(g *globals) *cobra.Command {
+	var spec sim.FarmSpec
+	var dir, format string
+	cmd := &cobra.Command{
+		Use:   "gen --dir DIR",
+		Short: "Generate an example farm as NMS files (nodes and tunnels)",
+		Args:  cobra.NoArgs,
+		RunE: func(_ *cobra.Command, _ []string) error {
+			f, err := parseFormat(format)
+			if err != nil {
+				return err
+			}
+			if f == nms.FormatAuto {
+				f = nms.FormatCSV
+			}
+			nodesPath, tunnelsPath, err := writeFarm(spec, dir, f)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(g.out, "wrote %s and %s\n", nodesPath, tunnelsPath)
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.Uint64Var(&spec.Seed, "seed", 1, "random seed")
+	fl.IntVar(&spec.Nodes, "nodes", 8, "nodes")
+	fl.IntVar(&spec.Tunnels, "tunnels", 10000, "tunnels")
+	fl.IntVar(&spec.MaxSubnets, "max-subnets", 4, "protected subnets per tunnel: 1 to this")
+	fl.Float64Var(&spec.IPv6Share, "ipv6", 0.1, "share of IPv6 tunnels")
+	fl.Float64Var(&spec.PinnedShare, "pinned", 0.2, "share of tunnels the NMS pins to a node")
+	fl.StringVar(&dir, "dir", ".", "where to write nodes.EXT and tunnels.EXT")
+	fl.StringVar(&format, "format", "csv", "csv or json")
+	return cmd
+}
+
+func writeFarm(spec sim.FarmSpec, dir string, f nms.Format) (string, string, error) {
+	farm, err := sim.GenerateFarm(spec)
+	if err != nil {
+		return "", "", err
+	}
+	ext := "." + f.String()
+	nodesPath := filepath.Join(dir, "nodes"+ext)
+	tunnelsPath := filepath.Join(dir, "tunnels"+ext)
+	write := func(path string, fn func(*os.File) error) error {
+		file, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		if err := fn(file); err != nil {
+			file.Close()
+			return fmt.Errorf("write %s: %w", path, err)
+		}
+		return file.Close()
+	}
+	if err := write(nodesPath, func(w *os.File) error { return nms.WriteNodes(w, f, farm.Nodes) }); err != nil {
+		return "", "", err
+	}
+	// Generated tunnels name an owner only when pinned, as an NMS would.
+	if err := write(tunnelsPath, func(w *os.File) error { return nms.WriteTunnels(w, f, farm.Tunnels) }); err != nil {
+		return "", "", err
+	}
+	return nodesPath, tunnelsPath, nil
+}

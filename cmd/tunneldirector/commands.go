@@ -1,0 +1,333 @@
+package main
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/schollz/progressbar/v3"
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/director"
+)
+
+func newImportCmd(g *globals) *cobra.Command {
+	var (
+		kind, format     string
+		dryRun, replace  bool
+		show, maxRecords int
+	)
+	cmd := &cobra.Command{
+		Use:   "import FILE",
+		Short: "Import NMS tunnels or nodes (CSV or JSON) into the store, all or nothing",
+		Long: `Import a tunnels or nodes file. The whole file is validated and committed as one
+transaction: any error aborts it and nothing changes. The default merges the file
+into the table; --replace makes the table equal to it. Re-importing the same file
+changes nothing. FILE "-" reads standard input.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			k, err := nms.ParseKind(kind)
+			if err != nil {
+				return err
+			}
+			f, err := parseFormat(format)
+			if err != nil {
+				return err
+			}
+			name := args[0]
+			in, size, err := openInput(name)
+			if err != nil {
+				return err
+			}
+			defer in.Close()
+			req := director.ImportRequest{Name: name, Kind: k, Format: f, DryRun: dryRun, Replace: replace, MaxRecords: maxRecords}
+			bar := newProgress(size, "reading "+name)
+			if bar != nil {
+				req.Progress = func(n int64) { bar.Set64(n) }
+				defer bar.Finish()
+			}
+			return g.withService(dryRun, func(s *director.Service) error {
+				start := time.Now()
+				res, err := s.Import(in, req)
+				if bar != nil {
+					bar.Finish()
+				}
+				if err != nil {
+					return err
+				}
+				if g.json {
+					return g.emitJSON(res)
+				}
+				fmt.Fprintln(g.out, res.Diff.Summary(show))
+				switch {
+				case res.DryRun:
+					fmt.Fprintln(g.out, "dry run: nothing changed")
+				case res.Changed:
+					fmt.Fprintf(g.out, "committed revision %d in %s\n", res.Revision, time.Since(start).Round(time.Millisecond))
+				default:
+					fmt.Fprintf(g.out, "nothing to change: the table already matches (revision %d)\n", res.Revision)
+				}
+				return nil
+			})
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&kind, "kind", "auto", "file kind: tunnels, nodes or auto (from the header)")
+	fl.StringVar(&format, "format", "auto", "file format: csv, json or auto (from the name or content)")
+	fl.BoolVar(&dryRun, "dry-run", false, "print what would change and change nothing")
+	fl.BoolVar(&replace, "replace", false, "make the table equal to the file: remove what the file does not list")
+	fl.IntVar(&show, "show", 10, "how many ids of each kind of change to list")
+	fl.IntVar(&maxRecords, "max-records", 0, fmt.Sprintf("refuse files with more records (0: %d)", nms.DefaultMaxRecords))
+	return cmd
+}
+
+func parseFormat(s string) (nms.Format, error) {
+	if s == "" || s == "auto" {
+		return nms.FormatAuto, nil
+	}
+	return nms.ParseFormat(s)
+}
+
+// openInput opens a file or, for "-", standard input; size is -1 when not
+// known.
+func openInput(name string) (*os.File, int64, error) {
+	if name == "-" {
+		return os.Stdin, -1, nil
+	}
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, 0, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, err
+	}
+	if st.IsDir() {
+		f.Close()
+		return nil, 0, fmt.Errorf("import %s: is a directory", name)
+	}
+	return f, st.Size(), nil
+}
+
+// newProgress returns a progress bar on standard error when it is a
+// terminal and the file is large enough to be worth one; nil otherwise,
+// so scripts and CI logs stay quiet.
+func newProgress(size int64, desc string) *progressbar.ProgressBar {
+	if size < 4<<20 || !term.IsTerminal(int(os.Stderr.Fd())) {
+		return nil
+	}
+	return progressbar.NewOptions64(size,
+		progressbar.OptionSetWriter(os.Stderr),
+		progressbar.OptionSetDescription(desc),
+		progressbar.OptionShowBytes(true),
+		progressbar.OptionThrottle(100*time.Millisecond),
+		progressbar.OptionClearOnFinish(),
+	)
+}
+
+func newExportCmd(g *globals) *cobra.Command {
+	var kind, format, out string
+	cmd := &cobra.Command{
+		Use:   "export",
+		Short: "Export the tunnels or nodes as CSV or JSON (re-importable as is)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			k, err := nms.ParseKind(kind)
+			if err != nil {
+				return err
+			}
+			if k == nms.KindAuto {
+				k = nms.KindTunnels
+			}
+			f, err := parseFormat(format)
+			if err != nil {
+				return err
+			}
+			if f == nms.FormatAuto {
+				f = nms.DetectFormat(out, nil)
+				if f == nms.FormatAuto {
+					f = nms.FormatCSV
+				}
+			}
+			return g.withService(true, func(s *director.Service) error {
+				w := g.out
+				if out != "" && out != "-" {
+					tmp := out + ".tmp"
+					file, err := os.Create(tmp)
+					if err != nil {
+						return err
+					}
+					if err := s.Export(file, k, f); err != nil {
+						file.Close()
+						os.Remove(tmp)
+						return err
+					}
+					if err := file.Close(); err != nil {
+						return err
+					}
+					return os.Rename(tmp, out)
+				}
+				return s.Export(w, k, f)
+			})
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&kind, "kind", "tunnels", "what to export: tunnels or nodes")
+	fl.StringVar(&format, "format", "auto", "csv or json (auto: from -o's extension, else csv)")
+	fl.StringVarP(&out, "output", "o", "", "write to this file (atomically) instead of standard output")
+	return cmd
+}
+
+func newShowCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "show", Short: "Show tunnels, nodes or one tunnel"}
+	var node string
+	var limit int
+	tunnels := &cobra.Command{
+		Use:   "tunnels",
+		Short: "List tunnels (all, or one node's)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withService(true, func(s *director.Service) error {
+				t := s.Store().Table()
+				var list []affinity.Tunnel
+				if node != "" {
+					if _, ok := t.Node(node); !ok {
+						return fmt.Errorf("node %s: %w", node, affinity.ErrNotFound)
+					}
+					list = t.TunnelsOfNode(node)
+				} else {
+					list = t.Tunnels()
+				}
+				total := len(list)
+				if limit > 0 && len(list) > limit {
+					list = list[:limit]
+				}
+				if g.json {
+					return g.emitJSON(list)
+				}
+				w := g.table()
+				fmt.Fprintln(w, "ID\tPEER\tSUBNETS\tNODE\tPINNED\tREVISION\tUPDATED")
+				for _, tu := range list {
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%v\t%d\t%s\n", tu.ID, tu.Peer, joinPrefixes(tu.Subnets), tu.Node, tu.Pinned, tu.Revision, tu.Updated.Format(time.RFC3339))
+				}
+				w.Flush()
+				if total > len(list) {
+					fmt.Fprintf(g.out, "(%d of %d shown; --limit 0 for all)\n", len(list), total)
+				}
+				return nil
+			})
+		},
+	}
+	tunnels.Flags().StringVar(&node, "node", "", "only this node's tunnels")
+	tunnels.Flags().IntVar(&limit, "limit", 50, "show at most this many (0: all)")
+	nodes := &cobra.Command{
+		Use:   "nodes",
+		Short: "List nodes with their tunnel counts and load bounds",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withService(true, func(s *director.Service) error {
+				t := s.Store().Table()
+				counts, bounds := t.Counts(), t.Bound()
+				type row struct {
+					affinity.Node
+					State   string `json:"state"`
+					Tunnels int    `json:"tunnels"`
+					Bound   int    `json:"bound,omitempty"`
+				}
+				var rows []row
+				for _, n := range t.Nodes() {
+					rows = append(rows, row{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name]})
+				}
+				if g.json {
+					return g.emitJSON(rows)
+				}
+				w := g.table()
+				fmt.Fprintln(w, "NAME\tADDRESS\tSTATE\tWEIGHT\tCAPACITY\tMARK\tTUNNELS\tBOUND")
+				for _, r := range rows {
+					capacity := "-"
+					if r.Capacity > 0 {
+						capacity = fmt.Sprint(r.Capacity)
+					}
+					bound := "-"
+					if r.Bound > 0 {
+						bound = fmt.Sprint(r.Bound)
+					}
+					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s\n", r.Name, r.Addr, r.State, r.Weight, capacity, r.Mark, r.Tunnels, bound)
+				}
+				w.Flush()
+				fmt.Fprintf(g.out, "%d tunnels, revision %d\n", t.Len(), t.Revision())
+				return nil
+			})
+		},
+	}
+	one := &cobra.Command{
+		Use:   "tunnel ID",
+		Short: "Show one tunnel",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.withService(true, func(s *director.Service) error {
+				tu, ok := s.Store().Table().Tunnel(args[0])
+				if !ok {
+					return fmt.Errorf("tunnel %s: %w", args[0], affinity.ErrNotFound)
+				}
+				if g.json {
+					return g.emitJSON(tu)
+				}
+				w := g.table()
+				fmt.Fprintf(w, "id\t%s\npeer\t%s\nsubnets\t%s\nnode\t%s\npinned\t%v\ncomment\t%s\ncreated\t%s\nupdated\t%s\nrevision\t%d\n",
+					tu.ID, tu.Peer, joinPrefixes(tu.Subnets), tu.Node, tu.Pinned, tu.Comment,
+					tu.Created.Format(time.RFC3339), tu.Updated.Format(time.RFC3339), tu.Revision)
+				return w.Flush()
+			})
+		},
+	}
+	cmd.AddCommand(tunnels, nodes, one)
+	return cmd
+}
+
+func joinPrefixes(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, " ")
+}
+
+func newLookupCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "lookup ADDRESS",
+		Short: "Which tunnel and node own an address, and why (peer match or protected subnet)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			a, err := netip.ParseAddr(args[0])
+			if err != nil {
+				return fmt.Errorf("lookup %q: not an IP address", args[0])
+			}
+			return g.withService(true, func(s *director.Service) error {
+				m, ok := s.Lookup(a.Unmap())
+				if g.json {
+					if !ok {
+						return g.emitJSON(map[string]any{"addr": a, "found": false})
+					}
+					return g.emitJSON(m)
+				}
+				if !ok {
+					return fmt.Errorf("%s: no tunnel's peer or protected subnet: %w", a, affinity.ErrNotFound)
+				}
+				switch m.By {
+				case affinity.MatchPeer:
+					fmt.Fprintf(g.out, "%s is the peer of tunnel %s, owned by node %s (%s, mark %d)\n", a, m.Tunnel.ID, m.Node.Name, m.Node.Addr, m.Node.Mark)
+				default:
+					fmt.Fprintf(g.out, "%s is inside %s, protected by tunnel %s (peer %s), owned by node %s (%s, mark %d)\n", a, m.Prefix, m.Tunnel.ID, m.Tunnel.Peer, m.Node.Name, m.Node.Addr, m.Node.Mark)
+				}
+				return nil
+			})
+		},
+	}
+}

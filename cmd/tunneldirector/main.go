@@ -1,0 +1,120 @@
+// Command tunneldirector is the director for IPsec tunnel termination
+// farms: it keeps the affinity table (peer and protected subnets -> node),
+// imports the NMS's tunnels, and answers who owns an address. This file
+// and its siblings only parse flags and wire packages together.
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/store"
+)
+
+// defaultDB is where the store lives unless --db or TUNNELDIRECTOR_DB says
+// otherwise.
+const defaultDB = "/var/lib/tunneldirector/tunneldirector.db"
+
+// globals are the flags every command shares.
+type globals struct {
+	db       string
+	json     bool
+	logLevel string
+	epsilon  float64
+	out      io.Writer
+	errOut   io.Writer
+}
+
+func main() {
+	g := &globals{out: os.Stdout, errOut: os.Stderr}
+	root := newRoot(g)
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "tunneldirector:", err)
+		os.Exit(exitCode(err))
+	}
+}
+
+// exitCode is 2 for refused input (bad file, conflicts), 1 otherwise.
+func exitCode(err error) int {
+	var be *affinity.BatchError
+	var fe *nms.Errors
+	if errors.As(err, &be) || errors.As(err, &fe) || errors.Is(err, affinity.ErrConflict) || errors.Is(err, affinity.ErrInvalid) {
+		return 2
+	}
+	return 1
+}
+
+func newRoot(g *globals) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "tunneldirector",
+		Short:         "Director for IPsec tunnel termination farms",
+		Long:          "tunneldirector keeps every packet of an IPsec tunnel (IKE, NAT-T, ESP, AH) and its return traffic on the one node that holds its SAs.",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			var lvl slog.Level
+			if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
+				return fmt.Errorf("--log-level %q: want debug, info, warn or error", g.logLevel)
+			}
+			slog.SetDefault(slog.New(slog.NewTextHandler(g.errOut, &slog.HandlerOptions{Level: lvl})))
+			return nil
+		},
+	}
+	root.SetOut(g.out)
+	root.SetErr(g.errOut)
+	db := os.Getenv("TUNNELDIRECTOR_DB")
+	if db == "" {
+		db = defaultDB
+	}
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.db, "db", db, "store file (env TUNNELDIRECTOR_DB)")
+	pf.BoolVar(&g.json, "json", false, "print JSON for scripts instead of tables")
+	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
+	pf.Float64Var(&g.epsilon, "epsilon", affinity.DefaultEpsilon, "bounded-load slack for scheduling: no node above ceil((1+epsilon) x its share)")
+	root.AddCommand(
+		newImportCmd(g), newExportCmd(g), newShowCmd(g), newLookupCmd(g),
+		newNodeCmd(g), newRebalanceCmd(g), newStoreCmd(g), newGenCmd(g), newDemoCmd(g),
+	)
+	return root
+}
+
+// openStore opens the store named by --db.
+func (g *globals) openStore(readOnly bool) (*store.Store, error) {
+	return store.Open(store.Options{
+		Path:     g.db,
+		ReadOnly: readOnly,
+		Table:    affinity.Options{Epsilon: g.epsilon},
+	})
+}
+
+// withService opens the store, runs fn, and closes the store.
+func (g *globals) withService(readOnly bool, fn func(*director.Service) error) error {
+	st, err := g.openStore(readOnly)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	return fn(director.NewService(st))
+}
+
+// emitJSON prints v as indented JSON.
+func (g *globals) emitJSON(v any) error {
+	enc := json.NewEncoder(g.out)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// table starts an aligned table on the command's output.
+func (g *globals) table() *tabwriter.Writer {
+	return tabwriter.NewWriter(g.out, 0, 0, 2, ' ', 0)
+}

@@ -1,0 +1,236 @@
+// Package director is the daemon's core: it wires the affinity table, the
+// store, the dataplane and replication together and carries out the
+// operator's requests. Service holds the requests the CLI makes; the CLI
+// runs them on a store file directly or, through the API, on a running
+// daemon.
+package director
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"slices"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/store"
+)
+
+// Service carries out operator requests against a store. Every request
+// that changes the table is one store transaction, planned and committed
+// under the store's lock.
+type Service struct {
+	st *store.Store
+}
+
+// NewService returns a service over an open store.
+func NewService(st *store.Store) *Service { return &Service{st: st} }
+
+// Store returns the service's store.
+func (s *Service) Store() *store.Store { return s.st }
+
+// ImportRequest says how to import a file.
+type ImportRequest struct {
+	// Name is the file's name, for messages and format detection.
+	Name string
+	// Kind and Format override detection.
+	Kind   nms.Kind
+	Format nms.Format
+	// DryRun plans and reports without changing anything.
+	DryRun bool
+	// Replace makes the table equal to the file; the default merges.
+	Replace bool
+	// MaxRecords bounds the file (0: nms.DefaultMaxRecords).
+	MaxRecords int
+	// Progress is called with the bytes read so far.
+	Progress func(int64)
+}
+
+// ImportResult is what an import did, or would do.
+type ImportResult struct {
+	Diff     *nms.Diff `json:"diff"`
+	DryRun   bool      `json:"dry_run"`
+	Revision uint64    `json:"revision"` // after the import
+	Changed  bool      `json:"changed"`
+}
+
+// Import reads a tunnels or nodes file and commits its difference from the
+// table as one transaction: all of it, or nothing when any record is
+// refused (the error then names the file's lines).
+func (s *Service) Import(r io.Reader, req ImportRequest) (*ImportResult, error) {
+	f, readErr := nms.Read(r, nms.Options{Name: req.Name, Kind: req.Kind, Format: req.Format, MaxRecords: req.MaxRecords, Progress: req.Progress})
+	plan := func(t *affinity.Table) *nms.Diff {
+		var d *nms.Diff
+		if f.Kind == nms.KindNodes {
+			d = nms.PlanNodes(t, f.Nodes, req.Replace)
+		} else {
+			d = nms.Plan(t, f.Tunnels, req.Replace)
+		}
+		if d.File == "" {
+			d.File = req.Name
+		}
+		return d
+	}
+	if readErr != nil {
+		return nil, s.alsoCheckTable(readErr, f, plan)
+	}
+	res := &ImportResult{DryRun: req.DryRun}
+	if req.DryRun {
+		res.Diff = plan(s.st.Table())
+		res.Revision = s.st.Revision()
+		return res, nil
+	}
+	a, err := s.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+		res.Diff = plan(t)
+		return res.Diff.Batch, nil
+	})
+	if err != nil {
+		return nil, res.Diff.MapError(err)
+	}
+	res.Revision = a.Revision
+	res.Changed = len(a.Changes) > 0
+	return res, nil
+}
+
+// alsoCheckTable adds, to a file's own errors, the conflicts its valid
+// records have with the table (an overlap with an existing tunnel, an
+// unknown node), so one run reports every problem of the file. Nothing is
+// committed.
+func (s *Service) alsoCheckTable(readErr error, f *nms.File, plan func(*affinity.Table) *nms.Diff) error {
+	var fe *nms.Errors
+	if !errors.As(readErr, &fe) || f == nil || len(f.Tunnels) == 0 {
+		return readErr
+	}
+	var d *nms.Diff
+	err := s.st.Try(func(t *affinity.Table) ([]affinity.Change, error) {
+		d = plan(t)
+		return d.Batch, nil
+	})
+	var more *nms.Errors
+	if err == nil || !errors.As(d.MapError(err), &more) {
+		return readErr
+	}
+	merged := &nms.Errors{Total: fe.Total + more.Total, List: append(slices.Clone(fe.List), more.List...)}
+	slices.SortStableFunc(merged.List, func(a, b *nms.FieldError) int {
+		return cmp.Or(cmp.Compare(a.Pos.Line, b.Pos.Line), cmp.Compare(a.Pos.Index, b.Pos.Index))
+	})
+	if len(merged.List) > nms.DefaultMaxErrors {
+		merged.List = merged.List[:nms.DefaultMaxErrors]
+	}
+	return merged
+}
+
+// Export writes the tunnels or the nodes in the given format.
+func (s *Service) Export(w io.Writer, kind nms.Kind, format nms.Format) error {
+	t := s.st.Table()
+	if kind == nms.KindNodes {
+		return nms.WriteNodes(w, format, t.Nodes())
+	}
+	return nms.WriteTunnels(w, format, t.Tunnels())
+}
+
+// NodeRequest is a node action.
+type NodeRequest struct {
+	Action   string     `json:"action"` // add, remove, drain, undrain, down, up, set-weight, set-capacity
+	Name     string     `json:"name"`
+	Addr     netip.Addr `json:"addr,omitzero"`
+	Weight   uint32     `json:"weight,omitempty"`
+	Capacity int        `json:"capacity,omitempty"`
+	Comment  string     `json:"comment,omitempty"`
+}
+
+// NodeResult is what a node action did.
+type NodeResult struct {
+	Node     affinity.Node  `json:"node"`
+	Plan     *affinity.Plan `json:"plan,omitempty"`
+	Revision uint64         `json:"revision"`
+	Changed  bool           `json:"changed"`
+}
+
+// NodeAction adds, removes or changes a node. Taking a node down moves its
+// tunnels (and only those); draining moves nothing until a rebalance.
+func (s *Service) NodeAction(req NodeRequest) (*NodeResult, error) {
+	res := &NodeResult{}
+	a, err := s.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+		cur, exists := t.Node(req.Name)
+		if !exists && req.Action != "add" {
+			return nil, fmt.Errorf("node %s: %w", req.Name, affinity.ErrNotFound)
+		}
+		put := func(n affinity.Node) ([]affinity.Change, error) {
+			return []affinity.Change{{Kind: affinity.PutNode, Node: &n, Reason: "node " + req.Action}}, nil
+		}
+		switch req.Action {
+		case "add":
+			if exists {
+				return nil, fmt.Errorf("add node %s: %w: it exists (address %s)", req.Name, affinity.ErrConflict, cur.Addr)
+			}
+			return put(affinity.Node{Name: req.Name, Addr: req.Addr, Weight: req.Weight, Capacity: req.Capacity, Comment: req.Comment})
+		case "set-weight":
+			cur.Weight = req.Weight
+			return put(cur)
+		case "set-capacity":
+			cur.Capacity = req.Capacity
+			return put(cur)
+		case "remove":
+			p, err := t.PlanRemoveNode(req.Name)
+			res.Plan = p
+			if err != nil {
+				return nil, err
+			}
+			return p.Batch(), nil
+		case "drain", "undrain", "down", "up":
+			state := map[string]affinity.NodeState{"drain": affinity.NodeDraining, "undrain": affinity.NodeActive, "down": affinity.NodeDown, "up": affinity.NodeActive}[req.Action]
+			p, err := t.PlanNodeState(req.Name, state)
+			if err != nil {
+				return nil, err
+			}
+			res.Plan = p
+			return p.Batch(), nil
+		}
+		return nil, fmt.Errorf("node action %q: unknown (want add, remove, drain, undrain, down, up, set-weight, set-capacity)", req.Action)
+	})
+	if err != nil {
+		return nil, err
+	}
+	res.Revision = a.Revision
+	res.Changed = len(a.Changes) > 0
+	res.Node, _ = s.st.Table().Node(req.Name)
+	return res, nil
+}
+
+// RebalanceResult is a rebalance plan and whether it was applied.
+type RebalanceResult struct {
+	Plan     *affinity.Plan `json:"plan"`
+	Applied  bool           `json:"applied"`
+	Revision uint64         `json:"revision"`
+}
+
+// Rebalance plans at most maxMoves moves and applies them when apply is set.
+func (s *Service) Rebalance(maxMoves int, apply bool) (*RebalanceResult, error) {
+	if maxMoves < 0 {
+		return nil, errors.New("rebalance: --max-moves must not be negative")
+	}
+	res := &RebalanceResult{}
+	if !apply {
+		res.Plan = s.st.Table().Rebalance(maxMoves)
+		res.Revision = s.st.Revision()
+		return res, nil
+	}
+	a, err := s.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+		res.Plan = t.Rebalance(maxMoves)
+		return res.Plan.Batch(), nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	res.Applied = true
+	res.Revision = a.Revision
+	return res, nil
+}
+
+// Lookup says which tunnel and node own an address, and why.
+func (s *Service) Lookup(a netip.Addr) (affinity.Match, bool) {
+	return s.st.Table().Lookup(a)
+}

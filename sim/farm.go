@@ -1,0 +1,90 @@
+// Package sim generates farms and (later) replays their life through the
+// director's real core.
+package sim
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+)
+
+// FarmSpec describes a generated farm.
+type FarmSpec struct {
+	Seed    uint64
+	Nodes   int
+	Tunnels int
+	// MaxSubnets is the most protected subnets per tunnel (at least 1);
+	// each tunnel gets 1..MaxSubnets /27s.
+	MaxSubnets int
+	// IPv6Share is the share of tunnels (0..1) with an IPv6 peer and IPv6
+	// subnets.
+	IPv6Share float64
+	// PinnedShare is the share of tunnels (0..1) the NMS pinned to a node.
+	PinnedShare float64
+}
+
+// Farm is a generated set of nodes and tunnels, ready to write as NMS
+// files or to apply to a table.
+type Farm struct {
+	Nodes   []affinity.Node
+	Tunnels []affinity.Tunnel
+}
+
+// GenerateFarm builds a farm deterministically from the spec: node i is
+// vpn-NN at 172.16.x.y; tunnel i has peer 100.64.0.0/10 + i (IPv4) or
+// 2001:db8:1::i (IPv6) and /27 (or /64) subnets carved in order from
+// 10.0.0.0/8 and 11.0.0.0/8 (or fd00::/16), so no two overlap.
+func GenerateFarm(spec FarmSpec) (*Farm, error) {
+	if spec.Nodes < 1 || spec.Nodes > affinity.MaxMark {
+		return nil, fmt.Errorf("generate farm: %d nodes (want 1..%d)", spec.Nodes, affinity.MaxMark)
+	}
+	if spec.Tunnels < 0 || spec.Tunnels > 4_000_000 {
+		return nil, fmt.Errorf("generate farm: %d tunnels (want 0..4000000)", spec.Tunnels)
+	}
+	if spec.MaxSubnets < 1 {
+		spec.MaxSubnets = 1
+	}
+	r := rand.New(rand.NewPCG(spec.Seed, 0x7d))
+	f := &Farm{}
+	for i := 0; i < spec.Nodes; i++ {
+		f.Nodes = append(f.Nodes, affinity.Node{
+			Name:   fmt.Sprintf("vpn-%02d", i+1),
+			Addr:   netip.AddrFrom4([4]byte{172, 16, byte((i + 1) >> 8), byte(i + 1)}),
+			Weight: affinity.DefaultWeight,
+		})
+	}
+	var next4, next6 uint64 // next free /27 (IPv4) and /64 (IPv6) index
+	for i := 0; i < spec.Tunnels; i++ {
+		tu := affinity.Tunnel{ID: fmt.Sprintf("site-%07d", i+1)}
+		v6 := r.Float64() < spec.IPv6Share
+		n := 1 + r.IntN(spec.MaxSubnets)
+		if v6 {
+			tu.Peer = netip.AddrFrom16([16]byte{0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, byte(i >> 24), byte(i >> 16), byte(i >> 8), byte(i)})
+			for k := 0; k < n; k++ {
+				x := next6
+				next6++
+				tu.Subnets = append(tu.Subnets, netip.PrefixFrom(netip.AddrFrom16([16]byte{0xfd, 0, 0, 0, byte(x >> 24), byte(x >> 16), byte(x >> 8), byte(x)}), 64))
+			}
+		} else {
+			p := 100<<24 | 64<<16 + uint32(i) // 100.64.0.0/10 holds 4M peers
+			tu.Peer = netip.AddrFrom4([4]byte{byte(p >> 24), byte(p >> 16), byte(p >> 8), byte(p)})
+			for k := 0; k < n; k++ {
+				x := next4 << 5
+				next4++
+				a := uint32(10<<24) + uint32(x)
+				tu.Subnets = append(tu.Subnets, netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), 27))
+			}
+		}
+		if r.Float64() < spec.PinnedShare {
+			tu.Node = f.Nodes[r.IntN(len(f.Nodes))].Name
+			tu.Pinned = true
+		}
+		f.Tunnels = append(f.Tunnels, tu)
+	}
+	if next4<<5 > 1<<25 { // 10.0.0.0/8 and 11.0.0.0/8
+		return nil, fmt.Errorf("generate farm: %d IPv4 subnets do not fit in 10.0.0.0/7", next4)
+	}
+	return f, nil
+}
