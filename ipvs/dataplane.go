@@ -1,0 +1,120 @@
+// Package ipvs is everything that talks to the kernel dataplane: the
+// nftables classifier (peer and protected-subnet maps to node marks), one
+// IPVS fwmark service per node for IKE and NAT-T, and the fwmark policy
+// routes that carry ESP, AH and return traffic (and, in route-only mode on
+// kernels without IPVS, everything). See ../shared/DESIGN.md.
+//
+// The director gives a Dataplane the desired state; the Dataplane diffs it
+// against what it knows the kernel holds and applies the difference in
+// batches (one nftables transaction per change). Verify reads the kernel
+// back and repairs what someone else changed.
+package ipvs
+
+import (
+	"context"
+	"net/netip"
+	"time"
+)
+
+// Mode is how inbound IKE and NAT-T reach the nodes.
+type Mode uint8
+
+const (
+	// ModeAuto picks ModeIPVS when the kernel has IPVS, else ModeRouteOnly.
+	ModeAuto Mode = iota
+	// ModeIPVS forwards UDP 500/4500 through one IPVS fwmark service per
+	// node; ESP, AH and return traffic go by fwmark policy routes.
+	ModeIPVS
+	// ModeRouteOnly forwards all inbound traffic by fwmark policy routes.
+	ModeRouteOnly
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModeIPVS:
+		return "ipvs"
+	case ModeRouteOnly:
+		return "route-only"
+	}
+	return "auto"
+}
+
+// Forward is the IPVS forwarding method of a node.
+type Forward uint8
+
+// Forwarding methods, as ipvsadm names them.
+const (
+	ForwardDR     Forward = iota // direct routing (-g), the default
+	ForwardTunnel                // IP-in-IP (-i)
+	ForwardMasq                  // NAT (-m)
+)
+
+func (f Forward) String() string {
+	switch f {
+	case ForwardTunnel:
+		return "tunnel"
+	case ForwardMasq:
+		return "masq"
+	}
+	return "dr"
+}
+
+// Node is one terminator node as the dataplane sees it.
+type Node struct {
+	Mark    uint16     // the node's affinity mark (1..4095)
+	Name    string     // for logs and errors
+	Addr    netip.Addr // inside address: next hop and IPVS real server
+	Forward Forward
+	// Active nodes receive unknown peers by the kernel's hash fallback.
+	Active bool
+}
+
+// Desired is the whole state the kernel should hold.
+type Desired struct {
+	VIPs  []netip.Addr
+	Nodes []Node
+	// Peers maps tunnel endpoints to the owner's mark.
+	Peers map[netip.Addr]uint16
+	// Subnets maps protected subnets to the owner's mark.
+	Subnets map[netip.Prefix]uint16
+	// HashSeed seeds the kernel's jhash of an unknown peer's address;
+	// the hash picks among the active nodes in mark order.
+	HashSeed uint32
+}
+
+// Delta is a change to the peer and subnet maps: what a tunnel change
+// needs, applied as one nftables transaction.
+type Delta struct {
+	SetPeers      map[netip.Addr]uint16
+	DeletePeers   []netip.Addr
+	SetSubnets    map[netip.Prefix]uint16
+	DeleteSubnets []netip.Prefix
+}
+
+// Stats says what an Apply, Update or Verify did.
+type Stats struct {
+	Added, Changed, Removed int
+	Duration                time.Duration
+}
+
+// Dataplane programs the kernel. Implementations are safe for use by one
+// goroutine at a time (the reconciler).
+type Dataplane interface {
+	// Mode is the mode in force.
+	Mode() Mode
+	// Sync makes the kernel equal to d: on the first call it reads what
+	// the kernel already holds (adopting a previous run's state without
+	// interrupting traffic) and applies only the difference.
+	Sync(ctx context.Context, d *Desired) (Stats, error)
+	// Update applies a delta to the maps in one transaction.
+	Update(ctx context.Context, d *Delta) (Stats, error)
+	// Verify reads the kernel back, compares it with the last synced
+	// state, and repairs every difference; Stats counts the repairs.
+	Verify(ctx context.Context) (Stats, error)
+	// Read returns what the kernel holds, as a Desired.
+	Read(ctx context.Context) (*Desired, error)
+	// Teardown removes everything the director owns, and nothing else.
+	Teardown(ctx context.Context) error
+	// Close releases netlink sockets; the kernel stays programmed.
+	Close() error
+}
