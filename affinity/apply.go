@@ -46,6 +46,10 @@ type Change struct {
 	// Reason says why the change was made ("import", "node n1 down",
 	// "rebalance: node n2 draining"); carried into journals and reports.
 	Reason string
+	// Old is the tunnel as it was before a PutTunnel or DeleteTunnel, in
+	// Applied.Changes only (not encoded): the dataplane removes the old
+	// peer and subnets from it.
+	Old *Tunnel
 }
 
 // Key returns the node name or tunnel id the change is about.
@@ -442,7 +446,7 @@ func (t *Table) deleteTunnel(c *Change) (Change, undoRec, bool, error) {
 		return Change{}, undoRec{}, false, fmt.Errorf("%w: tunnel %q", ErrNotFound, c.Name)
 	}
 	t.unindex(old)
-	return Change{Kind: DeleteTunnel, Name: old.id}, undoRec{oldT: old}, true, nil
+	return Change{Kind: DeleteTunnel, Name: old.id, Old: ptr(t.tunnelOf(old))}, undoRec{oldT: old}, true, nil
 }
 
 func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Change, undoRec, bool, error) {
@@ -530,7 +534,11 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 	if mode == modeLoad {
 		return Change{}, undoRec{}, true, nil
 	}
-	return Change{Kind: PutTunnel, Tunnel: ptr(t.tunnelOf(e))}, undoRec{oldT: old, newT: e}, true, nil
+	res := Change{Kind: PutTunnel, Tunnel: ptr(t.tunnelOf(e))}
+	if old != nil {
+		res.Old = ptr(t.tunnelOf(old))
+	}
+	return res, undoRec{oldT: old, newT: e}, true, nil
 }
 
 func ptr[T any](v T) *T { return &v }
@@ -557,9 +565,6 @@ func (t *Table) checkTunnelShape(tu *Tunnel) error {
 	}
 	if t.isVIP(tu.Peer) {
 		return fmt.Errorf("%w: peer %s is a director VIP", ErrConflict, tu.Peer)
-	}
-	if len(tu.Subnets) == 0 {
-		return fmt.Errorf("%w: no protected subnet", ErrInvalid)
 	}
 	if len(tu.Subnets) > 64 {
 		return fmt.Errorf("%w: %d protected subnets, at most 64", ErrInvalid, len(tu.Subnets))

@@ -39,6 +39,16 @@ func (s NodeState) String() string {
 	return fmt.Sprintf("NodeState(%d)", uint8(s))
 }
 
+// MarshalText writes the state's name.
+func (s NodeState) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText parses the state's name.
+func (s *NodeState) UnmarshalText(b []byte) error {
+	v, err := ParseNodeState(string(b))
+	*s = v
+	return err
+}
+
 // ParseNodeState parses "active", "draining" or "down".
 func ParseNodeState(s string) (NodeState, error) {
 	for i, n := range nodeStateNames {
@@ -59,46 +69,49 @@ const DefaultWeight = 100
 // Node is one terminator (strongSwan or libreswan box) behind the director.
 type Node struct {
 	// Name identifies the node in the table, the CLI and imports.
-	Name string
+	Name string `json:"name"`
 	// Addr is the node's inside address: where the director forwards to.
-	Addr netip.Addr
+	Addr netip.Addr `json:"address"`
 	// Weight scales the node's share of scheduled tunnels (1..10000).
-	Weight uint32
+	Weight uint32 `json:"weight"`
 	// Capacity is the most tunnels the node may hold; 0 means no limit.
-	Capacity int
+	Capacity int `json:"capacity"`
 	// State is active, draining or down.
-	State NodeState
+	State NodeState `json:"state"`
 	// Mark is a small number (1..MaxMark) assigned when the node is added
 	// and kept for the node's life; the dataplane derives the node's
 	// packet mark, routing table and IPVS service from it. Zero in a
 	// change asks the table to assign one.
-	Mark uint16
+	Mark uint16 `json:"mark"`
 	// Comment is free text carried from the NMS.
-	Comment string
+	Comment string `json:"comment,omitempty"`
 }
 
 // Tunnel is one IPsec tunnel: the peer's endpoint address, the subnets
 // protected behind it, and the node that holds its SAs.
 type Tunnel struct {
 	// ID is the NMS's name for the tunnel.
-	ID string
+	ID string `json:"id"`
 	// Peer is the tunnel endpoint address (the IKE/ESP source).
-	Peer netip.Addr
+	Peer netip.Addr `json:"peer"`
 	// Subnets are the protected subnets behind the peer; return traffic
-	// to any address in them goes to the owner.
-	Subnets []netip.Prefix
+	// to any address in them goes to the owner. A tunnel learned from
+	// its first IKE packet has none until the node's XFRM agent reports
+	// them; NMS files must list at least one.
+	Subnets []netip.Prefix `json:"subnets"`
 	// Node is the owner node's name. Empty in a change asks the
 	// scheduler to choose one.
-	Node string
+	Node string `json:"node"`
 	// Pinned is true when the NMS chose the owner; the scheduler and a
 	// rebalance leave pinned tunnels alone unless their node fails.
-	Pinned bool
+	Pinned bool `json:"pinned"`
 	// Comment is free text carried from the NMS.
-	Comment string
+	Comment string `json:"comment,omitempty"`
 	// Created and Updated are set by the table when the change is applied.
-	Created, Updated time.Time
+	Created time.Time `json:"created"`
+	Updated time.Time `json:"updated"`
 	// Revision is the table revision of the tunnel's last change.
-	Revision uint64
+	Revision uint64 `json:"revision"`
 }
 
 // sameContent reports whether two tunnels carry the same user-visible data,

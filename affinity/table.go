@@ -274,11 +274,11 @@ const (
 
 // Match is the answer to "who owns this address".
 type Match struct {
-	Addr   netip.Addr
-	By     MatchKind
-	Prefix netip.Prefix // the protected subnet, when By is MatchSubnet
-	Tunnel Tunnel
-	Node   Node
+	Addr   netip.Addr   `json:"addr"`
+	By     MatchKind    `json:"by"`
+	Prefix netip.Prefix `json:"prefix,omitzero"` // the protected subnet, when By is MatchSubnet
+	Tunnel Tunnel       `json:"tunnel"`
+	Node   Node         `json:"node"`
 }
 
 // Lookup answers which tunnel and node own an address: an exact peer match

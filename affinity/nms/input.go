@@ -42,6 +42,13 @@ func (k Kind) String() string {
 // MarshalText writes the kind's name, for --json output.
 func (k Kind) MarshalText() ([]byte, error) { return []byte(k.String()), nil }
 
+// UnmarshalText parses the kind's name, for API clients.
+func (k *Kind) UnmarshalText(b []byte) error {
+	v, err := ParseKind(string(b))
+	*k = v
+	return err
+}
+
 // ParseKind parses "tunnels", "nodes" or "auto" (or "").
 func ParseKind(s string) (Kind, error) {
 	switch strings.ToLower(strings.TrimSpace(s)) {
@@ -81,6 +88,17 @@ func (f Format) String() string {
 
 // MarshalText writes the format's name.
 func (f Format) MarshalText() ([]byte, error) { return []byte(f.String()), nil }
+
+// UnmarshalText parses the format's name, for API clients.
+func (f *Format) UnmarshalText(b []byte) error {
+	if string(b) == "auto" {
+		*f = FormatAuto
+		return nil
+	}
+	v, err := ParseFormat(string(b))
+	*f = v
+	return err
+}
 
 // ParseFormat parses "csv", "json" or "auto" (or "").
 func ParseFormat(s string) (Format, error) {
