@@ -369,6 +369,11 @@ func (t *Table) putNode(c *Change) (Change, undoRec, bool, error) {
 	if t.isVIP(n.Addr) {
 		return Change{}, undoRec{}, false, fmt.Errorf("%w: node address %s is a director VIP", ErrConflict, n.Addr)
 	}
+	if n.Addr6.IsValid() {
+		if err := ValidateAddr(n.Addr6); err != nil || !n.Addr6.Is6() || !n.Addr.Is4() {
+			return Change{}, undoRec{}, false, fmt.Errorf("%w: node IPv6 address %s: want a unicast IPv6 address beside an IPv4 address", ErrInvalid, n.Addr6)
+		}
+	}
 	if n.Weight == 0 {
 		n.Weight = DefaultWeight
 	}

@@ -141,6 +141,7 @@ func (e *encoder) node(n *Node) {
 	e.byte(byte(n.State))
 	e.uvarint(uint64(n.Mark))
 	e.str(n.Comment)
+	e.addr(n.Addr6)
 }
 
 func (d *decoder) node() Node {
@@ -152,6 +153,7 @@ func (d *decoder) node() Node {
 	n.State = NodeState(d.byte("node state"))
 	m := d.uvarint("node mark")
 	n.Comment = d.str("node comment", 1024)
+	n.Addr6 = d.addr("node IPv6 address")
 	if w > 1<<32-1 || c > 1<<31 || m > MaxMark || n.State > NodeDown {
 		d.fail("node fields")
 	}

@@ -72,6 +72,9 @@ type Node struct {
 	Name string `json:"name"`
 	// Addr is the node's inside address: where the director forwards to.
 	Addr netip.Addr `json:"address"`
+	// Addr6 is the IPv6 inside address of a dual-stack node whose Addr
+	// is IPv4: the next hop for the IPv6 traffic of its tunnels.
+	Addr6 netip.Addr `json:"address6,omitzero"`
 	// Weight scales the node's share of scheduled tunnels (1..10000).
 	Weight uint32 `json:"weight"`
 	// Capacity is the most tunnels the node may hold; 0 means no limit.
@@ -124,7 +127,7 @@ func (t *Tunnel) sameContent(o *Tunnel) bool {
 }
 
 func sameNode(a, b *Node) bool {
-	return a.Name == b.Name && a.Addr == b.Addr && a.Weight == b.Weight &&
+	return a.Name == b.Name && a.Addr == b.Addr && a.Addr6 == b.Addr6 && a.Weight == b.Weight &&
 		a.Capacity == b.Capacity && a.State == b.State && a.Mark == b.Mark &&
 		a.Comment == b.Comment
 }

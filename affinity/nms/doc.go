@@ -66,7 +66,7 @@
 //
 // # Nodes CSV and JSON
 //
-//	name,address,weight,capacity,state,mark,comment
+//	name,address,address6,weight,capacity,state,mark,comment
 //	vpn-a,10.255.0.11,100,0,active,1,rack 1
 //
 // The columns, or the keys of each JSON object:

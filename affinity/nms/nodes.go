@@ -20,6 +20,7 @@ type NodeRecord struct {
 const (
 	ncName = iota
 	ncAddress
+	ncAddress6
 	ncWeight
 	ncCapacity
 	ncState
@@ -28,7 +29,7 @@ const (
 	ncCount
 )
 
-var nodeColumns = [ncCount]string{"name", "address", "weight", "capacity", "state", "mark", "comment"}
+var nodeColumns = [ncCount]string{"name", "address", "address6", "weight", "capacity", "state", "mark", "comment"}
 var nodeRequired = [ncCount]bool{ncName: true, ncAddress: true}
 
 // Limits of the numeric node fields, as the table and its store accept
@@ -76,6 +77,18 @@ func (s *nodeSet) add(pos Pos, raw *[ncCount]string, bad *[ncCount]string) {
 			c.addf(pos, "address", f[ncAddress], "%s", msg)
 		}
 		n.Addr = a
+	}
+	if f[ncAddress6] != "" {
+		a, msg := parseAddr(f[ncAddress6])
+		switch {
+		case msg != "":
+			c.addf(pos, "address6", f[ncAddress6], "%s", msg)
+		case !a.Is6():
+			c.addf(pos, "address6", f[ncAddress6], "not an IPv6 address (address6 is the node's IPv6 inside address, for dual-stack nodes)")
+		case n.Addr.Is6():
+			c.addf(pos, "address6", f[ncAddress6], "address is already IPv6: address6 is for a node whose address is IPv4")
+		}
+		n.Addr6 = a
 	}
 	if f[ncWeight] != "" {
 		w, msg := parseUint(f[ncWeight], maxWeight)
@@ -168,6 +181,7 @@ func readNodes(in *input, opts *Options) ([]NodeRecord, error) {
 			var el struct {
 				Name     jsonScalar `json:"name"`
 				Address  jsonScalar `json:"address"`
+				Address6 jsonScalar `json:"address6"`
 				Weight   jsonScalar `json:"weight"`
 				Capacity jsonScalar `json:"capacity"`
 				State    jsonScalar `json:"state"`
@@ -177,7 +191,7 @@ func readNodes(in *input, opts *Options) ([]NodeRecord, error) {
 			if !dec(&el) {
 				return false
 			}
-			all := [ncCount]*jsonScalar{&el.Name, &el.Address, &el.Weight, &el.Capacity, &el.State, &el.Mark, &el.Comment}
+			all := [ncCount]*jsonScalar{&el.Name, &el.Address, &el.Address6, &el.Weight, &el.Capacity, &el.State, &el.Mark, &el.Comment}
 			var raw, bad [ncCount]string
 			for i, j := range all {
 				raw[i], bad[i] = j.s, j.bad

@@ -142,7 +142,7 @@ func TestWriteEmpty(t *testing.T) {
 	}
 	b.Reset()
 	WriteNodes(&b, FormatCSV, nil)
-	if b.String() != "name,address,weight,capacity,state,mark,comment\n" {
+	if b.String() != "name,address,address6,weight,capacity,state,mark,comment\n" {
 		t.Errorf("%q", b.String())
 	}
 	if err := WriteNodes(&b, FormatAuto, nil); err == nil {

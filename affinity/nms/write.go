@@ -118,13 +118,17 @@ func WriteNodes(w io.Writer, format Format, nodes []affinity.Node) error {
 	}
 	for k, i := range order {
 		n := &nodes[i]
-		addr := ""
+		addr, addr6 := "", ""
 		if n.Addr.IsValid() {
 			addr = n.Addr.String()
+		}
+		if n.Addr6.IsValid() {
+			addr6 = n.Addr6.String()
 		}
 		if format == FormatCSV {
 			b = appendCSV(b, n.Name, false)
 			b = appendCSV(b, addr, true)
+			b = appendCSV(b, addr6, true)
 			b = append(b, ',')
 			b = strconv.AppendUint(b, uint64(n.Weight), 10)
 			b = append(b, ',')
@@ -139,6 +143,10 @@ func WriteNodes(w io.Writer, format Format, nodes []affinity.Node) error {
 			b = appendJSONString(b, n.Name)
 			b = append(b, `,"address":`...)
 			b = appendJSONString(b, addr)
+			if addr6 != "" {
+				b = append(b, `,"address6":`...)
+				b = appendJSONString(b, addr6)
+			}
 			b = append(b, `,"weight":`...)
 			b = strconv.AppendUint(b, uint64(n.Weight), 10)
 			b = append(b, `,"capacity":`...)
