@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime/debug"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -495,6 +496,20 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
 			return err
 		}
 	}
+	// Puts go in key order: bbolt inserts into an in-memory node that it
+	// splits only at commit, so keys in random order (IPv6 peers among
+	// IPv4 ones) would make every insert move the node's tail: quadratic
+	// for a large import.
+	var puts [3][]kv // tunnels, peers, subnets
+	// Only a tunnel's last change in the batch is written: a put then a
+	// delete must end deleted though puts are written after deletions,
+	// and an earlier put's index keys must not linger.
+	last := map[string]int{}
+	for i := range a.Changes {
+		if c := &a.Changes[i]; c.Kind == affinity.PutTunnel || c.Kind == affinity.DeleteTunnel {
+			last[c.Key()] = i
+		}
+	}
 	for i := range a.Changes {
 		c := &a.Changes[i]
 		var err error
@@ -505,15 +520,14 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
 			err = nodes.Delete([]byte(c.Name))
 		case affinity.PutTunnel:
 			t := c.Tunnel
-			id := []byte(t.ID)
-			err = tunnels.Put(id, affinity.MarshalTunnel(t))
-			if err == nil {
-				err = peers.Put(peerKey(t.Peer), id)
+			if last[t.ID] != i {
+				continue
 			}
+			id := []byte(t.ID)
+			puts[0] = append(puts[0], kv{id, affinity.MarshalTunnel(t)})
+			puts[1] = append(puts[1], kv{peerKey(t.Peer), id})
 			for _, p := range t.Subnets {
-				if err == nil {
-					err = subnets.Put(subnetKey(p), id)
-				}
+				puts[2] = append(puts[2], kv{subnetKey(p), id})
 			}
 		case affinity.DeleteTunnel:
 			err = tunnels.Delete([]byte(c.Name))
@@ -522,12 +536,22 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
 			return fmt.Errorf("write %s %s: %w", c.Kind, c.Key(), err)
 		}
 	}
+	for i, b := range []*bolt.Bucket{tunnels, peers, subnets} {
+		slices.SortFunc(puts[i], func(x, y kv) int { return bytes.Compare(x.k, y.k) })
+		for _, p := range puts[i] {
+			if err := b.Put(p.k, p.v); err != nil {
+				return fmt.Errorf("write key %x: %w", p.k, err)
+			}
+		}
+	}
 	meta := tx.Bucket(bucketMeta)
 	if err := meta.Put(keyRevision, be64(a.Revision)); err != nil {
 		return err
 	}
 	return s.journal(tx, a)
 }
+
+type kv struct{ k, v []byte }
 
 // unindexOld removes the index entries of the tunnel's stored record, if
 // any. Keys another tunnel took over earlier in the batch are left alone.

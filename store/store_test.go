@@ -219,3 +219,38 @@ func TestBackup(t *testing.T) {
 		t.Fatal("backup differs")
 	}
 }
+
+func TestPutThenDeleteInOneBatch(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "td.db")
+	s := open(t, path)
+	s.Commit(nodes(2))
+	batch := append(tunnels(0, 3), affinity.Change{Kind: affinity.DeleteTunnel, Name: "t000001"})
+	if _, err := s.Commit(batch); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = open(t, path) // Open checks the indexes against the records
+	defer s.Close()
+	if _, ok := s.Table().Tunnel("t000001"); ok || s.Table().Len() != 2 {
+		t.Fatalf("after put+delete in one batch: %d tunnels", s.Table().Len())
+	}
+}
+
+func TestTunnelTwiceInOneBatch(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "td.db")
+	s := open(t, path)
+	s.Commit(nodes(2))
+	first := tunnels(0, 1)
+	second := tunnels(0, 1)
+	second[0].Tunnel.Subnets = []netip.Prefix{netip.MustParsePrefix("10.99.0.0/24")}
+	second[0].Tunnel.Peer = netip.MustParseAddr("192.0.2.99")
+	if _, err := s.Commit(append(first, second...)); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = open(t, path) // Open fails when stale index keys remain
+	defer s.Close()
+	if tu, _ := s.Table().Tunnel("t000000"); tu.Peer != netip.MustParseAddr("192.0.2.99") {
+		t.Fatalf("tunnel %+v", tu)
+	}
+}
