@@ -1,0 +1,372 @@
+package replication
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+)
+
+func lossy(loss float64, seed uint64) FakeConfig {
+	return FakeConfig{Seed: seed, Drop: loss, Duplicate: loss / 2, Reorder: 0.1, Delay: time.Millisecond, MaxDelay: 5 * time.Millisecond}
+}
+
+func runScenario(t *testing.T, fc FakeConfig, seed uint64, rounds int) *pair {
+	p := newPair(t, fc, nil)
+	p.startBoth()
+	o := newOps(seed)
+	commit(p.st[0], o.init())
+	for range rounds {
+		commit(p.st[0], o.batch(p.st[0].Table()))
+		p.steps(1 + int(seed%3))
+	}
+	if !p.settle(60 * time.Second) {
+		t.Fatalf("seed %d: tables did not converge: %s", seed, p.describeDiff())
+	}
+	return p
+}
+
+func TestConvergeUnderLoss(t *testing.T) {
+	for _, loss := range []float64{0, 0.05, 0.10, 0.30} {
+		t.Run(fmt.Sprintf("loss%.0f%%", loss*100), func(t *testing.T) {
+			p := runScenario(t, lossy(loss, 42), 42, 300)
+			st := p.r[1].Status()
+			// Anti-entropy proves equality within a few digest rounds.
+			for i := 0; i < 40 && !st.TablesEqual; i++ {
+				p.steps(500)
+				st = p.r[1].Status()
+			}
+			if !st.TablesEqual {
+				t.Errorf("tables not proven equal: %+v", st)
+			}
+			t.Logf("loss %.0f%%: revision %d, %d tunnels; network %+v; backup %+v", loss*100, st.Revision,
+				p.st[1].Table().Len(), p.net.Stats, st.Counters)
+			if loss > 0 && st.Counters.Nacks == 0 {
+				t.Errorf("no NACK under %.0f%% loss", loss*100)
+			}
+		})
+	}
+}
+
+// TestProperty runs random operation sequences over random fault mixes:
+// whatever happens, the backup ends equal to the master.
+func TestProperty(t *testing.T) {
+	seeds := 24
+	if testing.Short() {
+		seeds = 6
+	}
+	for seed := uint64(1); seed <= uint64(seeds); seed++ {
+		loss := []float64{0, 0.02, 0.1, 0.2, 0.3}[seed%5]
+		fc := lossy(loss, seed)
+		fc.MTU = []int{DefaultMTU, 576, 1200}[seed%3]
+		runScenario(t, fc, seed, 60+int(seed%4)*30)
+	}
+}
+
+func TestLateBackupCatchesUpBySnapshot(t *testing.T) {
+	p := newPair(t, lossy(0.05, 3), nil)
+	o := newOps(3)
+	commit(p.st[0], o.init())
+	for range 100 {
+		commit(p.st[0], o.batch(p.st[0].Table()))
+	}
+	p.start(0)
+	p.steps(50)
+	p.start(1) // late
+	if !p.settle(30 * time.Second) {
+		t.Fatalf("late backup did not catch up: %s", p.describeDiff())
+	}
+	if c := p.r[1].Status().Counters; c.SnapshotsApplied == 0 {
+		t.Errorf("caught up without a snapshot: %+v", c)
+	}
+	// Live changes follow the snapshot.
+	for range 20 {
+		commit(p.st[0], o.batch(p.st[0].Table()))
+		p.step()
+	}
+	if !p.settle(30 * time.Second) {
+		t.Fatalf("live stream after snapshot: %s", p.describeDiff())
+	}
+}
+
+func TestGapOlderThanWindowTriggersSnapshot(t *testing.T) {
+	p := newPair(t, lossy(0, 4), func(i int, c *Config) { c.WindowChanges = 50 })
+	p.startBoth()
+	o := newOps(4)
+	commit(p.st[0], o.init())
+	p.settle(10 * time.Second)
+	p.net.Partition(true)
+	for range 40 {
+		commit(p.st[0], o.batch(p.st[0].Table()))
+		p.step()
+	}
+	p.net.Partition(false)
+	if !p.settle(30 * time.Second) {
+		t.Fatalf("no convergence after gap: %s", p.describeDiff())
+	}
+	if c := p.r[1].Status().Counters; c.SnapshotsApplied == 0 {
+		t.Errorf("gap beyond the window healed without a snapshot: %+v", c)
+	}
+}
+
+func TestAuthFailureAndReplayDropped(t *testing.T) {
+	p := newPair(t, lossy(0, 5), nil)
+	var captured [][]byte
+	p.net.SetTap(func(from int, b []byte) {
+		if from == 0 && len(captured) < 50 {
+			captured = append(captured, b)
+		}
+	})
+	p.startBoth()
+	o := newOps(5)
+	commit(p.st[0], o.init())
+	commit(p.st[0], o.batch(p.st[0].Table()))
+	if !p.settle(10 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	before := p.r[1].Status().Counters
+
+	// A datagram sealed with another key.
+	bad := newCodec([]byte("another-key-of-sixteen-bytes"))
+	var w builder
+	w.start(nil, Header{Type: MsgStatus, Sender: 1, Epoch: 1, Seq: 1 << 62})
+	w.u8(tRole, uint8(RoleMaster))
+	w.u64(tRev, 999)
+	p.net.Inject(1, w.seal(bad))
+	// Replays of everything captured so far.
+	captured = captured[:len(captured):len(captured)]
+	p.net.SetTap(nil)
+	for _, b := range captured {
+		p.net.Inject(1, b)
+	}
+	p.steps(20) // originals still in flight count as replays too
+	after := p.r[1].Status()
+	if got := after.Counters.AuthFailures - before.AuthFailures; got != 1 {
+		t.Errorf("auth failures counted %d, want 1", got)
+	}
+	if got := after.Counters.Replays - before.Replays; got != uint64(len(captured)) {
+		t.Errorf("replays counted %d, want %d; before %+v after %+v net %+v", got, len(captured), before, after.Counters, p.net.Stats)
+	}
+	if after.MasterRevision == 999 {
+		t.Error("forged status believed")
+	}
+	if !p.equal() {
+		t.Error(p.describeDiff())
+	}
+}
+
+func TestNewerVersionRefused(t *testing.T) {
+	p := newPair(t, lossy(0, 6), nil)
+	p.startBoth()
+	c := newCodec(testKey)
+	var w builder
+	w.start(nil, Header{Type: MsgStatus, Sender: 1, Epoch: 1, Seq: 1 << 62})
+	w.u64(tRev, 5)
+	b := w.seal(c)
+	b[4] = Version + 1
+	copy(b[len(b)-TagLen:], c.tag(b[:len(b)-TagLen]))
+	p.net.Inject(1, b)
+	p.step()
+	st := p.r[1].Status()
+	if st.Counters.BadVersion != 1 {
+		t.Errorf("bad version counted %d", st.Counters.BadVersion)
+	}
+	if e := p.r[1].LastError(); !strings.Contains(e, "unsupported wire version 2") {
+		t.Errorf("last error %q does not name the version", e)
+	}
+}
+
+func TestUnknownTLVSkippedCriticalRefused(t *testing.T) {
+	p := newPair(t, lossy(0, 7), nil)
+	p.startBoth()
+	c := newCodec(testKey)
+	mk := func(extra uint16, seq uint64) []byte {
+		var w builder
+		w.start(nil, Header{Type: MsgStatus, Sender: 1, Epoch: 99, Seq: seq})
+		w.u8(tRole, uint8(RoleMaster))
+		w.u64(tRev, 0)
+		w.bytes(extra, []byte("from the future"))
+		return w.seal(c)
+	}
+	p.net.Inject(1, mk(200, 1<<62))
+	p.net.Inject(1, mk(200|Critical, 1<<62+1))
+	p.step()
+	st := p.r[1].Status()
+	if st.Counters.Malformed != 1 {
+		t.Errorf("malformed %d, want 1 (the critical one)", st.Counters.Malformed)
+	}
+	if st.Peer.Epoch != 99 {
+		t.Errorf("status with an unknown TLV not taken: %+v", st.Peer)
+	}
+}
+
+// TestAntiEntropyRepairs makes the backup lose changes silently; the
+// digest exchange finds the buckets and the master repairs only those.
+func TestAntiEntropyRepairs(t *testing.T) {
+	p := newPair(t, lossy(0, 8), func(i int, c *Config) { c.DigestInterval = 200 * time.Millisecond })
+	p.startBoth()
+	o := newOps(8)
+	commit(p.st[0], o.init())
+	for range 30 {
+		commit(p.st[0], o.batch(p.st[0].Table()))
+	}
+	if !p.settle(10 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	lost := 0
+	p.r[1].mu.Lock()
+	p.r[1].testDrop = func(rev uint64, cs []affinity.Change) []affinity.Change {
+		var keep []affinity.Change
+		for _, c := range cs {
+			if c.Kind == affinity.PutTunnel && lost < 3 {
+				lost++
+				continue
+			}
+			keep = append(keep, c)
+		}
+		return keep
+	}
+	p.r[1].mu.Unlock()
+	for range 3 {
+		commit(p.st[0], o.batch(p.st[0].Table()))
+		p.step()
+	}
+	p.steps(20)
+	p.r[1].mu.Lock()
+	p.r[1].testDrop = nil
+	p.r[1].mu.Unlock()
+	if lost == 0 {
+		t.Fatal("nothing lost")
+	}
+	// The repair rides with the master's next revision: keep a trickle.
+	for i := 0; i < 200 && !p.equal(); i++ {
+		p.steps(50)
+		if i%5 == 4 {
+			commit(p.st[0], o.batch(p.st[0].Table()))
+		}
+	}
+	if !p.settle(10 * time.Second) {
+		t.Fatalf("not repaired: %s", p.describeDiff())
+	}
+	c := p.r[1].Status().Counters
+	if c.RepairsApplied == 0 || c.DigestMismatches == 0 {
+		t.Errorf("no repair: %+v", c)
+	}
+	if c.BucketsRepaired > 3 {
+		t.Errorf("repaired %d buckets for %d lost changes", c.BucketsRepaired, lost)
+	}
+	if c.SnapshotsApplied > 0 {
+		t.Errorf("fell back to a snapshot: %+v", c)
+	}
+}
+
+func TestLocalWriteOnBackupReported(t *testing.T) {
+	p := newPair(t, lossy(0, 9), nil)
+	p.startBoth()
+	o := newOps(9)
+	commit(p.st[0], o.init())
+	p.settle(5 * time.Second)
+	commit(p.st[1], []affinity.Change{nodeChange(50, affinity.NodeActive, 1)})
+	p.step()
+	st := p.r[1].Status()
+	if st.State != StateOutOfSync || !strings.Contains(st.Reason, "written locally") || p.r[1].Ready() {
+		t.Errorf("local write not reported: %s %q", st.State, st.Reason)
+	}
+}
+
+// TestBigRevisionSpansDatagrams: one import of 5,000 tunnels is one
+// revision of hundreds of datagrams; under loss the backup NACKs the
+// missing parts and applies the revision whole.
+func TestBigRevisionSpansDatagrams(t *testing.T) {
+	p := newPair(t, lossy(0.10, 12), nil)
+	p.startBoth()
+	commit(p.st[0], benchNodes(4))
+	if !p.settle(5 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	var revs []uint64
+	p.st[1].OnCommit(func(a *affinity.Applied) { revs = append(revs, a.Revision) })
+	if !commit(p.st[0], benchTunnels(0, 5000)) {
+		t.Fatal("import failed")
+	}
+	if !p.settle(30 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	if len(revs) != 1 || p.st[1].Table().Len() != 5000 {
+		t.Errorf("backup commits %v, %d tunnels: want one commit of 5000", revs, p.st[1].Table().Len())
+	}
+	if c := p.r[0].Status().Counters; c.Resends == 0 {
+		t.Errorf("no resends under 10%% loss: %+v", c)
+	}
+}
+
+// TestBackupRestartNoMerge: a backup restarted on its store (with its
+// state file) resumes as a lagging backup; nothing is merged.
+func TestBackupRestartNoMerge(t *testing.T) {
+	for _, withState := range []bool{true, false} {
+		t.Run(fmt.Sprintf("state=%v", withState), func(t *testing.T) {
+			var dir string
+			p := newPair(t, lossy(0.05, 13), func(i int, c *Config) {
+				if withState {
+					c.StatePath = dir + fmt.Sprintf("/state%d.json", i)
+				}
+			})
+			dir = p.dir
+			p.startBoth()
+			o := newOps(13)
+			commit(p.st[0], o.init())
+			for range 50 {
+				commit(p.st[0], o.batch(p.st[0].Table()))
+				p.step()
+			}
+			if !p.settle(10 * time.Second) {
+				t.Fatal(p.describeDiff())
+			}
+			p.r[1] = nil // the backup process stops
+			for range 30 {
+				commit(p.st[0], o.batch(p.st[0].Table()))
+				p.step()
+			}
+			p.start(1) // and starts again on the same store
+			for range 30 {
+				commit(p.st[0], o.batch(p.st[0].Table()))
+				p.step()
+			}
+			if !p.settle(20 * time.Second) {
+				t.Fatal(p.describeDiff())
+			}
+			if c := p.r[0].Status().Counters; c.Merges != 0 {
+				t.Errorf("restart of a backup merged: %+v", c)
+			}
+		})
+	}
+}
+
+// TestSnapshotPacedLiveFlows: a snapshot is paced at SnapshotRate, and
+// revisions committed while it runs reach the backup after it.
+func TestSnapshotPacedLiveFlows(t *testing.T) {
+	p := newPair(t, lossy(0, 14), func(i int, c *Config) { c.SnapshotRate = 1 << 20 })
+	commit(p.st[0], benchNodes(4))
+	commit(p.st[0], benchTunnels(0, 3000))
+	p.startBoth()
+	start := p.clk.Now()
+	for i := range 50 {
+		commit(p.st[0], benchTunnels(10000+i*10, 10))
+		p.steps(5)
+	}
+	if !p.settle(30 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	took := p.clk.Now().Sub(start)
+	size := 3000 * 60 // bytes, at the least
+	if min := time.Duration(float64(size) / float64(1<<20) * float64(time.Second)); took < min {
+		t.Errorf("snapshot of >= %d bytes at 1 MiB/s took %s", size, took)
+	}
+	c := p.r[1].Status().Counters
+	if c.SnapshotsApplied != 1 || c.RevisionsApplied == 0 {
+		t.Errorf("want one snapshot then live revisions: %+v", c)
+	}
+	t.Logf("caught up in %s of link time; %+v", took, c)
+}
