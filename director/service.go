@@ -23,6 +23,16 @@ import (
 // under the store's lock.
 type Service struct {
 	st *store.Store
+	// gate, when set, refuses writes (a backup director).
+	gate func() error
+}
+
+// writable says whether the service may change the table.
+func (s *Service) writable() error {
+	if s.gate == nil {
+		return nil
+	}
+	return s.gate()
 }
 
 // NewService returns a service over an open store.
@@ -81,6 +91,9 @@ func (s *Service) Import(r io.Reader, req ImportRequest) (*ImportResult, error) 
 		res.Diff = plan(s.st.Table())
 		res.Revision = s.st.Revision()
 		return res, nil
+	}
+	if err := s.writable(); err != nil {
+		return nil, fmt.Errorf("import %s: %w", req.Name, err)
 	}
 	a, err := s.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
 		res.Diff = plan(t)
@@ -152,6 +165,9 @@ type NodeResult struct {
 // NodeAction adds, removes or changes a node. Taking a node down moves its
 // tunnels (and only those); draining moves nothing until a rebalance.
 func (s *Service) NodeAction(req NodeRequest) (*NodeResult, error) {
+	if err := s.writable(); err != nil {
+		return nil, fmt.Errorf("node %s %s: %w", req.Action, req.Name, err)
+	}
 	res := &NodeResult{}
 	a, err := s.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
 		cur, exists := t.Node(req.Name)
@@ -218,6 +234,9 @@ func (s *Service) Rebalance(maxMoves int, apply bool) (*RebalanceResult, error) 
 		res.Revision = s.st.Revision()
 		return res, nil
 	}
+	if err := s.writable(); err != nil {
+		return nil, fmt.Errorf("rebalance: %w", err)
+	}
 	a, err := s.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
 		res.Plan = t.Rebalance(maxMoves)
 		return res.Plan.Batch(), nil
@@ -230,7 +249,89 @@ func (s *Service) Rebalance(maxMoves int, apply bool) (*RebalanceResult, error) 
 	return res, nil
 }
 
-// Lookup says which tunnel and node own an address, and why.
-func (s *Service) Lookup(a netip.Addr) (affinity.Match, bool) {
-	return s.st.Table().Lookup(a)
+// LookupResult answers who owns an address.
+type LookupResult struct {
+	Addr  netip.Addr      `json:"addr"`
+	Found bool            `json:"found"`
+	Match *affinity.Match `json:"match,omitempty"`
 }
+
+// Lookup says which tunnel and node own an address, and why.
+func (s *Service) Lookup(a netip.Addr) (*LookupResult, error) {
+	m, ok := s.st.Table().Lookup(a)
+	res := &LookupResult{Addr: a, Found: ok}
+	if ok {
+		res.Match = &m
+	}
+	return res, nil
+}
+
+// NodeInfo is a node with its load.
+type NodeInfo struct {
+	affinity.Node
+	State   string `json:"state"`
+	Tunnels int    `json:"tunnels"`
+	Bound   int    `json:"bound,omitempty"` // bounded-load limit for the next placement; 0 when not active
+}
+
+// NodesResult lists the nodes and the table's totals.
+type NodesResult struct {
+	Nodes    []NodeInfo `json:"nodes"`
+	Tunnels  int        `json:"tunnels"`
+	Revision uint64     `json:"revision"`
+}
+
+// Nodes lists the nodes with their tunnel counts and load bounds.
+func (s *Service) Nodes() (*NodesResult, error) {
+	t := s.st.Table()
+	counts, bounds := t.Counts(), t.Bound()
+	res := &NodesResult{Tunnels: t.Len(), Revision: t.Revision()}
+	for _, n := range t.Nodes() {
+		res.Nodes = append(res.Nodes, NodeInfo{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name]})
+	}
+	return res, nil
+}
+
+// TunnelsResult is a page of tunnels.
+type TunnelsResult struct {
+	Tunnels []affinity.Tunnel `json:"tunnels"`
+	Total   int               `json:"total"`
+}
+
+// Tunnels lists tunnels by id, all or one node's, at most limit (0: all).
+func (s *Service) Tunnels(node string, limit int) (*TunnelsResult, error) {
+	t := s.st.Table()
+	var list []affinity.Tunnel
+	if node != "" {
+		if _, ok := t.Node(node); !ok {
+			return nil, fmt.Errorf("node %s: %w", node, affinity.ErrNotFound)
+		}
+		list = t.TunnelsOfNode(node)
+	} else {
+		list = t.Tunnels()
+	}
+	res := &TunnelsResult{Total: len(list), Tunnels: list}
+	if limit > 0 && len(list) > limit {
+		res.Tunnels = list[:limit]
+	}
+	return res, nil
+}
+
+// Tunnel returns one tunnel.
+func (s *Service) Tunnel(id string) (affinity.Tunnel, error) {
+	tu, ok := s.st.Table().Tunnel(id)
+	if !ok {
+		return tu, fmt.Errorf("tunnel %s: %w", id, affinity.ErrNotFound)
+	}
+	return tu, nil
+}
+
+// Backup writes a consistent copy of the store.
+func (s *Service) Backup(path string) (uint64, int64, error) {
+	rev := s.st.Revision()
+	n, err := s.st.Backup(path)
+	return rev, n, err
+}
+
+// Check checks the store.
+func (s *Service) Check() (*store.CheckReport, error) { return s.st.Check() }

@@ -61,9 +61,12 @@ func (f Forward) String() string {
 
 // Node is one terminator node as the dataplane sees it.
 type Node struct {
-	Mark    uint16     // the node's affinity mark (1..4095)
-	Name    string     // for logs and errors
-	Addr    netip.Addr // inside address: next hop and IPVS real server
+	Mark uint16     // the node's affinity mark (1..4095)
+	Name string     // for logs and errors
+	Addr netip.Addr // inside address: next hop and IPVS real server
+	// Addr6 is the node's IPv6 inside address when Addr is IPv4 (a node
+	// without one gets no IPv6 route, rule or service).
+	Addr6   netip.Addr
 	Forward Forward
 	// Active nodes receive unknown peers by the kernel's hash fallback.
 	Active bool

@@ -17,8 +17,8 @@ import (
 
 func newNodeCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Add, remove, drain, fail or reweight a node"}
-	run := func(req director.NodeRequest) error {
-		return g.withService(false, func(s *director.Service) error {
+	run := func(c *cobra.Command, req director.NodeRequest) error {
+		return g.withOperator(c, false, func(s director.Operator) error {
 			res, err := s.NodeAction(req)
 			if err != nil {
 				return err
@@ -44,12 +44,12 @@ func newNodeCmd(g *globals) *cobra.Command {
 		Use:   "add NAME ADDRESS",
 		Short: "Add a node (it takes new tunnels; nothing moves to it until a rebalance)",
 		Args:  cobra.ExactArgs(2),
-		RunE: func(_ *cobra.Command, args []string) error {
+		RunE: func(c *cobra.Command, args []string) error {
 			a, err := netip.ParseAddr(args[1])
 			if err != nil {
 				return fmt.Errorf("node add %s: address %q: %w", args[0], args[1], affinity.ErrInvalid)
 			}
-			return run(director.NodeRequest{Action: "add", Name: args[0], Addr: a, Weight: weight, Capacity: capacity, Comment: comment})
+			return run(c, director.NodeRequest{Action: "add", Name: args[0], Addr: a, Weight: weight, Capacity: capacity, Comment: comment})
 		},
 	}
 	add.Flags().Uint32Var(&weight, "weight", affinity.DefaultWeight, "relative share of scheduled tunnels (1..10000)")
@@ -60,8 +60,8 @@ func newNodeCmd(g *globals) *cobra.Command {
 			Use:   action + " NAME",
 			Short: short,
 			Args:  cobra.ExactArgs(1),
-			RunE: func(_ *cobra.Command, args []string) error {
-				return run(director.NodeRequest{Action: action, Name: args[0]})
+			RunE: func(c *cobra.Command, args []string) error {
+				return run(c, director.NodeRequest{Action: action, Name: args[0]})
 			},
 		}
 	}
@@ -69,12 +69,12 @@ func newNodeCmd(g *globals) *cobra.Command {
 		Use:   "set-weight NAME WEIGHT",
 		Short: "Change a node's weight (affects new tunnels and rebalances only)",
 		Args:  cobra.ExactArgs(2),
-		RunE: func(_ *cobra.Command, args []string) error {
+		RunE: func(c *cobra.Command, args []string) error {
 			w, err := strconv.ParseUint(args[1], 10, 32)
 			if err != nil || w == 0 {
 				return fmt.Errorf("set-weight %s: weight %q: want 1..10000", args[0], args[1])
 			}
-			return run(director.NodeRequest{Action: "set-weight", Name: args[0], Weight: uint32(w)})
+			return run(c, director.NodeRequest{Action: "set-weight", Name: args[0], Weight: uint32(w)})
 		},
 	}
 	cmd.AddCommand(add,
@@ -131,7 +131,7 @@ tunnel breaks it until it re-establishes on its new node: keep the budget small.
 			if !cmd.Flags().Changed("max-moves") {
 				return fmt.Errorf("rebalance: --max-moves is required (moving live tunnels breaks them; choose a budget)")
 			}
-			return g.withService(!apply, func(s *director.Service) error {
+			return g.withOperator(cmd, !apply, func(s director.Operator) error {
 				res, err := s.Rebalance(maxMoves, apply)
 				if err != nil {
 					return err
@@ -161,13 +161,13 @@ func newStoreCmd(g *globals) *cobra.Command {
 		Use:   "backup FILE",
 		Short: "Write a consistent copy of the store while it is in use",
 		Args:  cobra.ExactArgs(1),
-		RunE: func(_ *cobra.Command, args []string) error {
-			return g.withService(true, func(s *director.Service) error {
-				n, err := s.Store().Backup(args[0])
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return g.withOperator(cmd, true, func(s director.Operator) error {
+				rev, n, err := s.Backup(args[0])
 				if err != nil {
 					return err
 				}
-				fmt.Fprintf(g.out, "backed up revision %d (%d bytes) to %s\n", s.Store().Revision(), n, args[0])
+				fmt.Fprintf(g.out, "backed up revision %d (%d bytes) to %s\n", rev, n, args[0])
 				return nil
 			})
 		},
@@ -176,9 +176,9 @@ func newStoreCmd(g *globals) *cobra.Command {
 		Use:   "check",
 		Short: "Check the store's pages, invariants and indexes",
 		Args:  cobra.NoArgs,
-		RunE: func(_ *cobra.Command, _ []string) error {
-			return g.withService(true, func(s *director.Service) error {
-				r, err := s.Store().Check()
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return g.withOperator(cmd, true, func(s director.Operator) error {
+				r, err := s.Check()
 				if err != nil {
 					return err
 				}

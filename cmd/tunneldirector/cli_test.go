@@ -12,10 +12,16 @@ import (
 // run executes the CLI in-process against a store and returns its output.
 func run(t *testing.T, db string, args ...string) (string, error) {
 	t.Helper()
+	return runArgs(t, append([]string{"--db", db}, args...)...)
+}
+
+// runArgs executes the CLI in-process with exactly these arguments.
+func runArgs(t *testing.T, args ...string) (string, error) {
+	t.Helper()
 	var out bytes.Buffer
 	g := &globals{out: &out, errOut: &out}
 	root := newRoot(g)
-	root.SetArgs(append([]string{"--db", db}, args...))
+	root.SetArgs(args)
 	err := root.Execute()
 	return out.String(), err
 }
@@ -76,8 +82,11 @@ func TestImportExportRoundTrip(t *testing.T) {
 		t.Fatalf("lookup: %s", out)
 	}
 	out = mustRun(t, db, "--json", "lookup", "192.0.2.10")
-	var m map[string]any
-	if err := json.Unmarshal([]byte(out), &m); err != nil || m["By"] != "peer" {
+	var m struct {
+		Found bool
+		Match struct{ By string }
+	}
+	if err := json.Unmarshal([]byte(out), &m); err != nil || !m.Found || m.Match.By != "peer" {
 		t.Fatalf("lookup --json: %v %s", err, out)
 	}
 }

@@ -51,7 +51,7 @@ changes nothing. FILE "-" reads standard input.`,
 				req.Progress = func(n int64) { bar.Set64(n) }
 				defer bar.Finish()
 			}
-			return g.withService(dryRun, func(s *director.Service) error {
+			return g.withOperator(cmd, dryRun, func(s director.Operator) error {
 				start := time.Now()
 				res, err := s.Import(in, req)
 				if bar != nil {
@@ -155,7 +155,7 @@ func newExportCmd(g *globals) *cobra.Command {
 					f = nms.FormatCSV
 				}
 			}
-			return g.withService(true, func(s *director.Service) error {
+			return g.withOperator(cmd, true, func(s director.Operator) error {
 				w := g.out
 				if out != "" && out != "-" {
 					tmp := out + ".tmp"
@@ -193,21 +193,12 @@ func newShowCmd(g *globals) *cobra.Command {
 		Short: "List tunnels (all, or one node's)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return g.withService(true, func(s *director.Service) error {
-				t := s.Store().Table()
-				var list []affinity.Tunnel
-				if node != "" {
-					if _, ok := t.Node(node); !ok {
-						return fmt.Errorf("node %s: %w", node, affinity.ErrNotFound)
-					}
-					list = t.TunnelsOfNode(node)
-				} else {
-					list = t.Tunnels()
+			return g.withOperator(cmd, true, func(s director.Operator) error {
+				res, err := s.Tunnels(node, limit)
+				if err != nil {
+					return err
 				}
-				total := len(list)
-				if limit > 0 && len(list) > limit {
-					list = list[:limit]
-				}
+				list, total := res.Tunnels, res.Total
 				if g.json {
 					return g.emitJSON(list)
 				}
@@ -231,19 +222,12 @@ func newShowCmd(g *globals) *cobra.Command {
 		Short: "List nodes with their tunnel counts and load bounds",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return g.withService(true, func(s *director.Service) error {
-				t := s.Store().Table()
-				counts, bounds := t.Counts(), t.Bound()
-				type row struct {
-					affinity.Node
-					State   string `json:"state"`
-					Tunnels int    `json:"tunnels"`
-					Bound   int    `json:"bound,omitempty"`
+			return g.withOperator(cmd, true, func(s director.Operator) error {
+				res, err := s.Nodes()
+				if err != nil {
+					return err
 				}
-				var rows []row
-				for _, n := range t.Nodes() {
-					rows = append(rows, row{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name]})
-				}
+				rows := res.Nodes
 				if g.json {
 					return g.emitJSON(rows)
 				}
@@ -261,7 +245,7 @@ func newShowCmd(g *globals) *cobra.Command {
 					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s\n", r.Name, r.Addr, r.State, r.Weight, capacity, r.Mark, r.Tunnels, bound)
 				}
 				w.Flush()
-				fmt.Fprintf(g.out, "%d tunnels, revision %d\n", t.Len(), t.Revision())
+				fmt.Fprintf(g.out, "%d tunnels, revision %d\n", res.Tunnels, res.Revision)
 				return nil
 			})
 		},
@@ -271,10 +255,10 @@ func newShowCmd(g *globals) *cobra.Command {
 		Short: "Show one tunnel",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return g.withService(true, func(s *director.Service) error {
-				tu, ok := s.Store().Table().Tunnel(args[0])
-				if !ok {
-					return fmt.Errorf("tunnel %s: %w", args[0], affinity.ErrNotFound)
+			return g.withOperator(cmd, true, func(s director.Operator) error {
+				tu, err := s.Tunnel(args[0])
+				if err != nil {
+					return err
 				}
 				if g.json {
 					return g.emitJSON(tu)
@@ -309,17 +293,18 @@ func newLookupCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("lookup %q: not an IP address", args[0])
 			}
-			return g.withService(true, func(s *director.Service) error {
-				m, ok := s.Lookup(a.Unmap())
-				if g.json {
-					if !ok {
-						return g.emitJSON(map[string]any{"addr": a, "found": false})
-					}
-					return g.emitJSON(m)
+			return g.withOperator(cmd, true, func(s director.Operator) error {
+				res, err := s.Lookup(a.Unmap())
+				if err != nil {
+					return err
 				}
-				if !ok {
+				if g.json {
+					return g.emitJSON(res)
+				}
+				if !res.Found {
 					return fmt.Errorf("%s: no tunnel's peer or protected subnet: %w", a, affinity.ErrNotFound)
 				}
+				m := res.Match
 				switch m.By {
 				case affinity.MatchPeer:
 					fmt.Fprintf(g.out, "%s is the peer of tunnel %s, owned by node %s (%s, mark %d)\n", a, m.Tunnel.ID, m.Node.Name, m.Node.Addr, m.Node.Mark)

@@ -36,6 +36,13 @@ func (r Role) String() string {
 // MarshalText makes a role read as its name in JSON status.
 func (r Role) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
 
+// UnmarshalText parses the role's name, for API clients.
+func (r *Role) UnmarshalText(b []byte) error {
+	v, err := ParseRole(string(b))
+	*r = v
+	return err
+}
+
 // ParseRole parses "master", "backup" or "fault".
 func ParseRole(s string) (Role, error) {
 	for i, n := range roleNames {
@@ -73,6 +80,17 @@ func (s SyncState) String() string {
 
 // MarshalText makes a state read as its name in JSON status.
 func (s SyncState) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText parses the state's name, for API clients.
+func (s *SyncState) UnmarshalText(b []byte) error {
+	for v := SyncState(0); v < 8; v++ {
+		if v.String() == string(b) {
+			*s = v
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown sync state %q", b)
+}
 
 // Config configures a Replicator. Zero durations and sizes take defaults.
 type Config struct {

@@ -175,6 +175,30 @@ type Route struct {
 
 // AddRoute adds a route.
 func (n *NS) AddRoute(r Route) error {
+	nr, err := n.route(r)
+	if err != nil {
+		return err
+	}
+	if err := n.nl.RouteAdd(nr); err != nil {
+		return fmt.Errorf("netns %s: add route %s via %v dev %q table %d: %w", n.Name, r.Dst, r.Via, r.Dev, r.Table, err)
+	}
+	return nil
+}
+
+// ReplaceRoute adds a route or replaces the one to the same destination:
+// a test moves a host's default gateway with it (a VIP takeover).
+func (n *NS) ReplaceRoute(r Route) error {
+	nr, err := n.route(r)
+	if err != nil {
+		return err
+	}
+	if err := n.nl.RouteReplace(nr); err != nil {
+		return fmt.Errorf("netns %s: replace route %s via %v dev %q table %d: %w", n.Name, r.Dst, r.Via, r.Dev, r.Table, err)
+	}
+	return nil
+}
+
+func (n *NS) route(r Route) (*netlink.Route, error) {
 	nr := &netlink.Route{Dst: prefixToIPNet(r.Dst), Table: r.Table}
 	if r.Via.IsValid() {
 		nr.Gw = r.Via.AsSlice()
@@ -185,14 +209,11 @@ func (n *NS) AddRoute(r Route) error {
 	if r.Dev != "" {
 		l, err := n.Link(r.Dev)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		nr.LinkIndex = l.Attrs().Index
 	}
-	if err := n.nl.RouteAdd(nr); err != nil {
-		return fmt.Errorf("netns %s: add route %s via %v dev %q table %d: %w", n.Name, r.Dst, r.Via, r.Dev, r.Table, err)
-	}
-	return nil
+	return nr, nil
 }
 
 // Rule is a policy routing rule "fwmark Mark lookup Table" at Priority.

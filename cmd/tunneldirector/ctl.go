@@ -1,0 +1,99 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tunneldirector/tunneldirector/director"
+)
+
+// newCtlCmd holds what keepalived calls: notify scripts, notify_fifo and
+// the readiness check.
+func newCtlCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "ctl", Short: "Control a running daemon from keepalived (role, notify_fifo, readiness)"}
+	daemon := func(c *cobra.Command) (*director.Client, error) {
+		cl, err := g.client(c, true)
+		if err == nil && cl == nil {
+			err = fmt.Errorf("no daemon answers on %s", g.socket)
+		}
+		return cl, err
+	}
+	role := &cobra.Command{
+		Use:   "role master|backup|fault",
+		Short: "Set the pair role (for keepalived's notify_master, notify_backup, notify_fault)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(c *cobra.Command, args []string) error {
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			if _, err := cl.SetRole(args[0]); err != nil {
+				return err
+			}
+			fmt.Fprintf(g.out, "role %s\n", args[0])
+			return nil
+		},
+	}
+	var group, instance string
+	fifo := &cobra.Command{
+		Use:   "notify-fifo FIFO",
+		Short: "Follow keepalived's notify_fifo and set the role on every state change",
+		Long: `Read keepalived's notify_fifo (global_defs { notify_fifo FIFO }) and set the
+director's role from the lines of the sync group (--group) or one instance
+(--instance): MASTER -> master, BACKUP -> backup, FAULT/STOP -> fault.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(c *cobra.Command, args []string) error {
+			if (group == "") == (instance == "") {
+				return fmt.Errorf("notify-fifo: give exactly one of --group and --instance")
+			}
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			for {
+				f, err := os.Open(args[0]) // blocks until keepalived opens it
+				if err != nil {
+					return fmt.Errorf("notify fifo %s: %w", args[0], err)
+				}
+				sc := bufio.NewScanner(f)
+				for sc.Scan() {
+					ev, err := director.ParseNotifyLine(sc.Text())
+					if err != nil {
+						fmt.Fprintln(g.errOut, "notify-fifo:", err)
+						continue
+					}
+					if (group != "" && (ev.Kind != "GROUP" || ev.Name != group)) || (instance != "" && (ev.Kind != "INSTANCE" || ev.Name != instance)) {
+						continue
+					}
+					if _, err := cl.SetRole(ev.RoleOf()); err != nil {
+						fmt.Fprintln(g.errOut, "notify-fifo: set role:", err)
+						continue
+					}
+					fmt.Fprintf(g.out, "%s %s %s -> role %s\n", ev.Kind, ev.Name, ev.State, ev.RoleOf())
+				}
+				f.Close()
+				time.Sleep(100 * time.Millisecond) // keepalived restarted: reopen
+			}
+		},
+	}
+	fifo.Flags().StringVar(&group, "group", "", "the vrrp_sync_group to follow")
+	fifo.Flags().StringVar(&instance, "instance", "", "the vrrp_instance to follow")
+	ready := &cobra.Command{
+		Use:   "ready",
+		Short: "Exit 0 when the daemon is in sync with its peer (for a keepalived track_script)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			return cl.Ready()
+		},
+	}
+	cmd.AddCommand(role, fifo, ready)
+	return cmd
+}

@@ -1,0 +1,243 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/director/replication"
+	"github.com/tunneldirector/tunneldirector/ipvs"
+	"github.com/tunneldirector/tunneldirector/store"
+)
+
+const defaultConfig = "/etc/tunneldirector/config.yaml"
+
+func newRunCmd(g *globals) *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "run",
+		Short: "Run the director: program the kernel from the table and keep it so",
+		Long: `Run the daemon. It loads the table, syncs the kernel (adopting what a previous run
+left there, so a restart does not interrupt traffic), applies every table change,
+reads the kernel back every verify_interval to repair drift, and serves the API.
+SIGHUP reloads the configuration. SIGTERM stops the daemon and leaves the kernel
+programmed; 'tunneldirector teardown' removes what the director owns.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := director.LoadConfig(path)
+			if err != nil {
+				return err
+			}
+			var lvl slog.LevelVar
+			lvl.UnmarshalText([]byte(cfg.LogLevel))
+			log := slog.New(slog.NewTextHandler(g.errOut, &slog.HandlerOptions{Level: &lvl}))
+			vips, _ := cfg.ParsedVIPs()
+			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: vips, Epsilon: cfg.Epsilon}})
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			dp, err := ipvs.New(cfg.Dataplane())
+			if err != nil {
+				return err
+			}
+			defer dp.Close()
+			log.Info("dataplane ready", "mode", dp.Mode().String())
+			if dp.Mode() == ipvs.ModeRouteOnly {
+				log.Warn("route-only mode: the kernel has no IPVS, so IKE and NAT-T are forwarded by fwmark policy routes too")
+			}
+			repl, err := newReplicator(cfg, st, log)
+			if err != nil {
+				return err
+			}
+			d, err := director.NewDaemon(director.DaemonOptions{Config: cfg, Store: st, Dataplane: dp, Logger: log,
+				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile})
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+			defer stop()
+			hup := make(chan os.Signal, 1)
+			signal.Notify(hup, syscall.SIGHUP)
+			go func() {
+				for range hup {
+					nc, err := director.LoadConfig(path)
+					if err == nil {
+						err = d.Reload(nc)
+					}
+					if err != nil {
+						log.Error("reload refused; keeping the running configuration", "config", path, "err", err)
+						continue
+					}
+					lvl.UnmarshalText([]byte(nc.LogLevel))
+					log.Info("configuration reloaded", "config", path)
+				}
+			}()
+			token := ""
+			if cfg.API.TokenFile != "" {
+				b, err := os.ReadFile(cfg.API.TokenFile)
+				if err != nil {
+					return fmt.Errorf("api.token_file: %w", err)
+				}
+				token = strings.TrimSpace(string(b))
+			}
+			errc := make(chan error, 2)
+			go func() { errc <- d.ServeAPI(ctx, cfg.API.Socket, cfg.API.TCP, token) }()
+			go func() { errc <- d.Run(ctx) }()
+			err = <-errc
+			stop()
+			if err2 := waitOther(errc); err == nil {
+				err = err2
+			}
+			log.Info("stopped; the kernel stays programmed")
+			return err
+		},
+	}
+	cmd.Flags().StringVarP(&path, "config", "c", defaultConfig, "configuration file (YAML)")
+	return cmd
+}
+
+// newReplicator wires replication over the sync link, or returns nil when
+// the director runs alone.
+func newReplicator(cfg *director.Config, st *store.Store, log *slog.Logger) (*replication.Replicator, error) {
+	rc := cfg.Replication
+	if !rc.Enabled() {
+		return nil, nil
+	}
+	key, err := os.ReadFile(rc.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("replication.key_file: %w", err)
+	}
+	link, err := replication.ListenUDP(replication.UDPConfig{
+		Local:     netip.MustParseAddrPort(rc.Local),
+		Peer:      netip.MustParseAddrPort(rc.Peer),
+		Group:     rc.Multicast,
+		Interface: rc.Interface,
+		MTU:       rc.MTU,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("replication link %s: %w", rc.Local, err)
+	}
+	r, err := replication.New(replication.Config{
+		ID: rc.ID, Key: []byte(strings.TrimSpace(string(key))), Store: st, Transport: link,
+		MTU: rc.MTU, StatePath: rc.StatePath,
+		Logf: func(format string, a ...any) { log.Info("replication: " + fmt.Sprintf(format, a...)) },
+	})
+	if err != nil {
+		return nil, err
+	}
+	if rc.InitialRole != "" {
+		role, err := replication.ParseRole(rc.InitialRole)
+		if err != nil {
+			return nil, err
+		}
+		r.SetRole(role)
+	}
+	return r, nil
+}
+
+func waitOther(errc chan error) error {
+	select {
+	case err := <-errc:
+		return err
+	case <-time.After(5 * time.Second):
+		return errors.New("shutdown timed out")
+	}
+}
+
+func newTeardownCmd(g *globals) *cobra.Command {
+	var path string
+	cmd := &cobra.Command{
+		Use:   "teardown",
+		Short: "Remove everything the director programmed into the kernel, and nothing else",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := director.LoadConfig(path)
+			if err != nil {
+				return err
+			}
+			dp, err := ipvs.New(cfg.Dataplane())
+			if err != nil {
+				return err
+			}
+			defer dp.Close()
+			if err := dp.Teardown(cmd.Context()); err != nil {
+				return err
+			}
+			fmt.Fprintln(g.out, "removed the director's nftables table, rules, routes and IPVS services")
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&path, "config", "c", defaultConfig, "configuration file (YAML)")
+	return cmd
+}
+
+func newConfigCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{Use: "config", Short: "Check a configuration file"}
+	cmd.AddCommand(&cobra.Command{
+		Use:   "check FILE",
+		Short: "Validate a configuration file and explain every error with its key path",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(_ *cobra.Command, args []string) error {
+			cfg, err := director.LoadConfig(args[0])
+			if err != nil {
+				return fmt.Errorf("%w: %v", affinity.ErrInvalid, err)
+			}
+			vips, _ := cfg.ParsedVIPs()
+			fmt.Fprintf(g.out, "%s: ok (%d VIPs, %d nodes, mode %s, store %s)\n", args[0], len(vips), len(cfg.Nodes), cfg.Mode, cfg.Store)
+			return nil
+		},
+	})
+	return cmd
+}
+
+func newStatusCmd(g *globals) *cobra.Command {
+	return &cobra.Command{
+		Use:   "status",
+		Short: "Show a running daemon's status",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := g.client(cmd, true)
+			if err != nil {
+				return err
+			}
+			if c == nil {
+				return fmt.Errorf("status: no daemon answers on %s (start one with 'tunneldirector run', or pass --socket)", g.socket)
+			}
+			s, err := c.Status()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.emitJSON(s)
+			}
+			w := g.table()
+			fmt.Fprintf(w, "mode\t%s\nrevision\t%d (kernel at %d)\ntunnels\t%d\nnodes\t%d\n", s.Mode, s.Revision, s.KernelRevision, s.Tunnels, s.Nodes)
+			fmt.Fprintf(w, "last reconcile\t%s (took %s)\nreconciles\t%d (%d failed)\n", s.LastReconcile.Format(time.RFC3339), s.LastReconcileTook, s.Reconciles, s.ReconcileErrors)
+			fmt.Fprintf(w, "last verify\t%s\ndrift repairs\t%d\nlearned peers\t%d\n", s.LastVerify.Format(time.RFC3339), s.DriftRepairs, s.Learned)
+			if s.LastError != "" {
+				fmt.Fprintf(w, "last error\t%s\n", s.LastError)
+			}
+			if r := s.Replication; r != nil {
+				fmt.Fprintf(w, "role\t%s (director %d, epoch %d)\n", r.Role, r.ID, r.Epoch)
+				fmt.Fprintf(w, "peer\tdirector %d, %s, revision %d, alive %v\n", r.Peer.ID, r.Peer.Role, r.Peer.Revision, r.Peer.Alive)
+				fmt.Fprintf(w, "sync\t%s, lag %d revisions / %.1fs, tables proven equal: %v, ready: %v\n", r.State, r.LagRevisions, r.LagSeconds, r.TablesEqual, r.Ready)
+				if r.Reason != "" {
+					fmt.Fprintf(w, "sync reason\t%s\n", r.Reason)
+				}
+			}
+			return w.Flush()
+		},
+	}
+}

@@ -1,0 +1,230 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/internal/netlab"
+	"github.com/tunneldirector/tunneldirector/ipvs"
+)
+
+// pairDirector is one daemon of a replicated pair.
+type pairDirector struct {
+	host   *netlab.Host
+	config string
+	socket string
+	db     string
+	log    string
+	cmd    *exec.Cmd
+}
+
+func (p *pairDirector) cli(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	return runArgs(t, append([]string{"--socket", p.socket}, args...)...)
+}
+
+func (p *pairDirector) status(t *testing.T) director.Status {
+	t.Helper()
+	out, err := p.cli(t, "--json", "status")
+	if err != nil {
+		t.Fatalf("status: %v %s", err, out)
+	}
+	var s director.Status
+	if err := json.Unmarshal([]byte(out), &s); err != nil {
+		t.Fatalf("status: %v %s", err, out)
+	}
+	return s
+}
+
+// kernelMaps reads the director's programmed peer and subnet maps.
+func (p *pairDirector) kernelMaps(t *testing.T) (map[netip.Addr]uint16, map[netip.Prefix]uint16) {
+	t.Helper()
+	cfg, err := director.LoadConfig(p.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var d *ipvs.Desired
+	err = p.host.Do(func() error {
+		dp, err := ipvs.New(cfg.Dataplane())
+		if err != nil {
+			return err
+		}
+		defer dp.Close()
+		d, err = dp.Read(t.Context())
+		return err
+	})
+	if err != nil {
+		t.Fatalf("read kernel of %s: %v", p.host.Name, err)
+	}
+	return d.Peers, d.Subnets
+}
+
+// TestPairReplicatesAndTakesOver runs two daemons in two director
+// namespaces, replicating over the sync link: an import on the master
+// reaches the backup's table and kernel; the backup refuses writes naming
+// the master; after the roles swap (as keepalived's notify would), the
+// peers' traffic through the new master reaches the same nodes.
+func TestPairReplicatesAndTakesOver(t *testing.T) {
+	netlab.RequireRoot(t)
+	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 2, Directors: 2, Nodes: 3, VIPOnDirectors: true})
+	dir := t.TempDir()
+	key := filepath.Join(dir, "sync.key")
+	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef-test-key\n"), 0o600)
+	var nodes []string
+	for i, n := range top.Nodes {
+		in := n.If(netlab.IfInside)
+		nodes = append(nodes, fmt.Sprintf("  - {name: node%d, address: %s, address6: %q}", i, in.Addr4, in.Addr6.String()))
+	}
+	var ds []*pairDirector
+	for i, h := range top.Directors {
+		d := &pairDirector{host: h, db: filepath.Join(dir, fmt.Sprintf("d%d.db", i)), socket: filepath.Join(dir, fmt.Sprintf("d%d", i), "api.sock"),
+			config: filepath.Join(dir, fmt.Sprintf("d%d.yaml", i)), log: filepath.Join(dir, fmt.Sprintf("d%d.log", i))}
+		role := map[int]string{0: "master", 1: "backup"}[i]
+		cfg := fmt.Sprintf(`store: %s
+vips: [%s, %q]
+mode: route-only
+nodes:
+%s
+api: {socket: %s}
+verify_interval: 1s
+log_level: debug
+replication:
+  id: %d
+  local: "%s:7788"
+  peer: "%s:7788"
+  key_file: %s
+  state_path: %s
+  ready_file: %s
+  initial_role: %s
+`, d.db, top.VIP4, top.VIP6.String(), strings.Join(nodes, "\n"), d.socket, i+1,
+			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
+			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), role)
+		os.WriteFile(d.config, []byte(cfg), 0o600)
+		logf, _ := os.Create(d.log)
+		d.cmd = exec.Command(os.Args[0])
+		d.cmd.Env = append(os.Environ(), "TD_E2E_ARGS=run\n--config\n"+d.config)
+		d.cmd.Stdout, d.cmd.Stderr = logf, logf
+		if err := h.Start(d.cmd); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			d.cmd.Process.Kill()
+			d.cmd.Wait()
+			if t.Failed() {
+				b, _ := os.ReadFile(d.log)
+				t.Logf("%s log:\n%s", h.Name, b)
+			}
+		})
+		ds = append(ds, d)
+	}
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+			if cond() {
+				return
+			}
+		}
+		for _, d := range ds {
+			out, err := d.cli(t, "status")
+			t.Logf("%s: exited %v; status: %v %s", d.host.Name, d.cmd.ProcessState, err, out)
+		}
+		t.Fatalf("timed out waiting for %s", what)
+	}
+	for _, d := range ds {
+		waitFor("daemon API", func() bool { _, err := d.cli(t, "status"); return err == nil })
+	}
+
+	// Import 2,000 tunnels on the master.
+	farm := filepath.Join(dir, "farm")
+	os.MkdirAll(farm, 0o700)
+	mustRun(t, filepath.Join(dir, "scratch.db"), "gen", "--dir", farm, "--nodes", "3", "--tunnels", "2000")
+	if out, err := ds[0].cli(t, "import", filepath.Join(farm, "tunnels.csv")); err == nil || !strings.Contains(err.Error(), "vpn-") {
+		// The generated file pins to vpn-NN nodes the pair does not
+		// have: a refused import must say so and change nothing.
+		t.Fatalf("import naming unknown nodes: %v %s", err, out)
+	}
+	p0 := top.Peers[0].If(netlab.IfOutside)
+	p1 := top.Peers[1].If(netlab.IfOutside)
+	csv := fmt.Sprintf("id,peer,subnets,node\nt0,%s,10.70.0.0/24,node0\nt1,%s,10.71.0.0/24,node2\nt0v6,%s,fd70::/64,node1\n", p0.Addr4, p1.Addr4, p0.Addr6)
+	for i := 0; i < 2000; i++ {
+		csv += fmt.Sprintf("bulk-%d,100.64.%d.%d,10.%d.%d.0/27,\n", i, i/250, i%250+1, 100+i/256, i%256)
+	}
+	f := filepath.Join(dir, "tunnels.csv")
+	os.WriteFile(f, []byte(csv), 0o600)
+	if out, err := ds[0].cli(t, "import", f); err != nil {
+		t.Fatalf("import on the master: %v %s", err, out)
+	}
+	master := ds[0].status(t)
+	waitFor("the backup to reach the master's revision", func() bool {
+		s := ds[1].status(t)
+		return s.Revision == master.Revision && s.KernelRevision == master.Revision
+	})
+	if ds[1].status(t).Tunnels != 2003 {
+		t.Fatalf("backup holds %d tunnels", ds[1].status(t).Tunnels)
+	}
+	mp, ms := ds[0].kernelMaps(t)
+	bp, bs := ds[1].kernelMaps(t)
+	if len(mp) != 2003 || !maps.Equal(mp, bp) || !maps.Equal(ms, bs) {
+		t.Fatalf("kernel maps differ: master %d peers %d subnets, backup %d peers %d subnets", len(mp), len(ms), len(bp), len(bs))
+	}
+
+	// The backup refuses writes and names the master.
+	if out, err := ds[1].cli(t, "node", "drain", "node0"); err == nil || !strings.Contains(err.Error(), "is backup") || !strings.Contains(err.Error(), "director id 1") {
+		t.Fatalf("write on the backup: %v %s", err, out)
+	}
+
+	// Takeover: the roles swap, the peers now reach the VIP through the
+	// new master; every tunnel's traffic still reaches its node.
+	if _, err := ds[0].cli(t, "ctl", "role", "backup"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ds[1].cli(t, "ctl", "role", "master"); err != nil {
+		t.Fatal(err)
+	}
+	newGW := top.Directors[1].If(netlab.IfOutside)
+	for _, p := range top.Peers {
+		for _, r := range []netlab.Route{
+			{Dst: netip.MustParsePrefix("0.0.0.0/0"), Via: newGW.Addr4},
+			{Dst: netip.MustParsePrefix("::/0"), Via: newGW.Addr6},
+		} {
+			if err := p.ReplaceRoute(r); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	e := &e2e{t: t, top: &netlab.Topology{Peers: top.Peers, Nodes: top.Nodes, Target: top.Target, Directors: []*netlab.Host{top.Directors[1]}, VIP4: top.VIP4, VIP6: top.VIP6}}
+	for _, n := range top.Nodes {
+		c, err := n.Capture("")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		e.caps = append(e.caps, c)
+	}
+	start := time.Now()
+	e.expectAt(0, "after-takeover", func(tag string) error { return top.Peers[0].SendESP(p0.Addr4, top.VIP4, 0xabc, 1, tag) })
+	t.Logf("first ESP packet through the new master delivered %s after the role change", time.Since(start).Round(time.Millisecond))
+	e.expectAt(2, "after-takeover-ike", func(tag string) error {
+		return top.Peers[1].SendUDP(netip.AddrPortFrom(p1.Addr4, 500), netip.AddrPortFrom(top.VIP4, 500), []byte(tag))
+	})
+	e.expectAt(1, "after-takeover-v6", func(tag string) error { return top.Peers[0].SendESP(p0.Addr6, top.VIP6, 0xabd, 1, tag) })
+
+	// The new master writes, and the old one follows.
+	os.WriteFile(f, []byte(fmt.Sprintf("id,peer,subnets,node\nt-new,192.0.2.200,10.72.0.0/24,node1\n")), 0o600)
+	if out, err := ds[1].cli(t, "import", f); err != nil {
+		t.Fatalf("import on the new master: %v %s", err, out)
+	}
+	waitFor("the old master to follow the new one", func() bool {
+		s0, s1 := ds[0].status(t), ds[1].status(t)
+		return s0.Tunnels == 2004 && s0.Revision == s1.Revision
+	})
+}

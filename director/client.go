@@ -1,0 +1,193 @@
+package director
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/store"
+)
+
+// Client talks to a running daemon's API; it answers the CLI's requests
+// like Service does on a store file.
+type Client struct {
+	http  *http.Client
+	base  string
+	token string
+}
+
+// ErrRefused marks an error the daemon answered as refused input.
+var ErrRefused = errors.New("refused")
+
+// NewUnixClient returns a client for the daemon's unix socket.
+func NewUnixClient(socket string) *Client {
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", socket)
+	}}
+	return &Client{http: &http.Client{Transport: tr, Timeout: 10 * time.Minute}, base: "http://tunneldirector"}
+}
+
+// NewTCPClient returns a client for the daemon's TCP API with its token.
+func NewTCPClient(addr, token string) *Client {
+	return &Client{http: &http.Client{Timeout: 10 * time.Minute}, base: "http://" + addr, token: token}
+}
+
+func (c *Client) do(method, path string, q url.Values, body io.Reader, out any) error {
+	u := c.base + path
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	req, err := http.NewRequest(method, u, body)
+	if err != nil {
+		return err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return fmt.Errorf("daemon API %s %s: %w", method, path, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var e apiError
+		if json.NewDecoder(resp.Body).Decode(&e) != nil || e.Error == "" {
+			return fmt.Errorf("daemon API %s %s: %s", method, path, resp.Status)
+		}
+		switch {
+		case e.Refused:
+			return fmt.Errorf("%w: %s", ErrRefused, e.Error)
+		case e.Missing:
+			return fmt.Errorf("%s (%w)", e.Error, affinity.ErrNotFound)
+		}
+		return errors.New(e.Error)
+	}
+	if w, ok := out.(io.Writer); ok {
+		_, err = io.Copy(w, resp.Body)
+		return err
+	}
+	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// Status returns the daemon's status.
+func (c *Client) Status() (*Status, error) {
+	var s Status
+	return &s, c.do("GET", "/v1/status", nil, nil, &s)
+}
+
+// SetRole tells the daemon its pair role (keepalived's notify).
+func (c *Client) SetRole(role string) (*Status, error) {
+	var s Status
+	return &s, c.do("POST", "/v1/role/"+url.PathEscape(role), nil, nil, &s)
+}
+
+// Ready reports whether the daemon is in sync with its peer (nil) or not.
+func (c *Client) Ready() error {
+	var ok map[string]bool
+	return c.do("GET", "/v1/ready", nil, nil, &ok)
+}
+
+// Import sends a file to the daemon.
+func (c *Client) Import(r io.Reader, req ImportRequest) (*ImportResult, error) {
+	q := url.Values{"name": {req.Name}, "kind": {req.Kind.String()}, "format": {req.Format.String()}, "max_records": {strconv.Itoa(req.MaxRecords)}}
+	if req.DryRun {
+		q.Set("dry_run", "1")
+	}
+	if req.Replace {
+		q.Set("replace", "1")
+	}
+	if req.Progress != nil {
+		r = &progressReader{r: r, fn: req.Progress}
+	}
+	var res ImportResult
+	return &res, c.do("POST", "/v1/import", q, r, &res)
+}
+
+type progressReader struct {
+	r  io.Reader
+	n  int64
+	fn func(int64)
+}
+
+func (p *progressReader) Read(b []byte) (int, error) {
+	n, err := p.r.Read(b)
+	p.n += int64(n)
+	p.fn(p.n)
+	return n, err
+}
+
+// Export streams the daemon's export.
+func (c *Client) Export(w io.Writer, kind nms.Kind, format nms.Format) error {
+	return c.do("GET", "/v1/export", url.Values{"kind": {kind.String()}, "format": {format.String()}}, nil, w)
+}
+
+// NodeAction asks the daemon for a node action.
+func (c *Client) NodeAction(req NodeRequest) (*NodeResult, error) {
+	b, _ := json.Marshal(req)
+	var res NodeResult
+	return &res, c.do("POST", "/v1/nodes/"+url.PathEscape(req.Name)+"/"+url.PathEscape(req.Action), nil, bytesReader(b), &res)
+}
+
+// Rebalance asks the daemon for a rebalance plan, applied or not.
+func (c *Client) Rebalance(maxMoves int, apply bool) (*RebalanceResult, error) {
+	q := url.Values{"max_moves": {strconv.Itoa(maxMoves)}}
+	if apply {
+		q.Set("apply", "1")
+	}
+	var res RebalanceResult
+	return &res, c.do("POST", "/v1/rebalance", q, nil, &res)
+}
+
+// Lookup asks who owns an address.
+func (c *Client) Lookup(a netip.Addr) (*LookupResult, error) {
+	var res LookupResult
+	return &res, c.do("GET", "/v1/lookup/"+a.String(), nil, nil, &res)
+}
+
+// Nodes lists the nodes.
+func (c *Client) Nodes() (*NodesResult, error) {
+	var res NodesResult
+	return &res, c.do("GET", "/v1/nodes", nil, nil, &res)
+}
+
+// Tunnels lists tunnels.
+func (c *Client) Tunnels(node string, limit int) (*TunnelsResult, error) {
+	var res TunnelsResult
+	return &res, c.do("GET", "/v1/tunnels", url.Values{"node": {node}, "limit": {strconv.Itoa(limit)}}, nil, &res)
+}
+
+// Tunnel returns one tunnel.
+func (c *Client) Tunnel(id string) (affinity.Tunnel, error) {
+	var tu affinity.Tunnel
+	return tu, c.do("GET", "/v1/tunnels/"+url.PathEscape(id), nil, nil, &tu)
+}
+
+// Backup asks the daemon to back its store up to path (on its machine).
+func (c *Client) Backup(path string) (uint64, int64, error) {
+	var res struct {
+		Revision uint64 `json:"revision"`
+		Bytes    int64  `json:"bytes"`
+	}
+	err := c.do("POST", "/v1/store/backup", url.Values{"path": {path}}, nil, &res)
+	return res.Revision, res.Bytes, err
+}
+
+// Check asks the daemon to check its store.
+func (c *Client) Check() (*store.CheckReport, error) {
+	var r store.CheckReport
+	return &r, c.do("GET", "/v1/store/check", nil, nil, &r)
+}
+
+func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }

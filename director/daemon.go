@@ -1,0 +1,460 @@
+package director
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/replication"
+	"github.com/tunneldirector/tunneldirector/ipvs"
+	"github.com/tunneldirector/tunneldirector/store"
+)
+
+// Daemon keeps the kernel equal to the affinity table: it syncs the whole
+// table at start (adopting what a previous run left in the kernel), turns
+// every committed change into a dataplane delta, and periodically reads
+// the kernel back to repair what someone else changed. The store is the
+// truth; the kernel is reconciled from it, never the other way round.
+type Daemon struct {
+	log *slog.Logger
+	now func() time.Time
+	st  *store.Store
+	svc *Service
+	dp  ipvs.Dataplane
+
+	cfgMu sync.Mutex
+	cfg   *Config
+
+	pendMu  sync.Mutex
+	pending []*affinity.Applied
+	full    bool // a change the delta path cannot express: sync everything
+	wake    chan struct{}
+
+	statMu sync.Mutex
+	stat   Status
+
+	repl      *replication.Replicator // nil when the director runs alone
+	readyFile string
+}
+
+// Status is what `tunneldirector status` shows.
+type Status struct {
+	Mode              string        `json:"mode"`
+	Revision          uint64        `json:"revision"`
+	Tunnels           int           `json:"tunnels"`
+	Nodes             int           `json:"nodes"`
+	LastReconcile     time.Time     `json:"last_reconcile"`
+	LastReconcileTook time.Duration `json:"last_reconcile_ns"`
+	KernelRevision    uint64        `json:"kernel_revision"` // the table revision the kernel holds
+	Reconciles        int           `json:"reconciles"`
+	ReconcileErrors   int           `json:"reconcile_errors"`
+	LastError         string        `json:"last_error,omitempty"`
+	LastVerify        time.Time     `json:"last_verify"`
+	DriftRepairs      int           `json:"drift_repairs"`
+	Learned           int           `json:"learned"`
+	// Replication is the pair's state, when replication is configured.
+	Replication *replication.Status `json:"replication,omitempty"`
+}
+
+// DaemonOptions wires a daemon.
+type DaemonOptions struct {
+	Config    *Config
+	Store     *store.Store
+	Dataplane ipvs.Dataplane
+	Logger    *slog.Logger
+	Now       func() time.Time
+	// Replicator pairs the director with its peer; nil runs it alone.
+	Replicator *replication.Replicator
+	// ReadyFile, with a Replicator, is kept at "0" while in sync and "1"
+	// otherwise, for keepalived's track_file.
+	ReadyFile string
+}
+
+// NewDaemon wires a daemon over an open store and a dataplane; Run starts
+// it. The configured nodes are merged into the table first.
+func NewDaemon(o DaemonOptions) (*Daemon, error) {
+	d := &Daemon{
+		log:  o.Logger,
+		now:  o.Now,
+		st:   o.Store,
+		svc:  NewService(o.Store),
+		dp:   o.Dataplane,
+		cfg:  o.Config,
+		wake: make(chan struct{}, 1),
+		repl: o.Replicator,
+
+		readyFile: o.ReadyFile,
+	}
+	if d.log == nil {
+		d.log = slog.Default()
+	}
+	if d.now == nil {
+		d.now = time.Now
+	}
+	d.stat.Mode = d.dp.Mode().String()
+	d.svc.gate = d.writable
+	if err := d.applyConfig(o.Config); err != nil {
+		return nil, err
+	}
+	d.st.OnCommit(d.enqueue)
+	return d, nil
+}
+
+// Service returns the daemon's request handler, for the API.
+func (d *Daemon) Service() *Service { return d.svc }
+
+// applyConfig puts the configuration's VIPs and nodes into the table.
+func (d *Daemon) applyConfig(c *Config) error {
+	vips, err := c.ParsedVIPs()
+	if err != nil {
+		return err
+	}
+	if err := d.st.Table().SetVIPs(vips); err != nil {
+		return fmt.Errorf("configuration VIPs: %w", err)
+	}
+	// A backup's table is its master's: the master merges the
+	// configured nodes and they arrive by replication.
+	if d.writable() == nil {
+		if _, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) { return c.nodeChanges(t), nil }); err != nil {
+			return fmt.Errorf("configuration nodes: %w", err)
+		}
+	}
+	d.cfgMu.Lock()
+	d.cfg = c
+	d.cfgMu.Unlock()
+	return nil
+}
+
+// Reload applies a new configuration (SIGHUP) and resyncs the kernel.
+func (d *Daemon) Reload(c *Config) error {
+	if err := d.applyConfig(c); err != nil {
+		return err
+	}
+	d.pendMu.Lock()
+	d.full = true
+	d.pendMu.Unlock()
+	d.kick()
+	return nil
+}
+
+func (d *Daemon) config() *Config {
+	d.cfgMu.Lock()
+	defer d.cfgMu.Unlock()
+	return d.cfg
+}
+
+// enqueue runs under the store's lock: it only queues.
+func (d *Daemon) enqueue(a *affinity.Applied) {
+	d.pendMu.Lock()
+	d.pending = append(d.pending, a)
+	d.pendMu.Unlock()
+	d.kick()
+}
+
+func (d *Daemon) kick() {
+	select {
+	case d.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Desired computes the whole kernel state from the table and configuration.
+func (d *Daemon) Desired() *ipvs.Desired {
+	c := d.config()
+	t := d.st.Table()
+	vips, _ := c.ParsedVIPs()
+	fwd := map[string]ipvs.Forward{}
+	def, _ := parseForward(c.Forward)
+	for _, n := range c.Nodes {
+		if f, err := parseForward(n.Forward); err == nil && n.Forward != "" {
+			fwd[n.Name] = f
+		}
+	}
+	want := &ipvs.Desired{
+		VIPs:     vips,
+		Peers:    make(map[netip.Addr]uint16, t.Len()),
+		Subnets:  make(map[netip.Prefix]uint16, t.Len()),
+		HashSeed: c.HashSeed,
+	}
+	for _, n := range t.Nodes() {
+		f, ok := fwd[n.Name]
+		if !ok {
+			f = def
+		}
+		want.Nodes = append(want.Nodes, ipvs.Node{Mark: n.Mark, Name: n.Name, Addr: n.Addr, Addr6: n.Addr6, Forward: f, Active: n.State == affinity.NodeActive})
+	}
+	t.PeerMarks(func(a netip.Addr, m uint16) { want.Peers[a] = m })
+	t.SubnetMarks(func(p netip.Prefix, m uint16) { want.Subnets[p] = m })
+	return want
+}
+
+// delta turns committed changes into one map delta. It reports false when
+// a change (a node's) needs a full sync.
+func delta(applied []*affinity.Applied, t *affinity.Table) (*ipvs.Delta, bool) {
+	dl := &ipvs.Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}}
+	del := func(tu *affinity.Tunnel) {
+		delete(dl.SetPeers, tu.Peer)
+		dl.DeletePeers = append(dl.DeletePeers, tu.Peer)
+		for _, p := range tu.Subnets {
+			delete(dl.SetSubnets, p)
+			dl.DeleteSubnets = append(dl.DeleteSubnets, p)
+		}
+	}
+	for _, a := range applied {
+		for i := range a.Changes {
+			c := &a.Changes[i]
+			switch c.Kind {
+			case affinity.PutNode, affinity.DeleteNode:
+				return nil, false
+			case affinity.DeleteTunnel:
+				if c.Old == nil {
+					return nil, false
+				}
+				del(c.Old)
+			case affinity.PutTunnel:
+				if c.Old != nil {
+					del(c.Old)
+				}
+				n, ok := t.Node(c.Tunnel.Node)
+				if !ok {
+					return nil, false
+				}
+				dl.SetPeers[c.Tunnel.Peer] = n.Mark
+				for _, p := range c.Tunnel.Subnets {
+					dl.SetSubnets[p] = n.Mark
+				}
+			}
+		}
+	}
+	// A key both deleted (old value) and set (new value) is only set.
+	dl.DeletePeers = slices.DeleteFunc(dl.DeletePeers, func(a netip.Addr) bool { _, set := dl.SetPeers[a]; return set })
+	dl.DeleteSubnets = slices.DeleteFunc(dl.DeleteSubnets, func(p netip.Prefix) bool { _, set := dl.SetSubnets[p]; return set })
+	return dl, true
+}
+
+// ErrNotMaster refuses a write on the backup director.
+var ErrNotMaster = errors.New("not the master")
+
+// writable refuses writes on a director that is not the master of its
+// pair: the backup's table is written only by replication, so both stay
+// equal. A director running alone always writes.
+func (d *Daemon) writable() error {
+	if d.repl == nil || d.repl.Role() == replication.RoleMaster {
+		return nil
+	}
+	st := d.repl.Status()
+	return fmt.Errorf("%w: this director (id %d) is %s; write on the master (director id %d, role %s as last heard)",
+		ErrNotMaster, st.ID, st.Role, st.Peer.ID, st.Peer.Role)
+}
+
+// SetRole sets the pair role (from keepalived's notify): the dataplane is
+// already programmed on both directors, so only who writes changes.
+func (d *Daemon) SetRole(role replication.Role) error {
+	if d.repl == nil {
+		return errors.New("set role: replication is not configured on this director")
+	}
+	d.repl.SetRole(role)
+	d.log.Info("role changed", "role", role.String(), "epoch", d.repl.Epoch())
+	if role == replication.RoleMaster {
+		// The configured nodes were not merged while backup.
+		if _, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) { return d.config().nodeChanges(t), nil }); err != nil {
+			d.log.Error("merge configured nodes as master", "err", err)
+		}
+	}
+	d.writeReady()
+	return nil
+}
+
+// Ready reports whether this director may win an election: alone, always;
+// paired, when its table is in sync with the peer's.
+func (d *Daemon) Ready() bool { return d.repl == nil || d.repl.Ready() }
+
+func (d *Daemon) writeReady() {
+	if d.readyFile == "" {
+		return
+	}
+	v := "1\n"
+	if d.Ready() {
+		v = "0\n"
+	}
+	if cur, err := os.ReadFile(d.readyFile); err == nil && string(cur) == v {
+		return
+	}
+	tmp := d.readyFile + ".tmp"
+	err := os.WriteFile(tmp, []byte(v), 0o644)
+	if err == nil {
+		err = os.Rename(tmp, d.readyFile)
+	}
+	if err != nil {
+		d.log.Error("write ready file", "path", d.readyFile, "err", err)
+	}
+}
+
+// Run syncs the kernel, then reconciles changes and verifies the kernel
+// every VerifyInterval until ctx ends. The kernel stays programmed when it
+// returns. Both directors of a pair run it: the backup's kernel follows the
+// replicated table, so a takeover changes nothing in the dataplane.
+func (d *Daemon) Run(ctx context.Context) error {
+	if err := d.syncAll(ctx, "start"); err != nil {
+		return err
+	}
+	if d.repl != nil {
+		go func() {
+			if err := d.repl.Run(ctx); err != nil && ctx.Err() == nil {
+				d.log.Error("replication stopped", "err", err)
+			}
+		}()
+	}
+	verify := time.NewTicker(time.Duration(d.config().VerifyInterval))
+	defer verify.Stop()
+	ready := time.NewTicker(time.Second)
+	defer ready.Stop()
+	d.writeReady()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.wake:
+			d.reconcile(ctx)
+		case <-verify.C:
+			d.Verify(ctx)
+		case <-ready.C:
+			d.writeReady()
+		}
+	}
+}
+
+func (d *Daemon) syncAll(ctx context.Context, why string) error {
+	rev := d.st.Revision()
+	want := d.Desired()
+	st, err := d.dp.Sync(ctx, want)
+	d.record(rev, st, err)
+	if err != nil {
+		return fmt.Errorf("sync kernel to revision %d (%s): %w", rev, why, err)
+	}
+	d.log.Info("kernel synced", "why", why, "revision", rev, "peers", len(want.Peers), "subnets", len(want.Subnets),
+		"added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
+	return nil
+}
+
+// reconcile applies what was committed since the last run: a delta when
+// only tunnels changed, a full sync otherwise or after an error.
+func (d *Daemon) reconcile(ctx context.Context) {
+	d.pendMu.Lock()
+	applied, full := d.pending, d.full
+	d.pending, d.full = nil, false
+	d.pendMu.Unlock()
+	if len(applied) == 0 && !full {
+		return
+	}
+	if !full {
+		dl, ok := delta(applied, d.st.Table())
+		if ok {
+			rev := applied[len(applied)-1].Revision
+			st, err := d.dp.Update(ctx, dl)
+			d.record(rev, st, err)
+			if err == nil {
+				d.log.Debug("kernel updated", "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
+				return
+			}
+			d.log.Warn("kernel update failed, syncing everything", "revision", rev, "err", err)
+		}
+	}
+	if err := d.syncAll(ctx, "table change"); err != nil {
+		d.log.Error("kernel sync failed; retrying at the next change or verify", "err", err)
+		d.pendMu.Lock()
+		d.full = true
+		d.pendMu.Unlock()
+	}
+}
+
+// Verify reads the kernel back and repairs drift, counting the repairs.
+func (d *Daemon) Verify(ctx context.Context) {
+	st, err := d.dp.Verify(ctx)
+	d.statMu.Lock()
+	d.stat.LastVerify = d.now()
+	if err == nil {
+		d.stat.DriftRepairs += st.Added + st.Changed + st.Removed
+	}
+	d.statMu.Unlock()
+	switch {
+	case err != nil:
+		d.log.Error("verify kernel", "err", err)
+		d.pendMu.Lock()
+		d.full = true
+		d.pendMu.Unlock()
+		d.kick()
+	case st.Added+st.Changed+st.Removed > 0:
+		d.log.Warn("kernel drift repaired: something else changed the director's objects",
+			"added", st.Added, "changed", st.Changed, "removed", st.Removed)
+	}
+}
+
+func (d *Daemon) record(rev uint64, st ipvs.Stats, err error) {
+	d.statMu.Lock()
+	defer d.statMu.Unlock()
+	d.stat.Reconciles++
+	d.stat.LastReconcile = d.now()
+	d.stat.LastReconcileTook = st.Duration
+	if err != nil {
+		d.stat.ReconcileErrors++
+		d.stat.LastError = err.Error()
+		return
+	}
+	d.stat.KernelRevision = rev
+	d.stat.LastError = ""
+}
+
+// Status reports the daemon's state.
+func (d *Daemon) Status() Status {
+	d.statMu.Lock()
+	s := d.stat
+	d.statMu.Unlock()
+	t := d.st.Table()
+	s.Revision = t.Revision()
+	s.Tunnels = t.Len()
+	s.Nodes = len(t.Nodes())
+	if d.repl != nil {
+		rs := d.repl.Status()
+		s.Replication = &rs
+	}
+	return s
+}
+
+// Learn pins a peer seen in its first IKE or ESP packet into the table, on
+// the node the kernel's hash sent it to, so later packets (and the other
+// director) follow the first. Peers already in the table are left alone.
+func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
+	if err := d.writable(); err != nil {
+		return fmt.Errorf("learn peer %s: %w", peer, err)
+	}
+	_, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+		if _, known := t.LookupPeer(peer); known {
+			return nil, nil
+		}
+		n, ok := t.NodeByMark(mark)
+		if !ok {
+			return nil, fmt.Errorf("learn peer %s: no node has mark %d", peer, mark)
+		}
+		tu := &affinity.Tunnel{ID: "learned-" + peer.String(), Peer: peer, Node: n.Name}
+		return []affinity.Change{{Kind: affinity.PutTunnel, Tunnel: tu, Reason: "learned from first packet"}}, nil
+	})
+	if err != nil {
+		var be *affinity.BatchError
+		if errors.As(err, &be) {
+			return fmt.Errorf("learn peer %s: %w", peer, err)
+		}
+		return err
+	}
+	d.statMu.Lock()
+	d.stat.Learned++
+	d.statMu.Unlock()
+	return nil
+}

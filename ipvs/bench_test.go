@@ -1,0 +1,219 @@
+package ipvs
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/internal/netlab"
+)
+
+// benchLab is one director namespace with an inside link, enough for the
+// node routes; benchmarks measure programming, not forwarding.
+func benchLab(b *testing.B) (*netlab.NS, func()) {
+	b.Helper()
+	netlab.RequireRoot(b)
+	l := netlab.NewLab()
+	d, err := l.AddNS("dir")
+	if err != nil {
+		b.Fatal(err)
+	}
+	n, err := l.AddNS("nodes")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := l.Veth(d, "in0", n, "in0"); err != nil {
+		b.Fatal(err)
+	}
+	for _, p := range []string{"192.0.2.1/24", "2001:db8:2::1/64"} {
+		if err := d.AddAddr("in0", netip.MustParsePrefix(p)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return d, func() { l.Close() }
+}
+
+func bigDesired(n int) *Desired {
+	d := &Desired{
+		VIPs:     []netip.Addr{netip.MustParseAddr("203.0.113.1"), netip.MustParseAddr("2001:db8:ffff::1")},
+		Peers:    make(map[netip.Addr]uint16, n),
+		Subnets:  make(map[netip.Prefix]uint16, n),
+		HashSeed: 42,
+	}
+	for i := 1; i <= 3; i++ {
+		d.Nodes = append(d.Nodes, Node{Mark: uint16(i), Name: fmt.Sprintf("node%d", i),
+			Addr: netip.AddrFrom4([4]byte{192, 0, 2, byte(10 + i)}), Addr6: netip.MustParseAddr(fmt.Sprintf("2001:db8:2::%x", 10+i)), Active: true})
+	}
+	for i := 0; i < n; i++ {
+		m := uint16(i%3 + 1)
+		p := uint32(100<<24|64<<16) + uint32(i)
+		d.Peers[netip.AddrFrom4([4]byte{byte(p >> 24), byte(p >> 16), byte(p >> 8), byte(p)})] = m
+		s := uint32(10<<24) + uint32(i)*32
+		d.Subnets[netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(s >> 24), byte(s >> 16), byte(s >> 8), byte(s)}), 27)] = m
+	}
+	return d
+}
+
+// nftFile writes the same table as nft(8) input.
+func nftFile(b *testing.B, d *Desired, cfg Config) string {
+	cfg, _ = cfg.withDefaults()
+	var s strings.Builder
+	s.WriteString("table inet tunneldirector {\n")
+	s.WriteString("map peers4 { type ipv4_addr : mark; elements = {\n")
+	first := true
+	for a, m := range d.Peers {
+		if !first {
+			s.WriteString(",\n")
+		}
+		first = false
+		fmt.Fprintf(&s, "%s : %#x", a, cfg.fwmark(m))
+	}
+	s.WriteString("} }\nmap subnets4 { type ipv4_addr : mark; flags interval; elements = {\n")
+	first = true
+	for p, m := range d.Subnets {
+		if !first {
+			s.WriteString(",\n")
+		}
+		first = false
+		fmt.Fprintf(&s, "%s : %#x", p, cfg.fwmark(m))
+	}
+	s.WriteString("} }\nset vips4 { type ipv4_addr; elements = { 203.0.113.1 } }\n")
+	s.WriteString("chain prerouting { type filter hook prerouting priority mangle;\n")
+	for _, sel := range []string{"meta l4proto esp", "meta l4proto ah", "udp dport 500", "udp dport 4500"} {
+		fmt.Fprintf(&s, "%s ip daddr @vips4 meta mark set ip saddr map @peers4\n", sel)
+	}
+	s.WriteString("meta mark set ip daddr map @subnets4\n}\n}\n")
+	f := filepath.Join(b.TempDir(), "ruleset.nft")
+	if err := os.WriteFile(f, []byte(s.String()), 0o644); err != nil {
+		b.Fatal(err)
+	}
+	return f
+}
+
+const benchTunnels = 100000
+
+// BenchmarkFullSync100k loads 100,000 tunnels (peer + /27 each) into an
+// empty kernel with one Sync, and times nft -f of an equivalent file in the
+// same namespace for comparison (metric nft-f-s and ratio).
+func BenchmarkFullSync100k(b *testing.B) {
+	ns, done := benchLab(b)
+	defer done()
+	d := bigDesired(benchTunnels)
+	file := nftFile(b, d, Config{})
+	ctx := context.Background()
+	var nftTotal, syncTotal time.Duration
+	for i := 0; i < b.N; i++ {
+		b.StopTimer()
+		dp, err := newInNamespace(Config{}, ns.NsHandle(), ns.Path())
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := dp.Teardown(ctx); err != nil {
+			b.Fatal(err)
+		}
+		t0 := time.Now()
+		if out, err := ns.Run(ctx, "nft", "-f", file); err != nil {
+			netlab.Require(b, "nft binary", fmt.Errorf("%v: %s", err, out))
+		}
+		nftTotal += time.Since(t0)
+		if err := dp.Teardown(ctx); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		t0 = time.Now()
+		st, err := dp.Sync(ctx, d)
+		syncTotal += time.Since(t0)
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		if st.Added < 2*benchTunnels {
+			b.Fatalf("sync added %d", st.Added)
+		}
+		dp.Close()
+		b.StartTimer()
+	}
+	b.ReportMetric(nftTotal.Seconds()/float64(b.N), "nft-f-s")
+	b.ReportMetric(syncTotal.Seconds()/float64(b.N), "sync-s")
+	b.ReportMetric(syncTotal.Seconds()/nftTotal.Seconds(), "sync/nft-f")
+}
+
+func loaded(b *testing.B) (*dataplane, *Desired, func()) {
+	ns, done := benchLab(b)
+	d := bigDesired(benchTunnels)
+	dp, err := newInNamespace(Config{}, ns.NsHandle(), ns.Path())
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, err := dp.Sync(context.Background(), d); err != nil {
+		b.Fatal(err)
+	}
+	return dp, d, func() { dp.Close(); done() }
+}
+
+// BenchmarkUpdateMove100k moves one tunnel (peer and subnet) per Update
+// with 100,000 loaded; reports p50 and p99.
+func BenchmarkUpdateMove100k(b *testing.B) {
+	dp, d, done := loaded(b)
+	defer done()
+	peers := make([]netip.Addr, 0, len(d.Peers))
+	for a := range d.Peers {
+		peers = append(peers, a)
+	}
+	subs := make([]netip.Prefix, 0, len(d.Subnets))
+	for p := range d.Subnets {
+		subs = append(subs, p)
+	}
+	ctx := context.Background()
+	var lat []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		a, p := peers[i%len(peers)], subs[i%len(subs)]
+		m := d.Peers[a]%3 + 1
+		d.Peers[a] = m
+		t0 := time.Now()
+		st, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{a: m}, SetSubnets: map[netip.Prefix]uint16{p: m}})
+		lat = append(lat, time.Since(t0))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if st.Changed+st.Added == 0 {
+			b.Fatalf("update did nothing: %+v", st)
+		}
+	}
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-us")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-us")
+}
+
+// BenchmarkNoChangeSync100k is a Sync that finds nothing to do.
+func BenchmarkNoChangeSync100k(b *testing.B) {
+	dp, d, done := loaded(b)
+	defer done()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		st, err := dp.Sync(context.Background(), d)
+		if err != nil || st.Added+st.Changed+st.Removed != 0 {
+			b.Fatalf("%+v %v", st, err)
+		}
+	}
+}
+
+// BenchmarkVerify100k reads the whole kernel state back and compares.
+func BenchmarkVerify100k(b *testing.B) {
+	dp, _, done := loaded(b)
+	defer done()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		st, err := dp.Verify(context.Background())
+		if err != nil || st.Added+st.Changed+st.Removed != 0 {
+			b.Fatalf("%+v %v", st, err)
+		}
+	}
+}

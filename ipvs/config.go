@@ -1,0 +1,116 @@
+package ipvs
+
+import (
+	"fmt"
+	"net/netip"
+)
+
+// Config places the director's kernel objects. The zero value of every
+// field picks the documented default.
+type Config struct {
+	// Mode is the requested mode; ModeAuto probes for IPVS.
+	Mode Mode
+	// Table is the nftables table (family inet) the director owns.
+	// Default "tunneldirector".
+	Table string
+	// MarkBase and MarkMask define the director's fwmark range. A node with
+	// affinity mark m gets fwmark MarkBase|m for policy-routed traffic and,
+	// in IPVS mode, MarkBase|IKEBit|m for IKE and NAT-T. MarkMask must cover
+	// MarkBase and the low 13 bits (0x1fff); rules match with it, so bits
+	// outside the mask do not influence steering. Defaults 0x7d000000 and
+	// 0xff001fff.
+	MarkBase uint32
+	MarkMask uint32
+	// TableBase is the routing table of mark 0; node m uses TableBase+m.
+	// The director owns tables TableBase+1 .. TableBase+4095. Default 20000.
+	TableBase int
+	// RulePriority is the preference of the fwmark rules. Default 100.
+	RulePriority int
+	// LocalRulePriority is where the kernel's "lookup local" rule is moved
+	// (from 0) so the fwmark rules win over local delivery of a VIP the
+	// director holds. Must be above RulePriority. Default 1000.
+	LocalRulePriority int
+	// Protocol tags the director's routes and rules (rtm_protocol /
+	// FRA_PROTOCOL): that tag is how ownership is recognised after a
+	// restart. Default 211.
+	Protocol uint8
+	// InsideIface, when set, makes the node routes onlink through it.
+	InsideIface string
+}
+
+// IKEBit is set in the fwmark of IKE and NAT-T packets in IPVS mode, so the
+// fwmark rules (which match the mark with this bit clear) leave them to
+// IPVS, which owns the fwmark services with the bit set.
+const IKEBit = 0x1000
+
+// MaxMark is the largest node affinity mark.
+const MaxMark = 0x0fff
+
+func (c Config) withDefaults() (Config, error) {
+	if c.Table == "" {
+		c.Table = "tunneldirector"
+	}
+	if c.MarkBase == 0 {
+		c.MarkBase = 0x7d000000
+	}
+	if c.MarkMask == 0 {
+		c.MarkMask = 0xff001fff
+	}
+	if c.TableBase == 0 {
+		c.TableBase = 20000
+	}
+	if c.RulePriority == 0 {
+		c.RulePriority = 100
+	}
+	if c.LocalRulePriority == 0 {
+		c.LocalRulePriority = 1000
+	}
+	if c.Protocol == 0 {
+		c.Protocol = 211
+	}
+	switch {
+	case c.MarkMask&0x1fff != 0x1fff:
+		return c, fmt.Errorf("config: mark mask %#x must cover the node mark bits 0x1fff", c.MarkMask)
+	case c.MarkBase&0x1fff != 0:
+		return c, fmt.Errorf("config: mark base %#x overlaps the node mark bits 0x1fff", c.MarkBase)
+	case c.MarkBase&^c.MarkMask != 0:
+		return c, fmt.Errorf("config: mark base %#x has bits outside mark mask %#x", c.MarkBase, c.MarkMask)
+	case c.LocalRulePriority <= c.RulePriority:
+		return c, fmt.Errorf("config: local rule priority %d must be above rule priority %d", c.LocalRulePriority, c.RulePriority)
+	case c.TableBase < 256 || c.TableBase+MaxMark > 1<<31-1:
+		return c, fmt.Errorf("config: table base %d out of range", c.TableBase)
+	}
+	return c, nil
+}
+
+// fwmark is the policy-routed mark of node m.
+func (c Config) fwmark(m uint16) uint32 { return c.MarkBase | uint32(m) }
+
+// ikeMark is the IPVS service mark of node m.
+func (c Config) ikeMark(m uint16) uint32 { return c.MarkBase | IKEBit | uint32(m) }
+
+// nodeOf decodes a fwmark (either kind) to a node mark.
+func (c Config) nodeOf(mark uint32) (uint16, bool) {
+	if mark&c.MarkMask&^0x1fff != c.MarkBase {
+		return 0, false
+	}
+	m := uint16(mark & MaxMark)
+	return m, m != 0
+}
+
+// inRange reports whether a fwmark/mask pair overlaps the director's range.
+func (c Config) inRange(mark, mask uint32) bool {
+	common := mask & c.MarkMask &^ 0x1fff
+	return mark&common == c.MarkBase&common && mask&0x1fff != 0 && mark&0x1fff != 0
+}
+
+func (c Config) routeTable(m uint16) int { return c.TableBase + int(m) }
+
+func (c Config) ownsTable(t int) bool { return t > c.TableBase && t <= c.TableBase+MaxMark }
+
+func fam(a netip.Addr) string {
+	if a.Is4() {
+		return "ipv4"
+	}
+	return "ipv6"
+}

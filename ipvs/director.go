@@ -1,0 +1,664 @@
+package ipvs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/vishvananda/netns"
+)
+
+// dataplane is the Dataplane over a kernel seam.
+type dataplane struct {
+	cfg  Config
+	mode Mode
+	k    kernel
+	// model is what the director believes the kernel holds; nil until
+	// the first Sync adopts the kernel's state.
+	model *kstate
+	// want is the target of the last Sync plus the Updates since.
+	want *kstate
+	// nodes of the last Sync, to validate delta owners.
+	nodes map[uint16]bool
+}
+
+// New returns a Dataplane for the kernel of the current network namespace.
+// It probes IPVS (ModeAuto picks ModeIPVS when the kernel has it; Mode()
+// says which mode is in force) and refuses to start when the configured mark
+// range, routing tables or rule priority are used by objects the director
+// does not own.
+func New(cfg Config) (Dataplane, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	k, err := newRealKernel(cfg, nsTarget{})
+	if err != nil {
+		return nil, err
+	}
+	dp, err := newDataplane(cfg, k)
+	if err != nil {
+		k.close()
+		return nil, err
+	}
+	k.mode = dp.Mode
+	return dp, nil
+}
+
+// newInNamespace is New for the namespace ns (a test seam).
+func newInNamespace(cfg Config, fd netns.NsHandle, path string) (*dataplane, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	k, err := newRealKernel(cfg, nsTarget{fd: fd, path: path})
+	if err != nil {
+		return nil, err
+	}
+	dp, err := newDataplane(cfg, k)
+	if err != nil {
+		k.close()
+		return nil, err
+	}
+	k.mode = dp.Mode
+	return dp, nil
+}
+
+func newDataplane(cfg Config, k kernel) (*dataplane, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	mode := cfg.Mode
+	switch mode {
+	case ModeAuto:
+		mode = ModeRouteOnly
+		if k.hasIPVS() {
+			mode = ModeIPVS
+		}
+	case ModeIPVS:
+		if !k.hasIPVS() {
+			return nil, errors.New("mode ipvs: the kernel has no IPVS generic netlink family (load ip_vs)")
+		}
+	}
+	d := &dataplane{cfg: cfg, mode: mode, k: k}
+	if err := d.checkForeign(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *dataplane) Mode() Mode { return d.mode }
+
+// checkForeign refuses a configuration whose rule priority, mark range or
+// routing tables already hold objects without the director's protocol tag.
+func (d *dataplane) checkForeign() error {
+	c := d.cfg
+	rules, err := d.k.listRules()
+	if err != nil {
+		return fmt.Errorf("list rules: %w", err)
+	}
+	for _, r := range rules {
+		if r.proto == c.Protocol {
+			continue
+		}
+		desc := fmt.Sprintf("rule pref %d fwmark %#x/%#x lookup %d (ipv6=%v, proto %d)", r.prio, r.mark, r.mask, r.table, r.v6, r.proto)
+		switch {
+		case r.prio == c.RulePriority:
+			return fmt.Errorf("rule priority %d is already used by %s, which the director does not own", c.RulePriority, desc)
+		case r.mark != 0 && c.inRange(r.mark, r.mask):
+			return fmt.Errorf("mark range %#x/%#x is already used by %s, which the director does not own", c.MarkBase, c.MarkMask, desc)
+		case c.ownsTable(r.table):
+			return fmt.Errorf("routing table %d (range %d..%d) is already used by %s, which the director does not own", r.table, c.TableBase+1, c.TableBase+MaxMark, desc)
+		}
+	}
+	routes, err := d.k.listRoutes()
+	if err != nil {
+		return fmt.Errorf("list routes: %w", err)
+	}
+	for _, r := range routes {
+		if c.ownsTable(r.table) && r.proto != c.Protocol {
+			return fmt.Errorf("routing table %d (range %d..%d) already holds route %s via %v (proto %d), which the director does not own",
+				r.table, c.TableBase+1, c.TableBase+MaxMark, r.dst, r.gw, r.proto)
+		}
+	}
+	return nil
+}
+
+// read returns the director's objects as the kernel holds them.
+func (d *dataplane) read() (*kstate, error) {
+	c := d.cfg
+	s := newKstate()
+	n, err := d.k.readNft()
+	if err != nil {
+		return nil, fmt.Errorf("read nftables table %s: %w", c.Table, err)
+	}
+	s.nft = *n
+	rules, err := d.k.listRules()
+	if err != nil {
+		return nil, fmt.Errorf("list rules: %w", err)
+	}
+	var localAt0, localOurs [2]bool
+	for _, r := range rules {
+		f := 0
+		if r.v6 {
+			f = 1
+		}
+		if r.table == rtTableLocal && r.mark == 0 {
+			if r.prio == 0 {
+				localAt0[f] = true
+			} else if r.prio == c.LocalRulePriority && r.proto == c.Protocol {
+				localOurs[f] = true
+			}
+			continue
+		}
+		if r.proto == c.Protocol && r.prio == c.RulePriority && r.mask == c.MarkMask && c.ownsTable(r.table) {
+			s.rules[ruleKey{r.v6, r.mark, r.table}] = struct{}{}
+		}
+	}
+	for f := range 2 {
+		s.local[f] = localOurs[f] && !localAt0[f]
+	}
+	routes, err := d.k.listRoutes()
+	if err != nil {
+		return nil, fmt.Errorf("list routes: %w", err)
+	}
+	for _, r := range routes {
+		if c.ownsTable(r.table) && r.proto == c.Protocol && r.dst.Bits() == 0 {
+			s.routes[routeKey{r.v6, r.table}] = r.gw
+		}
+	}
+	if d.k.hasIPVS() {
+		svcs, err := d.k.listServices()
+		if err != nil {
+			return nil, fmt.Errorf("list IPVS services: %w", err)
+		}
+		for _, sv := range svcs {
+			if _, ok := c.nodeOf(sv.mark); !ok || sv.mark&IKEBit == 0 {
+				continue
+			}
+			dst := svcDest{}
+			if len(sv.dests) == 1 {
+				dst = sv.dests[0]
+			}
+			s.svcs[svcKey{sv.v6, sv.mark}] = dst
+		}
+	}
+	return s, nil
+}
+
+// reconcile makes the kernel hold want, given that it holds cur, and
+// returns what it changed. Additions go first in dependency order (IPVS
+// needs the routes to accept a destination; the nft maps should only point
+// at marks that already route), removals last in reverse order.
+func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
+	var st Stats
+	c := d.cfg
+	k := d.k
+	// Routes.
+	for _, rk := range sortedKeys(want.routes, routeKeyLess) {
+		gw := want.routes[rk]
+		if cgw, ok := cur.routes[rk]; ok && cgw == gw {
+			continue
+		}
+		r := kRoute{v6: rk.v6, table: rk.table, dst: defaultPrefix(rk.v6), gw: gw, proto: c.Protocol}
+		if err := k.replaceRoute(r); err != nil {
+			return st, fmt.Errorf("replace route %s via %s table %d: %w", r.dst, gw, rk.table, err)
+		}
+		if _, ok := cur.routes[rk]; ok {
+			st.Changed++
+		} else {
+			st.Added++
+		}
+		cur.routes[rk] = gw
+	}
+	// Rules.
+	for _, rk := range sortedKeys(want.rules, ruleKeyLess) {
+		if _, ok := cur.rules[rk]; ok {
+			continue
+		}
+		r := kRule{v6: rk.v6, prio: c.RulePriority, mark: rk.mark, mask: c.MarkMask, table: rk.table, proto: c.Protocol}
+		if err := k.addRule(r); err != nil {
+			return st, fmt.Errorf("add rule fwmark %#x/%#x lookup %d (%s): %w", rk.mark, c.MarkMask, rk.table, famName(rk.v6), err)
+		}
+		st.Added++
+		cur.rules[rk] = struct{}{}
+	}
+	// The local rule: ours at LocalRulePriority first, then drop pref 0,
+	// so local delivery never disappears in between.
+	for f := range 2 {
+		if !want.local[f] || cur.local[f] {
+			continue
+		}
+		v6 := f == 1
+		if err := d.moveLocal(v6); err != nil {
+			return st, err
+		}
+		st.Changed++
+		cur.local[f] = true
+	}
+	// IPVS services.
+	for _, sk := range sortedKeys(want.svcs, svcKeyLess) {
+		dst := want.svcs[sk]
+		old, ok := cur.svcs[sk]
+		if ok && old == dst {
+			continue
+		}
+		if ok {
+			if err := k.delService(kService{v6: sk.v6, mark: sk.mark}); err != nil {
+				return st, fmt.Errorf("delete fwmark service %#x (%s) to replace it: %w", sk.mark, famName(sk.v6), err)
+			}
+			delete(cur.svcs, sk)
+		}
+		if err := k.addService(kService{v6: sk.v6, mark: sk.mark, dests: []svcDest{dst}}); err != nil {
+			return st, fmt.Errorf("add fwmark service %#x for node %s (%s, %s): %w", sk.mark, dst.addr, famName(sk.v6), dst.fwd, err)
+		}
+		if ok {
+			st.Changed++
+		} else {
+			st.Added++
+		}
+		cur.svcs[sk] = dst
+	}
+	// nftables: one transaction.
+	p := planNft(&cur.nft, &want.nft)
+	if !p.empty() {
+		if err := k.applyNft(p); err != nil {
+			return st, fmt.Errorf("nftables transaction on table %s: %w", c.Table, err)
+		}
+		a, ch, r := p.count()
+		st.Added += a
+		st.Changed += ch
+		st.Removed += r
+		cur.nft.applyPlan(p)
+	}
+	// Removals.
+	for _, sk := range sortedKeys(cur.svcs, svcKeyLess) {
+		if _, ok := want.svcs[sk]; ok {
+			continue
+		}
+		if err := k.delService(kService{v6: sk.v6, mark: sk.mark}); err != nil {
+			return st, fmt.Errorf("delete fwmark service %#x (%s): %w", sk.mark, famName(sk.v6), err)
+		}
+		st.Removed++
+		delete(cur.svcs, sk)
+	}
+	for _, rk := range sortedKeys(cur.rules, ruleKeyLess) {
+		if _, ok := want.rules[rk]; ok {
+			continue
+		}
+		r := kRule{v6: rk.v6, prio: c.RulePriority, mark: rk.mark, mask: c.MarkMask, table: rk.table, proto: c.Protocol}
+		if err := k.delRule(r); err != nil {
+			return st, fmt.Errorf("delete rule fwmark %#x lookup %d (%s): %w", rk.mark, rk.table, famName(rk.v6), err)
+		}
+		st.Removed++
+		delete(cur.rules, rk)
+	}
+	for _, rk := range sortedKeys(cur.routes, routeKeyLess) {
+		if _, ok := want.routes[rk]; ok {
+			continue
+		}
+		r := kRoute{v6: rk.v6, table: rk.table, dst: defaultPrefix(rk.v6), gw: cur.routes[rk], proto: c.Protocol}
+		if err := k.delRoute(r); err != nil {
+			return st, fmt.Errorf("delete route %s table %d: %w", r.dst, rk.table, err)
+		}
+		st.Removed++
+		delete(cur.routes, rk)
+	}
+	return st, nil
+}
+
+func (d *dataplane) moveLocal(v6 bool) error {
+	c := d.cfg
+	ours := kRule{v6: v6, prio: c.LocalRulePriority, table: rtTableLocal, proto: c.Protocol}
+	rules, err := d.k.listRules()
+	if err != nil {
+		return fmt.Errorf("list rules: %w", err)
+	}
+	have, at0 := false, false
+	for _, r := range rules {
+		if r.v6 != v6 || r.table != rtTableLocal || r.mark != 0 {
+			continue
+		}
+		if r.prio == c.LocalRulePriority && r.proto == c.Protocol {
+			have = true
+		}
+		if r.prio == 0 {
+			at0 = true
+		}
+	}
+	if !have {
+		if err := d.k.addRule(ours); err != nil {
+			return fmt.Errorf("add local rule at pref %d (%s): %w", c.LocalRulePriority, famName(v6), err)
+		}
+	}
+	if at0 {
+		if err := d.k.delRule(kRule{v6: v6, prio: 0, table: rtTableLocal}); err != nil {
+			return fmt.Errorf("delete local rule at pref 0 (%s): %w", famName(v6), err)
+		}
+	}
+	return nil
+}
+
+func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
+	start := time.Now()
+	if err := ctx.Err(); err != nil {
+		return Stats{}, err
+	}
+	want, err := d.cfg.target(d.mode, des)
+	if err != nil {
+		return Stats{}, fmt.Errorf("sync: %w", err)
+	}
+	if d.model == nil {
+		cur, err := d.read()
+		if err != nil {
+			return Stats{}, fmt.Errorf("sync: adopt kernel state: %w", err)
+		}
+		d.model = cur
+	}
+	d.want = want
+	d.nodes = map[uint16]bool{}
+	for _, n := range des.Nodes {
+		d.nodes[n.Mark] = true
+	}
+	st, err := d.reconcile(d.model, want)
+	st.Duration = time.Since(start)
+	if err != nil {
+		// The model may no longer match the kernel; re-read next time.
+		d.model = nil
+		return st, fmt.Errorf("sync: %w", err)
+	}
+	return st, nil
+}
+
+func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
+	start := time.Now()
+	if err := ctx.Err(); err != nil {
+		return Stats{}, err
+	}
+	if d.want == nil || d.model == nil {
+		return Stats{}, errors.New("update: no Sync yet (or the last one failed): nothing to apply a delta to")
+	}
+	c := d.cfg
+	p := &nftPlan{sig: d.model.nft.sig, addPeers: map[netip.Addr]uint32{}, addSubnets: map[netip.Prefix]uint32{}}
+	want := d.want.nft
+	for _, a := range delta.DeletePeers {
+		a = a.Unmap()
+		delete(want.peers, a)
+		if _, ok := d.model.nft.peers[a]; ok {
+			p.delPeers = append(p.delPeers, a)
+		}
+	}
+	for _, pf := range delta.DeleteSubnets {
+		pf = pf.Masked()
+		delete(want.subnets, pf)
+		if _, ok := d.model.nft.subnets[pf]; ok {
+			p.delSubnets = append(p.delSubnets, pf)
+		}
+	}
+	for a, m := range delta.SetPeers {
+		if !d.nodes[m] {
+			return Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
+		}
+	}
+	for pf, m := range delta.SetSubnets {
+		if !d.nodes[m] {
+			return Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", pf, m)
+		}
+	}
+	for a, m := range delta.SetPeers {
+		a = a.Unmap()
+		fm := c.fwmark(m)
+		want.peers[a] = fm
+		cur, ok := d.model.nft.peers[a]
+		if ok && cur == fm {
+			continue
+		}
+		if ok && !slices.Contains(p.delPeers, a) {
+			p.delPeers = append(p.delPeers, a)
+		}
+		p.addPeers[a] = fm
+	}
+	for pf, m := range delta.SetSubnets {
+		pf = pf.Masked()
+		fm := c.fwmark(m)
+		want.subnets[pf] = fm
+		cur, ok := d.model.nft.subnets[pf]
+		if ok && cur == fm {
+			continue
+		}
+		if ok && !slices.Contains(p.delSubnets, pf) {
+			p.delSubnets = append(p.delSubnets, pf)
+		}
+		p.addSubnets[pf] = fm
+	}
+	var st Stats
+	if !p.empty() {
+		if err := d.k.applyNft(p); err != nil {
+			d.model = nil
+			return st, fmt.Errorf("update: nftables transaction on table %s: %w", c.Table, err)
+		}
+		st.Added, st.Changed, st.Removed = p.count()
+		d.model.nft.applyPlan(p)
+	}
+	st.Duration = time.Since(start)
+	return st, nil
+}
+
+func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
+	start := time.Now()
+	if err := ctx.Err(); err != nil {
+		return Stats{}, err
+	}
+	if d.want == nil {
+		return Stats{}, errors.New("verify: no Sync yet: nothing to compare with")
+	}
+	cur, err := d.read()
+	if err != nil {
+		return Stats{}, fmt.Errorf("verify: %w", err)
+	}
+	d.model = cur
+	st, err := d.reconcile(cur, d.want)
+	st.Duration = time.Since(start)
+	if err != nil {
+		d.model = nil
+		return st, fmt.Errorf("verify: repair: %w", err)
+	}
+	return st, nil
+}
+
+func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	s, err := d.read()
+	if err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	c := d.cfg
+	out := &Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}}
+	out.VIPs = sortedAddrs(s.nft.vips)
+	for a, fm := range s.nft.peers {
+		if m, ok := c.nodeOf(fm); ok {
+			out.Peers[a] = m
+		}
+	}
+	for p, fm := range s.nft.subnets {
+		if m, ok := c.nodeOf(fm); ok {
+			out.Subnets[p] = m
+		}
+	}
+	fmt.Sscanf(sigSeed(s.nft.sig), "%v", &out.HashSeed)
+	nodes := map[uint16]*Node{}
+	node := func(m uint16) *Node {
+		if nodes[m] == nil {
+			nodes[m] = &Node{Mark: m, Name: fmt.Sprintf("mark%d", m)}
+		}
+		return nodes[m]
+	}
+	for rk, gw := range s.routes {
+		n := node(uint16(rk.table - c.TableBase))
+		if rk.v6 && gw.Is6() && n.Addr.IsValid() {
+			n.Addr6 = gw
+		} else if gw.Is4() || !n.Addr.IsValid() {
+			if n.Addr.Is6() {
+				n.Addr6 = n.Addr
+			}
+			n.Addr = gw
+		} else {
+			n.Addr6 = gw
+		}
+	}
+	for sk, dst := range s.svcs {
+		if m, ok := c.nodeOf(sk.mark); ok {
+			node(m).Forward = dst.fwd
+		}
+	}
+	for _, fm := range s.nft.hash {
+		if m, ok := c.nodeOf(fm); ok {
+			node(m).Active = true
+		}
+	}
+	for _, m := range slices.Sorted(maps.Keys(nodes)) {
+		out.Nodes = append(out.Nodes, *nodes[m])
+	}
+	return out, nil
+}
+
+func (d *dataplane) Teardown(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	c := d.cfg
+	var errs []error
+	if d.k.hasIPVS() {
+		svcs, err := d.k.listServices()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("teardown: list IPVS services: %w", err))
+		}
+		for _, s := range svcs {
+			if _, ok := c.nodeOf(s.mark); ok && s.mark&IKEBit != 0 {
+				if err := d.k.delService(s); err != nil {
+					errs = append(errs, fmt.Errorf("teardown: delete fwmark service %#x: %w", s.mark, err))
+				}
+			}
+		}
+	}
+	if err := d.k.deleteTable(); err != nil {
+		errs = append(errs, fmt.Errorf("teardown: delete nftables table %s: %w", c.Table, err))
+	}
+	rules, err := d.k.listRules()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("teardown: list rules: %w", err))
+	}
+	var at0, ours [2]bool
+	for _, r := range rules {
+		f := 0
+		if r.v6 {
+			f = 1
+		}
+		if r.table == rtTableLocal && r.prio == 0 {
+			at0[f] = true
+		}
+		if r.proto != c.Protocol {
+			continue
+		}
+		if r.table == rtTableLocal && r.prio == c.LocalRulePriority {
+			ours[f] = true
+			continue
+		}
+		if r.prio == c.RulePriority && c.ownsTable(r.table) {
+			if err := d.k.delRule(r); err != nil {
+				errs = append(errs, fmt.Errorf("teardown: delete rule fwmark %#x lookup %d: %w", r.mark, r.table, err))
+			}
+		}
+	}
+	for f := range 2 {
+		v6 := f == 1
+		if !at0[f] {
+			if err := d.k.addRule(kRule{v6: v6, prio: 0, table: rtTableLocal, proto: rtprotKernel}); err != nil {
+				errs = append(errs, fmt.Errorf("teardown: restore local rule at pref 0 (%s): %w", famName(v6), err))
+				continue
+			}
+		}
+		if ours[f] {
+			if err := d.k.delRule(kRule{v6: v6, prio: c.LocalRulePriority, table: rtTableLocal, proto: c.Protocol}); err != nil {
+				errs = append(errs, fmt.Errorf("teardown: delete moved local rule at pref %d (%s): %w", c.LocalRulePriority, famName(v6), err))
+			}
+		}
+	}
+	routes, err := d.k.listRoutes()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("teardown: list routes: %w", err))
+	}
+	for _, r := range routes {
+		if c.ownsTable(r.table) && r.proto == c.Protocol {
+			if err := d.k.delRoute(r); err != nil {
+				errs = append(errs, fmt.Errorf("teardown: delete route %s table %d: %w", r.dst, r.table, err))
+			}
+		}
+	}
+	d.model, d.want = nil, nil
+	return errors.Join(errs...)
+}
+
+func (d *dataplane) Close() error { return d.k.close() }
+
+const rtprotKernel = 2
+
+func famName(v6 bool) string {
+	if v6 {
+		return "ipv6"
+	}
+	return "ipv4"
+}
+
+func defaultPrefix(v6 bool) netip.Prefix {
+	if v6 {
+		return netip.PrefixFrom(netip.IPv6Unspecified(), 0)
+	}
+	return netip.PrefixFrom(netip.IPv4Unspecified(), 0)
+}
+
+func sigSeed(sig string) string {
+	var mode, seed string
+	var n int
+	fmt.Sscanf(sig, "td2 mode=%s seed=%s n=%d", &mode, &seed, &n)
+	return seed
+}
+
+func sortedKeys[K comparable, V any](m map[K]V, less func(a, b K) int) []K {
+	return slices.SortedFunc(maps.Keys(m), less)
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+func routeKeyLess(a, b routeKey) int {
+	if a.table != b.table {
+		return a.table - b.table
+	}
+	return b2i(a.v6) - b2i(b.v6)
+}
+
+func ruleKeyLess(a, b ruleKey) int {
+	if a.table != b.table {
+		return a.table - b.table
+	}
+	return b2i(a.v6) - b2i(b.v6)
+}
+
+func svcKeyLess(a, b svcKey) int {
+	if a.mark != b.mark {
+		return int(a.mark) - int(b.mark)
+	}
+	return b2i(a.v6) - b2i(b.v6)
+}

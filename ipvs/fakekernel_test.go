@@ -1,0 +1,322 @@
+package ipvs
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+)
+
+// fakeKernel records the kernel operations and holds their result.
+type fakeKernel struct {
+	ipvs   bool
+	ops    []string
+	nft    nftState
+	rules  []kRule
+	routes []kRoute
+	svcs   map[svcKey][]svcDest
+}
+
+func newFakeKernel(ipvs bool) *fakeKernel {
+	k := &fakeKernel{ipvs: ipvs, svcs: map[svcKey][]svcDest{}}
+	k.nft = newKstate().nft
+	for _, v6 := range []bool{false, true} {
+		k.rules = append(k.rules, kRule{v6: v6, prio: 0, table: rtTableLocal, proto: rtprotKernel},
+			kRule{v6: v6, prio: 32766, table: 254, proto: rtprotKernel})
+	}
+	return k
+}
+
+func (k *fakeKernel) log(f string, a ...any) { k.ops = append(k.ops, fmt.Sprintf(f, a...)) }
+func (k *fakeKernel) hasIPVS() bool          { return k.ipvs }
+func (k *fakeKernel) readNft() (*nftState, error) {
+	c := (&kstate{nft: k.nft}).clone().nft
+	return &c, nil
+}
+func (k *fakeKernel) applyNft(p *nftPlan) error {
+	a, c, r := p.count()
+	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.recreate, p.chain, a, c, r)
+	k.nft.applyPlan(p)
+	return nil
+}
+func (k *fakeKernel) deleteTable() error {
+	k.log("nft delete table")
+	k.nft = newKstate().nft
+	return nil
+}
+func (k *fakeKernel) listRules() ([]kRule, error) { return slices.Clone(k.rules), nil }
+func (k *fakeKernel) addRule(r kRule) error {
+	k.log("rule add v6=%v pref %d mark %#x table %d", r.v6, r.prio, r.mark, r.table)
+	k.rules = append(k.rules, r)
+	return nil
+}
+func (k *fakeKernel) delRule(r kRule) error {
+	k.log("rule del v6=%v pref %d mark %#x table %d", r.v6, r.prio, r.mark, r.table)
+	i := slices.IndexFunc(k.rules, func(x kRule) bool {
+		return x.v6 == r.v6 && x.prio == r.prio && x.mark == r.mark && x.table == r.table
+	})
+	if i < 0 {
+		return fmt.Errorf("no such rule")
+	}
+	k.rules = slices.Delete(k.rules, i, i+1)
+	return nil
+}
+func (k *fakeKernel) listRoutes() ([]kRoute, error) { return slices.Clone(k.routes), nil }
+func (k *fakeKernel) replaceRoute(r kRoute) error {
+	k.log("route replace v6=%v table %d via %s", r.v6, r.table, r.gw)
+	k.routes = slices.DeleteFunc(k.routes, func(x kRoute) bool { return x.v6 == r.v6 && x.table == r.table && x.dst == r.dst })
+	k.routes = append(k.routes, r)
+	return nil
+}
+func (k *fakeKernel) delRoute(r kRoute) error {
+	k.log("route del v6=%v table %d", r.v6, r.table)
+	k.routes = slices.DeleteFunc(k.routes, func(x kRoute) bool { return x.v6 == r.v6 && x.table == r.table && x.dst == r.dst })
+	return nil
+}
+func (k *fakeKernel) listServices() ([]kService, error) {
+	var out []kService
+	for sk, d := range k.svcs {
+		out = append(out, kService{v6: sk.v6, mark: sk.mark, dests: d})
+	}
+	return out, nil
+}
+func (k *fakeKernel) addService(s kService) error {
+	k.log("svc add v6=%v mark %#x", s.v6, s.mark)
+	k.svcs[svcKey{s.v6, s.mark}] = s.dests
+	return nil
+}
+func (k *fakeKernel) delService(s kService) error {
+	k.log("svc del v6=%v mark %#x", s.v6, s.mark)
+	delete(k.svcs, svcKey{s.v6, s.mark})
+	return nil
+}
+func (k *fakeKernel) close() error { return nil }
+
+func (k *fakeKernel) take() []string { o := k.ops; k.ops = nil; return o }
+
+var (
+	pA = netip.MustParseAddr("198.51.100.101")
+	pB = netip.MustParseAddr("2001:db8:100::66")
+	sA = netip.MustParsePrefix("10.1.0.0/27")
+	sB = netip.MustParsePrefix("2001:db8:aa::/64")
+)
+
+func unitDesired() *Desired {
+	return &Desired{
+		VIPs: []netip.Addr{netip.MustParseAddr("203.0.113.1")},
+		Nodes: []Node{
+			{Mark: 1, Name: "n1", Addr: netip.MustParseAddr("192.0.2.11"), Addr6: netip.MustParseAddr("2001:db8:2::b"), Active: true},
+			{Mark: 2, Name: "n2", Addr: netip.MustParseAddr("192.0.2.12"), Active: true},
+		},
+		Peers:   map[netip.Addr]uint16{pA: 1, pB: 2},
+		Subnets: map[netip.Prefix]uint16{sA: 1, sB: 2},
+	}
+}
+
+func mustSync(t *testing.T, dp *dataplane, d *Desired) Stats {
+	t.Helper()
+	st, err := dp.Sync(context.Background(), d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st
+}
+
+func TestDiffAddIdempotentMoveRemove(t *testing.T) {
+	for _, ipvs := range []bool{false, true} {
+		t.Run(fmt.Sprintf("ipvs=%v", ipvs), func(t *testing.T) {
+			k := newFakeKernel(ipvs)
+			dp, err := newDataplane(Config{}, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wantMode := map[bool]Mode{false: ModeRouteOnly, true: ModeIPVS}[ipvs]
+			if dp.Mode() != wantMode {
+				t.Fatalf("mode %s", dp.Mode())
+			}
+			d := unitDesired()
+			st := mustSync(t, dp, d)
+			ops := k.take()
+			// routes: n1 v4+v6, n2 v4; rules likewise; 2 local moves.
+			svcs := 0
+			if ipvs {
+				svcs = 3
+			}
+			if got := countPrefix(ops, "route replace"); got != 3 {
+				t.Errorf("route ops %d: %v", got, ops)
+			}
+			if got := countPrefix(ops, "svc add"); got != svcs {
+				t.Errorf("svc ops %d: %v", got, ops)
+			}
+			if got := countPrefix(ops, "nft "); got != 1 {
+				t.Errorf("nft transactions %d: %v", got, ops)
+			}
+			t.Logf("first sync %+v: %v", st, ops)
+
+			// Idempotence.
+			if st := mustSync(t, dp, d); st.Added+st.Changed+st.Removed != 0 || len(k.ops) != 0 {
+				t.Fatalf("second sync: %+v %v", st, k.take())
+			}
+			// Move one peer by Sync.
+			d.Peers[pA] = 2
+			st = mustSync(t, dp, d)
+			if ops := k.take(); st.Changed != 1 || len(ops) != 1 || !strings.HasPrefix(ops[0], "nft recreate=false chain=false +0 ~1 -0") {
+				t.Fatalf("move: %+v %v", st, ops)
+			}
+			// Move by Update, one transaction.
+			st, err = dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 1}, DeleteSubnets: []netip.Prefix{sB}, SetSubnets: map[netip.Prefix]uint16{netip.MustParsePrefix("10.9.0.0/27"): 2}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ops := k.take(); st.Changed != 1 || st.Removed != 1 || st.Added != 1 || len(ops) != 1 {
+				t.Fatalf("update: %+v %v", st, ops)
+			}
+			// Updating to the same owner changes nothing.
+			st, _ = dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 1}})
+			if st.Added+st.Changed+st.Removed != 0 || len(k.take()) != 0 {
+				t.Fatalf("no-op update: %+v", st)
+			}
+			// Unknown owner is refused.
+			if _, err := dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 9}}); err == nil {
+				t.Fatal("update to unknown mark accepted")
+			}
+			// Node removal: node 2 goes, its tunnels move to 1.
+			d = unitDesired()
+			d.Nodes = d.Nodes[:1]
+			d.Peers[pB] = 1
+			d.Subnets[sB] = 1
+			st = mustSync(t, dp, d)
+			ops = k.take()
+			if countPrefix(ops, "route del") != 1 || countPrefix(ops, "rule del") != 1 {
+				t.Fatalf("node removal: %v", ops)
+			}
+			if ipvs && countPrefix(ops, "svc del") != 1 {
+				t.Fatalf("node removal services: %v", ops)
+			}
+			// nft must stop pointing at mark 2 before its route goes.
+			if i, j := slices.IndexFunc(ops, func(s string) bool { return strings.HasPrefix(s, "nft") }), slices.IndexFunc(ops, func(s string) bool { return strings.HasPrefix(s, "route del") }); i > j {
+				t.Fatalf("route removed before the maps moved: %v", ops)
+			}
+			t.Logf("node removal %+v: %v", st, ops)
+			// Full replace.
+			d2 := unitDesired()
+			d2.Peers = map[netip.Addr]uint16{netip.MustParseAddr("198.51.100.200"): 2}
+			d2.Subnets = map[netip.Prefix]uint16{netip.MustParsePrefix("10.2.0.0/27"): 1}
+			st = mustSync(t, dp, d2)
+			if st.Removed < 4 {
+				t.Fatalf("replace: %+v %v", st, k.take())
+			}
+			k.take()
+			got, err := dp.Read(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(got.Peers) != 1 || got.Peers[netip.MustParseAddr("198.51.100.200")] != 2 || len(got.Subnets) != 1 || len(got.Nodes) != 2 {
+				t.Fatalf("read back %+v", got)
+			}
+			// Teardown restores the local rules and removes the rest.
+			if err := dp.Teardown(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			if len(k.routes) != 0 || len(k.svcs) != 0 || k.nft.table || len(k.rules) != 4 {
+				t.Fatalf("after teardown: routes %v svcs %v table %v rules %v", k.routes, k.svcs, k.nft.table, k.rules)
+			}
+		})
+	}
+}
+
+func countPrefix(ops []string, p string) int {
+	n := 0
+	for _, o := range ops {
+		if strings.HasPrefix(o, p) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestDiffAdoptWithDifferences starts a second Dataplane over a kernel a
+// previous run programmed and that then drifted: only the difference is
+// applied, nothing is recreated.
+func TestDiffAdoptWithDifferences(t *testing.T) {
+	k := newFakeKernel(true)
+	dp, _ := newDataplane(Config{}, k)
+	d := unitDesired()
+	mustSync(t, dp, d)
+	k.take()
+	// A restart with a drifted kernel and a changed desire.
+	delete(k.nft.peers, pA)
+	k.nft.subnets[netip.MustParsePrefix("10.7.0.0/27")] = 0x7d000001
+	k.routes = k.routes[1:]
+	d.Peers[pB] = 1
+	dp2, err := newDataplane(Config{}, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := mustSync(t, dp2, d)
+	ops := k.take()
+	if st.Added != 2 || st.Changed != 1 || st.Removed != 1 {
+		t.Fatalf("adopt stats %+v, ops %v", st, ops)
+	}
+	for _, o := range ops {
+		if strings.Contains(o, "recreate=true") || strings.Contains(o, "chain=true") || strings.HasPrefix(o, "svc") || strings.HasPrefix(o, "rule") {
+			t.Fatalf("adopt did more than the difference: %v", ops)
+		}
+	}
+	if st := mustSync(t, dp2, d); st.Added+st.Changed+st.Removed != 0 {
+		t.Fatalf("sync after adopt: %+v", st)
+	}
+}
+
+func TestDiffRefusesForeign(t *testing.T) {
+	k := newFakeKernel(false)
+	k.rules = append(k.rules, kRule{prio: 50, mark: 0x7d000005, mask: 0xffffffff, table: 9})
+	if _, err := newDataplane(Config{}, k); err == nil || !strings.Contains(err.Error(), "mark range") {
+		t.Fatalf("foreign mark: %v", err)
+	}
+	k = newFakeKernel(false)
+	k.rules = append(k.rules, kRule{prio: 7, table: 20010})
+	if _, err := newDataplane(Config{}, k); err == nil || !strings.Contains(err.Error(), "routing table 20010") {
+		t.Fatalf("foreign table: %v", err)
+	}
+	k = newFakeKernel(false)
+	if _, err := newDataplane(Config{Mode: ModeIPVS}, k); err == nil {
+		t.Fatal("ModeIPVS without IPVS accepted")
+	}
+}
+
+func TestHashChangeRebuildsChain(t *testing.T) {
+	k := newFakeKernel(false)
+	dp, _ := newDataplane(Config{}, k)
+	d := unitDesired()
+	mustSync(t, dp, d)
+	k.take()
+	d.Nodes[1].Active = false
+	mustSync(t, dp, d)
+	ops := k.take()
+	if len(ops) != 1 || !strings.Contains(ops[0], "chain=true") {
+		t.Fatalf("deactivating a node: %v", ops)
+	}
+	if k.nft.sig != chainSig(ModeRouteOnly, 0, 1) || len(k.nft.hash) != 1 {
+		t.Fatalf("sig %q hash %v", k.nft.sig, k.nft.hash)
+	}
+}
+
+func TestIntervalsRoundTrip(t *testing.T) {
+	in := map[netip.Prefix]uint32{
+		netip.MustParsePrefix("10.0.0.0/27"):        1,
+		netip.MustParsePrefix("10.0.0.32/27"):       2, // adjacent
+		netip.MustParsePrefix("255.255.255.224/27"): 3, // no end element
+		netip.MustParsePrefix("0.0.0.0/8"):          4,
+	}
+	var els = intervalElemsFor(in)
+	out := map[netip.Prefix]uint32{}
+	if !intervalsToPrefixes(els, false, out) {
+		t.Fatal("not prefixes")
+	}
+	if fmt.Sprint(out) != fmt.Sprint(in) {
+		t.Fatalf("got %v want %v", out, in)
+	}
+}

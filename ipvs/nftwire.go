@@ -1,0 +1,302 @@
+package ipvs
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"syscall"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/userdata"
+	mdnl "github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// nftTransport carries google/nftables batches to the kernel and back.
+//
+// It exists for two reasons. First, google/nftables v0.3.0 cannot tag a
+// map's data byte order: without NFTNL_UDATA_SET_DATABYTEORDER=host in a
+// set's user data, nft(8) prints host-endian marks byte-swapped (the kernel
+// uses them correctly either way). The transport adds that tag to the
+// NEWSET of every map whose data is a mark. Second, google/nftables' Flush
+// can miss an error reply in the middle of a batch when all replies arrive
+// in one read; the transport reads every reply itself and fails the batch
+// on any error, naming the message.
+type nftTransport struct {
+	c *mdnl.Conn
+}
+
+const (
+	udataByteorderHost = 1 // nft's BYTEORDER_HOST_ENDIAN
+	ackTimeout         = 60 * time.Second
+)
+
+var newSetType = mdnl.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWSET)
+
+// markDataMaps are the maps whose data is a host-endian mark.
+var markDataMaps = map[string]bool{"peers4": true, "peers6": true, "subnets4": true, "subnets6": true, hashMapName: true}
+
+func dialTransport(nsfd int) (*nftTransport, error) {
+	c, err := mdnl.Dial(unix.NETLINK_NETFILTER, &mdnl.Config{NetNS: nsfd})
+	if err != nil {
+		return nil, fmt.Errorf("dial netfilter netlink: %w", err)
+	}
+	if err := forceBuffers(c); err != nil {
+		c.Close()
+		return nil, err
+	}
+	// The kernel reports errors of the whole batch; ask it for extended
+	// error text too.
+	_ = c.SetOption(mdnl.ExtendedAcknowledge, true)
+	return &nftTransport{c: c}, nil
+}
+
+// conn returns a google/nftables connection whose batches go through t.
+func (t *nftTransport) conn() (*nftables.Conn, error) {
+	return nftables.New(nftables.WithTestDial(t.roundTrip))
+}
+
+func (t *nftTransport) close() error { return t.c.Close() }
+
+// tagDataByteorder adds the data byte order to a NEWSET of a mark map.
+func tagDataByteorder(m mdnl.Message) (mdnl.Message, error) {
+	if m.Header.Type != newSetType || len(m.Data) < 4 {
+		return m, nil
+	}
+	attrs, err := mdnl.UnmarshalAttributes(m.Data[4:])
+	if err != nil {
+		return m, fmt.Errorf("decode NEWSET: %w", err)
+	}
+	name := ""
+	ud := -1
+	for i, a := range attrs {
+		switch a.Type {
+		case unix.NFTA_SET_NAME:
+			name = string(a.Data[:max(0, len(a.Data)-1)])
+		case unix.NFTA_SET_USERDATA:
+			ud = i
+		}
+	}
+	if !markDataMaps[name] {
+		return m, nil
+	}
+	if ud < 0 {
+		attrs = append(attrs, mdnl.Attribute{Type: unix.NFTA_SET_USERDATA})
+		ud = len(attrs) - 1
+	}
+	attrs[ud].Data = userdata.AppendUint32(attrs[ud].Data, userdata.NFTNL_UDATA_SET_DATABYTEORDER, udataByteorderHost)
+	// Decoded attributes keep their old length, which marshalling trusts.
+	attrs[ud].Length = uint16(4 + len(attrs[ud].Data))
+	b, err := mdnl.MarshalAttributes(attrs)
+	if err != nil {
+		return m, fmt.Errorf("encode NEWSET: %w", err)
+	}
+	m.Data = append(m.Data[:4:4], b...)
+	// Let the socket recompute the length of the grown message.
+	m.Header.Length = 0
+	return m, nil
+}
+
+// roundTrip is an nltest.Func: it sends req for real and returns all
+// replies; nil req is google/nftables polling for more, answered with EOF.
+func (t *nftTransport) roundTrip(req []mdnl.Message) ([]mdnl.Message, error) {
+	if req == nil {
+		return nil, io.EOF
+	}
+	want := 0
+	dump := false
+	for i := range req {
+		m, err := tagDataByteorder(req[i])
+		if err != nil {
+			return nil, err
+		}
+		req[i] = m
+		if m.Header.Flags&mdnl.Dump == mdnl.Dump {
+			dump = true
+		} else if m.Header.Flags&mdnl.Acknowledge != 0 {
+			want++
+		}
+	}
+	if _, err := t.c.SendMessages(req); err != nil {
+		return nil, fmt.Errorf("send nftables batch of %d messages: %w", len(req), err)
+	}
+	if dump {
+		return t.c.Receive()
+	}
+	if err := t.c.SetReadDeadline(time.Now().Add(ackTimeout)); err != nil {
+		return nil, err
+	}
+	defer t.c.SetReadDeadline(time.Time{})
+	var replies []mdnl.Message
+	var errs []error
+	got := 0
+	for got < want {
+		msgs, err := t.c.Receive()
+		if err != nil {
+			var oe *mdnl.OpError
+			if errors.As(err, &oe) && oe.Err != nil && len(msgs) == 0 {
+				// mdlayher returns a reply carrying an errno as an
+				// error; it is still one reply.
+				got++
+				errs = append(errs, fmt.Errorf("message %d: %w", got, err))
+				if errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.ETIMEDOUT) || errors.Is(err, io.EOF) {
+					return nil, errors.Join(errs...)
+				}
+				continue
+			}
+			return nil, errors.Join(append(errs, fmt.Errorf("read nftables replies (%d of %d): %w", got, want, err))...)
+		}
+		for _, m := range msgs {
+			if m.Header.Type == mdnl.Error {
+				got++
+			}
+		}
+		replies = append(replies, msgs...)
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	// google/nftables expects the last reply to be the ack of its first
+	// read; hand it one success ack and swallow the rest (all checked).
+	for _, m := range replies {
+		if m.Header.Type == mdnl.Error {
+			return []mdnl.Message{m}, nil
+		}
+	}
+	return replies, nil
+}
+
+// dumpBuf is the receive buffer for element dumps. The kernel sizes each
+// dump skb after the largest buffer the reader has offered (up to 32 KiB);
+// mdlayher/netlink offers a page, and because the kernel re-walks a set
+// from the start for every dump skb, 4 KiB chunks made a 200,000-element
+// interval dump take about 9 s.
+const dumpBuf = 1 << 20
+
+// dumpElems returns the elements of set name in table, decoded by
+// decodeElems.
+func (t *nftTransport) dumpElems(table, name string) ([]nftables.SetElement, error) {
+	b, err := mdnl.MarshalAttributes([]mdnl.Attribute{
+		{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: []byte(table + "\x00")},
+		{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: []byte(name + "\x00")},
+	})
+	if err != nil {
+		return nil, err
+	}
+	req := mdnl.Message{
+		Header: mdnl.Header{Type: mdnl.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETSETELEM), Flags: mdnl.Request | mdnl.Dump},
+		Data:   append([]byte{unix.NFPROTO_INET, unix.NFNETLINK_V0, 0, 0}, b...),
+	}
+	sent, err := t.c.Send(req)
+	if err != nil {
+		return nil, fmt.Errorf("request dump of set %s: %w", name, err)
+	}
+	rc, err := t.c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, dumpBuf)
+	var out []nftables.SetElement
+	for {
+		var n int
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			n, _, rerr = unix.Recvfrom(int(fd), buf, 0)
+			return rerr != unix.EAGAIN
+		})
+		if err == nil {
+			err = rerr
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read dump of set %s: %w", name, err)
+		}
+		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
+		if err != nil {
+			return nil, fmt.Errorf("parse dump of set %s: %w", name, err)
+		}
+		for _, m := range msgs {
+			if m.Header.Seq != sent.Header.Sequence {
+				continue // a stray reply of an earlier request
+			}
+			switch m.Header.Type {
+			case unix.NLMSG_DONE:
+				return out, nil
+			case unix.NLMSG_ERROR:
+				if len(m.Data) >= 4 {
+					if errno := int32(nativeUint32(m.Data[:4])); errno != 0 {
+						return nil, fmt.Errorf("dump of set %s: %w", name, syscall.Errno(-errno))
+					}
+				}
+				return out, nil
+			}
+			if len(m.Data) < 4 {
+				continue
+			}
+			els, err := decodeElems(m.Data[4:])
+			if err != nil {
+				return nil, fmt.Errorf("decode dump of set %s: %w", name, err)
+			}
+			out = append(out, els...)
+		}
+	}
+}
+
+func nativeUint32(b []byte) uint32 {
+	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
+}
+
+// decodeElems decodes the element list of one NEWSETELEM message: keys,
+// data values and the interval-end flag.
+func decodeElems(b []byte) ([]nftables.SetElement, error) {
+	var out []nftables.SetElement
+	ad, err := mdnl.NewAttributeDecoder(b)
+	if err != nil {
+		return nil, err
+	}
+	for ad.Next() {
+		if ad.Type() != unix.NFTA_SET_ELEM_LIST_ELEMENTS {
+			continue
+		}
+		ad.Nested(func(list *mdnl.AttributeDecoder) error {
+			for list.Next() {
+				if list.Type() != unix.NFTA_LIST_ELEM {
+					continue
+				}
+				var e nftables.SetElement
+				list.Nested(func(el *mdnl.AttributeDecoder) error {
+					for el.Next() {
+						switch el.Type() {
+						case unix.NFTA_SET_ELEM_KEY:
+							el.Nested(func(v *mdnl.AttributeDecoder) error {
+								for v.Next() {
+									if v.Type() == unix.NFTA_DATA_VALUE {
+										e.Key = v.Bytes()
+									}
+								}
+								return nil
+							})
+						case unix.NFTA_SET_ELEM_DATA:
+							el.Nested(func(v *mdnl.AttributeDecoder) error {
+								for v.Next() {
+									if v.Type() == unix.NFTA_DATA_VALUE {
+										e.Val = v.Bytes()
+									}
+								}
+								return nil
+							})
+						case unix.NFTA_SET_ELEM_FLAGS:
+							el.ByteOrder = binary.BigEndian
+							e.IntervalEnd = el.Uint32()&unix.NFT_SET_ELEM_INTERVAL_END != 0
+						}
+					}
+					return nil
+				})
+				out = append(out, e)
+			}
+			return nil
+		})
+	}
+	return out, ad.Err()
+}

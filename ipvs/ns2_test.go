@@ -1,0 +1,264 @@
+package ipvs
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/tunneldirector/tunneldirector/internal/netlab"
+)
+
+// TestNSHashPickMatchesKernel sends ESP and IKE from many unknown source
+// addresses and checks that each lands on the node HashPick predicts, for
+// three and then two active nodes, IPv4 and IPv6.
+func TestNSHashPickMatchesKernel(t *testing.T) {
+	l := newLab(t, Config{})
+	ctx := context.Background()
+	p := l.peers[3]
+	var srcs []netip.Addr
+	for i := 0; i < 48; i++ {
+		a4 := netip.AddrFrom4([4]byte{198, 51, 100, byte(150 + i)})
+		a6 := netip.MustParseAddr(fmt.Sprintf("2001:db8:100::%x:%x", 0x1000+i*7919%0xefff, i*31337%0xffff))
+		for _, a := range []netip.Addr{a4, a6} {
+			if err := p.AddAddr(netlab.IfOutside, netip.PrefixFrom(a, a.BitLen())); err != nil {
+				t.Fatal(err)
+			}
+			srcs = append(srcs, a)
+		}
+	}
+	for round, active := range [][]uint16{{1, 2, 3}, {1, 3}} {
+		for i := range l.des.Nodes {
+			l.des.Nodes[i].Active = false
+			for _, m := range active {
+				if l.des.Nodes[i].Mark == m {
+					l.des.Nodes[i].Active = true
+				}
+			}
+		}
+		if _, err := l.dp.Sync(ctx, l.des); err != nil {
+			t.Fatal(err)
+		}
+		hits := map[uint16]int{}
+		for _, src := range srcs {
+			want := HashPick(src, l.des.HashSeed, active)
+			hits[want]++
+			kind := "esp"
+			if src.Is4() && src.As4()[3]%2 == 0 || src.Is6() && src.As16()[15]%2 == 0 {
+				kind = "ike"
+			}
+			tag := fmt.Sprintf("h%d-%s-%s", round, kind, src)
+			if err := send(p, kind, src, l.vip(src.Is6()), tag); err != nil {
+				t.Fatal(err)
+			}
+			l.expectAt(t, int(want-1), tag)
+		}
+		t.Logf("round %d, active %v: %d addresses agreed with HashPick, spread %v", round, active, len(srcs), hits)
+	}
+}
+
+// TestNSDriftRepair removes objects behind the Dataplane's back and
+// checks that Verify puts them back and counts the repairs.
+func TestNSDriftRepair(t *testing.T) {
+	l := newLab(t, Config{})
+	ctx := context.Background()
+	if _, err := l.dp.Sync(ctx, l.des); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+		t.Fatalf("verify of an untouched kernel: %+v, %v", st, err)
+	}
+	verify := func(what string, min int) {
+		t.Helper()
+		st, err := l.dp.Verify(ctx)
+		if err != nil {
+			t.Fatalf("verify after %s: %v", what, err)
+		}
+		n := st.Added + st.Changed + st.Removed
+		if n < min {
+			t.Fatalf("verify after %s repaired %d (%+v), want >= %d", what, n, st, min)
+		}
+		t.Logf("%s: verify repaired %+v", what, st)
+		if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+			t.Fatalf("second verify after %s: %+v, %v", what, st, err)
+		}
+		l.checkPeers(t, what, []int{0, 1, 2})
+		l.checkSubnets(t, what, 1, 2)
+	}
+
+	c, err := l.dir.Nft()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.DelTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: "tunneldirector"})
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	verify("table-deleted", 10)
+
+	if _, err := l.dir.Run(ctx, "nft", "delete", "element", "inet", "tunneldirector", "peers4", "{", l.peers[0].If(netlab.IfOutside).Addr4.String(), "}"); err != nil {
+		netlab.Require(t, "nft binary", err)
+	}
+	verify("peer-element-deleted", 1)
+
+	if _, err := l.dir.Run(ctx, "nft", "flush", "chain", "inet", "tunneldirector", "prerouting"); err != nil {
+		t.Fatal(err)
+	}
+	verify("chain-flushed", 1)
+
+	mask := uint32(0xff001fff)
+	r := netlink.NewRule()
+	r.Family, r.Priority, r.Mark, r.Mask, r.Table = unix.AF_INET, 100, 0x7d000001, &mask, 20001
+	if err := l.dir.Handle().RuleDel(r); err != nil {
+		t.Fatal(err)
+	}
+	verify("rule-deleted", 1)
+
+	rt := &netlink.Route{Family: unix.AF_INET6, Table: 20003, Dst: prefixNet(netip.MustParsePrefix("::/0"))}
+	if err := l.dir.Handle().RouteDel(rt); err != nil {
+		t.Fatal(err)
+	}
+	verify("route-deleted", 1)
+
+	lr := netlink.NewRule()
+	lr.Family, lr.Priority, lr.Table = unix.AF_INET, 0, unix.RT_TABLE_LOCAL
+	if err := l.dir.Handle().RuleAdd(lr); err != nil {
+		t.Fatal(err)
+	}
+	verify("local-rule-back-at-0", 1)
+}
+
+// TestNSAdoptWithoutInterruption starts a second Dataplane on a programmed
+// namespace while a peer sends continuously: its Sync must change nothing
+// and no packet may be lost or misdelivered.
+func TestNSAdoptWithoutInterruption(t *testing.T) {
+	l := newLab(t, Config{})
+	ctx := context.Background()
+	if _, err := l.dp.Sync(ctx, l.des); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	p := l.peers[0]
+	src := p.If(netlab.IfOutside).Addr4
+	conn, err := p.UDPSocket(netip.AddrPortFrom(src, 4500))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	sent := 0
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := conn.WriteToUDPAddrPort([]byte(fmt.Sprintf("adopt-%05d", sent)), netip.AddrPortFrom(l.top.VIP4, 4500)); err != nil {
+				t.Error(err)
+				return
+			}
+			sent++
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	dp2, err := newInNamespace(Config{}, l.dir.NsHandle(), l.dir.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp2.Close()
+	st, err := dp2.Sync(ctx, l.des)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if st.Added+st.Changed+st.Removed != 0 {
+		t.Fatalf("adopting sync changed the kernel: %+v", st)
+	}
+	isAdopt := func(pk netlab.Packet) bool { return strings.HasPrefix(pk.Tag, "adopt-") }
+	deadline := time.Now().Add(2 * time.Second)
+	for l.caps[0].Count(isAdopt) < sent && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	got := l.caps[0].Count(isAdopt)
+	if got != sent || l.caps[1].Count(isAdopt)+l.caps[2].Count(isAdopt) != 0 {
+		t.Fatalf("sent %d during adoption: %d at the owner, %d/%d elsewhere", sent, got, l.caps[1].Count(isAdopt), l.caps[2].Count(isAdopt))
+	}
+	t.Logf("adoption: sync %+v; %d packets sent during it, all at the owner", st, sent)
+}
+
+// TestNSTeardownAndForeign checks that Teardown leaves only what was there
+// before, and that a foreign rule or route in the director's ranges stops
+// the constructor with an error naming it.
+func TestNSTeardownAndForeign(t *testing.T) {
+	l := newLab(t, Config{})
+	ctx := context.Background()
+	h := l.dir.Handle()
+	snapshot := func() string {
+		var b strings.Builder
+		for _, f := range []int{unix.AF_INET, unix.AF_INET6} {
+			rs, _ := h.RuleList(f)
+			for _, r := range rs {
+				fmt.Fprintf(&b, "rule %d %d %#x %d\n", f, r.Priority, r.Mark, r.Table)
+			}
+			rts, _ := h.RouteListFiltered(f, &netlink.Route{Table: unix.RT_TABLE_UNSPEC}, netlink.RT_FILTER_TABLE)
+			for _, r := range rts {
+				if r.Table != unix.RT_TABLE_LOCAL {
+					fmt.Fprintf(&b, "route %d %v %v %d\n", f, r.Dst, r.Gw, r.Table)
+				}
+			}
+		}
+		return b.String()
+	}
+	before := snapshot()
+	if _, err := l.dp.Sync(ctx, l.des); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.dp.Teardown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if after := snapshot(); after != before {
+		t.Fatalf("teardown left a difference:\nbefore:\n%s\nafter:\n%s", before, after)
+	}
+	out, _ := l.dir.Run(ctx, "nft", "list", "tables")
+	if strings.Contains(string(out), "tunneldirector") {
+		t.Fatalf("table still present: %s", out)
+	}
+
+	r := netlink.NewRule()
+	r.Family, r.Priority, r.Table = unix.AF_INET, 100, 777
+	if err := h.RuleAdd(r); err != nil {
+		t.Fatal(err)
+	}
+	_, err := newInNamespace(Config{}, l.dir.NsHandle(), l.dir.Path())
+	if err == nil || !strings.Contains(err.Error(), "rule priority 100") {
+		t.Fatalf("foreign rule at pref 100: err %v", err)
+	}
+	t.Logf("refused: %v", err)
+	if err := h.RuleDel(r); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.dir.AddRoute(netlab.Route{Dst: netip.MustParsePrefix("0.0.0.0/0"), Via: l.top.Nodes[0].If(netlab.IfInside).Addr4, Table: 20005}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = newInNamespace(Config{}, l.dir.NsHandle(), l.dir.Path())
+	if err == nil || !strings.Contains(err.Error(), "routing table 20005") {
+		t.Fatalf("foreign route in table 20005: err %v", err)
+	}
+	t.Logf("refused: %v", err)
+}
