@@ -1,5 +1,3 @@
-// Package sim generates farms and (later) replays their life through the
-// director's real core.
 package sim
 
 import (
@@ -23,6 +21,10 @@ type FarmSpec struct {
 	IPv6Share float64
 	// PinnedShare is the share of tunnels (0..1) the NMS pinned to a node.
 	PinnedShare float64
+	// Subnet4Bits is the length of the IPv4 subnets (0 means 27). Longer
+	// prefixes fit more tunnels in 10.0.0.0/7: /27 holds a million
+	// subnets, /29 four million.
+	Subnet4Bits int
 }
 
 // Farm is a generated set of nodes and tunnels, ready to write as NMS
@@ -46,6 +48,13 @@ func GenerateFarm(spec FarmSpec) (*Farm, error) {
 	if spec.MaxSubnets < 1 {
 		spec.MaxSubnets = 1
 	}
+	if spec.Subnet4Bits == 0 {
+		spec.Subnet4Bits = 27
+	}
+	if spec.Subnet4Bits < 8 || spec.Subnet4Bits > 32 {
+		return nil, fmt.Errorf("generate farm: IPv4 subnet length /%d (want 8..32)", spec.Subnet4Bits)
+	}
+	host := uint(32 - spec.Subnet4Bits)
 	r := rand.New(rand.NewPCG(spec.Seed, 0x7d))
 	f := &Farm{}
 	for i := 0; i < spec.Nodes; i++ {
@@ -71,10 +80,10 @@ func GenerateFarm(spec FarmSpec) (*Farm, error) {
 			p := 100<<24 | 64<<16 + uint32(i) // 100.64.0.0/10 holds 4M peers
 			tu.Peer = netip.AddrFrom4([4]byte{byte(p >> 24), byte(p >> 16), byte(p >> 8), byte(p)})
 			for k := 0; k < n; k++ {
-				x := next4 << 5
+				x := next4 << host
 				next4++
 				a := uint32(10<<24) + uint32(x)
-				tu.Subnets = append(tu.Subnets, netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), 27))
+				tu.Subnets = append(tu.Subnets, netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), spec.Subnet4Bits))
 			}
 		}
 		if r.Float64() < spec.PinnedShare {
@@ -83,7 +92,7 @@ func GenerateFarm(spec FarmSpec) (*Farm, error) {
 		}
 		f.Tunnels = append(f.Tunnels, tu)
 	}
-	if next4<<5 > 1<<25 { // 10.0.0.0/8 and 11.0.0.0/8
+	if next4<<host > 1<<25 { // 10.0.0.0/8 and 11.0.0.0/8
 		return nil, fmt.Errorf("generate farm: %d IPv4 subnets do not fit in 10.0.0.0/7", next4)
 	}
 	return f, nil

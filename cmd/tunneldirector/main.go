@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/spf13/cobra"
@@ -28,6 +29,9 @@ const defaultDB = "/var/lib/tunneldirector/tunneldirector.db"
 // globals are the flags every command shares.
 type globals struct {
 	db       string
+	socket   string
+	tcp      string
+	token    string
 	json     bool
 	logLevel string
 	epsilon  float64
@@ -48,7 +52,7 @@ func main() {
 func exitCode(err error) int {
 	var be *affinity.BatchError
 	var fe *nms.Errors
-	if errors.As(err, &be) || errors.As(err, &fe) || errors.Is(err, affinity.ErrConflict) || errors.Is(err, affinity.ErrInvalid) {
+	if errors.As(err, &be) || errors.As(err, &fe) || errors.Is(err, affinity.ErrConflict) || errors.Is(err, affinity.ErrInvalid) || errors.Is(err, director.ErrRefused) {
 		return 2
 	}
 	return 1
@@ -77,13 +81,17 @@ func newRoot(g *globals) *cobra.Command {
 		db = defaultDB
 	}
 	pf := root.PersistentFlags()
-	pf.StringVar(&g.db, "db", db, "store file (env TUNNELDIRECTOR_DB)")
+	pf.StringVar(&g.db, "db", db, "store file (env TUNNELDIRECTOR_DB); given explicitly, the CLI works on the file even when a daemon runs")
+	pf.StringVar(&g.socket, "socket", director.DefaultSocket, "a running daemon's API socket: used when it exists and --db is not given")
+	pf.StringVar(&g.tcp, "api", "", "a daemon's TCP API address:port (needs --token-file)")
+	pf.StringVar(&g.token, "token-file", "", "file holding the TCP API token")
 	pf.BoolVar(&g.json, "json", false, "print JSON for scripts instead of tables")
 	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn, error")
 	pf.Float64Var(&g.epsilon, "epsilon", affinity.DefaultEpsilon, "bounded-load slack for scheduling: no node above ceil((1+epsilon) x its share)")
 	root.AddCommand(
 		newImportCmd(g), newExportCmd(g), newShowCmd(g), newLookupCmd(g),
-		newNodeCmd(g), newRebalanceCmd(g), newStoreCmd(g), newGenCmd(g), newDemoCmd(g),
+		newNodeCmd(g), newRebalanceCmd(g), newStoreCmd(g), newGenCmd(g), newDemoCmd(g), newSimCmd(g),
+		newRunCmd(g), newTeardownCmd(g), newConfigCmd(g), newStatusCmd(g), newCtlCmd(g),
 	)
 	return root
 }
@@ -97,14 +105,45 @@ func (g *globals) openStore(readOnly bool) (*store.Store, error) {
 	})
 }
 
-// withService opens the store, runs fn, and closes the store.
-func (g *globals) withService(readOnly bool, fn func(*director.Service) error) error {
+// withOperator runs fn against a running daemon's API when one answers
+// (--api, or --socket when it exists and --db was not given), else against
+// the store file.
+func (g *globals) withOperator(cmd *cobra.Command, readOnly bool, fn func(director.Operator) error) error {
+	if c, err := g.client(cmd, false); err != nil || c != nil {
+		if err != nil {
+			return err
+		}
+		return fn(c)
+	}
 	st, err := g.openStore(readOnly)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
 	return fn(director.NewService(st))
+}
+
+// client returns an API client when the CLI should talk to a daemon, nil
+// when it should open the store itself. Commands only a daemon can answer
+// pass daemonOnly and ignore --db.
+func (g *globals) client(cmd *cobra.Command, daemonOnly bool) (*director.Client, error) {
+	if g.tcp != "" {
+		if g.token == "" {
+			return nil, errors.New("--api needs --token-file")
+		}
+		tok, err := os.ReadFile(g.token)
+		if err != nil {
+			return nil, fmt.Errorf("token file: %w", err)
+		}
+		return director.NewTCPClient(g.tcp, strings.TrimSpace(string(tok))), nil
+	}
+	if cmd.Flags().Changed("db") && !daemonOnly {
+		return nil, nil
+	}
+	if fi, err := os.Stat(g.socket); err == nil && fi.Mode()&os.ModeSocket != 0 {
+		return director.NewUnixClient(g.socket), nil
+	}
+	return nil, nil
 }
 
 // emitJSON prints v as indented JSON.

@@ -1,0 +1,761 @@
+package sim
+
+import (
+	"container/heap"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"runtime/debug"
+	"slices"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/store"
+)
+
+// Epoch is the virtual clock's zero: tables stamp changes with it plus the
+// virtual time, so stored times are the same on every run.
+var Epoch = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+
+// Options configures Run besides the scenario.
+type Options struct {
+	// Dir holds the two directors' stores; empty means a temporary
+	// folder (on /dev/shm when there is one) removed afterwards.
+	Dir string
+	// Progress, when set, is called now and then with the virtual time
+	// reached and the run's length.
+	Progress func(done, total time.Duration)
+	// NoCompare skips the strategy comparison.
+	NoCompare bool
+}
+
+// timer is one internal event on the virtual clock.
+type timer struct {
+	at       time.Duration
+	seq      uint64
+	fn       func()
+	periodic bool
+}
+
+type timers []timer
+
+func (h timers) Len() int { return len(h) }
+func (h timers) Less(i, j int) bool {
+	if h[i].at != h[j].at {
+		return h[i].at < h[j].at
+	}
+	return h[i].seq < h[j].seq
+}
+func (h timers) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *timers) Push(x any)   { *h = append(*h, x.(timer)) }
+func (h *timers) Pop() any {
+	old := *h
+	t := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return t
+}
+
+// tunnel is what the simulator knows about a live tunnel: where its SAs
+// are (the node its peer established on), independent of the table.
+type tunnel struct {
+	id     string
+	peer   netip.Addr
+	probes []netip.Addr // one address in each protected subnet
+	idx    int          // position in engine.live
+	// sa is the mark of the node holding the SAs; 0 while the tunnel
+	// waits for its first commit.
+	sa     uint16
+	saNode string
+	// reUntil is when a moved tunnel is back up on its new node; zero
+	// when it is established.
+	reUntil time.Duration
+	movedBy int // index of the event that last moved it, -1 for none
+	pending bool
+}
+
+type engine struct {
+	s     *Scenario
+	steps []Step
+	end   time.Duration
+	now   time.Duration
+	seq   uint64
+	heap  timers
+	pair  Pair
+
+	tunnels map[string]*tunnel
+	live    []*tunnel
+	marks   map[string]uint16 // node name -> mark, from committed changes
+	names   map[uint16]string
+	added   int // nodes added so far, for their addresses
+
+	pendingUp   []*tunnel
+	pendingUpTu map[string]affinity.Tunnel
+	pendingDown []string
+	touched     []*tunnel
+
+	cur      int // index of the event being carried out, -1 between events
+	revTime  map[uint64]time.Duration
+	rep      *Report
+	series   map[string][]int
+	sampleAt []time.Duration
+	lagSum   time.Duration
+	lagN     int
+	err      error
+}
+
+func (e *engine) Now() time.Duration { return e.now }
+
+func (e *engine) After(d time.Duration, fn func()) {
+	e.seq++
+	heap.Push(&e.heap, timer{at: e.now + d, seq: e.seq, fn: fn})
+}
+
+// Run plays a scenario's workload (generated from the scenario, or a
+// replayed trace given as steps) through two real directors and returns
+// the report.
+func Run(s *Scenario, steps []Step, o Options) (*Report, error) {
+	check := *s
+	if steps != nil {
+		// A replay's events come from its trace.
+		check.Events = nil
+	}
+	if err := check.Validate(); err != nil {
+		return nil, err
+	}
+	if steps == nil {
+		var err error
+		if steps, err = Workload(s); err != nil {
+			return nil, err
+		}
+	}
+	dir := o.Dir
+	if dir == "" {
+		base := ""
+		if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
+			base = "/dev/shm" // bbolt commits are fsyncs: memory makes them cheap
+		}
+		d, err := os.MkdirTemp(base, "tunneldirector-sim-")
+		if err != nil {
+			return nil, fmt.Errorf("simulate: %w", err)
+		}
+		defer os.RemoveAll(d)
+		dir = d
+	}
+	e := &engine{
+		s: s, steps: steps, end: s.Duration, cur: -1,
+		tunnels: map[string]*tunnel{}, marks: map[string]uint16{}, names: map[uint16]string{},
+		pendingUpTu: map[string]affinity.Tunnel{},
+		revTime:     map[uint64]time.Duration{},
+		series:      map[string][]int{},
+		rep:         newReport(s, steps),
+	}
+	e.end = runEnd(steps, s.Duration)
+	newPair := NewJournalPair
+	if s.Replication.Impl == ReplDirector {
+		newPair = NewDirectorPair
+	}
+	pair, err := newPair(PairOptions{
+		Dir:            dir,
+		Table:          affinity.Options{Epsilon: s.Epsilon, Now: func() time.Time { return Epoch.Add(e.now) }},
+		JournalChanges: s.Replication.JournalChanges,
+		Latency:        s.Replication.Latency,
+		Retransmit:     s.Replication.Retransmit,
+		Loss:           s.Replication.Loss,
+		Seed:           s.Seed,
+		OnCommit:       e.onCommit,
+		Applied:        e.applied,
+	}, e)
+	if err != nil {
+		return nil, err
+	}
+	defer pair.Close()
+	e.pair = pair
+	// The run holds every tunnel for its whole length: collecting often
+	// only burns the second core.
+	defer debug.SetGCPercent(debug.SetGCPercent(400))
+	e.rep.Replication.Mode = pair.Name()
+	if err := e.run(o); err != nil {
+		return nil, err
+	}
+	if !o.NoCompare {
+		e.rep.Compare = Compare(steps, s, e.rep)
+	}
+	return e.rep, nil
+}
+
+func (e *engine) run(o Options) error {
+	e.periodic(e.s.CommitEvery, func() { e.commitPending() })
+	e.periodic(e.s.FullCheckEvery, func() { e.sweep() })
+	e.periodic(e.s.SampleEvery, func() { e.sample() })
+	next := 0
+	lastProgress := time.Duration(-1)
+	for e.err == nil {
+		// Inputs go before internal events of the same instant: a tunnel
+		// that comes up at a commit tick is in that commit.
+		if next < len(e.steps) && (len(e.heap) == 0 || e.steps[next].At <= e.heap[0].at) {
+			st := &e.steps[next]
+			next++
+			e.now = st.At
+			e.step(st)
+			continue
+		}
+		if len(e.heap) == 0 {
+			break
+		}
+		if e.heap[0].at > e.end {
+			break
+		}
+		t := heap.Pop(&e.heap).(timer)
+		e.now = t.at
+		t.fn()
+		if o.Progress != nil && e.now-lastProgress >= time.Hour {
+			lastProgress = e.now
+			o.Progress(e.now, e.end)
+		}
+	}
+	if e.err != nil {
+		return e.err
+	}
+	e.now = e.end
+	e.commitPending()
+	e.drain()
+	e.sweep()
+	e.sample()
+	e.finish()
+	if o.Progress != nil {
+		o.Progress(e.end, e.end)
+	}
+	return nil
+}
+
+func (e *engine) periodic(every time.Duration, fn func()) {
+	var tick func()
+	tick = func() {
+		fn()
+		e.seq++
+		heap.Push(&e.heap, timer{at: e.now + every, seq: e.seq, fn: tick, periodic: true})
+	}
+	e.After(0, tick)
+}
+
+// drain lets what is under way at the end finish (replication in flight,
+// tunnels re-establishing), without new commits, sweeps or samples, for
+// at most an hour of virtual time.
+func (e *engine) drain() {
+	for len(e.heap) > 0 {
+		t := heap.Pop(&e.heap).(timer)
+		if t.periodic {
+			continue
+		}
+		if t.at > e.end+time.Hour {
+			break
+		}
+		e.now = t.at
+		t.fn()
+	}
+	e.now = e.end
+}
+
+func (e *engine) master() *store.Store { return e.pair.Master() }
+
+// onCommit sees every change a store committed. On the master it is where
+// the simulator learns what the real table decided: a new tunnel's owner is
+// where its peer establishes, and a changed owner moves the tunnel.
+func (e *engine) onCommit(st *store.Store, a *affinity.Applied) {
+	for i := range a.Changes {
+		c := &a.Changes[i]
+		if c.Kind == affinity.PutNode {
+			e.marks[c.Node.Name] = c.Node.Mark
+			e.names[c.Node.Mark] = c.Node.Name
+		}
+	}
+	if st != e.master() {
+		return
+	}
+	e.revTime[a.Revision] = e.now
+	e.rep.Totals.Commits++
+	for i := range a.Changes {
+		c := &a.Changes[i]
+		if c.Kind != affinity.PutTunnel {
+			continue
+		}
+		x := e.tunnels[c.Tunnel.ID]
+		if x == nil {
+			continue
+		}
+		switch {
+		case x.sa == 0:
+			x.sa, x.saNode = e.marks[c.Tunnel.Node], c.Tunnel.Node
+			x.pending = false
+			e.touched = append(e.touched, x)
+		case c.Tunnel.Node != x.saNode:
+			e.moved(x)
+		}
+	}
+	e.pair.Committed()
+}
+
+// moved starts a moved tunnel's re-establishment: its SAs are on the old
+// node until the peer comes back through the director to the new one.
+func (e *engine) moved(x *tunnel) {
+	e.rep.Traffic.Disruptions++
+	if e.cur >= 0 {
+		ev := &e.rep.Events[e.cur]
+		ev.Moves++
+		if ev.from == nil {
+			ev.from = map[string]int{}
+		}
+		ev.from[x.saNode]++
+	} else {
+		e.rep.Totals.UnattributedMoves++
+	}
+	x.movedBy = e.cur
+	x.reUntil = e.now + e.s.Reestablish
+	until := x.reUntil
+	e.After(e.s.Reestablish, func() {
+		if e.tunnels[x.id] != x || x.reUntil != until {
+			return // gone, or moved again since
+		}
+		x.reUntil = 0
+		if m, ok := e.master().Table().PeerMark(x.peer); ok {
+			x.sa, x.saNode = m, e.names[m]
+		}
+		if x.movedBy >= 0 {
+			ev := &e.rep.Events[x.movedBy]
+			ev.settled = max(ev.settled, e.now)
+		}
+		e.check(x)
+	})
+}
+
+func (e *engine) applied(rev uint64) {
+	for r, at := range e.revTime {
+		if r <= rev {
+			lag := e.now - at
+			e.lagSum += lag
+			e.lagN++
+			e.rep.Replication.MaxLagMs = max(e.rep.Replication.MaxLagMs, ms(lag))
+			delete(e.revTime, r)
+		}
+	}
+	for i := range e.rep.Events {
+		ev := &e.rep.Events[i]
+		if ev.rev != 0 && ev.rev <= rev && ev.replicated < 0 {
+			ev.replicated = e.now
+		}
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// step carries out one input.
+func (e *engine) step(st *Step) {
+	switch st.Kind {
+	case StepTunnelUp:
+		tu := st.Tunnel
+		if _, dup := e.tunnels[tu.ID]; dup {
+			e.rep.Totals.Refused++
+			e.rep.addRefusal(e.now, tu.ID, "tunnel id already up")
+			return
+		}
+		x := &tunnel{id: tu.ID, peer: tu.Peer, idx: len(e.live), movedBy: -1, pending: true}
+		for _, p := range tu.Subnets {
+			x.probes = append(x.probes, p.Addr().Next())
+		}
+		e.tunnels[tu.ID] = x
+		e.live = append(e.live, x)
+		e.pendingUp = append(e.pendingUp, x)
+		e.pendingUpTu[tu.ID] = tu
+		e.rep.Totals.Arrivals++
+	case StepEnd:
+	case StepTunnelDown:
+		x := e.tunnels[st.Tunnel.ID]
+		if x == nil {
+			return // refused when it came up, or never up
+		}
+		e.drop(x)
+		e.rep.Totals.Departures++
+		if x.pending {
+			delete(e.pendingUpTu, x.id)
+			return
+		}
+		e.pendingDown = append(e.pendingDown, x.id)
+	default:
+		e.event(st.Event)
+	}
+}
+
+func (e *engine) drop(x *tunnel) {
+	delete(e.tunnels, x.id)
+	last := e.live[len(e.live)-1]
+	e.live[x.idx] = last
+	last.idx = x.idx
+	e.live = e.live[:len(e.live)-1]
+}
+
+// commitPending commits the tunnels that came up or went down since the
+// last commit as one transaction, the director's group commit. When the
+// batch is refused (no node can take a tunnel), each change is committed
+// on its own and the refused ones are reported.
+func (e *engine) commitPending() {
+	if len(e.pendingUp) == 0 && len(e.pendingDown) == 0 {
+		return
+	}
+	batch := make([]affinity.Change, 0, len(e.pendingUp)+len(e.pendingDown))
+	for _, id := range e.pendingDown {
+		batch = append(batch, affinity.Change{Kind: affinity.DeleteTunnel, Name: id, Reason: "tunnel down"})
+	}
+	ups := e.pendingUp[:0:0]
+	for _, x := range e.pendingUp {
+		tu, ok := e.pendingUpTu[x.id]
+		if !ok {
+			continue
+		}
+		ups = append(ups, x)
+		batch = append(batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &tu, Reason: "tunnel up"})
+	}
+	e.pendingUp, e.pendingDown = e.pendingUp[:0], e.pendingDown[:0]
+	clear(e.pendingUpTu)
+	if _, err := e.master().Commit(batch); err != nil {
+		var be *affinity.BatchError
+		if !errors.As(err, &be) {
+			e.err = fmt.Errorf("simulate at %s: commit: %w", FormatDuration(e.now), err)
+			return
+		}
+		for i := range batch {
+			_, err := e.master().Commit(batch[i : i+1])
+			if err == nil || batch[i].Kind == affinity.DeleteTunnel {
+				continue // a tunnel the table lost (a crash) need not be deleted
+			}
+			if !errors.As(err, &be) {
+				e.err = fmt.Errorf("simulate at %s: commit: %w", FormatDuration(e.now), err)
+				return
+			}
+			id := batch[i].Tunnel.ID
+			e.rep.Totals.Refused++
+			e.rep.addRefusal(e.now, id, be.Errors[0].Err.Error())
+			if x := e.tunnels[id]; x != nil {
+				e.drop(x)
+			}
+		}
+	}
+	for _, x := range ups {
+		if e.tunnels[x.id] == x && x.pending {
+			// Committed but not reported: the table already held it.
+			x.pending = false
+		}
+	}
+	e.checkTouched()
+}
+
+func (e *engine) checkTouched() {
+	for _, x := range e.touched {
+		if e.tunnels[x.id] == x {
+			e.check(x)
+		}
+	}
+	e.touched = e.touched[:0]
+}
+
+// check sends the tunnel's sample packets through the master's table: the
+// peer's packets to the VIP by peer address, return traffic by an address
+// in each protected subnet. Every packet must reach the node holding the
+// SAs unless the tunnel is re-establishing after a move.
+func (e *engine) check(x *tunnel) {
+	if x.pending || x.reUntil != 0 || x.sa == 0 {
+		return
+	}
+	t := e.master().Table()
+	m, ok := t.PeerMark(x.peer)
+	e.rep.Traffic.Packets++
+	if !ok || m != x.sa {
+		e.violation(x, "peer "+x.peer.String()+" -> VIP", m, ok)
+	}
+	for _, a := range x.probes {
+		m, ok := t.SubnetMark(a)
+		e.rep.Traffic.Packets++
+		if !ok || m != x.sa {
+			e.violation(x, "VIP -> "+a.String(), m, ok)
+		}
+	}
+}
+
+func (e *engine) violation(x *tunnel, packet string, got uint16, ok bool) {
+	e.rep.Traffic.Violations++
+	if e.cur >= 0 {
+		e.rep.Events[e.cur].Violations++
+	}
+	if len(e.rep.Traffic.Examples) >= maxExamples {
+		return
+	}
+	g := "(no entry)"
+	if ok {
+		g = e.names[got]
+	}
+	e.rep.Traffic.Examples = append(e.rep.Traffic.Examples, Violation{
+		At: FormatDuration(e.now), Tunnel: x.id, Packet: packet, SAsOn: x.saNode, Reached: g,
+	})
+}
+
+const maxExamples = 20
+
+func (e *engine) sweep() {
+	for _, x := range e.live {
+		e.check(x)
+	}
+	e.rep.Traffic.Sweeps++
+}
+
+// sample records the tunnels per node and the balance over active nodes.
+func (e *engine) sample() {
+	t := e.master().Table()
+	counts := t.Counts()
+	var active []float64
+	for _, n := range t.Nodes() {
+		if _, ok := e.series[n.Name]; !ok {
+			e.series[n.Name] = make([]int, len(e.sampleAt))
+		}
+		if n.State == affinity.NodeActive {
+			active = append(active, load(counts[n.Name], n.Weight))
+		}
+	}
+	for name, s := range e.series {
+		e.series[name] = append(s, counts[name])
+	}
+	e.sampleAt = append(e.sampleAt, e.now)
+	e.rep.Balance.add(active)
+	behind := int(e.master().Revision()) - int(e.pair.Backup().Revision())
+	e.rep.Replication.MaxRevisionsBehind = max(e.rep.Replication.MaxRevisionsBehind, behind)
+}
+
+// event carries out a timed event: pending tunnels are committed first,
+// then the event's plan is committed through the store, and every live
+// tunnel is checked.
+func (e *engine) event(ev Event) {
+	e.commitPending()
+	if ev.At == 0 && ev.Kind == EvNodeAdd {
+		// The initial farm, not an event of its life.
+		e.addNode(ev)
+		return
+	}
+	r := EventReport{Index: len(e.rep.Events), At: FormatDuration(ev.At), Kind: ev.Kind, Node: ev.Node,
+		replicated: -1, start: e.now}
+	e.rep.Events = append(e.rep.Events, r)
+	e.cur = len(e.rep.Events) - 1
+	defer func() { e.cur = -1 }()
+	rp := &e.rep.Events[e.cur]
+	ideal := 0
+	counts := e.master().Table().Counts()
+	var err error
+	plan := func(fn func(*affinity.Table) (*affinity.Plan, error)) {
+		var p *affinity.Plan
+		var a *affinity.Applied
+		a, err = e.master().Do(func(t *affinity.Table) ([]affinity.Change, error) {
+			var perr error
+			p, perr = fn(t)
+			if perr != nil {
+				return nil, perr
+			}
+			return p.Batch(), nil
+		})
+		if p != nil {
+			rp.Unplaced = len(p.Unplaced)
+			rp.Wanted = p.Wanted
+		}
+		if a != nil {
+			rp.rev = a.Revision
+		}
+	}
+	switch ev.Kind {
+	case EvNodeDown:
+		ideal = counts[ev.Node]
+		plan(func(t *affinity.Table) (*affinity.Plan, error) { return t.PlanNodeState(ev.Node, affinity.NodeDown) })
+	case EvNodeUp:
+		plan(func(t *affinity.Table) (*affinity.Plan, error) { return t.PlanNodeState(ev.Node, affinity.NodeActive) })
+	case EvNodeDrain:
+		plan(func(t *affinity.Table) (*affinity.Plan, error) {
+			return t.PlanNodeState(ev.Node, affinity.NodeDraining)
+		})
+	case EvNodeRemove:
+		ideal = counts[ev.Node]
+		plan(func(t *affinity.Table) (*affinity.Plan, error) { return t.PlanRemoveNode(ev.Node) })
+	case EvNodeAdd:
+		err = e.addNode(ev)
+	case EvRebalance:
+		ideal = -1
+		plan(func(t *affinity.Table) (*affinity.Plan, error) { return t.Rebalance(ev.Budget), nil })
+		rp.Budget = ev.Budget
+	case EvLinkLoss:
+		e.pair.SetLoss(ev.Loss)
+	case EvFailover:
+		err = e.failover(ev, rp)
+	}
+	if ideal >= 0 {
+		rp.Ideal = &ideal
+	}
+	if err != nil {
+		rp.Error = err.Error()
+	}
+	e.sweep()
+}
+
+func (e *engine) addNode(ev Event) error {
+	e.added++
+	i := e.added
+	n := affinity.Node{Name: ev.Node, Weight: ev.Weight, Capacity: ev.Capacity,
+		Addr: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)})}
+	a, err := e.master().Commit([]affinity.Change{{Kind: affinity.PutNode, Node: &n, Reason: "node added"}})
+	if err != nil {
+		return fmt.Errorf("add node %s: %w", ev.Node, err)
+	}
+	if e.cur >= 0 {
+		e.rep.Events[e.cur].rev = a.Revision
+	}
+	return nil
+}
+
+// failover hands the master role to the backup and compares the two
+// tables' owners for every live tunnel: a takeover must move nothing.
+func (e *engine) failover(ev Event, rp *EventReport) error {
+	mode := ev.Mode
+	if mode == "" {
+		mode = Switchover
+	}
+	rp.Mode = mode
+	old := e.master().Table()
+	catchup, err := e.pair.Failover(mode)
+	if err != nil {
+		return err
+	}
+	e.rep.Replication.Failovers++
+	// Lag is measured against the master that committed; the old
+	// master's revisions mean nothing to the new pair.
+	clear(e.revTime)
+	rp.replicated = e.now + catchup
+	nt := e.master().Table()
+	var lost []affinity.Change
+	var stale []affinity.Change
+	for _, x := range e.live {
+		if x.pending {
+			continue
+		}
+		om, ook := old.PeerMark(x.peer)
+		nm, nok := nt.PeerMark(x.peer)
+		if ook != nok || om != nm {
+			rp.Moves++
+			rp.Lost++
+		}
+		if !nok {
+			tu, _ := old.Tunnel(x.id)
+			tu.Node = ""
+			if x.sa != 0 {
+				if n, ok := nt.Node(x.saNode); ok && n.State != affinity.NodeDown {
+					tu.Node = x.saNode
+				}
+			}
+			tu.Pinned = tu.Pinned && tu.Node != ""
+			lost = append(lost, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &tu, Reason: "relearned after failover"})
+		}
+	}
+	// Packets reach the new master before it relearns what it lost.
+	e.sweep()
+	nt.EachTunnel(func(tu *affinity.Tunnel) {
+		if x := e.tunnels[tu.ID]; x == nil {
+			stale = append(stale, affinity.Change{Kind: affinity.DeleteTunnel, Name: tu.ID, Reason: "gone before failover"})
+		}
+	})
+	slices.SortFunc(stale, func(a, b affinity.Change) int { return compareStrings(a.Name, b.Name) })
+	if fix := append(stale, lost...); len(fix) > 0 {
+		a, err := e.master().Commit(fix)
+		if err != nil {
+			return fmt.Errorf("failover: relearn %d tunnel(s): %w", len(fix), err)
+		}
+		rp.rev = a.Revision
+		// Relearned tunnels are re-established where the table put them.
+		for i := range a.Changes {
+			c := &a.Changes[i]
+			if c.Kind == affinity.PutTunnel {
+				if x := e.tunnels[c.Tunnel.ID]; x != nil && c.Tunnel.Node != x.saNode {
+					e.moved(x)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func compareStrings(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// finish turns the run's observations into the report's derived numbers.
+func (e *engine) finish() {
+	r := e.rep
+	for i := range r.Events {
+		ev := &r.Events[i]
+		if ev.Ideal != nil {
+			x := ev.Moves - *ev.Ideal
+			ev.Excess = &x
+		}
+		conv := time.Duration(0)
+		if ev.settled > 0 {
+			conv = ev.settled - ev.start
+		}
+		if ev.replicated >= 0 {
+			conv = max(conv, ev.replicated-ev.start)
+			ev.ReplicatedMs = ptrTo(ms(ev.replicated - ev.start))
+		}
+		ev.Converge = FormatDuration(conv)
+		for n, c := range ev.from {
+			ev.MovedFrom = append(ev.MovedFrom, NodeCount{Node: n, Tunnels: c})
+		}
+		slices.SortFunc(ev.MovedFrom, func(a, b NodeCount) int { return compareStrings(a.Node, b.Node) })
+	}
+	if e.lagN > 0 {
+		r.Replication.MeanLagMs = round3(ms(e.lagSum) / float64(e.lagN))
+	}
+	r.Replication.Link = e.pair.Stats()
+	r.Replication.FinalMaster = e.master().Revision()
+	r.Replication.FinalBackup = e.pair.Backup().Revision()
+	r.Replication.Equal = tablesEqual(e.master().Table(), e.pair.Backup().Table())
+	r.Totals.FinalTunnels = e.master().Table().Len()
+	r.Totals.Live = len(e.live)
+	r.Balance.finish()
+	names := make([]string, 0, len(e.series))
+	for n := range e.series {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	r.Series.AtHours = make([]float64, len(e.sampleAt))
+	for i, at := range e.sampleAt {
+		r.Series.AtHours[i] = round3(at.Hours())
+	}
+	for _, n := range names {
+		r.Series.Nodes = append(r.Series.Nodes, NodeSeries{Node: n, Tunnels: e.series[n]})
+	}
+}
+
+func ptrTo[T any](v T) *T { return &v }
+
+// tablesEqual compares what the dataplane is programmed from: nodes and
+// tunnel owners, peers and subnets.
+func tablesEqual(a, b *affinity.Table) bool {
+	sa, sb := a.Snapshot(), b.Snapshot()
+	if sa.Revision != sb.Revision || len(sa.Tunnels) != len(sb.Tunnels) || !slices.Equal(sa.Nodes, sb.Nodes) {
+		return false
+	}
+	for i := range sa.Tunnels {
+		x, y := &sa.Tunnels[i], &sb.Tunnels[i]
+		if x.ID != y.ID || x.Node != y.Node || x.Peer != y.Peer || !slices.Equal(x.Subnets, y.Subnets) {
+			return false
+		}
+	}
+	return true
+}
