@@ -42,6 +42,7 @@ type Daemon struct {
 
 	repl      *replication.Replicator // nil when the director runs alone
 	readyFile string
+	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 }
 
 // Status is what `tunneldirector status` shows.
@@ -75,6 +76,9 @@ type DaemonOptions struct {
 	// ReadyFile, with a Replicator, is kept at "0" while in sync and "1"
 	// otherwise, for keepalived's track_file.
 	ReadyFile string
+	// Watch, when set, reports new conntrack flows (ipvs.WatchNew): the
+	// daemon learns unknown peers from them.
+	Watch func(ctx context.Context, fn func(ipvs.NewFlow)) error
 }
 
 // NewDaemon wires a daemon over an open store and a dataplane; Run starts
@@ -91,6 +95,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 		repl: o.Replicator,
 
 		readyFile: o.ReadyFile,
+		watch:     o.Watch,
 	}
 	if d.log == nil {
 		d.log = slog.Default()
@@ -312,6 +317,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	if d.watch != nil {
+		go func() {
+			if err := d.watch(ctx, d.onFlow); err != nil && ctx.Err() == nil {
+				d.log.Error("conntrack watch stopped: unknown peers are steered by hash but no longer pinned", "err", err)
+			}
+		}()
+	}
 	verify := time.NewTicker(time.Duration(d.config().VerifyInterval))
 	defer verify.Stop()
 	ready := time.NewTicker(time.Second)
@@ -426,6 +438,49 @@ func (d *Daemon) Status() Status {
 		s.Replication = &rs
 	}
 	return s
+}
+
+// onFlow learns the peer of a new IKE, NAT-T, ESP or AH flow to a VIP that
+// the table does not know yet.
+func (d *Daemon) onFlow(f ipvs.NewFlow) {
+	switch {
+	case f.Proto == 17 && (f.DstPort == 500 || f.DstPort == 4500), f.Proto == 50, f.Proto == 51:
+	default:
+		return
+	}
+	c := d.config()
+	if c.Learn != nil && !*c.Learn {
+		return
+	}
+	vips, _ := c.ParsedVIPs()
+	if !slices.Contains(vips, f.Dst) {
+		return
+	}
+	t := d.st.Table()
+	if _, known := t.PeerMark(f.Src); known {
+		return
+	}
+	// The classifier copies the packet's mark into the flow; without it,
+	// compute what the kernel's hash chose.
+	mark := uint16(f.Mark & ipvs.MaxMark)
+	if f.Mark&^uint32(0x1fff) != c.Marks.Base || mark == 0 {
+		var active []uint16
+		for _, n := range t.Nodes() {
+			if n.State == affinity.NodeActive {
+				active = append(active, n.Mark)
+			}
+		}
+		slices.Sort(active)
+		mark = ipvs.HashPick(f.Src, c.HashSeed, active)
+	}
+	if mark == 0 {
+		return
+	}
+	if err := d.Learn(f.Src, mark); err != nil {
+		d.log.Warn("learn peer", "peer", f.Src, "err", err)
+		return
+	}
+	d.log.Info("learned peer from its first packet", "peer", f.Src, "proto", f.Proto, "port", f.DstPort, "mark", mark)
 }
 
 // Learn pins a peer seen in its first IKE or ESP packet into the table, on

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -16,7 +17,9 @@ import (
 
 	"github.com/google/nftables"
 
+	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
+	"github.com/tunneldirector/tunneldirector/ipvs"
 )
 
 // TestMain runs the CLI itself when a test starts this binary as the
@@ -91,6 +94,15 @@ func (e *e2e) cli(args ...string) string {
 		e.t.Fatalf("tunneldirector %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 	return out
+}
+
+func (e *e2e) status() director.Status {
+	e.t.Helper()
+	var s director.Status
+	if err := json.Unmarshal([]byte(e.cli("--json", "status")), &s); err != nil {
+		e.t.Fatal(err)
+	}
+	return s
 }
 
 // start runs the daemon in the director's namespace and waits for its API.
@@ -221,6 +233,27 @@ t0-v6,%s,fd70::/64,node2
 	e.tunnelTraffic(1, netip.MustParseAddr("10.71.0.9"), 1, false)
 	e.tunnelTraffic(0, netip.MustParseAddr("fd70::9"), 2, true)
 
+	// An unknown peer lands on the node the kernel's jhash picks, which
+	// HashPick computes in Go; the daemon then pins it into the table.
+	p2 := e.top.Peers[2].If(netlab.IfOutside)
+	want := int(ipvs.HashPick(p2.Addr4, director.DefaultConfig().HashSeed, []uint16{1, 2, 3})) - 1
+	e.expectAt(want, "unknown-ike", func(tag string) error {
+		return e.top.Peers[2].SendUDP(netip.AddrPortFrom(p2.Addr4, 500), netip.AddrPortFrom(e.top.VIP4, 500), []byte(tag))
+	})
+	learned := "learned-" + p2.Addr4.String()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		out, err := runArgs(t, "--socket", e.socket, "show", "tunnel", learned)
+		if err == nil && strings.Contains(out, fmt.Sprintf("node%d", want)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("unknown peer %s not pinned to node%d: %v %s", p2.Addr4, want, err, out)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	e.expectAt(want, "learned-esp", func(tag string) error { return e.top.Peers[2].SendESP(p2.Addr4, e.top.VIP4, 0x5150, 1, tag) })
+
 	// Move t0-v4 to node2 through the CLI: the next packets follow.
 	e.importTunnels(fmt.Sprintf("id,peer,subnets,node\nt0-v4,%s,10.70.0.0/24,node2\n", p0.Addr4))
 	e.tunnelTraffic(0, netip.MustParseAddr("10.70.0.9"), 2, false)
@@ -266,8 +299,8 @@ t0-v6,%s,fd70::/64,node2
 	if err != nil {
 		t.Fatalf("delete the table: %v", err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for !strings.Contains(e.cli("status"), "drift repairs   ") || strings.Contains(e.cli("status"), "drift repairs   0") {
+	deadline = time.Now().Add(5 * time.Second)
+	for e.status().DriftRepairs == 0 {
 		if time.Now().After(deadline) {
 			t.Fatalf("drift not repaired within 5 s (verify_interval 1s):\n%s", e.cli("status"))
 		}
