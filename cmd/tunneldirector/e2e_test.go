@@ -211,6 +211,22 @@ func (e *e2e) importTunnels(csv string) {
 	f := filepath.Join(e.dir, newTag("tunnels")+".csv")
 	os.WriteFile(f, []byte(csv), 0o600)
 	e.cli("import", f)
+	e.waitKernel()
+}
+
+// waitKernel waits until the daemon has applied the table's revision to
+// the kernel: reconciling is asynchronous to the commit.
+func (e *e2e) waitKernel() {
+	e.t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		s := e.status()
+		if s.KernelRevision == s.Revision {
+			return
+		}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("kernel stuck at revision %d, table at %d: %s", s.KernelRevision, s.Revision, s.LastError)
+		}
+	}
 }
 
 // TestDaemonSteersRealPackets runs the daemon in a director namespace on
@@ -245,6 +261,7 @@ t0-v6,%s,fd70::/64,node2
 	for {
 		out, err := runArgs(t, "--socket", e.socket, "show", "tunnel", learned)
 		if err == nil && strings.Contains(out, fmt.Sprintf("node%d", want)) {
+			e.waitKernel()
 			break
 		}
 		if time.Now().After(deadline) {

@@ -164,9 +164,9 @@ replication:
 		t.Fatalf("import on the master: %v %s", err, out)
 	}
 	master := ds[0].status(t)
-	waitFor("the backup to reach the master's revision", func() bool {
-		s := ds[1].status(t)
-		return s.Revision == master.Revision && s.KernelRevision == master.Revision
+	waitFor("both kernels at the master's revision", func() bool {
+		s0, s1 := ds[0].status(t), ds[1].status(t)
+		return s1.Revision == master.Revision && s1.KernelRevision == master.Revision && s0.KernelRevision == master.Revision
 	})
 	if ds[1].status(t).Tunnels != 2003 {
 		t.Fatalf("backup holds %d tunnels", ds[1].status(t).Tunnels)
@@ -189,6 +189,11 @@ replication:
 	}
 	if _, err := ds[1].cli(t, "ctl", "role", "master"); err != nil {
 		t.Fatal(err)
+	}
+	// Becoming master merges the configured nodes: nothing changes, so
+	// the kernel stays where replication put it.
+	if s := ds[1].status(t); s.Revision != master.Revision || s.KernelRevision != master.Revision {
+		t.Fatalf("takeover changed the table: revision %d (kernel %d), was %d", s.Revision, s.KernelRevision, master.Revision)
 	}
 	newGW := top.Directors[1].If(netlab.IfOutside)
 	for _, p := range top.Peers {
