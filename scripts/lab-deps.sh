@@ -22,7 +22,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 
-PKGS="qemu-system-x86 busybox-static cpio kmod nftables iproute2"
+PKGS="qemu-system-x86 busybox-static cpio kmod nftables iproute2 keepalived"
 missing=""
 for p in $PKGS; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

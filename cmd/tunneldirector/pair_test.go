@@ -68,15 +68,10 @@ func (p *pairDirector) kernelMaps(t *testing.T) (map[netip.Addr]uint16, map[neti
 	return d.Peers, d.Subnets
 }
 
-// TestPairReplicatesAndTakesOver runs two daemons in two director
-// namespaces, replicating over the sync link: an import on the master
-// reaches the backup's table and kernel; the backup refuses writes naming
-// the master; after the roles swap (as keepalived's notify would), the
-// peers' traffic through the new master reaches the same nodes.
-func TestPairReplicatesAndTakesOver(t *testing.T) {
-	netlab.RequireRoot(t)
-	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 2, Directors: 2, Nodes: 3, VIPOnDirectors: true})
-	dir := t.TempDir()
+// startPair starts one daemon in each director namespace, replicating
+// over the sync link, with the given initial roles.
+func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) []*pairDirector {
+	t.Helper()
 	key := filepath.Join(dir, "sync.key")
 	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef-test-key\n"), 0o600)
 	var nodes []string
@@ -88,7 +83,6 @@ func TestPairReplicatesAndTakesOver(t *testing.T) {
 	for i, h := range top.Directors {
 		d := &pairDirector{host: h, db: filepath.Join(dir, fmt.Sprintf("d%d.db", i)), socket: filepath.Join(dir, fmt.Sprintf("d%d", i), "api.sock"),
 			config: filepath.Join(dir, fmt.Sprintf("d%d.yaml", i)), log: filepath.Join(dir, fmt.Sprintf("d%d.log", i))}
-		role := map[int]string{0: "master", 1: "backup"}[i]
 		cfg := fmt.Sprintf(`store: %s
 vips: [%s, %q]
 mode: route-only
@@ -107,25 +101,45 @@ replication:
   initial_role: %s
 `, d.db, top.VIP4, top.VIP6.String(), strings.Join(nodes, "\n"), d.socket, i+1,
 			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
-			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), role)
+			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
 		os.WriteFile(d.config, []byte(cfg), 0o600)
-		logf, _ := os.Create(d.log)
-		d.cmd = exec.Command(os.Args[0])
-		d.cmd.Env = append(os.Environ(), "TD_E2E_ARGS=run\n--config\n"+d.config)
-		d.cmd.Stdout, d.cmd.Stderr = logf, logf
-		if err := h.Start(d.cmd); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			d.cmd.Process.Kill()
-			d.cmd.Wait()
-			if t.Failed() {
-				b, _ := os.ReadFile(d.log)
-				t.Logf("%s log:\n%s", h.Name, b)
-			}
-		})
+		d.start(t)
 		ds = append(ds, d)
 	}
+	return ds
+}
+
+// start runs the daemon in its namespace; t's cleanup kills it.
+func (d *pairDirector) start(t *testing.T) {
+	t.Helper()
+	logf, _ := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	cmd := exec.Command(os.Args[0])
+	cmd.Env = append(os.Environ(), "TD_E2E_ARGS=run\n--config\n"+d.config)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := d.host.Start(cmd); err != nil {
+		t.Fatal(err)
+	}
+	d.cmd = cmd
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		if t.Failed() {
+			b, _ := os.ReadFile(d.log)
+			t.Logf("%s log:\n%s", d.host.Name, b)
+		}
+	})
+}
+
+// TestPairReplicatesAndTakesOver runs two daemons in two director
+// namespaces, replicating over the sync link: an import on the master
+// reaches the backup's table and kernel; the backup refuses writes naming
+// the master; after the roles swap (as keepalived's notify would), the
+// peers' traffic through the new master reaches the same nodes.
+func TestPairReplicatesAndTakesOver(t *testing.T) {
+	netlab.RequireRoot(t)
+	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 2, Directors: 2, Nodes: 3, VIPOnDirectors: true})
+	dir := t.TempDir()
+	ds := startPair(t, top, dir, "master", "backup")
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
 		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {

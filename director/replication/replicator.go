@@ -266,6 +266,10 @@ type queued struct{ a *affinity.Applied }
 // Replicator keeps a backup's store equal to the master's. One runs on
 // each director of a pair; SetRole tells it which it is.
 type Replicator struct {
+	// masterSilent marks the out-of-sync reason "no word from the
+	// master": the table is still the master's last, so still ready.
+	masterSilent bool
+
 	cfg   Config
 	st    *store.Store
 	tr    Transport
@@ -794,11 +798,14 @@ func (r *Replicator) readyLocked() bool {
 	case RoleFault:
 		return false
 	}
+	// A backup whose master went silent stays ready: it holds the last
+	// table the master had, so it is the right director to take over
+	// (the master crashing is exactly when it must win the election).
+	// A director that never heard a master is not ready.
 	now := r.clk.Now()
 	lagging := !r.behindSince.IsZero() && now.Sub(r.behindSince) > r.cfg.ReadyMaxLagTime
-	return r.synced && r.oos == "" && r.ready == nil && r.in == nil && !r.masterHeard.IsZero() &&
-		r.masterRev-min(r.masterRev, r.rev) <= r.cfg.ReadyMaxLag && !lagging &&
-		now.Sub(r.masterHeard) < r.cfg.PeerTimeout
+	return r.synced && (r.oos == "" || r.masterSilent) && r.ready == nil && r.in == nil && !r.masterHeard.IsZero() &&
+		r.masterRev-min(r.masterRev, r.rev) <= r.cfg.ReadyMaxLag && !lagging
 }
 
 func (r *Replicator) stateLocked() SyncState {

@@ -263,8 +263,12 @@ func (r *Replicator) applyFailed(rev uint64, err error) {
 
 func (r *Replicator) backupTimers(now time.Time) {
 	if !r.masterHeard.IsZero() && now.Sub(r.masterHeard) > r.cfg.PeerTimeout {
-		r.setOOS(fmt.Sprintf("no word from the master for %s", now.Sub(r.masterHeard).Round(time.Millisecond)))
-	} else if len(r.oos) > 11 && r.oos[:11] == "no word fro" {
+		if r.oos == "" || r.masterSilent {
+			r.masterSilent = true
+			r.setOOS(fmt.Sprintf("no word from the master for %s", now.Sub(r.masterHeard).Round(time.Millisecond)))
+		}
+	} else if r.masterSilent {
+		r.masterSilent = false
 		r.oos = ""
 	}
 	b := r.base()

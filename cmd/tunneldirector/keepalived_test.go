@@ -1,0 +1,232 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/internal/netlab"
+)
+
+// keepalived runs Debian's keepalived in a director namespace, with its own
+// pid files so two instances live side by side, its notify scripts calling
+// this binary's `ctl role`.
+type keepalived struct {
+	cmd *exec.Cmd
+	log string
+}
+
+func startKeepalived(t *testing.T, d *pairDirector, dir string, id, priority int) *keepalived {
+	t.Helper()
+	bin, err := exec.LookPath("keepalived")
+	netlab.Require(t, "keepalived (apt-get install keepalived; scripts/lab-deps.sh does)", err)
+	notify := filepath.Join(dir, fmt.Sprintf("notify%d.sh", id))
+	// keepalived gives scripts a clean environment: the script sets the
+	// variables that make the test binary act as the CLI.
+	script := fmt.Sprintf("#!/bin/bash\nexport TD_E2E_ARGS=$'--socket\\n%s\\nctl\\nrole\\n'\"$1\"\nexec %s >>%s 2>&1\n", d.socket, os.Args[0], d.log)
+	if err := os.WriteFile(notify, []byte(script), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	readyScript := filepath.Join(dir, fmt.Sprintf("ready%d.sh", id))
+	os.WriteFile(readyScript, []byte(fmt.Sprintf("#!/bin/bash\nexport TD_E2E_ARGS=$'--socket\\n%s\\nctl\\nready'\nexec %s >/dev/null 2>&1\n", d.socket, os.Args[0])), 0o700)
+	ready := filepath.Join(dir, fmt.Sprintf("d%d.ready", id))
+	conf := filepath.Join(dir, fmt.Sprintf("keepalived%d.conf", id))
+	os.WriteFile(conf, []byte(fmt.Sprintf(`global_defs {
+    router_id td%d
+    enable_script_security
+    script_user root
+    vrrp_garp_master_delay 0
+}
+track_file td_ready {
+    file %s
+    weight -100
+}
+vrrp_script td_ready_script {
+    script "%s"
+    interval 1
+    timeout 2
+    weight -100
+    fall 1
+    rise 1
+}
+vrrp_instance VI_out {
+    state BACKUP
+    interface %s
+    virtual_router_id 51
+    priority %d
+    advert_int 1
+    virtual_ipaddress {
+        %s/32 dev %s
+    }
+    track_file {
+        td_ready
+    }
+    track_script {
+        td_ready_script
+    }
+    notify_master "%s master"
+    notify_backup "%s backup"
+    notify_fault "%s fault"
+}
+`, id, ready, readyScript, netlab.IfOutside, priority, netlab.DefaultVIP4, netlab.IfOutside, notify, notify, notify)), 0o600)
+	k := &keepalived{log: filepath.Join(dir, fmt.Sprintf("keepalived%d.log", id))}
+	logf, _ := os.Create(k.log)
+	k.cmd = exec.Command(bin, "-n", "-l", "-D", "-P", "-f", conf,
+		"-p", filepath.Join(dir, fmt.Sprintf("ka%d.pid", id)),
+		"-r", filepath.Join(dir, fmt.Sprintf("vrrp%d.pid", id)),
+		"-c", filepath.Join(dir, fmt.Sprintf("chk%d.pid", id)))
+	k.cmd.Stdout, k.cmd.Stderr = logf, logf
+	if err := d.host.Start(k.cmd); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if k.cmd.ProcessState == nil {
+			k.cmd.Process.Kill()
+			k.cmd.Wait()
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(k.log)
+			t.Logf("keepalived %d log:\n%s", id, b)
+		}
+	})
+	return k
+}
+
+// TestKeepalivedFailover runs two daemons and two real keepalived
+// instances in the director namespaces. keepalived elects a master and
+// tells the daemon through its notify script; when the master fails, the
+// backup takes the VIP, becomes master, and the peer's traffic keeps
+// reaching the same node, with no tunnel moved. The time from the failure
+// to the first packet forwarded by the new master is measured. Two
+// failures: the master's keepalived stops; the master's daemon is killed
+// (its keepalived's track_script `ctl ready` fails and lowers its
+// priority below the backup's).
+func TestKeepalivedFailover(t *testing.T) {
+	t.Run("keepalived-stops", func(t *testing.T) {
+		keepalivedFailover(t, func(kas []*keepalived, ds []*pairDirector) { kas[0].cmd.Process.Signal(syscall.SIGTERM) })
+	})
+	t.Run("daemon-killed", func(t *testing.T) {
+		keepalivedFailover(t, func(kas []*keepalived, ds []*pairDirector) { ds[0].cmd.Process.Kill() })
+	})
+}
+
+func keepalivedFailover(t *testing.T, fail func([]*keepalived, []*pairDirector)) {
+	netlab.RequireRoot(t)
+	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 3})
+	// The VIP is on-link for the peer: whoever holds it answers ARP.
+	peer := top.Peers[0]
+	if err := peer.ReplaceRoute(netlab.Route{Dst: netip.PrefixFrom(top.VIP4, 32), Dev: netlab.IfOutside}); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	ds := startPair(t, top, dir, "backup", "backup")
+	waitFor := func(what string, limit time.Duration, cond func() bool) {
+		t.Helper()
+		for deadline := time.Now().Add(limit); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			if cond() {
+				return
+			}
+		}
+		t.Fatalf("timed out waiting for %s", what)
+	}
+	for _, d := range ds {
+		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
+	}
+	kas := []*keepalived{startKeepalived(t, ds[0], dir, 0, 150), startKeepalived(t, ds[1], dir, 1, 100)}
+	role := func(d *pairDirector) string {
+		s := d.status(t)
+		if s.Replication == nil {
+			return ""
+		}
+		return s.Replication.Role.String()
+	}
+	waitFor("keepalived to make director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
+
+	p := peer.If(netlab.IfOutside)
+	csv := filepath.Join(dir, "t.csv")
+	os.WriteFile(csv, []byte(fmt.Sprintf("id,peer,subnets\nsite-1,%s,10.70.0.0/24\n", p.Addr4)), 0o600)
+	if out, err := ds[0].cli(t, "import", csv); err != nil {
+		t.Fatalf("import on the master: %v %s", err, out)
+	}
+	rev := ds[0].status(t).Revision
+	waitFor("both kernels programmed", 10*time.Second, func() bool {
+		return ds[0].status(t).KernelRevision == rev && ds[1].status(t).KernelRevision == rev
+	})
+	out, _ := ds[0].cli(t, "--json", "show", "tunnel", "site-1")
+	var tu struct{ Node string }
+	json.Unmarshal([]byte(out), &tu)
+	var owner int
+	if _, err := fmt.Sscanf(tu.Node, "node%d", &owner); err != nil {
+		t.Fatalf("owner of site-1: %v\n%s", err, out)
+	}
+	node, err := top.Nodes[owner].Capture("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer node.Close()
+	atNew, err := top.Directors[1].Capture(netlab.IfOutside)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer atNew.Close()
+
+	// Steady state first: the backup is in sync (its ready file says so
+	// and keepalived has read it), as it would be long before a failure.
+	waitFor("the backup to be ready", 20*time.Second, func() bool { _, err := ds[1].cli(t, "ctl", "ready"); return err == nil })
+	waitFor("the backup's ready file to say 0", 5*time.Second, func() bool {
+		b, _ := os.ReadFile(filepath.Join(dir, "d1.ready"))
+		return string(b) == "0\n"
+	})
+	time.Sleep(1500 * time.Millisecond) // keepalived reads track files once a second
+
+	// Fail the master while the peer sends ESP every 10 ms.
+	stop := time.Now()
+	fail(kas, ds)
+	var firstVia time.Duration
+	for seq := uint32(1); firstVia == 0; seq++ {
+		if time.Since(stop) > 15*time.Second {
+			t.Fatal("no packet reached the owner through the new master within 15 s")
+		}
+		tag := fmt.Sprintf("failover-%d", seq)
+		peer.SendESP(p.Addr4, top.VIP4, 0x1001, seq, tag)
+		time.Sleep(10 * time.Millisecond)
+		if atNew.Count(netlab.Tagged(tag)) > 0 && node.Count(netlab.Tagged(tag)) > 0 {
+			firstVia = time.Since(stop)
+		}
+	}
+	waitFor("director 1 to become master", 10*time.Second, func() bool { return role(ds[1]) == "master" })
+	t.Logf("%s: first packet through the new master at the owner node %s after the failure", t.Name(), firstVia.Round(time.Millisecond))
+	if got, _ := ds[1].cli(t, "show", "tunnel", "site-1"); !strings.Contains(got, fmt.Sprintf("node%d", owner)) {
+		t.Fatalf("the tunnel moved on takeover:\n%s", got)
+	}
+	if s := ds[1].status(t); s.Revision != rev {
+		t.Fatalf("takeover changed the table: revision %d, was %d", s.Revision, rev)
+	}
+	// Every packet sent during the failover reached the owner, none
+	// another node: both directors hold the same dataplane.
+	for i, n := range top.Nodes {
+		if i == owner {
+			continue
+		}
+		c, err := n.Capture("")
+		if err != nil {
+			t.Fatal(err)
+		}
+		tag := fmt.Sprintf("after-%d", i)
+		peer.SendESP(p.Addr4, top.VIP4, 0x1002, 1, tag)
+		if _, ok := node.Wait(3*time.Second, netlab.Tagged(tag)); !ok {
+			t.Fatal("packet after the failover did not reach the owner")
+		}
+		if c.Count(netlab.Tagged(tag)) != 0 {
+			t.Fatalf("packet after the failover reached node%d, owner node%d", i, owner)
+		}
+		c.Close()
+	}
+}
