@@ -418,6 +418,17 @@ func (t *Table) EachTunnel(fn func(*Tunnel)) {
 	}
 }
 
+// EachKey calls fn with every tunnel's id, peer and subnets (the index
+// keys), in no particular order and without building a Tunnel: the
+// store's startup check runs it over a million tunnels.
+func (t *Table) EachKey(fn func(id string, peer netip.Addr, subnets []netip.Prefix)) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	for _, e := range t.tunnels {
+		fn(e.id, e.peer, e.subnets)
+	}
+}
+
 // PeerMarks calls fn for every peer address and its owner's mark, in no
 // particular order: the dataplane's peer map.
 func (t *Table) PeerMarks(fn func(netip.Addr, uint16)) {

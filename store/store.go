@@ -247,10 +247,23 @@ func (s *Store) init() error {
 func be32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
 func be64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
 
-func peerKey(a netip.Addr) []byte { return a.AsSlice() }
+func peerKey(a netip.Addr) []byte { return appendPeerKey(nil, a) }
 
-func subnetKey(p netip.Prefix) []byte {
-	return append(p.Addr().AsSlice(), byte(p.Bits()))
+func subnetKey(p netip.Prefix) []byte { return appendSubnetKey(nil, p) }
+
+// appendPeerKey appends the index key of a peer: its 4 or 16 bytes.
+func appendPeerKey(b []byte, a netip.Addr) []byte {
+	if a.Is4() {
+		v := a.As4()
+		return append(b, v[:]...)
+	}
+	v := a.As16()
+	return append(b, v[:]...)
+}
+
+// appendSubnetKey appends the index key of a subnet: address, then length.
+func appendSubnetKey(b []byte, p netip.Prefix) []byte {
+	return append(appendPeerKey(b, p.Addr()), byte(p.Bits()))
 }
 
 func (s *Store) load(t *affinity.Table) error {
@@ -311,12 +324,14 @@ func checkIndexes(tx *bolt.Tx, t *affinity.Table, max int) []error {
 	var stored, built indexDigest
 	_ = tx.Bucket(bucketPeers).ForEach(func(k, v []byte) error { stored.add(k, v); return nil })
 	_ = tx.Bucket(bucketSubnets).ForEach(func(k, v []byte) error { stored.add(k, v); return nil })
-	var buf []byte
-	t.EachTunnel(func(tu *affinity.Tunnel) {
-		buf = append(buf[:0], tu.ID...)
-		built.add(peerKey(tu.Peer), buf)
-		for _, p := range tu.Subnets {
-			built.add(subnetKey(p), buf)
+	var buf, key []byte
+	t.EachKey(func(id string, peer netip.Addr, subnets []netip.Prefix) {
+		buf = append(buf[:0], id...)
+		key = appendPeerKey(key[:0], peer)
+		built.add(key, buf)
+		for _, p := range subnets {
+			key = appendSubnetKey(key[:0], p)
+			built.add(key, buf)
 		}
 	})
 	if stored == built {
