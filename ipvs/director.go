@@ -384,22 +384,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 		return Stats{}, errors.New("update: no Sync yet (or the last one failed): nothing to apply a delta to")
 	}
 	c := d.cfg
-	p := &nftPlan{sig: d.model.nft.sig, addPeers: map[netip.Addr]uint32{}, addSubnets: map[netip.Prefix]uint32{}}
-	want := d.want.nft
-	for _, a := range delta.DeletePeers {
-		a = a.Unmap()
-		delete(want.peers, a)
-		if _, ok := d.model.nft.peers[a]; ok {
-			p.delPeers = append(p.delPeers, a)
-		}
-	}
-	for _, pf := range delta.DeleteSubnets {
-		pf = pf.Masked()
-		delete(want.subnets, pf)
-		if _, ok := d.model.nft.subnets[pf]; ok {
-			p.delSubnets = append(p.delSubnets, pf)
-		}
-	}
+	// Validate first: a refused delta must leave the target untouched.
 	for a, m := range delta.SetPeers {
 		if !d.nodes[m] {
 			return Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
@@ -410,11 +395,28 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 			return Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", pf, m)
 		}
 	}
+	p := &nftPlan{sig: d.model.nft.sig, addPeers: map[netip.Addr]uint32{}, addSubnets: map[netip.Prefix]uint32{}}
+	want := &d.want.nft
+	model := &d.model.nft
+	for _, a := range delta.DeletePeers {
+		a = a.Unmap()
+		delete(want.peers, a)
+		if _, ok := model.peers[a]; ok {
+			p.delPeers = append(p.delPeers, a)
+		}
+	}
+	for _, pf := range delta.DeleteSubnets {
+		pf = pf.Masked()
+		want.delSubnet(pf)
+		if _, ok := model.subnets[pf]; ok {
+			p.delSubnets = append(p.delSubnets, pf)
+		}
+	}
 	for a, m := range delta.SetPeers {
 		a = a.Unmap()
 		fm := c.fwmark(m)
 		want.peers[a] = fm
-		cur, ok := d.model.nft.peers[a]
+		cur, ok := model.peers[a]
 		if ok && cur == fm {
 			continue
 		}
@@ -426,8 +428,8 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 	for pf, m := range delta.SetSubnets {
 		pf = pf.Masked()
 		fm := c.fwmark(m)
-		want.subnets[pf] = fm
-		cur, ok := d.model.nft.subnets[pf]
+		want.addSubnet(pf, fm)
+		cur, ok := model.subnets[pf]
 		if ok && cur == fm {
 			continue
 		}
@@ -436,6 +438,36 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 		}
 		p.addSubnets[pf] = fm
 	}
+	// A length that appears or goes creates or deletes its map and rebuilds
+	// the chain, in the same transaction; only the touched lengths are
+	// compared, so the common case stays O(delta).
+	touched := map[plen]struct{}{}
+	for _, pf := range delta.DeleteSubnets {
+		touched[plenOf(pf.Masked())] = struct{}{}
+	}
+	for pf := range delta.SetSubnets {
+		touched[plenOf(pf.Masked())] = struct{}{}
+	}
+	for l := range touched {
+		_, w := want.lens[l]
+		_, h := model.lens[l]
+		if w && !h {
+			p.addLens = append(p.addLens, l)
+		} else if h && !w {
+			p.delLens = append(p.delLens, l)
+		}
+	}
+	if len(touched) > 0 {
+		want.sig = lensSig(want.base, want.lens)
+	}
+	if len(p.addLens)+len(p.delLens) > 0 {
+		p.chain = true
+		p.lensOnly = model.sig == lensSig(want.base, model.lens)
+		p.sig = want.sig
+		p.lens = sortedLens(want.lens)
+		p.hashN = len(want.hash)
+		p.seed = want.seed
+	}
 	var st Stats
 	if !p.empty() {
 		if err := d.k.applyNft(p); err != nil {
@@ -443,7 +475,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 			return st, fmt.Errorf("update: nftables transaction on table %s: %w", c.Table, err)
 		}
 		st.Added, st.Changed, st.Removed = p.count()
-		d.model.nft.applyPlan(p)
+		model.applyPlan(p)
 	}
 	st.Duration = time.Since(start)
 	return st, nil

@@ -299,24 +299,66 @@ func TestHashChangeRebuildsChain(t *testing.T) {
 	if len(ops) != 1 || !strings.Contains(ops[0], "chain=true") {
 		t.Fatalf("deactivating a node: %v", ops)
 	}
-	if k.nft.sig != chainSig(ModeRouteOnly, 0, 1) || len(k.nft.hash) != 1 {
+	if !strings.HasPrefix(k.nft.sig, chainSig(ModeRouteOnly, 0, 1)+" sub=") || len(k.nft.hash) != 1 {
 		t.Fatalf("sig %q hash %v", k.nft.sig, k.nft.hash)
 	}
 }
 
-func TestIntervalsRoundTrip(t *testing.T) {
-	in := map[netip.Prefix]uint32{
-		netip.MustParsePrefix("10.0.0.0/27"):        1,
-		netip.MustParsePrefix("10.0.0.32/27"):       2, // adjacent
-		netip.MustParsePrefix("255.255.255.224/27"): 3, // no end element
-		netip.MustParsePrefix("0.0.0.0/8"):          4,
+func TestPlenNamesAndMasks(t *testing.T) {
+	for _, l := range []plen{{false, 0}, {false, 27}, {false, 32}, {true, 48}, {true, 64}, {true, 128}} {
+		got, ok := parsePlen(l.setName())
+		if !ok || got != l {
+			t.Fatalf("parsePlen(%q) = %v %v", l.setName(), got, ok)
+		}
 	}
-	var els = intervalElemsFor(in)
-	out := map[netip.Prefix]uint32{}
-	if !intervalsToPrefixes(els, false, out) {
-		t.Fatal("not prefixes")
+	for _, bad := range []string{"sub4_33", "sub6_129", "sub5_8", "sub4_08", "sub4_8x", "subnets4", "peers4"} {
+		if l, ok := parsePlen(bad); ok {
+			t.Fatalf("parsePlen(%q) accepted: %v", bad, l)
+		}
 	}
-	if fmt.Sprint(out) != fmt.Sprint(in) {
-		t.Fatalf("got %v want %v", out, in)
+	if m := prefixMask(plen{false, 27}); fmt.Sprint(m) != "[255 255 255 224]" {
+		t.Fatalf("mask /27 %v", m)
+	}
+	if m := prefixMask(plen{true, 52}); fmt.Sprintf("%x", m) != "fffffffffffff0000000000000000000" {
+		t.Fatalf("mask /52 %x", m)
+	}
+}
+
+// TestSubnetLengthsFollowUpdates checks that a length's map and rule come
+// with its first subnet and go with its last, in the Update's one
+// transaction, and that Verify then finds nothing to do.
+func TestSubnetLengthsFollowUpdates(t *testing.T) {
+	k := newFakeKernel(false)
+	dp, _ := newDataplane(Config{}, k)
+	d := unitDesired()
+	mustSync(t, dp, d)
+	k.take()
+	want := map[plen]struct{}{{false, 27}: {}, {true, 64}: {}}
+	if fmt.Sprint(k.nft.lens) != fmt.Sprint(want) {
+		t.Fatalf("lens %v", k.nft.lens)
+	}
+	// A new length and the last of another in one Update.
+	st, err := dp.Update(context.Background(), &Delta{DeleteSubnets: []netip.Prefix{sB},
+		SetSubnets: map[netip.Prefix]uint16{netip.MustParsePrefix("10.9.0.0/24"): 2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ops := k.take()
+	if len(ops) != 1 || !strings.Contains(ops[0], "chain=true") || st.Added != 1 || st.Removed != 1 || st.Changed != 0 {
+		t.Fatalf("update %+v %v", st, ops)
+	}
+	want = map[plen]struct{}{{false, 27}: {}, {false, 24}: {}}
+	if fmt.Sprint(k.nft.lens) != fmt.Sprint(want) || !strings.HasSuffix(k.nft.sig, " sub=4/27,4/24") {
+		t.Fatalf("lens %v sig %q", k.nft.lens, k.nft.sig)
+	}
+	if st, err := dp.Verify(context.Background()); err != nil || st.Added+st.Changed+st.Removed != 0 || len(k.take()) != 0 {
+		t.Fatalf("verify after update: %+v %v", st, err)
+	}
+	// An element change of a present length leaves the chain alone.
+	if _, err := dp.Update(context.Background(), &Delta{SetSubnets: map[netip.Prefix]uint16{sA: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	if ops := k.take(); len(ops) != 1 || !strings.Contains(ops[0], "chain=false") {
+		t.Fatalf("element move: %v", ops)
 	}
 }

@@ -2,9 +2,7 @@ package ipvs
 
 import (
 	"fmt"
-	"math/big"
 	"net/netip"
-	"slices"
 	"strconv"
 	"strings"
 
@@ -27,8 +25,8 @@ const (
 const elemChunk = 1000
 
 type famSets struct {
-	v6                   bool
-	vips, peers, subnets *nftables.Set
+	v6          bool
+	vips, peers *nftables.Set
 }
 
 type nftNames struct {
@@ -49,10 +47,9 @@ func newNames(name string) *nftNames {
 			kt, sfx = nftables.TypeIP6Addr, "6"
 		}
 		n.fams[i] = famSets{
-			v6:      v6,
-			vips:    &nftables.Set{Table: t, Name: "vips" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian},
-			peers:   &nftables.Set{Table: t, Name: "peers" + sfx, IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark},
-			subnets: &nftables.Set{Table: t, Name: "subnets" + sfx, IsMap: true, Interval: true, KeyType: kt, DataType: nftables.TypeMark},
+			v6:    v6,
+			vips:  &nftables.Set{Table: t, Name: "vips" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian},
+			peers: &nftables.Set{Table: t, Name: "peers" + sfx, IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark},
 		}
 	}
 	// The hash map's key is the hash register (host order); typed as a
@@ -67,9 +64,39 @@ func newNames(name string) *nftNames {
 func (n *nftNames) allSets() []*nftables.Set {
 	var out []*nftables.Set
 	for _, f := range n.fams {
-		out = append(out, f.vips, f.peers, f.subnets)
+		out = append(out, f.vips, f.peers)
 	}
 	return append(out, n.hash)
+}
+
+// subnetSet describes the exact-match map of one prefix length: key the
+// masked destination (network order), data the owner's mark.
+func (n *nftNames) subnetSet(l plen) *nftables.Set {
+	kt := nftables.TypeIPAddr
+	if l.v6 {
+		kt = nftables.TypeIP6Addr
+	}
+	return &nftables.Set{Table: n.table, Name: l.setName(), IsMap: true, KeyType: kt,
+		KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark}
+}
+
+// legacySets are the interval maps of the layout before per-length maps; a
+// table that still has them is recreated (in one transaction) so no stale
+// map is left behind.
+var legacySets = []string{"subnets4", "subnets6"}
+
+// prefixMask returns the netmask of l as a byte string of the address
+// length.
+func prefixMask(l plen) []byte {
+	n := 4
+	if l.v6 {
+		n = 16
+	}
+	m := make([]byte, n)
+	for i := 0; i < l.bits; i++ {
+		m[i/8] |= 0x80 >> (i % 8)
+	}
+	return m
 }
 
 // markBytes encodes a mark as the kernel's meta mark register holds it:
@@ -81,33 +108,6 @@ func markOf(b []byte) uint32 {
 		return 0
 	}
 	return binaryutil.NativeEndian.Uint32(b)
-}
-
-// rangeEnd returns the first address after p, or false when p reaches the
-// end of the address space (the interval then has no end element).
-func rangeEnd(p netip.Prefix) (netip.Addr, bool) {
-	a := p.Addr().AsSlice()
-	x := new(big.Int).SetBytes(a)
-	size := new(big.Int).Lsh(big.NewInt(1), uint(len(a)*8-p.Bits()))
-	x.Add(x, size)
-	if x.BitLen() > len(a)*8 {
-		return netip.Addr{}, false
-	}
-	b := x.FillBytes(make([]byte, len(a)))
-	e, _ := netip.AddrFromSlice(b)
-	return e, true
-}
-
-func intervalElems(p netip.Prefix, mark uint32, withVal bool) []nftables.SetElement {
-	start := nftables.SetElement{Key: p.Addr().AsSlice()}
-	if withVal {
-		start.Val = markBytes(mark)
-	}
-	out := []nftables.SetElement{start}
-	if e, ok := rangeEnd(p); ok {
-		out = append(out, nftables.SetElement{Key: e.AsSlice(), IntervalEnd: true})
-	}
-	return out
 }
 
 type elemOp func(*nftables.Set, []nftables.SetElement) error
@@ -139,11 +139,29 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 		}
 		c.AddChain(n.chain)
 	}
+	// Subnet maps: new ones before the rules that look them up (the rules
+	// refer to them by the batch IDs AddSet assigns).
+	subs := map[plen]*nftables.Set{}
+	sub := func(l plen) *nftables.Set {
+		if subs[l] == nil {
+			subs[l] = n.subnetSet(l)
+		}
+		return subs[l]
+	}
+	for _, l := range p.addLens {
+		if err := c.AddSet(sub(l), nil); err != nil {
+			return fmt.Errorf("add set %s: %w", l.setName(), err)
+		}
+	}
 	if p.chain {
 		if !p.recreate {
 			c.FlushChain(n.chain)
 		}
-		rules := chainRules(cfg, mode, n, p.hashN, p.seed)
+		var lens []*nftables.Set
+		for _, l := range p.lens {
+			lens = append(lens, sub(l))
+		}
+		rules := chainRules(cfg, mode, n, p.hashN, p.seed, p.lens, lens)
 		for i, ex := range rules {
 			c.AddRule(&nftables.Rule{Table: n.table, Chain: n.chain, Exprs: ex,
 				UserData: userdata.AppendString(nil, userdata.TypeComment, fmt.Sprintf("%s|%d|%d", p.sig, i, len(rules)))})
@@ -151,7 +169,12 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 	}
 	// Deletions before additions: a changed element is a delete and an add
 	// of the same key in the same transaction.
-	var del, add [2]struct{ vips, peers, subnets []nftables.SetElement }
+	var del, add [2]struct{ vips, peers []nftables.SetElement }
+	delSub, addSub := map[plen][]nftables.SetElement{}, map[plen][]nftables.SetElement{}
+	gone := map[plen]bool{}
+	for _, l := range p.delLens {
+		gone[l] = true
+	}
 	fi := func(a netip.Addr) int {
 		if a.Is4() {
 			return 0
@@ -171,21 +194,28 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 		add[fi(a)].peers = append(add[fi(a)].peers, nftables.SetElement{Key: a.AsSlice(), Val: markBytes(m)})
 	}
 	for _, pf := range p.delSubnets {
-		i := fi(pf.Addr())
-		del[i].subnets = append(del[i].subnets, intervalElems(pf, 0, false)...)
+		// A deleted map takes its elements with it.
+		if l := plenOf(pf); !gone[l] {
+			delSub[l] = append(delSub[l], nftables.SetElement{Key: pf.Addr().AsSlice()})
+		}
 	}
-	for _, pf := range sortedPrefixes(p.addSubnets) {
-		i := fi(pf.Addr())
-		add[i].subnets = append(add[i].subnets, intervalElems(pf, p.addSubnets[pf], true)...)
+	for pf, m := range p.addSubnets {
+		l := plenOf(pf)
+		addSub[l] = append(addSub[l], nftables.SetElement{Key: pf.Addr().AsSlice(), Val: markBytes(m)})
 	}
 	for i, f := range n.fams {
 		for _, x := range []struct {
 			s  *nftables.Set
 			el []nftables.SetElement
-		}{{f.vips, del[i].vips}, {f.peers, del[i].peers}, {f.subnets, del[i].subnets}} {
+		}{{f.vips, del[i].vips}, {f.peers, del[i].peers}} {
 			if err := chunked(c.SetDeleteElements, x.s, x.el); err != nil {
 				return err
 			}
+		}
+	}
+	for _, l := range sortedKeys(delSub, plenLess) {
+		if err := chunked(c.SetDeleteElements, sub(l), delSub[l]); err != nil {
+			return err
 		}
 	}
 	var hdel, hadd []nftables.SetElement
@@ -202,13 +232,26 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 		for _, x := range []struct {
 			s  *nftables.Set
 			el []nftables.SetElement
-		}{{f.vips, add[i].vips}, {f.peers, add[i].peers}, {f.subnets, add[i].subnets}} {
+		}{{f.vips, add[i].vips}, {f.peers, add[i].peers}} {
 			if err := chunked(c.SetAddElements, x.s, x.el); err != nil {
 				return err
 			}
 		}
 	}
-	return chunked(c.SetAddElements, n.hash, hadd)
+	for _, l := range sortedKeys(addSub, plenLess) {
+		if err := chunked(c.SetAddElements, sub(l), addSub[l]); err != nil {
+			return err
+		}
+	}
+	if err := chunked(c.SetAddElements, n.hash, hadd); err != nil {
+		return err
+	}
+	// Maps whose last subnet went: after the chain flush above dropped the
+	// rules that used them (the kernel refuses to delete a map in use).
+	for _, l := range p.delLens {
+		c.DelSet(sub(l))
+	}
+	return nil
 }
 
 // chainRules builds the classifier. Per family, for each tunnel selector
@@ -216,7 +259,7 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 // mark from the peer map, an unknown one gets the jhash pick; any packet to
 // a protected subnet gets the owner's mark. In IPVS mode the IKE and NAT-T
 // marks carry IKEBit so the fwmark rules leave them to the IPVS services.
-func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32) [][]expr.Any {
+func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32, lens []plen, subs []*nftables.Set) [][]expr.Any {
 	var rules [][]expr.Any
 	// Any ct expression makes the table depend on conntrack, which the NEW
 	// event watcher needs; counting new flows is useful on its own.
@@ -284,13 +327,28 @@ func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32) [][]
 			ex = append(ex, &expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: f.peers.Name, SetID: f.peers.ID})
 			rules = append(rules, append(ex, tail(s)...))
 		}
-		rules = append(rules, []expr.Any{
-			&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
-			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: doff, Len: alen},
-			&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: f.subnets.Name, SetID: f.subnets.ID},
-			&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
-		})
+		// One rule per subnet length of this family (lens is sorted
+		// longest first): mask the destination to the length and look the
+		// network up in that length's map. Subnets never overlap, so at
+		// most one of these rules matches.
+		for i, l := range lens {
+			if l.v6 != f.v6 {
+				continue
+			}
+			ex := []expr.Any{
+				&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
+				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: doff, Len: alen},
+			}
+			if l.bits < int(alen)*8 {
+				ex = append(ex, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: alen,
+					Mask: prefixMask(l), Xor: make([]byte, alen)})
+			}
+			rules = append(rules, append(ex,
+				&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: subs[i].Name, SetID: subs[i].ID},
+				&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+			))
+		}
 	}
 	// A new flow the classifier marked keeps the mark as its ct mark, so a
 	// conntrack NEW event tells the director which node the kernel picked
@@ -335,6 +393,15 @@ func readNft(c *nftables.Conn, cfg Config, elems func(*nftables.Set) ([]nftables
 	have := map[string]bool{}
 	for _, st := range sets {
 		have[st.Name] = true
+		if l, ok := parsePlen(st.Name); ok {
+			s.lens[l] = struct{}{}
+		}
+	}
+	for _, name := range legacySets {
+		if have[name] {
+			s.broken = true
+			return &s, nil
+		}
 	}
 	for _, st := range n.allSets() {
 		if !have[st.Name] {
@@ -380,12 +447,27 @@ func readNft(c *nftables.Conn, cfg Config, elems func(*nftables.Set) ([]nftables
 				s.peers[a] = markOf(e.Val)
 			}
 		}
-		els, err = elems(f.subnets)
+	}
+	for _, l := range sortedLens(s.lens) {
+		st := n.subnetSet(l)
+		els, err := elems(st)
 		if err != nil {
-			return nil, fmt.Errorf("list map %s: %w", f.subnets.Name, err)
+			return nil, fmt.Errorf("list map %s: %w", st.Name, err)
 		}
-		if !intervalsToPrefixes(els, f.v6, s.subnets) {
-			s.broken = true
+		for _, e := range els {
+			a, ok := netip.AddrFromSlice(e.Key)
+			if !ok || a.Is6() != l.v6 {
+				s.broken = true
+				continue
+			}
+			p := netip.PrefixFrom(a, l.bits)
+			if p.Masked() != p {
+				// A key with host bits never matches a masked
+				// destination: the map is not the director's.
+				s.broken = true
+				continue
+			}
+			s.subnets[p] = markOf(e.Val)
 		}
 	}
 	els, err := elems(n.hash)
@@ -426,76 +508,4 @@ func rulesSig(rules []*nftables.Rule) string {
 		return ""
 	}
 	return sig
-}
-
-// intervalsToPrefixes pairs the start and end elements of an interval map
-// and adds the prefixes to out; false means a range is not a prefix.
-func intervalsToPrefixes(els []nftables.SetElement, v6 bool, out map[netip.Prefix]uint32) bool {
-	alen := 4
-	if v6 {
-		alen = 16
-	}
-	slices.SortStableFunc(els, func(a, b nftables.SetElement) int {
-		if c := strings.Compare(string(a.Key), string(b.Key)); c != 0 {
-			return c
-		}
-		// At one key the end of a range sorts before the start of the
-		// next (adjacent prefixes).
-		return b2i(!a.IntervalEnd) - b2i(!b.IntervalEnd)
-	})
-	ok := true
-	var open *nftables.SetElement
-	closeAt := func(end []byte) {
-		start, _ := netip.AddrFromSlice(open.Key)
-		p, good := prefixOf(start, end, alen)
-		if !good {
-			ok = false
-			return
-		}
-		out[p] = markOf(open.Val)
-	}
-	for i := range els {
-		e := &els[i]
-		if len(e.Key) != alen {
-			ok = false
-			continue
-		}
-		if e.IntervalEnd {
-			if open != nil {
-				closeAt(e.Key)
-				open = nil
-			}
-			continue
-		}
-		if open != nil {
-			ok = false
-		}
-		open = e
-	}
-	if open != nil {
-		closeAt(nil)
-	}
-	return ok
-}
-
-// prefixOf returns the prefix covering [start, end) (end nil: to the top
-// of the address space).
-func prefixOf(start netip.Addr, end []byte, alen int) (netip.Prefix, bool) {
-	s := new(big.Int).SetBytes(start.AsSlice())
-	var e *big.Int
-	if end == nil {
-		e = new(big.Int).Lsh(big.NewInt(1), uint(alen*8))
-	} else {
-		e = new(big.Int).SetBytes(end)
-	}
-	size := new(big.Int).Sub(e, s)
-	if size.Sign() <= 0 || size.BitLen() == 0 {
-		return netip.Prefix{}, false
-	}
-	hb := size.BitLen() - 1
-	if new(big.Int).Lsh(big.NewInt(1), uint(hb)).Cmp(size) != 0 {
-		return netip.Prefix{}, false
-	}
-	p := netip.PrefixFrom(start, alen*8-hb)
-	return p, p.Masked() == p
 }

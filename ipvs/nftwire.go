@@ -35,8 +35,17 @@ const (
 
 var newSetType = mdnl.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWSET)
 
-// markDataMaps are the maps whose data is a host-endian mark.
-var markDataMaps = map[string]bool{"peers4": true, "peers6": true, "subnets4": true, "subnets6": true, hashMapName: true}
+// markDataMaps are the fixed maps whose data is a host-endian mark; the
+// per-length subnet maps (isMarkMap) are too.
+var markDataMaps = map[string]bool{"peers4": true, "peers6": true, hashMapName: true}
+
+func isMarkMap(name string) bool {
+	if markDataMaps[name] {
+		return true
+	}
+	_, ok := parsePlen(name)
+	return ok
+}
 
 func dialTransport(nsfd int) (*nftTransport, error) {
 	c, err := mdnl.Dial(unix.NETLINK_NETFILTER, &mdnl.Config{NetNS: nsfd})
@@ -79,7 +88,7 @@ func tagDataByteorder(m mdnl.Message) (mdnl.Message, error) {
 			ud = i
 		}
 	}
-	if !markDataMaps[name] {
+	if !isMarkMap(name) {
 		return m, nil
 	}
 	if ud < 0 {

@@ -181,7 +181,7 @@ func TestNSRouteOnlySteering(t *testing.T) {
 	if err != nil {
 		netlab.Require(t, "nft binary (scripts/lab-deps.sh)", err)
 	}
-	for _, want := range []string{"0x7d000001", "0x7d000002", "0x7d000003", "jhash ip saddr mod 3 seed 0x1234567", "10.20.0.0/27 : 0x7d000002"} {
+	for _, want := range []string{"0x7d000001", "0x7d000002", "0x7d000003", "jhash ip saddr mod 3 seed 0x1234567", "map sub4_27", "10.20.0.0 : 0x7d000002", "ip daddr & 255.255.255.224 map @sub4_27"} {
 		if !strings.Contains(string(out), want) {
 			t.Errorf("nft list table lacks %q:\n%s", want, out)
 		}
