@@ -52,3 +52,21 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		}
 	}
 }
+
+func FuzzLoadConfig(f *testing.F) {
+	if b, err := os.ReadFile("../examples/config.yaml"); err == nil {
+		f.Add(b)
+	}
+	f.Add([]byte("vips: [192.0.2.1]\n"))
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p := filepath.Join(dir, "c.yaml")
+		os.WriteFile(p, b, 0o600)
+		c, err := LoadConfig(p)
+		if err == nil {
+			if vips, verr := c.ParsedVIPs(); verr != nil || len(vips) == 0 {
+				t.Fatalf("accepted a configuration without usable VIPs: %v", verr)
+			}
+		}
+	})
+}
