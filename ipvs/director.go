@@ -32,30 +32,21 @@ type dataplane struct {
 // range, routing tables or rule priority are used by objects the director
 // does not own.
 func New(cfg Config) (Dataplane, error) {
-	cfg, err := cfg.withDefaults()
-	if err != nil {
-		return nil, err
-	}
-	k, err := newRealKernel(cfg, nsTarget{})
-	if err != nil {
-		return nil, err
-	}
-	dp, err := newDataplane(cfg, k)
-	if err != nil {
-		k.close()
-		return nil, err
-	}
-	k.mode = dp.Mode
-	return dp, nil
+	return newIn(cfg, nsTarget{})
 }
 
 // newInNamespace is New for the namespace ns (a test seam).
 func newInNamespace(cfg Config, fd netns.NsHandle, path string) (*dataplane, error) {
+	return newIn(cfg, nsTarget{fd: fd, path: path})
+}
+
+// newIn wires the real kernel of the target namespace to a dataplane.
+func newIn(cfg Config, ns nsTarget) (*dataplane, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		return nil, err
 	}
-	k, err := newRealKernel(cfg, nsTarget{fd: fd, path: path})
+	k, err := newRealKernel(cfg, ns)
 	if err != nil {
 		return nil, err
 	}

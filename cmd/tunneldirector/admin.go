@@ -8,6 +8,7 @@ import (
 	"strconv"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
@@ -233,15 +234,20 @@ func newGenCmd(g *globals) *cobra.Command {
 		},
 	}
 	fl := cmd.Flags()
+	farmFlags(fl, &spec)
+	fl.StringVar(&dir, "dir", ".", "where to write nodes.EXT and tunnels.EXT")
+	fl.StringVar(&format, "format", "csv", "csv or json")
+	return cmd
+}
+
+// farmFlags declares the flags that describe a generated farm.
+func farmFlags(fl *pflag.FlagSet, spec *sim.FarmSpec) {
 	fl.Uint64Var(&spec.Seed, "seed", 1, "random seed")
 	fl.IntVar(&spec.Nodes, "nodes", 8, "nodes")
 	fl.IntVar(&spec.Tunnels, "tunnels", 10000, "tunnels")
 	fl.IntVar(&spec.MaxSubnets, "max-subnets", 4, "protected subnets per tunnel: 1 to this")
 	fl.Float64Var(&spec.IPv6Share, "ipv6", 0.1, "share of IPv6 tunnels")
 	fl.Float64Var(&spec.PinnedShare, "pinned", 0.2, "share of tunnels the NMS pins to a node")
-	fl.StringVar(&dir, "dir", ".", "where to write nodes.EXT and tunnels.EXT")
-	fl.StringVar(&format, "format", "csv", "csv or json")
-	return cmd
 }
 
 func writeFarm(spec sim.FarmSpec, dir string, f nms.Format) (string, string, error) {

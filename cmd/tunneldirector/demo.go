@@ -70,12 +70,7 @@ func newDemoCmd(g *globals) *cobra.Command {
 		},
 	}
 	fl := cmd.Flags()
-	fl.Uint64Var(&spec.Seed, "seed", 1, "random seed")
-	fl.IntVar(&spec.Nodes, "nodes", 8, "nodes")
-	fl.IntVar(&spec.Tunnels, "tunnels", 10000, "tunnels")
-	fl.IntVar(&spec.MaxSubnets, "max-subnets", 4, "protected subnets per tunnel: 1 to this")
-	fl.Float64Var(&spec.IPv6Share, "ipv6", 0.1, "share of IPv6 tunnels")
-	fl.Float64Var(&spec.PinnedShare, "pinned", 0.2, "share of tunnels the NMS pins to a node")
+	farmFlags(fl, &spec)
 	fl.BoolVar(&keep, "keep", false, "keep the temporary folder")
 	return cmd
 }

@@ -58,11 +58,6 @@ func newE2E(t *testing.T) *e2e {
 	e.db = filepath.Join(e.dir, "td.db")
 	e.socket = filepath.Join(e.dir, "run", "api.sock")
 	e.config = filepath.Join(e.dir, "config.yaml")
-	var nodes []string
-	for i, n := range top.Nodes {
-		in := n.If(netlab.IfInside)
-		nodes = append(nodes, fmt.Sprintf("  - {name: node%d, address: %s, address6: %q}", i, in.Addr4, in.Addr6.String()))
-	}
 	cfg := fmt.Sprintf(`store: %s
 vips: [%s, %q]
 mode: route-only
@@ -71,7 +66,7 @@ nodes:
 api: {socket: %s}
 verify_interval: 1s
 log_level: debug
-`, e.db, top.VIP4, top.VIP6.String(), strings.Join(nodes, "\n"), e.socket)
+`, e.db, top.VIP4, top.VIP6.String(), nodesYAML(top), e.socket)
 	if err := os.WriteFile(e.config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -84,6 +79,16 @@ log_level: debug
 		e.caps = append(e.caps, c)
 	}
 	return e
+}
+
+// nodesYAML lists the topology's nodes as the configuration's nodes key.
+func nodesYAML(top *netlab.Topology) string {
+	var nodes []string
+	for i, n := range top.Nodes {
+		in := n.If(netlab.IfInside)
+		nodes = append(nodes, fmt.Sprintf("  - {name: node%d, address: %s, address6: %q}", i, in.Addr4, in.Addr6.String()))
+	}
+	return strings.Join(nodes, "\n")
 }
 
 // cli runs a CLI command against the running daemon (through its socket).

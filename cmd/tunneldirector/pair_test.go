@@ -74,11 +74,6 @@ func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) 
 	t.Helper()
 	key := filepath.Join(dir, "sync.key")
 	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef-test-key\n"), 0o600)
-	var nodes []string
-	for i, n := range top.Nodes {
-		in := n.If(netlab.IfInside)
-		nodes = append(nodes, fmt.Sprintf("  - {name: node%d, address: %s, address6: %q}", i, in.Addr4, in.Addr6.String()))
-	}
 	var ds []*pairDirector
 	for i, h := range top.Directors {
 		d := &pairDirector{host: h, db: filepath.Join(dir, fmt.Sprintf("d%d.db", i)), socket: filepath.Join(dir, fmt.Sprintf("d%d", i), "api.sock"),
@@ -99,7 +94,7 @@ replication:
   state_path: %s
   ready_file: %s
   initial_role: %s
-`, d.db, top.VIP4, top.VIP6.String(), strings.Join(nodes, "\n"), d.socket, i+1,
+`, d.db, top.VIP4, top.VIP6.String(), nodesYAML(top), d.socket, i+1,
 			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
 			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
 		os.WriteFile(d.config, []byte(cfg), 0o600)
