@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"maps"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -187,3 +188,24 @@ func TestAPIOverUnixSocket(t *testing.T) {
 }
 
 func itoa(i int) string { return strconv.Itoa(i) }
+
+func TestAPITokenOverTCP(t *testing.T) {
+	d, _, _, _ := startDaemon(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	sock := filepath.Join(t.TempDir(), "api.sock")
+	go func() { done <- d.ServeAPI(ctx, sock, "127.0.0.1:17410", "s3cret-token") }()
+	t.Cleanup(func() { cancel(); <-done })
+	good := NewTCPClient("127.0.0.1:17410", "s3cret-token")
+	eventually(t, "the TCP API", func() bool { _, err := good.Status(); return err == nil })
+	for _, tok := range []string{"", "wrong"} {
+		if _, err := NewTCPClient("127.0.0.1:17410", tok).Nodes(); err == nil || !strings.Contains(err.Error(), "token") {
+			t.Fatalf("token %q accepted: %v", tok, err)
+		}
+	}
+	// The unix socket is root-only.
+	fi, err := os.Stat(sock)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v %v", fi.Mode(), err)
+	}
+}

@@ -330,7 +330,16 @@ t0-v6,%s,fd70::/64,node2
 	}
 	e.tunnelTraffic(1, netip.MustParseAddr("10.71.0.9"), 1, false)
 
-	// teardown removes everything: packets to the VIP no longer reach a node
-	// by the director's rules.
+	// SIGHUP reloads the configuration: a node added to it joins the table.
+	b, _ := os.ReadFile(e.config)
+	os.WriteFile(e.config, []byte(strings.Replace(string(b), "api:", "  - {name: node-extra, address: 192.0.2.99}\napi:", 1)), 0o600)
+	e.daemon.Process.Signal(syscall.SIGHUP)
+	for deadline := time.Now().Add(5 * time.Second); e.status().Nodes != 4; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("SIGHUP did not add the configured node: %+v", e.status())
+		}
+	}
+	e.waitKernel()
+	e.tunnelTraffic(1, netip.MustParseAddr("10.71.0.9"), 1, false)
 	e.stop()
 }
