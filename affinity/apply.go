@@ -181,6 +181,22 @@ func (t *Table) ApplyAt(rev uint64, batch []Change) (*Applied, error) {
 	return t.applyLocked(batch, rev, modeReplay)
 }
 
+// ApplyReset applies resolved changes and sets the table's revision to
+// rev, whatever it was: a replica taking its master's snapshot or repair
+// at a revision it already reached (or passed, on a history the master
+// does not share) ends at exactly the master's revision. Rollback restores
+// the previous revision.
+func (t *Table) ApplyReset(rev uint64, changes []Change) (*Applied, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	a, err := t.applyLocked(changes, rev, modeReplay)
+	if err != nil {
+		return nil, err
+	}
+	t.rev, a.Revision = rev, rev
+	return a, nil
+}
+
 // Load fills an empty table with nodes and tunnels as stored (marks, owners,
 // times and revisions kept) and sets the revision. The table keeps the
 // tunnels' Subnets slices. Every invariant is checked; on error the table

@@ -493,9 +493,64 @@ func (s *Store) commitLocked(apply func() (*affinity.Applied, error)) (*affinity
 	return applied, nil
 }
 
+// CommitReset applies resolved changes and sets the revision to rev even
+// when the store is already at or past it: a replica taking its master's
+// snapshot or repair. The journal is emptied, since the revisions it held
+// no longer describe this store's history (a reader behind rev takes a
+// snapshot). OnCommit hooks run when something changed.
+func (s *Store) CommitReset(rev uint64, changes []affinity.Change) (*affinity.Applied, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.readOnly {
+		return nil, fmt.Errorf("commit to store %s: opened read-only", s.path)
+	}
+	a, err := s.table.ApplyReset(rev, changes)
+	if err != nil {
+		return nil, err
+	}
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		if err := s.writeRecords(tx, a); err != nil {
+			return err
+		}
+		meta := tx.Bucket(bucketMeta)
+		if err := meta.Put(keyRevision, be64(rev)); err != nil {
+			return err
+		}
+		if err := tx.DeleteBucket(bucketJournal); err != nil {
+			return err
+		}
+		if _, err := tx.CreateBucket(bucketJournal); err != nil {
+			return err
+		}
+		return meta.Put(keyJournalN, be64(0))
+	})
+	if err != nil {
+		a.Rollback()
+		return nil, fmt.Errorf("reset store %s to revision %d: %w", s.path, rev, err)
+	}
+	if len(a.Changes) > 0 {
+		for _, fn := range s.onCommit {
+			fn(a)
+		}
+	}
+	return a, nil
+}
+
 // persist writes one applied batch: records, index entries, revision and
 // journal entry, all in the caller's transaction.
 func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
+	if err := s.writeRecords(tx, a); err != nil {
+		return err
+	}
+	meta := tx.Bucket(bucketMeta)
+	if err := meta.Put(keyRevision, be64(a.Revision)); err != nil {
+		return err
+	}
+	return s.journal(tx, a)
+}
+
+// writeRecords writes the changed records and their index entries.
+func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 	nodes := tx.Bucket(bucketNodes)
 	tunnels := tx.Bucket(bucketTunnels)
 	peers := tx.Bucket(bucketPeers)
@@ -559,11 +614,7 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
 			}
 		}
 	}
-	meta := tx.Bucket(bucketMeta)
-	if err := meta.Put(keyRevision, be64(a.Revision)); err != nil {
-		return err
-	}
-	return s.journal(tx, a)
+	return nil
 }
 
 type kv struct{ k, v []byte }

@@ -254,3 +254,31 @@ func TestTunnelTwiceInOneBatch(t *testing.T) {
 		t.Fatalf("tunnel %+v", tu)
 	}
 }
+
+func TestCommitReset(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "td.db")
+	s := open(t, path)
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 10))
+	s.Commit(tunnels(10, 10)) // revision 3
+	// Back to revision 2's content, at revision 2: the snapshot of a
+	// master whose history stopped there.
+	a, err := s.CommitReset(2, []affinity.Change{{Kind: affinity.DeleteTunnel, Name: "t000015"}})
+	if err != nil || a.Revision != 2 || s.Revision() != 2 {
+		t.Fatalf("reset: %+v %v, revision %d", a, err, s.Revision())
+	}
+	if err := s.Journal(0, func(JournalEntry) error { return nil }); !errors.Is(err, ErrJournalGap) && err != nil {
+		t.Fatalf("journal after reset: %v", err)
+	}
+	// The next live revision follows at 3.
+	if _, err := s.CommitAt(3, tunnels(30, 1)); err != nil {
+		t.Fatal(err)
+	}
+	want := s.Table().Snapshot()
+	s.Close()
+	s = open(t, path)
+	defer s.Close()
+	if !reflect.DeepEqual(s.Table().Snapshot(), want) || s.Revision() != 3 {
+		t.Fatal("reopened store differs after reset")
+	}
+}

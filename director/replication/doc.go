@@ -117,10 +117,10 @@
 //
 // # Limitations
 //
-// The store can only commit above its revision: a snapshot or repair at a
-// revision not above the backup's waits for the master's next revision
-// and is applied with it (a Store.CommitAt that accepts the current
-// revision, or Store.Replace(snapshot), would remove the wait). The epoch
+// A snapshot or repair at a revision not above the backup's is applied
+// with store.CommitReset, which sets the store to exactly that revision
+// and empties its journal (the revisions the backup had past it belonged
+// to a history the master does not share). The epoch
 // and epoch history survive a restart only through Config.StatePath; a
 // director without it reports epoch 0 ("unknown") for its old revisions,
 // which is taken to agree with any epoch: a restarted backup then simply

@@ -155,6 +155,11 @@ func (r *Replicator) tryApply() {
 			case !t.full && t.rev < r.rev:
 				r.ready = nil // stale repair: the next digest asks again
 				continue
+			case r.pendByPrev[t.rev] == nil || !r.pendByPrev[t.rev].complete():
+				// Nothing follows it yet: apply it at its own revision
+				// now rather than wait for the master's next change.
+				r.applyTargetReset(t)
+				continue
 			case t.full || t.rev == r.rev:
 				rep, start = t, t.rev
 			}

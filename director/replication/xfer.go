@@ -529,6 +529,29 @@ func (r *Replicator) applyTarget(t *target) {
 	r.noteBehind(r.clk.Now())
 }
 
+// applyTargetReset applies a snapshot or repair at or below the table's
+// revision: the store ends at exactly the target's revision, and the
+// digests of revisions above it, which belonged to a history the master
+// does not share, are dropped.
+func (r *Replicator) applyTargetReset(t *target) {
+	ops := r.targetOps(t)
+	a, err := r.st.CommitReset(t.rev, ops)
+	if err != nil {
+		r.applyFailed(t.rev, err)
+		return
+	}
+	if len(a.Changes) > 0 {
+		r.drain(a)
+	}
+	r.rev = t.rev
+	r.ring = slices.DeleteFunc(r.ring, func(d digestAt) bool { return d.rev > t.rev })
+	r.pushRing()
+	r.c.ChangesApplied += uint64(len(a.Changes))
+	r.appliedTarget(t)
+	r.gcPending()
+	r.noteBehind(r.clk.Now())
+}
+
 func (r *Replicator) appliedTarget(t *target) {
 	r.ready = nil
 	r.synced = true
