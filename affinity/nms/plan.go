@@ -66,7 +66,8 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 	var changed, added []int
 	var changes []affinity.Tunnel
 	inFile := make(map[string]struct{}, len(tunnels))
-	var suspended []affinity.Tunnel // new tunnels whose pin is suspended
+	// New tunnels whose pin is suspended are added unpinned, by record.
+	unpinned := map[int]*affinity.Tunnel{}
 	for i := range tunnels {
 		r := &tunnels[i]
 		inFile[r.ID] = struct{}{}
@@ -83,7 +84,7 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 			if down {
 				tu := r.Tunnel
 				tu.Node, tu.Pinned = "", false
-				suspended = append(suspended, tu)
+				unpinned[i] = &tu
 			}
 			added = append(added, i)
 			d.Added = append(d.Added, r.ID)
@@ -133,8 +134,8 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 	for _, i := range added {
 		// Apply copies the tunnel it is given, so the record can serve.
 		tu := &tunnels[i].Tunnel
-		if len(suspended) > 0 && suspended[0].ID == tu.ID {
-			tu, suspended = &suspended[0], suspended[1:]
+		if u, ok := unpinned[i]; ok {
+			tu = u
 		}
 		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: tu, Reason: reason})
 		d.Sources = append(d.Sources, tunnels[i].Pos)

@@ -212,3 +212,32 @@ func TestSummary(t *testing.T) {
 		t.Errorf("got\n%s\nwant\n%s", got, want)
 	}
 }
+
+// TestPlanSuspendsPinsToDownNode: a tunnel pinned to a node that is down
+// is placed by the scheduler (new) or left where failover put it
+// (existing), and listed as suspended; the record itself is not changed.
+func TestPlanSuspendsPinsToDownNode(t *testing.T) {
+	tab := newTable(t)
+	file := "id,peer,subnets,node\nold,192.0.2.1,10.1.0.0/24,vpn-b\n"
+	apply(t, tab, Plan(tab, mustReadTunnels(t, "t.csv", file), false))
+	p, err := tab.PlanNodeState("vpn-b", affinity.NodeDown)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tab.Apply(p.Batch()); err != nil {
+		t.Fatal(err)
+	}
+	recs := mustReadTunnels(t, "t.csv", file+"new,192.0.2.2,10.2.0.0/24,vpn-b\n")
+	d := Plan(tab, recs, false)
+	if !slices.Equal(d.Suspended, []string{"new", "old"}) || !slices.Equal(d.Added, []string{"new"}) || len(d.Changed) != 0 {
+		t.Fatalf("diff %s", d.Summary(10))
+	}
+	apply(t, tab, d)
+	tu, _ := tab.Tunnel("new")
+	if tu.Node == "vpn-b" || tu.Node == "" || tu.Pinned {
+		t.Fatalf("new tunnel pinned to a down node placed as %+v", tu)
+	}
+	if recs[1].Node != "vpn-b" || !recs[1].Pinned {
+		t.Fatalf("the record was changed: %+v", recs[1].Tunnel)
+	}
+}
