@@ -161,6 +161,13 @@ func (t *Table) VIPs() []netip.Addr {
 	return slices.Clone(t.vips)
 }
 
+// IsVIP reports whether a is one of the director's VIPs.
+func (t *Table) IsVIP(a netip.Addr) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.isVIP(a)
+}
+
 // Epsilon returns the bounded-load slack in force.
 func (t *Table) Epsilon() float64 { return t.epsilon }
 

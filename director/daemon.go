@@ -174,7 +174,6 @@ func (d *Daemon) kick() {
 func (d *Daemon) Desired() *ipvs.Desired {
 	c := d.config()
 	t := d.st.Table()
-	vips, _ := c.ParsedVIPs()
 	fwd := map[string]ipvs.Forward{}
 	def, _ := parseForward(c.Forward)
 	for _, n := range c.Nodes {
@@ -183,7 +182,7 @@ func (d *Daemon) Desired() *ipvs.Desired {
 		}
 	}
 	want := &ipvs.Desired{
-		VIPs:     vips,
+		VIPs:     t.VIPs(),
 		Peers:    make(map[netip.Addr]uint16, t.Len()),
 		Subnets:  make(map[netip.Prefix]uint16, t.Len()),
 		HashSeed: c.HashSeed,
@@ -452,11 +451,10 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 	if c.Learn != nil && !*c.Learn {
 		return
 	}
-	vips, _ := c.ParsedVIPs()
-	if !slices.Contains(vips, f.Dst) {
+	t := d.st.Table()
+	if !t.IsVIP(f.Dst) {
 		return
 	}
-	t := d.st.Table()
 	if _, known := t.PeerMark(f.Src); known {
 		return
 	}
