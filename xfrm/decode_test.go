@@ -131,8 +131,8 @@ func encDelPolicy(p Policy) []byte {
 var (
 	seedSA = SA{Src: netip.MustParseAddr("203.0.113.5"), Dst: vip, Proto: ProtoESP, SPI: 0xc0ffee01, Reqid: 9,
 		Mode: ModeTunnel, Mark: Mark{Value: 7, Mask: 0xff}, Ifid: 3,
-		Encap:   Encap{Type: 2, SrcPort: 31337, DstPort: 4500},
-		Bytes:   12345, Packets: 67, AddTime: 1700000000, UseTime: 1700000500}
+		Encap: Encap{Type: 2, SrcPort: 31337, DstPort: 4500},
+		Bytes: 12345, Packets: 67, AddTime: 1700000000, UseTime: 1700000500}
 	seedSA6 = SA{Src: vip6, Dst: netip.MustParseAddr("2001:db8::"), Proto: ProtoAH, SPI: 0x200, Reqid: 1, Mode: ModeTunnel, Larval: true}
 	seedPol = Policy{Index: 0x1011, Dir: DirOut, Src: netip.MustParsePrefix("2001:db8::/32"), Dst: netip.MustParsePrefix("fd00::/8"),
 		Mark: Mark{Value: 1, Mask: 1},
