@@ -340,4 +340,3 @@ func sortTunnels(ts []xfrm.Tunnel) {
 }
 
 func sortAddrs(as []netip.Addr) { slices.SortFunc(as, netip.Addr.Compare) }
-
