@@ -41,8 +41,9 @@ func parseAttrs(b []byte) ([]attr, error) {
 //     selectors whose last 96 bits are zero come back as IPv4
 //     (fd00::/8 as 253.0.0.0/8, 2001:db8::/32 as 32.1.13.184/32) and ::/0
 //     as 0.0.0.0/0; the messages carry the family, and this decoder uses it;
-//   - it drops XFRMA_LASTUSED, the only "last use" the kernel keeps (the
-//     lifetime's use_time is the first use);
+//   - it drops XFRMA_LASTUSED, the kernel's "last used" time (the
+//     lifetime's use_time is the first use; Debian's 6.x kernel in the VM
+//     sets only the latter for outbound traffic, so both are read);
 //   - its XfrmMonitor passes on expire messages only, while live changes
 //     come as NEWSA/DELSA/UPDSA/NEWPOLICY/... on the SA and policy groups,
 //     with the same bodies a dump has: one decoder serves both.
@@ -105,7 +106,7 @@ func saFromInfo(info *nl.XfrmUsersaInfo) (SA, error) {
 	return SA{
 		Src: src, Dst: dst, Proto: Proto(info.Id.Proto), SPI: nl.Swap32(info.Id.Spi),
 		Reqid: info.Reqid, Mode: Mode(info.Mode), Larval: true,
-		Bytes: info.Curlft.Bytes, Packets: info.Curlft.Packets, AddTime: info.Curlft.AddTime,
+		Bytes: info.Curlft.Bytes, Packets: info.Curlft.Packets, AddTime: info.Curlft.AddTime, UseTime: info.Curlft.UseTime,
 	}, nil
 }
 
@@ -144,7 +145,7 @@ func stateAttrs(sa *SA, attrs []byte, family uint16) error {
 			if len(a.val) < 8 {
 				return fmt.Errorf("XFRMA_LASTUSED: %d bytes, want 8", len(a.val))
 			}
-			sa.UseTime = binary.NativeEndian.Uint64(a.val)
+			sa.UseTime = max(sa.UseTime, binary.NativeEndian.Uint64(a.val))
 		}
 	}
 	return nil

@@ -159,8 +159,14 @@ func (m *Mirror) dropPolicy(k policyKey) {
 
 // regroup rebuilds the facts of the peers events touched.
 func (m *Mirror) regroup() {
-	for peer := range m.dirty {
-		delete(m.dirty, peer)
+	if len(m.dirty) == 0 {
+		return
+	}
+	dirty := m.dirty
+	// A fresh set rather than deletes: iterating a Go map costs its
+	// capacity, and after a Reset the set held every peer.
+	m.dirty = map[netip.Addr]struct{}{}
+	for peer := range dirty {
 		set := m.peerSAs[peer]
 		old := m.tunnels[peer]
 		if len(set) == 0 {
@@ -196,7 +202,7 @@ func (m *Mirror) Changed() []netip.Addr {
 	for p := range m.changed {
 		out = append(out, p)
 	}
-	clear(m.changed)
+	m.changed = map[netip.Addr]struct{}{} // not clear(): see regroup
 	slices.SortFunc(out, netip.Addr.Compare)
 	return out
 }

@@ -81,8 +81,9 @@ type SA struct {
 	// daemon (XFRM_MSG_ALLOCSPI) for a negotiation not finished yet.
 	Larval bool
 	// Counters from the kernel's current lifetime: bytes and packets
-	// through the SA, when it was added and last used (Unix seconds, 0 when
-	// never used).
+	// through the SA, when it was added, and when it was used (Unix
+	// seconds, 0 when never): the newest of the lifetime's first use and
+	// the XFRMA_LASTUSED time, where the kernel keeps one.
 	Bytes, Packets   uint64
 	AddTime, UseTime uint64
 }
@@ -147,61 +148,4 @@ func addrFrom(ip net.IP) netip.Addr {
 		return netip.Addr{}
 	}
 	return a.Unmap()
-}
-
-func prefixFrom(n *net.IPNet) netip.Prefix {
-	if n == nil {
-		return netip.Prefix{}
-	}
-	a := addrFrom(n.IP)
-	ones, bits := n.Mask.Size()
-	if bits == 0 || !a.IsValid() {
-		return netip.Prefix{}
-	}
-	if a.Is4() && bits == 128 {
-		ones -= 96
-	}
-	return netip.PrefixFrom(a, ones).Masked()
-}
-
-func markFrom(m *netlink.XfrmMark) Mark {
-	if m == nil {
-		return Mark{}
-	}
-	return Mark{Value: m.Value, Mask: m.Mask}
-}
-
-// saFrom converts a state as vishvananda/netlink parses it; the event
-// decoder builds the same type, so this is the one conversion.
-func saFrom(s *netlink.XfrmState) SA {
-	sa := SA{
-		Src: addrFrom(s.Src), Dst: addrFrom(s.Dst),
-		Proto: Proto(s.Proto), SPI: uint32(s.Spi), Reqid: uint32(s.Reqid), Mode: Mode(s.Mode),
-		Mark: markFrom(s.Mark), Ifid: uint32(s.Ifid),
-		Larval:  s.Aead == nil && s.Crypt == nil && s.Auth == nil,
-		Bytes:   s.Statistics.Bytes,
-		Packets: s.Statistics.Packets,
-		AddTime: s.Statistics.AddTime,
-		UseTime: s.Statistics.UseTime,
-	}
-	if e := s.Encap; e != nil {
-		sa.Encap = Encap{Type: uint16(e.Type), SrcPort: uint16(e.SrcPort), DstPort: uint16(e.DstPort)}
-		if oa := addrFrom(e.OriginalAddress); oa.IsValid() && !oa.IsUnspecified() {
-			sa.Encap.OriginalAddress = oa
-		}
-	}
-	return sa
-}
-
-// policyFrom converts a policy as vishvananda/netlink parses it.
-func policyFrom(p *netlink.XfrmPolicy) Policy {
-	out := Policy{
-		Index: uint32(p.Index), Dir: Dir(p.Dir), Src: prefixFrom(p.Src), Dst: prefixFrom(p.Dst),
-		Action: uint8(p.Action), Mark: markFrom(p.Mark), Ifid: uint32(p.Ifid),
-	}
-	for _, t := range p.Tmpls {
-		out.Tmpls = append(out.Tmpls, Template{Src: addrFrom(t.Src), Dst: addrFrom(t.Dst),
-			Proto: Proto(t.Proto), Mode: Mode(t.Mode), Reqid: uint32(t.Reqid), SPI: uint32(t.Spi)})
-	}
-	return out
 }
