@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"runtime"
+	"syscall"
 	"testing"
 )
 
@@ -29,6 +30,7 @@ func BenchmarkGroup(b *testing.B) {
 		s := synthetic(n)
 		local := NewLocal(s.Local...)
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			defer cpuPerOp(b)()
 			for b.Loop() {
 				if f := Group(local, s.States, s.Policies); f.Summary.SAs != n {
 					b.Fatal(f.Summary)
@@ -45,6 +47,7 @@ func BenchmarkMirrorReset(b *testing.B) {
 		s := synthetic(n)
 		m := NewMirror()
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			defer cpuPerOp(b)()
 			for b.Loop() {
 				m.Reset(s)
 				m.Changed()
@@ -65,6 +68,7 @@ func BenchmarkMirrorEvent(b *testing.B) {
 		c := child{local: vip, peer: peer, reqid: 8, spiIn: 0x90000, spiOut: 0x90001}
 		old := c.states()
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			defer cpuPerOp(b)()
 			for i := 0; b.Loop(); i++ {
 				c.spiIn, c.spiOut = uint32(0xa0000+2*i), uint32(0xa0001+2*i)
 				fresh := c.states()
@@ -91,6 +95,7 @@ func BenchmarkDecodeDump(b *testing.B) {
 		msgs[i] = encState(sa)
 	}
 	b.SetBytes(int64(len(msgs) * len(msgs[0])))
+	defer cpuPerOp(b)()
 	for b.Loop() {
 		for _, m := range msgs {
 			if _, err := decodeState(m); err != nil {
@@ -124,4 +129,17 @@ func TestMirrorMemory(t *testing.T) {
 		t.Errorf("%.0f bytes per SA", per)
 	}
 	runtime.KeepAlive(m)
+}
+
+// cpuPerOp reports the process's CPU time per iteration beside the wall
+// time: on the shared build machine the wall time swings with the load,
+// the CPU time much less. Call it as defer cpuPerOp(b)().
+func cpuPerOp(b *testing.B) func() {
+	cpu := func() int64 {
+		var ru syscall.Rusage
+		_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+		return ru.Utime.Nano() + ru.Stime.Nano()
+	}
+	start := cpu()
+	return func() { b.ReportMetric(float64(cpu()-start)/float64(b.N), "cpu-ns/op") }
 }
