@@ -3,6 +3,8 @@ package report
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"net/http/httptest"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -249,4 +251,71 @@ func FuzzDecode(f *testing.F) {
 			t.Fatalf("round trip changed the report:\n%+v\n%+v", r, again)
 		}
 	})
+}
+
+// TestHandlerStatuses checks the endpoint's answers: every refusal has
+// its status, its reason in the director API's error shape, and is
+// counted through Refused.
+func TestHandlerStatuses(t *testing.T) {
+	in := NewInbox()
+	master := true
+	var refused []int
+	h := Handler(HandlerOptions{
+		Authenticate: Tokens(map[string]string{"n1": "tok1", "n2": "tok2"}),
+		Accept: func(node string, r *Report) (Ack, error) {
+			if !master {
+				return Ack{}, fmt.Errorf("%w: director 2 is the backup", ErrNotMaster)
+			}
+			ack, _, err := in.Accept(node, r, time.Now())
+			return ack, err
+		},
+		Limits:  Limits{MaxBytes: 4096},
+		Refused: func(_ string, status int, _ error) { refused = append(refused, status) },
+	})
+	good := mustMarshal(t, full("n1", 1, tunnel("198.51.100.1", "172.16.1.0/24")))
+	big := mustMarshal(t, full("n1", 1, tunnel("198.51.100.1"), tunnel("198.51.100.2"), tunnel("198.51.100.3"),
+		tunnel("198.51.100.4"), tunnel("198.51.100.5"), tunnel("198.51.100.6"), tunnel("198.51.100.7"), tunnel("198.51.100.8"),
+		tunnel("198.51.100.9"), tunnel("198.51.100.10"), tunnel("198.51.100.11"), tunnel("198.51.100.12"), tunnel("198.51.100.13"),
+		tunnel("198.51.100.14"), tunnel("198.51.100.15"), tunnel("198.51.100.16"), tunnel("198.51.100.17"), tunnel("198.51.100.18"),
+		tunnel("198.51.100.19"), tunnel("198.51.100.20")))
+	post := func(method, token string, body []byte) (int, string) {
+		req := httptest.NewRequest(method, Path, bytes.NewReader(body))
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		return w.Code, w.Body.String()
+	}
+	cases := []struct {
+		name   string
+		method string
+		token  string
+		body   []byte
+		master bool
+		status int
+		text   string
+	}{
+		{"accepted", "POST", "tok1", good, true, 200, `"need_full":false`},
+		{"no token", "POST", "", good, true, 401, "missing or unknown node token"},
+		{"unknown token", "POST", "tok3", good, true, 401, "missing or unknown node token"},
+		{"another node's token", "POST", "tok2", good, true, 403, `names node \"n1\", its token belongs to \"n2\"`},
+		{"too large", "POST", "tok1", big, true, 413, "too large"},
+		{"malformed", "POST", "tok1", []byte(`{"version":1,"version":1}`), true, 422, "duplicate key"},
+		{"backup", "POST", "tok1", good, false, 409, "backup"},
+		{"GET", "GET", "tok1", nil, true, 405, "POST only"},
+	}
+	for _, c := range cases {
+		master = c.master
+		status, body := post(c.method, c.token, c.body)
+		if status != c.status || !strings.Contains(body, c.text) {
+			t.Errorf("%s: %d %s; want %d and %q", c.name, status, body, c.status, c.text)
+		}
+		if status != 200 && !strings.Contains(body, `"refused":true`) {
+			t.Errorf("%s: error body %s lacks refused:true", c.name, body)
+		}
+	}
+	if len(refused) != len(cases)-1 {
+		t.Errorf("Refused called %d times for %d refusals: %v", len(refused), len(cases)-1, refused)
+	}
 }
