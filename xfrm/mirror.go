@@ -15,8 +15,10 @@ type Mirror struct {
 	local    Local
 	states   map[stateKey]*SA
 	policies map[policyKey]*Policy
-	peerSAs  map[netip.Addr]map[stateKey]string // peer -> its SAs -> direction
-	peerPols map[netip.Addr]map[policyKey]struct{}
+	// Per peer, its SAs and the policies pointing at it: short slices
+	// (a few entries per peer), cheaper than a map each.
+	peerSAs  map[netip.Addr][]peerSA
+	peerPols map[netip.Addr][]policyKey
 	count    [3]int // states per class
 	tunnels  map[netip.Addr]*Tunnel
 	dirty    map[netip.Addr]struct{}
@@ -38,8 +40,8 @@ func (m *Mirror) Reset(s Snapshot) {
 	m.local = NewLocal(s.Local...)
 	m.states = make(map[stateKey]*SA, len(s.States))
 	m.policies = make(map[policyKey]*Policy, len(s.Policies))
-	m.peerSAs = map[netip.Addr]map[stateKey]string{}
-	m.peerPols = map[netip.Addr]map[policyKey]struct{}{}
+	m.peerSAs = make(map[netip.Addr][]peerSA, len(s.States)/2)
+	m.peerPols = make(map[netip.Addr][]policyKey, len(s.States)/2)
 	m.count = [3]int{}
 	m.tunnels = make(map[netip.Addr]*Tunnel, len(old))
 	m.dirty = map[netip.Addr]struct{}{}
@@ -95,12 +97,7 @@ func (m *Mirror) putState(sa SA) {
 	if c != classSA {
 		return
 	}
-	set := m.peerSAs[peer]
-	if set == nil {
-		set = map[stateKey]string{}
-		m.peerSAs[peer] = set
-	}
-	set[k] = dir
+	m.peerSAs[peer] = append(m.peerSAs[peer], peerSA{key: k, dir: dir})
 	m.dirty[peer] = struct{}{}
 }
 
@@ -115,11 +112,10 @@ func (m *Mirror) dropState(k stateKey) {
 	if c != classSA {
 		return
 	}
-	if set := m.peerSAs[peer]; set != nil {
-		delete(set, k)
-		if len(set) == 0 {
-			delete(m.peerSAs, peer)
-		}
+	if set := slices.DeleteFunc(m.peerSAs[peer], func(x peerSA) bool { return x.key == k }); len(set) > 0 {
+		m.peerSAs[peer] = set
+	} else {
+		delete(m.peerSAs, peer)
 	}
 	m.dirty[peer] = struct{}{}
 }
@@ -130,12 +126,7 @@ func (m *Mirror) putPolicy(p Policy) {
 	pp := &p
 	m.policies[k] = pp
 	for _, peer := range policyPeers(pp) {
-		set := m.peerPols[peer]
-		if set == nil {
-			set = map[policyKey]struct{}{}
-			m.peerPols[peer] = set
-		}
-		set[k] = struct{}{}
+		m.peerPols[peer] = append(m.peerPols[peer], k)
 		m.dirty[peer] = struct{}{}
 	}
 }
@@ -147,14 +138,19 @@ func (m *Mirror) dropPolicy(k policyKey) {
 	}
 	delete(m.policies, k)
 	for _, peer := range policyPeers(old) {
-		if set := m.peerPols[peer]; set != nil {
-			delete(set, k)
-			if len(set) == 0 {
-				delete(m.peerPols, peer)
-			}
+		if set := slices.DeleteFunc(m.peerPols[peer], func(x policyKey) bool { return x == k }); len(set) > 0 {
+			m.peerPols[peer] = set
+		} else {
+			delete(m.peerPols, peer)
 		}
 		m.dirty[peer] = struct{}{}
 	}
+}
+
+// peerSA is one SA of a peer and its direction.
+type peerSA struct {
+	key stateKey
+	dir string
 }
 
 // regroup rebuilds the facts of the peers events touched.
@@ -178,12 +174,13 @@ func (m *Mirror) regroup() {
 		}
 		sas := make([]*SA, 0, len(set))
 		dirs := make([]string, 0, len(set))
-		for k, dir := range set {
-			sas = append(sas, m.states[k])
-			dirs = append(dirs, dir)
+		for _, x := range set {
+			sas = append(sas, m.states[x.key])
+			dirs = append(dirs, x.dir)
 		}
-		var pols []*Policy
-		for k := range m.peerPols[peer] {
+		keys := m.peerPols[peer]
+		pols := make([]*Policy, 0, len(keys))
+		for _, k := range keys {
 			pols = append(pols, m.policies[k])
 		}
 		t := buildTunnel(peer, sas, dirs, pols)
