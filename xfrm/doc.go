@@ -4,8 +4,10 @@
 // ports and traffic counters.
 //
 // The kernel is behind one narrow interface, Kernel: New wires the real
-// netlink one (dumps through vishvananda/netlink, live changes from the
-// XFRM multicast groups); tests and the agent's unit tests use their own.
+// netlink one (dumps and the XFRM multicast groups over
+// vishvananda/netlink's sockets and wire structs, decoded here: see
+// decode.go for why not its XfrmStateList); the agent's unit tests use
+// their own.
 // Group turns a set of states and policies into Facts; Mirror keeps the
 // same result up to date one kernel event at a time and says which peers
 // changed, so a node with 100k SAs does not regroup everything per event.
