@@ -4,6 +4,7 @@ go 1.26.0
 
 require (
 	github.com/gaissmai/bart v0.30.0
+	github.com/go-json-experiment/json v1.27.2
 	github.com/google/nftables v0.3.0
 	github.com/moby/ipvs v1.1.0
 	github.com/schollz/progressbar/v3 v3.19.1
