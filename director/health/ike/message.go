@@ -108,7 +108,9 @@ func Parse(b []byte) (*Message, error) {
 }
 
 // Marshal encodes the message. The header's Next and Length are computed
-// from the payloads; Critical is kept.
+// from the payloads; Critical is kept. (An SK payload's Next Payload, the
+// type of the first encrypted payload, is written as zero: the health
+// checks never build one.)
 func (m *Message) Marshal() []byte {
 	n := HeaderLen
 	for _, p := range m.Payloads {
@@ -271,7 +273,9 @@ func ParseSA(b []byte) ([]Proposal, error) {
 		if spiSize > len(body) {
 			return nil, malformed("SA: proposal %d: SPI size %d does not fit", len(out)+1, spiSize)
 		}
-		p.SPI = body[:spiSize]
+		if spiSize > 0 {
+			p.SPI = body[:spiSize]
+		}
 		body = body[spiSize:]
 		for i := 0; i < nt; i++ {
 			t, n, err := parseTransform(body, i+1 == nt)
