@@ -99,6 +99,14 @@ type Global struct {
 	MaxDownFraction float64 `yaml:"max_down_fraction"`
 	// Flap is the flap damping.
 	Flap Flap `yaml:"flap"`
+	// Settle: after the inside interface comes back or a panic ends,
+	// counts start afresh, and failed rounds that start within this time
+	// are not counted (passing ones are). Neighbour resolution and switch
+	// ports take a moment after a link comes up (the namespace test saw
+	// the first ARP solicitations lost and two nodes fail for a second),
+	// and nodes failing together recover one by one: the last ones must
+	// not be moved because the first ones ended the panic.
+	Settle time.Duration `yaml:"settle"`
 }
 
 // DefaultConfig returns the defaults. They work with strongSwan and
@@ -118,6 +126,7 @@ func DefaultConfig() Config {
 	c.IKE.Port = 500
 	c.Heartbeat.MaxAge = 15 * time.Second
 	c.Flap = Flap{Count: 3, Window: 10 * time.Minute, Hold: time.Minute, HoldMax: 30 * time.Minute}
+	c.Settle = 3 * time.Second
 	return c
 }
 
@@ -266,6 +275,9 @@ func (c *Config) Validate(prefix string) error {
 	}
 	if f.HoldMax < f.Hold {
 		bad("flap.hold_max", "%s is below flap.hold %s", f.HoldMax, f.Hold)
+	}
+	if c.Settle < 0 {
+		bad("settle", "%s is negative", c.Settle)
 	}
 	return errors.Join(errs...)
 }

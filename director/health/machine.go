@@ -163,6 +163,9 @@ type Machine struct {
 	master   bool
 	linkUp   bool
 	linkAt   time.Time // the last change of linkUp
+	// settleFrom is when the view last recovered (link up, panic over):
+	// failures starting within cfg.Settle after it are not counted.
+	settleFrom time.Time
 	rev      uint64
 	nodes    map[string]*nodeState
 	panicked bool
@@ -251,7 +254,8 @@ func (m *Machine) Role(master bool) {
 
 // Link reports the director's inside interface up or down. While it is
 // down nothing moves; rounds that overlap a down period are not counted,
-// and counts start afresh, because failures seen around a broken link say
+// nor failed rounds that start within settle after it came back, and
+// counts start afresh, because failures seen around a broken link say
 // nothing about the nodes.
 func (m *Machine) Link(up bool) {
 	if up == m.linkUp {
@@ -259,6 +263,9 @@ func (m *Machine) Link(up bool) {
 	}
 	m.linkUp = up
 	m.linkAt = m.clock.Now()
+	if up {
+		m.settleFrom = m.linkAt
+	}
 	for _, n := range m.nodes {
 		n.okRun, n.failRun = 0, 0
 	}
@@ -302,7 +309,8 @@ func (m *Machine) Round(r Round) {
 		m.count.Failed++
 		n.lastErr, n.lastErrAt = strings.Join(failed, ", "), r.End
 	}
-	if !m.linkUp || r.Start.Before(m.linkAt) {
+	settling := !m.settleFrom.IsZero() && r.Start.Sub(m.settleFrom) < m.cfg.Settle
+	if !m.linkUp || r.Start.Before(m.linkAt) || (!pass && settling) {
 		m.count.NotCounted++
 		return
 	}
@@ -373,8 +381,15 @@ func (m *Machine) evaluate() {
 			m.count.Panics++
 			m.log.Error("health: PANIC: "+m.panicMsg, "failing", failing, "nodes", total)
 		} else {
-			m.log.Warn("health: panic over", "failing", failing, "nodes", total, "lasted", now.Sub(m.panicAt))
+			// The nodes that failed together recover one by one: count
+			// afresh after settle, so the last ones are not moved
+			// because the first ones ended the panic.
+			m.log.Warn("health: panic over: counting checks afresh", "failing", failing, "nodes", total, "lasted", now.Sub(m.panicAt), "settle", m.cfg.Settle)
 			m.panicMsg = ""
+			m.settleFrom = now
+			for _, n := range nodes {
+				n.failRun = 0
+			}
 		}
 	} else if panicNow {
 		m.panicMsg = fmt.Sprintf("%d of %d nodes failing or down by health, more than max_down_fraction %g: moving nothing, the director's own view may be broken", failing, total, m.cfg.MaxDownFraction)
