@@ -41,7 +41,7 @@ type Params struct {
 	Fall int `yaml:"fall"`
 	// DelayBeforeRetry: an IKE probe without an answer after this long
 	// is sent again (as an IKE initiator retransmits), until Timeout;
-	// 0 sends it once.
+	// 0 (or a value not below Timeout) sends it once.
 	DelayBeforeRetry time.Duration `yaml:"delay_before_retry"`
 	// IKE is the IKE probe's target port.
 	IKE struct {
@@ -309,10 +309,10 @@ func (p *Params) validate(at string, bad func(key, format string, args ...any)) 
 	if p.Fall < 1 {
 		bad(at+"fall", "%d: must be at least 1", p.Fall)
 	}
+	// A delay_before_retry at or above timeout is allowed: the probe is
+	// then sent once (a node's shorter timeout need not repeat it).
 	if p.DelayBeforeRetry < 0 {
 		bad(at+"delay_before_retry", "%s is negative", p.DelayBeforeRetry)
-	} else if p.DelayBeforeRetry > 0 && p.DelayBeforeRetry >= p.Timeout {
-		bad(at+"delay_before_retry", "%s is not below timeout %s: the retry would never be sent", p.DelayBeforeRetry, p.Timeout)
 	}
 	if p.Has(CheckIKE) && p.IKE.Port == 0 {
 		bad(at+"ike.port", "0: the ike check needs a port (500)")

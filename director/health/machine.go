@@ -160,18 +160,18 @@ type Machine struct {
 	apply func(Decision) error
 	log   *slog.Logger
 
-	master   bool
-	linkUp   bool
-	linkAt   time.Time // the last change of linkUp
+	master bool
+	linkUp bool
+	linkAt time.Time // the last change of linkUp
 	// settleFrom is when the view last recovered (link up, panic over):
 	// failures starting within cfg.Settle after it are not counted.
 	settleFrom time.Time
-	rev      uint64
-	nodes    map[string]*nodeState
-	panicked bool
-	panicMsg string
-	panicAt  time.Time
-	count    Counters
+	rev        uint64
+	nodes      map[string]*nodeState
+	panicked   bool
+	panicMsg   string
+	panicAt    time.Time
+	count      Counters
 }
 
 // NewMachine returns a machine with no nodes, as a backup with the inside
