@@ -168,6 +168,7 @@ type Machine struct {
 	settleFrom time.Time
 	rev        uint64
 	nodes      map[string]*nodeState
+	sorted     []*nodeState // the nodes by name, rebuilt by SetNodes
 	panicked   bool
 	panicMsg   string
 	panicAt    time.Time
@@ -226,6 +227,11 @@ func (m *Machine) SetNodes(rev uint64, nodes []Node) {
 			delete(m.nodes, name)
 		}
 	}
+	m.sorted = m.sorted[:0]
+	for _, n := range m.nodes {
+		m.sorted = append(m.sorted, n)
+	}
+	sort.Slice(m.sorted, func(i, j int) bool { return m.sorted[i].Name < m.sorted[j].Name })
 	m.evaluate()
 }
 
@@ -349,19 +355,10 @@ func managed(n *nodeState) bool {
 	return n.State == affinity.NodeActive || (n.State == affinity.NodeDown && n.Record.Down)
 }
 
-func (m *Machine) sortedNodes() []*nodeState {
-	out := make([]*nodeState, 0, len(m.nodes))
-	for _, n := range m.nodes {
-		out = append(out, n)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out
-}
-
 // evaluate takes every decision that is due and allowed.
 func (m *Machine) evaluate() {
 	now := m.clock.Now()
-	nodes := m.sortedNodes()
+	nodes := m.sorted
 	var total, failing int
 	for _, n := range nodes {
 		if !managed(n) {

@@ -61,7 +61,10 @@ type Monitor struct {
 
 	qmu   sync.Mutex
 	queue []func(*Machine)
-	wake  chan struct{}
+	// changed: an event in the queue may change the nodes to probe
+	// (rounds and heartbeats do not, and are most events).
+	changed bool
+	wake    chan struct{}
 
 	probers map[string]*prober // owned by the Run goroutine
 }
@@ -103,9 +106,12 @@ func (m *Monitor) apply(d Decision) error {
 
 // enqueue hands an event to the Run goroutine; it never blocks, so a
 // Sink may call SetNodes from inside Apply.
-func (m *Monitor) enqueue(f func(*Machine)) {
+func (m *Monitor) enqueue(f func(*Machine)) { m.push(f, false) }
+
+func (m *Monitor) push(f func(*Machine), changes bool) {
 	m.qmu.Lock()
 	m.queue = append(m.queue, f)
+	m.changed = m.changed || changes
 	m.qmu.Unlock()
 	select {
 	case m.wake <- struct{}{}:
@@ -118,14 +124,14 @@ func (m *Monitor) enqueue(f func(*Machine)) {
 // including replicated ones on the backup).
 func (m *Monitor) SetNodes(rev uint64, nodes []Node) {
 	nodes = append([]Node(nil), nodes...)
-	m.enqueue(func(mc *Machine) { mc.SetNodes(rev, nodes) })
+	m.push(func(mc *Machine) { mc.SetNodes(rev, nodes) }, true)
 }
 
 // SetRole says whether this director is the master.
 func (m *Monitor) SetRole(master bool) { m.enqueue(func(mc *Machine) { mc.Role(master) }) }
 
 // SetConfig replaces the configuration (a reload).
-func (m *Monitor) SetConfig(cfg Config) { m.enqueue(func(mc *Machine) { mc.SetConfig(cfg) }) }
+func (m *Monitor) SetConfig(cfg Config) { m.push(func(mc *Machine) { mc.SetConfig(cfg) }, true) }
 
 // Heartbeat records a heartbeat of the node's agent.
 func (m *Monitor) Heartbeat(node string) { m.enqueue(func(mc *Machine) { mc.Heartbeat(node) }) }
@@ -162,16 +168,21 @@ func (m *Monitor) Run(ctx context.Context) error {
 		case <-m.wake:
 		}
 		m.qmu.Lock()
-		q := m.queue
-		m.queue = nil
+		q, changed := m.queue, m.changed
+		m.queue, m.changed = nil, false
 		m.qmu.Unlock()
 		m.mu.Lock()
 		for _, f := range q {
 			f(m.mc)
 		}
-		want := m.wanted()
+		var want map[string]target
+		if changed {
+			want = m.wanted()
+		}
 		m.mu.Unlock()
-		m.reconcileProbers(ctx, want)
+		if changed {
+			m.reconcileProbers(ctx, want)
+		}
 	}
 }
 

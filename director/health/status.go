@@ -96,7 +96,7 @@ func (m *Machine) Status() Status {
 		st.Panic = strings.TrimSpace(st.Panic + " inside link down since " + m.linkAt.Format(time.RFC3339) + ": moving nothing")
 	}
 	now := m.clock.Now()
-	for _, n := range m.sortedNodes() {
+	for _, n := range m.sorted {
 		v := NodeView{
 			Name: n.Name, Address: n.Addr, State: n.State, Operator: !managed(n),
 			Failing: n.failRun, Fall: n.p.Fall, Rising: n.okRun, Rise: n.p.Rise,
