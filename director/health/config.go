@@ -110,8 +110,9 @@ type Global struct {
 }
 
 // DefaultConfig returns the defaults. They work with strongSwan and
-// libreswan as they come: both answer the IKE probe on UDP 500 (with
-// INVALID_KE_PAYLOAD or NO_PROPOSAL_CHOSEN) and keep no state for it. A
+// libreswan as they come: both answer the IKE probe on UDP 500 and keep no
+// state for it (charon 5.9.8: INVALID_KE_PAYLOAD or NO_PROPOSAL_CHOSEN;
+// pluto 4.10: INVALID_SYNTAX, refusing the probe's KE group). A
 // dead node is detected in 1.8 to 2.8 s: two failed rounds of 800 ms, one
 // second apart; a single lost datagram costs nothing because the probe is
 // resent after 250 ms.

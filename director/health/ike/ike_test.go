@@ -72,13 +72,14 @@ func notify(t NotifyType, data []byte) Payload {
 	return Payload{Type: PayloadNotify, Body: Notify{Type: t, Data: data}.Marshal()}
 }
 
-// strongSwan's answers, captured from charon 5.9.8 in a namespace by
-// TestIKEProbeStrongSwan (TD_IKE_CAPTURE=1).
+// Real answers: strongSwan's, captured from charon 5.9.8 in a namespace by
+// TestIKEProbeStrongSwan (TD_IKE_CAPTURE=1), and libreswan's (see
+// testdata/README.md).
 func captured(t testing.TB) map[string][]byte {
 	t.Helper()
-	files, err := filepath.Glob("testdata/strongswan-*.bin")
+	files, err := filepath.Glob("testdata/*.bin")
 	if err != nil || len(files) == 0 {
-		t.Fatalf("no captured strongSwan answers in testdata (%v)", err)
+		t.Fatalf("no captured answers in testdata (%v)", err)
 	}
 	out := map[string][]byte{}
 	for _, f := range files {
@@ -91,12 +92,14 @@ func captured(t testing.TB) map[string][]byte {
 	return out
 }
 
-func TestCheckResponseOnStrongSwanAnswers(t *testing.T) {
+func TestCheckResponseOnCapturedAnswers(t *testing.T) {
 	want := map[string]string{
-		"strongswan-no-proposal": "NO_PROPOSAL_CHOSEN",
-		"strongswan-invalid-ke":  "INVALID_KE_PAYLOAD (group 31)",
-		"strongswan-accepted":    "accepted",
-		"strongswan-cookie":      "COOKIE",
+		"strongswan-no-proposal":   "NO_PROPOSAL_CHOSEN",
+		"strongswan-invalid-ke":    "INVALID_KE_PAYLOAD (group 31)",
+		"strongswan-accepted":      "accepted",
+		"strongswan-cookie":        "COOKIE",
+		"libreswan-invalid-syntax": "INVALID_SYNTAX",
+		"libreswan-no-proposal":    "NO_PROPOSAL_CHOSEN",
 	}
 	caps := captured(t)
 	for name, w := range want {

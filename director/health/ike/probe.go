@@ -14,10 +14,13 @@ import (
 // answers INVALID_KE_PAYLOAD naming it (or NO_PROPOSAL_CHOSEN when nothing
 // matches or no connection is configured for the director's address), and
 // keeps no state: it never computes a key exchange or creates a half-open
-// IKE_SA. An accepted probe would: strongSwan keeps a half-open IKE_SA for
-// 30 s and, after charon.block_threshold (5) of them from one address,
-// ignores every further IKE_SA_INIT from it, which would turn a health
-// check into the failure it looks for.
+// IKE_SA. (libreswan 4.10 refuses the unknown group while parsing and
+// answers INVALID_SYNTAX, before any state; it logs "malformed payload in
+// packet" for each probe.) An accepted probe would: strongSwan keeps a
+// half-open IKE_SA for 30 s, asks every initiator for cookies after three
+// of them from one address (charon.cookie_threshold_ip) and ignores it
+// after five (charon.block_threshold), which would turn a health check
+// into the failure it looks for.
 const ProbeGroup uint16 = 0xfdfd
 
 // probeDH lists the real groups offered after ProbeGroup, strongest
