@@ -254,29 +254,3 @@ func (g *goResponder) kill() {
 }
 
 func (c *charon) restart() { c.start() }
-
-// pair is a director namespace and one node namespace joined by a veth
-// pair: director 192.0.2.1, node 192.0.2.11.
-func pair(t *testing.T) (dir, node *netlab.NS, dirAddr, nodeAddr netip.Addr) {
-	t.Helper()
-	l := netlab.New(t)
-	d, err := l.AddNS("director")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n, err := l.AddNS("node")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Veth(d, "in0", n, "in0"); err != nil {
-		t.Fatal(err)
-	}
-	dirAddr, nodeAddr = netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.11")
-	if err := d.AddAddr("in0", netip.PrefixFrom(dirAddr, 24)); err != nil {
-		t.Fatal(err)
-	}
-	if err := n.AddAddr("in0", netip.PrefixFrom(nodeAddr, 24)); err != nil {
-		t.Fatal(err)
-	}
-	return d, n, dirAddr, nodeAddr
-}

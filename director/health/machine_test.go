@@ -122,13 +122,12 @@ func (f *fixture) want(what string, want ...string) {
 }
 
 func (f *fixture) view(name string) NodeView {
-	for _, v := range f.m.Status().Nodes {
-		if v.Name == name {
-			return v
-		}
+	st := f.m.Status()
+	v, ok := st.Node(name)
+	if !ok {
+		f.t.Fatalf("no node %s in status", name)
 	}
-	f.t.Fatalf("no node %s in status", name)
-	return NodeView{}
+	return v
 }
 
 func TestRiseAndFall(t *testing.T) {

@@ -54,6 +54,16 @@ type NodeView struct {
 	Pending string `json:"pending,omitempty"`
 }
 
+// Node returns the view of the named node.
+func (s *Status) Node(name string) (NodeView, bool) {
+	for _, v := range s.Nodes {
+		if v.Name == name {
+			return v, true
+		}
+	}
+	return NodeView{}, false
+}
+
 // Health is the HEALTH column of `show nodes`: up, failing 1/2, down
 // since, held down until, rising, the operator's state, and the last error.
 func (v NodeView) Health() string {

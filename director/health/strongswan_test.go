@@ -65,7 +65,9 @@ func acceptableRequest(t *testing.T) ([]byte, uint64) {
 // With TD_IKE_CAPTURE=1 it writes charon's answers to ike/testdata, the
 // seed corpus of the decoder's fuzz tests.
 func TestIKEProbeStrongSwan(t *testing.T) {
-	dir, node, dirAddr, nodeAddr := pair(t)
+	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 1, Nodes: 1})
+	dir, node := top.Directors[0].NS, top.Nodes[0].NS
+	dirAddr, nodeAddr := top.Directors[0].If(netlab.IfInside).Addr4, top.Nodes[0].If(netlab.IfInside).Addr4
 	ch := newCharon(t, node, false)
 	chk := &checker{dial: dialIn(dir), source4: dirAddr}
 	dst := netip.AddrPortFrom(nodeAddr, 500)
