@@ -221,3 +221,27 @@ func BenchmarkDetectionDelay(b *testing.B) {
 type sinkFunc func(Decision) error
 
 func (f sinkFunc) Apply(d Decision) error { return f(d) }
+
+// BenchmarkIKEProbe is one IKE probe (socket, request, answer, checks)
+// against the test responder on loopback, in the same process: an upper
+// bound of the director's work per probe.
+//
+//	go test -run X -bench IKEProbe ./director/health/
+func BenchmarkIKEProbe(b *testing.B) {
+	r, err := ikeresponder.Listen(netip.MustParseAddrPort("127.0.0.1:0"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	r.Start()
+	defer r.Close()
+	c := &checker{dial: dialKernel}
+	b.ReportAllocs()
+	for b.Loop() {
+		ctx, cancel := context.WithTimeout(context.Background(), 800*time.Millisecond)
+		res := c.ike(ctx, r.Addr(), 250*time.Millisecond)
+		cancel()
+		if !res.OK {
+			b.Fatal(res.Err)
+		}
+	}
+}

@@ -64,21 +64,22 @@ func (c *checker) round(ctx context.Context, name string, addr netip.Addr, p Par
 			kinds = append(kinds, k)
 		}
 	}
+	run := func(k string) CheckResult {
+		switch k {
+		case CheckIKE:
+			return c.ike(ctx, netip.AddrPortFrom(addr, p.IKE.Port), p.DelayBeforeRetry)
+		case CheckTCP:
+			return c.tcp(ctx, netip.AddrPortFrom(addr, p.TCP.Port))
+		}
+		return runExec(ctx, name, addr, p.Exec.Command)
+	}
+	if len(kinds) == 1 { // the usual case: no goroutine
+		return []CheckResult{run(kinds[0])}
+	}
 	out := make([]CheckResult, len(kinds))
 	ch := make(chan indexed, len(kinds))
 	for i, k := range kinds {
-		go func() {
-			var r CheckResult
-			switch k {
-			case CheckIKE:
-				r = c.ike(ctx, netip.AddrPortFrom(addr, p.IKE.Port), p.DelayBeforeRetry)
-			case CheckTCP:
-				r = c.tcp(ctx, netip.AddrPortFrom(addr, p.TCP.Port))
-			case CheckExec:
-				r = runExec(ctx, name, addr, p.Exec.Command)
-			}
-			ch <- indexed{i, r}
-		}()
+		go func() { ch <- indexed{i, run(k)} }()
 	}
 	for range kinds {
 		x := <-ch

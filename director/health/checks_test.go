@@ -67,6 +67,16 @@ func TestIKECheckAgainstResponder(t *testing.T) {
 			t.Errorf("mode %d: %d requests within the timeout, want 2 to 4 (resent every 250 ms)", tc.mode, n)
 		}
 	}
+	// IPv6.
+	r6, err := ikeresponder.Listen(netip.MustParseAddrPort("[::1]:0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r6.Start()
+	defer r6.Close()
+	if res := ikeOnce(t, c, r6.Addr()); !res.OK || res.Detail != "INVALID_KE_PAYLOAD (group 31)" {
+		t.Errorf("IPv6: %+v", res)
+	}
 	// Nobody listening: the kernel's port unreachable is named.
 	addr := r.Addr()
 	r.Close()

@@ -60,4 +60,21 @@
 //
 // Decisions go to a Sink the daemon implements; Status feeds `show nodes`
 // (NodeView.Health is the HEALTH column), `status` and the API.
+//
+// # What the daemon does (the integration)
+//
+//   - Config: a `health:` section of type Config; DefaultConfig before
+//     decoding; Config.Validate("health") in `config check`.
+//   - Start: New(Options{Interface: the inside interface, Source4/6: its
+//     addresses, Sink: the daemon, Clock: the project clock}) and Run; then
+//     SetNodes with the table's nodes and stored records, again after every
+//     committed change of nodes or records (replicated ones too, on the
+//     backup), SetRole on every role change (true when running alone),
+//     SetConfig on reload, Heartbeat from the agents' reports.
+//   - Apply(d): refuse (return an error) unless master and writable;
+//     otherwise commit, in one transaction, what `node down` / `node up`
+//     commits (affinity's PlanNodeState plan), with d.Reason as the changes'
+//     reason, and d.Record stored with the node.
+//   - Operator actions on a node's state store Record.AfterOperator(action)
+//     with the change.
 package health

@@ -231,15 +231,22 @@ func newGoResponder(t testing.TB, ns *netlab.NS, addr netip.AddrPort) *goRespond
 	return g
 }
 
+// restart listens again, in the node's namespace (nil: the current one).
 func (g *goResponder) restart() {
 	g.t.Helper()
-	err := g.ns.Do(func() error {
+	listen := func() error {
 		r, err := ikeresponder.Listen(g.addr)
 		g.r = r
 		return err
-	})
+	}
+	var err error
+	if g.ns != nil {
+		err = g.ns.Do(listen)
+	} else {
+		err = listen()
+	}
 	if err != nil {
-		g.t.Fatalf("responder in %s: %v", g.ns.Name, err)
+		g.t.Fatalf("responder on %s: %v", g.addr, err)
 	}
 	g.r.Start()
 }

@@ -323,3 +323,53 @@ func TestMonitorInNamespaces(t *testing.T) {
 		})
 	}
 }
+
+// TestMonitorOnLoopback runs the Monitor without root: test responders on
+// loopback addresses, real sockets and timers. A killed responder brings
+// "down", its restart "up"; a backup decides nothing.
+func TestMonitorOnLoopback(t *testing.T) {
+	const port = 45700
+	cfg := scenarioConfig()
+	cfg.IKE.Port = port
+	d := &fakeDaemon{decisions: make(chan Decision, 16)}
+	var rs []*goResponder
+	for i := 1; i <= 3; i++ {
+		a := loopbackNode(3, i)
+		d.nodes = append(d.nodes, Node{Name: fmt.Sprintf("n%d", i), Addr: a, State: affinity.NodeActive})
+		rs = append(rs, newGoResponder(t, nil, netip.AddrPortFrom(a, port)))
+	}
+	d.mon = New(Options{Config: cfg, Sink: d, Log: testLog(t)})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go d.mon.Run(ctx)
+	d.mu.Lock()
+	d.pushLocked()
+	d.mu.Unlock()
+	d.mon.SetRole(true)
+	s := &scenario{t: t, mon: d.mon, d: d, names: []string{"n1", "n2", "n3"}}
+	s.waitAllPassing(time.Now(), 5*time.Second)
+	rs[1].kill()
+	dec := s.expect(5*time.Second, "n2", affinity.NodeDown)
+	if !strings.HasPrefix(dec.Reason, "health: ike: ") {
+		t.Fatalf("reason %q", dec.Reason)
+	}
+	rs[1].restart()
+	s.expect(5*time.Second, "n2", affinity.NodeActive)
+
+	d.mon.SetRole(false)
+	rs[0].kill()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		v := s.view("n1")
+		if v.Pending == "down due: the master decides" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("backup view of n1: %+v", v)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s.expectNone(0, "backup")
+	d.mon.SetRole(true)
+	s.expect(5*time.Second, "n1", affinity.NodeDown)
+}
