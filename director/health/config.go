@@ -321,8 +321,12 @@ func (p *Params) validate(at string, bad func(key, format string, args ...any)) 
 	if p.Has(CheckTCP) && p.TCP.Port == 0 {
 		bad(at+"tcp.port", "0: the tcp check needs a port")
 	}
-	if p.Has(CheckExec) && (len(p.Exec.Command) == 0 || p.Exec.Command[0] == "") {
-		bad(at+"exec.command", "empty: the exec check needs a command")
+	if p.Has(CheckExec) {
+		if len(p.Exec.Command) == 0 || p.Exec.Command[0] == "" {
+			bad(at+"exec.command", "empty: the exec check needs a command")
+		} else if !strings.HasPrefix(p.Exec.Command[0], "/") {
+			bad(at+"exec.command[0]", "%q is not an absolute path (the daemon's PATH and directory are not the shell's)", p.Exec.Command[0])
+		}
 	}
 	if p.Has(CheckHeartbeat) && p.Heartbeat.MaxAge <= 0 {
 		bad(at+"heartbeat.max_age", "%s: must be positive", p.Heartbeat.MaxAge)

@@ -84,6 +84,7 @@ func TestConfigRefusesImpossibleValues(t *testing.T) {
 		{"health: {checks: [ike, ike]}", `health.checks[1]: "ike" listed twice`},
 		{"health: {checks: [tcp]}", "health.tcp.port: 0: the tcp check needs a port"},
 		{"health: {checks: [exec]}", "health.exec.command: empty"},
+		{"health: {checks: [exec], exec: {command: [check-node]}}", `health.exec.command[0]: "check-node" is not an absolute path`},
 		{"health: {delay_before_retry: -1s}", "health.delay_before_retry: -1s is negative"},
 		{"health: {max_down_fraction: 0}", "health.max_down_fraction: 0 out of range"},
 		{"health: {max_down_fraction: 1.5}", "health.max_down_fraction: 1.5 out of range"},

@@ -357,6 +357,13 @@ func managed(n *nodeState) bool {
 
 // evaluate takes every decision that is due and allowed.
 func (m *Machine) evaluate() {
+	if !m.cfg.Enabled {
+		// Checks off (a reload): counts from before decide nothing.
+		for _, n := range m.sorted {
+			n.pending = ""
+		}
+		return
+	}
 	now := m.clock.Now()
 	nodes := m.sorted
 	var total, failing int

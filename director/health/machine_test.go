@@ -153,7 +153,7 @@ func TestRiseAndFall(t *testing.T) {
 	f.tick()
 	f.round("n1", true)
 	f.want("one passing round of rise 2")
-	if h := f.view("n1").Health(); !strings.HasPrefix(h, "down since 12:00:0") || !strings.Contains(h, "rising 1/2") {
+	if h := f.view("n1").Health(); !strings.HasPrefix(h, "down since Dec  1 12:00:0") || !strings.Contains(h, "rising 1/2") {
 		t.Fatalf("health column %q", h)
 	}
 	f.tick()
@@ -487,6 +487,21 @@ func TestApplyFailureIsRetried(t *testing.T) {
 	if c := f.m.Status().Counters; c.ApplyErrors != 1 {
 		t.Fatalf("counters %+v", c)
 	}
+}
+
+func TestDisabledDecidesNothing(t *testing.T) {
+	f := newFixture(t, testConfig(), "n1", "n2", "n3")
+	f.fail = errors.New("busy")
+	f.round("n1", false)
+	f.tick()
+	f.round("n1", false)
+	f.want("apply failed")
+	f.fail = nil
+	cfg := testConfig()
+	cfg.Enabled = false
+	f.m.SetConfig(cfg)
+	f.push()
+	f.want("health switched off by a reload: the due down is not taken")
 }
 
 func TestStaleNodeListIgnored(t *testing.T) {

@@ -72,9 +72,9 @@ func (v NodeView) Health() string {
 	case v.Operator:
 		s = v.State.String() + " (operator)"
 	case !v.HeldUntil.IsZero():
-		s = "held down until " + v.HeldUntil.Format("15:04:05")
+		s = "held down until " + v.HeldUntil.Format(time.Stamp)
 	case v.State == affinity.NodeDown:
-		s = "down since " + v.Record.Since.Format("15:04:05")
+		s = "down since " + v.Record.Since.Format(time.Stamp)
 	case v.Failing > 0:
 		s = fmt.Sprintf("failing %d/%d", v.Failing, v.Fall)
 	case v.LastCheck.IsZero():
