@@ -302,10 +302,15 @@ func TestMonitorInNamespaces(t *testing.T) {
 			// discounted and others' not).
 			time.Sleep(time.Until(linkUp.Add(cfg.Settle + 3*cfg.Interval)))
 
-			// Three of four fail at once: panic, nothing moves.
+			// Three of four fail at once (killed concurrently: one after
+			// the other, on a loaded machine, is not at once): panic,
+			// nothing moves.
+			var wg sync.WaitGroup
 			for _, i := range []int{0, 1, 3} {
-				s.nodes[i].kill()
+				wg.Add(1)
+				go func() { defer wg.Done(); s.nodes[i].kill() }()
 			}
+			wg.Wait()
 			s.expectNone(time.Duration(5*cfg.Fall)*cfg.Interval, "3 of 4 nodes failing")
 			st = s.mon.Status()
 			if !strings.Contains(st.Panic, "3 of 4 nodes failing") || st.Counters.PanicDowns == 0 {
