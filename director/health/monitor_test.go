@@ -239,26 +239,29 @@ func TestMonitorInNamespaces(t *testing.T) {
 			}
 			var held Decision
 			deadline := time.Now().Add(30 * time.Second)
-			downs := 0
+			downs, last := 0, affinity.NodeActive
+			handle := func(ds []Decision) {
+				for _, d := range ds {
+					// On a loaded machine a decision may come in the
+					// next phase; it must still be node2's, alternating.
+					if d.Node != "node2" || d.State == last {
+						t.Fatalf("flapping node2: decision %s after %s", d, last)
+					}
+					last = d.State
+					if d.State == affinity.NodeDown {
+						downs++
+						if !d.Record.HoldUntil.IsZero() {
+							held = d
+						}
+					}
+				}
+			}
 			for held.Node == "" && time.Now().Before(deadline) {
 				s.nodes[2].kill()
-				for _, d := range collect(time.Second) {
-					if d.Node != "node2" || d.State != affinity.NodeDown {
-						t.Fatalf("node2 killed: decision %s", d)
-					}
-					downs++
-					if !d.Record.HoldUntil.IsZero() {
-						held = d
-					}
-				}
+				handle(collect(time.Second))
 				s.nodes[2].restart()
-				if held.Node != "" {
-					break
-				}
-				for _, d := range collect(time.Second) {
-					if d.Node != "node2" || d.State != affinity.NodeActive {
-						t.Fatalf("node2 restarted: decision %s", d)
-					}
+				if held.Node == "" {
+					handle(collect(time.Second))
 				}
 			}
 			if held.Node == "" || downs != cfg.Flap.Count+1 {
