@@ -7,20 +7,26 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tunneldirector/tunneldirector/ipvs/lvs"
 )
 
-// fakeKernel records the kernel operations and holds their result.
+// fakeKernel records the kernel operations and holds their result; with
+// ipvs it is the IPVS too (lvs.Kernel).
 type fakeKernel struct {
 	ipvs   bool
 	ops    []string
 	nft    nftState
 	rules  []kRule
 	routes []kRoute
-	svcs   map[svcKey][]svcDest
+	svcs   map[svcKey]lvs.Service
+	// failRoute makes replaceRoute fail for a gateway, as the kernel
+	// does for a node it cannot reach.
+	failRoute map[netip.Addr]error
 }
 
 func newFakeKernel(ipvs bool) *fakeKernel {
-	k := &fakeKernel{ipvs: ipvs, svcs: map[svcKey][]svcDest{}}
+	k := &fakeKernel{ipvs: ipvs, svcs: map[svcKey]lvs.Service{}}
 	k.nft = newKstate().nft
 	for _, v6 := range []bool{false, true} {
 		k.rules = append(k.rules, kRule{v6: v6, prio: 0, table: rtTableLocal, proto: rtprotKernel},
@@ -30,7 +36,6 @@ func newFakeKernel(ipvs bool) *fakeKernel {
 }
 
 func (k *fakeKernel) log(f string, a ...any) { k.ops = append(k.ops, fmt.Sprintf(f, a...)) }
-func (k *fakeKernel) hasIPVS() bool          { return k.ipvs }
 func (k *fakeKernel) readNft() (*nftState, error) {
 	c := (&kstate{nft: k.nft}).clone().nft
 	return &c, nil
@@ -65,6 +70,9 @@ func (k *fakeKernel) delRule(r kRule) error {
 }
 func (k *fakeKernel) listRoutes() ([]kRoute, error) { return slices.Clone(k.routes), nil }
 func (k *fakeKernel) replaceRoute(r kRoute) error {
+	if err := k.failRoute[r.gw]; err != nil {
+		return err
+	}
 	k.log("route replace v6=%v table %d via %s", r.v6, r.table, r.gw)
 	k.routes = slices.DeleteFunc(k.routes, func(x kRoute) bool { return x.v6 == r.v6 && x.table == r.table && x.dst == r.dst })
 	k.routes = append(k.routes, r)
@@ -75,23 +83,42 @@ func (k *fakeKernel) delRoute(r kRoute) error {
 	k.routes = slices.DeleteFunc(k.routes, func(x kRoute) bool { return x.v6 == r.v6 && x.table == r.table && x.dst == r.dst })
 	return nil
 }
-func (k *fakeKernel) listServices() ([]kService, error) {
-	var out []kService
-	for sk, d := range k.svcs {
-		out = append(out, kService{v6: sk.v6, mark: sk.mark, dests: d})
+func (k *fakeKernel) Services() ([]lvs.Service, error) {
+	var out []lvs.Service
+	for _, s := range k.svcs {
+		out = append(out, s)
 	}
 	return out, nil
 }
-func (k *fakeKernel) addService(s kService) error {
-	k.log("svc add v6=%v mark %#x", s.v6, s.mark)
-	k.svcs[svcKey{s.v6, s.mark}] = s.dests
+func (k *fakeKernel) Add(s lvs.Service) error {
+	k.log("svc add v6=%v mark %#x ops=%v", s.V6, s.Mark, s.OnePacket)
+	k.svcs[svcKey{s.V6, s.Mark}] = s
 	return nil
 }
-func (k *fakeKernel) delService(s kService) error {
-	k.log("svc del v6=%v mark %#x", s.v6, s.mark)
-	delete(k.svcs, svcKey{s.v6, s.mark})
+func (k *fakeKernel) Remove(s lvs.Service) error {
+	k.log("svc del v6=%v mark %#x", s.V6, s.Mark)
+	delete(k.svcs, svcKey{s.V6, s.Mark})
 	return nil
 }
+func (k *fakeKernel) Replace(old, new lvs.Service) error {
+	k.log("svc replace v6=%v mark %#x ops=%v", new.V6, new.Mark, new.OnePacket)
+	k.svcs[svcKey{new.V6, new.Mark}] = new
+	return nil
+}
+func (k *fakeKernel) Conns() ([]lvs.Conn, error) { return nil, nil }
+func (k *fakeKernel) Close() error               { return nil }
+
+// lvs returns k as the IPVS seam, nil when k has no IPVS.
+func (k *fakeKernel) lvs() lvs.Kernel {
+	if !k.ipvs {
+		return nil
+	}
+	return k
+}
+
+// newFake is newDataplane over k.
+func newFake(cfg Config, k *fakeKernel) (*dataplane, error) { return newDataplane(cfg, k, k.lvs()) }
+
 func (k *fakeKernel) close() error { return nil }
 
 func (k *fakeKernel) take() []string { o := k.ops; k.ops = nil; return o }
@@ -128,7 +155,7 @@ func TestDiffAddIdempotentMoveRemove(t *testing.T) {
 	for _, ipvs := range []bool{false, true} {
 		t.Run(fmt.Sprintf("ipvs=%v", ipvs), func(t *testing.T) {
 			k := newFakeKernel(ipvs)
-			dp, err := newDataplane(Config{}, k)
+			dp, err := newFake(Config{}, k)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -242,7 +269,7 @@ func countPrefix(ops []string, p string) int {
 // applied, nothing is recreated.
 func TestDiffAdoptWithDifferences(t *testing.T) {
 	k := newFakeKernel(true)
-	dp, _ := newDataplane(Config{}, k)
+	dp, _ := newFake(Config{}, k)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()
@@ -251,7 +278,7 @@ func TestDiffAdoptWithDifferences(t *testing.T) {
 	k.nft.subnets[netip.MustParsePrefix("10.7.0.0/27")] = 0x7d000001
 	k.routes = k.routes[1:]
 	d.Peers[pB] = 1
-	dp2, err := newDataplane(Config{}, k)
+	dp2, err := newFake(Config{}, k)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,23 +300,23 @@ func TestDiffAdoptWithDifferences(t *testing.T) {
 func TestDiffRefusesForeign(t *testing.T) {
 	k := newFakeKernel(false)
 	k.rules = append(k.rules, kRule{prio: 50, mark: 0x7d000005, mask: 0xffffffff, table: 9})
-	if _, err := newDataplane(Config{}, k); err == nil || !strings.Contains(err.Error(), "mark range") {
+	if _, err := newFake(Config{}, k); err == nil || !strings.Contains(err.Error(), "mark range") {
 		t.Fatalf("foreign mark: %v", err)
 	}
 	k = newFakeKernel(false)
 	k.rules = append(k.rules, kRule{prio: 7, table: 20010})
-	if _, err := newDataplane(Config{}, k); err == nil || !strings.Contains(err.Error(), "routing table 20010") {
+	if _, err := newFake(Config{}, k); err == nil || !strings.Contains(err.Error(), "routing table 20010") {
 		t.Fatalf("foreign table: %v", err)
 	}
 	k = newFakeKernel(false)
-	if _, err := newDataplane(Config{Mode: ModeIPVS}, k); err == nil {
+	if _, err := newFake(Config{Mode: ModeIPVS}, k); err == nil {
 		t.Fatal("ModeIPVS without IPVS accepted")
 	}
 }
 
 func TestHashChangeRebuildsChain(t *testing.T) {
 	k := newFakeKernel(false)
-	dp, _ := newDataplane(Config{}, k)
+	dp, _ := newFake(Config{}, k)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()
@@ -329,7 +356,7 @@ func TestPlenNamesAndMasks(t *testing.T) {
 // transaction, and that Verify then finds nothing to do.
 func TestSubnetLengthsFollowUpdates(t *testing.T) {
 	k := newFakeKernel(false)
-	dp, _ := newDataplane(Config{}, k)
+	dp, _ := newFake(Config{}, k)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()

@@ -5,11 +5,11 @@ import (
 	"net/netip"
 )
 
-// kernel is the seam between the diff logic and the real kernel: the
-// Dataplane decides what to change, a kernel applies it. The netlink wire
-// work lives behind it so unit tests can record calls instead.
+// kernel is the seam between the diff logic and the real kernel's
+// nftables, rules and routes: the Dataplane decides what to change, a
+// kernel applies it. The netlink wire work lives behind it so unit tests
+// can record calls instead. IPVS is behind lvs.Kernel.
 type kernel interface {
-	hasIPVS() bool
 	readNft() (*nftState, error)
 	// applyNft runs p as one nftables transaction.
 	applyNft(p *nftPlan) error
@@ -21,9 +21,6 @@ type kernel interface {
 	listRoutes() ([]kRoute, error)
 	replaceRoute(r kRoute) error
 	delRoute(r kRoute) error
-	listServices() ([]kService, error)
-	addService(s kService) error
-	delService(s kService) error
 	close() error
 }
 
@@ -44,13 +41,6 @@ type kRoute struct {
 	dst   netip.Prefix
 	gw    netip.Addr
 	proto uint8
-}
-
-// kService is an IPVS fwmark service with its destinations.
-type kService struct {
-	v6    bool
-	mark  uint32
-	dests []svcDest
 }
 
 const rtTableLocal = 255

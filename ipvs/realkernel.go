@@ -8,7 +8,6 @@ import (
 
 	"github.com/google/nftables"
 	mdnl "github.com/mdlayher/netlink"
-	mobyipvs "github.com/moby/ipvs"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -29,8 +28,7 @@ type realKernel struct {
 	nl   *netlink.Handle
 	nft  *nftables.Conn // reads (dumps)
 	tx   *nftTransport
-	wr   *nftables.Conn   // transactions, through tx
-	ipvs *mobyipvs.Handle // nil without IPVS
+	wr   *nftables.Conn // transactions, through tx
 	mode func() Mode
 }
 
@@ -92,25 +90,11 @@ func newRealKernel(cfg Config, ns nsTarget) (*realKernel, error) {
 		k.close()
 		return nil, err
 	}
-	// moby/ipvs returns nil from every call on a kernel without IPVS, so the
-	// generic netlink family is the only trustworthy probe.
-	if _, err := k.nl.GenlFamilyGet("IPVS"); err == nil {
-		k.ipvs, err = mobyipvs.New(ns.path)
-		if err != nil {
-			k.close()
-			return nil, fmt.Errorf("open IPVS handle: %w", err)
-		}
-	}
 	return k, nil
 }
 
-func (k *realKernel) hasIPVS() bool { return k.ipvs != nil }
-
 func (k *realKernel) close() error {
 	var errs []error
-	if k.ipvs != nil {
-		k.ipvs.Close()
-	}
 	if k.nft != nil {
 		errs = append(errs, k.nft.CloseLasting())
 	}
@@ -279,81 +263,4 @@ func (k *realKernel) delRoute(r kRoute) error {
 	nr := &netlink.Route{Family: family(r.v6), Table: r.table,
 		Dst: &net.IPNet{IP: r.dst.Addr().AsSlice(), Mask: net.CIDRMask(r.dst.Bits(), r.dst.Addr().BitLen())}}
 	return k.nl.RouteDel(nr)
-}
-
-var fwdFlags = map[Forward]uint32{
-	ForwardDR:     mobyipvs.ConnFwdDirectRoute,
-	ForwardTunnel: mobyipvs.ConnFwdTunnel,
-	ForwardMasq:   mobyipvs.ConnFwdMasq,
-}
-
-func ipvsService(v6 bool, mark uint32) *mobyipvs.Service {
-	s := &mobyipvs.Service{FWMark: mark, AddressFamily: unix.AF_INET, SchedName: "rr", Netmask: 0xffffffff}
-	if v6 {
-		s.AddressFamily = unix.AF_INET6
-		s.Netmask = 128
-	}
-	return s
-}
-
-func (k *realKernel) listServices() ([]kService, error) {
-	if k.ipvs == nil {
-		return nil, nil
-	}
-	svcs, err := k.ipvs.GetServices()
-	if err != nil {
-		return nil, err
-	}
-	var out []kService
-	for _, s := range svcs {
-		if s.FWMark == 0 {
-			continue
-		}
-		ks := kService{v6: s.AddressFamily == unix.AF_INET6, mark: s.FWMark}
-		dsts, err := k.ipvs.GetDestinations(s)
-		if err != nil {
-			return nil, fmt.Errorf("list destinations of fwmark service %#x: %w", s.FWMark, err)
-		}
-		for _, d := range dsts {
-			a, _ := netip.AddrFromSlice(d.Address)
-			if !ks.v6 {
-				a = a.Unmap()
-			}
-			fwd := ForwardDR
-			for f, fl := range fwdFlags {
-				if d.ConnectionFlags&mobyipvs.ConnFwdMask == fl {
-					fwd = f
-				}
-			}
-			ks.dests = append(ks.dests, svcDest{addr: a, fwd: fwd})
-		}
-		out = append(out, ks)
-	}
-	return out, nil
-}
-
-func (k *realKernel) addService(s kService) error {
-	if k.ipvs == nil {
-		return errors.New("no IPVS in this kernel")
-	}
-	svc := ipvsService(s.v6, s.mark)
-	if err := k.ipvs.NewService(svc); err != nil {
-		return err
-	}
-	for _, d := range s.dests {
-		dst := &mobyipvs.Destination{Address: d.addr.AsSlice(), Weight: 1, ConnectionFlags: fwdFlags[d.fwd], AddressFamily: svc.AddressFamily}
-		if err := k.ipvs.NewDestination(svc, dst); err != nil {
-			// Leave no half-made service behind.
-			_ = k.ipvs.DelService(svc)
-			return fmt.Errorf("add destination %s (%s): %w", d.addr, d.fwd, err)
-		}
-	}
-	return nil
-}
-
-func (k *realKernel) delService(s kService) error {
-	if k.ipvs == nil {
-		return errors.New("no IPVS in this kernel")
-	}
-	return k.ipvs.DelService(ipvsService(s.v6, s.mark))
 }

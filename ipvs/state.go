@@ -49,9 +49,14 @@ type svcKey struct {
 	mark uint32
 }
 
+// svcDest is a fwmark service's one destination and how it is made.
 type svcDest struct {
 	addr netip.Addr
 	fwd  Forward
+	// ops is one-packet scheduling (see ipvs/lvs): on for dr and tunnel,
+	// so every datagram follows the peer's current mark; off for masq,
+	// whose replies need the connection entries to be translated.
+	ops bool
 }
 
 // kstate is everything the director programs.
@@ -231,8 +236,11 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 			tbl := c.routeTable(n.Mark)
 			t.routes[routeKey{v6, tbl}] = a
 			t.rules[ruleKey{v6, c.fwmark(n.Mark), tbl}] = struct{}{}
-			if mode == ModeIPVS {
-				t.svcs[svcKey{v6, c.ikeMark(n.Mark)}] = svcDest{a, n.Forward}
+			// A down node gets no service: a peer's entries still
+			// pointing at it then lose their destination and the
+			// peer's next packet is scheduled by its new mark.
+			if mode == ModeIPVS && !n.Down {
+				t.svcs[svcKey{v6, c.ikeMark(n.Mark)}] = svcDest{a, n.Forward, n.Forward != ForwardMasq}
 			}
 		}
 	}

@@ -10,27 +10,32 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/tunneldirector/tunneldirector/ipvs/lvs"
 )
 
-// dataplane is the Dataplane over a kernel seam.
+// dataplane is the Dataplane over the kernel seams.
 type dataplane struct {
 	cfg  Config
 	mode Mode
 	k    kernel
+	lvs  lvs.Kernel // nil on a kernel without IPVS
 	// model is what the director believes the kernel holds; nil until
 	// the first Sync adopts the kernel's state.
 	model *kstate
 	// want is the target of the last Sync plus the Updates since.
 	want *kstate
-	// nodes of the last Sync, to validate delta owners.
-	nodes map[uint16]bool
+	// nodes of the last Sync by mark, to validate delta owners and to know
+	// which node a moved peer leaves.
+	nodes map[uint16]Node
 }
 
 // New returns a Dataplane for the kernel of the current network namespace.
 // It probes IPVS (ModeAuto picks ModeIPVS when the kernel has it; Mode()
 // says which mode is in force) and refuses to start when the configured mark
 // range, routing tables or rule priority are used by objects the director
-// does not own.
+// does not own. In IPVS mode it sets net.ipv4.vs.expire_nodest_conn=1 (see
+// ipvs/lvs).
 func New(cfg Config) (Dataplane, error) {
 	return newIn(cfg, nsTarget{})
 }
@@ -50,16 +55,32 @@ func newIn(cfg Config, ns nsTarget) (*dataplane, error) {
 	if err != nil {
 		return nil, err
 	}
-	dp, err := newDataplane(cfg, k)
+	var lk lvs.Kernel
+	if cfg.Mode != ModeRouteOnly {
+		lk, _, err = lvs.Open(ns.fd)
+		if errors.Is(err, lvs.ErrNoIPVS) {
+			lk, err = nil, nil
+		}
+		if err != nil {
+			k.close()
+			return nil, fmt.Errorf("open IPVS: %w", err)
+		}
+	}
+	dp, err := newDataplane(cfg, k, lk)
 	if err != nil {
 		k.close()
+		if lk != nil {
+			lk.Close()
+		}
 		return nil, err
 	}
 	k.mode = dp.Mode
 	return dp, nil
 }
 
-func newDataplane(cfg Config, k kernel) (*dataplane, error) {
+// newDataplane is the constructor over test seams; lk is nil on a kernel
+// without IPVS.
+func newDataplane(cfg Config, k kernel, lk lvs.Kernel) (*dataplane, error) {
 	cfg, err := cfg.withDefaults()
 	if err != nil {
 		return nil, err
@@ -68,15 +89,18 @@ func newDataplane(cfg Config, k kernel) (*dataplane, error) {
 	switch mode {
 	case ModeAuto:
 		mode = ModeRouteOnly
-		if k.hasIPVS() {
+		if lk != nil {
 			mode = ModeIPVS
 		}
 	case ModeIPVS:
-		if !k.hasIPVS() {
+		if lk == nil {
 			return nil, errors.New("mode ipvs: the kernel has no IPVS generic netlink family (load ip_vs)")
 		}
+	case ModeRouteOnly:
+		// IPVS, if present, is not the director's in this mode.
+		lk = nil
 	}
-	d := &dataplane{cfg: cfg, mode: mode, k: k}
+	d := &dataplane{cfg: cfg, mode: mode, k: k, lvs: lk}
 	if err := d.checkForeign(); err != nil {
 		return nil, err
 	}
@@ -163,20 +187,23 @@ func (d *dataplane) read() (*kstate, error) {
 			s.routes[routeKey{r.v6, r.table}] = r.gw
 		}
 	}
-	if d.k.hasIPVS() {
-		svcs, err := d.k.listServices()
+	if d.lvs != nil {
+		svcs, err := d.lvs.Services()
 		if err != nil {
-			return nil, fmt.Errorf("list IPVS services: %w", err)
+			return nil, err
 		}
 		for _, sv := range svcs {
-			if _, ok := c.nodeOf(sv.mark); !ok || sv.mark&IKEBit == 0 {
+			if _, ok := c.nodeOf(sv.Mark); !ok || sv.Mark&IKEBit == 0 {
 				continue
 			}
+			// A service whose destinations are not exactly one is not
+			// what the director makes: the zero svcDest never equals a
+			// target, so it is replaced.
 			dst := svcDest{}
-			if len(sv.dests) == 1 {
-				dst = sv.dests[0]
+			if len(sv.Dests) == 1 {
+				dst = svcDest{addr: sv.Dests[0].Addr, fwd: forwardOf(sv.Dests[0].Method), ops: sv.OnePacket}
 			}
-			s.svcs[svcKey{sv.v6, sv.mark}] = dst
+			s.svcs[svcKey{sv.V6, sv.Mark}] = dst
 		}
 	}
 	return s, nil
@@ -186,10 +213,17 @@ func (d *dataplane) read() (*kstate, error) {
 // returns what it changed. Additions go first in dependency order (IPVS
 // needs the routes to accept a destination; the nft maps should only point
 // at marks that already route), removals last in reverse order.
-func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
-	var st Stats
+//
+// An object the kernel refuses (a route to a node the director cannot
+// reach, say) does not stop the others: its error is collected in failed
+// and the rest is applied, so one unreachable node never leaves the farm
+// unsteered; cur keeps saying what the kernel really holds, so the next
+// Verify tries the failed objects again. Only a failed nftables
+// transaction (the maps, all or nothing) is returned as err.
+func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err error) {
 	c := d.cfg
 	k := d.k
+	fail := func(e error) { failed = append(failed, e) }
 	// Routes.
 	for _, rk := range sortedKeys(want.routes, routeKeyLess) {
 		gw := want.routes[rk]
@@ -198,7 +232,8 @@ func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
 		}
 		r := kRoute{v6: rk.v6, table: rk.table, dst: defaultPrefix(rk.v6), gw: gw, proto: c.Protocol}
 		if err := k.replaceRoute(r); err != nil {
-			return st, fmt.Errorf("replace route %s via %s table %d: %w", r.dst, gw, rk.table, err)
+			fail(fmt.Errorf("replace route %s via %s table %d (node mark %d): %w", r.dst, gw, rk.table, rk.table-c.TableBase, err))
+			continue
 		}
 		if _, ok := cur.routes[rk]; ok {
 			st.Changed++
@@ -214,7 +249,8 @@ func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
 		}
 		r := kRule{v6: rk.v6, prio: c.RulePriority, mark: rk.mark, mask: c.MarkMask, table: rk.table, proto: c.Protocol}
 		if err := k.addRule(r); err != nil {
-			return st, fmt.Errorf("add rule fwmark %#x/%#x lookup %d (%s): %w", rk.mark, c.MarkMask, rk.table, famName(rk.v6), err)
+			fail(fmt.Errorf("add rule fwmark %#x/%#x lookup %d (%s): %w", rk.mark, c.MarkMask, rk.table, famName(rk.v6), err))
+			continue
 		}
 		st.Added++
 		cur.rules[rk] = struct{}{}
@@ -227,7 +263,8 @@ func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
 		}
 		v6 := f == 1
 		if err := d.moveLocal(v6); err != nil {
-			return st, err
+			fail(err)
+			continue
 		}
 		st.Changed++
 		cur.local[f] = true
@@ -239,14 +276,22 @@ func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
 		if ok && old == dst {
 			continue
 		}
+		svc := d.service(sk, dst)
+		var err error
 		if ok {
-			if err := k.delService(kService{v6: sk.v6, mark: sk.mark}); err != nil {
-				return st, fmt.Errorf("delete fwmark service %#x (%s) to replace it: %w", sk.mark, famName(sk.v6), err)
-			}
-			delete(cur.svcs, sk)
+			// Replace waits for the old service's connection entries to
+			// go: a service adopted without one-packet scheduling must
+			// not keep peers on stale entries.
+			err = d.lvs.Replace(d.service(sk, old), svc)
+		} else {
+			err = d.lvs.Add(svc)
 		}
-		if err := k.addService(kService{v6: sk.v6, mark: sk.mark, dests: []svcDest{dst}}); err != nil {
-			return st, fmt.Errorf("add fwmark service %#x for node %s (%s, %s): %w", sk.mark, dst.addr, famName(sk.v6), dst.fwd, err)
+		if err != nil {
+			if ok {
+				delete(cur.svcs, sk) // Replace may have removed it
+			}
+			fail(fmt.Errorf("fwmark service %#x for node %s (%s, %s): %w", sk.mark, dst.addr, famName(sk.v6), dst.fwd, err))
+			continue
 		}
 		if ok {
 			st.Changed++
@@ -258,22 +303,25 @@ func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
 	// nftables: one transaction.
 	p := planNft(&cur.nft, &want.nft)
 	if !p.empty() {
+		flush := d.leftMasq(cur, p)
 		if err := k.applyNft(p); err != nil {
-			return st, fmt.Errorf("nftables transaction on table %s: %w", c.Table, err)
+			return st, failed, fmt.Errorf("nftables transaction on table %s: %w", c.Table, err)
 		}
 		a, ch, r := p.count()
 		st.Added += a
 		st.Changed += ch
 		st.Removed += r
 		cur.nft.applyPlan(p)
+		failed = append(failed, d.flushServices(cur, flush)...)
 	}
 	// Removals.
 	for _, sk := range sortedKeys(cur.svcs, svcKeyLess) {
 		if _, ok := want.svcs[sk]; ok {
 			continue
 		}
-		if err := k.delService(kService{v6: sk.v6, mark: sk.mark}); err != nil {
-			return st, fmt.Errorf("delete fwmark service %#x (%s): %w", sk.mark, famName(sk.v6), err)
+		if err := d.lvs.Remove(d.service(sk, cur.svcs[sk])); err != nil {
+			fail(fmt.Errorf("delete fwmark service %#x (%s): %w", sk.mark, famName(sk.v6), err))
+			continue
 		}
 		st.Removed++
 		delete(cur.svcs, sk)
@@ -284,7 +332,8 @@ func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
 		}
 		r := kRule{v6: rk.v6, prio: c.RulePriority, mark: rk.mark, mask: c.MarkMask, table: rk.table, proto: c.Protocol}
 		if err := k.delRule(r); err != nil {
-			return st, fmt.Errorf("delete rule fwmark %#x lookup %d (%s): %w", rk.mark, rk.table, famName(rk.v6), err)
+			fail(fmt.Errorf("delete rule fwmark %#x lookup %d (%s): %w", rk.mark, rk.table, famName(rk.v6), err))
+			continue
 		}
 		st.Removed++
 		delete(cur.rules, rk)
@@ -295,12 +344,62 @@ func (d *dataplane) reconcile(cur, want *kstate) (Stats, error) {
 		}
 		r := kRoute{v6: rk.v6, table: rk.table, dst: defaultPrefix(rk.v6), gw: cur.routes[rk], proto: c.Protocol}
 		if err := k.delRoute(r); err != nil {
-			return st, fmt.Errorf("delete route %s table %d: %w", r.dst, rk.table, err)
+			fail(fmt.Errorf("delete route %s table %d: %w", r.dst, rk.table, err))
+			continue
 		}
 		st.Removed++
 		delete(cur.routes, rk)
 	}
-	return st, nil
+	return st, failed, nil
+}
+
+// service is the lvs form of one of the director's services.
+func (d *dataplane) service(sk svcKey, dst svcDest) lvs.Service {
+	return lvs.Service{V6: sk.v6, Mark: sk.mark, OnePacket: dst.ops,
+		Dests: []lvs.Dest{{Addr: dst.addr, Method: methodOf(dst.fwd)}}}
+}
+
+// leftMasq returns the services (of cur) whose node a peer leaves in plan p
+// while they keep connection entries (masq, no one-packet scheduling): the
+// entries would keep the moved peer's IKE and NAT-T on the old node.
+func (d *dataplane) leftMasq(cur *kstate, p *nftPlan) []svcKey {
+	if d.lvs == nil {
+		return nil
+	}
+	marks := map[uint32]bool{}
+	for _, a := range p.delPeers {
+		if fm, ok := cur.nft.peers[a]; ok && p.addPeers[a] != fm {
+			marks[fm|IKEBit] = true
+		}
+	}
+	var out []svcKey
+	for m := range marks {
+		for _, v6 := range []bool{false, true} {
+			sk := svcKey{v6, m}
+			if dst, ok := cur.svcs[sk]; ok && !dst.ops {
+				out = append(out, sk)
+			}
+		}
+	}
+	slices.SortFunc(out, svcKeyLess)
+	return out
+}
+
+// flushServices drops the connection entries of the services sks by
+// replacing each with itself (lvs.Replace): the peers that stay on the node
+// re-create theirs with their next packet, the moved ones are scheduled by
+// their new mark. IKE and NAT-T to that node pause while IPVS expires the
+// entries (milliseconds); see README "Forwarding methods and moves".
+func (d *dataplane) flushServices(cur *kstate, sks []svcKey) []error {
+	var failed []error
+	for _, sk := range sks {
+		dst := cur.svcs[sk]
+		if err := d.lvs.Replace(d.service(sk, dst), d.service(sk, dst)); err != nil {
+			delete(cur.svcs, sk)
+			failed = append(failed, fmt.Errorf("flush connection entries of fwmark service %#x (%s) after a move: %w", sk.mark, famName(sk.v6), err))
+		}
+	}
+	return failed
 }
 
 func (d *dataplane) moveLocal(v6 bool) error {
@@ -352,18 +451,18 @@ func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
 		d.model = cur
 	}
 	d.want = want
-	d.nodes = map[uint16]bool{}
+	d.nodes = map[uint16]Node{}
 	for _, n := range des.Nodes {
-		d.nodes[n.Mark] = true
+		d.nodes[n.Mark] = n
 	}
-	st, err := d.reconcile(d.model, want)
+	st, failed, err := d.reconcile(d.model, want)
 	st.Duration = time.Since(start)
 	if err != nil {
 		// The model may no longer match the kernel; re-read next time.
 		d.model = nil
-		return st, fmt.Errorf("sync: %w", err)
+		return st, fmt.Errorf("sync: %w", errors.Join(append(failed, err)...))
 	}
-	return st, nil
+	return st, partial("sync", failed)
 }
 
 func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
@@ -377,12 +476,12 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 	c := d.cfg
 	// Validate first: a refused delta must leave the target untouched.
 	for a, m := range delta.SetPeers {
-		if !d.nodes[m] {
+		if _, ok := d.nodes[m]; !ok {
 			return Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
 		}
 	}
 	for pf, m := range delta.SetSubnets {
-		if !d.nodes[m] {
+		if _, ok := d.nodes[m]; !ok {
 			return Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", pf, m)
 		}
 	}
@@ -460,16 +559,19 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 		p.seed = want.seed
 	}
 	var st Stats
+	var failed []error
 	if !p.empty() {
+		flush := d.leftMasq(d.model, p)
 		if err := d.k.applyNft(p); err != nil {
 			d.model = nil
 			return st, fmt.Errorf("update: nftables transaction on table %s: %w", c.Table, err)
 		}
 		st.Added, st.Changed, st.Removed = p.count()
 		model.applyPlan(p)
+		failed = d.flushServices(d.model, flush)
 	}
 	st.Duration = time.Since(start)
-	return st, nil
+	return st, partial("update", failed)
 }
 
 func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
@@ -485,13 +587,13 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 		return Stats{}, fmt.Errorf("verify: %w", err)
 	}
 	d.model = cur
-	st, err := d.reconcile(cur, d.want)
+	st, failed, err := d.reconcile(cur, d.want)
 	st.Duration = time.Since(start)
 	if err != nil {
 		d.model = nil
-		return st, fmt.Errorf("verify: repair: %w", err)
+		return st, fmt.Errorf("verify: repair: %w", errors.Join(append(failed, err)...))
 	}
-	return st, nil
+	return st, partial("verify: repair", failed)
 }
 
 func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
@@ -558,15 +660,15 @@ func (d *dataplane) Teardown(ctx context.Context) error {
 	}
 	c := d.cfg
 	var errs []error
-	if d.k.hasIPVS() {
-		svcs, err := d.k.listServices()
+	if d.lvs != nil {
+		svcs, err := d.lvs.Services()
 		if err != nil {
-			errs = append(errs, fmt.Errorf("teardown: list IPVS services: %w", err))
+			errs = append(errs, fmt.Errorf("teardown: %w", err))
 		}
 		for _, s := range svcs {
-			if _, ok := c.nodeOf(s.mark); ok && s.mark&IKEBit != 0 {
-				if err := d.k.delService(s); err != nil {
-					errs = append(errs, fmt.Errorf("teardown: delete fwmark service %#x: %w", s.mark, err))
+			if _, ok := c.nodeOf(s.Mark); ok && s.Mark&IKEBit != 0 {
+				if err := d.lvs.Remove(s); err != nil {
+					errs = append(errs, fmt.Errorf("teardown: %w", err))
 				}
 			}
 		}
@@ -629,7 +731,58 @@ func (d *dataplane) Teardown(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-func (d *dataplane) Close() error { return d.k.close() }
+func (d *dataplane) Close() error {
+	err := d.k.close()
+	if d.lvs != nil {
+		err = errors.Join(err, d.lvs.Close())
+	}
+	return err
+}
+
+// PartialError says that a Sync, Update or Verify applied everything but
+// the objects it lists (each error names its object: a route to a node the
+// director cannot reach, say). The kernel steers for everything else; the
+// next Verify tries the failed objects again.
+type PartialError struct {
+	Op     string
+	Failed []error
+}
+
+func (e *PartialError) Error() string {
+	return fmt.Sprintf("%s: %d object(s) not programmed, the rest applied: %v", e.Op, len(e.Failed), errors.Join(e.Failed...))
+}
+
+// Unwrap returns the per-object errors.
+func (e *PartialError) Unwrap() []error { return e.Failed }
+
+func partial(op string, failed []error) error {
+	if len(failed) == 0 {
+		return nil
+	}
+	return &PartialError{Op: op, Failed: failed}
+}
+
+// methodOf and forwardOf translate between the configured forwarding
+// method and IPVS's.
+func methodOf(f Forward) lvs.Method {
+	switch f {
+	case ForwardTunnel:
+		return lvs.Tunnel
+	case ForwardMasq:
+		return lvs.Masquerade
+	}
+	return lvs.DirectRoute
+}
+
+func forwardOf(m lvs.Method) Forward {
+	switch m {
+	case lvs.Tunnel:
+		return ForwardTunnel
+	case lvs.Masquerade:
+		return ForwardMasq
+	}
+	return ForwardDR
+}
 
 const rtprotKernel = 2
 
