@@ -102,7 +102,7 @@ func TestNSWatchNew(t *testing.T) {
 		if err := send(p, "esp", src, l.vip(v6), "ct-esp"); err != nil {
 			t.Fatal(err)
 		}
-		wantMark := cfg.fwmark(HashPick(src, l.des.HashSeed, []uint16{1, 2, 3}))
+		wantMark := cfg.Fwmark(HashPick(src, l.des.HashSeed, []uint16{1, 2, 3}))
 		for _, w := range []NewFlow{{Src: src, Dst: l.vip(v6), Proto: 17, SrcPort: 500, DstPort: 500, Mark: wantMark}, {Src: src, Dst: l.vip(v6), Proto: 50, Mark: wantMark}} {
 			deadline := time.Now().Add(2 * time.Second)
 			found := false

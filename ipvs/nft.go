@@ -360,7 +360,7 @@ func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32, lens
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 2, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(cfg.MarkMask &^ 0x1fff), Xor: binaryutil.NativeEndian.PutUint32(0)},
+			Mask: binaryutil.NativeEndian.PutUint32(cfg.MarkMask &^ NodeBits), Xor: binaryutil.NativeEndian.PutUint32(0)},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 2, Data: binaryutil.NativeEndian.PutUint32(cfg.MarkBase)},
 		&expr.Ct{Key: expr.CtKeyMARK, SourceRegister: true, Register: 1},
 	})

@@ -14,6 +14,8 @@ import (
 	"github.com/tunneldirector/tunneldirector/ipvs/lvs"
 )
 
+var _ Dataplane = (*dataplane)(nil)
+
 // dataplane is the Dataplane over the kernel seams.
 type dataplane struct {
 	cfg  Config
@@ -193,7 +195,7 @@ func (d *dataplane) read() (*kstate, error) {
 			return nil, err
 		}
 		for _, sv := range svcs {
-			if _, ok := c.nodeOf(sv.Mark); !ok || sv.Mark&IKEBit == 0 {
+			if _, ok := c.NodeOf(sv.Mark); !ok || sv.Mark&IKEBit == 0 {
 				continue
 			}
 			// A service whose destinations are not exactly one is not
@@ -504,7 +506,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 	}
 	for a, m := range delta.SetPeers {
 		a = a.Unmap()
-		fm := c.fwmark(m)
+		fm := c.Fwmark(m)
 		want.peers[a] = fm
 		cur, ok := model.peers[a]
 		if ok && cur == fm {
@@ -517,7 +519,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 	}
 	for pf, m := range delta.SetSubnets {
 		pf = pf.Masked()
-		fm := c.fwmark(m)
+		fm := c.Fwmark(m)
 		want.addSubnet(pf, fm)
 		cur, ok := model.subnets[pf]
 		if ok && cur == fm {
@@ -608,12 +610,12 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 	out := &Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}}
 	out.VIPs = sortedAddrs(s.nft.vips)
 	for a, fm := range s.nft.peers {
-		if m, ok := c.nodeOf(fm); ok {
+		if m, ok := c.NodeOf(fm); ok {
 			out.Peers[a] = m
 		}
 	}
 	for p, fm := range s.nft.subnets {
-		if m, ok := c.nodeOf(fm); ok {
+		if m, ok := c.NodeOf(fm); ok {
 			out.Subnets[p] = m
 		}
 	}
@@ -639,12 +641,12 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 		}
 	}
 	for sk, dst := range s.svcs {
-		if m, ok := c.nodeOf(sk.mark); ok {
+		if m, ok := c.NodeOf(sk.mark); ok {
 			node(m).Forward = dst.fwd
 		}
 	}
 	for _, fm := range s.nft.hash {
-		if m, ok := c.nodeOf(fm); ok {
+		if m, ok := c.NodeOf(fm); ok {
 			node(m).Active = true
 		}
 	}
@@ -666,7 +668,7 @@ func (d *dataplane) Teardown(ctx context.Context) error {
 			errs = append(errs, fmt.Errorf("teardown: %w", err))
 		}
 		for _, s := range svcs {
-			if _, ok := c.nodeOf(s.Mark); ok && s.Mark&IKEBit != 0 {
+			if _, ok := c.NodeOf(s.Mark); ok && s.Mark&IKEBit != 0 {
 				if err := d.lvs.Remove(s); err != nil {
 					errs = append(errs, fmt.Errorf("teardown: %w", err))
 				}

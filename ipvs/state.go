@@ -235,18 +235,18 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 			}
 			tbl := c.routeTable(n.Mark)
 			t.routes[routeKey{v6, tbl}] = a
-			t.rules[ruleKey{v6, c.fwmark(n.Mark), tbl}] = struct{}{}
+			t.rules[ruleKey{v6, c.Fwmark(n.Mark), tbl}] = struct{}{}
 			// A down node gets no service: a peer's entries still
 			// pointing at it then lose their destination and the
 			// peer's next packet is scheduled by its new mark.
 			if mode == ModeIPVS && !n.Down {
-				t.svcs[svcKey{v6, c.ikeMark(n.Mark)}] = svcDest{a, n.Forward, n.Forward != ForwardMasq}
+				t.svcs[svcKey{v6, c.IKEMark(n.Mark)}] = svcDest{a, n.Forward, n.Forward != ForwardMasq}
 			}
 		}
 	}
 	slices.Sort(active)
 	for i, m := range active {
-		t.nft.hash[uint32(i)] = c.fwmark(m)
+		t.nft.hash[uint32(i)] = c.Fwmark(m)
 	}
 	t.nft.base = chainSig(mode, d.HashSeed, len(active))
 	t.nft.seed = d.HashSeed
@@ -257,13 +257,13 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 		if !known[m] {
 			return nil, fmt.Errorf("peer %s: owner mark %d is not a node", a, m)
 		}
-		t.nft.peers[a.Unmap()] = c.fwmark(m)
+		t.nft.peers[a.Unmap()] = c.Fwmark(m)
 	}
 	for p, m := range d.Subnets {
 		if !known[m] {
 			return nil, fmt.Errorf("subnet %s: owner mark %d is not a node", p, m)
 		}
-		t.nft.addSubnet(p.Masked(), c.fwmark(m))
+		t.nft.addSubnet(p.Masked(), c.Fwmark(m))
 	}
 	t.nft.sig = lensSig(t.nft.base, t.nft.lens)
 	return t, nil
