@@ -60,10 +60,10 @@ type Status struct {
 	// KernelProblems are the objects the last reconcile could not program
 	// (a route to a node the director cannot reach, say) while it applied
 	// everything else; the next verify tries them again.
-	KernelProblems []string `json:"kernel_problems,omitempty"`
-	LastVerify        time.Time     `json:"last_verify"`
-	DriftRepairs      int           `json:"drift_repairs"`
-	Learned           int           `json:"learned"`
+	KernelProblems []string  `json:"kernel_problems,omitempty"`
+	LastVerify     time.Time `json:"last_verify"`
+	DriftRepairs   int       `json:"drift_repairs"`
+	Learned        int       `json:"learned"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
 }
