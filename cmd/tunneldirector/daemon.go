@@ -156,33 +156,6 @@ func waitOther(errc chan error) error {
 	}
 }
 
-func newTeardownCmd(g *globals) *cobra.Command {
-	var path string
-	cmd := &cobra.Command{
-		Use:   "teardown",
-		Short: "Remove everything the director programmed into the kernel, and nothing else",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := director.LoadConfig(path)
-			if err != nil {
-				return err
-			}
-			dp, err := ipvs.New(cfg.Dataplane())
-			if err != nil {
-				return err
-			}
-			defer dp.Close()
-			if err := dp.Teardown(cmd.Context()); err != nil {
-				return err
-			}
-			fmt.Fprintln(g.out, "removed the director's nftables table, rules, routes and IPVS services")
-			return nil
-		},
-	}
-	cmd.Flags().StringVarP(&path, "config", "c", defaultConfig, "configuration file (YAML)")
-	return cmd
-}
-
 func newConfigCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "config", Short: "Check a configuration file"}
 	cmd.AddCommand(&cobra.Command{
