@@ -8,6 +8,8 @@ require (
 	github.com/google/nftables v0.3.0
 	github.com/schollz/progressbar/v3 v3.19.1
 	github.com/spf13/cobra v1.10.2
+	github.com/ti-mo/conntrack v0.6.0
+	github.com/ti-mo/netfilter v0.5.3
 	github.com/vishvananda/netlink v1.3.1
 	github.com/vishvananda/netns v0.0.5
 	go.etcd.io/bbolt v1.5.0
@@ -15,7 +17,10 @@ require (
 	golang.org/x/term v0.44.0
 )
 
-require github.com/mdlayher/genetlink v1.3.2 // indirect
+require (
+	github.com/mdlayher/genetlink v1.3.2 // indirect
+	github.com/pkg/errors v0.9.1 // indirect
+)
 
 require (
 	github.com/google/go-cmp v0.7.0 // indirect

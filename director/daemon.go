@@ -80,8 +80,8 @@ type DaemonOptions struct {
 	// ReadyFile, with a Replicator, is kept at "0" while in sync and "1"
 	// otherwise, for keepalived's track_file.
 	ReadyFile string
-	// Watch, when set, reports new conntrack flows (ipvs.WatchNew): the
-	// daemon learns unknown peers from them.
+	// Watch, when set, reports the first packet of every peer the kernel
+	// did not know (ipvs.FirstPackets): the daemon pins those peers.
 	Watch func(ctx context.Context, fn func(ipvs.NewFlow)) error
 }
 
@@ -324,7 +324,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if d.watch != nil {
 		go func() {
 			if err := d.watch(ctx, d.onFlow); err != nil && ctx.Err() == nil {
-				d.log.Error("conntrack watch stopped: unknown peers are steered by hash but no longer pinned", "err", err)
+				d.log.Error("first-packet watch stopped: unknown peers are steered by hash but no longer pinned", "err", err)
 			}
 		}()
 	}
@@ -484,8 +484,8 @@ func (d *Daemon) Status() Status {
 	return s
 }
 
-// onFlow learns the peer of a new IKE, NAT-T, ESP or AH flow to a VIP that
-// the table does not know yet.
+// onFlow learns the peer of the first IKE, NAT-T, ESP or AH packet to a VIP
+// from a peer the table does not know yet.
 func (d *Daemon) onFlow(f ipvs.NewFlow) {
 	switch {
 	case f.Proto == 17 && (f.DstPort == 500 || f.DstPort == 4500), f.Proto == 50, f.Proto == 51:
@@ -503,8 +503,8 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 	if _, known := t.PeerMark(f.Src); known {
 		return
 	}
-	// The classifier copies the packet's mark into the flow; without it,
-	// compute what the kernel's hash chose.
+	// The packet carries the mark the classifier gave it (the hash's
+	// node); without one, compute what the kernel's hash chose.
 	mark, ok := c.Dataplane().NodeOf(f.Mark)
 	if !ok {
 		var active []uint16

@@ -36,7 +36,13 @@ type Config struct {
 	Protocol uint8
 	// InsideIface, when set, makes the node routes onlink through it.
 	InsideIface string
+	// LogGroup is the NFLOG group the classifier logs unknown peers'
+	// first packets to (FirstPackets reads it). Default DefaultLogGroup.
+	LogGroup uint16
 }
+
+// DefaultLogGroup is the default NFLOG group of Config.LogGroup.
+const DefaultLogGroup = 0x7d1e
 
 // IKEBit is set in the fwmark of IKE and NAT-T packets in IPVS mode, so the
 // fwmark rules (which match the mark with this bit clear) leave them to
@@ -72,6 +78,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Protocol == 0 {
 		c.Protocol = 211
+	}
+	if c.LogGroup == 0 {
+		c.LogGroup = DefaultLogGroup
 	}
 	switch {
 	case c.MarkMask&NodeBits != NodeBits:

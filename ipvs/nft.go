@@ -27,6 +27,9 @@ const elemChunk = 1000
 type famSets struct {
 	v6          bool
 	vips, peers *nftables.Set
+	// seen holds the unknown peers logged in the last LearnInterval: a
+	// peer is logged once per interval, not once per packet.
+	seen *nftables.Set
 }
 
 type nftNames struct {
@@ -50,6 +53,8 @@ func newNames(name string) *nftNames {
 			v6:    v6,
 			vips:  &nftables.Set{Table: t, Name: "vips" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian},
 			peers: &nftables.Set{Table: t, Name: "peers" + sfx, IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark},
+			seen: &nftables.Set{Table: t, Name: "seen" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian,
+				Dynamic: true, HasTimeout: true, Timeout: LearnInterval, Size: seenSize},
 		}
 	}
 	// The hash map's key is the hash register (host order); typed as a
@@ -64,7 +69,7 @@ func newNames(name string) *nftNames {
 func (n *nftNames) allSets() []*nftables.Set {
 	var out []*nftables.Set
 	for _, f := range n.fams {
-		out = append(out, f.vips, f.peers)
+		out = append(out, f.vips, f.peers, f.seen)
 	}
 	return append(out, n.hash)
 }
@@ -125,6 +130,9 @@ func chunked(op elemOp, s *nftables.Set, els []nftables.SetElement) error {
 
 // buildNft queues plan p on c; the caller flushes.
 func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
+	if cfg.LogGroup == 0 {
+		cfg.LogGroup = DefaultLogGroup
+	}
 	n := newNames(cfg.Table)
 	if p.recreate {
 		// add+delete+add: delete fails on a missing table, and the
@@ -309,23 +317,36 @@ func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32, lens
 			return append(ex, &expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
 		}
 		for _, s := range sels {
-			// The hash pick goes first and a known peer's map entry then
-			// overrides it: a plain lookup that misses ends the rule, so no
-			// "not in map" test is needed (lookups on a map without a
+			// A known peer gets its owner's mark and leaves the chain
+			// (accept ends this base chain only): a map lookup that misses
+			// ends the rule, so the next rule sees unknown peers only, and
+			// no "not in map" test is needed (lookups on a map without a
 			// destination register are refused by older kernels, such as
 			// Debian's 6.12).
+			ex := head(s)
+			ex = append(ex, &expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: f.peers.Name, SetID: f.peers.ID})
+			ex = append(ex, tail(s)...)
+			rules = append(rules, append(ex, &expr.Verdict{Kind: expr.VerdictAccept}))
 			if hashN > 0 {
+				// An unknown peer: the jhash pick, then, once per
+				// LearnInterval per peer, the packet goes to the NFLOG
+				// group the learner reads (the seen set is checked,
+				// then filled, then the packet logged).
 				ex := head(s)
 				ex = append(ex,
 					&expr.Hash{SourceRegister: 1, DestRegister: 1, Length: alen, Modulus: uint32(hashN),
 						Seed: effectiveSeed(seed), Type: expr.HashTypeJenkins},
 					&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: n.hash.Name, SetID: n.hash.ID},
 				)
-				rules = append(rules, append(ex, tail(s)...))
+				ex = append(ex, tail(s)...)
+				ex = append(ex,
+					&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: soff, Len: alen},
+					&expr.Lookup{SourceRegister: 1, SetName: f.seen.Name, SetID: f.seen.ID, Invert: true},
+					&expr.Dynset{SrcRegKey: 1, SetName: f.seen.Name, SetID: f.seen.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+					&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_SNAPLEN, Group: cfg.LogGroup, Snaplen: LogSnaplen},
+				)
+				rules = append(rules, ex)
 			}
-			ex := head(s)
-			ex = append(ex, &expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: f.peers.Name, SetID: f.peers.ID})
-			rules = append(rules, append(ex, tail(s)...))
 		}
 		// One rule per subnet length of this family (lens is sorted
 		// longest first): mask the destination to the length and look the

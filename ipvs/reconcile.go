@@ -805,7 +805,7 @@ func defaultPrefix(v6 bool) netip.Prefix {
 func sigSeed(sig string) string {
 	var mode, seed string
 	var n int
-	fmt.Sscanf(sig, "td2 mode=%s seed=%s n=%d", &mode, &seed, &n)
+	fmt.Sscanf(sig, "td3 mode=%s seed=%s n=%d", &mode, &seed, &n)
 	return seed
 }
 

@@ -99,7 +99,7 @@ func (s *kstate) clone() *kstate {
 }
 
 func chainSig(mode Mode, seed uint32, n int) string {
-	return fmt.Sprintf("td2 mode=%s seed=%#x n=%d", mode, effectiveSeed(seed), n)
+	return fmt.Sprintf("td3 mode=%s seed=%#x n=%d", mode, effectiveSeed(seed), n)
 }
 
 // plen names one exact-match subnet map: a family and a prefix length.

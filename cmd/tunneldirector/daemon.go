@@ -65,7 +65,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				return err
 			}
 			d, err := director.NewDaemon(director.DaemonOptions{Config: cfg, Store: st, Dataplane: dp, Logger: log,
-				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.WatchNew})
+				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane())})
 			if err != nil {
 				return err
 			}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
 
@@ -24,7 +25,19 @@ func TestVM(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots a VM (about 10-60 s); not in -short")
 	}
-	vmlab.Run(t, vmlab.Options{Package: ".", Run: "^TestGuest", Timeout: 4 * time.Minute})
+	// nfnetlink_log and nft_log for the classifier's first-packet log,
+	// nf_conntrack_netlink for the conntrack measurement.
+	vmlab.Run(t, vmlab.Options{Package: ".", Run: guestRun(), Timeout: 5 * time.Minute,
+		Modules: []string{"nfnetlink_log", "nft_log", "nf_conntrack_netlink"}})
+}
+
+// guestRun selects the guest tests: all of them, or TD_GUEST_RUN's
+// pattern (to rerun one while working on it).
+func guestRun() string {
+	if r := os.Getenv("TD_GUEST_RUN"); r != "" {
+		return r
+	}
+	return "^TestGuest"
 }
 
 func expectAt(t *testing.T, caps []*netlab.Capture, names []string, want int, what string, match func(netlab.Packet) bool) {
