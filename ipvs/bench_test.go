@@ -110,7 +110,7 @@ func BenchmarkFullSync100k(b *testing.B) {
 	var nftTotal, syncTotal time.Duration
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
-		dp, err := newInNamespace(Config{}, ns.NsHandle(), ns.Path())
+		dp, err := newIn(Config{}, ns.NsHandle())
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -147,7 +147,7 @@ func BenchmarkFullSync100k(b *testing.B) {
 func loaded(b *testing.B) (*dataplane, *Desired, func()) {
 	ns, done := benchLab(b)
 	d := bigDesired(benchTunnels)
-	dp, err := newInNamespace(Config{}, ns.NsHandle(), ns.Path())
+	dp, err := newIn(Config{}, ns.NsHandle())
 	if err != nil {
 		b.Fatal(err)
 	}

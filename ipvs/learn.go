@@ -6,26 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"time"
 
 	"github.com/vishvananda/netns"
 
 	"github.com/tunneldirector/tunneldirector/ipvs/nflog"
+	"github.com/tunneldirector/tunneldirector/ipvs/nft"
 )
 
-// LearnInterval is how often the classifier logs the same unknown peer: its
-// first packet, then at most one per interval while it stays unknown (the
-// daemon pins it at the first, so normally once).
-const LearnInterval = 5 * time.Second
-
-// LogSnaplen is how much of a logged packet the kernel copies: an IPv6
-// header and the UDP ports.
-const LogSnaplen = 48
-
-// seenSize bounds each family's set of recently logged peers; when it is
-// full, further unknown peers are still steered by the hash but logged
-// only once entries expire.
-const seenSize = 65536
+// LearnInterval is how often the classifier logs the same unknown peer.
+const LearnInterval = nft.LearnInterval
 
 // NewFlow is the first packet of a peer the classifier did not know: its
 // addresses, protocol and ports, and the mark the kernel gave it (the node
@@ -62,7 +51,7 @@ func firstPackets(cfg Config, ns netns.NsHandle) func(ctx context.Context, fn fu
 		group = DefaultLogGroup
 	}
 	return func(ctx context.Context, fn func(NewFlow)) error {
-		return nflog.Listen(ctx, ns, group, LogSnaplen, func(p nflog.Packet) {
+		return nflog.Listen(ctx, ns, group, nft.LogSnaplen, func(p nflog.Packet) {
 			if f, err := flowOf(p.Payload, p.Mark); err == nil {
 				fn(f)
 			}

@@ -49,7 +49,7 @@ func newLab(t *testing.T, cfg Config) *lab {
 		des.Peers[o.Addr6] = uint16(i + 1)
 	}
 	l.des = des
-	dp, err := newInNamespace(cfg, l.dir.NsHandle(), l.dir.Path())
+	dp, err := newIn(cfg, l.dir.NsHandle())
 	if err != nil {
 		t.Fatalf("new dataplane in %s: %v", l.dir.Name, err)
 	}
