@@ -27,12 +27,8 @@ func TestGuestFirstPacketLearning(t *testing.T) {
 	o := l.top.Peers[0].If(netlab.IfOutside)
 	delete(l.des.Peers, o.Addr4)
 	delete(l.des.Peers, o.Addr6)
-	l.open(t)
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(l.start(t))
 	defer cancel()
-	if _, err := l.dp.Sync(ctx, l.des); err != nil {
-		t.Fatal(err)
-	}
 	var mu sync.Mutex
 	var flows []ipvs.NewFlow
 	done := make(chan error, 1)
@@ -92,11 +88,7 @@ func TestGuestFirstPacketLearning(t *testing.T) {
 func TestGuestConntrackForIPVSFlows(t *testing.T) {
 	vmlab.RequireGuest(t)
 	l := newMoveLab(t)
-	l.open(t)
-	ctx := context.Background()
-	if _, err := l.dp.Sync(ctx, l.des); err != nil {
-		t.Fatal(err)
-	}
+	ctx := l.start(t)
 	dir := l.top.Directors[0]
 	src := l.top.Peers[0].If(netlab.IfOutside).Addr4
 	for _, ct := range []string{"0", "1"} {

@@ -90,6 +90,11 @@ func (r *retransmitter) after(seq int64) func(netlab.Packet) bool {
 	return func(p netlab.Packet) bool { n, ok := r.seqOf(p); return ok && n > seq }
 }
 
+// upTo matches this retransmitter's packets numbered up to seq.
+func (r *retransmitter) upTo(seq int64) func(netlab.Packet) bool {
+	return func(p netlab.Packet) bool { n, ok := r.seqOf(p); return ok && n <= seq }
+}
+
 // settle waits until the retransmitter has sent at least n more packets.
 func (r *retransmitter) settle(n int64) int64 {
 	start := r.seq.Load()
@@ -154,6 +159,17 @@ func (l *moveLab) open(t *testing.T) {
 	}
 }
 
+// start opens the dataplane and syncs the lab's desired state.
+func (l *moveLab) start(t *testing.T) context.Context {
+	t.Helper()
+	l.open(t)
+	ctx := context.Background()
+	if _, err := l.dp.Sync(ctx, l.des); err != nil {
+		t.Fatal(err)
+	}
+	return ctx
+}
+
 // onlyAt asserts that the packets matching m (at least min of them) all
 // reached node want and none reached another node.
 func (l *moveLab) onlyAt(t *testing.T, what string, want int, min int, m func(netlab.Packet) bool) {
@@ -186,18 +202,14 @@ func (l *moveLab) onlyAt(t *testing.T, what string, want int, min int, m func(ne
 func TestGuestMoveLivePeer(t *testing.T) {
 	vmlab.RequireGuest(t)
 	l := newMoveLab(t)
-	l.open(t)
-	ctx := context.Background()
-	if _, err := l.dp.Sync(ctx, l.des); err != nil {
-		t.Fatal(err)
-	}
+	ctx := l.start(t)
 	p := l.top.Peers[0]
 	o := p.If(netlab.IfOutside)
 	for _, v6 := range []bool{false, true} {
 		fam := map[bool]string{false: "v4", true: "v6"}[v6]
 		r := startRetransmitter(t, p, "mv"+fam, o.Addr(v6), l.vip(v6))
 		before := r.settle(40)
-		l.onlyAt(t, fam+" before the move", 0, 30, func(pk netlab.Packet) bool { n, ok := r.seqOf(pk); return ok && n <= before })
+		l.onlyAt(t, fam+" before the move", 0, 30, r.upTo(before))
 
 		// A move while both nodes are alive (rebalance, pinned move).
 		if _, err := l.dp.Update(ctx, &ipvs.Delta{SetPeers: map[netip.Addr]uint16{o.Addr(v6): 2}}); err != nil {
@@ -220,11 +232,7 @@ func TestGuestMoveLivePeer(t *testing.T) {
 func TestGuestNodeDownLivePeer(t *testing.T) {
 	vmlab.RequireGuest(t)
 	l := newMoveLab(t)
-	l.open(t)
-	ctx := context.Background()
-	if _, err := l.dp.Sync(ctx, l.des); err != nil {
-		t.Fatal(err)
-	}
+	ctx := l.start(t)
 	p := l.top.Peers[0]
 	o := p.If(netlab.IfOutside)
 	r4 := startRetransmitter(t, p, "dn4", o.Addr4, l.top.VIP4)
@@ -277,11 +285,7 @@ func TestGuestAdoptLegacyServices(t *testing.T) {
 	vmlab.RequireGuest(t)
 	l := newMoveLab(t)
 	// The older run: same kernel objects, services without -o.
-	l.open(t)
-	ctx := context.Background()
-	if _, err := l.dp.Sync(ctx, l.des); err != nil {
-		t.Fatal(err)
-	}
+	ctx := l.start(t)
 	h := l.lvsOf(t)
 	svcs, err := h.Services()
 	if err != nil {
@@ -346,17 +350,13 @@ func TestGuestMasqMoveLivePeer(t *testing.T) {
 	for i := range l.des.Nodes {
 		l.des.Nodes[i].Forward = ipvs.ForwardMasq
 	}
-	l.open(t)
-	ctx := context.Background()
-	if _, err := l.dp.Sync(ctx, l.des); err != nil {
-		t.Fatal(err)
-	}
+	ctx := l.start(t)
 	p := l.top.Peers[0]
 	o := p.If(netlab.IfOutside)
 	r := startRetransmitter(t, p, "masq", o.Addr4, l.top.VIP4)
 	before := r.settle(40)
 	// Masquerade rewrites the destination to the node's address.
-	l.onlyAt(t, "masq before the move", 0, 30, func(pk netlab.Packet) bool { n, ok := r.seqOf(pk); return ok && n <= before })
+	l.onlyAt(t, "masq before the move", 0, 30, r.upTo(before))
 	t0 := time.Now()
 	if _, err := l.dp.Update(ctx, &ipvs.Delta{SetPeers: map[netip.Addr]uint16{o.Addr4: 2}}); err != nil {
 		t.Fatal(err)
