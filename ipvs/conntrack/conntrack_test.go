@@ -16,25 +16,9 @@ import (
 // TestNSWatchNew makes conntrack track a namespace (one ct rule) and sends
 // a datagram through it: the NEW event arrives with its tuple.
 func TestNSWatchNew(t *testing.T) {
-	l := netlab.New(t)
-	a, err := l.AddNS("a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := l.AddNS("b")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Veth(a, "v0", b, "v0"); err != nil {
-		t.Fatal(err)
-	}
-	src, dst := netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("192.0.2.2")
-	if err := a.AddAddr("v0", netip.MustParsePrefix("192.0.2.1/24")); err != nil {
-		t.Fatal(err)
-	}
-	if err := b.AddAddr("v0", netip.MustParsePrefix("192.0.2.2/24")); err != nil {
-		t.Fatal(err)
-	}
+	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 1, Nodes: 1, VIPOnDirectors: true})
+	a, b := top.Peers[0], top.Directors[0]
+	src, dst := a.If(netlab.IfOutside).Addr4, top.VIP4
 	// Conntrack runs in a namespace only once something there uses it.
 	c, err := b.Nft()
 	if err != nil {
