@@ -6,11 +6,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cloudflare/ipvs"
+	"github.com/cloudflare/ipvs/netmask"
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	"github.com/cloudflare/ipvs"
-	"github.com/cloudflare/ipvs/netmask"
 	"golang.org/x/sys/unix"
 
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
