@@ -357,7 +357,11 @@ func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 					&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: soff, Len: alen},
 					&expr.Lookup{SourceRegister: 1, SetName: f.seen.Name, SetID: f.seen.ID, Invert: true},
 					&expr.Dynset{SrcRegKey: 1, SetName: f.seen.Name, SetID: f.seen.ID, Operation: unix.NFT_DYNSET_OP_ADD},
-					&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_SNAPLEN, Group: sig.LogGroup, Snaplen: LogSnaplen},
+					// Queue threshold 1: nfnetlink_log batches up to 100
+					// packets or 1 s by default; the learner wants each
+					// first packet at once.
+					&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_SNAPLEN | 1<<unix.NFTA_LOG_QTHRESHOLD,
+						Group: sig.LogGroup, Snaplen: LogSnaplen, QThreshold: 1},
 				)
 				rules = append(rules, ex)
 			}

@@ -86,7 +86,7 @@ type Signature struct {
 }
 
 // Layout is the current chain layout version.
-const Layout = 4
+const Layout = 5
 
 // Equal reports whether two signatures build the same chain.
 func (a Signature) Equal(b Signature) bool {

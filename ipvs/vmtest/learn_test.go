@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -60,8 +61,15 @@ func TestGuestFirstPacketLearning(t *testing.T) {
 		r.settle(100)
 		r.halt()
 		l.onlyAt(t, "unknown peer's IKE", int(want)-1, 50, r.after(0))
+		var got []ipvs.NewFlow
+		for deadline := time.Now().Add(3 * time.Second); len(got) == 0 && time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+			mu.Lock()
+			got = slices.Clone(flows)
+			mu.Unlock()
+		}
+		time.Sleep(200 * time.Millisecond) // a second report would come now
 		mu.Lock()
-		got := flows
+		got = flows
 		flows = nil
 		mu.Unlock()
 		if len(got) != 1 {
