@@ -57,9 +57,13 @@ type Status struct {
 	Reconciles        int           `json:"reconciles"`
 	ReconcileErrors   int           `json:"reconcile_errors"`
 	LastError         string        `json:"last_error,omitempty"`
-	LastVerify        time.Time     `json:"last_verify"`
-	DriftRepairs      int           `json:"drift_repairs"`
-	Learned           int           `json:"learned"`
+	// KernelProblems are the objects the last reconcile could not program
+	// (a route to a node the director cannot reach, say) while it applied
+	// everything else; the next verify tries them again.
+	KernelProblems []string  `json:"kernel_problems,omitempty"`
+	LastVerify     time.Time `json:"last_verify"`
+	DriftRepairs   int       `json:"drift_repairs"`
+	Learned        int       `json:"learned"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
 }
@@ -76,8 +80,8 @@ type DaemonOptions struct {
 	// ReadyFile, with a Replicator, is kept at "0" while in sync and "1"
 	// otherwise, for keepalived's track_file.
 	ReadyFile string
-	// Watch, when set, reports new conntrack flows (ipvs.WatchNew): the
-	// daemon learns unknown peers from them.
+	// Watch, when set, reports the first packet of every peer the kernel
+	// did not know (ipvs.FirstPackets): the daemon pins those peers.
 	Watch func(ctx context.Context, fn func(ipvs.NewFlow)) error
 }
 
@@ -192,7 +196,8 @@ func (d *Daemon) Desired() *ipvs.Desired {
 		if !ok {
 			f = def
 		}
-		want.Nodes = append(want.Nodes, ipvs.Node{Mark: n.Mark, Name: n.Name, Addr: n.Addr, Addr6: n.Addr6, Forward: f, Active: n.State == affinity.NodeActive})
+		want.Nodes = append(want.Nodes, ipvs.Node{Mark: n.Mark, Name: n.Name, Addr: n.Addr, Addr6: n.Addr6, Forward: f,
+			Active: n.State == affinity.NodeActive, Down: n.State == affinity.NodeDown})
 	}
 	t.PeerMarks(func(a netip.Addr, m uint16) { want.Peers[a] = m })
 	t.SubnetMarks(func(p netip.Prefix, m uint16) { want.Subnets[p] = m })
@@ -319,7 +324,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if d.watch != nil {
 		go func() {
 			if err := d.watch(ctx, d.onFlow); err != nil && ctx.Err() == nil {
-				d.log.Error("conntrack watch stopped: unknown peers are steered by hash but no longer pinned", "err", err)
+				d.log.Error("first-packet watch stopped: unknown peers are steered by hash but no longer pinned", "err", err)
 			}
 		}()
 	}
@@ -347,6 +352,9 @@ func (d *Daemon) syncAll(ctx context.Context, why string) error {
 	want := d.Desired()
 	st, err := d.dp.Sync(ctx, want)
 	d.record(rev, st, err)
+	if d.partial(err) {
+		err = nil
+	}
 	if err != nil {
 		return fmt.Errorf("sync kernel to revision %d (%s): %w", rev, why, err)
 	}
@@ -371,7 +379,7 @@ func (d *Daemon) reconcile(ctx context.Context) {
 			rev := applied[len(applied)-1].Revision
 			st, err := d.dp.Update(ctx, dl)
 			d.record(rev, st, err)
-			if err == nil {
+			if err == nil || d.partial(err) {
 				d.log.Debug("kernel updated", "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
 				return
 			}
@@ -391,10 +399,15 @@ func (d *Daemon) Verify(ctx context.Context) {
 	st, err := d.dp.Verify(ctx)
 	d.statMu.Lock()
 	d.stat.LastVerify = d.now()
-	if err == nil {
+	var pe *ipvs.PartialError
+	if err == nil || errors.As(err, &pe) {
 		d.stat.DriftRepairs += st.Added + st.Changed + st.Removed
+		d.stat.KernelProblems = problems(pe)
 	}
 	d.statMu.Unlock()
+	if d.partial(err) {
+		err = nil
+	}
 	switch {
 	case err != nil:
 		d.log.Error("verify kernel", "err", err)
@@ -414,13 +427,45 @@ func (d *Daemon) record(rev uint64, st ipvs.Stats, err error) {
 	d.stat.Reconciles++
 	d.stat.LastReconcile = d.now()
 	d.stat.LastReconcileTook = st.Duration
-	if err != nil {
+	var pe *ipvs.PartialError
+	if err != nil && !errors.As(err, &pe) {
 		d.stat.ReconcileErrors++
 		d.stat.LastError = err.Error()
 		return
 	}
+	// A partial error applied everything but the objects it names: the
+	// kernel is at rev for the rest.
 	d.stat.KernelRevision = rev
 	d.stat.LastError = ""
+	d.stat.KernelProblems = problems(pe)
+	if pe != nil {
+		d.stat.LastError = pe.Error()
+	}
+}
+
+// partial reports (and logs, one line per object) whether err is an
+// ipvs.PartialError: everything but the named objects was applied, so the
+// director keeps steering for the rest of the farm.
+func (d *Daemon) partial(err error) bool {
+	var pe *ipvs.PartialError
+	if !errors.As(err, &pe) {
+		return false
+	}
+	for _, e := range pe.Failed {
+		d.log.Error("kernel object not programmed; steering everything else, retrying at the next verify", "op", pe.Op, "err", e)
+	}
+	return true
+}
+
+func problems(pe *ipvs.PartialError) []string {
+	if pe == nil {
+		return nil
+	}
+	out := make([]string, len(pe.Failed))
+	for i, e := range pe.Failed {
+		out[i] = e.Error()
+	}
+	return out
 }
 
 // Status reports the daemon's state.
@@ -439,8 +484,8 @@ func (d *Daemon) Status() Status {
 	return s
 }
 
-// onFlow learns the peer of a new IKE, NAT-T, ESP or AH flow to a VIP that
-// the table does not know yet.
+// onFlow learns the peer of the first IKE, NAT-T, ESP or AH packet to a VIP
+// from a peer the table does not know yet.
 func (d *Daemon) onFlow(f ipvs.NewFlow) {
 	switch {
 	case f.Proto == 17 && (f.DstPort == 500 || f.DstPort == 4500), f.Proto == 50, f.Proto == 51:
@@ -458,10 +503,10 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 	if _, known := t.PeerMark(f.Src); known {
 		return
 	}
-	// The classifier copies the packet's mark into the flow; without it,
-	// compute what the kernel's hash chose.
-	mark := uint16(f.Mark & ipvs.MaxMark)
-	if f.Mark&^uint32(0x1fff) != c.Marks.Base || mark == 0 {
+	// The packet carries the mark the classifier gave it (the hash's
+	// node); without one, compute what the kernel's hash chose.
+	mark, ok := c.Dataplane().NodeOf(f.Mark)
+	if !ok {
 		var active []uint16
 		for _, n := range t.Nodes() {
 			if n.State == affinity.NodeActive {

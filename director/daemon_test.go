@@ -2,6 +2,7 @@ package director
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"maps"
 	"net/netip"
@@ -9,66 +10,45 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/ipvs"
+	"github.com/tunneldirector/tunneldirector/ipvs/ipvstest"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
-// kernelModel is a dataplane that holds its state in maps, so the daemon's
-// reconcile logic can be checked without a kernel (the kernel itself is
-// proven in ipvs's namespace and VM tests).
-type kernelModel struct {
-	mu      sync.Mutex
-	peers   map[netip.Addr]uint16
-	subnets map[netip.Prefix]uint16
-	nodes   []ipvs.Node
-	syncs   int
-	updates int
-}
-
-func (k *kernelModel) Mode() ipvs.Mode { return ipvs.ModeRouteOnly }
-func (k *kernelModel) Sync(_ context.Context, d *ipvs.Desired) (ipvs.Stats, error) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.syncs++
-	k.peers, k.subnets, k.nodes = maps.Clone(d.Peers), maps.Clone(d.Subnets), d.Nodes
-	return ipvs.Stats{}, nil
-}
-func (k *kernelModel) Update(_ context.Context, d *ipvs.Delta) (ipvs.Stats, error) {
-	k.mu.Lock()
-	defer k.mu.Unlock()
-	k.updates++
-	for _, a := range d.DeletePeers {
-		delete(k.peers, a)
+// kernelEquals reports whether the fake kernel holds exactly the table's
+// maps.
+func kernelEquals(k *ipvstest.Fake, t *affinity.Table) bool {
+	got := k.State()
+	if got == nil {
+		return false
 	}
-	for _, p := range d.DeleteSubnets {
-		delete(k.subnets, p)
-	}
-	maps.Copy(k.peers, d.SetPeers)
-	maps.Copy(k.subnets, d.SetSubnets)
-	return ipvs.Stats{}, nil
-}
-func (k *kernelModel) Verify(context.Context) (ipvs.Stats, error)  { return ipvs.Stats{}, nil }
-func (k *kernelModel) Read(context.Context) (*ipvs.Desired, error) { return nil, nil }
-func (k *kernelModel) Teardown(context.Context) error              { return nil }
-func (k *kernelModel) Close() error                                { return nil }
-
-// equalsTable reports whether the model holds exactly the table's maps.
-func (k *kernelModel) equalsTable(t *affinity.Table) bool {
-	k.mu.Lock()
-	defer k.mu.Unlock()
 	peers, subnets := map[netip.Addr]uint16{}, map[netip.Prefix]uint16{}
 	t.PeerMarks(func(a netip.Addr, m uint16) { peers[a] = m })
 	t.SubnetMarks(func(p netip.Prefix, m uint16) { subnets[p] = m })
-	return maps.Equal(peers, k.peers) && maps.Equal(subnets, k.subnets)
+	return maps.Equal(peers, got.Peers) && maps.Equal(subnets, got.Subnets)
 }
 
-func startDaemon(t *testing.T) (*Daemon, *kernelModel, *store.Store, context.CancelFunc) {
+// countOps counts the fake's recorded calls of op.
+func countOps(k *ipvstest.Fake, op string) int {
+	n := 0
+	for _, c := range k.Calls() {
+		if c.Op == op {
+			n++
+		}
+	}
+	return n
+}
+
+func startDaemon(t *testing.T) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
+	return startDaemonWith(t, ipvstest.NewFake(ipvs.ModeRouteOnly))
+}
+
+func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
 	t.Helper()
 	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
 	if err != nil {
@@ -78,7 +58,6 @@ func startDaemon(t *testing.T) (*Daemon, *kernelModel, *store.Store, context.Can
 	cfg := DefaultConfig()
 	cfg.VIPs = []string{"198.51.100.10"}
 	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: "172.16.0.1"}, {Name: "vpn-b", Address: "172.16.0.2"}, {Name: "vpn-c", Address: "172.16.0.3"}}
-	k := &kernelModel{}
 	d, err := NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
@@ -111,13 +90,13 @@ func TestDaemonReconcilesEveryChange(t *testing.T) {
 	if _, err := svc.Import(strings.NewReader(b.String()), ImportRequest{Name: "t.csv"}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the import in the kernel", func() bool { return k.equalsTable(st.Table()) })
+	eventually(t, "the import in the kernel", func() bool { return kernelEquals(k, st.Table()) })
 
 	// A node failure changes a node: a full sync.
 	if _, err := svc.NodeAction(NodeRequest{Action: "down", Name: "vpn-b"}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the failover in the kernel", func() bool { return k.equalsTable(st.Table()) })
+	eventually(t, "the failover in the kernel", func() bool { return kernelEquals(k, st.Table()) })
 
 	// A tunnel changing its peer and subnets: the old keys go.
 	tu, _ := st.Table().Tunnel("t7")
@@ -126,16 +105,34 @@ func TestDaemonReconcilesEveryChange(t *testing.T) {
 	if _, err := st.Commit([]affinity.Change{{Kind: affinity.PutTunnel, Tunnel: &tu}, {Kind: affinity.DeleteTunnel, Name: "t8"}}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the move in the kernel", func() bool { return k.equalsTable(st.Table()) })
-	k.mu.Lock()
-	updates := k.updates
-	k.mu.Unlock()
-	if updates == 0 {
+	eventually(t, "the move in the kernel", func() bool { return kernelEquals(k, st.Table()) })
+	if countOps(k, "Update") == 0 {
 		t.Fatal("tunnel changes went through full syncs, not deltas")
 	}
 	if s := d.Status(); s.KernelRevision != st.Revision() || s.Mode != "route-only" {
 		t.Fatalf("status %+v, store at %d", s, st.Revision())
 	}
+}
+
+// TestDaemonStartsWithAnUnreachableNode is issue 11's "network is
+// unreachable": the dataplane applies everything but a route to one node
+// and says so with an ipvs.PartialError. The daemon must start, steer, and
+// report the node's objects in its status instead of refusing to run.
+func TestDaemonStartsWithAnUnreachableNode(t *testing.T) {
+	k := ipvstest.NewFake(ipvs.ModeRouteOnly)
+	k.Partial = &ipvs.PartialError{Op: "sync", Failed: []error{
+		errors.New("replace route 0.0.0.0/0 via 172.16.0.3 table 20003 (node mark 3): network is unreachable")}}
+	d, k, st, _ := startDaemonWith(t, k)
+	eventually(t, "the first sync", func() bool { return countOps(k, "Sync") > 0 })
+	s := d.Status()
+	if len(s.KernelProblems) != 1 || !strings.Contains(s.KernelProblems[0], "172.16.0.3") || s.KernelRevision != st.Revision() {
+		t.Fatalf("status after a partial sync: %+v", s)
+	}
+	// Still steering: a change reaches the kernel.
+	if _, err := d.Service().Import(strings.NewReader("id,peer,subnets\nx,192.0.2.1,10.9.0.0/24\n"), ImportRequest{Name: "x.csv"}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the import in the kernel", func() bool { return kernelEquals(k, st.Table()) })
 }
 
 func TestDaemonLearnsUnknownPeer(t *testing.T) {
@@ -153,7 +150,7 @@ func TestDaemonLearnsUnknownPeer(t *testing.T) {
 	if err := d.Learn(peer, 3); err != nil || st.Revision() != rev {
 		t.Fatalf("second learn: %v, revision %d -> %d", err, rev, st.Revision())
 	}
-	eventually(t, "the learned peer in the kernel", func() bool { return k.equalsTable(st.Table()) })
+	eventually(t, "the learned peer in the kernel", func() bool { return kernelEquals(k, st.Table()) })
 }
 
 func TestAPIOverUnixSocket(t *testing.T) {

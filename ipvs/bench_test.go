@@ -72,7 +72,7 @@ func nftFile(b *testing.B, d *Desired, cfg Config) string {
 			s.WriteString(",\n")
 		}
 		first = false
-		fmt.Fprintf(&s, "%s : %#x", a, cfg.fwmark(m))
+		fmt.Fprintf(&s, "%s : %#x", a, cfg.Fwmark(m))
 	}
 	s.WriteString("} }\nmap subnets4 { type ipv4_addr : mark; flags interval; elements = {\n")
 	first = true
@@ -81,7 +81,7 @@ func nftFile(b *testing.B, d *Desired, cfg Config) string {
 			s.WriteString(",\n")
 		}
 		first = false
-		fmt.Fprintf(&s, "%s : %#x", p, cfg.fwmark(m))
+		fmt.Fprintf(&s, "%s : %#x", p, cfg.Fwmark(m))
 	}
 	s.WriteString("} }\nset vips4 { type ipv4_addr; elements = { 203.0.113.1 } }\n")
 	s.WriteString("chain prerouting { type filter hook prerouting priority mangle;\n")
@@ -110,7 +110,7 @@ func BenchmarkFullSync100k(b *testing.B) {
 	var nftTotal, syncTotal time.Duration
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
-		dp, err := newInNamespace(Config{}, ns.NsHandle(), ns.Path())
+		dp, err := newIn(Config{}, ns.NsHandle())
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -147,7 +147,7 @@ func BenchmarkFullSync100k(b *testing.B) {
 func loaded(b *testing.B) (*dataplane, *Desired, func()) {
 	ns, done := benchLab(b)
 	d := bigDesired(benchTunnels)
-	dp, err := newInNamespace(Config{}, ns.NsHandle(), ns.Path())
+	dp, err := newIn(Config{}, ns.NsHandle())
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -16,7 +16,7 @@ type Config struct {
 	// MarkBase and MarkMask define the director's fwmark range. A node with
 	// affinity mark m gets fwmark MarkBase|m for policy-routed traffic and,
 	// in IPVS mode, MarkBase|IKEBit|m for IKE and NAT-T. MarkMask must cover
-	// MarkBase and the low 13 bits (0x1fff); rules match with it, so bits
+	// MarkBase and NodeBits (0x1fff); rules match with it, so bits
 	// outside the mask do not influence steering. Defaults 0x7d000000 and
 	// 0xff001fff.
 	MarkBase uint32
@@ -36,7 +36,13 @@ type Config struct {
 	Protocol uint8
 	// InsideIface, when set, makes the node routes onlink through it.
 	InsideIface string
+	// LogGroup is the NFLOG group the classifier logs unknown peers'
+	// first packets to (FirstPackets reads it). Default DefaultLogGroup.
+	LogGroup uint16
 }
+
+// DefaultLogGroup is the default NFLOG group of Config.LogGroup.
+const DefaultLogGroup = 0x7d1e
 
 // IKEBit is set in the fwmark of IKE and NAT-T packets in IPVS mode, so the
 // fwmark rules (which match the mark with this bit clear) leave them to
@@ -45,6 +51,11 @@ const IKEBit = 0x1000
 
 // MaxMark is the largest node affinity mark.
 const MaxMark = 0x0fff
+
+// NodeBits are the low bits of every director fwmark: the node mark and
+// IKEBit. The rest of a mark is MarkBase, matched under MarkMask. This is
+// the one definition of the mark layout: decode marks with NodeOf.
+const NodeBits = MaxMark | IKEBit
 
 func (c Config) withDefaults() (Config, error) {
 	if c.Table == "" {
@@ -68,11 +79,14 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Protocol == 0 {
 		c.Protocol = 211
 	}
+	if c.LogGroup == 0 {
+		c.LogGroup = DefaultLogGroup
+	}
 	switch {
-	case c.MarkMask&0x1fff != 0x1fff:
-		return c, fmt.Errorf("config: mark mask %#x must cover the node mark bits 0x1fff", c.MarkMask)
-	case c.MarkBase&0x1fff != 0:
-		return c, fmt.Errorf("config: mark base %#x overlaps the node mark bits 0x1fff", c.MarkBase)
+	case c.MarkMask&NodeBits != NodeBits:
+		return c, fmt.Errorf("config: mark mask %#x must cover the node mark bits %#x", c.MarkMask, NodeBits)
+	case c.MarkBase&NodeBits != 0:
+		return c, fmt.Errorf("config: mark base %#x overlaps the node mark bits %#x", c.MarkBase, NodeBits)
 	case c.MarkBase&^c.MarkMask != 0:
 		return c, fmt.Errorf("config: mark base %#x has bits outside mark mask %#x", c.MarkBase, c.MarkMask)
 	case c.LocalRulePriority <= c.RulePriority:
@@ -83,15 +97,23 @@ func (c Config) withDefaults() (Config, error) {
 	return c, nil
 }
 
-// fwmark is the policy-routed mark of node m.
-func (c Config) fwmark(m uint16) uint32 { return c.MarkBase | uint32(m) }
+// Validate checks the configuration as New does (defaults filled in).
+func (c Config) Validate() error {
+	_, err := c.withDefaults()
+	return err
+}
 
-// ikeMark is the IPVS service mark of node m.
-func (c Config) ikeMark(m uint16) uint32 { return c.MarkBase | IKEBit | uint32(m) }
+// Fwmark is the policy-routed mark of node m.
+func (c Config) Fwmark(m uint16) uint32 { return c.MarkBase | uint32(m) }
 
-// nodeOf decodes a fwmark (either kind) to a node mark.
-func (c Config) nodeOf(mark uint32) (uint16, bool) {
-	if mark&c.MarkMask&^0x1fff != c.MarkBase {
+// IKEMark is the mark of node m's IKE and NAT-T packets in IPVS mode: the
+// mark of its IPVS fwmark service.
+func (c Config) IKEMark(m uint16) uint32 { return c.MarkBase | IKEBit | uint32(m) }
+
+// NodeOf decodes a fwmark (either kind) to a node mark; false for a mark
+// outside the director's range or without a node.
+func (c Config) NodeOf(mark uint32) (uint16, bool) {
+	if mark&c.MarkMask&^NodeBits != c.MarkBase {
 		return 0, false
 	}
 	m := uint16(mark & MaxMark)
@@ -100,8 +122,8 @@ func (c Config) nodeOf(mark uint32) (uint16, bool) {
 
 // inRange reports whether a fwmark/mask pair overlaps the director's range.
 func (c Config) inRange(mark, mask uint32) bool {
-	common := mask & c.MarkMask &^ 0x1fff
-	return mark&common == c.MarkBase&common && mask&0x1fff != 0 && mark&0x1fff != 0
+	common := mask & c.MarkMask &^ NodeBits
+	return mark&common == c.MarkBase&common && mask&NodeBits != 0 && mark&NodeBits != 0
 }
 
 func (c Config) routeTable(m uint16) int { return c.TableBase + int(m) }

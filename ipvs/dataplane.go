@@ -70,6 +70,9 @@ type Node struct {
 	Forward Forward
 	// Active nodes receive unknown peers by the kernel's hash fallback.
 	Active bool
+	// Down nodes hold no tunnels and get no IPVS service (their routes
+	// stay, so a node coming back up changes nothing but the service).
+	Down bool
 }
 
 // Desired is the whole state the kernel should hold.

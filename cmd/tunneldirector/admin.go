@@ -1,11 +1,13 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
+	"syscall"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -13,6 +15,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/sim"
 )
 
@@ -277,4 +280,64 @@ func writeFarm(spec sim.FarmSpec, dir string, f nms.Format) (string, string, err
 		return "", "", err
 	}
 	return nodesPath, tunnelsPath, nil
+}
+
+func newTeardownCmd(g *globals) *cobra.Command {
+	var path string
+	var force bool
+	cmd := &cobra.Command{
+		Use:   "teardown",
+		Short: "Remove everything the director programmed into the kernel, and nothing else",
+		Long: `Remove the director's nftables table, fwmark rules, routes and IPVS services.
+Refused while a daemon owns them (its API socket answers, or it holds the store's
+lock): the daemon would re-create them at its next verify, and in between the
+farm is unsteered. Stop the daemon first, or pass --force.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := director.LoadConfig(path)
+			if err != nil {
+				return err
+			}
+			if owner := daemonOwner(cfg); owner != "" && !force {
+				return fmt.Errorf("teardown refused: %s, which owns the kernel objects (it would re-create them at its next verify, and until then the farm is unsteered); stop the daemon first, or pass --force", owner)
+			}
+			dp, err := ipvs.New(cfg.Dataplane())
+			if err != nil {
+				return err
+			}
+			defer dp.Close()
+			if err := dp.Teardown(cmd.Context()); err != nil {
+				return err
+			}
+			fmt.Fprintln(g.out, "removed the director's nftables table, rules, routes and IPVS services")
+			return nil
+		},
+	}
+	cmd.Flags().StringVarP(&path, "config", "c", defaultConfig, "configuration file (YAML)")
+	cmd.Flags().BoolVar(&force, "force", false, "tear down even while a daemon runs")
+	return cmd
+}
+
+// daemonOwner says which running daemon owns the kernel objects of cfg, or
+// "" when none does: one that answers on the API socket, or one that holds
+// the store's lock (a hung daemon still holds it).
+func daemonOwner(cfg *director.Config) string {
+	if st, err := director.NewUnixClient(cfg.API.Socket).Status(); err == nil {
+		return fmt.Sprintf("a daemon answers on %s (mode %s, revision %d)", cfg.API.Socket, st.Mode, st.Revision)
+	}
+	f, err := os.Open(cfg.Store)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	// bbolt takes an exclusive flock for a writer: a shared one that would
+	// block means a daemon (or another writer) has the store open.
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return fmt.Sprintf("the store %s is locked by a running process", cfg.Store)
+		}
+		return ""
+	}
+	_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+	return ""
 }

@@ -42,6 +42,9 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			var lvl slog.LevelVar
 			lvl.UnmarshalText([]byte(cfg.LogLevel))
 			log := slog.New(slog.NewTextHandler(g.errOut, &slog.HandlerOptions{Level: &lvl}))
+			if err := director.CheckKernel(cfg, log); err != nil {
+				return err
+			}
 			vips, _ := cfg.ParsedVIPs()
 			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: vips, Epsilon: cfg.Epsilon}})
 			if err != nil {
@@ -62,7 +65,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				return err
 			}
 			d, err := director.NewDaemon(director.DaemonOptions{Config: cfg, Store: st, Dataplane: dp, Logger: log,
-				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.WatchNew})
+				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane())})
 			if err != nil {
 				return err
 			}
@@ -156,36 +159,10 @@ func waitOther(errc chan error) error {
 	}
 }
 
-func newTeardownCmd(g *globals) *cobra.Command {
-	var path string
-	cmd := &cobra.Command{
-		Use:   "teardown",
-		Short: "Remove everything the director programmed into the kernel, and nothing else",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			cfg, err := director.LoadConfig(path)
-			if err != nil {
-				return err
-			}
-			dp, err := ipvs.New(cfg.Dataplane())
-			if err != nil {
-				return err
-			}
-			defer dp.Close()
-			if err := dp.Teardown(cmd.Context()); err != nil {
-				return err
-			}
-			fmt.Fprintln(g.out, "removed the director's nftables table, rules, routes and IPVS services")
-			return nil
-		},
-	}
-	cmd.Flags().StringVarP(&path, "config", "c", defaultConfig, "configuration file (YAML)")
-	return cmd
-}
-
 func newConfigCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "config", Short: "Check a configuration file"}
-	cmd.AddCommand(&cobra.Command{
+	var kernel bool
+	check := &cobra.Command{
 		Use:   "check FILE",
 		Short: "Validate a configuration file and explain every error with its key path",
 		Args:  cobra.ExactArgs(1),
@@ -194,11 +171,21 @@ func newConfigCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("%w: %v", affinity.ErrInvalid, err)
 			}
+			if kernel {
+				for _, f := range director.KernelFindings(cfg) {
+					fmt.Fprintln(g.out, "kernel:", f)
+				}
+				if err := director.CheckKernel(cfg, nil); err != nil {
+					return err
+				}
+			}
 			vips, _ := cfg.ParsedVIPs()
 			fmt.Fprintf(g.out, "%s: ok (%d VIPs, %d nodes, mode %s, store %s)\n", args[0], len(vips), len(cfg.Nodes), cfg.Mode, cfg.Store)
 			return nil
 		},
-	})
+	}
+	check.Flags().BoolVar(&kernel, "kernel", true, "also check this machine's kernel settings as run does (false to check a file for another machine)")
+	cmd.AddCommand(check)
 	return cmd
 }
 

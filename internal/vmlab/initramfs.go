@@ -186,7 +186,7 @@ func baseInitramfs(cache string, k *Kernel, mods []Module) (string, error) {
 	c.bytes("init", 0o755, []byte(initScript))
 	c.file("bin/busybox", 0o755, bb)
 	// A modules.dep for the loaded set lets busybox modprobe (which
-	// libraries such as moby/ipvs run) find them already loaded instead of
+	// libraries such as cloudflare/ipvs run) find them already loaded instead of
 	// failing.
 	var dep strings.Builder
 	for _, m := range mods {

@@ -7,14 +7,14 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"os"
 	"testing"
 	"time"
-
-	mobyipvs "github.com/moby/ipvs"
 
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 	"github.com/tunneldirector/tunneldirector/internal/vmlab"
 	"github.com/tunneldirector/tunneldirector/ipvs"
+	"github.com/tunneldirector/tunneldirector/ipvs/lvs"
 )
 
 // TestVM is the host side: one boot for all guest tests of this package.
@@ -25,7 +25,19 @@ func TestVM(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots a VM (about 10-60 s); not in -short")
 	}
-	vmlab.Run(t, vmlab.Options{Package: ".", Run: "^TestGuest", Timeout: 4 * time.Minute})
+	// nfnetlink_log and nft_log for the classifier's first-packet log,
+	// nf_conntrack_netlink for the conntrack measurement.
+	vmlab.Run(t, vmlab.Options{Package: ".", Run: guestRun(), Timeout: 5 * time.Minute,
+		Modules: []string{"nfnetlink_log", "nft_log", "nf_conntrack_netlink"}})
+}
+
+// guestRun selects the guest tests: all of them, or TD_GUEST_RUN's
+// pattern (to rerun one while working on it).
+func guestRun() string {
+	if r := os.Getenv("TD_GUEST_RUN"); r != "" {
+		return r
+	}
+	return "^TestGuest"
 }
 
 func expectAt(t *testing.T, caps []*netlab.Capture, names []string, want int, what string, match func(netlab.Packet) bool) {
@@ -99,27 +111,24 @@ func TestGuestIPVSMode(t *testing.T) {
 		t.Fatalf("second sync: %+v %v", st, err)
 	}
 
-	// Exactly one fwmark service per node and family, one DR destination.
-	h, err := mobyipvs.New(dir.Path())
-	if err != nil {
+	// Exactly one fwmark service per node and family, one DR destination,
+	// one-packet scheduling.
+	var h lvs.Kernel
+	if err := dir.Do(func() (err error) { h, _, err = lvs.Open(0); return err }); err != nil {
 		t.Fatal(err)
 	}
 	defer h.Close()
-	svcs, err := h.GetServices()
+	svcs, err := h.Services()
 	if err != nil {
 		t.Fatal(err)
 	}
 	perMark := map[string]int{}
 	for _, s := range svcs {
-		dsts, err := h.GetDestinations(s)
-		if err != nil {
-			t.Fatal(err)
+		if len(s.Dests) != 1 || s.Dests[0].Method != lvs.DirectRoute || !s.OnePacket {
+			t.Fatalf("service fwmark %#x: one-packet %v, destinations %+v", s.Mark, s.OnePacket, s.Dests)
 		}
-		if len(dsts) != 1 || dsts[0].ConnectionFlags&mobyipvs.ConnFwdMask != mobyipvs.ConnFwdDirectRoute {
-			t.Fatalf("service fwmark %#x: destinations %+v", s.FWMark, dsts)
-		}
-		perMark[fmt.Sprintf("%#x/af%d", s.FWMark, s.AddressFamily)]++
-		t.Logf("IPVS service fwmark %#x af %d -> %s (DR)", s.FWMark, s.AddressFamily, dsts[0].Address)
+		perMark[fmt.Sprintf("%#x/v6=%v", s.Mark, s.V6)]++
+		t.Logf("IPVS service fwmark %#x v6=%v -> %s (DR, one-packet)", s.Mark, s.V6, s.Dests[0].Addr)
 	}
 	if len(svcs) != 6 || len(perMark) != 6 {
 		t.Fatalf("want 6 services (3 nodes x 2 families), got %d: %v", len(svcs), perMark)
@@ -228,7 +237,7 @@ func TestGuestIPVSMode(t *testing.T) {
 	}
 
 	// Drift: a deleted service comes back with Verify.
-	if err := h.DelService(&mobyipvs.Service{FWMark: svcs[0].FWMark, AddressFamily: svcs[0].AddressFamily, Netmask: svcs[0].Netmask}); err != nil {
+	if err := h.Remove(svcs[0]); err != nil {
 		t.Fatal(err)
 	}
 	st, err = dp.Verify(ctx)
@@ -238,7 +247,7 @@ func TestGuestIPVSMode(t *testing.T) {
 	if err := dp.Teardown(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if svcs, _ := h.GetServices(); len(svcs) != 0 {
+	if svcs, _ := h.Services(); len(svcs) != 0 {
 		t.Fatalf("teardown left %d services", len(svcs))
 	}
 }

@@ -2,48 +2,46 @@ package vmtest
 
 import (
 	"fmt"
-	"net"
 	"net/netip"
 	"testing"
 	"time"
 
+	"github.com/cloudflare/ipvs"
+	"github.com/cloudflare/ipvs/netmask"
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
-	"github.com/moby/ipvs"
 	"golang.org/x/sys/unix"
 
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 	"github.com/tunneldirector/tunneldirector/internal/vmlab"
 )
 
-// requireIPVS probes the IPVS generic netlink family in ns: moby/ipvs
-// returns nil from NewService on a kernel without IPVS, so its nil proves
-// nothing without this probe.
-func requireIPVS(t *testing.T, ns *netlab.NS) *ipvs.Handle {
+// requireIPVS opens IPVS in ns (the client's socket belongs to the
+// namespace it is opened in) and probes it with Info.
+func requireIPVS(t *testing.T, ns *netlab.NS) ipvs.Client {
 	t.Helper()
-	if _, err := ns.Handle().GenlFamilyGet("IPVS"); err != nil {
+	var h ipvs.Client
+	if err := ns.Do(func() (err error) { h, err = ipvs.New(); return err }); err != nil {
 		t.Fatalf("IPVS generic netlink family missing in the guest (ip_vs not loaded?): %v", err)
 	}
-	h, err := ipvs.New(ns.Path())
-	if err != nil {
-		t.Fatalf("ipvs handle in %s: %v", ns.Name, err)
+	if _, err := h.Info(); err != nil {
+		t.Fatalf("IPVS info in %s: %v", ns.Name, err)
 	}
-	t.Cleanup(h.Close)
 	return h
 }
 
-func fwmarkService(mark uint32, v6 bool) *ipvs.Service {
-	s := &ipvs.Service{FWMark: mark, AddressFamily: unix.AF_INET, SchedName: "rr", Netmask: 0xffffffff}
+func fwmarkService(mark uint32, v6 bool) ipvs.Service {
+	s := ipvs.Service{FWMark: mark, Family: ipvs.INET, Scheduler: "rr", Netmask: netmask.MaskFrom(32, 32)}
 	if v6 {
-		s.AddressFamily = unix.AF_INET6
-		s.Netmask = 128
+		s.Family = ipvs.INET6
+		s.Netmask = netmask.MaskFrom(128, 128)
 	}
 	return s
 }
 
 // TestGuestIPVSFwmarkService creates fwmark services with direct-routing
-// destinations (IPv4 and IPv6) through moby/ipvs and reads them back.
+// destinations (IPv4 and IPv6) through cloudflare/ipvs and reads them back.
 func TestGuestIPVSFwmarkService(t *testing.T) {
 	vmlab.RequireGuest(t)
 	l := netlab.New(t)
@@ -72,16 +70,16 @@ func TestGuestIPVSFwmarkService(t *testing.T) {
 		dest string
 	}{{false, "192.0.2.11"}, {true, "2001:db8:2::b"}} {
 		svc := fwmarkService(0x100+uint32(i), c.v6)
-		if err := h.NewService(svc); err != nil {
+		if err := h.CreateService(svc); err != nil {
 			t.Fatalf("new fwmark service %#x: %v", svc.FWMark, err)
 		}
-		dst := &ipvs.Destination{Address: net.ParseIP(c.dest), Weight: 1, ConnectionFlags: ipvs.ConnFwdDirectRoute, AddressFamily: svc.AddressFamily}
-		if err := h.NewDestination(svc, dst); err != nil {
+		dst := ipvs.Destination{Address: netip.MustParseAddr(c.dest), Weight: 1, FwdMethod: ipvs.DirectRoute, Family: svc.Family}
+		if err := h.CreateDestination(svc, dst); err != nil {
 			t.Fatalf("new DR destination %s for fwmark %#x: %v", c.dest, svc.FWMark, err)
 		}
 	}
 	t.Logf("created 2 services with destinations in %v", time.Since(start))
-	svcs, err := h.GetServices()
+	svcs, err := h.Services()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,12 +87,12 @@ func TestGuestIPVSFwmarkService(t *testing.T) {
 		t.Fatalf("read back %d services, want 2", len(svcs))
 	}
 	for _, s := range svcs {
-		dests, err := h.GetDestinations(s)
+		dests, err := h.Destinations(s.Service)
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("service fwmark %#x af %d sched %s: %d destinations", s.FWMark, s.AddressFamily, s.SchedName, len(dests))
-		if len(dests) != 1 || dests[0].ConnectionFlags&0x7 != ipvs.ConnFwdDirectRoute {
+		t.Logf("service fwmark %#x af %s sched %s: %d destinations", s.FWMark, s.Family, s.Scheduler, len(dests))
+		if len(dests) != 1 || dests[0].FwdMethod != ipvs.DirectRoute {
 			t.Errorf("service fwmark %#x: destinations %+v, want one direct-routing destination", s.FWMark, dests)
 		}
 	}
@@ -161,12 +159,12 @@ func TestGuestIPVSForwardsIKE(t *testing.T) {
 	for i, nd := range top.Nodes {
 		for _, v6 := range []bool{false, true} {
 			svc := fwmarkService(0x100+uint32(i), v6)
-			if err := h.NewService(svc); err != nil {
+			if err := h.CreateService(svc); err != nil {
 				t.Fatal(err)
 			}
-			dst := &ipvs.Destination{Address: nd.If(netlab.IfInside).Addr(v6).AsSlice(), Weight: 1,
-				ConnectionFlags: ipvs.ConnFwdDirectRoute, AddressFamily: svc.AddressFamily}
-			if err := h.NewDestination(svc, dst); err != nil {
+			dst := ipvs.Destination{Address: nd.If(netlab.IfInside).Addr(v6), Weight: 1,
+				FwdMethod: ipvs.DirectRoute, Family: svc.Family}
+			if err := h.CreateDestination(svc, dst); err != nil {
 				t.Fatalf("DR destination %s: %v", nd.If(netlab.IfInside).Addr(v6), err)
 			}
 		}

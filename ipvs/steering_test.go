@@ -2,6 +2,7 @@ package ipvs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -48,7 +49,7 @@ func newLab(t *testing.T, cfg Config) *lab {
 		des.Peers[o.Addr6] = uint16(i + 1)
 	}
 	l.des = des
-	dp, err := newInNamespace(cfg, l.dir.NsHandle(), l.dir.Path())
+	dp, err := newIn(cfg, l.dir.NsHandle())
 	if err != nil {
 		t.Fatalf("new dataplane in %s: %v", l.dir.Name, err)
 	}
@@ -208,4 +209,22 @@ func TestNSRouteOnlySteering(t *testing.T) {
 	}
 	l.checkPeers(t, "r2", []int{2, 1, 2})
 	l.checkSubnets(t, "r2", 0, 2)
+}
+
+// TestNSUnreachableNodeDoesNotStopSteering adds a node whose address the
+// director has no route to: the kernel refuses its route ("network is
+// unreachable"), and Sync must still program everything else, so the
+// reachable nodes' peers and subnets are steered with real packets.
+func TestNSUnreachableNodeDoesNotStopSteering(t *testing.T) {
+	l := newLab(t, Config{})
+	ctx := context.Background()
+	l.des.Nodes = append(l.des.Nodes, Node{Mark: 9, Name: "far", Addr: netip.MustParseAddr("198.18.7.7"), Active: false})
+	_, err := l.dp.Sync(ctx, l.des)
+	var pe *PartialError
+	if !errors.As(err, &pe) || !strings.Contains(err.Error(), "198.18.7.7") {
+		t.Fatalf("sync with an unreachable node: %v", err)
+	}
+	t.Logf("sync: %v", err)
+	l.checkPeers(t, "unreachable", []int{0, 1, 2})
+	l.checkSubnets(t, "unreachable", 1, 2)
 }

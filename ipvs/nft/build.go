@@ -1,10 +1,11 @@
-package ipvs
+package nft
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
-	"strconv"
-	"strings"
+	"slices"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -19,6 +20,20 @@ const (
 	hashMapName = "nodehash"
 )
 
+// LearnInterval is how often the classifier logs the same unknown peer: its
+// first packet, then at most one per interval while it stays unknown (the
+// daemon pins it at the first, so normally once).
+const LearnInterval = 5 * time.Second
+
+// LogSnaplen is how much of a logged packet the kernel copies: an IPv6
+// header and the UDP ports.
+const LogSnaplen = 48
+
+// seenSize bounds each family's set of recently logged peers; when it is
+// full, further unknown peers are still steered by the hash but logged only
+// once entries expire.
+const seenSize = 65536
+
 // elemChunk bounds the elements per NEWSETELEM message: the element list is
 // one netlink attribute, whose length is 16 bits, so 100,000 elements must
 // be spread over many messages (all in the same batch).
@@ -27,6 +42,9 @@ const elemChunk = 1000
 type famSets struct {
 	v6          bool
 	vips, peers *nftables.Set
+	// seen holds the unknown peers logged in the last LearnInterval: a
+	// peer is logged once per interval, not once per packet.
+	seen *nftables.Set
 }
 
 type nftNames struct {
@@ -50,6 +68,8 @@ func newNames(name string) *nftNames {
 			v6:    v6,
 			vips:  &nftables.Set{Table: t, Name: "vips" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian},
 			peers: &nftables.Set{Table: t, Name: "peers" + sfx, IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark},
+			seen: &nftables.Set{Table: t, Name: "seen" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian,
+				Dynamic: true, HasTimeout: true, Timeout: LearnInterval, Size: seenSize},
 		}
 	}
 	// The hash map's key is the hash register (host order); typed as a
@@ -64,16 +84,16 @@ func newNames(name string) *nftNames {
 func (n *nftNames) allSets() []*nftables.Set {
 	var out []*nftables.Set
 	for _, f := range n.fams {
-		out = append(out, f.vips, f.peers)
+		out = append(out, f.vips, f.peers, f.seen)
 	}
 	return append(out, n.hash)
 }
 
 // subnetSet describes the exact-match map of one prefix length: key the
 // masked destination (network order), data the owner's mark.
-func (n *nftNames) subnetSet(l plen) *nftables.Set {
+func (n *nftNames) subnetSet(l Len) *nftables.Set {
 	kt := nftables.TypeIPAddr
-	if l.v6 {
+	if l.V6 {
 		kt = nftables.TypeIP6Addr
 	}
 	return &nftables.Set{Table: n.table, Name: l.setName(), IsMap: true, KeyType: kt,
@@ -87,13 +107,13 @@ var legacySets = []string{"subnets4", "subnets6"}
 
 // prefixMask returns the netmask of l as a byte string of the address
 // length.
-func prefixMask(l plen) []byte {
+func prefixMask(l Len) []byte {
 	n := 4
-	if l.v6 {
+	if l.V6 {
 		n = 16
 	}
 	m := make([]byte, n)
-	for i := 0; i < l.bits; i++ {
+	for i := 0; i < l.Bits; i++ {
 		m[i/8] |= 0x80 >> (i % 8)
 	}
 	return m
@@ -123,10 +143,10 @@ func chunked(op elemOp, s *nftables.Set, els []nftables.SetElement) error {
 	return nil
 }
 
-// buildNft queues plan p on c; the caller flushes.
-func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
-	n := newNames(cfg.Table)
-	if p.recreate {
+// build queues plan p on c for table; the caller flushes.
+func build(c *nftables.Conn, table string, p *Plan) error {
+	n := newNames(table)
+	if p.Recreate {
 		// add+delete+add: delete fails on a missing table, and the
 		// whole batch must stay atomic.
 		c.AddTable(n.table)
@@ -141,38 +161,39 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 	}
 	// Subnet maps: new ones before the rules that look them up (the rules
 	// refer to them by the batch IDs AddSet assigns).
-	subs := map[plen]*nftables.Set{}
-	sub := func(l plen) *nftables.Set {
+	subs := map[Len]*nftables.Set{}
+	sub := func(l Len) *nftables.Set {
 		if subs[l] == nil {
 			subs[l] = n.subnetSet(l)
 		}
 		return subs[l]
 	}
-	for _, l := range p.addLens {
+	for _, l := range p.AddLens {
 		if err := c.AddSet(sub(l), nil); err != nil {
 			return fmt.Errorf("add set %s: %w", l.setName(), err)
 		}
 	}
-	if p.chain {
-		if !p.recreate {
+	if p.Chain {
+		if !p.Recreate {
 			c.FlushChain(n.chain)
 		}
 		var lens []*nftables.Set
-		for _, l := range p.lens {
+		for _, l := range p.Sig.Lens {
 			lens = append(lens, sub(l))
 		}
-		rules := chainRules(cfg, mode, n, p.hashN, p.seed, p.lens, lens)
+		rules := chainRules(p.Sig, n, lens)
 		for i, ex := range rules {
+			tag := ruleTag{Sig: p.Sig, I: i, N: len(rules)}
 			c.AddRule(&nftables.Rule{Table: n.table, Chain: n.chain, Exprs: ex,
-				UserData: userdata.AppendString(nil, userdata.TypeComment, fmt.Sprintf("%s|%d|%d", p.sig, i, len(rules)))})
+				UserData: userdata.AppendString(nil, userdata.TypeComment, tag.encode())})
 		}
 	}
 	// Deletions before additions: a changed element is a delete and an add
 	// of the same key in the same transaction.
 	var del, add [2]struct{ vips, peers []nftables.SetElement }
-	delSub, addSub := map[plen][]nftables.SetElement{}, map[plen][]nftables.SetElement{}
-	gone := map[plen]bool{}
-	for _, l := range p.delLens {
+	delSub, addSub := map[Len][]nftables.SetElement{}, map[Len][]nftables.SetElement{}
+	gone := map[Len]bool{}
+	for _, l := range p.DelLens {
 		gone[l] = true
 	}
 	fi := func(a netip.Addr) int {
@@ -181,26 +202,26 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 		}
 		return 1
 	}
-	for _, a := range p.delVIPs {
+	for _, a := range p.DelVIPs {
 		del[fi(a)].vips = append(del[fi(a)].vips, nftables.SetElement{Key: a.AsSlice()})
 	}
-	for _, a := range p.addVIPs {
+	for _, a := range p.AddVIPs {
 		add[fi(a)].vips = append(add[fi(a)].vips, nftables.SetElement{Key: a.AsSlice()})
 	}
-	for _, a := range p.delPeers {
+	for _, a := range p.DelPeers {
 		del[fi(a)].peers = append(del[fi(a)].peers, nftables.SetElement{Key: a.AsSlice()})
 	}
-	for a, m := range p.addPeers {
+	for a, m := range p.AddPeers {
 		add[fi(a)].peers = append(add[fi(a)].peers, nftables.SetElement{Key: a.AsSlice(), Val: markBytes(m)})
 	}
-	for _, pf := range p.delSubnets {
+	for _, pf := range p.DelSubnets {
 		// A deleted map takes its elements with it.
-		if l := plenOf(pf); !gone[l] {
+		if l := LenOf(pf); !gone[l] {
 			delSub[l] = append(delSub[l], nftables.SetElement{Key: pf.Addr().AsSlice()})
 		}
 	}
-	for pf, m := range p.addSubnets {
-		l := plenOf(pf)
+	for pf, m := range p.AddSubnets {
+		l := LenOf(pf)
 		addSub[l] = append(addSub[l], nftables.SetElement{Key: pf.Addr().AsSlice(), Val: markBytes(m)})
 	}
 	for i, f := range n.fams {
@@ -213,16 +234,16 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 			}
 		}
 	}
-	for _, l := range sortedKeys(delSub, plenLess) {
+	for _, l := range slices.SortedFunc(maps.Keys(delSub), lenLess) {
 		if err := chunked(c.SetDeleteElements, sub(l), delSub[l]); err != nil {
 			return err
 		}
 	}
 	var hdel, hadd []nftables.SetElement
-	for _, k := range p.delHash {
+	for _, k := range p.DelHash {
 		hdel = append(hdel, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(k)})
 	}
-	for k, m := range p.addHash {
+	for k, m := range p.AddHash {
 		hadd = append(hadd, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(k), Val: markBytes(m)})
 	}
 	if err := chunked(c.SetDeleteElements, n.hash, hdel); err != nil {
@@ -238,7 +259,7 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 			}
 		}
 	}
-	for _, l := range sortedKeys(addSub, plenLess) {
+	for _, l := range slices.SortedFunc(maps.Keys(addSub), lenLess) {
 		if err := chunked(c.SetAddElements, sub(l), addSub[l]); err != nil {
 			return err
 		}
@@ -248,7 +269,7 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 	}
 	// Maps whose last subnet went: after the chain flush above dropped the
 	// rules that used them (the kernel refuses to delete a map in use).
-	for _, l := range p.delLens {
+	for _, l := range p.DelLens {
 		c.DelSet(sub(l))
 	}
 	return nil
@@ -259,7 +280,8 @@ func buildNft(c *nftables.Conn, cfg Config, mode Mode, p *nftPlan) error {
 // mark from the peer map, an unknown one gets the jhash pick; any packet to
 // a protected subnet gets the owner's mark. In IPVS mode the IKE and NAT-T
 // marks carry IKEBit so the fwmark rules leave them to the IPVS services.
-func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32, lens []plen, subs []*nftables.Set) [][]expr.Any {
+func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
+	lens := sig.Lens
 	var rules [][]expr.Any
 	// Any ct expression makes the table depend on conntrack, which the NEW
 	// event watcher needs; counting new flows is useful on its own.
@@ -302,37 +324,54 @@ func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32, lens
 		}
 		tail := func(s sel) []expr.Any {
 			var ex []expr.Any
-			if s.ike && mode == ModeIPVS {
+			if s.ike && sig.IKEBit != 0 {
 				ex = append(ex, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-					Mask: binaryutil.NativeEndian.PutUint32(0xffffffff), Xor: binaryutil.NativeEndian.PutUint32(IKEBit)})
+					Mask: binaryutil.NativeEndian.PutUint32(0xffffffff), Xor: binaryutil.NativeEndian.PutUint32(sig.IKEBit)})
 			}
 			return append(ex, &expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
 		}
 		for _, s := range sels {
-			// The hash pick goes first and a known peer's map entry then
-			// overrides it: a plain lookup that misses ends the rule, so no
-			// "not in map" test is needed (lookups on a map without a
+			// A known peer gets its owner's mark and leaves the chain
+			// (accept ends this base chain only): a map lookup that misses
+			// ends the rule, so the next rule sees unknown peers only, and
+			// no "not in map" test is needed (lookups on a map without a
 			// destination register are refused by older kernels, such as
 			// Debian's 6.12).
-			if hashN > 0 {
-				ex := head(s)
-				ex = append(ex,
-					&expr.Hash{SourceRegister: 1, DestRegister: 1, Length: alen, Modulus: uint32(hashN),
-						Seed: effectiveSeed(seed), Type: expr.HashTypeJenkins},
-					&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: n.hash.Name, SetID: n.hash.ID},
-				)
-				rules = append(rules, append(ex, tail(s)...))
-			}
 			ex := head(s)
 			ex = append(ex, &expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: f.peers.Name, SetID: f.peers.ID})
-			rules = append(rules, append(ex, tail(s)...))
+			ex = append(ex, tail(s)...)
+			rules = append(rules, append(ex, &expr.Verdict{Kind: expr.VerdictAccept}))
+			if sig.HashN > 0 {
+				// An unknown peer: the jhash pick, then, once per
+				// LearnInterval per peer, the packet goes to the NFLOG
+				// group the learner reads (the seen set is checked,
+				// then filled, then the packet logged).
+				ex := head(s)
+				ex = append(ex,
+					&expr.Hash{SourceRegister: 1, DestRegister: 1, Length: alen, Modulus: uint32(sig.HashN),
+						Seed: EffectiveSeed(sig.Seed), Type: expr.HashTypeJenkins},
+					&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: n.hash.Name, SetID: n.hash.ID},
+				)
+				ex = append(ex, tail(s)...)
+				ex = append(ex,
+					&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: soff, Len: alen},
+					&expr.Lookup{SourceRegister: 1, SetName: f.seen.Name, SetID: f.seen.ID, Invert: true},
+					&expr.Dynset{SrcRegKey: 1, SetName: f.seen.Name, SetID: f.seen.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+					// Queue threshold 1: nfnetlink_log batches up to 100
+					// packets or 1 s by default; the learner wants each
+					// first packet at once.
+					&expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_SNAPLEN | 1<<unix.NFTA_LOG_QTHRESHOLD,
+						Group: sig.LogGroup, Snaplen: LogSnaplen, QThreshold: 1},
+				)
+				rules = append(rules, ex)
+			}
 		}
 		// One rule per subnet length of this family (lens is sorted
 		// longest first): mask the destination to the length and look the
 		// network up in that length's map. Subnets never overlap, so at
 		// most one of these rules matches.
 		for i, l := range lens {
-			if l.v6 != f.v6 {
+			if l.V6 != f.v6 {
 				continue
 			}
 			ex := []expr.Any{
@@ -340,7 +379,7 @@ func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32, lens
 				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
 				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: doff, Len: alen},
 			}
-			if l.bits < int(alen)*8 {
+			if l.Bits < int(alen)*8 {
 				ex = append(ex, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: alen,
 					Mask: prefixMask(l), Xor: make([]byte, alen)})
 			}
@@ -360,152 +399,9 @@ func chainRules(cfg Config, mode Mode, n *nftNames, hashN int, seed uint32, lens
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 2, Len: 4,
-			Mask: binaryutil.NativeEndian.PutUint32(cfg.MarkMask &^ 0x1fff), Xor: binaryutil.NativeEndian.PutUint32(0)},
-		&expr.Cmp{Op: expr.CmpOpEq, Register: 2, Data: binaryutil.NativeEndian.PutUint32(cfg.MarkBase)},
+			Mask: binaryutil.NativeEndian.PutUint32(sig.RangeMask), Xor: binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 2, Data: binaryutil.NativeEndian.PutUint32(sig.MarkBase)},
 		&expr.Ct{Key: expr.CtKeyMARK, SourceRegister: true, Register: 1},
 	})
 	return rules
-}
-
-// readNft dumps the table. A table with a missing set or chain, or with
-// ranges that are not prefixes, is reported broken.
-func readNft(c *nftables.Conn, cfg Config, elems func(*nftables.Set) ([]nftables.SetElement, error)) (*nftState, error) {
-	s := newKstate().nft
-	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
-	if err != nil {
-		return nil, fmt.Errorf("list tables: %w", err)
-	}
-	found := false
-	for _, t := range tables {
-		if t.Name == cfg.Table {
-			found = true
-		}
-	}
-	if !found {
-		return &s, nil
-	}
-	s.table = true
-	n := newNames(cfg.Table)
-	sets, err := c.GetSets(n.table)
-	if err != nil {
-		return nil, fmt.Errorf("list sets: %w", err)
-	}
-	have := map[string]bool{}
-	for _, st := range sets {
-		have[st.Name] = true
-		if l, ok := parsePlen(st.Name); ok {
-			s.lens[l] = struct{}{}
-		}
-	}
-	for _, name := range legacySets {
-		if have[name] {
-			s.broken = true
-			return &s, nil
-		}
-	}
-	for _, st := range n.allSets() {
-		if !have[st.Name] {
-			s.broken = true
-			return &s, nil
-		}
-	}
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
-	if err != nil {
-		return nil, fmt.Errorf("list chains: %w", err)
-	}
-	hasChain := false
-	for _, ch := range chains {
-		if ch.Table.Name == cfg.Table && ch.Name == chainName {
-			hasChain = true
-		}
-	}
-	if !hasChain {
-		s.broken = true
-		return &s, nil
-	}
-	rules, err := c.GetRules(n.table, n.chain)
-	if err != nil {
-		return nil, fmt.Errorf("list rules of chain %s: %w", chainName, err)
-	}
-	s.sig = rulesSig(rules)
-	for _, f := range n.fams {
-		els, err := elems(f.vips)
-		if err != nil {
-			return nil, fmt.Errorf("list set %s: %w", f.vips.Name, err)
-		}
-		for _, e := range els {
-			if a, ok := netip.AddrFromSlice(e.Key); ok {
-				s.vips[a] = struct{}{}
-			}
-		}
-		els, err = elems(f.peers)
-		if err != nil {
-			return nil, fmt.Errorf("list map %s: %w", f.peers.Name, err)
-		}
-		for _, e := range els {
-			if a, ok := netip.AddrFromSlice(e.Key); ok {
-				s.peers[a] = markOf(e.Val)
-			}
-		}
-	}
-	for _, l := range sortedLens(s.lens) {
-		st := n.subnetSet(l)
-		els, err := elems(st)
-		if err != nil {
-			return nil, fmt.Errorf("list map %s: %w", st.Name, err)
-		}
-		for _, e := range els {
-			a, ok := netip.AddrFromSlice(e.Key)
-			if !ok || a.Is6() != l.v6 {
-				s.broken = true
-				continue
-			}
-			p := netip.PrefixFrom(a, l.bits)
-			if p.Masked() != p {
-				// A key with host bits never matches a masked
-				// destination: the map is not the director's.
-				s.broken = true
-				continue
-			}
-			s.subnets[p] = markOf(e.Val)
-		}
-	}
-	els, err := elems(n.hash)
-	if err != nil {
-		return nil, fmt.Errorf("list map %s: %w", hashMapName, err)
-	}
-	for _, e := range els {
-		if len(e.Key) == 4 {
-			s.hash[binaryutil.NativeEndian.Uint32(e.Key)] = markOf(e.Val)
-		}
-	}
-	return &s, nil
-}
-
-// rulesSig returns the signature every rule of the chain carries, or ""
-// when a rule is missing, foreign or from another signature.
-func rulesSig(rules []*nftables.Rule) string {
-	sig := ""
-	seen := map[int]bool{}
-	total := -1
-	for _, r := range rules {
-		cm, ok := userdata.GetString(r.UserData, userdata.TypeComment)
-		if !ok {
-			return ""
-		}
-		parts := strings.Split(cm, "|")
-		if len(parts) != 3 {
-			return ""
-		}
-		i, err1 := strconv.Atoi(parts[1])
-		t, err2 := strconv.Atoi(parts[2])
-		if err1 != nil || err2 != nil || (sig != "" && parts[0] != sig) || (total >= 0 && t != total) || seen[i] {
-			return ""
-		}
-		sig, total, seen[i] = parts[0], t, true
-	}
-	if total != len(rules) {
-		return ""
-	}
-	return sig
 }

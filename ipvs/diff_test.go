@@ -7,55 +7,62 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/tunneldirector/tunneldirector/ipvs/lvs"
+	"github.com/tunneldirector/tunneldirector/ipvs/nft"
+	"github.com/tunneldirector/tunneldirector/ipvs/route"
 )
 
-// fakeKernel records the kernel operations and holds their result.
+// fakeKernel records the kernel operations and holds their result: it is
+// the nftables, the routing and (with ipvs) the IPVS of one namespace.
 type fakeKernel struct {
 	ipvs   bool
 	ops    []string
-	nft    nftState
-	rules  []kRule
-	routes []kRoute
-	svcs   map[svcKey][]svcDest
+	nft    *nft.State
+	rules  []route.Rule
+	routes []route.Route
+	svcs   map[svcKey]lvs.Service
+	// failRoute makes ReplaceRoute fail for a gateway, as the kernel
+	// does for a node it cannot reach.
+	failRoute map[netip.Addr]error
 }
 
 func newFakeKernel(ipvs bool) *fakeKernel {
-	k := &fakeKernel{ipvs: ipvs, svcs: map[svcKey][]svcDest{}}
-	k.nft = newKstate().nft
+	k := &fakeKernel{ipvs: ipvs, svcs: map[svcKey]lvs.Service{}, nft: nft.NewState()}
 	for _, v6 := range []bool{false, true} {
-		k.rules = append(k.rules, kRule{v6: v6, prio: 0, table: rtTableLocal, proto: rtprotKernel},
-			kRule{v6: v6, prio: 32766, table: 254, proto: rtprotKernel})
+		k.rules = append(k.rules, route.Rule{V6: v6, Prio: 0, Table: route.TableLocal, Proto: route.ProtoKernel},
+			route.Rule{V6: v6, Prio: 32766, Table: 254, Proto: route.ProtoKernel})
 	}
 	return k
 }
 
 func (k *fakeKernel) log(f string, a ...any) { k.ops = append(k.ops, fmt.Sprintf(f, a...)) }
-func (k *fakeKernel) hasIPVS() bool          { return k.ipvs }
-func (k *fakeKernel) readNft() (*nftState, error) {
-	c := (&kstate{nft: k.nft}).clone().nft
-	return &c, nil
-}
-func (k *fakeKernel) applyNft(p *nftPlan) error {
-	a, c, r := p.count()
-	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.recreate, p.chain, a, c, r)
-	k.nft.applyPlan(p)
+
+// nft.Kernel
+func (k *fakeKernel) Read() (*nft.State, error) { return k.nft.Clone(), nil }
+func (k *fakeKernel) Apply(p *nft.Plan) error {
+	a, c, r := p.Count()
+	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.Recreate, p.Chain, a, c, r)
+	k.nft.Apply(p)
 	return nil
 }
-func (k *fakeKernel) deleteTable() error {
+func (k *fakeKernel) DeleteTable() error {
 	k.log("nft delete table")
-	k.nft = newKstate().nft
+	k.nft = nft.NewState()
 	return nil
 }
-func (k *fakeKernel) listRules() ([]kRule, error) { return slices.Clone(k.rules), nil }
-func (k *fakeKernel) addRule(r kRule) error {
-	k.log("rule add v6=%v pref %d mark %#x table %d", r.v6, r.prio, r.mark, r.table)
+
+// route.Kernel
+func (k *fakeKernel) Rules() ([]route.Rule, error) { return slices.Clone(k.rules), nil }
+func (k *fakeKernel) AddRule(r route.Rule) error {
+	k.log("rule add v6=%v pref %d mark %#x table %d", r.V6, r.Prio, r.Mark, r.Table)
 	k.rules = append(k.rules, r)
 	return nil
 }
-func (k *fakeKernel) delRule(r kRule) error {
-	k.log("rule del v6=%v pref %d mark %#x table %d", r.v6, r.prio, r.mark, r.table)
-	i := slices.IndexFunc(k.rules, func(x kRule) bool {
-		return x.v6 == r.v6 && x.prio == r.prio && x.mark == r.mark && x.table == r.table
+func (k *fakeKernel) DelRule(r route.Rule) error {
+	k.log("rule del v6=%v pref %d mark %#x table %d", r.V6, r.Prio, r.Mark, r.Table)
+	i := slices.IndexFunc(k.rules, func(x route.Rule) bool {
+		return x.V6 == r.V6 && x.Prio == r.Prio && x.Mark == r.Mark && x.Table == r.Table
 	})
 	if i < 0 {
 		return fmt.Errorf("no such rule")
@@ -63,36 +70,56 @@ func (k *fakeKernel) delRule(r kRule) error {
 	k.rules = slices.Delete(k.rules, i, i+1)
 	return nil
 }
-func (k *fakeKernel) listRoutes() ([]kRoute, error) { return slices.Clone(k.routes), nil }
-func (k *fakeKernel) replaceRoute(r kRoute) error {
-	k.log("route replace v6=%v table %d via %s", r.v6, r.table, r.gw)
-	k.routes = slices.DeleteFunc(k.routes, func(x kRoute) bool { return x.v6 == r.v6 && x.table == r.table && x.dst == r.dst })
+func (k *fakeKernel) Routes() ([]route.Route, error) { return slices.Clone(k.routes), nil }
+func (k *fakeKernel) ReplaceRoute(r route.Route) error {
+	if err := k.failRoute[r.Gw]; err != nil {
+		return err
+	}
+	k.log("route replace v6=%v table %d via %s", r.V6, r.Table, r.Gw)
+	k.routes = slices.DeleteFunc(k.routes, func(x route.Route) bool { return x.V6 == r.V6 && x.Table == r.Table && x.Dst == r.Dst })
 	k.routes = append(k.routes, r)
 	return nil
 }
-func (k *fakeKernel) delRoute(r kRoute) error {
-	k.log("route del v6=%v table %d", r.v6, r.table)
-	k.routes = slices.DeleteFunc(k.routes, func(x kRoute) bool { return x.v6 == r.v6 && x.table == r.table && x.dst == r.dst })
+func (k *fakeKernel) DelRoute(r route.Route) error {
+	k.log("route del v6=%v table %d", r.V6, r.Table)
+	k.routes = slices.DeleteFunc(k.routes, func(x route.Route) bool { return x.V6 == r.V6 && x.Table == r.Table && x.Dst == r.Dst })
 	return nil
 }
-func (k *fakeKernel) listServices() ([]kService, error) {
-	var out []kService
-	for sk, d := range k.svcs {
-		out = append(out, kService{v6: sk.v6, mark: sk.mark, dests: d})
+
+// lvs.Kernel
+func (k *fakeKernel) Services() ([]lvs.Service, error) {
+	var out []lvs.Service
+	for _, s := range k.svcs {
+		out = append(out, s)
 	}
 	return out, nil
 }
-func (k *fakeKernel) addService(s kService) error {
-	k.log("svc add v6=%v mark %#x", s.v6, s.mark)
-	k.svcs[svcKey{s.v6, s.mark}] = s.dests
+func (k *fakeKernel) Add(s lvs.Service) error {
+	k.log("svc add v6=%v mark %#x ops=%v", s.V6, s.Mark, s.OnePacket)
+	k.svcs[svcKey{s.V6, s.Mark}] = s
 	return nil
 }
-func (k *fakeKernel) delService(s kService) error {
-	k.log("svc del v6=%v mark %#x", s.v6, s.mark)
-	delete(k.svcs, svcKey{s.v6, s.mark})
+func (k *fakeKernel) Remove(s lvs.Service) error {
+	k.log("svc del v6=%v mark %#x", s.V6, s.Mark)
+	delete(k.svcs, svcKey{s.V6, s.Mark})
 	return nil
 }
-func (k *fakeKernel) close() error { return nil }
+func (k *fakeKernel) Replace(old, new lvs.Service) error {
+	k.log("svc replace v6=%v mark %#x ops=%v", new.V6, new.Mark, new.OnePacket)
+	k.svcs[svcKey{new.V6, new.Mark}] = new
+	return nil
+}
+func (k *fakeKernel) Conns() ([]lvs.Conn, error) { return nil, nil }
+func (k *fakeKernel) Close() error               { return nil }
+
+// newFake is newDataplane over k (as IPVS too when k has it).
+func newFake(cfg Config, k *fakeKernel) (*dataplane, error) {
+	var lk lvs.Kernel
+	if k.ipvs {
+		lk = k
+	}
+	return newDataplane(cfg, k, k, lk)
+}
 
 func (k *fakeKernel) take() []string { o := k.ops; k.ops = nil; return o }
 
@@ -128,7 +155,7 @@ func TestDiffAddIdempotentMoveRemove(t *testing.T) {
 	for _, ipvs := range []bool{false, true} {
 		t.Run(fmt.Sprintf("ipvs=%v", ipvs), func(t *testing.T) {
 			k := newFakeKernel(ipvs)
-			dp, err := newDataplane(Config{}, k)
+			dp, err := newFake(Config{}, k)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -220,8 +247,8 @@ func TestDiffAddIdempotentMoveRemove(t *testing.T) {
 			if err := dp.Teardown(context.Background()); err != nil {
 				t.Fatal(err)
 			}
-			if len(k.routes) != 0 || len(k.svcs) != 0 || k.nft.table || len(k.rules) != 4 {
-				t.Fatalf("after teardown: routes %v svcs %v table %v rules %v", k.routes, k.svcs, k.nft.table, k.rules)
+			if len(k.routes) != 0 || len(k.svcs) != 0 || k.nft.Table || len(k.rules) != 4 {
+				t.Fatalf("after teardown: routes %v svcs %v table %v rules %v", k.routes, k.svcs, k.nft.Table, k.rules)
 			}
 		})
 	}
@@ -242,16 +269,16 @@ func countPrefix(ops []string, p string) int {
 // applied, nothing is recreated.
 func TestDiffAdoptWithDifferences(t *testing.T) {
 	k := newFakeKernel(true)
-	dp, _ := newDataplane(Config{}, k)
+	dp, _ := newFake(Config{}, k)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()
 	// A restart with a drifted kernel and a changed desire.
-	delete(k.nft.peers, pA)
-	k.nft.subnets[netip.MustParsePrefix("10.7.0.0/27")] = 0x7d000001
+	delete(k.nft.Peers, pA)
+	k.nft.Subnets[netip.MustParsePrefix("10.7.0.0/27")] = 0x7d000001
 	k.routes = k.routes[1:]
 	d.Peers[pB] = 1
-	dp2, err := newDataplane(Config{}, k)
+	dp2, err := newFake(Config{}, k)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -272,24 +299,24 @@ func TestDiffAdoptWithDifferences(t *testing.T) {
 
 func TestDiffRefusesForeign(t *testing.T) {
 	k := newFakeKernel(false)
-	k.rules = append(k.rules, kRule{prio: 50, mark: 0x7d000005, mask: 0xffffffff, table: 9})
-	if _, err := newDataplane(Config{}, k); err == nil || !strings.Contains(err.Error(), "mark range") {
+	k.rules = append(k.rules, route.Rule{Prio: 50, Mark: 0x7d000005, Mask: 0xffffffff, Table: 9})
+	if _, err := newFake(Config{}, k); err == nil || !strings.Contains(err.Error(), "mark range") {
 		t.Fatalf("foreign mark: %v", err)
 	}
 	k = newFakeKernel(false)
-	k.rules = append(k.rules, kRule{prio: 7, table: 20010})
-	if _, err := newDataplane(Config{}, k); err == nil || !strings.Contains(err.Error(), "routing table 20010") {
+	k.rules = append(k.rules, route.Rule{Prio: 7, Table: 20010})
+	if _, err := newFake(Config{}, k); err == nil || !strings.Contains(err.Error(), "routing table 20010") {
 		t.Fatalf("foreign table: %v", err)
 	}
 	k = newFakeKernel(false)
-	if _, err := newDataplane(Config{Mode: ModeIPVS}, k); err == nil {
+	if _, err := newFake(Config{Mode: ModeIPVS}, k); err == nil {
 		t.Fatal("ModeIPVS without IPVS accepted")
 	}
 }
 
 func TestHashChangeRebuildsChain(t *testing.T) {
 	k := newFakeKernel(false)
-	dp, _ := newDataplane(Config{}, k)
+	dp, _ := newFake(Config{}, k)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()
@@ -299,28 +326,8 @@ func TestHashChangeRebuildsChain(t *testing.T) {
 	if len(ops) != 1 || !strings.Contains(ops[0], "chain=true") {
 		t.Fatalf("deactivating a node: %v", ops)
 	}
-	if !strings.HasPrefix(k.nft.sig, chainSig(ModeRouteOnly, 0, 1)+" sub=") || len(k.nft.hash) != 1 {
-		t.Fatalf("sig %q hash %v", k.nft.sig, k.nft.hash)
-	}
-}
-
-func TestPlenNamesAndMasks(t *testing.T) {
-	for _, l := range []plen{{false, 0}, {false, 27}, {false, 32}, {true, 48}, {true, 64}, {true, 128}} {
-		got, ok := parsePlen(l.setName())
-		if !ok || got != l {
-			t.Fatalf("parsePlen(%q) = %v %v", l.setName(), got, ok)
-		}
-	}
-	for _, bad := range []string{"sub4_33", "sub6_129", "sub5_8", "sub4_08", "sub4_8x", "subnets4", "peers4"} {
-		if l, ok := parsePlen(bad); ok {
-			t.Fatalf("parsePlen(%q) accepted: %v", bad, l)
-		}
-	}
-	if m := prefixMask(plen{false, 27}); fmt.Sprint(m) != "[255 255 255 224]" {
-		t.Fatalf("mask /27 %v", m)
-	}
-	if m := prefixMask(plen{true, 52}); fmt.Sprintf("%x", m) != "fffffffffffff0000000000000000000" {
-		t.Fatalf("mask /52 %x", m)
+	if k.nft.Sig.HashN != 1 || k.nft.Sig.IKEBit != 0 || len(k.nft.Hash) != 1 {
+		t.Fatalf("sig %+v hash %v", k.nft.Sig, k.nft.Hash)
 	}
 }
 
@@ -329,13 +336,13 @@ func TestPlenNamesAndMasks(t *testing.T) {
 // transaction, and that Verify then finds nothing to do.
 func TestSubnetLengthsFollowUpdates(t *testing.T) {
 	k := newFakeKernel(false)
-	dp, _ := newDataplane(Config{}, k)
+	dp, _ := newFake(Config{}, k)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()
-	want := map[plen]struct{}{{false, 27}: {}, {true, 64}: {}}
-	if fmt.Sprint(k.nft.lens) != fmt.Sprint(want) {
-		t.Fatalf("lens %v", k.nft.lens)
+	want := []nft.Len{{V6: false, Bits: 27}, {V6: true, Bits: 64}}
+	if !slices.Equal(nft.SortedLens(k.nft.Lens), want) {
+		t.Fatalf("lens %v", k.nft.Lens)
 	}
 	// A new length and the last of another in one Update.
 	st, err := dp.Update(context.Background(), &Delta{DeleteSubnets: []netip.Prefix{sB},
@@ -347,9 +354,9 @@ func TestSubnetLengthsFollowUpdates(t *testing.T) {
 	if len(ops) != 1 || !strings.Contains(ops[0], "chain=true") || st.Added != 1 || st.Removed != 1 || st.Changed != 0 {
 		t.Fatalf("update %+v %v", st, ops)
 	}
-	want = map[plen]struct{}{{false, 27}: {}, {false, 24}: {}}
-	if fmt.Sprint(k.nft.lens) != fmt.Sprint(want) || !strings.HasSuffix(k.nft.sig, " sub=4/27,4/24") {
-		t.Fatalf("lens %v sig %q", k.nft.lens, k.nft.sig)
+	want = []nft.Len{{V6: false, Bits: 27}, {V6: false, Bits: 24}}
+	if !slices.Equal(nft.SortedLens(k.nft.Lens), want) || !slices.Equal(k.nft.Sig.Lens, want) {
+		t.Fatalf("lens %v sig %+v", k.nft.Lens, k.nft.Sig)
 	}
 	if st, err := dp.Verify(context.Background()); err != nil || st.Added+st.Changed+st.Removed != 0 || len(k.take()) != 0 {
 		t.Fatalf("verify after update: %+v %v", st, err)

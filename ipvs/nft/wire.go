@@ -1,4 +1,4 @@
-package ipvs
+package nft
 
 import (
 	"encoding/binary"
@@ -14,7 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// nftTransport carries google/nftables batches to the kernel and back.
+// transport carries google/nftables batches to the kernel and back.
 //
 // It exists for two reasons. First, google/nftables v0.3.0 cannot tag a
 // map's data byte order: without NFTNL_UDATA_SET_DATABYTEORDER=host in a
@@ -24,7 +24,7 @@ import (
 // can miss an error reply in the middle of a batch when all replies arrive
 // in one read; the transport reads every reply itself and fails the batch
 // on any error, naming the message.
-type nftTransport struct {
+type transport struct {
 	c *mdnl.Conn
 }
 
@@ -43,11 +43,11 @@ func isMarkMap(name string) bool {
 	if markDataMaps[name] {
 		return true
 	}
-	_, ok := parsePlen(name)
+	_, ok := parseLen(name)
 	return ok
 }
 
-func dialTransport(nsfd int) (*nftTransport, error) {
+func dialTransport(nsfd int) (*transport, error) {
 	c, err := mdnl.Dial(unix.NETLINK_NETFILTER, &mdnl.Config{NetNS: nsfd})
 	if err != nil {
 		return nil, fmt.Errorf("dial netfilter netlink: %w", err)
@@ -59,15 +59,15 @@ func dialTransport(nsfd int) (*nftTransport, error) {
 	// The kernel reports errors of the whole batch; ask it for extended
 	// error text too.
 	_ = c.SetOption(mdnl.ExtendedAcknowledge, true)
-	return &nftTransport{c: c}, nil
+	return &transport{c: c}, nil
 }
 
 // conn returns a google/nftables connection whose batches go through t.
-func (t *nftTransport) conn() (*nftables.Conn, error) {
+func (t *transport) conn() (*nftables.Conn, error) {
 	return nftables.New(nftables.WithTestDial(t.roundTrip))
 }
 
-func (t *nftTransport) close() error { return t.c.Close() }
+func (t *transport) close() error { return t.c.Close() }
 
 // tagDataByteorder adds the data byte order to a NEWSET of a mark map.
 func tagDataByteorder(m mdnl.Message) (mdnl.Message, error) {
@@ -110,7 +110,7 @@ func tagDataByteorder(m mdnl.Message) (mdnl.Message, error) {
 
 // roundTrip is an nltest.Func: it sends req for real and returns all
 // replies; nil req is google/nftables polling for more, answered with EOF.
-func (t *nftTransport) roundTrip(req []mdnl.Message) ([]mdnl.Message, error) {
+func (t *transport) roundTrip(req []mdnl.Message) ([]mdnl.Message, error) {
 	if req == nil {
 		return nil, io.EOF
 	}
@@ -186,7 +186,7 @@ const dumpBuf = 1 << 20
 
 // dumpElems returns the elements of set name in table, decoded by
 // decodeElems.
-func (t *nftTransport) dumpElems(table, name string) ([]nftables.SetElement, error) {
+func (t *transport) dumpElems(table, name string) ([]nftables.SetElement, error) {
 	b, err := mdnl.MarshalAttributes([]mdnl.Attribute{
 		{Type: unix.NFTA_SET_ELEM_LIST_TABLE, Data: []byte(table + "\x00")},
 		{Type: unix.NFTA_SET_ELEM_LIST_SET, Data: []byte(name + "\x00")},

@@ -3,6 +3,7 @@ package ipvs
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"strings"
 	"sync"
@@ -121,7 +122,7 @@ func TestNSDriftRepair(t *testing.T) {
 	}
 	verify("rule-deleted", 1)
 
-	rt := &netlink.Route{Family: unix.AF_INET6, Table: 20003, Dst: prefixNet(netip.MustParsePrefix("::/0"))}
+	rt := &netlink.Route{Family: unix.AF_INET6, Table: 20003, Dst: &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}}
 	if err := l.dir.Handle().RouteDel(rt); err != nil {
 		t.Fatal(err)
 	}
@@ -175,7 +176,7 @@ func TestNSAdoptWithoutInterruption(t *testing.T) {
 		}
 	}()
 	time.Sleep(100 * time.Millisecond)
-	dp2, err := newInNamespace(Config{}, l.dir.NsHandle(), l.dir.Path())
+	dp2, err := newIn(Config{}, l.dir.NsHandle())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -245,7 +246,7 @@ func TestNSTeardownAndForeign(t *testing.T) {
 	if err := h.RuleAdd(r); err != nil {
 		t.Fatal(err)
 	}
-	_, err := newInNamespace(Config{}, l.dir.NsHandle(), l.dir.Path())
+	_, err := newIn(Config{}, l.dir.NsHandle())
 	if err == nil || !strings.Contains(err.Error(), "rule priority 100") {
 		t.Fatalf("foreign rule at pref 100: err %v", err)
 	}
@@ -256,7 +257,7 @@ func TestNSTeardownAndForeign(t *testing.T) {
 	if err := l.dir.AddRoute(netlab.Route{Dst: netip.MustParsePrefix("0.0.0.0/0"), Via: l.top.Nodes[0].If(netlab.IfInside).Addr4, Table: 20005}); err != nil {
 		t.Fatal(err)
 	}
-	_, err = newInNamespace(Config{}, l.dir.NsHandle(), l.dir.Path())
+	_, err = newIn(Config{}, l.dir.NsHandle())
 	if err == nil || !strings.Contains(err.Error(), "routing table 20005") {
 		t.Fatalf("foreign route in table 20005: err %v", err)
 	}

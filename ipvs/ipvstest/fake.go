@@ -1,4 +1,7 @@
-package ipvs
+// Package ipvstest is a recording ipvs.Dataplane for the unit tests of code
+// that drives a dataplane (the director's reconcile loop): the kernel itself
+// is proven in ipvs's namespace and VM tests.
+package ipvstest
 
 import (
 	"context"
@@ -8,13 +11,15 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/tunneldirector/tunneldirector/ipvs"
 )
 
 // Call is one recorded call on a Fake.
 type Call struct {
 	Op    string // "Sync", "Update", "Verify", "Read", "Teardown", "Close"
-	Sync  *Desired
-	Delta *Delta
+	Sync  *ipvs.Desired
+	Delta *ipvs.Delta
 }
 
 // Fake is a recording Dataplane for the director's unit tests: it records
@@ -22,21 +27,25 @@ type Call struct {
 // fail. It is safe for concurrent use.
 type Fake struct {
 	mu    sync.Mutex
-	mode  Mode
+	mode  ipvs.Mode
 	calls []Call
-	state *Desired
+	state *ipvs.Desired
 	// Err, when set, is returned (and nothing changes) by the next call
 	// that would change state; it is then cleared.
 	Err error
+	// Partial, when set, is returned by the next Sync, Update or Verify,
+	// which otherwise applies as usual (as the real dataplane does when
+	// some objects fail); it is then cleared.
+	Partial *ipvs.PartialError
 	// Drift, when set, is what the next Verify reports as repaired.
-	Drift Stats
+	Drift ipvs.Stats
 }
 
 // NewFake returns an empty Fake running in mode (ModeAuto counts as
 // ModeRouteOnly, as on a kernel without IPVS).
-func NewFake(mode Mode) *Fake {
-	if mode == ModeAuto {
-		mode = ModeRouteOnly
+func NewFake(mode ipvs.Mode) *Fake {
+	if mode == ipvs.ModeAuto {
+		mode = ipvs.ModeRouteOnly
 	}
 	return &Fake{mode: mode}
 }
@@ -50,14 +59,14 @@ func (f *Fake) Calls() []Call {
 
 // State returns a copy of the state the fake kernel holds (nil before the
 // first Sync or after Teardown).
-func (f *Fake) State() *Desired {
+func (f *Fake) State() *ipvs.Desired {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return cloneDesired(f.state)
 }
 
 // Mode implements Dataplane.
-func (f *Fake) Mode() Mode { return f.mode }
+func (f *Fake) Mode() ipvs.Mode { return f.mode }
 
 func (f *Fake) record(c Call) error {
 	f.calls = append(f.calls, c)
@@ -69,16 +78,26 @@ func (f *Fake) record(c Call) error {
 	return nil
 }
 
+// partial returns and clears Partial.
+func (f *Fake) partial() error {
+	if f.Partial == nil {
+		return nil
+	}
+	p := f.Partial
+	f.Partial = nil
+	return p
+}
+
 // Sync implements Dataplane; Stats count the peer and subnet differences.
-func (f *Fake) Sync(ctx context.Context, d *Desired) (Stats, error) {
+func (f *Fake) Sync(ctx context.Context, d *ipvs.Desired) (ipvs.Stats, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	start := time.Now()
 	if err := f.record(Call{Op: "Sync", Sync: cloneDesired(d)}); err != nil {
-		return Stats{}, err
+		return ipvs.Stats{}, err
 	}
 	if err := ctx.Err(); err != nil {
-		return Stats{}, err
+		return ipvs.Stats{}, err
 	}
 	known := map[uint16]bool{}
 	for _, n := range d.Nodes {
@@ -86,27 +105,27 @@ func (f *Fake) Sync(ctx context.Context, d *Desired) (Stats, error) {
 	}
 	for a, m := range d.Peers {
 		if !known[m] {
-			return Stats{}, fmt.Errorf("sync: peer %s: owner mark %d is not a node", a, m)
+			return ipvs.Stats{}, fmt.Errorf("sync: peer %s: owner mark %d is not a node", a, m)
 		}
 	}
 	for p, m := range d.Subnets {
 		if !known[m] {
-			return Stats{}, fmt.Errorf("sync: subnet %s: owner mark %d is not a node", p, m)
+			return ipvs.Stats{}, fmt.Errorf("sync: subnet %s: owner mark %d is not a node", p, m)
 		}
 	}
-	var st Stats
+	var st ipvs.Stats
 	old := f.state
 	if old == nil {
-		old = &Desired{}
+		old = &ipvs.Desired{}
 	}
 	countDiff(&st, old.Peers, d.Peers)
 	countDiff(&st, old.Subnets, d.Subnets)
 	f.state = cloneDesired(d)
 	st.Duration = time.Since(start)
-	return st, nil
+	return st, f.partial()
 }
 
-func countDiff[K comparable](st *Stats, old, new map[K]uint16) {
+func countDiff[K comparable](st *ipvs.Stats, old, new map[K]uint16) {
 	for k, v := range new {
 		if ov, ok := old[k]; !ok {
 			st.Added++
@@ -122,14 +141,14 @@ func countDiff[K comparable](st *Stats, old, new map[K]uint16) {
 }
 
 // Update implements Dataplane.
-func (f *Fake) Update(ctx context.Context, d *Delta) (Stats, error) {
+func (f *Fake) Update(ctx context.Context, d *ipvs.Delta) (ipvs.Stats, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.record(Call{Op: "Update", Delta: cloneDelta(d)}); err != nil {
-		return Stats{}, err
+		return ipvs.Stats{}, err
 	}
 	if f.state == nil {
-		return Stats{}, errors.New("update: no Sync yet")
+		return ipvs.Stats{}, errors.New("update: no Sync yet")
 	}
 	next := cloneDesired(f.state)
 	for _, a := range d.DeletePeers {
@@ -140,32 +159,32 @@ func (f *Fake) Update(ctx context.Context, d *Delta) (Stats, error) {
 	}
 	maps.Copy(next.Peers, d.SetPeers)
 	maps.Copy(next.Subnets, d.SetSubnets)
-	var st Stats
+	var st ipvs.Stats
 	countDiff(&st, f.state.Peers, next.Peers)
 	countDiff(&st, f.state.Subnets, next.Subnets)
 	f.state = next
-	return st, nil
+	return st, f.partial()
 }
 
 // Verify implements Dataplane: it reports Drift and clears it.
-func (f *Fake) Verify(ctx context.Context) (Stats, error) {
+func (f *Fake) Verify(ctx context.Context) (ipvs.Stats, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err := f.record(Call{Op: "Verify"}); err != nil {
-		return Stats{}, err
+		return ipvs.Stats{}, err
 	}
 	st := f.Drift
-	f.Drift = Stats{}
-	return st, nil
+	f.Drift = ipvs.Stats{}
+	return st, f.partial()
 }
 
 // Read implements Dataplane.
-func (f *Fake) Read(ctx context.Context) (*Desired, error) {
+func (f *Fake) Read(ctx context.Context) (*ipvs.Desired, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.calls = append(f.calls, Call{Op: "Read"})
 	if f.state == nil {
-		return &Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}}, nil
+		return &ipvs.Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}}, nil
 	}
 	return cloneDesired(f.state), nil
 }
@@ -189,13 +208,13 @@ func (f *Fake) Close() error {
 	return nil
 }
 
-func cloneDesired(d *Desired) *Desired {
+func cloneDesired(d *ipvs.Desired) *ipvs.Desired {
 	if d == nil {
 		return nil
 	}
 	c := *d
 	c.VIPs = append([]netip.Addr(nil), d.VIPs...)
-	c.Nodes = append([]Node(nil), d.Nodes...)
+	c.Nodes = append([]ipvs.Node(nil), d.Nodes...)
 	c.Peers = maps.Clone(d.Peers)
 	c.Subnets = maps.Clone(d.Subnets)
 	if c.Peers == nil {
@@ -207,7 +226,7 @@ func cloneDesired(d *Desired) *Desired {
 	return &c
 }
 
-func cloneDelta(d *Delta) *Delta {
+func cloneDelta(d *ipvs.Delta) *ipvs.Delta {
 	if d == nil {
 		return nil
 	}
@@ -219,5 +238,4 @@ func cloneDelta(d *Delta) *Delta {
 	return &c
 }
 
-var _ Dataplane = (*Fake)(nil)
-var _ Dataplane = (*dataplane)(nil)
+var _ ipvs.Dataplane = (*Fake)(nil)

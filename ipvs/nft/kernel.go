@@ -1,0 +1,132 @@
+package nft
+
+import (
+	"fmt"
+
+	"github.com/google/nftables"
+	mdnl "github.com/mdlayher/netlink"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// Kernel is the director's table in one network namespace.
+type Kernel interface {
+	// Read dumps the table.
+	Read() (*State, error)
+	// Apply runs p as one transaction.
+	Apply(p *Plan) error
+	// DeleteTable removes the table (and nothing else); no table is fine.
+	DeleteTable() error
+	Close() error
+}
+
+type kernel struct {
+	table string
+	nft   *nftables.Conn // reads (dumps)
+	tx    *transport
+	wr    *nftables.Conn // table deletion, through tx
+}
+
+// batchBuf is the socket buffer for batches: a full load of 200,000
+// elements is one sendmsg of several MB, which the kernel refuses
+// (EMSGSIZE) above the socket's send buffer.
+const batchBuf = 256 << 20
+
+func forceBuffers(c *mdnl.Conn) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		if e := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, batchBuf); e != nil {
+			serr = fmt.Errorf("SO_SNDBUFFORCE: %w", e)
+			return
+		}
+		if e := unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, 32<<20); e != nil {
+			serr = fmt.Errorf("SO_RCVBUFFORCE: %w", e)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return serr
+}
+
+// Open connects to nftables in network namespace ns (0: the caller's) for
+// the table named table (family inet).
+func Open(table string, ns netns.NsHandle) (Kernel, error) {
+	k := &kernel{table: table}
+	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(forceBuffers)}
+	fd := 0
+	if ns > 0 {
+		opts = append(opts, nftables.WithNetNSFd(int(ns)))
+		fd = int(ns)
+	}
+	var err error
+	if k.nft, err = nftables.New(opts...); err != nil {
+		return nil, fmt.Errorf("open nftables connection: %w", err)
+	}
+	if k.tx, err = dialTransport(fd); err != nil {
+		k.Close()
+		return nil, err
+	}
+	if k.wr, err = k.tx.conn(); err != nil {
+		k.Close()
+		return nil, err
+	}
+	return k, nil
+}
+
+func (k *kernel) Close() error {
+	var err error
+	if k.nft != nil {
+		err = k.nft.CloseLasting()
+	}
+	if k.tx != nil {
+		if e := k.tx.close(); err == nil {
+			err = e
+		}
+	}
+	return err
+}
+
+func (k *kernel) Read() (*State, error) {
+	s, err := read(k.nft, k.table, func(s *nftables.Set) ([]nftables.SetElement, error) {
+		return k.tx.dumpElems(s.Table.Name, s.Name)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read nftables table %s: %w", k.table, err)
+	}
+	return s, nil
+}
+
+func (k *kernel) Apply(p *Plan) error {
+	// A fresh connection per transaction: a half-built batch (build
+	// failed) is then dropped with it instead of being sent later.
+	c, err := k.tx.conn()
+	if err != nil {
+		return err
+	}
+	if err := build(c, k.table, p); err != nil {
+		return err
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("nftables transaction on table %s: %w", k.table, err)
+	}
+	return nil
+}
+
+func (k *kernel) DeleteTable() error {
+	tables, err := k.nft.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return err
+	}
+	for _, t := range tables {
+		if t.Name == k.table {
+			k.wr.DelTable(t)
+			return k.wr.Flush()
+		}
+	}
+	return nil
+}

@@ -1,0 +1,149 @@
+package nft
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/userdata"
+)
+
+// read dumps the table. A table with a missing set or chain, or with keys
+// the director cannot have written, is reported Broken.
+func read(c *nftables.Conn, table string, elems func(*nftables.Set) ([]nftables.SetElement, error)) (*State, error) {
+	s := NewState()
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return nil, fmt.Errorf("list tables: %w", err)
+	}
+	found := false
+	for _, t := range tables {
+		if t.Name == table {
+			found = true
+		}
+	}
+	if !found {
+		return s, nil
+	}
+	s.Table = true
+	n := newNames(table)
+	sets, err := c.GetSets(n.table)
+	if err != nil {
+		return nil, fmt.Errorf("list sets: %w", err)
+	}
+	have := map[string]bool{}
+	for _, st := range sets {
+		have[st.Name] = true
+		if l, ok := parseLen(st.Name); ok {
+			s.Lens[l] = struct{}{}
+		}
+	}
+	for _, name := range legacySets {
+		if have[name] {
+			s.Broken = true
+			return s, nil
+		}
+	}
+	for _, st := range n.allSets() {
+		if !have[st.Name] {
+			s.Broken = true
+			return s, nil
+		}
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return nil, fmt.Errorf("list chains: %w", err)
+	}
+	hasChain := false
+	for _, ch := range chains {
+		if ch.Table.Name == table && ch.Name == chainName {
+			hasChain = true
+		}
+	}
+	if !hasChain {
+		s.Broken = true
+		return s, nil
+	}
+	rules, err := c.GetRules(n.table, n.chain)
+	if err != nil {
+		return nil, fmt.Errorf("list rules of chain %s: %w", chainName, err)
+	}
+	s.Sig = chainSignature(rules)
+	for _, f := range n.fams {
+		els, err := elems(f.vips)
+		if err != nil {
+			return nil, fmt.Errorf("list set %s: %w", f.vips.Name, err)
+		}
+		for _, e := range els {
+			if a, ok := netip.AddrFromSlice(e.Key); ok {
+				s.VIPs[a] = struct{}{}
+			}
+		}
+		els, err = elems(f.peers)
+		if err != nil {
+			return nil, fmt.Errorf("list map %s: %w", f.peers.Name, err)
+		}
+		for _, e := range els {
+			if a, ok := netip.AddrFromSlice(e.Key); ok {
+				s.Peers[a] = markOf(e.Val)
+			}
+		}
+	}
+	for _, l := range SortedLens(s.Lens) {
+		st := n.subnetSet(l)
+		els, err := elems(st)
+		if err != nil {
+			return nil, fmt.Errorf("list map %s: %w", st.Name, err)
+		}
+		for _, e := range els {
+			a, ok := netip.AddrFromSlice(e.Key)
+			if !ok || a.Is6() != l.V6 {
+				s.Broken = true
+				continue
+			}
+			p := netip.PrefixFrom(a, l.Bits)
+			if p.Masked() != p {
+				// A key with host bits never matches a masked
+				// destination: the map is not the director's.
+				s.Broken = true
+				continue
+			}
+			s.Subnets[p] = markOf(e.Val)
+		}
+	}
+	els, err := elems(n.hash)
+	if err != nil {
+		return nil, fmt.Errorf("list map %s: %w", hashMapName, err)
+	}
+	for _, e := range els {
+		if len(e.Key) == 4 {
+			s.Hash[binaryutil.NativeEndian.Uint32(e.Key)] = markOf(e.Val)
+		}
+	}
+	return s, nil
+}
+
+// chainSignature returns the signature every rule of the chain carries, or
+// the zero Signature when a rule is missing, foreign, from another layout
+// or another signature: the chain is then rebuilt.
+func chainSignature(rules []*nftables.Rule) Signature {
+	var sig Signature
+	seen := map[int]bool{}
+	total := -1
+	for _, r := range rules {
+		cm, ok := userdata.GetString(r.UserData, userdata.TypeComment)
+		if !ok {
+			return Signature{}
+		}
+		t, err := decodeTag(cm)
+		if err != nil || (total >= 0 && (t.N != total || !t.Sig.Equal(sig))) || seen[t.I] {
+			return Signature{}
+		}
+		sig, total, seen[t.I] = t.Sig, t.N, true
+	}
+	if total != len(rules) {
+		return Signature{}
+	}
+	return sig
+}

@@ -1,0 +1,215 @@
+// Package nft is the director's nftables table: the classifier that marks
+// packets to a VIP by their peer (a peer map per family, the jhash fallback
+// for unknown peers, the first-packet log the learner reads) and packets to
+// a protected subnet by their destination (an exact-match map per prefix
+// length), as State; the transaction that turns one State into another, as
+// Plan; building the rules; reading the table back; and the netlink
+// transport that carries batches.
+package nft
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+)
+
+// State is the director's table as the kernel holds it (or as it should).
+// Marks are full fwmark values.
+type State struct {
+	// Table says the table exists.
+	Table bool
+	// Sig describes the chain's rules; a chain whose rules do not all
+	// carry the wanted signature is rebuilt.
+	Sig     Signature
+	VIPs    map[netip.Addr]struct{}
+	Peers   map[netip.Addr]uint32
+	Subnets map[netip.Prefix]uint32
+	Hash    map[uint32]uint32 // hash index -> fwmark
+	// Lens are the per-prefix-length subnet maps: in the kernel's state
+	// the maps that exist, in a target the maps its subnets need.
+	Lens map[Len]struct{}
+	// Broken says a set or the chain is missing or holds something the
+	// director cannot read (a key with host bits): the table is recreated.
+	Broken bool
+	// cnt counts a target's subnets per length, so an update learns in
+	// O(1) whether it emptied or opened a length.
+	cnt [2][129]int
+}
+
+// NewState returns an empty state (no table).
+func NewState() *State {
+	return &State{
+		VIPs:    map[netip.Addr]struct{}{},
+		Peers:   map[netip.Addr]uint32{},
+		Subnets: map[netip.Prefix]uint32{},
+		Hash:    map[uint32]uint32{},
+		Lens:    map[Len]struct{}{},
+	}
+}
+
+// Clone returns a deep copy.
+func (s *State) Clone() *State {
+	c := *s
+	c.Sig.Lens = slices.Clone(s.Sig.Lens)
+	c.VIPs = maps.Clone(s.VIPs)
+	c.Peers = maps.Clone(s.Peers)
+	c.Subnets = maps.Clone(s.Subnets)
+	c.Hash = maps.Clone(s.Hash)
+	c.Lens = maps.Clone(s.Lens)
+	return &c
+}
+
+// Signature is what the chain's rules are built from. Every rule carries
+// it (JSON in the rule's comment), so reading the chain back tells whether
+// it is the chain a target wants without decoding expressions.
+type Signature struct {
+	// Version of the chain layout; 0 means no valid signature was read.
+	Version int `json:"v"`
+	// IKEBit is set in the marks of IKE and NAT-T (IPVS mode), 0 in
+	// route-only mode.
+	IKEBit uint32 `json:"ike"`
+	// Seed and HashN parameterise the unknown-peer hash (HashN active
+	// nodes; no hash rule when 0).
+	Seed  uint32 `json:"seed"`
+	HashN int    `json:"n"`
+	// A mark m with m&RangeMask == MarkBase is the director's: the chain
+	// copies such marks of new flows to their ct mark. RangeMask is the
+	// configured mask without the node bits.
+	MarkBase  uint32 `json:"base"`
+	RangeMask uint32 `json:"mask"`
+	// LogGroup is the NFLOG group of the first-packet log.
+	LogGroup uint16 `json:"log"`
+	// Lens are the subnet lengths with a rule, in chain order.
+	Lens []Len `json:"lens"`
+}
+
+// Layout is the current chain layout version.
+const Layout = 5
+
+// Equal reports whether two signatures build the same chain.
+func (a Signature) Equal(b Signature) bool {
+	return a.Version == b.Version && a.IKEBit == b.IKEBit && a.Seed == b.Seed && a.HashN == b.HashN &&
+		a.MarkBase == b.MarkBase && a.RangeMask == b.RangeMask && a.LogGroup == b.LogGroup && slices.Equal(a.Lens, b.Lens)
+}
+
+// sameButLens reports whether a and b differ at most in their lengths: a
+// rebuild for lengths that appear or go is internal structure, not a
+// change to report.
+func (a Signature) sameButLens(b Signature) bool {
+	a.Lens, b.Lens = nil, nil
+	return a.Equal(b)
+}
+
+// ruleTag is the comment of rule i of n.
+type ruleTag struct {
+	Sig Signature `json:"sig"`
+	I   int       `json:"i"`
+	N   int       `json:"n"`
+}
+
+func (t ruleTag) encode() string {
+	b, _ := json.Marshal(t)
+	return string(b)
+}
+
+func decodeTag(s string) (ruleTag, error) {
+	var t ruleTag
+	if err := json.Unmarshal([]byte(s), &t); err != nil {
+		return t, err
+	}
+	if t.Sig.Version != Layout || t.N <= 0 || t.I < 0 || t.I >= t.N {
+		return t, fmt.Errorf("rule tag %q: not this layout", s)
+	}
+	return t, nil
+}
+
+// Len names one exact-match subnet map: a family and a prefix length.
+// Protected subnets of different tunnels never overlap (the affinity table
+// refuses a prefix inside another), so at most one subnet matches any
+// destination and a hash map per length, looked up with the masked
+// destination, classifies like an interval map; element changes in a hash
+// map cost O(1) where the rbtree interval map walked all 200,000 elements.
+type Len struct {
+	V6   bool `json:"v6"`
+	Bits int  `json:"bits"`
+}
+
+// LenOf is the map a prefix belongs in.
+func LenOf(p netip.Prefix) Len { return Len{p.Addr().Is6(), p.Bits()} }
+
+func (l Len) setName() string {
+	if l.V6 {
+		return fmt.Sprintf("sub6_%d", l.Bits)
+	}
+	return fmt.Sprintf("sub4_%d", l.Bits)
+}
+
+// parseLen is setName's inverse; false for any other name.
+func parseLen(name string) (Len, bool) {
+	var fam, bits int
+	var rest string
+	if n, _ := fmt.Sscanf(name, "sub%d_%d%s", &fam, &bits, &rest); n != 2 {
+		return Len{}, false
+	}
+	l := Len{fam == 6, bits}
+	if (fam != 4 && fam != 6) || bits < 0 || bits > 32 && !l.V6 || bits > 128 || l.setName() != name {
+		return Len{}, false
+	}
+	return l, true
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// lenLess orders IPv4 first, then longer prefixes first: the order of the
+// chain's subnet rules (any order is correct, as subnets never overlap, but
+// the most specific first is what a reader expects).
+func lenLess(a, b Len) int {
+	if a.V6 != b.V6 {
+		return b2i(a.V6) - b2i(b.V6)
+	}
+	return b.Bits - a.Bits
+}
+
+// SortedLens returns the lengths of m in chain order.
+func SortedLens(m map[Len]struct{}) []Len { return slices.SortedFunc(maps.Keys(m), lenLess) }
+
+// AddSubnet and DelSubnet change a target's subnets together with its
+// per-length counts and maps. The counts are an array and a new or removed
+// key shows in the map's length, so a Sync of 100,000 subnets pays no extra
+// hashing for them.
+func (s *State) AddSubnet(p netip.Prefix, m uint32) {
+	n := len(s.Subnets)
+	s.Subnets[p] = m
+	if len(s.Subnets) == n {
+		return
+	}
+	l := LenOf(p)
+	c := &s.cnt[b2i(l.V6)][l.Bits]
+	if *c++; *c == 1 {
+		s.Lens[l] = struct{}{}
+	}
+}
+
+// DelSubnet is AddSubnet's inverse.
+func (s *State) DelSubnet(p netip.Prefix) {
+	n := len(s.Subnets)
+	delete(s.Subnets, p)
+	if len(s.Subnets) == n {
+		return
+	}
+	l := LenOf(p)
+	c := &s.cnt[b2i(l.V6)][l.Bits]
+	if *c--; *c == 0 {
+		delete(s.Lens, l)
+	}
+}
+
+// SyncLens sets the signature's lengths from the maps a target needs.
+func (s *State) SyncLens() { s.Sig.Lens = SortedLens(s.Lens) }

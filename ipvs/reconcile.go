@@ -1,0 +1,508 @@
+package ipvs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/vishvananda/netns"
+
+	"github.com/tunneldirector/tunneldirector/ipvs/lvs"
+	"github.com/tunneldirector/tunneldirector/ipvs/nft"
+	"github.com/tunneldirector/tunneldirector/ipvs/route"
+)
+
+var _ Dataplane = (*dataplane)(nil)
+
+// dataplane is the Dataplane over one seam per kernel facility.
+type dataplane struct {
+	cfg  Config
+	rc   route.Config
+	mode Mode
+	nft  nft.Kernel
+	rt   route.Kernel
+	lvs  lvs.Kernel // nil on a kernel without IPVS, and in route-only mode
+	// model is what the director believes the kernel holds; nil until
+	// the first Sync adopts the kernel's state.
+	model *kstate
+	// want is the target of the last Sync plus the Updates since.
+	want *kstate
+	// nodes of the last Sync by mark, to validate delta owners.
+	nodes map[uint16]Node
+}
+
+// New returns a Dataplane for the kernel of the current network namespace.
+// It probes IPVS (ModeAuto picks ModeIPVS when the kernel has it; Mode()
+// says which mode is in force) and refuses to start when the configured mark
+// range, routing tables or rule priority are used by objects the director
+// does not own. In IPVS mode it sets net.ipv4.vs.expire_nodest_conn=1 (see
+// ipvs/lvs).
+func New(cfg Config) (Dataplane, error) {
+	return newIn(cfg, 0)
+}
+
+// newIn wires the real kernel of namespace ns (0: the caller's) to a
+// dataplane.
+func newIn(cfg Config, ns netns.NsHandle) (*dataplane, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	nk, err := nft.Open(cfg.Table, ns)
+	if err != nil {
+		return nil, err
+	}
+	rk, err := route.Open(ns, cfg.InsideIface)
+	if err != nil {
+		nk.Close()
+		return nil, err
+	}
+	var lk lvs.Kernel
+	if cfg.Mode != ModeRouteOnly {
+		lk, _, err = lvs.Open(ns)
+		if errors.Is(err, lvs.ErrNoIPVS) {
+			lk, err = nil, nil
+		}
+		if err != nil {
+			nk.Close()
+			rk.Close()
+			return nil, fmt.Errorf("open IPVS: %w", err)
+		}
+	}
+	dp, err := newDataplane(cfg, nk, rk, lk)
+	if err != nil {
+		nk.Close()
+		rk.Close()
+		if lk != nil {
+			lk.Close()
+		}
+		return nil, err
+	}
+	return dp, nil
+}
+
+// newDataplane is the constructor over test seams; lk is nil on a kernel
+// without IPVS.
+func newDataplane(cfg Config, nk nft.Kernel, rk route.Kernel, lk lvs.Kernel) (*dataplane, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	mode := cfg.Mode
+	switch mode {
+	case ModeAuto:
+		mode = ModeRouteOnly
+		if lk != nil {
+			mode = ModeIPVS
+		}
+	case ModeIPVS:
+		if lk == nil {
+			return nil, errors.New("mode ipvs: the kernel has no IPVS generic netlink family (load ip_vs)")
+		}
+	case ModeRouteOnly:
+		// IPVS, if present, is not the director's in this mode.
+		lk = nil
+	}
+	d := &dataplane{cfg: cfg, rc: cfg.routeConfig(), mode: mode, nft: nk, rt: rk, lvs: lk}
+	if err := d.rc.Foreign(rk); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *dataplane) Mode() Mode { return d.mode }
+
+// read returns the director's objects as the kernel holds them.
+func (d *dataplane) read() (*kstate, error) {
+	c := d.cfg
+	s := &kstate{svcs: map[svcKey]svcDest{}}
+	var err error
+	if s.nft, err = d.nft.Read(); err != nil {
+		return nil, err
+	}
+	if s.rt, err = d.rc.Read(d.rt); err != nil {
+		return nil, err
+	}
+	if d.lvs != nil {
+		svcs, err := d.lvs.Services()
+		if err != nil {
+			return nil, err
+		}
+		for _, sv := range svcs {
+			if _, ok := c.NodeOf(sv.Mark); !ok || sv.Mark&IKEBit == 0 {
+				continue
+			}
+			// A service whose destinations are not exactly one is not
+			// what the director makes: the zero svcDest never equals a
+			// target, so it is replaced.
+			dst := svcDest{}
+			if len(sv.Dests) == 1 {
+				dst = svcDest{addr: sv.Dests[0].Addr, fwd: forwardOf(sv.Dests[0].Method), ops: sv.OnePacket}
+			}
+			s.svcs[svcKey{sv.V6, sv.Mark}] = dst
+		}
+	}
+	return s, nil
+}
+
+// reconcile makes the kernel hold want, given that it holds cur, and
+// returns what it changed. Additions go first in dependency order (IPVS
+// needs the routes to accept a destination; the nft maps should only point
+// at marks that already route), removals last in reverse order.
+//
+// An object the kernel refuses (a route to a node the director cannot
+// reach, say) does not stop the others: its error is collected in failed
+// and the rest is applied, so one unreachable node never leaves the farm
+// unsteered; cur keeps saying what the kernel really holds, so the next
+// Verify tries the failed objects again. Only a failed nftables
+// transaction (the maps, all or nothing) is returned as err.
+func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err error) {
+	n, f := d.rc.AddMissing(d.rt, cur.rt, want.rt)
+	st.Added, st.Changed = n.Added, n.Changed
+	failed = f
+	// IPVS services.
+	for _, sk := range slices.SortedFunc(maps.Keys(want.svcs), svcKeyCmp) {
+		dst := want.svcs[sk]
+		old, ok := cur.svcs[sk]
+		if ok && old == dst {
+			continue
+		}
+		svc := d.service(sk, dst)
+		var err error
+		if ok {
+			// Replace waits for the old service's connection entries to
+			// go: a service adopted without one-packet scheduling must
+			// not keep peers on stale entries.
+			err = d.lvs.Replace(d.service(sk, old), svc)
+		} else {
+			err = d.lvs.Add(svc)
+		}
+		if err != nil {
+			if ok {
+				delete(cur.svcs, sk) // Replace may have removed it
+			}
+			failed = append(failed, fmt.Errorf("fwmark service %#x for node %s (%s, %s): %w", sk.mark, dst.addr, route.Family(sk.v6), dst.fwd, err))
+			continue
+		}
+		if ok {
+			st.Changed++
+		} else {
+			st.Added++
+		}
+		cur.svcs[sk] = dst
+	}
+	// nftables: one transaction.
+	if p := nft.Diff(cur.nft, want.nft); !p.Empty() {
+		flush := leftMasq(cur, p)
+		if err := d.nft.Apply(p); err != nil {
+			return st, failed, err
+		}
+		a, ch, r := p.Count()
+		st.Added += a
+		st.Changed += ch
+		st.Removed += r
+		cur.nft.Apply(p)
+		failed = append(failed, d.flushServices(cur, flush)...)
+	}
+	// Removals.
+	for _, sk := range slices.SortedFunc(maps.Keys(cur.svcs), svcKeyCmp) {
+		if _, ok := want.svcs[sk]; ok {
+			continue
+		}
+		if err := d.lvs.Remove(d.service(sk, cur.svcs[sk])); err != nil {
+			failed = append(failed, fmt.Errorf("delete fwmark service %#x (%s): %w", sk.mark, route.Family(sk.v6), err))
+			continue
+		}
+		st.Removed++
+		delete(cur.svcs, sk)
+	}
+	n, f = d.rc.RemoveStale(d.rt, cur.rt, want.rt)
+	st.Removed += n.Removed
+	return st, append(failed, f...), nil
+}
+
+// service is the lvs form of one of the director's services.
+func (d *dataplane) service(sk svcKey, dst svcDest) lvs.Service {
+	return lvs.Service{V6: sk.v6, Mark: sk.mark, OnePacket: dst.ops,
+		Dests: []lvs.Dest{{Addr: dst.addr, Method: methodOf(dst.fwd)}}}
+}
+
+// leftMasq returns the services (of cur) whose node a peer leaves in plan p
+// while they keep connection entries (masq, no one-packet scheduling): the
+// entries would keep the moved peer's IKE and NAT-T on the old node.
+func leftMasq(cur *kstate, p *nft.Plan) []svcKey {
+	if len(cur.svcs) == 0 {
+		return nil
+	}
+	marks := map[uint32]bool{}
+	for _, a := range p.DelPeers {
+		if fm, ok := cur.nft.Peers[a]; ok && p.AddPeers[a] != fm {
+			marks[fm|IKEBit] = true
+		}
+	}
+	var out []svcKey
+	for m := range marks {
+		for _, v6 := range []bool{false, true} {
+			sk := svcKey{v6, m}
+			if dst, ok := cur.svcs[sk]; ok && !dst.ops {
+				out = append(out, sk)
+			}
+		}
+	}
+	slices.SortFunc(out, svcKeyCmp)
+	return out
+}
+
+// flushServices drops the connection entries of the services sks by
+// replacing each with itself (lvs.Replace): the peers that stay on the node
+// re-create theirs with their next packet, the moved ones are scheduled by
+// their new mark. IKE and NAT-T to that node pause while IPVS expires the
+// entries; see README "Forwarding methods and moves".
+func (d *dataplane) flushServices(cur *kstate, sks []svcKey) []error {
+	var failed []error
+	for _, sk := range sks {
+		dst := cur.svcs[sk]
+		if err := d.lvs.Replace(d.service(sk, dst), d.service(sk, dst)); err != nil {
+			delete(cur.svcs, sk)
+			failed = append(failed, fmt.Errorf("flush connection entries of fwmark service %#x (%s) after a move: %w", sk.mark, route.Family(sk.v6), err))
+		}
+	}
+	return failed
+}
+
+func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
+	start := time.Now()
+	if err := ctx.Err(); err != nil {
+		return Stats{}, err
+	}
+	want, err := d.cfg.target(d.mode, des)
+	if err != nil {
+		return Stats{}, fmt.Errorf("sync: %w", err)
+	}
+	if d.model == nil {
+		cur, err := d.read()
+		if err != nil {
+			return Stats{}, fmt.Errorf("sync: adopt kernel state: %w", err)
+		}
+		d.model = cur
+	}
+	d.want = want
+	d.nodes = map[uint16]Node{}
+	for _, n := range des.Nodes {
+		d.nodes[n.Mark] = n
+	}
+	st, failed, err := d.reconcile(d.model, want)
+	st.Duration = time.Since(start)
+	if err != nil {
+		// The model may no longer match the kernel; re-read next time.
+		d.model = nil
+		return st, fmt.Errorf("sync: %w", errors.Join(append(failed, err)...))
+	}
+	return st, partial("sync", failed)
+}
+
+func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
+	start := time.Now()
+	if err := ctx.Err(); err != nil {
+		return Stats{}, err
+	}
+	if d.want == nil || d.model == nil {
+		return Stats{}, errors.New("update: no Sync yet (or the last one failed): nothing to apply a delta to")
+	}
+	c := d.cfg
+	// Validate first: a refused delta must leave the target untouched.
+	ch := nft.Changes{SetPeers: make(map[netip.Addr]uint32, len(delta.SetPeers)), DelPeers: delta.DeletePeers,
+		SetSubnets: make(map[netip.Prefix]uint32, len(delta.SetSubnets)), DelSubnets: delta.DeleteSubnets}
+	for a, m := range delta.SetPeers {
+		if _, ok := d.nodes[m]; !ok {
+			return Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
+		}
+		ch.SetPeers[a] = c.Fwmark(m)
+	}
+	for pf, m := range delta.SetSubnets {
+		if _, ok := d.nodes[m]; !ok {
+			return Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", pf, m)
+		}
+		ch.SetSubnets[pf] = c.Fwmark(m)
+	}
+	p := nft.Update(d.model.nft, d.want.nft, ch)
+	var st Stats
+	var failed []error
+	if !p.Empty() {
+		flush := leftMasq(d.model, p)
+		if err := d.nft.Apply(p); err != nil {
+			d.model = nil
+			return st, fmt.Errorf("update: %w", err)
+		}
+		st.Added, st.Changed, st.Removed = p.Count()
+		d.model.nft.Apply(p)
+		failed = d.flushServices(d.model, flush)
+	}
+	st.Duration = time.Since(start)
+	return st, partial("update", failed)
+}
+
+func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
+	start := time.Now()
+	if err := ctx.Err(); err != nil {
+		return Stats{}, err
+	}
+	if d.want == nil {
+		return Stats{}, errors.New("verify: no Sync yet: nothing to compare with")
+	}
+	cur, err := d.read()
+	if err != nil {
+		return Stats{}, fmt.Errorf("verify: %w", err)
+	}
+	d.model = cur
+	st, failed, err := d.reconcile(cur, d.want)
+	st.Duration = time.Since(start)
+	if err != nil {
+		d.model = nil
+		return st, fmt.Errorf("verify: repair: %w", errors.Join(append(failed, err)...))
+	}
+	return st, partial("verify: repair", failed)
+}
+
+func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	s, err := d.read()
+	if err != nil {
+		return nil, fmt.Errorf("read: %w", err)
+	}
+	c := d.cfg
+	out := &Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}, HashSeed: s.nft.Sig.Seed}
+	out.VIPs = sortedAddrs(s.nft.VIPs)
+	for a, fm := range s.nft.Peers {
+		if m, ok := c.NodeOf(fm); ok {
+			out.Peers[a] = m
+		}
+	}
+	for p, fm := range s.nft.Subnets {
+		if m, ok := c.NodeOf(fm); ok {
+			out.Subnets[p] = m
+		}
+	}
+	nodes := map[uint16]*Node{}
+	node := func(m uint16) *Node {
+		if nodes[m] == nil {
+			nodes[m] = &Node{Mark: m, Name: fmt.Sprintf("mark%d", m)}
+		}
+		return nodes[m]
+	}
+	for rk, gw := range s.rt.Routes {
+		n := node(uint16(rk.Table - c.TableBase))
+		if rk.V6 && gw.Is6() && n.Addr.IsValid() {
+			n.Addr6 = gw
+		} else if gw.Is4() || !n.Addr.IsValid() {
+			if n.Addr.Is6() {
+				n.Addr6 = n.Addr
+			}
+			n.Addr = gw
+		} else {
+			n.Addr6 = gw
+		}
+	}
+	for sk, dst := range s.svcs {
+		if m, ok := c.NodeOf(sk.mark); ok {
+			node(m).Forward = dst.fwd
+		}
+	}
+	for _, fm := range s.nft.Hash {
+		if m, ok := c.NodeOf(fm); ok {
+			node(m).Active = true
+		}
+	}
+	for _, m := range slices.Sorted(maps.Keys(nodes)) {
+		out.Nodes = append(out.Nodes, *nodes[m])
+	}
+	return out, nil
+}
+
+func (d *dataplane) Teardown(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	c := d.cfg
+	var errs []error
+	if d.lvs != nil {
+		svcs, err := d.lvs.Services()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("teardown: %w", err))
+		}
+		for _, s := range svcs {
+			if _, ok := c.NodeOf(s.Mark); ok && s.Mark&IKEBit != 0 {
+				if err := d.lvs.Remove(s); err != nil {
+					errs = append(errs, fmt.Errorf("teardown: %w", err))
+				}
+			}
+		}
+	}
+	if err := d.nft.DeleteTable(); err != nil {
+		errs = append(errs, fmt.Errorf("teardown: delete nftables table %s: %w", c.Table, err))
+	}
+	if err := d.rc.Teardown(d.rt); err != nil {
+		errs = append(errs, fmt.Errorf("teardown: %w", err))
+	}
+	d.model, d.want = nil, nil
+	return errors.Join(errs...)
+}
+
+func (d *dataplane) Close() error {
+	err := errors.Join(d.nft.Close(), d.rt.Close())
+	if d.lvs != nil {
+		err = errors.Join(err, d.lvs.Close())
+	}
+	return err
+}
+
+// PartialError says that a Sync, Update or Verify applied everything but
+// the objects it lists (each error names its object: a route to a node the
+// director cannot reach, say). The kernel steers for everything else; the
+// next Verify tries the failed objects again.
+type PartialError struct {
+	Op     string
+	Failed []error
+}
+
+func (e *PartialError) Error() string {
+	return fmt.Sprintf("%s: %d object(s) not programmed, the rest applied: %v", e.Op, len(e.Failed), errors.Join(e.Failed...))
+}
+
+// Unwrap returns the per-object errors.
+func (e *PartialError) Unwrap() []error { return e.Failed }
+
+func partial(op string, failed []error) error {
+	if len(failed) == 0 {
+		return nil
+	}
+	return &PartialError{Op: op, Failed: failed}
+}
+
+// methodOf and forwardOf translate between the configured forwarding
+// method and IPVS's.
+func methodOf(f Forward) lvs.Method {
+	switch f {
+	case ForwardTunnel:
+		return lvs.Tunnel
+	case ForwardMasq:
+		return lvs.Masquerade
+	}
+	return lvs.DirectRoute
+}
+
+func forwardOf(m lvs.Method) Forward {
+	switch m {
+	case lvs.Tunnel:
+		return ForwardTunnel
+	case lvs.Masquerade:
+		return ForwardMasq
+	}
+	return ForwardDR
+}
