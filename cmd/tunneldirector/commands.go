@@ -33,7 +33,7 @@ changes nothing. FILE "-" reads standard input.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			k, err := nms.ParseKind(kind)
 			if err != nil {
-				return err
+				return &director.RequestError{Param: "--kind", Value: kind, Msg: "want tunnels, nodes or auto"}
 			}
 			f, err := parseFormat(format)
 			if err != nil {
@@ -87,10 +87,11 @@ changes nothing. FILE "-" reads standard input.`,
 }
 
 func parseFormat(s string) (nms.Format, error) {
-	if s == "" || s == "auto" {
-		return nms.FormatAuto, nil
+	f, err := nms.ParseFormat(s)
+	if err != nil {
+		return 0, &director.RequestError{Param: "--format", Value: s, Msg: "want csv, json or auto"}
 	}
-	return nms.ParseFormat(s)
+	return f, nil
 }
 
 // openInput opens a file or, for "-", standard input; size is -1 when not
@@ -140,7 +141,7 @@ func newExportCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			k, err := nms.ParseKind(kind)
 			if err != nil {
-				return err
+				return &director.RequestError{Param: "--kind", Value: kind, Msg: "want tunnels or nodes"}
 			}
 			if k == nms.KindAuto {
 				k = nms.KindTunnels
@@ -291,7 +292,7 @@ func newLookupCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			a, err := netip.ParseAddr(args[0])
 			if err != nil {
-				return fmt.Errorf("lookup %q: not an IP address", args[0])
+				return &director.RequestError{Param: "lookup", Value: args[0], Msg: "not an IP address"}
 			}
 			return g.withOperator(cmd, true, func(s director.Operator) error {
 				res, err := s.Lookup(a.Unmap())

@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 		root.SetArgs(strings.Split(args, "\n"))
 		if err := root.Execute(); err != nil {
 			fmt.Fprintln(os.Stderr, "tunneldirector:", err)
-			os.Exit(exitCode(err))
+			os.Exit(director.ExitCode(err))
 		}
 		os.Exit(0)
 	}
