@@ -4,11 +4,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"hash/fnv"
 	"io"
 	"os"
 	"runtime/debug"
 	"strings"
+	"syscall"
 
 	bolt "go.etcd.io/bbolt"
 )
@@ -72,7 +74,7 @@ func readMeta(b []byte) (metaPage, string) {
 	if v := binary.LittleEndian.Uint32(b[metaVerOff:]); v != bboltVersion {
 		return metaPage{}, fmt.Sprintf("bbolt format version %d, want %d", v, bboltVersion)
 	}
-	h := fnv.New64a()
+	h := newFNV()
 	h.Write(b[metaOff:metaSumOff])
 	if h.Sum64() != binary.LittleEndian.Uint64(b[metaSumOff:]) {
 		return metaPage{}, "checksum mismatch"
@@ -156,7 +158,7 @@ func checkFile(path string) error {
 	if want := int64(m.pgid) * int64(m.pageSize); size < want {
 		return damaged(path, "truncated to %d bytes: its meta page (transaction %d) says %d pages of %d bytes (%d bytes)", size, m.txid, m.pgid, m.pageSize, want)
 	}
-	return nil
+	return walkTree(path, f, m, size)
 }
 
 // looksDamagedBbolt tells a bbolt file whose first meta page is damaged
@@ -227,4 +229,160 @@ func shortKey(k []byte) string {
 		return string(k[:64]) + "..."
 	}
 	return string(k)
+}
+
+func newFNV() hash.Hash64 { return fnv.New64a() }
+
+// Page layout, as bbolt writes it: a 16-byte header (id, flags, count,
+// overflow), then count elements of 16 bytes: a branch element is (pos,
+// key size, child page), a leaf element (flags, pos, key size, value
+// size); pos counts from the element itself. A leaf element with flag 1
+// is a bucket: its value starts with the bucket's root page, 0 for an
+// inline bucket whose page follows in the value.
+const (
+	pageBranch   = 0x01
+	pageLeaf     = 0x02
+	pageFreelist = 0x10
+	pageHeader   = 16
+	elemSize     = 16
+	leafBucket   = 0x01
+	maxTreeDepth = 64
+)
+
+// walkTree checks the structure of every page reachable from the meta
+// page before bbolt maps the file: page ids and types, element offsets
+// and sizes inside their pages, child pages inside the file and reached
+// once. bbolt follows these blindly (and, opening a store without a
+// stored freelist, walks the whole tree in a goroutine of its own, where
+// a panic cannot be caught), so a damaged page must be found here.
+func walkTree(path string, f *os.File, m metaPage, size int64) (err error) {
+	if size == 0 || int64(m.pgid)*int64(m.pageSize) > size {
+		return nil // checkFile reported it
+	}
+	data, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED)
+	if err != nil {
+		return fmt.Errorf("open store %s: map for checking: %w", path, err)
+	}
+	defer syscall.Munmap(data)
+	w := pageWalker{path: path, data: data, ps: int(m.pageSize), hw: m.pgid, seen: make([]uint64, (m.pgid+63)/64)}
+	return guard(path, "checking its pages", func() error {
+		if m.freelist != noFreelist {
+			p, err := w.page(m.freelist, "the freelist")
+			if err != nil {
+				return err
+			}
+			if p.flags != pageFreelist {
+				return damaged(path, "page %d: the freelist page has type %#x", m.freelist, p.flags)
+			}
+		}
+		return w.walk(m.root, "the root bucket", 0)
+	})
+}
+
+type pageWalker struct {
+	path string
+	data []byte
+	ps   int
+	hw   uint64   // the file's high-water page id
+	seen []uint64 // pages reached, one bit each
+}
+
+type rawPage struct {
+	b     []byte // the page with its overflow pages
+	flags uint16
+	count int
+}
+
+// page returns page id, checking its header.
+func (w *pageWalker) page(id uint64, what string) (rawPage, error) {
+	if id < 2 || id >= w.hw {
+		return rawPage{}, damaged(w.path, "%s: page %d is outside the file's %d pages", what, id, w.hw)
+	}
+	off := int(id) * w.ps
+	h := w.data[off : off+pageHeader]
+	if got := binary.LittleEndian.Uint64(h); got != id {
+		return rawPage{}, damaged(w.path, "%s: page %d has the id %d in its header", what, id, got)
+	}
+	over := uint64(binary.LittleEndian.Uint32(h[12:]))
+	if id+over >= w.hw {
+		return rawPage{}, damaged(w.path, "%s: page %d runs %d pages past the file's end", what, id, id+over+1-w.hw)
+	}
+	for p := id; p <= id+over; p++ {
+		if w.seen[p/64]&(1<<(p%64)) != 0 {
+			return rawPage{}, damaged(w.path, "%s: page %d is reached twice", what, p)
+		}
+		w.seen[p/64] |= 1 << (p % 64)
+	}
+	b := w.data[off : off+int(over+1)*w.ps]
+	return rawPage{b: b, flags: binary.LittleEndian.Uint16(h[8:]), count: int(binary.LittleEndian.Uint16(h[10:]))}, nil
+}
+
+// walk checks the tree of one bucket from its root page.
+func (w *pageWalker) walk(id uint64, what string, depth int) error {
+	if depth > maxTreeDepth {
+		return damaged(w.path, "%s: page %d is %d levels deep", what, id, depth)
+	}
+	p, err := w.page(id, what)
+	if err != nil {
+		return err
+	}
+	return w.elements(p, id, what, depth)
+}
+
+// elements checks a branch or leaf page's elements (an inline bucket's
+// page too: id is then its bucket's page).
+func (w *pageWalker) elements(p rawPage, id uint64, what string, depth int) error {
+	if p.flags != pageBranch && p.flags != pageLeaf {
+		return damaged(w.path, "%s: page %d has type %#x, not a branch or leaf page", what, id, p.flags)
+	}
+	if pageHeader+p.count*elemSize > len(p.b) {
+		return damaged(w.path, "%s: page %d claims %d elements, more than fit", what, id, p.count)
+	}
+	for i := 0; i < p.count; i++ {
+		e := pageHeader + i*elemSize
+		el := p.b[e : e+elemSize]
+		if p.flags == pageBranch {
+			pos, ksize := int(binary.LittleEndian.Uint32(el)), int(binary.LittleEndian.Uint32(el[4:]))
+			if e+pos+ksize > len(p.b) || pos < 0 {
+				return damaged(w.path, "%s: branch page %d element %d points past the page", what, id, i)
+			}
+			if err := w.walk(binary.LittleEndian.Uint64(el[8:]), what, depth+1); err != nil {
+				return err
+			}
+			continue
+		}
+		flags := binary.LittleEndian.Uint32(el)
+		pos, ksize, vsize := int64(binary.LittleEndian.Uint32(el[4:])), int64(binary.LittleEndian.Uint32(el[8:])), int64(binary.LittleEndian.Uint32(el[12:]))
+		if int64(e)+pos+ksize+vsize > int64(len(p.b)) {
+			return damaged(w.path, "%s: leaf page %d element %d points past the page", what, id, i)
+		}
+		if flags&leafBucket == 0 {
+			continue
+		}
+		k := p.b[int64(e)+pos : int64(e)+pos+ksize]
+		v := p.b[int64(e)+pos+ksize : int64(e)+pos+ksize+vsize]
+		name := "bucket " + shortKey(k)
+		if len(v) < 16 {
+			return damaged(w.path, "%s: leaf page %d: %s has a %d-byte header", what, id, name, len(v))
+		}
+		if root := binary.LittleEndian.Uint64(v); root != 0 {
+			if err := w.walk(root, name, depth+1); err != nil {
+				return err
+			}
+			continue
+		}
+		// An inline bucket: its page follows the header in the value.
+		in := v[16:]
+		if len(in) < pageHeader {
+			return damaged(w.path, "%s: leaf page %d: the inline page of %s is cut short", what, id, name)
+		}
+		ip := rawPage{b: in, flags: binary.LittleEndian.Uint16(in[8:]), count: int(binary.LittleEndian.Uint16(in[10:]))}
+		if depth > maxTreeDepth {
+			return damaged(w.path, "%s: page %d is %d levels deep", what, id, depth)
+		}
+		if err := w.elements(ip, id, name, depth+1); err != nil {
+			return err
+		}
+	}
+	return nil
 }
