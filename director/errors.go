@@ -7,6 +7,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/store"
 )
 
 // One taxonomy of errors decides both what the API answers and how the CLI
@@ -53,7 +54,8 @@ func IsRefused(err error) bool {
 	)
 	return errors.As(err, &be) || errors.As(err, &fe) || errors.As(err, &re) || errors.As(err, &ce) ||
 		errors.Is(err, affinity.ErrConflict) || errors.Is(err, affinity.ErrInvalid) ||
-		errors.Is(err, affinity.ErrUnknownNode) || errors.Is(err, ErrRefused) || errors.Is(err, ErrTooLarge)
+		errors.Is(err, affinity.ErrUnknownNode) || errors.Is(err, ErrRefused) || errors.Is(err, ErrTooLarge) ||
+		errors.Is(err, store.ErrBackupTarget)
 }
 
 // ExitCode is the CLI's exit status for err: 0 for none, 2 for refused

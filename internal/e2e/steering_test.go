@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"context"
@@ -21,22 +21,6 @@ import (
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 )
-
-// TestMain runs the CLI itself when a test starts this binary as the
-// daemon (TD_E2E_ARGS holds its arguments, one per line), so the daemon
-// under test is a real process that can be killed and restarted.
-func TestMain(m *testing.M) {
-	if args := os.Getenv("TD_E2E_ARGS"); args != "" {
-		root := newRoot(&globals{out: os.Stdout, errOut: os.Stderr})
-		root.SetArgs(strings.Split(args, "\n"))
-		if err := root.Execute(); err != nil {
-			fmt.Fprintln(os.Stderr, "tunneldirector:", err)
-			os.Exit(director.ExitCode(err))
-		}
-		os.Exit(0)
-	}
-	os.Exit(m.Run())
-}
 
 // e2e is a farm in namespaces with a real daemon on the director.
 type e2e struct {
@@ -118,8 +102,7 @@ func (e *e2e) start() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "TD_E2E_ARGS=run\n--config\n"+e.config)
+	cmd := daemonCmd(e.t, e.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := e.top.Directors[0].Start(cmd); err != nil {
 		e.t.Fatal(err)

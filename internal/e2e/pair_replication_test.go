@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"encoding/json"
@@ -108,8 +108,7 @@ replication:
 func (d *pairDirector) start(t *testing.T) {
 	t.Helper()
 	logf, _ := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "TD_E2E_ARGS=run\n--config\n"+d.config)
+	cmd := daemonCmd(t, d.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := d.host.Start(cmd); err != nil {
 		t.Fatal(err)
