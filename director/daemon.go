@@ -117,7 +117,7 @@ func (d *Daemon) Service() *Service { return d.svc }
 
 // applyConfig puts the configuration's VIPs and nodes into the table.
 func (d *Daemon) applyConfig(c *Config) error {
-	if err := d.st.Table().SetVIPs(c.VIPs); err != nil {
+	if err := d.st.SetVIPs(c.VIPs); err != nil {
 		return fmt.Errorf("configuration VIPs: %w", err)
 	}
 	// A backup's table is its master's: the master merges the

@@ -138,6 +138,13 @@ func Open(opts Options) (*Store, error) {
 		db.Close()
 		return nil, err
 	}
+	if opts.Table.VIPs == nil {
+		// No configuration (the offline CLI): the VIPs the daemon stored.
+		if err := db.View(func(tx *bolt.Tx) (err error) { opts.Table.VIPs, err = storedVIPs(tx); return err }); err != nil {
+			db.Close()
+			return nil, damaged(opts.Path, "%v", err)
+		}
+	}
 	t, err := affinity.New(opts.Table)
 	if err != nil {
 		db.Close()
@@ -543,6 +550,15 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
 }
 
 // writeRecords writes the changed records and their index entries.
+//
+// Why the idx_peers and idx_subnets buckets exist although nothing looks
+// tunnels up in them (the table is in memory): they are a second copy of
+// every peer and subnet key, written in the same transaction by a
+// different path, so that Open and `store check` can tell a store whose
+// tunnels bucket lost or changed records (a damaged leaf page that still
+// parses, a bug in this writer, a hand-edited file) from a sound one: the
+// table's own invariants cannot see a tunnel that is simply gone. The
+// price is about one more key per peer and subnet in every commit.
 func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 	nodes := tx.Bucket(bucketNodes)
 	tunnels := tx.Bucket(bucketTunnels)
