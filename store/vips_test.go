@@ -36,7 +36,8 @@ func TestOfflineImportKnowsTheVIPs(t *testing.T) {
 	}
 	_, err = off.Commit([]affinity.Change{{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{ID: "t", Peer: netip.MustParseAddr("203.0.113.5"),
 		Subnets: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}}}})
-	if !errors.Is(err, affinity.ErrConflict) || !strings.Contains(err.Error(), "contains director VIP 198.51.100.10") {
+	var be *affinity.BatchError
+	if !errors.As(err, &be) || !strings.Contains(err.Error(), "contains director VIP 198.51.100.10") {
 		t.Fatalf("subnet containing the VIP: %v", err)
 	}
 }
