@@ -289,6 +289,14 @@ func open(r io.Reader, o *Options) (*input, error) {
 	if in.format == FormatAuto {
 		in.format = DetectFormat(o.Name, head)
 	}
+	if ra, ok := r.(io.ReaderAt); ok && in.size > 0 {
+		if pos, over := precount(ra, in.size, in.format, o.maxRecords()); over {
+			c := &collector{max: 1}
+			pos.File = in.name
+			tooMany(c, pos, o.maxRecords())
+			return nil, c.err()
+		}
+	}
 	return in, nil
 }
 
