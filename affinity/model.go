@@ -164,6 +164,28 @@ func ValidateID(kind, id string) error {
 	return nil
 }
 
+// MaxComment is the longest comment a tunnel or node may carry.
+const MaxComment = 1024
+
+// ValidateComment checks a comment: at most MaxComment bytes of valid
+// UTF-8 with no control characters but tab and newline, so every format
+// carries it unchanged and a terminal shows it safely (a C1 control such
+// as U+009B would be an escape sequence there).
+func ValidateComment(s string) error {
+	if len(s) > MaxComment {
+		return fmt.Errorf("comment longer than %d bytes", MaxComment)
+	}
+	if !utf8.ValidString(s) {
+		return fmt.Errorf("comment is not valid UTF-8")
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) && r != '\t' && r != '\n' || unicode.Is(unicode.Bidi_Control, r) {
+			return fmt.Errorf("comment contains control character %+q", r)
+		}
+	}
+	return nil
+}
+
 // ValidatePrefix checks a protected subnet: valid, no host bits set, not
 // an IPv4-mapped IPv6 prefix, and no zone.
 func ValidatePrefix(p netip.Prefix) error {

@@ -39,6 +39,9 @@ type apiError struct {
 // action is a few hundred bytes).
 const maxSmallBody = 64 << 10
 
+// maxNameLen bounds an import's file name, which every error line quotes.
+const maxNameLen = 256
+
 // maxHeaderBytes bounds a request's header lines.
 const maxHeaderBytes = 64 << 10
 
@@ -79,6 +82,10 @@ func (d *Daemon) Handler(token string) http.Handler {
 		}
 		if req.MaxRecords, err = intParam(q, "max_records", 0); err != nil {
 			errs = append(errs, err)
+		}
+		// The name prefixes every error line of the answer.
+		if len(q.Get("name")) > maxNameLen {
+			errs = append(errs, badRequest("name", q.Get("name"), "longer than %d bytes", maxNameLen))
 		}
 		if len(errs) > 0 {
 			reply[any](nil, errors.Join(errs...))(w)
@@ -297,7 +304,14 @@ func (d *Daemon) ServeAPI(ctx context.Context, socket string, tcpAddr netip.Addr
 		c.Close()
 		return fmt.Errorf("api socket %s: another daemon is listening on it", socket)
 	}
-	os.Remove(socket)
+	// Only a socket is removed: a mistyped api.socket naming the store
+	// or any other file must not delete it.
+	if fi, err := os.Lstat(socket); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return fmt.Errorf("api socket %s: the path exists and is not a socket: refusing to remove it", socket)
+		}
+		os.Remove(socket)
+	}
 	ln, err := net.Listen("unix", socket)
 	if err != nil {
 		return fmt.Errorf("api socket %s: %w", socket, err)

@@ -174,3 +174,49 @@ func TestAPIBackupRefusals(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestAPISocketPlaces: the socket's directory is made root-only or
+// refused, and a mistyped socket path never deletes the file it names.
+func TestAPISocketPlaces(t *testing.T) {
+	d, _, st, cancel := startDaemon(t)
+	defer cancel()
+	serve := func(sock string) error {
+		ctx, stop := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- d.ServeAPI(ctx, sock, netip.AddrPort{}, "") }()
+		select {
+		case err := <-done:
+			stop()
+			return err
+		case <-time.After(300 * time.Millisecond):
+			stop()
+			return <-done
+		}
+	}
+	base := t.TempDir()
+	open := filepath.Join(base, "open")
+	os.Mkdir(open, 0o777)
+	os.Chmod(open, 0o777)
+	if err := serve(filepath.Join(open, "api.sock")); err != nil {
+		t.Fatalf("own 0777 directory: %v", err)
+	}
+	if fi, _ := os.Stat(open); fi.Mode().Perm() != 0o700 {
+		t.Errorf("0777 socket directory left at %04o", fi.Mode().Perm())
+	}
+	shared := filepath.Join(base, "shared")
+	os.Mkdir(shared, 0o777)
+	os.Chmod(shared, 0o777)
+	os.WriteFile(filepath.Join(shared, "other"), nil, 0o600)
+	if err := serve(filepath.Join(shared, "api.sock")); err == nil || !strings.Contains(err.Error(), "holds other files") {
+		t.Errorf("shared 0777 directory: %v", err)
+	}
+	if fi, _ := os.Stat(shared); fi.Mode().Perm() != 0o777 {
+		t.Errorf("a shared directory was changed to %04o", fi.Mode().Perm())
+	}
+	if err := serve(st.Path()); err == nil || !strings.Contains(err.Error(), "is not a socket") {
+		t.Errorf("socket path naming the store: %v", err)
+	}
+	if _, err := os.Stat(st.Path()); err != nil {
+		t.Fatalf("the store is gone: %v", err)
+	}
+}

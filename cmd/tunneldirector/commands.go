@@ -1,9 +1,12 @@
 package main
 
 import (
+	"encoding/binary"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -157,24 +160,10 @@ func newExportCmd(g *globals) *cobra.Command {
 				}
 			}
 			return g.withOperator(cmd, true, func(s director.Operator) error {
-				w := g.out
 				if out != "" && out != "-" {
-					tmp := out + ".tmp"
-					file, err := os.Create(tmp)
-					if err != nil {
-						return err
-					}
-					if err := s.Export(file, k, f); err != nil {
-						file.Close()
-						os.Remove(tmp)
-						return err
-					}
-					if err := file.Close(); err != nil {
-						return err
-					}
-					return os.Rename(tmp, out)
+					return writeAtomic(out, func(w io.Writer) error { return s.Export(w, k, f) })
 				}
-				return s.Export(w, k, f)
+				return s.Export(g.out, k, f)
 			})
 		},
 	}
@@ -183,6 +172,48 @@ func newExportCmd(g *globals) *cobra.Command {
 	fl.StringVar(&format, "format", "auto", "csv or json (auto: from -o's extension, else csv)")
 	fl.StringVarP(&out, "output", "o", "", "write to this file (atomically) instead of standard output")
 	return cmd
+}
+
+// writeAtomic writes a file through a temporary file in its directory,
+// synced and renamed into place, so a failed write leaves the old file.
+// A bbolt file (a store: the live one, or a backup) is never overwritten
+// with an export.
+func writeAtomic(path string, fn func(io.Writer) error) error {
+	if f, err := os.Open(path); err == nil {
+		var hdr [20]byte
+		n, _ := io.ReadFull(f, hdr[:])
+		f.Close()
+		if n == len(hdr) && binary.LittleEndian.Uint32(hdr[16:]) == 0xED0CDAED {
+			return &director.RequestError{Param: "--output", Value: path, Msg: "is a bbolt file (a tunneldirector store?): refusing to overwrite it with an export"}
+		}
+	}
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	err = fn(tmp)
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(tmp.Name(), 0o644)
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if d, err := os.Open(dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
 }
 
 func newShowCmd(g *globals) *cobra.Command {

@@ -52,6 +52,8 @@ func TestExitStatuses(t *testing.T) {
 		{"bad lookup", []string{"--db", db, "lookup", "10.0.0.300"}, 2, "not an IP address"},
 		{"negative max-moves", []string{"--db", db, "rebalance", "--max-moves", "-5"}, 2, "must not be negative"},
 		{"backup onto the live store", []string{"--db", db, "store", "backup", db}, 2, "it is the live store itself"},
+		{"export over the store", []string{"--db", db, "export", "-o", db}, 2, "refusing to overwrite it with an export"},
+		{"node comment with an escape", []string{"--db", db, "node", "add", "vpn-x", "10.9.9.9", "--comment", "a\u009b2J"}, 2, "control character"},
 		{"backup over a file", []string{"--db", db, "store", "backup", "../../examples/nodes.csv"}, 2, "the file exists; overwrite it with --force"},
 	}
 	for _, tc := range tests {
