@@ -9,10 +9,7 @@ import (
 	"io"
 	"os"
 	"runtime/debug"
-	"strings"
 	"syscall"
-
-	bolt "go.etcd.io/bbolt"
 )
 
 // A damaged store (a truncated file, a flipped bit in a meta or tree page)
@@ -20,8 +17,8 @@ import (
 // the file and trusts its pages, so a page beyond the end of a truncated
 // file faults (SIGBUS/SIGSEGV) and an inconsistent page trips one of its
 // assertions (a panic). Open therefore checks the meta pages and the
-// file's length before bbolt maps it, runs bbolt's own consistency check
-// before the table is read, and turns any fault or panic that still
+// file's length and walks the page structure before bbolt maps it, and
+// turns any fault or panic that still
 // happens into an error that names what was being read.
 
 // ErrDamaged marks a store file that is damaged: restore it from a backup.
@@ -189,38 +186,6 @@ func guard(path, what string, fn func() error) (err error) {
 		}
 	}()
 	return fn()
-}
-
-// maxPageProblems bounds the problems a damaged-store error lists.
-const maxPageProblems = 5
-
-// checkPages runs bbolt's consistency check (every page reachable once,
-// free pages not in use, keys in order) before anything walks the tree,
-// so a damaged page is reported by number instead of being followed.
-func (s *Store) checkPages() error {
-	var problems []string
-	more := 0
-	err := s.db.View(func(tx *bolt.Tx) error {
-		for e := range tx.Check() {
-			if len(problems) < maxPageProblems {
-				problems = append(problems, e.Error())
-			} else {
-				more++
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return damaged(s.path, "bbolt's consistency check could not run: %v", err)
-	}
-	if len(problems) == 0 {
-		return nil
-	}
-	msg := strings.Join(problems, "; ")
-	if more > 0 {
-		msg += fmt.Sprintf("; and %d more", more)
-	}
-	return damaged(s.path, "bbolt's consistency check found: %s", msg)
 }
 
 // shortKey cuts a stored key for quoting in a message.

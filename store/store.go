@@ -130,10 +130,6 @@ func Open(opts Options) (*Store, error) {
 	if s.journalMax <= 0 {
 		s.journalMax = DefaultJournalChanges
 	}
-	if err := guard(opts.Path, "checking its pages", s.checkPages); err != nil {
-		db.Close()
-		return nil, err
-	}
 	if err := guard(opts.Path, "reading its meta bucket", s.init); err != nil {
 		db.Close()
 		return nil, err
