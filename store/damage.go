@@ -18,8 +18,11 @@ import (
 // file faults (SIGBUS/SIGSEGV) and an inconsistent page trips one of its
 // assertions (a panic). Open therefore checks the meta pages and the
 // file's length and walks the page structure before bbolt maps it, and
-// turns any fault or panic that still
-// happens into an error that names what was being read.
+// turns any fault or panic that still happens into an error that names
+// what was being read. bbolt's own consistency check then runs inside
+// bolt.Open for every store opened for writing (without a stored
+// freelist, bbolt finds the free pages by checking the whole tree), and
+// in full in `store check` (Check).
 
 // ErrDamaged marks a store file that is damaged: restore it from a backup.
 var ErrDamaged = errors.New("damaged")
