@@ -3,10 +3,12 @@ package store
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
-	"path/filepath"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/tunneldirector/tunneldirector/internal/atomicfile"
 )
 
 // BackupOptions says how Backup may treat an existing file.
@@ -20,9 +22,8 @@ type BackupOptions struct {
 var ErrBackupTarget = errors.New("refused backup target")
 
 // Backup writes a consistent copy of the store to path while it stays in
-// use (a bbolt read transaction). The copy goes to a temporary file in the
-// target's directory, is synced, and is renamed into place, and the
-// directory is synced: a crash leaves the old file or the whole new one.
+// use (a bbolt read transaction), through atomicfile: a crash leaves the
+// old file or the whole new one.
 // The live store itself is never a target (a rename over it would leave
 // the daemon committing to a deleted inode and lose every later change at
 // the next restart), whatever path names it; an existing file is replaced
@@ -45,45 +46,16 @@ func (s *Store) Backup(path string, opts BackupOptions) (int64, error) {
 	case err != nil && !errors.Is(err, os.ErrNotExist):
 		return 0, fmt.Errorf("backup store %s to %s: %w", s.path, path, err)
 	}
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return 0, fmt.Errorf("backup store %s to %s: %w", s.path, path, err)
-	}
 	var n int64
-	err = s.db.View(func(tx *bolt.Tx) error {
-		var err error
-		n, err = tx.WriteTo(tmp)
-		if err == nil {
-			err = tmp.Sync()
-		}
-		return err
+	err = atomicfile.Write(path, 0o600, func(w io.Writer) error {
+		return s.db.View(func(tx *bolt.Tx) error {
+			var err error
+			n, err = tx.WriteTo(w)
+			return err
+		})
 	})
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(tmp.Name(), 0o600)
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err == nil {
-		err = syncDir(dir)
-	}
 	if err != nil {
-		os.Remove(tmp.Name())
 		return 0, fmt.Errorf("backup store %s to %s: %w", s.path, path, err)
 	}
 	return n, nil
-}
-
-// syncDir makes a rename in dir durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }

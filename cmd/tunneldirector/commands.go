@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -17,6 +16,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/internal/atomicfile"
 )
 
 func newImportCmd(g *globals) *cobra.Command {
@@ -174,8 +174,8 @@ func newExportCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-// writeAtomic writes a file through a temporary file in its directory,
-// synced and renamed into place, so a failed write leaves the old file.
+// writeAtomic writes a file through atomicfile, so a failed write leaves
+// the old file.
 // A bbolt file (a store: the live one, or a backup) is never overwritten
 // with an export.
 func writeAtomic(path string, fn func(io.Writer) error) error {
@@ -187,31 +187,8 @@ func writeAtomic(path string, fn func(io.Writer) error) error {
 			return &director.RequestError{Param: "--output", Value: path, Msg: "is a bbolt file (a tunneldirector store?): refusing to overwrite it with an export"}
 		}
 	}
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	err = fn(tmp)
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Chmod(tmp.Name(), 0o644)
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
-		os.Remove(tmp.Name())
+	if err := atomicfile.Write(path, 0o644, fn); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
 	}
 	return nil
 }

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
 var (
@@ -77,4 +79,19 @@ func mustRun(t testing.TB, db string, args ...string) string {
 // daemonCmd is the daemon as a process that can be killed and restarted.
 func daemonCmd(t testing.TB, config string) *exec.Cmd {
 	return exec.Command(tdBinary(t), "run", "--config", config)
+}
+
+// baseConfig is the daemon configuration every end-to-end director
+// starts from: route-only, the topology's VIPs and nodes, verify every
+// second.
+func baseConfig(top *netlab.Topology, db, socket string) string {
+	return fmt.Sprintf(`store: %s
+vips: [%s, %q]
+mode: route-only
+nodes:
+%s
+api: {socket: %s}
+verify_interval: 1s
+log_level: debug
+`, db, top.VIP4, top.VIP6.String(), nodesYAML(top), socket)
 }

@@ -78,15 +78,7 @@ func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) 
 	for i, h := range top.Directors {
 		d := &pairDirector{host: h, db: filepath.Join(dir, fmt.Sprintf("d%d.db", i)), socket: filepath.Join(dir, fmt.Sprintf("d%d", i), "api.sock"),
 			config: filepath.Join(dir, fmt.Sprintf("d%d.yaml", i)), log: filepath.Join(dir, fmt.Sprintf("d%d.log", i))}
-		cfg := fmt.Sprintf(`store: %s
-vips: [%s, %q]
-mode: route-only
-nodes:
-%s
-api: {socket: %s}
-verify_interval: 1s
-log_level: debug
-replication:
+		cfg := baseConfig(top, d.db, d.socket) + fmt.Sprintf(`replication:
   id: %d
   local: "%s:7788"
   peer: "%s:7788"
@@ -94,7 +86,7 @@ replication:
   state_path: %s
   ready_file: %s
   initial_role: %s
-`, d.db, top.VIP4, top.VIP6.String(), nodesYAML(top), d.socket, i+1,
+`, i+1,
 			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
 			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
 		os.WriteFile(d.config, []byte(cfg), 0o600)

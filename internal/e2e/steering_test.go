@@ -42,15 +42,7 @@ func newE2E(t *testing.T) *e2e {
 	e.db = filepath.Join(e.dir, "td.db")
 	e.socket = filepath.Join(e.dir, "run", "api.sock")
 	e.config = filepath.Join(e.dir, "config.yaml")
-	cfg := fmt.Sprintf(`store: %s
-vips: [%s, %q]
-mode: route-only
-nodes:
-%s
-api: {socket: %s}
-verify_interval: 1s
-log_level: debug
-`, e.db, top.VIP4, top.VIP6.String(), nodesYAML(top), e.socket)
+	cfg := baseConfig(top, e.db, e.socket)
 	if err := os.WriteFile(e.config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
