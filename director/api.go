@@ -320,7 +320,7 @@ func (d *Daemon) ServeAPI(ctx context.Context, socket string, tcpAddr netip.Addr
 		ln.Close()
 		return fmt.Errorf("api socket %s: %w", socket, err)
 	}
-	servers := []*http.Server{{Handler: d.Handler(""), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: maxHeaderBytes}}
+	servers := []*http.Server{{Handler: d.Handler(""), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: maxHeaderBytes}}
 	listeners := []net.Listener{ln}
 	if tcpAddr.IsValid() {
 		if token == "" {
@@ -332,7 +332,7 @@ func (d *Daemon) ServeAPI(ctx context.Context, socket string, tcpAddr netip.Addr
 			ln.Close()
 			return fmt.Errorf("api tcp %s: %w", tcpAddr, err)
 		}
-		servers = append(servers, &http.Server{Handler: d.Handler(token), ReadHeaderTimeout: 10 * time.Second, MaxHeaderBytes: maxHeaderBytes})
+		servers = append(servers, &http.Server{Handler: d.Handler(token), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute, MaxHeaderBytes: maxHeaderBytes})
 		listeners = append(listeners, tl)
 	}
 	errc := make(chan error, len(servers))
