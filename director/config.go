@@ -600,8 +600,8 @@ func (c *Config) Dataplane() ipvs.Config {
 	}
 }
 
-// nodeForward returns a node's forwarding method: its own, else the
-// default.
+// nodeForward returns the forwarding methods nodes set for themselves,
+// by name; the others use Forward.
 func (c *Config) nodeForward() map[string]ipvs.Forward {
 	fwd := make(map[string]ipvs.Forward, len(c.Nodes))
 	for _, n := range c.Nodes {
