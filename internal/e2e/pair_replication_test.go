@@ -221,14 +221,7 @@ func TestPairReplicatesAndTakesOver(t *testing.T) {
 		}
 	}
 	e := &e2e{t: t, top: &netlab.Topology{Peers: top.Peers, Nodes: top.Nodes, Target: top.Target, Directors: []*netlab.Host{top.Directors[1]}, VIP4: top.VIP4, VIP6: top.VIP6}}
-	for _, n := range top.Nodes {
-		c, err := n.Capture("")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		e.caps = append(e.caps, c)
-	}
+	e.captureNodes()
 	start = time.Now()
 	e.expectAt(0, "after-takeover", func(tag string) error { return top.Peers[0].SendESP(p0.Addr4, top.VIP4, 0xabc, 1, tag) })
 	t.Logf("first ESP packet through the new master delivered %s after the role change", time.Since(start).Round(time.Millisecond))

@@ -46,18 +46,23 @@ func newE2E(t *testing.T) *e2e {
 	if err := os.WriteFile(e.config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range top.Nodes {
-		c, err := n.Capture("")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		e.caps = append(e.caps, c)
-	}
+	e.captureNodes()
 	return e
 }
 
 // nodesYAML lists the topology's nodes as the configuration's nodes key.
+// captureNodes starts a packet capture on every node, closed at cleanup.
+func (e *e2e) captureNodes() {
+	for _, n := range e.top.Nodes {
+		c, err := n.Capture("")
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		e.t.Cleanup(func() { c.Close() })
+		e.caps = append(e.caps, c)
+	}
+}
+
 func nodesYAML(top *netlab.Topology) string {
 	var nodes []string
 	for i, n := range top.Nodes {
