@@ -402,6 +402,9 @@ func (t *Table) putNode(c *Change) (Change, undoRec, bool, error) {
 	if n.State > NodeDown {
 		return Change{}, undoRec{}, false, fmt.Errorf("%w: state %d", ErrInvalid, n.State)
 	}
+	if err := ValidateComment(n.Comment); err != nil {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: node %v", ErrInvalid, err)
+	}
 	for _, o := range t.nodes {
 		if o.Name != n.Name && o.Addr == n.Addr {
 			return Change{}, undoRec{}, false, fmt.Errorf("%w: address %s already belongs to node %s", ErrConflict, n.Addr, o.Name)
@@ -607,8 +610,8 @@ func (t *Table) checkTunnelShape(tu *Tunnel) error {
 			}
 		}
 	}
-	if len(tu.Comment) > 1024 {
-		return fmt.Errorf("%w: comment longer than 1024 bytes", ErrInvalid)
+	if err := ValidateComment(tu.Comment); err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return nil
 }

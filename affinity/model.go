@@ -15,6 +15,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 )
 
 // NodeState is the administrative and health state of a terminator node.
@@ -143,6 +145,10 @@ func ComparePrefix(a, b netip.Prefix) int {
 
 // ValidateID checks a tunnel id or node name: non-empty, at most 128 bytes,
 // printable, no white space or separators that would break CSV or the CLI.
+// Printable means graphic and not a space of any kind: control characters
+// (C0 and C1, such as U+009B, a terminal escape), format characters (bidi
+// overrides such as U+202E, zero-width joiners) and spaces such as NBSP
+// would make two names look alike or rewrite an operator's terminal.
 func ValidateID(kind, id string) error {
 	if id == "" {
 		return fmt.Errorf("%s is empty", kind)
@@ -151,8 +157,30 @@ func ValidateID(kind, id string) error {
 		return fmt.Errorf("%s %.20q... is longer than 128 bytes", kind, id)
 	}
 	for _, r := range id {
-		if r <= ' ' || r == 0x7f || r == ',' || r == ';' || r == '"' || r == '\ufffd' {
-			return fmt.Errorf("%s %q contains %q (allowed: printable characters without space, comma, semicolon or quote)", kind, id, r)
+		if r == ',' || r == ';' || r == '"' || r == utf8.RuneError || !unicode.IsGraphic(r) || unicode.IsSpace(r) || unicode.Is(unicode.Zs, r) {
+			return fmt.Errorf("%s %+q contains %+q (allowed: printable characters without space, comma, semicolon or quote)", kind, id, r)
+		}
+	}
+	return nil
+}
+
+// MaxComment is the longest comment a tunnel or node may carry.
+const MaxComment = 1024
+
+// ValidateComment checks a comment: at most MaxComment bytes of valid
+// UTF-8 with no control characters but tab and newline, so every format
+// carries it unchanged and a terminal shows it safely (a C1 control such
+// as U+009B would be an escape sequence there).
+func ValidateComment(s string) error {
+	if len(s) > MaxComment {
+		return fmt.Errorf("comment longer than %d bytes", MaxComment)
+	}
+	if !utf8.ValidString(s) {
+		return fmt.Errorf("comment is not valid UTF-8")
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) && r != '\t' && r != '\n' || unicode.Is(unicode.Bidi_Control, r) {
+			return fmt.Errorf("comment contains control character %+q", r)
 		}
 	}
 	return nil
@@ -176,8 +204,8 @@ func ValidatePrefix(p netip.Prefix) error {
 	return nil
 }
 
-// ValidateAddr checks a peer or node address: valid, unicast-usable,
-// without zone, not IPv4-mapped IPv6.
+// ValidateAddr checks a peer or node address: valid, unicast-usable, not
+// loopback, without zone, not IPv4-mapped IPv6.
 func ValidateAddr(a netip.Addr) error {
 	switch {
 	case !a.IsValid():
@@ -192,6 +220,10 @@ func ValidateAddr(a netip.Addr) error {
 		return fmt.Errorf("address %s is multicast", a)
 	case a.Is4() && a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
 		return fmt.Errorf("address %s is broadcast", a)
+	case a.IsLoopback():
+		// A loopback address never arrives from outside: a peer or a
+		// node there is a typo that would steer nothing.
+		return fmt.Errorf("address %s is loopback", a)
 	}
 	return nil
 }

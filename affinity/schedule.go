@@ -50,9 +50,6 @@ func hrwScore(peer netip.Addr, n *Node) float64 {
 	return float64(n.Weight) / -math.Log(u)
 }
 
-// HRWScore exposes the rendezvous score for tools that compare strategies.
-func HRWScore(peer netip.Addr, n Node) float64 { return hrwScore(peer, &n) }
-
 type ranked struct {
 	n     *Node
 	score float64

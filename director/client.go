@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"os"
 	"strconv"
 	"time"
 
@@ -22,13 +23,15 @@ import (
 // Client talks to a running daemon's API; it answers the CLI's requests
 // like Service does on a store file.
 type Client struct {
-	http  *http.Client
-	base  string
-	token string
+	http   *http.Client
+	base   string
+	token  string
+	socket string // the unix socket, for messages
 }
 
-// ErrRefused marks an error the daemon answered as refused input.
-var ErrRefused = errors.New("refused")
+// maxErrorBody bounds an error answer the client reads: the daemon's are
+// at most 50 short lines.
+const maxErrorBody = 1 << 20
 
 // NewUnixClient returns a client for the daemon's unix socket.
 func NewUnixClient(socket string) *Client {
@@ -36,7 +39,7 @@ func NewUnixClient(socket string) *Client {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", socket)
 	}}
-	return &Client{http: &http.Client{Transport: tr, Timeout: 10 * time.Minute}, base: "http://tunneldirector"}
+	return &Client{http: &http.Client{Transport: tr, Timeout: 10 * time.Minute}, base: "http://tunneldirector", socket: socket}
 }
 
 // NewTCPClient returns a client for the daemon's TCP API with its token.
@@ -58,12 +61,15 @@ func (c *Client) do(method, path string, q url.Values, body io.Reader, out any) 
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
+		if errors.Is(err, os.ErrPermission) && c.socket != "" {
+			return fmt.Errorf("daemon API on %s: permission denied: the API socket is root-only (run as root)", c.socket)
+		}
 		return fmt.Errorf("daemon API %s %s: %w", method, path, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		var e apiError
-		if json.NewDecoder(resp.Body).Decode(&e) != nil || e.Error == "" {
+		if json.NewDecoder(io.LimitReader(resp.Body, maxErrorBody)).Decode(&e) != nil || e.Error == "" {
 			return fmt.Errorf("daemon API %s %s: %s", method, path, resp.Status)
 		}
 		switch {
@@ -174,13 +180,15 @@ func (c *Client) Tunnel(id string) (affinity.Tunnel, error) {
 	return tu, c.do("GET", "/v1/tunnels/"+url.PathEscape(id), nil, nil, &tu)
 }
 
-// Backup asks the daemon to back its store up to path (on its machine).
-func (c *Client) Backup(path string) (uint64, int64, error) {
-	var res struct {
-		Revision uint64 `json:"revision"`
-		Bytes    int64  `json:"bytes"`
+// Backup asks the daemon to back its store up to path, inside its
+// backup_dir (a relative path is taken there).
+func (c *Client) Backup(path string, force bool) (uint64, int64, error) {
+	var res BackupResult
+	q := url.Values{"path": {path}}
+	if force {
+		q.Set("force", "1")
 	}
-	err := c.do("POST", "/v1/store/backup", url.Values{"path": {path}}, nil, &res)
+	err := c.do("POST", "/v1/store/backup", q, nil, &res)
 	return res.Revision, res.Bytes, err
 }
 

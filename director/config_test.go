@@ -1,10 +1,14 @@
 package director
 
 import (
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/ipvs"
 )
 
 func writeConfig(t *testing.T, body string) string {
@@ -27,17 +31,18 @@ func TestConfigExampleIsValid(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(c.Nodes) != 3 || c.Nodes[2].Forward != "tunnel" || c.Marks.Base != 0x7d000000 {
+	if len(c.Nodes) != 3 || c.Nodes[2].Forward == nil || *c.Nodes[2].Forward != ipvs.ForwardTunnel || c.Marks.Base != 0x7d000000 {
 		t.Fatalf("parsed %+v", c)
 	}
 }
 
 func TestConfigErrorsNameTheKey(t *testing.T) {
 	tests := []struct{ body, want string }{
-		{"vips: [192.0.2.1]\nvipz: []\n", "field vipz not found"},
-		{"vips: [192.0.2.300]\n", "vips[0]: \"192.0.2.300\" is not an IP address"},
+		{"vips: [192.0.2.1]\nvipz: []\n", "vipz (line 2): unknown key"},
+		{"vips: [192.0.2.1]\napi: {sockett: /x}\n", "api.sockett (line 2): unknown key"},
+		{"vips: [192.0.2.300]\n", "vips[0] (line 1): \"192.0.2.300\" is not an IP address"},
 		{"vips: []\n", "vips: no VIP"},
-		{"vips: [192.0.2.1]\nmode: fast\n", "mode: \"fast\""},
+		{"vips: [192.0.2.1]\nmode: fast\n", "mode (line 2): \"fast\" (want auto, ipvs or route-only)"},
 		{"vips: [192.0.2.1]\nnodes: [{name: a, address: 10.0.0.1}, {name: a, address: 10.0.0.2}]\n", "nodes[1].name: \"a\" already at nodes[0]"},
 		{"vips: [192.0.2.1]\nnodes: [{name: a, address: nope}]\n", "nodes[0].address"},
 		{"vips: [192.0.2.1]\ninterfaces: {inside: no-such-if0}\n", "interfaces.inside: interface \"no-such-if0\" does not exist"},
@@ -64,9 +69,116 @@ func FuzzLoadConfig(f *testing.F) {
 		os.WriteFile(p, b, 0o600)
 		c, err := LoadConfig(p)
 		if err == nil {
-			if vips, verr := c.ParsedVIPs(); verr != nil || len(vips) == 0 {
-				t.Fatalf("accepted a configuration without usable VIPs: %v", verr)
+			if len(c.VIPs) == 0 {
+				t.Fatal("accepted a configuration without VIPs")
+			}
+			if err := c.CheckAgainst(nil); err != nil {
+				t.Fatalf("accepted a configuration the daemon would refuse: %v", err)
 			}
 		}
 	})
+}
+
+// TestConfigCheckRefusesWhatRunRefuses: files that `config check` used to
+// pass and `run` then refused at start (the table's rules, the replication
+// link's bounds) are refused by LoadConfig, which both call.
+func TestConfigCheckRefusesWhatRunRefuses(t *testing.T) {
+	key := filepath.Join(t.TempDir(), "key")
+	os.WriteFile(key, []byte(strings.Repeat("k", 32)), 0o600)
+	repl := func(extra string) string {
+		return "vips: [192.0.2.1]\nreplication: {id: 1, local: \"10.9.0.1:7411\", peer: \"10.9.0.2:7411\", key_file: " + key + extra + "}\n"
+	}
+	tests := []struct{ name, body, want string }{
+		{"duplicate node addresses", "vips: [192.0.2.1]\nnodes: [{name: a, address: 10.0.0.1}, {name: b, address: 10.0.0.1}]\n", "nodes[1].address: 10.0.0.1 is already the address of nodes[0]"},
+		{"node address is a VIP", "vips: [192.0.2.1]\nnodes: [{name: a, address: 192.0.2.1}]\n", "nodes[0].address: 192.0.2.1 is a director VIP (vips[0])"},
+		{"duplicate VIP", "vips: [192.0.2.1, 192.0.2.1]\n", "vips[1]: 192.0.2.1 already at vips[0]"},
+		{"mtu 10", repl(", mtu: 10"), "replication.mtu: 10 out of range 576..65507"},
+		{"mtu 100000", repl(", mtu: 100000"), "replication.mtu: 100000 out of range 576..65507"},
+		{"loopback VIP", "vips: [127.0.0.1]\n", "vips[0]: address 127.0.0.1 is loopback"},
+		{"loopback node", "vips: [192.0.2.1]\nnodes: [{name: a, address: \"::1\"}]\n", "nodes[0].address: address ::1 is loopback"},
+		{"bidi override in a node name", "vips: [192.0.2.1]\nnodes: [{name: \"vpn\\u202Ea\", address: 10.0.0.1}]\n", "nodes[0].name"},
+		{"relative backup_dir", "vips: [192.0.2.1]\nbackup_dir: backups\n", "backup_dir: \"backups\" is not an absolute path"},
+		{"multicast peer not a group", repl(", multicast: true"), "replication.peer: 10.9.0.2:7411 is not a multicast group"},
+		{"tiny body limit", "vips: [192.0.2.1]\napi: {max_body: 10}\n", "api.max_body: 10 below 1 MiB"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := LoadConfig(writeConfig(t, tc.body))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v, want %q", err, tc.want)
+			}
+			if ExitCode(err) != 2 {
+				t.Errorf("exit status %d for a refused configuration, want 2", ExitCode(err))
+			}
+		})
+	}
+}
+
+// TestConfigErrorsQuoteAShortPrefix: a runaway value is not echoed whole.
+func TestConfigErrorsQuoteAShortPrefix(t *testing.T) {
+	long := strings.Repeat("9", 100000)
+	_, err := LoadConfig(writeConfig(t, "vips: ["+long+"]\nmode: "+long+"\nlog_level: "+long+"\n"))
+	if err == nil {
+		t.Fatal("accepted")
+	}
+	if len(err.Error()) > 1000 {
+		t.Fatalf("error is %d bytes", len(err.Error()))
+	}
+}
+
+func TestConfigWarnings(t *testing.T) {
+	dir := t.TempDir()
+	tok := filepath.Join(dir, "token")
+	os.WriteFile(tok, []byte("secret"), 0o644)
+	key := filepath.Join(dir, "key")
+	os.WriteFile(key, []byte(strings.Repeat("k", 32)), 0o640)
+	c, err := LoadConfig(writeConfig(t, "vips: [192.0.2.1]\napi: {tcp: \"127.0.0.1:7410\", token_file: "+tok+"}\n"+
+		"replication: {id: 1, local: \"10.9.0.1:7411\", peer: \"10.9.0.1:7411\", key_file: "+key+"}\nverify_interval: 876000h\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(c.Warnings(), "\n")
+	for _, want := range []string{"api.token_file: " + tok + " has mode 0644", "replication.key_file: " + key + " has mode 0640",
+		"replication.peer: 10.9.0.1:7411 is replication.local", "verify_interval: 876000h0m0s"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("warnings lack %q:\n%s", want, got)
+		}
+	}
+	os.Chmod(tok, 0o600)
+	os.Chmod(key, 0o600)
+	c, _ = LoadConfig(writeConfig(t, "vips: [192.0.2.1]\napi: {tcp: \"127.0.0.1:7410\", token_file: "+tok+"}\n"))
+	if w := c.Warnings(); len(w) != 0 {
+		t.Errorf("warnings for a sound file: %v", w)
+	}
+}
+
+// TestConfigCheckAgainstStoredTable: the stored table adds what the file
+// alone cannot show (a VIP inside a stored tunnel's subnet, a configured
+// node taking a stored node's address).
+func TestConfigCheckAgainstStoredTable(t *testing.T) {
+	tb, err := affinity.New(affinity.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = tb.Apply([]affinity.Change{
+		{Kind: affinity.PutNode, Node: &affinity.Node{Name: "old", Addr: netip.MustParseAddr("10.0.0.9")}},
+		{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{ID: "t1", Peer: netip.MustParseAddr("203.0.113.1"), Subnets: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := ParseConfig([]byte("vips: [198.51.100.10]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CheckAgainst(tb); err == nil || !strings.Contains(err.Error(), "198.51.100.10 lies inside protected subnet 198.51.100.0/24 of tunnel t1") {
+		t.Errorf("VIP in a stored subnet: %v", err)
+	}
+	c, _ = ParseConfig([]byte("vips: [192.0.2.1]\nnodes: [{name: new, address: 10.0.0.9}]\n"))
+	if err := c.CheckAgainst(tb); err == nil {
+		t.Error("a configured node with a stored node's address passed")
+	}
+	if len(tb.VIPs()) != 0 {
+		t.Errorf("CheckAgainst left VIPs %v in the table", tb.VIPs())
+	}
 }

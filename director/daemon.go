@@ -121,11 +121,7 @@ func (d *Daemon) Service() *Service { return d.svc }
 
 // applyConfig puts the configuration's VIPs and nodes into the table.
 func (d *Daemon) applyConfig(c *Config) error {
-	vips, err := c.ParsedVIPs()
-	if err != nil {
-		return err
-	}
-	if err := d.st.Table().SetVIPs(vips); err != nil {
+	if err := d.st.SetVIPs(c.VIPs); err != nil {
 		return fmt.Errorf("configuration VIPs: %w", err)
 	}
 	// A backup's table is its master's: the master merges the
@@ -178,13 +174,7 @@ func (d *Daemon) kick() {
 func (d *Daemon) Desired() *ipvs.Desired {
 	c := d.config()
 	t := d.st.Table()
-	fwd := map[string]ipvs.Forward{}
-	def, _ := parseForward(c.Forward)
-	for _, n := range c.Nodes {
-		if f, err := parseForward(n.Forward); err == nil && n.Forward != "" {
-			fwd[n.Name] = f
-		}
-	}
+	fwd := c.nodeForward()
 	want := &ipvs.Desired{
 		VIPs:     t.VIPs(),
 		Peers:    make(map[netip.Addr]uint16, t.Len()),
@@ -194,7 +184,7 @@ func (d *Daemon) Desired() *ipvs.Desired {
 	for _, n := range t.Nodes() {
 		f, ok := fwd[n.Name]
 		if !ok {
-			f = def
+			f = c.Forward
 		}
 		want.Nodes = append(want.Nodes, ipvs.Node{Mark: n.Mark, Name: n.Name, Addr: n.Addr, Addr6: n.Addr6, Forward: f,
 			Active: n.State == affinity.NodeActive, Down: n.State == affinity.NodeDown})

@@ -56,8 +56,8 @@ func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *
 	}
 	t.Cleanup(func() { st.Close() })
 	cfg := DefaultConfig()
-	cfg.VIPs = []string{"198.51.100.10"}
-	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: "172.16.0.1"}, {Name: "vpn-b", Address: "172.16.0.2"}, {Name: "vpn-c", Address: "172.16.0.3"}}
+	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
+	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}, {Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}
 	d, err := NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
@@ -158,7 +158,7 @@ func TestAPIOverUnixSocket(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "run", "api.sock")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- d.ServeAPI(ctx, sock, "", "") }()
+	go func() { done <- d.ServeAPI(ctx, sock, netip.AddrPort{}, "") }()
 	t.Cleanup(func() { cancel(); <-done })
 	c := NewUnixClient(sock)
 	eventually(t, "the API socket", func() bool { _, err := c.Status(); return err == nil })
@@ -191,7 +191,7 @@ func TestAPITokenOverTCP(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	sock := filepath.Join(t.TempDir(), "api.sock")
-	go func() { done <- d.ServeAPI(ctx, sock, "127.0.0.1:17410", "s3cret-token") }()
+	go func() { done <- d.ServeAPI(ctx, sock, netip.MustParseAddrPort("127.0.0.1:17410"), "s3cret-token") }()
 	t.Cleanup(func() { cancel(); <-done })
 	good := NewTCPClient("127.0.0.1:17410", "s3cret-token")
 	eventually(t, "the TCP API", func() bool { _, err := good.Status(); return err == nil })

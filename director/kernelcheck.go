@@ -13,12 +13,11 @@ import (
 // and why).
 func KernelFindings(c *Config) []ipvs.Finding {
 	s := ipvs.KernelSettings{Inside: c.Interfaces.Inside}
-	vips, _ := c.ParsedVIPs()
-	for _, v := range vips {
+	for _, v := range c.VIPs {
 		s.IPv6 = s.IPv6 || v.Is6()
 	}
 	for _, n := range c.Nodes {
-		s.IPv6 = s.IPv6 || n.Address6 != ""
+		s.IPv6 = s.IPv6 || n.Address6.IsValid()
 	}
 	return ipvs.CheckKernel(s)
 }

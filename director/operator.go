@@ -20,7 +20,7 @@ type Operator interface {
 	Nodes() (*NodesResult, error)
 	Tunnels(node string, limit int) (*TunnelsResult, error)
 	Tunnel(id string) (affinity.Tunnel, error)
-	Backup(path string) (revision uint64, bytes int64, err error)
+	Backup(path string, force bool) (revision uint64, bytes int64, err error)
 	Check() (*store.CheckReport, error)
 }
 

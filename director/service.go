@@ -13,6 +13,8 @@ import (
 	"net/netip"
 	"runtime/debug"
 	"slices"
+	"strconv"
+	"strings"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
@@ -159,6 +161,9 @@ type NodeRequest struct {
 	Comment  string     `json:"comment,omitempty"`
 }
 
+// nodeActions are the node actions NodeAction carries out.
+var nodeActions = []string{"add", "remove", "drain", "undrain", "down", "up", "set-weight", "set-capacity"}
+
 // NodeResult is what a node action did.
 type NodeResult struct {
 	Node     affinity.Node  `json:"node"`
@@ -170,6 +175,9 @@ type NodeResult struct {
 // NodeAction adds, removes or changes a node. Taking a node down moves its
 // tunnels (and only those); draining moves nothing until a rebalance.
 func (s *Service) NodeAction(req NodeRequest) (*NodeResult, error) {
+	if !slices.Contains(nodeActions, req.Action) {
+		return nil, badRequest("node action", req.Action, "unknown (want %s)", strings.Join(nodeActions, ", "))
+	}
 	if err := s.writable(); err != nil {
 		return nil, fmt.Errorf("node %s %s: %w", req.Action, req.Name, err)
 	}
@@ -210,7 +218,7 @@ func (s *Service) NodeAction(req NodeRequest) (*NodeResult, error) {
 			res.Plan = p
 			return p.Batch(), nil
 		}
-		return nil, fmt.Errorf("node action %q: unknown (want add, remove, drain, undrain, down, up, set-weight, set-capacity)", req.Action)
+		return nil, badRequest("node action", req.Action, "unknown (want %s)", strings.Join(nodeActions, ", "))
 	})
 	if err != nil {
 		return nil, err
@@ -231,7 +239,7 @@ type RebalanceResult struct {
 // Rebalance plans at most maxMoves moves and applies them when apply is set.
 func (s *Service) Rebalance(maxMoves int, apply bool) (*RebalanceResult, error) {
 	if maxMoves < 0 {
-		return nil, errors.New("rebalance: --max-moves must not be negative")
+		return nil, badRequest("max-moves", strconv.Itoa(maxMoves), "must not be negative")
 	}
 	res := &RebalanceResult{}
 	if !apply {
@@ -331,10 +339,11 @@ func (s *Service) Tunnel(id string) (affinity.Tunnel, error) {
 	return tu, nil
 }
 
-// Backup writes a consistent copy of the store.
-func (s *Service) Backup(path string) (uint64, int64, error) {
+// Backup writes a consistent copy of the store to path; an existing file
+// is overwritten only with force, and never the live store itself.
+func (s *Service) Backup(path string, force bool) (uint64, int64, error) {
 	rev := s.st.Revision()
-	n, err := s.st.Backup(path)
+	n, err := s.st.Backup(path, store.BackupOptions{Force: force})
 	return rev, n, err
 }
 

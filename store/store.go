@@ -13,7 +13,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -55,6 +54,9 @@ var (
 // the reader must take a snapshot instead.
 var ErrJournalGap = errors.New("journal does not reach back that far")
 
+// ErrLocked means another process (a running daemon) holds the store.
+var ErrLocked = errors.New("locked")
+
 // Options configures Open.
 type Options struct {
 	// Path is the bbolt file.
@@ -95,23 +97,30 @@ func Open(opts Options) (*Store, error) {
 	} else if err := os.MkdirAll(filepath.Dir(opts.Path), 0o750); err != nil {
 		return nil, fmt.Errorf("open store %s: %w", opts.Path, err)
 	}
-	if err := sniff(opts.Path); err != nil {
+	if err := checkFile(opts.Path); err != nil {
 		return nil, err
 	}
 	timeout := opts.LockTimeout
 	if timeout == 0 {
 		timeout = time.Second
 	}
-	db, err := bolt.Open(opts.Path, 0o600, &bolt.Options{
-		Timeout:        timeout,
-		ReadOnly:       opts.ReadOnly,
-		NoFreelistSync: true,
-		FreelistType:   bolt.FreelistMapType,
+	var db *bolt.DB
+	err := guard(opts.Path, "opening the file (reading its free pages)", func() (err error) {
+		db, err = bolt.Open(opts.Path, 0o600, &bolt.Options{
+			Timeout:        timeout,
+			ReadOnly:       opts.ReadOnly,
+			NoFreelistSync: true,
+			FreelistType:   bolt.FreelistMapType,
+		})
+		return err
 	})
+	if errors.Is(err, ErrDamaged) {
+		return nil, err
+	}
 	if err != nil {
 		switch {
 		case errors.Is(err, berrors.ErrTimeout):
-			return nil, fmt.Errorf("open store %s: locked by %s (waited %s); stop it or use its API", opts.Path, lockHolder(opts.Path), timeout)
+			return nil, fmt.Errorf("open store %s: %w by %s (waited %s); stop it or use its API", opts.Path, ErrLocked, lockHolder(opts.Path), timeout)
 		case errors.Is(err, berrors.ErrInvalid), errors.Is(err, berrors.ErrChecksum), errors.Is(err, berrors.ErrVersionMismatch):
 			return nil, fmt.Errorf("open store %s: not a tunneldirector store (bbolt: %v)", opts.Path, err)
 		}
@@ -121,9 +130,16 @@ func Open(opts Options) (*Store, error) {
 	if s.journalMax <= 0 {
 		s.journalMax = DefaultJournalChanges
 	}
-	if err := s.init(); err != nil {
+	if err := guard(opts.Path, "reading its meta bucket", s.init); err != nil {
 		db.Close()
 		return nil, err
+	}
+	if opts.Table.VIPs == nil {
+		// No configuration (the offline CLI): the VIPs the daemon stored.
+		if err := db.View(func(tx *bolt.Tx) (err error) { opts.Table.VIPs, err = storedVIPs(tx); return err }); err != nil {
+			db.Close()
+			return nil, damaged(opts.Path, "%v", err)
+		}
 	}
 	t, err := affinity.New(opts.Table)
 	if err != nil {
@@ -133,7 +149,7 @@ func Open(opts Options) (*Store, error) {
 	// A bulk load allocates millions of small objects that all stay
 	// live: collecting while it runs only burns the other core.
 	gc := debug.SetGCPercent(400)
-	err = s.load(t)
+	err = guard(opts.Path, "loading the table", func() error { return s.load(t) })
 	debug.SetGCPercent(gc)
 	if err != nil {
 		db.Close()
@@ -141,29 +157,6 @@ func Open(opts Options) (*Store, error) {
 	}
 	s.table = t
 	return s, nil
-}
-
-// sniff refuses a file that is clearly not a bbolt file before bbolt maps
-// it, so the error names the problem instead of a page checksum.
-func sniff(path string) error {
-	f, err := os.Open(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("open store %s: %w", path, err)
-	}
-	defer f.Close()
-	var hdr [32]byte
-	n, _ := io.ReadFull(f, hdr[:])
-	if n == 0 {
-		return nil // empty: bbolt initialises it
-	}
-	// A bbolt meta page: page header (16 bytes), then magic 0xED0CDAED.
-	if n < 20 || binary.LittleEndian.Uint32(hdr[16:20]) != 0xED0CDAED {
-		return fmt.Errorf("open store %s: not a tunneldirector store (no bbolt header; is it an import file?)", path)
-	}
-	return nil
 }
 
 // lockHolder names the process holding a lock on the file, from /proc/locks.
@@ -206,12 +199,15 @@ func (s *Store) init() error {
 		if len(v) != 4 {
 			return fmt.Errorf("open store %s: not a tunneldirector store (no schema version)", s.path)
 		}
+		if r := m.Get(keyRevision); len(r) != 8 {
+			return damaged(s.path, "bucket meta: revision is %d bytes, want 8", len(r))
+		}
 		if got := binary.BigEndian.Uint32(v); got > SchemaVersion {
 			return fmt.Errorf("open store %s: schema version %d is newer than this director's %d; upgrade tunneldirector", s.path, got, SchemaVersion)
 		}
 		for _, b := range [][]byte{bucketNodes, bucketTunnels, bucketPeers, bucketSubnets, bucketJournal} {
 			if tx.Bucket(b) == nil {
-				return fmt.Errorf("open store %s: bucket %s missing; restore a backup", s.path, b)
+				return damaged(s.path, "bucket %s missing", b)
 			}
 		}
 		return nil
@@ -273,7 +269,7 @@ func (s *Store) load(t *affinity.Table) error {
 		err := tx.Bucket(bucketNodes).ForEach(func(k, v []byte) error {
 			n, err := affinity.UnmarshalNode(v)
 			if err != nil {
-				return fmt.Errorf("load store %s: node %q: %w", s.path, k, err)
+				return damaged(s.path, "bucket nodes: record %q: %v", shortKey(k), err)
 			}
 			nodes = append(nodes, n)
 			return nil
@@ -290,11 +286,11 @@ func (s *Store) load(t *affinity.Table) error {
 			for k, v := c.First(); k != nil; k, v = c.Next() {
 				var err error
 				if tu, err = affinity.UnmarshalTunnel(v); err != nil {
-					decodeErr = fmt.Errorf("load store %s: tunnel %q: %w", s.path, k, err)
+					decodeErr = damaged(s.path, "bucket tunnels: record %q: %v", shortKey(k), err)
 					return
 				}
 				if tu.ID != string(k) {
-					decodeErr = fmt.Errorf("load store %s: tunnel record %q holds id %q", s.path, k, tu.ID)
+					decodeErr = damaged(s.path, "bucket tunnels: record %q holds id %q", shortKey(k), shortKey([]byte(tu.ID)))
 					return
 				}
 				if !yield(&tu) {
@@ -550,6 +546,15 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
 }
 
 // writeRecords writes the changed records and their index entries.
+//
+// Why the idx_peers and idx_subnets buckets exist although nothing looks
+// tunnels up in them (the table is in memory): they are a second copy of
+// every peer and subnet key, written in the same transaction by a
+// different path, so that Open and `store check` can tell a store whose
+// tunnels bucket lost or changed records (a damaged leaf page that still
+// parses, a bug in this writer, a hand-edited file) from a sound one: the
+// table's own invariants cannot see a tunnel that is simply gone. The
+// price is about one more key per peer and subnet in every commit.
 func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 	nodes := tx.Bucket(bucketNodes)
 	tunnels := tx.Bucket(bucketTunnels)
@@ -714,36 +719,6 @@ func (s *Store) Journal(from uint64, fn func(JournalEntry) error) error {
 		}
 		return nil
 	})
-}
-
-// Backup writes a consistent copy of the store to path while it stays in
-// use (a bbolt read transaction), through a temporary file renamed into
-// place so a failed backup never leaves a half-written file.
-func (s *Store) Backup(path string) (int64, error) {
-	tmp := path + ".tmp"
-	var n int64
-	err := s.db.View(func(tx *bolt.Tx) error {
-		f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-		if err != nil {
-			return err
-		}
-		n, err = tx.WriteTo(f)
-		if err == nil {
-			err = f.Sync()
-		}
-		if cerr := f.Close(); err == nil {
-			err = cerr
-		}
-		return err
-	})
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return 0, fmt.Errorf("backup store %s to %s: %w", s.path, path, err)
-	}
-	return n, nil
 }
 
 // CheckReport is the result of an integrity check.

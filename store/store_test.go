@@ -209,7 +209,7 @@ func TestBackup(t *testing.T) {
 	defer s.Close()
 	s.Commit(nodes(2))
 	s.Commit(tunnels(0, 50))
-	n, err := s.Backup(filepath.Join(dir, "copy.db"))
+	n, err := s.Backup(filepath.Join(dir, "copy.db"), BackupOptions{})
 	if err != nil || n == 0 {
 		t.Fatalf("backup: %d %v", n, err)
 	}

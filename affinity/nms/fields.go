@@ -7,13 +7,9 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
-	"unicode/utf8"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 )
-
-// maxComment is the longest comment the table accepts.
-const maxComment = 1024
 
 // maxSubnets is the most protected subnets the table accepts per tunnel.
 const maxSubnets = 64
@@ -154,21 +150,11 @@ func parseBool(s string) (bool, bool) {
 	return false, false
 }
 
-// checkComment keeps comments printable, so that every format carries
-// them unchanged and terminals show them safely. Tabs and newlines are
-// fine: CSV quotes them and JSON escapes them.
+// checkComment keeps comments printable (affinity.ValidateComment's
+// rule), saying what is wrong.
 func checkComment(s string) string {
-	if len(s) > maxComment {
-		return fmt.Sprintf("longer than %d bytes", maxComment)
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c < 0x20 && c != '\t' && c != '\n' || c == 0x7f {
-			return fmt.Sprintf("contains control character %q", c)
-		}
-	}
-	if !utf8.ValidString(s) {
-		return "invalid UTF-8"
+	if err := affinity.ValidateComment(s); err != nil {
+		return strings.TrimPrefix(err.Error(), "comment ")
 	}
 	return ""
 }

@@ -177,9 +177,34 @@ type countReader struct {
 	nlHead     int
 	lines      int // newlines before the last query offset
 	last       byte
+
+	// mark is the offset where the current record started: the reader
+	// refuses to read more than recordWindow bytes past it, so a runaway
+	// line or value costs a bounded amount of memory before it is
+	// refused, whatever the parser above would buffer.
+	mark int64
 }
 
+// MaxRecordBytes is the longest record (a CSV line, a JSON object with the
+// white space before it) a file may hold. The longest valid tunnel (a
+// 128-byte id, 64 IPv6 subnets, a 1024-byte comment, all escaped) is a
+// fraction of it.
+const MaxRecordBytes = 64 << 10
+
+// recordWindow is how far past a record's start the reader goes: the
+// record, plus what the buffers above it read ahead.
+const recordWindow = MaxRecordBytes + 2*sniffLen
+
+// errRecordTooLong stops a read at a record longer than MaxRecordBytes.
+var errRecordTooLong = fmt.Errorf("record longer than %d bytes", MaxRecordBytes)
+
 func (c *countReader) Read(p []byte) (int, error) {
+	if c.n-c.mark > recordWindow {
+		return 0, errRecordTooLong
+	}
+	if room := c.mark + recordWindow + 1 - c.n; int64(len(p)) > room {
+		p = p[:room]
+	}
 	n, err := c.r.Read(p)
 	if n > 0 {
 		if c.trackLines {
@@ -263,6 +288,14 @@ func open(r io.Reader, o *Options) (*input, error) {
 	in.format = o.Format
 	if in.format == FormatAuto {
 		in.format = DetectFormat(o.Name, head)
+	}
+	if ra, ok := r.(io.ReaderAt); ok && in.size > 0 {
+		if pos, over := precount(ra, in.size, in.format, o.maxRecords()); over {
+			c := &collector{max: 1}
+			pos.File = in.name
+			tooMany(c, pos, o.maxRecords())
+			return nil, c.err()
+		}
 	}
 	return in, nil
 }
@@ -396,7 +429,7 @@ func DetectKind(head []byte, format Format) (Kind, error) {
 		cr.TrimLeadingSpace = true
 		rec, err := cr.Read()
 		if err == io.EOF {
-			return KindAuto, errors.New("empty file: no header")
+			return KindAuto, errors.New("empty file (no header line): want a first line naming the columns")
 		}
 		if err != nil {
 			return KindAuto, fmt.Errorf("read header: %w", err)
@@ -411,7 +444,7 @@ func DetectKind(head []byte, format Format) (Kind, error) {
 	}
 	k := kindOfKeys(keys)
 	if k == KindAuto {
-		return k, fmt.Errorf("cannot tell tunnels from nodes by the fields %s: tunnels have peer, nodes address; say which", strings.Join(keys, ","))
+		return k, fmt.Errorf("cannot tell tunnels from nodes by the fields %s: tunnels have peer, nodes address; say which", joinShort(keys))
 	}
 	return k, nil
 }
@@ -491,4 +524,27 @@ func (in *input) recordHint(maxRecords int) int {
 	// second chunk.
 	n := int(in.size*int64(lines)/int64(len(in.head))) * 21 / 20
 	return min(n, maxRecords, maxHint)
+}
+
+// maxShownList bounds how much of a list of names (a header's columns, an
+// object's keys) a message quotes.
+const maxShownList = 200
+
+// joinShort joins names with commas, cut to a short prefix: a message
+// about a 20 MB header must not be 20 MB long.
+func joinShort(names []string) string {
+	return shortText(strings.Join(names, ","))
+}
+
+// shortText cuts a value for a message to maxShownValue bytes (at a rune
+// boundary) and says it was cut.
+func shortText(s string) string {
+	if len(s) <= maxShownValue {
+		return s
+	}
+	cut := maxShownValue
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut--
+	}
+	return s[:cut] + fmt.Sprintf("...(%d bytes)", len(s))
 }

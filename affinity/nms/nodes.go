@@ -1,6 +1,7 @@
 package nms
 
 import (
+	"encoding/json"
 	"io"
 	"net/netip"
 	"strings"
@@ -178,22 +179,16 @@ func readNodes(in *input, opts *Options) ([]NodeRecord, error) {
 	}
 	if in.format == FormatJSON {
 		readJSON(in, opts, c, KindNodes, func(pos Pos, dec decodeFunc) bool {
-			var el struct {
-				Name     jsonScalar `json:"name"`
-				Address  jsonScalar `json:"address"`
-				Address6 jsonScalar `json:"address6"`
-				Weight   jsonScalar `json:"weight"`
-				Capacity jsonScalar `json:"capacity"`
-				State    jsonScalar `json:"state"`
-				Mark     jsonScalar `json:"mark"`
-				Comment  jsonScalar `json:"comment"`
+			var el [ncCount]jsonScalar
+			into := make([]json.Unmarshaler, ncCount)
+			for i := range el {
+				into[i] = &el[i]
 			}
-			if !dec(&el) {
+			if !dec(nodeColumns[:], into) {
 				return false
 			}
-			all := [ncCount]*jsonScalar{&el.Name, &el.Address, &el.Address6, &el.Weight, &el.Capacity, &el.State, &el.Mark, &el.Comment}
 			var raw, bad [ncCount]string
-			for i, j := range all {
+			for i, j := range el {
 				raw[i], bad[i] = j.s, j.bad
 			}
 			s.add(pos, &raw, &bad)

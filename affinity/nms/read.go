@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"strconv"
 	"strings"
 )
 
@@ -64,8 +63,14 @@ func wrongKind(c *collector, pos Pos, keys []string, want Kind) bool {
 	if k == KindAuto || k == want {
 		return false
 	}
-	c.addf(pos, "", "", "this is a %s file, not a %s file (it has the fields %s)", k, want, strings.Join(keys, ","))
+	c.addf(pos, "", "", "this is a %s file, not a %s file (it has the fields %s)", k, want, joinShort(keys))
 	return true
+}
+
+// recordTooLong stops a read at a runaway record.
+func recordTooLong(c *collector, pos Pos) {
+	c.aborted = true
+	c.addf(pos, "", "", "record longer than %d bytes (a runaway field, or a quote never closed?): file refused without reading the rest", MaxRecordBytes)
 }
 
 func tooMany(c *collector, pos Pos, max int) {
@@ -89,7 +94,7 @@ func readCSV(in *input, opts *Options, c *collector, kind Kind, columns []string
 		return
 	}
 	if err != nil {
-		csvError(c, file, err)
+		csvError(c, file, 1, err)
 		return
 	}
 	hline, _ := cr.FieldPos(0)
@@ -128,7 +133,7 @@ func readCSV(in *input, opts *Options, c *collector, kind Kind, columns []string
 	}
 	for i, req := range required {
 		if req && cols[i] < 0 {
-			c.addf(hpos, "", "", "missing required column %s (the header has %s)", columns[i], strings.Join(header, ","))
+			c.addf(hpos, "", "", "missing required column %s (the header has %s)", columns[i], joinShort(header))
 			bad = true
 		}
 	}
@@ -152,7 +157,9 @@ func readCSV(in *input, opts *Options, c *collector, kind Kind, columns []string
 		c.add(pending)
 		pending = nil
 	}
+	lastLine := hline
 	for {
+		in.cr.mark = in.cr.n
 		rec, err := cr.Read()
 		if err == io.EOF {
 			flush(true)
@@ -162,7 +169,7 @@ func readCSV(in *input, opts *Options, c *collector, kind Kind, columns []string
 		if err != nil {
 			var pe *csv.ParseError
 			if !errors.As(err, &pe) {
-				csvError(c, file, err)
+				csvError(c, file, lastLine+1, err)
 				return
 			}
 			pending = &FieldError{Pos: Pos{File: file, Line: pe.StartLine, Index: -1}, Msg: fmt.Sprintf("%v (line %d, column %d)", pe.Err, pe.Line, pe.Column)}
@@ -170,6 +177,7 @@ func readCSV(in *input, opts *Options, c *collector, kind Kind, columns []string
 			continue
 		}
 		line, _ := cr.FieldPos(0)
+		lastLine = line
 		pos := Pos{File: file, Line: line, Index: -1}
 		if n >= max {
 			tooMany(c, pos, max)
@@ -188,18 +196,28 @@ func readCSV(in *input, opts *Options, c *collector, kind Kind, columns []string
 	}
 }
 
-func csvError(c *collector, file string, err error) {
+// csvError reports an error that ends a CSV read; line is where the
+// record being read starts, as far as is known.
+func csvError(c *collector, file string, line int, err error) {
 	var pe *csv.ParseError
+	if errors.Is(err, errRecordTooLong) {
+		recordTooLong(c, Pos{File: file, Line: line, Index: -1})
+		return
+	}
 	if errors.As(err, &pe) {
 		c.addf(Pos{File: file, Line: pe.StartLine, Index: -1}, "", "", "%v (line %d, column %d)", pe.Err, pe.Line, pe.Column)
 		return
 	}
+	c.aborted = true
 	c.addf(Pos{File: file, Index: -1}, "", "", "read: %v", err)
 }
 
-// decodeFunc decodes the current array element into v, reporting any
-// problem; it returns false when the element is unusable.
-type decodeFunc func(v any) bool
+// decodeFunc decodes the current array element, which must be an object,
+// key by key: the value of keys[i] goes to into[i]. Keys match exactly
+// (not regardless of case, as encoding/json would) and a key given twice
+// is an error (encoding/json would keep the last). It reports every
+// problem and returns false when the element is unusable.
+type decodeFunc func(keys []string, into []json.Unmarshaler) bool
 
 // trackLines starts recording newline offsets. The bytes sniffed so far
 // are all still in the buffer, so they are scanned here.
@@ -253,7 +271,6 @@ func readJSON(in *input, opts *Options, c *collector, kind Kind, elem func(pos P
 		return
 	}
 	dec := json.NewDecoder(in.br)
-	dec.DisallowUnknownFields()
 	lineOf := func(off int64) int { return in.cr.lineAt(off + int64(in.bom)) }
 	index := 0
 	truncated := func() {
@@ -266,6 +283,8 @@ func readJSON(in *input, opts *Options, c *collector, kind Kind, elem func(pos P
 	fatal := func(err error) {
 		var se *json.SyntaxError
 		switch {
+		case errors.Is(err, errRecordTooLong):
+			recordTooLong(c, Pos{File: file, Line: lineOf(in.cr.mark), Index: index})
 		case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF):
 			truncated()
 		case errors.As(err, &se):
@@ -276,7 +295,7 @@ func readJSON(in *input, opts *Options, c *collector, kind Kind, elem func(pos P
 	}
 	tok, err := dec.Token()
 	if err == io.EOF {
-		c.addf(filePos, "", "", "empty file: want a JSON array of objects")
+		c.addf(filePos, "", "", "empty file (nothing but white space): want a JSON array of objects, [] for none")
 		return
 	}
 	if err != nil {
@@ -296,30 +315,14 @@ func readJSON(in *input, opts *Options, c *collector, kind Kind, elem func(pos P
 			return
 		}
 		stop := false
-		elem(pos, func(v any) bool {
-			err := dec.Decode(v)
-			if err == nil {
-				return true
-			}
-			var te *json.UnmarshalTypeError
-			switch {
-			case errors.As(err, &te):
-				if te.Field == "" {
-					c.addf(pos, "", "", "element is a JSON %s, not an object", te.Value)
-				} else {
-					c.addf(pos, te.Field, "", "JSON %s where a string is wanted", te.Value)
-				}
-			case strings.HasPrefix(err.Error(), "json: unknown field "):
-				name, uerr := strconv.Unquote(strings.TrimPrefix(err.Error(), "json: unknown field "))
-				if uerr != nil {
-					name = strings.TrimPrefix(err.Error(), "json: unknown field ")
-				}
-				c.addf(pos, name, "", "unknown field (the fields are %s)", strings.Join(fieldsOf(kind), ", "))
-			default:
+		in.cr.mark = in.cr.n
+		elem(pos, func(keys []string, into []json.Unmarshaler) bool {
+			ok, err := decodeObject(dec, c, pos, keys, into)
+			if err != nil {
 				fatal(err)
 				stop = true
 			}
-			return false
+			return ok
 		})
 		if stop {
 			return
@@ -337,6 +340,147 @@ func readJSON(in *input, opts *Options, c *collector, kind Kind, elem func(pos P
 		}
 		c.addf(Pos{File: file, Line: lineOf(dec.InputOffset()), Index: -1}, "", "", "data after the closing ] of the array: %s", jsonTokenKind(tok))
 	}
+}
+
+// decodeObject decodes one array element as decodeFunc describes. err is
+// a syntax or read error that ends the file. The decoder checks the
+// element's syntax and hands its bytes to an objectDecoder, which walks
+// the members itself: cheaper than the decoder's tokens, and it sees
+// every key as written.
+func decodeObject(dec *json.Decoder, c *collector, pos Pos, keys []string, into []json.Unmarshaler) (bool, error) {
+	o := objectDecoder{keys: keys, into: into, c: c, pos: pos}
+	if err := dec.Decode(&o); err != nil {
+		return false, err
+	}
+	return o.good, nil
+}
+
+// objectDecoder receives one syntactically valid JSON value.
+type objectDecoder struct {
+	keys []string
+	into []json.Unmarshaler
+	c    *collector
+	pos  Pos
+	good bool
+}
+
+// UnmarshalJSON reports problems to the collector and never fails, so
+// that one bad record does not hide the next.
+func (o *objectDecoder) UnmarshalJSON(b []byte) error {
+	b = bytes.TrimLeft(b, " \t\r\n")
+	if len(b) == 0 || b[0] != '{' {
+		kind := "value"
+		if len(b) > 0 {
+			kind = map[byte]string{'"': "string", '[': "array", 't': "boolean", 'f': "boolean", 'n': "null"}[b[0]]
+			if kind == "" {
+				kind = "number"
+			}
+		}
+		o.c.addf(o.pos, "", "", "element is a JSON %s, not an object", kind)
+		return nil
+	}
+	var seen [16]bool
+	o.good = true
+	i := 1
+	for {
+		i = skipSpace(b, i)
+		if i >= len(b) || b[i] == '}' {
+			return nil
+		}
+		if b[i] == ',' {
+			i++
+			continue
+		}
+		end := stringEnd(b, i)
+		rawKey := b[i:end]
+		i = skipSpace(b, end) + 1 // past ':'
+		i = skipSpace(b, i)
+		vend := valueEnd(b, i)
+		val := b[i:vend]
+		i = vend
+		k := -1
+		for j, want := range o.keys {
+			// Comparing a byte slice converted in place allocates nothing.
+			if len(rawKey) == len(want)+2 && string(rawKey[1:len(rawKey)-1]) == want {
+				k = j
+			}
+		}
+		if k < 0 && bytes.IndexByte(rawKey, '\\') >= 0 {
+			k = slices.Index(o.keys, jsonString(rawKey))
+		}
+		switch {
+		case k >= 0 && !seen[k]:
+			seen[k] = true
+			o.into[k].UnmarshalJSON(val)
+			continue
+		case k >= 0:
+			o.c.addf(o.pos, o.keys[k], "", "key given twice in the same object (which one is meant? a record says each field once)")
+		default:
+			key := jsonString(rawKey)
+			hint := fmt.Sprintf("the fields are %s", strings.Join(o.keys, ", "))
+			for _, want := range o.keys {
+				if strings.EqualFold(key, want) {
+					hint = fmt.Sprintf("keys are case-sensitive: did you mean %q?", want)
+				}
+			}
+			o.c.addf(o.pos, shortText(key), "", "unknown field (%s)", hint)
+		}
+		o.good = false
+	}
+}
+
+func skipSpace(b []byte, i int) int {
+	for i < len(b) && (b[i] == ' ' || b[i] == '\t' || b[i] == '\r' || b[i] == '\n') {
+		i++
+	}
+	return i
+}
+
+// stringEnd returns the index after the string literal starting at i.
+func stringEnd(b []byte, i int) int {
+	for i++; i < len(b); i++ {
+		switch b[i] {
+		case '\\':
+			i++
+		case '"':
+			return i + 1
+		}
+	}
+	return len(b)
+}
+
+// valueEnd returns the index after the value starting at i (valid JSON).
+func valueEnd(b []byte, i int) int {
+	if i >= len(b) {
+		return i
+	}
+	switch b[i] {
+	case '"':
+		return stringEnd(b, i)
+	case '{', '[':
+		depth := 0
+		for ; i < len(b); i++ {
+			switch b[i] {
+			case '"':
+				i = stringEnd(b, i) - 1
+			case '{', '[':
+				depth++
+			case '}', ']':
+				depth--
+				if depth == 0 {
+					return i + 1
+				}
+			}
+		}
+		return len(b)
+	}
+	for ; i < len(b); i++ {
+		switch b[i] {
+		case ',', '}', ']', ' ', '\t', '\r', '\n':
+			return i
+		}
+	}
+	return i
 }
 
 func fieldsOf(k Kind) []string {

@@ -1,6 +1,7 @@
 package nms
 
 import (
+	"encoding/json"
 	"fmt"
 	"io"
 	"net/netip"
@@ -274,14 +275,10 @@ func readTunnels(in *input, opts *Options) ([]TunnelRecord, error) {
 	if in.format == FormatJSON {
 		readJSON(in, opts, c, KindTunnels, func(pos Pos, dec decodeFunc) bool {
 			var el struct {
-				ID      jsonScalar `json:"id"`
-				Peer    jsonScalar `json:"peer"`
-				Subnets jsonList   `json:"subnets"`
-				Node    jsonScalar `json:"node"`
-				Pinned  jsonScalar `json:"pinned"`
-				Comment jsonScalar `json:"comment"`
+				ID, Peer, Node, Pinned, Comment jsonScalar
+				Subnets                         jsonList
 			}
-			if !dec(&el) {
+			if !dec(tunnelColumns[:], []json.Unmarshaler{&el.ID, &el.Peer, &el.Subnets, &el.Node, &el.Pinned, &el.Comment}) {
 				return false
 			}
 			raw := rawTunnel{

@@ -51,7 +51,7 @@ func newNodeCmd(g *globals) *cobra.Command {
 		RunE: func(c *cobra.Command, args []string) error {
 			a, err := netip.ParseAddr(args[1])
 			if err != nil {
-				return fmt.Errorf("node add %s: address %q: %w", args[0], args[1], affinity.ErrInvalid)
+				return &director.RequestError{Param: "node add " + args[0] + ": address", Value: args[1], Msg: "not an IP address"}
 			}
 			return run(c, director.NodeRequest{Action: "add", Name: args[0], Addr: a, Weight: weight, Capacity: capacity, Comment: comment})
 		},
@@ -75,8 +75,8 @@ func newNodeCmd(g *globals) *cobra.Command {
 		Args:  cobra.ExactArgs(2),
 		RunE: func(c *cobra.Command, args []string) error {
 			w, err := strconv.ParseUint(args[1], 10, 32)
-			if err != nil || w == 0 {
-				return fmt.Errorf("set-weight %s: weight %q: want 1..10000", args[0], args[1])
+			if err != nil || w == 0 || w > 10000 {
+				return &director.RequestError{Param: "set-weight " + args[0] + ": weight", Value: args[1], Msg: "want 1..10000"}
 			}
 			return run(c, director.NodeRequest{Action: "set-weight", Name: args[0], Weight: uint32(w)})
 		},
@@ -161,13 +161,18 @@ tunnel breaks it until it re-establishes on its new node: keep the budget small.
 
 func newStoreCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "store", Short: "Back up or check the store file"}
+	var force bool
 	backup := &cobra.Command{
 		Use:   "backup FILE",
 		Short: "Write a consistent copy of the store while it is in use",
-		Args:  cobra.ExactArgs(1),
+		Long: `Write a consistent copy of the store while it is in use. Through a running
+daemon, FILE is on the daemon's machine and must lie inside its backup_dir (a
+relative name is taken there). The live store itself is never overwritten; an
+existing file only with --force.`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return g.withOperator(cmd, true, func(s director.Operator) error {
-				rev, n, err := s.Backup(args[0])
+				rev, n, err := s.Backup(args[0], force)
 				if err != nil {
 					return err
 				}
@@ -176,6 +181,7 @@ func newStoreCmd(g *globals) *cobra.Command {
 			})
 		},
 	}
+	backup.Flags().BoolVar(&force, "force", false, "overwrite an existing backup file")
 	check := &cobra.Command{
 		Use:   "check",
 		Short: "Check the store's pages, invariants and indexes",

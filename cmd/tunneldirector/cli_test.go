@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/tunneldirector/tunneldirector/director"
 )
 
 // run executes the CLI in-process against a store and returns its output.
@@ -122,8 +124,8 @@ new-4,192.0.2.203,10.92.0.0/24,vpn-nope
 	if after := mustRun(t, db, "export"); after != before {
 		t.Fatal("a refused import changed the store")
 	}
-	if exitCode(err) != 2 {
-		t.Errorf("exit code %d for refused input, want 2", exitCode(err))
+	if director.ExitCode(err) != 2 {
+		t.Errorf("exit code %d for refused input, want 2", director.ExitCode(err))
 	}
 }
 

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"encoding/binary"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"strings"
@@ -14,6 +16,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/internal/atomicfile"
 )
 
 func newImportCmd(g *globals) *cobra.Command {
@@ -33,7 +36,7 @@ changes nothing. FILE "-" reads standard input.`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			k, err := nms.ParseKind(kind)
 			if err != nil {
-				return err
+				return &director.RequestError{Param: "--kind", Value: kind, Msg: "want tunnels, nodes or auto"}
 			}
 			f, err := parseFormat(format)
 			if err != nil {
@@ -87,10 +90,11 @@ changes nothing. FILE "-" reads standard input.`,
 }
 
 func parseFormat(s string) (nms.Format, error) {
-	if s == "" || s == "auto" {
-		return nms.FormatAuto, nil
+	f, err := nms.ParseFormat(s)
+	if err != nil {
+		return 0, &director.RequestError{Param: "--format", Value: s, Msg: "want csv, json or auto"}
 	}
-	return nms.ParseFormat(s)
+	return f, nil
 }
 
 // openInput opens a file or, for "-", standard input; size is -1 when not
@@ -140,7 +144,7 @@ func newExportCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			k, err := nms.ParseKind(kind)
 			if err != nil {
-				return err
+				return &director.RequestError{Param: "--kind", Value: kind, Msg: "want tunnels or nodes"}
 			}
 			if k == nms.KindAuto {
 				k = nms.KindTunnels
@@ -156,24 +160,10 @@ func newExportCmd(g *globals) *cobra.Command {
 				}
 			}
 			return g.withOperator(cmd, true, func(s director.Operator) error {
-				w := g.out
 				if out != "" && out != "-" {
-					tmp := out + ".tmp"
-					file, err := os.Create(tmp)
-					if err != nil {
-						return err
-					}
-					if err := s.Export(file, k, f); err != nil {
-						file.Close()
-						os.Remove(tmp)
-						return err
-					}
-					if err := file.Close(); err != nil {
-						return err
-					}
-					return os.Rename(tmp, out)
+					return writeAtomic(out, func(w io.Writer) error { return s.Export(w, k, f) })
 				}
-				return s.Export(w, k, f)
+				return s.Export(g.out, k, f)
 			})
 		},
 	}
@@ -182,6 +172,25 @@ func newExportCmd(g *globals) *cobra.Command {
 	fl.StringVar(&format, "format", "auto", "csv or json (auto: from -o's extension, else csv)")
 	fl.StringVarP(&out, "output", "o", "", "write to this file (atomically) instead of standard output")
 	return cmd
+}
+
+// writeAtomic writes a file through atomicfile, so a failed write leaves
+// the old file.
+// A bbolt file (a store: the live one, or a backup) is never overwritten
+// with an export.
+func writeAtomic(path string, fn func(io.Writer) error) error {
+	if f, err := os.Open(path); err == nil {
+		var hdr [20]byte
+		n, _ := io.ReadFull(f, hdr[:])
+		f.Close()
+		if n == len(hdr) && binary.LittleEndian.Uint32(hdr[16:]) == 0xED0CDAED {
+			return &director.RequestError{Param: "--output", Value: path, Msg: "is a bbolt file (a tunneldirector store?): refusing to overwrite it with an export"}
+		}
+	}
+	if err := atomicfile.Write(path, 0o644, fn); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
 }
 
 func newShowCmd(g *globals) *cobra.Command {
@@ -291,7 +300,7 @@ func newLookupCmd(g *globals) *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			a, err := netip.ParseAddr(args[0])
 			if err != nil {
-				return fmt.Errorf("lookup %q: not an IP address", args[0])
+				return &director.RequestError{Param: "lookup", Value: args[0], Msg: "not an IP address"}
 			}
 			return g.withOperator(cmd, true, func(s director.Operator) error {
 				res, err := s.Lookup(a.Unmap())

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -40,13 +39,15 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				return err
 			}
 			var lvl slog.LevelVar
-			lvl.UnmarshalText([]byte(cfg.LogLevel))
+			lvl.Set(cfg.LogLevel)
 			log := slog.New(slog.NewTextHandler(g.errOut, &slog.HandlerOptions{Level: &lvl}))
+			for _, w := range cfg.Warnings() {
+				log.Warn("configuration: " + w)
+			}
 			if err := director.CheckKernel(cfg, log); err != nil {
 				return err
 			}
-			vips, _ := cfg.ParsedVIPs()
-			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: vips, Epsilon: cfg.Epsilon}})
+			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: cfg.VIPs, Epsilon: cfg.Epsilon}})
 			if err != nil {
 				return err
 			}
@@ -83,7 +84,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 						log.Error("reload refused; keeping the running configuration", "config", path, "err", err)
 						continue
 					}
-					lvl.UnmarshalText([]byte(nc.LogLevel))
+					lvl.Set(nc.LogLevel)
 					log.Info("configuration reloaded", "config", path)
 				}
 			}()
@@ -123,8 +124,8 @@ func newReplicator(cfg *director.Config, st *store.Store, log *slog.Logger) (*re
 		return nil, fmt.Errorf("replication.key_file: %w", err)
 	}
 	link, err := replication.ListenUDP(replication.UDPConfig{
-		Local:     netip.MustParseAddrPort(rc.Local),
-		Peer:      netip.MustParseAddrPort(rc.Peer),
+		Local:     rc.Local,
+		Peer:      rc.Peer,
 		Group:     rc.Multicast,
 		Interface: rc.Interface,
 		MTU:       rc.MTU,
@@ -166,10 +167,21 @@ func newConfigCmd(g *globals) *cobra.Command {
 		Use:   "check FILE",
 		Short: "Validate a configuration file and explain every error with its key path",
 		Args:  cobra.ExactArgs(1),
+		Long: `Validate a configuration file with exactly the checks 'run' makes: every key,
+the VIPs and nodes against each other and, when the store exists and no daemon
+holds it, against the stored table. Warnings (secrets others can read, a pair
+whose ends are the same, intervals nobody means) are printed but do not fail.`,
 		RunE: func(_ *cobra.Command, args []string) error {
 			cfg, err := director.LoadConfig(args[0])
 			if err != nil {
-				return fmt.Errorf("%w: %v", affinity.ErrInvalid, err)
+				return err
+			}
+			stored, err := checkStored(cfg)
+			if err != nil {
+				return err
+			}
+			for _, w := range cfg.Warnings() {
+				fmt.Fprintln(g.out, "warning:", w)
 			}
 			if kernel {
 				for _, f := range director.KernelFindings(cfg) {
@@ -179,14 +191,35 @@ func newConfigCmd(g *globals) *cobra.Command {
 					return err
 				}
 			}
-			vips, _ := cfg.ParsedVIPs()
-			fmt.Fprintf(g.out, "%s: ok (%d VIPs, %d nodes, mode %s, store %s)\n", args[0], len(vips), len(cfg.Nodes), cfg.Mode, cfg.Store)
+			fmt.Fprintf(g.out, "%s: ok (%d VIPs, %d nodes, mode %s, store %s: %s)\n", args[0], len(cfg.VIPs), len(cfg.Nodes), cfg.Mode, cfg.Store, stored)
 			return nil
 		},
 	}
 	check.Flags().BoolVar(&kernel, "kernel", true, "also check this machine's kernel settings as run does (false to check a file for another machine)")
 	cmd.AddCommand(check)
 	return cmd
+}
+
+// checkStored checks the configuration against the stored table as 'run'
+// would apply it, when the store exists and is free; it says what it
+// checked.
+func checkStored(cfg *director.Config) (string, error) {
+	if _, err := os.Stat(cfg.Store); errors.Is(err, os.ErrNotExist) {
+		return "not created yet", nil
+	}
+	st, err := store.Open(store.Options{Path: cfg.Store, ReadOnly: true, LockTimeout: 100 * time.Millisecond,
+		Table: affinity.Options{Epsilon: cfg.Epsilon}})
+	if err != nil {
+		if errors.Is(err, store.ErrLocked) {
+			return "in use by a running daemon, not checked against it", nil
+		}
+		return "", err
+	}
+	defer st.Close()
+	if err := cfg.CheckAgainst(st.Table()); err != nil {
+		return "", &director.ConfigError{Path: cfg.Store, Errs: []error{fmt.Errorf("against the stored table: %w", err)}}
+	}
+	return fmt.Sprintf("checked against its %d tunnels", st.Table().Len()), nil
 }
 
 func newStatusCmd(g *globals) *cobra.Command {

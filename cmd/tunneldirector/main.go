@@ -17,7 +17,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
-	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/store"
 )
@@ -44,18 +43,8 @@ func main() {
 	root := newRoot(g)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "tunneldirector:", err)
-		os.Exit(exitCode(err))
+		os.Exit(director.ExitCode(err))
 	}
-}
-
-// exitCode is 2 for refused input (bad file, conflicts), 1 otherwise.
-func exitCode(err error) int {
-	var be *affinity.BatchError
-	var fe *nms.Errors
-	if errors.As(err, &be) || errors.As(err, &fe) || errors.Is(err, affinity.ErrConflict) || errors.Is(err, affinity.ErrInvalid) || errors.Is(err, director.ErrRefused) {
-		return 2
-	}
-	return 1
 }
 
 func newRoot(g *globals) *cobra.Command {
@@ -68,7 +57,7 @@ func newRoot(g *globals) *cobra.Command {
 		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
 			var lvl slog.Level
 			if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
-				return fmt.Errorf("--log-level %q: want debug, info, warn or error", g.logLevel)
+				return &director.RequestError{Param: "--log-level", Value: g.logLevel, Msg: "want debug, info, warn or error"}
 			}
 			slog.SetDefault(slog.New(slog.NewTextHandler(g.errOut, &slog.HandlerOptions{Level: lvl})))
 			return nil
@@ -76,6 +65,10 @@ func newRoot(g *globals) *cobra.Command {
 	}
 	root.SetOut(g.out)
 	root.SetErr(g.errOut)
+	// A bad flag is refused input, like a bad file (exit status 2).
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return &director.RequestError{Param: c.CommandPath(), Msg: err.Error()}
+	})
 	db := os.Getenv("TUNNELDIRECTOR_DB")
 	if db == "" {
 		db = defaultDB
@@ -140,8 +133,13 @@ func (g *globals) client(cmd *cobra.Command, daemonOnly bool) (*director.Client,
 	if cmd.Flags().Changed("db") && !daemonOnly {
 		return nil, nil
 	}
-	if fi, err := os.Stat(g.socket); err == nil && fi.Mode()&os.ModeSocket != 0 {
+	fi, err := os.Stat(g.socket)
+	switch {
+	case err == nil && fi.Mode()&os.ModeSocket != 0:
 		return director.NewUnixClient(g.socket), nil
+	case errors.Is(err, os.ErrPermission):
+		// The socket's directory is root-only: a daemon may well run.
+		return nil, fmt.Errorf("API socket %s: permission denied: the daemon's API is root-only (run as root, or use --api with a token)", g.socket)
 	}
 	return nil, nil
 }

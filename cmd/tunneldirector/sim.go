@@ -12,6 +12,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/sim"
 )
 
@@ -54,7 +55,7 @@ and flags to get the same report).`,
 			if scenario != "" {
 				var err error
 				if s, err = sim.LoadScenario(scenario); err != nil {
-					return fmt.Errorf("%w: %w", affinity.ErrInvalid, err)
+					return &director.RequestError{Param: "--scenario", Msg: err.Error()}
 				}
 			}
 			fl := cmd.Flags()
@@ -122,10 +123,10 @@ and flags to get the same report).`,
 				s.Events = sim.StandardEvents(s.Duration, s.Nodes)
 			}
 			if len(errs) > 0 {
-				return fmt.Errorf("%w: %s", affinity.ErrInvalid, strings.Join(errs, "; "))
+				return &director.RequestError{Param: "sim", Msg: strings.Join(errs, "; ")}
 			}
 			if err := s.Validate(); err != nil {
-				return fmt.Errorf("%w: %w", affinity.ErrInvalid, err)
+				return &director.RequestError{Param: "sim scenario", Msg: err.Error()}
 			}
 
 			var steps []sim.Step
@@ -138,7 +139,7 @@ and flags to get the same report).`,
 				steps, err = sim.ReadTrace(replay, f)
 				f.Close()
 				if err != nil {
-					return fmt.Errorf("%w: %w", affinity.ErrInvalid, err)
+					return &director.RequestError{Param: "--replay", Msg: err.Error()}
 				}
 			} else if steps, err = sim.Workload(s); err != nil {
 				return err

@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"encoding/json"
@@ -30,12 +30,12 @@ func startKeepalived(t *testing.T, d *pairDirector, dir string, id, priority int
 	notify := filepath.Join(dir, fmt.Sprintf("notify%d.sh", id))
 	// keepalived gives scripts a clean environment: the script sets the
 	// variables that make the test binary act as the CLI.
-	script := fmt.Sprintf("#!/bin/bash\nexport TD_E2E_ARGS=$'--socket\\n%s\\nctl\\nrole\\n'\"$1\"\nexec %s >>%s 2>&1\n", d.socket, os.Args[0], d.log)
+	script := fmt.Sprintf("#!/bin/bash\nexec %s --socket %s ctl role \"$1\" >>%s 2>&1\n", tdBinary(t), d.socket, d.log)
 	if err := os.WriteFile(notify, []byte(script), 0o700); err != nil {
 		t.Fatal(err)
 	}
 	readyScript := filepath.Join(dir, fmt.Sprintf("ready%d.sh", id))
-	os.WriteFile(readyScript, []byte(fmt.Sprintf("#!/bin/bash\nexport TD_E2E_ARGS=$'--socket\\n%s\\nctl\\nready'\nexec %s >/dev/null 2>&1\n", d.socket, os.Args[0])), 0o700)
+	os.WriteFile(readyScript, []byte(fmt.Sprintf("#!/bin/bash\nexec %s --socket %s ctl ready >/dev/null 2>&1\n", tdBinary(t), d.socket)), 0o700)
 	ready := filepath.Join(dir, fmt.Sprintf("d%d.ready", id))
 	conf := filepath.Join(dir, fmt.Sprintf("keepalived%d.conf", id))
 	os.WriteFile(conf, []byte(fmt.Sprintf(`global_defs {

@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"encoding/json"
@@ -78,15 +78,7 @@ func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) 
 	for i, h := range top.Directors {
 		d := &pairDirector{host: h, db: filepath.Join(dir, fmt.Sprintf("d%d.db", i)), socket: filepath.Join(dir, fmt.Sprintf("d%d", i), "api.sock"),
 			config: filepath.Join(dir, fmt.Sprintf("d%d.yaml", i)), log: filepath.Join(dir, fmt.Sprintf("d%d.log", i))}
-		cfg := fmt.Sprintf(`store: %s
-vips: [%s, %q]
-mode: route-only
-nodes:
-%s
-api: {socket: %s}
-verify_interval: 1s
-log_level: debug
-replication:
+		cfg := baseConfig(top, d.db, d.socket) + fmt.Sprintf(`replication:
   id: %d
   local: "%s:7788"
   peer: "%s:7788"
@@ -94,7 +86,7 @@ replication:
   state_path: %s
   ready_file: %s
   initial_role: %s
-`, d.db, top.VIP4, top.VIP6.String(), nodesYAML(top), d.socket, i+1,
+`, i+1,
 			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
 			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
 		os.WriteFile(d.config, []byte(cfg), 0o600)
@@ -108,8 +100,7 @@ replication:
 func (d *pairDirector) start(t *testing.T) {
 	t.Helper()
 	logf, _ := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "TD_E2E_ARGS=run\n--config\n"+d.config)
+	cmd := daemonCmd(t, d.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := d.host.Start(cmd); err != nil {
 		t.Fatal(err)
@@ -230,14 +221,7 @@ func TestPairReplicatesAndTakesOver(t *testing.T) {
 		}
 	}
 	e := &e2e{t: t, top: &netlab.Topology{Peers: top.Peers, Nodes: top.Nodes, Target: top.Target, Directors: []*netlab.Host{top.Directors[1]}, VIP4: top.VIP4, VIP6: top.VIP6}}
-	for _, n := range top.Nodes {
-		c, err := n.Capture("")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		e.caps = append(e.caps, c)
-	}
+	e.captureNodes()
 	start = time.Now()
 	e.expectAt(0, "after-takeover", func(tag string) error { return top.Peers[0].SendESP(p0.Addr4, top.VIP4, 0xabc, 1, tag) })
 	t.Logf("first ESP packet through the new master delivered %s after the role change", time.Since(start).Round(time.Millisecond))

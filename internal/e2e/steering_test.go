@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"context"
@@ -22,22 +22,6 @@ import (
 	"github.com/tunneldirector/tunneldirector/ipvs"
 )
 
-// TestMain runs the CLI itself when a test starts this binary as the
-// daemon (TD_E2E_ARGS holds its arguments, one per line), so the daemon
-// under test is a real process that can be killed and restarted.
-func TestMain(m *testing.M) {
-	if args := os.Getenv("TD_E2E_ARGS"); args != "" {
-		root := newRoot(&globals{out: os.Stdout, errOut: os.Stderr})
-		root.SetArgs(strings.Split(args, "\n"))
-		if err := root.Execute(); err != nil {
-			fmt.Fprintln(os.Stderr, "tunneldirector:", err)
-			os.Exit(exitCode(err))
-		}
-		os.Exit(0)
-	}
-	os.Exit(m.Run())
-}
-
 // e2e is a farm in namespaces with a real daemon on the director.
 type e2e struct {
 	t       *testing.T
@@ -58,30 +42,27 @@ func newE2E(t *testing.T) *e2e {
 	e.db = filepath.Join(e.dir, "td.db")
 	e.socket = filepath.Join(e.dir, "run", "api.sock")
 	e.config = filepath.Join(e.dir, "config.yaml")
-	cfg := fmt.Sprintf(`store: %s
-vips: [%s, %q]
-mode: route-only
-nodes:
-%s
-api: {socket: %s}
-verify_interval: 1s
-log_level: debug
-`, e.db, top.VIP4, top.VIP6.String(), nodesYAML(top), e.socket)
+	cfg := baseConfig(top, e.db, e.socket)
 	if err := os.WriteFile(e.config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	for _, n := range top.Nodes {
-		c, err := n.Capture("")
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		e.caps = append(e.caps, c)
-	}
+	e.captureNodes()
 	return e
 }
 
 // nodesYAML lists the topology's nodes as the configuration's nodes key.
+// captureNodes starts a packet capture on every node, closed at cleanup.
+func (e *e2e) captureNodes() {
+	for _, n := range e.top.Nodes {
+		c, err := n.Capture("")
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		e.t.Cleanup(func() { c.Close() })
+		e.caps = append(e.caps, c)
+	}
+}
+
 func nodesYAML(top *netlab.Topology) string {
 	var nodes []string
 	for i, n := range top.Nodes {
@@ -118,8 +99,7 @@ func (e *e2e) start() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	cmd := exec.Command(os.Args[0])
-	cmd.Env = append(os.Environ(), "TD_E2E_ARGS=run\n--config\n"+e.config)
+	cmd := daemonCmd(e.t, e.config)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := e.top.Directors[0].Start(cmd); err != nil {
 		e.t.Fatal(err)

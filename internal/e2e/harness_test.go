@@ -1,0 +1,97 @@
+// Package e2e holds the end-to-end tests of the director: the real
+// tunneldirector binary, built once per run, in network namespaces on the
+// host kernel with real packets, a replicated pair, and keepalived moving
+// the VIPs. They need root; without it they skip with the reason.
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/tunneldirector/tunneldirector/internal/netlab"
+)
+
+var (
+	buildOnce sync.Once
+	binary    string
+	buildErr  error
+	buildDir  string
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
+}
+
+// tdBinary builds cmd/tunneldirector once and returns its path.
+func tdBinary(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		buildDir, buildErr = os.MkdirTemp("", "td-e2e-")
+		if buildErr != nil {
+			return
+		}
+		binary = filepath.Join(buildDir, "tunneldirector")
+		cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", binary, "github.com/tunneldirector/tunneldirector/cmd/tunneldirector")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("build tunneldirector: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binary
+}
+
+// runArgs runs the CLI with exactly these arguments and returns its
+// standard output; the error carries the standard error.
+func runArgs(t testing.TB, args ...string) (string, error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	cmd := exec.Command(tdBinary(t), args...)
+	cmd.Stdout, cmd.Stderr = &out, &errOut
+	if err := cmd.Run(); err != nil {
+		return out.String(), fmt.Errorf("tunneldirector %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(errOut.String()))
+	}
+	return out.String(), nil
+}
+
+// mustRun runs the CLI on a store file and fails the test on an error.
+func mustRun(t testing.TB, db string, args ...string) string {
+	t.Helper()
+	out, err := runArgs(t, append([]string{"--db", db}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// daemonCmd is the daemon as a process that can be killed and restarted.
+func daemonCmd(t testing.TB, config string) *exec.Cmd {
+	return exec.Command(tdBinary(t), "run", "--config", config)
+}
+
+// baseConfig is the daemon configuration every end-to-end director
+// starts from: route-only, the topology's VIPs and nodes, verify every
+// second.
+func baseConfig(top *netlab.Topology, db, socket string) string {
+	return fmt.Sprintf(`store: %s
+vips: [%s, %q]
+mode: route-only
+nodes:
+%s
+api: {socket: %s}
+verify_interval: 1s
+log_level: debug
+`, db, top.VIP4, top.VIP6.String(), nodesYAML(top), socket)
+}
