@@ -205,6 +205,18 @@ func (m *Manual) AdvanceTo(t time.Time) {
 	m.mu.Unlock()
 }
 
+// Set moves the clock to t (never backwards) without firing anything:
+// for an event loop that interleaves its own inputs with the clock's
+// timers and has already run every timer due before t. Timers due by t
+// fire at the next Step or Advance.
+func (m *Manual) Set(t time.Time) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if t.After(m.now) {
+		m.now = t
+	}
+}
+
 // waiter is a Manual timer, ticker or callback.
 type waiter struct {
 	m      *Manual
