@@ -762,18 +762,9 @@ func (e *engine) finish() {
 
 func ptrTo[T any](v T) *T { return &v }
 
-// tablesEqual compares what the dataplane is programmed from: nodes and
-// tunnel owners, peers and subnets.
-func tablesEqual(a, b *affinity.Table) bool {
-	sa, sb := a.Snapshot(), b.Snapshot()
-	if sa.Revision != sb.Revision || len(sa.Tunnels) != len(sb.Tunnels) || !slices.Equal(sa.Nodes, sb.Nodes) {
-		return false
-	}
-	for i := range sa.Tunnels {
-		x, y := &sa.Tunnels[i], &sb.Tunnels[i]
-		if x.ID != y.ID || x.Node != y.Node || x.Peer != y.Peer || !slices.Equal(x.Subnets, y.Subnets) {
-			return false
-		}
-	}
-	return true
+// tablesEqual reports whether the backup holds the master's table,
+// revision and records: the table's own DiffTo finds nothing to change.
+func tablesEqual(master, backup *affinity.Table) bool {
+	s := master.Snapshot()
+	return s.Revision == backup.Revision() && len(backup.DiffTo(&s, nil)) == 0
 }
