@@ -4,7 +4,9 @@
 // one bbolt transaction that writes the changed records, their index
 // entries, the new revision and a journal entry, so a crash at any instant
 // leaves either the old or the new table. Open loads the whole table into
-// an affinity.Table and checks the stored indexes against it.
+// an affinity.Table and checks the stored indexes against it. Readers
+// follow the commits through their own cursor on the change log
+// (Changes, in changes.go).
 package store
 
 import (
