@@ -169,15 +169,8 @@ func (p *journalPair) collect() (message, error) {
 	}
 	var msg message
 	cur, err := m.Changes(b.Revision())
-	for err == nil {
-		var bt store.Batch
-		var ok bool
-		if bt, ok, err = cur.Next(); err != nil || !ok {
-			break
-		}
-		msg.entries = append(msg.entries, bt)
-	}
-	if cur != nil {
+	if err == nil {
+		msg.entries, err = store.ReadAll(cur)
 		cur.Close()
 	}
 	if errors.Is(err, store.ErrCompacted) {

@@ -182,6 +182,18 @@ func (s *Store) Changes(since uint64) (Cursor, error) {
 	return c, nil
 }
 
+// ReadAll reads a cursor up to the newest batch committed.
+func ReadAll(c Cursor) ([]Batch, error) {
+	var out []Batch
+	for {
+		b, ok, err := c.Next()
+		if err != nil || !ok {
+			return out, err
+		}
+		out = append(out, b)
+	}
+}
+
 // cursor reads the ring while it keeps up and the journal otherwise.
 type cursor struct {
 	s      *Store

@@ -15,17 +15,7 @@ func readAll(s *Store, since uint64) ([]Batch, error) {
 		return nil, err
 	}
 	defer c.Close()
-	var out []Batch
-	for {
-		b, ok, err := c.Next()
-		if err != nil {
-			return out, err
-		}
-		if !ok {
-			return out, nil
-		}
-		out = append(out, b)
-	}
+	return ReadAll(c)
 }
 
 // TestCursorRingThenJournal: a cursor that falls behind the ring goes on

@@ -103,6 +103,20 @@ func (p *pair) step() {
 	}
 }
 
+// churn commits the ops' first batch and then rounds random batches, one
+// step apart, and waits until the backup holds the master's table.
+func (p *pair) churn(o *ops, rounds int) {
+	p.t.Helper()
+	commit(p.st[0], o.init())
+	for range rounds {
+		commit(p.st[0], o.batch(p.st[0].Table()))
+		p.step()
+	}
+	if !p.settle(10 * time.Second) {
+		p.t.Fatal(p.describeDiff())
+	}
+}
+
 func (p *pair) steps(n int) {
 	for range n {
 		p.step()

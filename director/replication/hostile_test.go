@@ -129,15 +129,7 @@ func TestReplayAfterBackupRestart(t *testing.T) {
 		}
 	})
 	p.startBoth()
-	o := newOps(23)
-	commit(p.st[0], o.init())
-	for range 20 {
-		commit(p.st[0], o.batch(p.st[0].Table()))
-		p.step()
-	}
-	if !p.settle(10 * time.Second) {
-		t.Fatal(p.describeDiff())
-	}
+	p.churn(newOps(23), 20)
 	p.net.SetTap(nil)
 	// The backup restarts on its store; the master goes quiet so that
 	// only the captures reach it.

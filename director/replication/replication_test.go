@@ -8,6 +8,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/replication/wire"
+	"github.com/tunneldirector/tunneldirector/store"
 )
 
 func lossy(loss float64, seed uint64) FakeConfig {
@@ -298,14 +299,11 @@ func TestBigRevisionSpansDatagrams(t *testing.T) {
 	if !p.settle(30 * time.Second) {
 		t.Fatal(p.describeDiff())
 	}
-	for {
-		b, ok, err := cur.Next()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !ok {
-			break
-		}
+	bs, err := store.ReadAll(cur)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range bs {
 		revs = append(revs, b.Revision)
 	}
 	if len(revs) != 1 || p.st[1].Table().Len() != 5000 {
@@ -330,14 +328,7 @@ func TestBackupRestartNoMerge(t *testing.T) {
 			dir = p.dir
 			p.startBoth()
 			o := newOps(13)
-			commit(p.st[0], o.init())
-			for range 50 {
-				commit(p.st[0], o.batch(p.st[0].Table()))
-				p.step()
-			}
-			if !p.settle(10 * time.Second) {
-				t.Fatal(p.describeDiff())
-			}
+			p.churn(o, 50)
 			p.r[1] = nil // the backup process stops
 			for range 30 {
 				commit(p.st[0], o.batch(p.st[0].Table()))

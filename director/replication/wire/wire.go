@@ -313,43 +313,39 @@ func (f *Fields) Has(t uint16) bool {
 	return false
 }
 
+// fixed returns a TLV of exactly n bytes, nil when absent; a TLV of
+// another size is recorded as an error.
+func (f *Fields) fixed(t uint16, n int) []byte {
+	v := f.Get(t)
+	if v != nil && len(v) != n {
+		f.fail("TLV %d: %d bytes, want %d", t, len(v), n)
+		return nil
+	}
+	return v
+}
+
 // U64 reads an 8-byte TLV (0 when absent).
 func (f *Fields) U64(t uint16) uint64 {
-	v := f.Get(t)
-	if v == nil {
-		return 0
+	if v := f.fixed(t, 8); v != nil {
+		return binary.BigEndian.Uint64(v)
 	}
-	if len(v) != 8 {
-		f.fail("TLV %d: %d bytes, want 8", t, len(v))
-		return 0
-	}
-	return binary.BigEndian.Uint64(v)
+	return 0
 }
 
 // U32 reads a 4-byte TLV (0 when absent).
 func (f *Fields) U32(t uint16) uint32 {
-	v := f.Get(t)
-	if v == nil {
-		return 0
+	if v := f.fixed(t, 4); v != nil {
+		return binary.BigEndian.Uint32(v)
 	}
-	if len(v) != 4 {
-		f.fail("TLV %d: %d bytes, want 4", t, len(v))
-		return 0
-	}
-	return binary.BigEndian.Uint32(v)
+	return 0
 }
 
 // U8 reads a one-byte TLV (0 when absent).
 func (f *Fields) U8(t uint16) uint8 {
-	v := f.Get(t)
-	if v == nil {
-		return 0
+	if v := f.fixed(t, 1); v != nil {
+		return v[0]
 	}
-	if len(v) != 1 {
-		f.fail("TLV %d: %d bytes, want 1", t, len(v))
-		return 0
-	}
-	return v[0]
+	return 0
 }
 
 // Need records an error for every type in ts the packet lacks.
