@@ -339,12 +339,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	ready, readyC := d.clk.NewTicker(time.Second)
 	defer ready.Stop()
 	d.writeReady()
-	committed := d.changes.Notify()
 	for {
+		// The cursor is replaced when the change log left it behind:
+		// take its channel anew each time.
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-committed:
+		case <-d.changes.Notify():
 			d.reconcile(ctx)
 		case <-d.wake:
 			d.reconcile(ctx)

@@ -164,21 +164,30 @@ func (l *changeLog) find(since uint64) (uint64, bool) {
 
 // Changes returns a cursor over the batches committed after revision
 // since (see ChangeLog).
+//
+// The cursor is told of every commit from the moment it is made (Notify),
+// so a reader that opens one and then waits misses nothing; Close it when
+// done.
 func (s *Store) Changes(since uint64) (Cursor, error) {
-	c := &cursor{s: s, at: since}
+	c := &cursor{s: s, at: since, ch: make(chan struct{}, 1)}
 	s.log.mu.Lock()
 	seq, ok := s.log.find(since)
-	s.log.mu.Unlock()
 	if ok {
 		c.seq, c.inRing = seq, true
+		s.log.notify[c] = struct{}{}
+		s.log.mu.Unlock()
 		return c, nil
 	}
+	s.log.mu.Unlock()
 	// Not in the ring: the journal may still reach it.
 	buf, err := s.readJournal(since, 1, 0, false)
 	if err != nil {
 		return nil, err
 	}
 	c.buf = buf
+	s.log.mu.Lock()
+	s.log.notify[c] = struct{}{}
+	s.log.mu.Unlock()
 	return c, nil
 }
 
@@ -253,16 +262,7 @@ func (c *cursor) Next() (Batch, bool, error) {
 	return c.Next()
 }
 
-func (c *cursor) Notify() <-chan struct{} {
-	if c.ch == nil {
-		c.ch = make(chan struct{}, 1)
-		l := &c.s.log
-		l.mu.Lock()
-		l.notify[c] = struct{}{}
-		l.mu.Unlock()
-	}
-	return c.ch
-}
+func (c *cursor) Notify() <-chan struct{} { return c.ch }
 
 func (c *cursor) Close() {
 	l := &c.s.log
