@@ -381,9 +381,13 @@ func (r *Replicator) onXferReq(p *wire.Packet) error {
 		}
 		return nil
 	}
+	// One request queues each chunk at most once, however many
+	// overlapping ranges it lists: the work is bounded by the transfer.
+	work := o.n
 	for _, rg := range ranges {
-		for i := rg[0]; i < rg[1] && int(i) < o.n; i++ {
+		for i := rg[0]; i < rg[1] && int(i) < o.n && work > 0; i++ {
 			o.enqueue(i)
+			work--
 		}
 	}
 	r.pumpOut(now)
