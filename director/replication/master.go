@@ -23,27 +23,27 @@ type masterSide struct {
 // dataOverhead is what a DATA datagram spends besides its blob slice.
 const dataOverhead = wire.HeaderLen + wire.TagLen + sessionOverhead + 5*(wire.TLVHead+8) + 2*(wire.TLVHead+4) + wire.TLVHead
 
-// dataParts cuts one committed batch into the bodies of its DATA
-// datagrams. A resend builds them again from the change log.
-func (r *Replicator) dataParts(b *store.Batch) [][]byte {
-	blob := b.Encoded
+// parts says how many DATA datagrams carry a batch.
+func (r *Replicator) parts(b *store.Batch) int {
 	room := r.cfg.MTU - dataOverhead
-	n := max(1, (len(blob)+room-1)/room)
-	parts := make([][]byte, n)
-	now := uint64(r.clk.Now().UnixNano())
-	for i := range n {
-		var w wire.Builder
-		w.U64(wire.TRev, b.Revision)
-		w.U64(wire.TPrev, b.Prev)
-		w.U64(wire.TRevEpoch, r.epochAt(b.Revision))
-		w.U64(wire.TPrevEpoch, r.epochAt(b.Prev))
-		w.U64(wire.TTime, now)
-		w.U32(wire.TPart, uint32(i))
-		w.U32(wire.TParts, uint32(n))
-		w.Bytes(wire.TBlob, blob[min(len(blob), i*room):min(len(blob), (i+1)*room)])
-		parts[i] = w.B
-	}
-	return parts
+	return max(1, (len(b.Encoded)+room-1)/room)
+}
+
+// sendPart sends part i of n of one committed batch: a slice of its
+// encoding, built from the change log when it is sent (a resend builds
+// just the parts asked for).
+func (r *Replicator) sendPart(b *store.Batch, i, n int) {
+	blob, room := b.Encoded, r.cfg.MTU-dataOverhead
+	var w wire.Builder
+	w.U64(wire.TRev, b.Revision)
+	w.U64(wire.TPrev, b.Prev)
+	w.U64(wire.TRevEpoch, r.epochAt(b.Revision))
+	w.U64(wire.TPrevEpoch, r.epochAt(b.Prev))
+	w.U64(wire.TTime, uint64(r.clk.Now().UnixNano()))
+	w.U32(wire.TPart, uint32(i))
+	w.U32(wire.TParts, uint32(n))
+	w.Bytes(wire.TBlob, blob[min(len(blob), i*room):min(len(blob), (i+1)*room)])
+	r.send(wire.MsgData, w.B)
 }
 
 // stream sends one committed batch as it is read from the change log.
@@ -51,8 +51,9 @@ func (r *Replicator) stream(b *store.Batch) {
 	if b.Reset() {
 		return // a reset is not a revision the backup can follow: it asks
 	}
-	for _, p := range r.dataParts(b) {
-		r.send(wire.MsgData, p)
+	n := r.parts(b)
+	for i := range n {
+		r.sendPart(b, i, n)
 	}
 }
 
@@ -150,18 +151,18 @@ func (r *Replicator) onNack(p *wire.Packet) error {
 		if have[b.Revision] {
 			continue
 		}
-		parts := r.dataParts(&b)
+		n := r.parts(&b)
 		if miss, ok := partial[b.Revision]; ok {
 			for _, i := range miss {
-				if int(i) < len(parts) {
-					r.send(wire.MsgData, parts[i])
+				if int(i) < n && budget > 0 {
+					r.sendPart(&b, int(i), n)
 					r.c.Resends++
 					budget--
 				}
 			}
 		} else {
-			for _, body := range parts {
-				r.send(wire.MsgData, body)
+			for i := 0; i < n && budget > 0; i++ {
+				r.sendPart(&b, i, n)
 				r.c.Resends++
 				budget--
 			}
