@@ -54,6 +54,15 @@ type Batch struct {
 	Resolved bool
 }
 
+// size is what a batch counts against the ring's bound: its changes, or
+// for one kept only encoded, the change count the encoding starts with.
+func (b *Batch) size() int {
+	if b.Changes == nil {
+		return int(journalCount(b.Encoded))
+	}
+	return len(b.Changes)
+}
+
 // Reset reports whether the batch set the revision instead of advancing
 // it (a replica taking its master's snapshot at or below its revision).
 func (b *Batch) Reset() bool { return b.Revision <= b.Prev }
@@ -103,7 +112,15 @@ func (l *changeLog) init(rev uint64, max int) {
 
 // add appends a committed batch and wakes the cursors. A reset drops the
 // whole ring first: the history before it is not this store's any more.
+//
+// A batch larger than the whole ring (an import of a million tunnels)
+// keeps only its encoding in memory, a fifth of the resolved changes:
+// readers decode it (Resolved false, so the reconciler syncs the whole
+// table, as it would for a change that size anyway).
 func (l *changeLog) add(b Batch) {
+	if len(b.Changes) > l.max && len(b.Encoded) > 0 {
+		b.Changes, b.Resolved = nil, false
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if b.Reset() {
@@ -114,12 +131,12 @@ func (l *changeLog) add(b Batch) {
 	l.ring = append(l.ring, b)
 	l.next++
 	l.rev = b.Revision
-	l.changes += len(b.Changes)
+	l.changes += b.size()
 	// Trim the oldest batches past the bound, never the newest. The
 	// dropped slots are zeroed so their changes can be collected.
 	k := 0
 	for k < len(l.ring)-1 && l.changes > l.max {
-		l.changes -= len(l.ring[k].Changes)
+		l.changes -= l.ring[k].size()
 		l.ring[k] = Batch{}
 		k++
 	}
@@ -242,6 +259,14 @@ func (c *cursor) Next() (Batch, bool, error) {
 		}
 		b := l.ring[c.seq-l.base]
 		l.mu.Unlock()
+		if b.Changes == nil && len(b.Encoded) > 0 {
+			cs, err := affinity.UnmarshalChanges(b.Encoded)
+			if err != nil {
+				c.err = fmt.Errorf("change log batch %d of %s: %w", b.Revision, c.s.path, err)
+				return Batch{}, false, c.err
+			}
+			b.Changes = cs
+		}
 		c.seq++
 		c.at = b.Revision
 		return b, true, nil

@@ -94,3 +94,27 @@ func TestCursorRingThenJournal(t *testing.T) {
 		t.Fatalf("a revision ahead of the store: %v, want ErrCompacted", err)
 	}
 }
+
+// TestOversizedBatchKeptEncoded: a batch larger than the whole ring keeps
+// only its encoding in memory; a cursor decodes it, unresolved.
+func TestOversizedBatchKeptEncoded(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), RingChanges: 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	c, _ := s.Changes(s.Revision())
+	defer c.Close()
+	s.Commit(tunnels(0, 100))
+	s.log.mu.Lock()
+	kept := s.log.ring[len(s.log.ring)-1].Changes
+	s.log.mu.Unlock()
+	if kept != nil {
+		t.Errorf("a 100-change batch in a 30-change ring kept its %d resolved changes", len(kept))
+	}
+	b, ok, err := c.Next()
+	if err != nil || !ok || len(b.Changes) != 100 || b.Resolved {
+		t.Fatalf("oversized batch: ok %v, %d changes, resolved %v, %v", ok, len(b.Changes), b.Resolved, err)
+	}
+}
