@@ -18,6 +18,12 @@ type masterSide struct {
 	pullAsked   time.Time
 	pullFor     [2]uint64
 	deliveredAt time.Time // last snapshot the backup confirmed
+	// resendable caches canResend's answer for (backup revision, log
+	// position): a lagging backup asks the same at every status and NACK.
+	resendable struct {
+		rb, at uint64
+		ok     bool
+	}
 }
 
 // dataOverhead is what a DATA datagram spends besides its blob slice.
@@ -79,25 +85,41 @@ func (r *Replicator) masterSeesBackup(rb, eb uint64, now time.Time) {
 	}
 }
 
-// canResend reports whether the change log still holds everything after
-// rb, within WindowChanges.
+// canResend reports whether a backup at rb is caught up by resending:
+// the change log holds every batch after rb, and they are one batch
+// (however large) or at most WindowChanges changes. Further behind, a
+// snapshot is cheaper.
 func (r *Replicator) canResend(rb uint64) bool {
+	c := &r.m.resendable
+	if c.rb == rb && c.at == r.logAt && c.at != 0 {
+		return c.ok
+	}
+	c.rb, c.at, c.ok = rb, r.logAt, r.resendable(rb)
+	return c.ok
+}
+
+func (r *Replicator) resendable(rb uint64) bool {
 	cur, err := r.st.Changes(rb)
 	if err != nil {
 		return false
 	}
 	defer cur.Close()
-	n := 0
+	n, batches := 0, 0
 	for {
 		b, ok, err := cur.Next()
 		if err != nil {
 			return false
 		}
-		if !ok || b.Revision == r.logAt {
+		if !ok {
 			return true
 		}
-		if n += len(b.Changes); n > r.cfg.WindowChanges {
+		n += len(b.Changes)
+		batches++
+		if batches > 1 && n > r.cfg.WindowChanges {
 			return false
+		}
+		if b.Revision == r.logAt {
+			return true
 		}
 	}
 }
