@@ -276,8 +276,13 @@ func (e *engine) follow() {
 
 // committed takes one batch the master committed.
 func (e *engine) committed(a *store.Batch) {
-	for i := range a.Changes {
-		c := &a.Changes[i]
+	cs, err := a.Decoded()
+	if err != nil {
+		e.err = fmt.Errorf("simulate at %s: %w", FormatDuration(e.now), err)
+		return
+	}
+	for i := range cs {
+		c := &cs[i]
 		if c.Kind == affinity.PutNode {
 			e.marks[c.Node.Name] = c.Node.Mark
 			e.names[c.Node.Mark] = c.Node.Name
@@ -285,8 +290,8 @@ func (e *engine) committed(a *store.Batch) {
 	}
 	e.revTime[a.Revision] = e.now
 	e.rep.Totals.Commits++
-	for i := range a.Changes {
-		c := &a.Changes[i]
+	for i := range cs {
+		c := &cs[i]
 		if c.Kind != affinity.PutTunnel {
 			continue
 		}

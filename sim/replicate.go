@@ -239,12 +239,16 @@ func (p *journalPair) deliver(msg message) {
 		if e.Revision <= b.Revision() {
 			continue // a retransmission overlapping what arrived
 		}
-		if _, err := b.CommitAt(e.Revision, e.Changes); err != nil {
+		cs, err := e.Decoded()
+		if err == nil {
+			_, err = b.CommitAt(e.Revision, cs)
+		}
+		if err != nil {
 			p.stats.ApplyErrors++
 			p.resync = true
 			return
 		}
-		p.stats.Changes += len(e.Changes)
+		p.stats.Changes += len(cs)
 		if p.applied != nil {
 			p.applied(e.Revision)
 		}

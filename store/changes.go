@@ -42,8 +42,11 @@ type Batch struct {
 	// of its master's revisions at once, so Revision may be above
 	// Prev+1; a reset (CommitReset) may even set it below Prev.
 	Prev uint64
-	// Changes are the resolved changes, as affinity.Applied lists them.
-	// Shared with every reader: read them, never change them.
+	// Changes are the resolved changes, as affinity.Applied lists them,
+	// or nil for a batch the log keeps only encoded (read back from the
+	// journal, or larger than the ring): Decoded decodes it then, so a
+	// reader that needs only Encoded or Len pays nothing. Shared with
+	// every reader: read them, never change them.
 	Changes []affinity.Change
 	// Encoded is affinity.MarshalChanges(Changes), as the journal holds
 	// it (what replication sends).
@@ -54,13 +57,25 @@ type Batch struct {
 	Resolved bool
 }
 
-// size is what a batch counts against the ring's bound: its changes, or
-// for one kept only encoded, the change count the encoding starts with.
-func (b *Batch) size() int {
+// Len is the number of changes in the batch, without decoding it.
+func (b *Batch) Len() int {
 	if b.Changes == nil {
 		return int(journalCount(b.Encoded))
 	}
 	return len(b.Changes)
+}
+
+// Decoded returns the batch's changes, decoding them from Encoded when
+// the log kept only that.
+func (b *Batch) Decoded() ([]affinity.Change, error) {
+	if b.Changes != nil || len(b.Encoded) == 0 {
+		return b.Changes, nil
+	}
+	cs, err := affinity.UnmarshalChanges(b.Encoded)
+	if err != nil {
+		return nil, fmt.Errorf("change log batch %d: %w", b.Revision, err)
+	}
+	return cs, nil
 }
 
 // Reset reports whether the batch set the revision instead of advancing
@@ -115,8 +130,9 @@ func (l *changeLog) init(rev uint64, max int) {
 //
 // A batch larger than the whole ring (an import of a million tunnels)
 // keeps only its encoding in memory, a fifth of the resolved changes:
-// readers decode it (Resolved false, so the reconciler syncs the whole
-// table, as it would for a change that size anyway).
+// readers that need the changes decode it (Decoded); it is not Resolved,
+// so the reconciler syncs the whole table, as it would for a change that
+// size anyway.
 func (l *changeLog) add(b Batch) {
 	if len(b.Changes) > l.max && len(b.Encoded) > 0 {
 		b.Changes, b.Resolved = nil, false
@@ -131,12 +147,12 @@ func (l *changeLog) add(b Batch) {
 	l.ring = append(l.ring, b)
 	l.next++
 	l.rev = b.Revision
-	l.changes += b.size()
+	l.changes += b.Len()
 	// Trim the oldest batches past the bound, never the newest. The
 	// dropped slots are zeroed so their changes can be collected.
 	k := 0
 	for k < len(l.ring)-1 && l.changes > l.max {
-		l.changes -= l.ring[k].size()
+		l.changes -= l.ring[k].Len()
 		l.ring[k] = Batch{}
 		k++
 	}
@@ -259,14 +275,6 @@ func (c *cursor) Next() (Batch, bool, error) {
 		}
 		b := l.ring[c.seq-l.base]
 		l.mu.Unlock()
-		if b.Changes == nil && len(b.Encoded) > 0 {
-			cs, err := affinity.UnmarshalChanges(b.Encoded)
-			if err != nil {
-				c.err = fmt.Errorf("change log batch %d of %s: %w", b.Revision, c.s.path, err)
-				return Batch{}, false, c.err
-			}
-			b.Changes = cs
-		}
 		c.seq++
 		c.at = b.Revision
 		return b, true, nil
@@ -394,12 +402,8 @@ func (s *Store) readJournal(since uint64, max int, stop uint64, bounded bool) ([
 			return fmt.Errorf("%w: asked for the revision after %d; the journal of %s holds revisions from %d", ErrCompacted, since, s.path, oldest)
 		}
 		for ; k != nil && len(out) < max; k, v = c.Next() {
-			cs, err := affinity.UnmarshalChanges(v)
-			if err != nil {
-				return fmt.Errorf("journal entry %d of %s: %w", binary.BigEndian.Uint64(k), s.path, err)
-			}
 			rev := binary.BigEndian.Uint64(k)
-			out = append(out, Batch{Revision: rev, Prev: prev, Changes: cs, Encoded: append([]byte(nil), v...)})
+			out = append(out, Batch{Revision: rev, Prev: prev, Encoded: append([]byte(nil), v...)})
 			prev = rev
 			if bounded && rev == stop {
 				break

@@ -4,8 +4,6 @@ import (
 	"errors"
 	"path/filepath"
 	"testing"
-
-	"github.com/tunneldirector/tunneldirector/affinity"
 )
 
 // readAll reads a cursor from since to the newest batch.
@@ -62,9 +60,9 @@ func TestCursorRingThenJournal(t *testing.T) {
 		if !ok {
 			break
 		}
-		cs, err := affinity.UnmarshalChanges(b.Encoded)
-		if err != nil || len(cs) != len(b.Changes) {
-			t.Fatalf("encoded batch %d: %v", b.Revision, err)
+		cs, err := b.Decoded()
+		if err != nil || len(cs) != 10 || b.Len() != 10 {
+			t.Fatalf("batch %d: %d changes (Len %d), %v", b.Revision, len(cs), b.Len(), err)
 		}
 		if b.Resolved {
 			resolved++
@@ -114,7 +112,8 @@ func TestOversizedBatchKeptEncoded(t *testing.T) {
 		t.Errorf("a 100-change batch in a 30-change ring kept its %d resolved changes", len(kept))
 	}
 	b, ok, err := c.Next()
-	if err != nil || !ok || len(b.Changes) != 100 || b.Resolved {
-		t.Fatalf("oversized batch: ok %v, %d changes, resolved %v, %v", ok, len(b.Changes), b.Resolved, err)
+	cs, derr := b.Decoded()
+	if err != nil || derr != nil || !ok || len(cs) != 100 || b.Len() != 100 || b.Resolved {
+		t.Fatalf("oversized batch: ok %v, %d changes, resolved %v, %v %v", ok, len(cs), b.Resolved, err, derr)
 	}
 }

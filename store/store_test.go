@@ -128,7 +128,11 @@ func TestReplicaReplay(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, b := range bs {
-		if _, err := r.CommitAt(b.Revision, b.Changes); err != nil {
+		cs, err := b.Decoded()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.CommitAt(b.Revision, cs); err != nil {
 			t.Fatal(err)
 		}
 	}

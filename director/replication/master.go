@@ -113,7 +113,7 @@ func (r *Replicator) resendable(rb uint64) bool {
 		if !ok {
 			return true
 		}
-		n += len(b.Changes)
+		n += b.Len()
 		batches++
 		if batches > 1 && n > r.cfg.WindowChanges {
 			return false
@@ -276,7 +276,7 @@ func (r *Replicator) digestAt(rev uint64) (digestSums, bool) {
 		if err != nil || !ok || !b.Resolved {
 			return d, false
 		}
-		if n += len(b.Changes); n > r.cfg.WindowChanges {
+		if n += b.Len(); n > r.cfg.WindowChanges {
 			return d, false
 		}
 		for i := range b.Changes {

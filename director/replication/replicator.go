@@ -217,7 +217,16 @@ func (r *Replicator) drain() {
 				break
 			}
 		}
-		r.dig.apply(b.Changes)
+		cs, err := b.Decoded()
+		if err != nil {
+			r.lastErr = err.Error()
+			r.log.Error("read the store's change log; digest rebuilt from the table", "err", err)
+			if err := r.follow(); err != nil {
+				r.lastErr = err.Error()
+			}
+			return
+		}
+		r.dig.apply(cs)
 		r.rev, r.logAt = b.Revision, b.Revision
 		r.tablesEqual = false
 		switch {
