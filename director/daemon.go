@@ -16,6 +16,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store"
+	"github.com/tunneldirector/tunneldirector/store/etcdstore"
 )
 
 // Daemon keeps the kernel equal to the affinity table: it syncs the whole
@@ -26,9 +27,11 @@ import (
 type Daemon struct {
 	log *slog.Logger
 	clk clock.Clock
-	st  *store.Store
+	st  store.Backend
 	svc *Service
-	dp  ipvs.Dataplane
+	// shared is the store when N active directors share it (etcd).
+	shared sharedStore
+	dp     ipvs.Dataplane
 
 	cfgMu sync.Mutex
 	cfg   *Config
@@ -69,12 +72,27 @@ type Status struct {
 	Learned        int       `json:"learned"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
+	// Etcd is the shared store's state, when the table is in etcd:
+	// whether this director reaches it (if not, it forwards from its
+	// last table, stale, and makes no writes) and who is elected.
+	Etcd *etcdstore.Health `json:"etcd,omitempty"`
+}
+
+// sharedStore is a store that N active directors share (etcd): writes
+// need it reachable, and the writes nobody asked for (learned pins) are
+// made by its elected director alone, so the directors do not race.
+type sharedStore interface {
+	Writable() error
+	IsLeader() bool
+	Health() etcdstore.Health
+	RequestLearn(peer netip.Addr, mark uint16) error
+	OnLearnRequest(fn func(peer netip.Addr, mark uint16) error)
 }
 
 // DaemonOptions wires a daemon.
 type DaemonOptions struct {
 	Config    *Config
-	Store     *store.Store
+	Store     store.Backend
 	Dataplane ipvs.Dataplane
 	Logger    *slog.Logger
 	// Clock times the verify and ready loops and stamps the status (nil:
@@ -111,6 +129,13 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
+	if sh, ok := o.Store.(sharedStore); ok {
+		if o.Replicator != nil {
+			return nil, errors.New("a store shared through etcd and pair replication exclude each other")
+		}
+		d.shared = sh
+		sh.OnLearnRequest(d.Learn)
+	}
 	if err := d.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
@@ -256,6 +281,9 @@ var ErrNotMaster = errors.New("not the master")
 // pair: the backup's table is written only by replication, so both stay
 // equal. A director running alone always writes.
 func (d *Daemon) writable() error {
+	if d.shared != nil {
+		return d.shared.Writable()
+	}
 	if d.repl == nil || d.repl.Role() == replication.RoleMaster {
 		return nil
 	}
@@ -519,6 +547,10 @@ func (d *Daemon) Status() Status {
 		rs := d.repl.Status()
 		s.Replication = &rs
 	}
+	if d.shared != nil {
+		h := d.shared.Health()
+		s.Etcd = &h
+	}
 	return s
 }
 
@@ -555,6 +587,14 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 		mark = ipvs.HashPick(f.Src, c.HashSeed, active)
 	}
 	if mark == 0 {
+		return
+	}
+	if d.shared != nil && !d.shared.IsLeader() {
+		// Every director hashed the peer to the same node; the elected
+		// one pins it.
+		if err := d.shared.RequestLearn(f.Src, mark); err != nil {
+			d.log.Warn("ask the elected director to learn a peer", "peer", f.Src, "err", err)
+		}
 		return
 	}
 	if err := d.Learn(f.Src, mark); err != nil {
