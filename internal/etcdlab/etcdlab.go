@@ -14,6 +14,7 @@ import (
 
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
 )
 
 // Member configures one etcd member.
@@ -42,6 +43,7 @@ func Start(m Member) (*embed.Etcd, error) {
 	cfg.Name = m.Name
 	cfg.Dir = m.Dir
 	cfg.LogLevel = "error"
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
 	cfg.UnsafeNoFsync = true // tests: speed over durability of a tmpfs
 	scheme := "http"
 	if m.TLS.CertFile != "" {
