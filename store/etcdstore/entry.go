@@ -50,7 +50,7 @@ func unmarshalEntry(b []byte) (entry, error) {
 		return e, fmt.Errorf("log entry: %w (no %s prefix)", errNotOurs, magicEntry)
 	}
 	b = b[len(magicEntry):]
-	prev, n := binary.Uvarint(b)
+	prev, n := uvarint(b)
 	if n <= 0 || len(b) == n {
 		return e, errors.New("log entry: truncated")
 	}
@@ -68,7 +68,7 @@ func unmarshalEntry(b []byte) (entry, error) {
 		if err != nil || id == "" || strings.Contains(id, "/") {
 			return e, errors.New("log entry: bad stage id")
 		}
-		c, n := binary.Uvarint(rest)
+		c, n := uvarint(rest)
 		if n <= 0 || n != len(rest) || c == 0 || c > maxStageChunks {
 			return e, errors.New("log entry: bad chunk count")
 		}
@@ -100,7 +100,7 @@ func unmarshalSnap(b []byte) (snapPtr, error) {
 		return p, fmt.Errorf("snapshot pointer: %w (no %s prefix)", errNotOurs, magicSnap)
 	}
 	b = b[len(magicSnap):]
-	rev, n := binary.Uvarint(b)
+	rev, n := uvarint(b)
 	if n <= 0 {
 		return p, errors.New("snapshot pointer: truncated")
 	}
@@ -108,7 +108,7 @@ func unmarshalSnap(b []byte) (snapPtr, error) {
 	if err != nil || id == "" || strings.Contains(id, "/") {
 		return p, errors.New("snapshot pointer: bad id")
 	}
-	c, n := binary.Uvarint(rest)
+	c, n := uvarint(rest)
 	if n <= 0 || n != len(rest) || c > maxStageChunks {
 		return p, errors.New("snapshot pointer: bad chunk count")
 	}
@@ -117,9 +117,19 @@ func unmarshalSnap(b []byte) (snapPtr, error) {
 }
 
 func readString(b []byte) (string, []byte, error) {
-	l, n := binary.Uvarint(b)
+	l, n := uvarint(b)
 	if n <= 0 || l > uint64(len(b)-n) || l > 256 {
 		return "", nil, errors.New("bad string")
 	}
 	return string(b[n : n+int(l)]), b[n+int(l):], nil
+}
+
+// uvarint reads a uvarint in its shortest form only: one value, one
+// encoding, so a decoded value re-encodes to the bytes it came from.
+func uvarint(b []byte) (uint64, int) {
+	v, n := binary.Uvarint(b)
+	if n > 0 && n != len(binary.AppendUvarint(nil, v)) {
+		return 0, -1
+	}
+	return v, n
 }

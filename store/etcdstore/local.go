@@ -45,6 +45,14 @@ func (l *local) apply(rev uint64, cs []affinity.Change) (*affinity.Applied, erro
 	return l.mem.ApplyAt(rev, cs)
 }
 
+// persist writes a batch already applied to the table (the cache only).
+func (l *local) persist(a *affinity.Applied) error {
+	if l.cache != nil {
+		return l.cache.CommitApplied(a)
+	}
+	return nil
+}
+
 // reset applies resolved changes and sets the revision (a reload).
 func (l *local) reset(rev uint64, cs []affinity.Change) (*affinity.Applied, error) {
 	if l.cache != nil {

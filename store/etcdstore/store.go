@@ -638,6 +638,8 @@ func (s *Store) Do(plan func(*affinity.Table) ([]affinity.Change, error)) (*affi
 		if err != nil {
 			return nil, err
 		}
+		// The batch is applied at once (readers may see it while it
+		// commits, as with bbolt) and rolled back if etcd refuses it.
 		a, err := t.Apply(batch)
 		if err != nil {
 			return nil, err
@@ -645,10 +647,12 @@ func (s *Store) Do(plan func(*affinity.Table) ([]affinity.Change, error)) (*affi
 		if len(a.Changes) == 0 {
 			return a, nil
 		}
-		prev, cs := a.Previous(), a.Changes
-		a.Rollback()
-		ctx, cancel := context.WithTimeout(s.ctx, s.o.RequestTimeout+time.Duration(len(cs)/1000)*time.Millisecond*10)
-		rev, err := s.commit(ctx, prev, cs)
+		prev := a.Previous()
+		ctx, cancel := context.WithTimeout(s.ctx, s.o.RequestTimeout+time.Duration(len(a.Changes)/1000)*time.Millisecond*10)
+		rev, err := s.commit(ctx, prev, a.Changes)
+		if err != nil {
+			a.Rollback()
+		}
 		if errors.Is(err, errConflict) && attempt < maxConflicts {
 			err = s.catchUpLocked(ctx)
 			cancel()
@@ -657,15 +661,19 @@ func (s *Store) Do(plan func(*affinity.Table) ([]affinity.Change, error)) (*affi
 			}
 			continue
 		}
+		cancel()
 		if err != nil {
-			cancel()
 			return nil, s.failed(err)
 		}
-		cancel()
-		applied, err := s.applyLocked(rev, prev, cs)
-		if err != nil {
-			return nil, err
+		a.Restamp(rev)
+		if err := s.loc.persist(a); err != nil {
+			// etcd holds the change; the cache is behind and is
+			// reloaded at the next start.
+			s.o.Logger.Error("write the local cache", "revision", rev, "err", err)
 		}
+		s.log.Add(store.Batch{Revision: rev, Prev: prev, Changes: a.Changes, Resolved: true})
+		s.sinceSnap += len(a.Changes)
+		applied := a
 		s.maybeSnapshot()
 		return applied, nil
 	}

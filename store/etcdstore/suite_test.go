@@ -21,7 +21,7 @@ var (
 	prefixN     atomic.Int64
 )
 
-func endpoint(t *testing.T) string {
+func endpoint(t testing.TB) string {
 	t.Helper()
 	if labEndpoint == "" {
 		labEndpoint = etcdlab.Single(&keepAlive{t})
@@ -42,7 +42,7 @@ func newPrefix() string { return fmt.Sprintf("/td-test/%d-%d/", time.Now().UnixN
 
 // openTest opens a store on the lab member with small chunk sizes, so the
 // suite's large batch goes through the staged path.
-func openTest(t *testing.T, prefix string, o affinity.Options, mod ...func(*Options)) *Store {
+func openTest(t testing.TB, prefix string, o affinity.Options, mod ...func(*Options)) *Store {
 	t.Helper()
 	opts := Options{Location: Location{Endpoints: []string{endpoint(t)}, Prefix: prefix}, Table: o,
 		InlineBytes: 16 << 10, ChunkBytes: 128 << 10, ElectionTTL: 2,
