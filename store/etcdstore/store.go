@@ -916,6 +916,10 @@ func (s *Store) follow() {
 
 // sync catches up with etcd once and records the connection's health.
 func (s *Store) sync() {
+	// The lock first: a commit in progress (a large import) must not
+	// eat the timeout and pass for a lost connection.
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	ctx, cancel := context.WithTimeout(s.ctx, s.o.RequestTimeout)
 	defer cancel()
 	h := s.Health()
@@ -926,9 +930,7 @@ func (s *Store) sync() {
 		err = s.claim(ctx)
 	}
 	if err == nil {
-		s.mu.Lock()
 		err = s.catchUpLocked(ctx)
-		s.mu.Unlock()
 	}
 	if s.ctx.Err() != nil {
 		return
