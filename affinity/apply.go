@@ -252,6 +252,7 @@ func (t *Table) reset() {
 	t.byMark = [MaxMark + 1]*Node{}
 	t.count = [MaxMark + 1]int{}
 	t.subnets = bart.Table[*entry]{}
+	t.refreshActive()
 }
 
 // applyMode says how putTunnel treats times, revisions and results.
@@ -340,6 +341,7 @@ func (t *Table) rollback(undo []undoRec) {
 				t.nodes[u.oldN.Name] = u.oldN
 				t.byMark[u.oldN.Mark] = u.oldN
 			}
+			t.refreshActive()
 		}
 	}
 }
@@ -437,6 +439,7 @@ func (t *Table) putNode(c *Change) (Change, undoRec, bool, error) {
 	nn := &n
 	t.nodes[n.Name] = nn
 	t.byMark[n.Mark] = nn
+	t.refreshActive()
 	res := *nn
 	return Change{Kind: PutNode, Node: &res}, undoRec{oldN: old, newN: nn}, true, nil
 }
@@ -458,6 +461,7 @@ func (t *Table) deleteNode(c *Change) (Change, undoRec, bool, error) {
 	}
 	delete(t.nodes, old.Name)
 	t.byMark[old.Mark] = nil
+	t.refreshActive()
 	return Change{Kind: DeleteNode, Name: old.Name}, undoRec{oldN: old}, true, nil
 }
 

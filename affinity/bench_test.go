@@ -126,3 +126,45 @@ func TestMemoryPerTunnel(t *testing.T) {
 	}
 	runtime.KeepAlive(tb)
 }
+
+var (
+	big64Once  sync.Once
+	big64Table *Table
+)
+
+// million64 is a table of 1,000,000 tunnels over 64 nodes of mixed
+// weights: the placement benchmark.
+func million64(b *testing.B) *Table {
+	big64Once.Do(func() {
+		const nodes, n = 64, 1_000_000
+		batch := make([]Change, 0, nodes+n)
+		for i := 0; i < nodes; i++ {
+			batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("vpn-%02d", i), Weight: uint32(100 + 50*(i%3)),
+				Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+		}
+		for i := 0; i < n; i++ {
+			batch = append(batch, Change{Kind: PutTunnel, Tunnel: &Tunnel{
+				ID:   fmt.Sprintf("tun-%07d", i),
+				Peer: netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)}),
+			}})
+		}
+		tb, _ := New(Options{})
+		if _, err := tb.Apply(batch); err != nil {
+			panic(err)
+		}
+		big64Table = tb
+	})
+	return big64Table
+}
+
+// BenchmarkSchedule1M64 is the cost of placing one new tunnel (choosing
+// its node) at 1,000,000 tunnels and 64 nodes.
+func BenchmarkSchedule1M64(b *testing.B) {
+	tb := million64(b)
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		if _, err := tb.Schedule(netip.AddrFrom4([4]byte{101, byte(i >> 16), byte(i >> 8), byte(i)})); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -20,6 +20,10 @@ const DefaultEpsilon = 0.25
 type Options struct {
 	// Epsilon is the bounded-load slack; 0 means DefaultEpsilon.
 	Epsilon float64
+	// Choices is d, the number of best-scoring nodes a placement weighs
+	// by load (power of d choices); 0 means DefaultChoices, 1 places by
+	// score alone (the scheduler before choices existed).
+	Choices int
 	// VIPs are the director's virtual addresses; no protected subnet may
 	// contain one, and no peer or node may use one.
 	VIPs []netip.Addr
@@ -33,12 +37,18 @@ type Options struct {
 type Table struct {
 	mu      sync.RWMutex
 	epsilon float64
+	choices int
 	vips    []netip.Addr
 	now     func() time.Time
 	rev     uint64
 
-	nodes   map[string]*Node
-	byMark  [MaxMark + 1]*Node
+	nodes  map[string]*Node
+	byMark [MaxMark + 1]*Node
+	// active lists the nodes that take tunnels (active, weight > 0) by
+	// mark, rebuilt on every change of nodes: placement reads it instead
+	// of walking the map. uniform says their weights are all equal.
+	active  []*Node
+	uniform bool
 	count   [MaxMark + 1]int // tunnels per node mark
 	tunnels map[string]*entry
 	peers4  map[uint32]*entry // IPv4 peers keyed by the address as a number: half the memory of a netip.Addr key
@@ -101,19 +111,18 @@ func (t *Table) deletePeer(a netip.Addr) {
 
 // New returns an empty table.
 func New(opts Options) (*Table, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	opts = opts.withDefaults()
 	t := &Table{
 		epsilon: opts.Epsilon,
+		choices: opts.Choices,
 		now:     opts.Now,
 		nodes:   make(map[string]*Node),
 		tunnels: make(map[string]*entry),
 		peers4:  make(map[uint32]*entry),
 		peers6:  make(map[netip.Addr]*entry),
-	}
-	if t.epsilon == 0 {
-		t.epsilon = DefaultEpsilon
-	}
-	if t.epsilon < 0 || t.epsilon > 10 {
-		return nil, fmt.Errorf("bounded-load epsilon %g out of range (0, 10]", opts.Epsilon)
 	}
 	if t.now == nil {
 		t.now = time.Now
@@ -170,6 +179,9 @@ func (t *Table) IsVIP(a netip.Addr) bool {
 
 // Epsilon returns the bounded-load slack in force.
 func (t *Table) Epsilon() float64 { return t.epsilon }
+
+// Choices returns d, the candidates a placement weighs by load.
+func (t *Table) Choices() int { return t.choices }
 
 // Revision returns the revision of the last applied change.
 func (t *Table) Revision() uint64 {
