@@ -210,87 +210,96 @@ func (b *Buckets) Targets(nodes []NodeLoad) map[uint16]int {
 // since the last balancing step, at most MaxChanges buckets, none seen
 // within Quiet.
 func (b *Buckets) Step(now time.Time, nodes []NodeLoad) []BucketChange {
-	byMark := make(map[uint16]*NodeLoad, len(nodes))
+	// What each mark's packets reach: by default nothing (gone).
+	const (
+		gone = iota
+		down
+		closed // alive but takes no new tunnels: draining or full
+		open
+	)
+	var state [MaxMark + 1]uint8
 	for i := range nodes {
-		byMark[nodes[i].Mark] = &nodes[i]
-	}
-	// dead: the bucket's packets reach no live node; forced: the node
-	// takes no new tunnels.
-	dead := func(m uint16) bool {
-		n := byMark[m]
-		return n == nil || n.State == NodeDown
-	}
-	forced := func(m uint16) bool {
-		n := byMark[m]
-		return n == nil || !n.takes()
+		n := &nodes[i]
+		if int(n.Mark) > MaxMark {
+			continue
+		}
+		switch {
+		case n.takes():
+			state[n.Mark] = open
+		case n.State == NodeDown:
+			state[n.Mark] = down
+		default:
+			state[n.Mark] = closed
+		}
 	}
 	t := now.UnixNano()
 	balance := b.last.IsZero() || !now.Before(b.last.Add(b.opts.Interval))
-	if !balance && !slices.ContainsFunc(b.marks, forced) {
+	if !balance && !slices.ContainsFunc(b.marks, func(m uint16) bool { return state[m] != open }) {
 		return nil
 	}
 	target := b.Targets(nodes)
+	var out []BucketChange
 	if len(target) == 0 {
 		// No node takes tunnels: unknown peers go nowhere.
-		var out []BucketChange
 		for i, m := range b.marks {
-			if m != 0 && (dead(m) || b.quiet(i, t)) {
+			if m != 0 && (state[m] <= down || b.quiet(i, t)) {
 				out = append(out, BucketChange{Bucket: i, From: m})
 				b.marks[i] = 0
 			}
 		}
 		return out
 	}
-	have := make(map[uint16]int, len(target))
-	for _, m := range b.marks {
-		if _, ok := target[m]; ok {
-			have[m]++
-		}
-	}
-	// Receivers in mark order; each moved bucket goes to the one furthest
-	// below its target.
-	recv := make([]uint16, 0, len(target))
-	for m := range target {
+	var want, have [MaxMark + 1]int32
+	recv := make([]uint16, 0, len(target)) // receivers in mark order
+	for m, n := range target {
+		want[m] = int32(n)
 		recv = append(recv, m)
 	}
 	slices.Sort(recv)
+	for _, m := range b.marks {
+		have[m]++
+	}
+	// give returns the receiver furthest below its target.
 	give := func() uint16 {
-		best, gap := uint16(0), 0
+		best, gap := uint16(0), int32(0)
 		for _, m := range recv {
-			if g := target[m] - have[m]; g > gap {
+			if g := want[m] - have[m]; g > gap {
 				best, gap = m, g
 			}
 		}
 		return best
 	}
-	var out []BucketChange
 	move := func(i int) bool {
 		to := give()
 		if to == 0 {
 			return false
 		}
 		from := b.marks[i]
-		if _, ok := target[from]; ok {
-			have[from]--
-		}
+		have[from]--
 		have[to]++
 		b.marks[i] = to
 		out = append(out, BucketChange{Bucket: i, From: from, To: to})
 		return true
 	}
 	for i, m := range b.marks {
-		if forced(m) && (dead(m) || b.quiet(i, t)) {
+		if state[m] != open && (state[m] <= down || b.quiet(i, t)) {
 			move(i)
 		}
 	}
+	surplus := false
+	for _, m := range recv {
+		surplus = surplus || have[m] > want[m]
+	}
 	if balance {
 		b.last = now
+	}
+	if balance && surplus {
 		n := len(b.marks)
 		budget := b.opts.MaxChanges
 		for k := 0; k < n && budget > 0; k++ {
 			i := (b.cursor + k) % n
 			m := b.marks[i]
-			if _, ok := target[m]; !ok || have[m] <= target[m] || !b.quiet(i, t) {
+			if state[m] != open || have[m] <= want[m] || !b.quiet(i, t) {
 				continue
 			}
 			if !move(i) {

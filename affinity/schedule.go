@@ -12,12 +12,13 @@ import (
 // with a choice by load. Each active node gets a score for a tunnel's
 // peer address, weight / -ln(u) with u a hash of (peer, node name) mapped
 // into (0, 1). The d best-scoring nodes are the peer's candidates (power
-// of d choices, d = Options.Choices, default 2); the tunnel goes to the
-// least loaded candidate (tunnels per unit of weight, counting the new
-// one) that is below its load bound and its capacity, the better score
-// breaking ties. When no candidate has room, the next nodes in score order
-// are tried, so the bound, ceil((1+epsilon) x weighted share), stays a
-// hard cap while any node within its capacity is below it.
+// of d choices, d = Options.Choices; by default every active node); the
+// tunnel goes to the least loaded candidate (tunnels per unit of weight,
+// counting the new one) that is below its load bound and its capacity,
+// the better score breaking ties. When no candidate has room, the next
+// nodes in score order are tried, so the bound, ceil((1+epsilon) x
+// weighted share), stays a hard cap while any node within its capacity
+// is below it.
 //
 // The scores depend only on the peer and the node, so a peer keeps its
 // preference, and adding a node changes no other node's score; the loads
@@ -176,6 +177,11 @@ const maxStackNodes = 64
 // pick chooses the node for a peer against a load view, excluding the
 // node named except (a tunnel's current node when moving it).
 func (t *Table) pick(peer netip.Addr, v *loadView, except string) (*Node, error) {
+	if t.choices == 0 || t.choices >= len(t.active) {
+		if n := t.pickLeast(peer, v, except); n != nil {
+			return n, nil
+		}
+	}
 	var buf [maxStackNodes]ranked
 	r := t.scoreLocked(peer, buf[:0], v.gone, except)
 	if len(r) == 0 {
@@ -217,6 +223,40 @@ func (t *Table) pick(peer netip.Addr, v *loadView, except string) (*Node, error)
 		}
 	}
 	return nil, fmt.Errorf("%w: every active node is at capacity, no room for peer %s", ErrConflict, peer)
+}
+
+// pickLeast is pick with every active node a candidate: the least loaded
+// node within its bound and capacity, the peer's best score among equally
+// loaded ones. Only those are hashed. It returns nil when no node fits the
+// bound, leaving the fallbacks to pick.
+func (t *Table) pickLeast(peer netip.Addr, v *loadView, except string) *Node {
+	var buf [maxStackNodes]*Node
+	tied := buf[:0]
+	for _, n := range t.active {
+		if n.Name == v.gone || n.Name == except || !t.fits(v, n) {
+			continue
+		}
+		switch {
+		case len(tied) == 0 || lighter(v, n, tied[0]):
+			tied = append(tied[:0], n)
+		case !lighter(v, tied[0], n):
+			tied = append(tied, n)
+		}
+	}
+	if len(tied) <= 1 {
+		if len(tied) == 0 {
+			return nil
+		}
+		return tied[0]
+	}
+	h := hrwOf(peer)
+	best := ranked{tied[0], h.score(tied[0], t.uniform)}
+	for _, n := range tied[1:] {
+		if c := (ranked{n, h.score(n, t.uniform)}); byScore(c, best) < 0 {
+			best = c
+		}
+	}
+	return best.n
 }
 
 // schedule places a new tunnel against the live counts.

@@ -249,7 +249,7 @@ func TestHRWSpread(t *testing.T) {
 
 // refPick is the placement rule written plainly from the public API: the
 // least loaded (per weight, counting the new tunnel) of the peer's d
-// preferred nodes that is below its bound and capacity, the preferred one
+// preferred nodes (d = 0: all) that is below its bound and capacity, the preferred one
 // on a tie; else the first node in preference order below both; else the
 // first below its capacity.
 func refPick(tb *Table, peer netip.Addr, d int) string {
@@ -263,6 +263,9 @@ func refPick(tb *Table, peer netip.Addr, d int) string {
 		return counts[name] < bound[name] && (n.Capacity == 0 || counts[name] < n.Capacity)
 	}
 	best := ""
+	if d == 0 {
+		d = len(pref)
+	}
 	for _, name := range pref[:min(d, len(pref))] {
 		if !fits(name) {
 			continue
@@ -290,7 +293,7 @@ func refPick(tb *Table, peer netip.Addr, d int) string {
 }
 
 func TestSchedulerChoicesMatchReference(t *testing.T) {
-	for _, d := range []int{1, 2, 3, 5} {
+	for _, d := range []int{0, 1, 2, 3, 5} {
 		for seed := uint64(1); seed <= 4; seed++ {
 			r := rand.New(rand.NewPCG(seed, uint64(d)))
 			tb, err := New(Options{Now: fixedClock(), Choices: d})
@@ -382,10 +385,10 @@ func TestOptionsValidate(t *testing.T) {
 		o    Options
 		want string
 	}{
-		{Options{Choices: -1}, "choices: -1 out of range 1..64"},
-		{Options{Choices: 65}, "choices: 65 out of range 1..64"},
+		{Options{Choices: -1}, "choices: -1 out of range 0..4095"},
+		{Options{Choices: 4096}, "choices: 4096 out of range 0..4095"},
 		{Options{Epsilon: -0.5}, "epsilon: -0.5 out of range (0, 10]"},
-		{Options{Epsilon: 11, Choices: 100}, "epsilon: 11 out of range (0, 10]; choices: 100 out of range"},
+		{Options{Epsilon: 11, Choices: -2}, "epsilon: 11 out of range (0, 10]; choices: -2 out of range"},
 	} {
 		err := c.o.Validate()
 		if err == nil || !strings.Contains(err.Error(), c.want) {

@@ -21,8 +21,10 @@ type Options struct {
 	// Epsilon is the bounded-load slack; 0 means DefaultEpsilon.
 	Epsilon float64
 	// Choices is d, the number of best-scoring nodes a placement weighs
-	// by load (power of d choices); 0 means DefaultChoices, 1 places by
-	// score alone (the scheduler before choices existed).
+	// by load (power of d choices). 0, the default, weighs every active
+	// node: the least loaded takes the tunnel, the peer's rendezvous order
+	// breaking ties. 1 places by score alone (the scheduler before
+	// choices existed).
 	Choices int
 	// VIPs are the director's virtual addresses; no protected subnet may
 	// contain one, and no peer or node may use one.
@@ -180,7 +182,8 @@ func (t *Table) IsVIP(a netip.Addr) bool {
 // Epsilon returns the bounded-load slack in force.
 func (t *Table) Epsilon() float64 { return t.epsilon }
 
-// Choices returns d, the candidates a placement weighs by load.
+// Choices returns d, the candidates a placement weighs by load (0: every
+// active node).
 func (t *Table) Choices() int { return t.choices }
 
 // Revision returns the revision of the last applied change.
