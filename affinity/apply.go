@@ -210,7 +210,7 @@ func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*T
 	}
 	if sizeHint > 0 {
 		t.tunnels = make(map[string]*entry, sizeHint)
-		t.peers4 = make(map[uint32]*entry, sizeHint)
+		t.peers = newPeerIndex(sizeHint)
 	}
 	var berr BatchError
 	i := 0
@@ -247,8 +247,7 @@ func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*T
 func (t *Table) reset() {
 	clear(t.nodes)
 	clear(t.tunnels)
-	clear(t.peers4)
-	clear(t.peers6)
+	t.peers.clear()
 	t.byMark = [MaxMark + 1]*Node{}
 	t.count = [MaxMark + 1]int{}
 	t.subnets = bart.Table[*entry]{}

@@ -53,8 +53,7 @@ type Table struct {
 	uniform bool
 	count   [MaxMark + 1]int // tunnels per node mark
 	tunnels map[string]*entry
-	peers4  map[uint32]*entry // IPv4 peers keyed by the address as a number: half the memory of a netip.Addr key
-	peers6  map[netip.Addr]*entry
+	peers   peerIndex
 	subnets bart.Table[*entry]
 }
 
@@ -81,35 +80,11 @@ func (e *entry) commentText() string {
 	return *e.comment
 }
 
-func v4key(a netip.Addr) uint32 {
-	b := a.As4()
-	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-}
+func (t *Table) peer(a netip.Addr) (*entry, bool) { return t.peers.get(a) }
 
-func (t *Table) peer(a netip.Addr) (*entry, bool) {
-	if a.Is4() {
-		e, ok := t.peers4[v4key(a)]
-		return e, ok
-	}
-	e, ok := t.peers6[a]
-	return e, ok
-}
+func (t *Table) setPeer(e *entry) { t.peers.put(e) }
 
-func (t *Table) setPeer(e *entry) {
-	if e.peer.Is4() {
-		t.peers4[v4key(e.peer)] = e
-	} else {
-		t.peers6[e.peer] = e
-	}
-}
-
-func (t *Table) deletePeer(a netip.Addr) {
-	if a.Is4() {
-		delete(t.peers4, v4key(a))
-	} else {
-		delete(t.peers6, a)
-	}
-}
+func (t *Table) deletePeer(a netip.Addr) { t.peers.del(a) }
 
 // New returns an empty table.
 func New(opts Options) (*Table, error) {
@@ -123,8 +98,7 @@ func New(opts Options) (*Table, error) {
 		now:     opts.Now,
 		nodes:   make(map[string]*Node),
 		tunnels: make(map[string]*entry),
-		peers4:  make(map[uint32]*entry),
-		peers6:  make(map[netip.Addr]*entry),
+		peers:   newPeerIndex(0),
 	}
 	if t.now == nil {
 		t.now = time.Now
@@ -456,12 +430,7 @@ func (t *Table) EachKey(fn func(id string, peer netip.Addr, subnets []netip.Pref
 func (t *Table) PeerMarks(fn func(netip.Addr, uint16)) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	for _, e := range t.peers4 {
-		fn(e.peer, e.mark)
-	}
-	for a, e := range t.peers6 {
-		fn(a, e.mark)
-	}
+	t.peers.each(func(e *entry) { fn(e.peer, e.mark) })
 }
 
 // SubnetMarks calls fn for every protected subnet and its owner's mark, in

@@ -816,8 +816,8 @@ func (e *engine) finish() {
 	r.Totals.Live = len(e.live)
 	if u := r.Unknown; u != nil {
 		u.Changes, u.Steps = e.kernel.changes, e.kernel.steps
-		if r.Totals.Arrivals > 0 {
-			u.Share = round3(float64(u.Learned) / float64(r.Totals.Arrivals))
+		if after := r.Totals.Arrivals - r.InitialTunnels; after > 0 {
+			u.Share = round3(float64(u.Learned) / float64(after))
 		}
 	}
 	r.Balance.finish()

@@ -230,7 +230,7 @@ type UnknownReport struct {
 	Dataplane string `json:"dataplane"`
 	Buckets   int    `json:"buckets,omitempty"`
 	// Learned are the peers pinned from their first packet; Share their
-	// part of all arrivals.
+	// part of the tunnels that came up after the start.
 	Learned int     `json:"learned"`
 	Share   float64 `json:"share"`
 	// Changes are the buckets (or, before buckets, node maps) that
@@ -347,7 +347,7 @@ func (r *Report) WriteText(w io.Writer) error {
 	p("traffic check: %d packets in %d full sweeps and after every step; %d violation(s) (%d in a pin window, %d by an IPVS connection entry); %d disruption(s) (moved tunnels re-establishing for %s)\n",
 		t.Packets, t.Sweeps, t.Violations, t.PinWindow, t.ConnEntry, t.Disruptions, r.Settings.Reestablish)
 	if u := r.Unknown; u != nil {
-		p("unknown peers: %d learned from their first packet (%.1f%% of arrivals); kernel: %s; %d bucket change(s) in %d step(s)\n",
+		p("unknown peers: %d learned from their first packet (%.1f%% of the tunnels that came up after the start); kernel: %s; %d bucket change(s) in %d step(s)\n",
 			u.Learned, 100*u.Share, u.Dataplane, u.Changes, u.Steps)
 	}
 	for _, v := range t.Examples {
