@@ -7,13 +7,18 @@ import (
 	"time"
 )
 
-// unknownScenario is small() with every arriving peer unknown and a slow
+// unknownScenario is a smaller small() with every arriving peer unknown and a slow
 // learner, so that node events and bucket changes find peers waiting for
 // their pin.
 func unknownScenario(seed uint64, learn time.Duration) *Scenario {
 	s := small(seed)
+	s.Tunnels.Count, s.Duration = 800, 2*24*time.Hour
+	s.Events = StandardEvents(s.Duration, s.Nodes)
 	s.Unknown.Share = 1
 	s.Unknown.LearnDelay = learn
+	// Fewer buckets, stepped less often: the same rules at a fraction
+	// of the cost under -race.
+	s.Unknown.Buckets, s.Unknown.MaxChanges, s.Unknown.Interval = 1024, 64, time.Minute
 	return s
 }
 
@@ -64,6 +69,8 @@ func TestPinWindow(t *testing.T) {
 // one-packet scheduling (or route-only) it follows the move.
 func TestConnectionEntries(t *testing.T) {
 	s := small(12)
+	s.Tunnels.Count, s.Duration = 800, 2*24*time.Hour
+	s.Events = StandardEvents(s.Duration, s.Nodes)
 	s.Dataplane.ConnectionEntries = true
 	r, _ := run(t, s, nil, false)
 	if r.Traffic.ConnEntry == 0 || r.Traffic.Violations != r.Traffic.ConnEntry {
