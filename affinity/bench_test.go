@@ -60,19 +60,23 @@ var (
 )
 
 func millionTable(b *testing.B) *Table {
-	bigOnce.Do(func() {
-		tb, _ := New(Options{})
-		if _, err := tb.Apply(bigBatch(1_000_000)); err != nil {
+	return sharedTable(&bigOnce, &bigTable, func() []Change { return bigBatch(1_000_000) })
+}
+
+// sharedTable builds a benchmark's big table once per process.
+func sharedTable(once *sync.Once, tb **Table, batch func() []Change) *Table {
+	once.Do(func() {
+		t, _ := New(Options{})
+		if _, err := t.Apply(batch()); err != nil {
 			panic(err)
 		}
-		bigTable = tb
+		*tb = t
 	})
-	return bigTable
+	return *tb
 }
 
 func BenchmarkPeerLookup1M(b *testing.B) {
 	tb := millionTable(b)
-	b.ResetTimer()
 	loop(b, func(i int) {
 		j := i % 1_000_000
 		if _, ok := tb.LookupPeer(netip.AddrFrom4([4]byte{100, byte(j >> 16), byte(j >> 8), byte(j)})); !ok {
@@ -83,7 +87,6 @@ func BenchmarkPeerLookup1M(b *testing.B) {
 
 func BenchmarkPeerMark1M(b *testing.B) {
 	tb := millionTable(b)
-	b.ResetTimer()
 	loop(b, func(i int) {
 		j := i % 1_000_000
 		if _, ok := tb.PeerMark(netip.AddrFrom4([4]byte{100, byte(j >> 16), byte(j >> 8), byte(j)})); !ok {
@@ -94,7 +97,6 @@ func BenchmarkPeerMark1M(b *testing.B) {
 
 func BenchmarkSubnetLookup1M(b *testing.B) {
 	tb := millionTable(b)
-	b.ResetTimer()
 	loop(b, func(i int) {
 		j := i % 1_000_000
 		a := netip.AddrFrom4([4]byte{byte(10 + j>>19), byte(j >> 11), byte(j >> 3), byte(j<<5) | 7})
@@ -106,7 +108,6 @@ func BenchmarkSubnetLookup1M(b *testing.B) {
 
 func BenchmarkSubnetMark1M(b *testing.B) {
 	tb := millionTable(b)
-	b.ResetTimer()
 	loop(b, func(i int) {
 		j := i % 1_000_000
 		a := netip.AddrFrom4([4]byte{byte(10 + j>>19), byte(j >> 11), byte(j >> 3), byte(j<<5) | 7})
@@ -164,7 +165,7 @@ var (
 // million64 is a table of 1,000,000 tunnels over 64 nodes of mixed
 // weights: the placement benchmark.
 func million64(b *testing.B) *Table {
-	big64Once.Do(func() {
+	return sharedTable(&big64Once, &big64Table, func() []Change {
 		const nodes, n = 64, 1_000_000
 		batch := make([]Change, 0, nodes+n)
 		for i := 0; i < nodes; i++ {
@@ -177,20 +178,14 @@ func million64(b *testing.B) *Table {
 				Peer: netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)}),
 			}})
 		}
-		tb, _ := New(Options{})
-		if _, err := tb.Apply(batch); err != nil {
-			panic(err)
-		}
-		big64Table = tb
+		return batch
 	})
-	return big64Table
 }
 
 // BenchmarkSchedule1M64 is the cost of placing one new tunnel (choosing
 // its node) at 1,000,000 tunnels and 64 nodes.
 func BenchmarkSchedule1M64(b *testing.B) {
 	tb := million64(b)
-	b.ResetTimer()
 	loop(b, func(i int) {
 		if _, err := tb.Schedule(netip.AddrFrom4([4]byte{101, byte(i >> 16), byte(i >> 8), byte(i)})); err != nil {
 			b.Fatal(err)
