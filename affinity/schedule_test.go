@@ -403,3 +403,53 @@ func TestOptionsValidate(t *testing.T) {
 		t.Fatalf("defaults: %v, choices %d, epsilon %g", err, tb.Choices(), tb.Epsilon())
 	}
 }
+
+// TestFailoverFillsEmptiest: a failed node's tunnels go where there is
+// room. An added node, still empty, takes the displaced tunnels until it is
+// level with the others; with d = 1 it takes what its rank and the load
+// bound send it.
+func TestFailoverFillsEmptiest(t *testing.T) {
+	got := map[int]int{}
+	for _, d := range []int{0, 1} {
+		tb, err := New(Options{Now: fixedClock(), Choices: d})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var batch []Change
+		for i := 0; i < 4; i++ {
+			batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("n%d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+		}
+		for i := 0; i < 2000; i++ {
+			batch = append(batch, put(fmt.Sprintf("t%05d", i), netip.AddrFrom4([4]byte{100, 4, byte(i >> 8), byte(i)}).String(), ""))
+		}
+		batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: "new", Addr: addr("172.16.0.99")}})
+		if _, err := tb.Apply(batch); err != nil {
+			t.Fatal(err)
+		}
+		before := owners(tb)
+		p, err := tb.PlanNodeState("n0", NodeDown)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tb.Apply(p.Batch()); err != nil {
+			t.Fatal(err)
+		}
+		assertMoved(t, before, owners(tb), func(id string) bool { return before[id] == "n0" })
+		got[d] = tb.Counts()["new"]
+		if d == 0 {
+			// 2,000 tunnels over 4 nodes: about 500 displaced, and 500 is
+			// the level of the other three.
+			c := tb.Counts()
+			for _, n := range []string{"n1", "n2", "n3", "new"} {
+				if c[n] < 490 || c[n] > 510 {
+					t.Errorf("after the failure node %s holds %d; want all four near 500: %v", n, c[n], c)
+				}
+			}
+		}
+	}
+	t.Logf("displaced tunnels taken by the empty node: %d with d = all, %d with d = 1", got[0], got[1])
+	// With d = 1 only the load bound sends it more than its rank's share.
+	if got[1] >= got[0]-100 {
+		t.Errorf("the empty node took %d displaced tunnels with d = all, %d with d = 1", got[0], got[1])
+	}
+}
