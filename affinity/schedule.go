@@ -243,10 +243,10 @@ func (t *Table) pickLeast(peer netip.Addr, v *loadView, except string) *Node {
 			tied = append(tied, n)
 		}
 	}
-	if len(tied) <= 1 {
-		if len(tied) == 0 {
-			return nil
-		}
+	switch len(tied) {
+	case 0:
+		return nil
+	case 1:
 		return tied[0]
 	}
 	h := hrwOf(peer)
