@@ -15,8 +15,6 @@ require (
 	golang.org/x/term v0.44.0
 )
 
-require github.com/kamstrup/intmap v0.5.1 // indirect
-
 require (
 	github.com/google/go-cmp v0.6.0 // indirect
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect

@@ -247,11 +247,12 @@ func BenchmarkBucketsStep(b *testing.B) {
 	})
 }
 
-// BenchmarkPeerIndex1M measures the peer index against the alternatives
-// considered, each holding the same 1,000,000 IPv4 peers and looked up in
-// the same random order: the flat table in use (intmap behind the salted
-// key), Go's map keyed by the address as a number (the index before) and
-// by netip.Addr, and bart with exact /32 prefixes.
+// BenchmarkPeerIndex1M measures the peer index against alternatives, each
+// holding the same 1,000,000 IPv4 peers and looked up in the same random
+// order: the index in use (Go's map keyed by the address as a number), Go's
+// map keyed by netip.Addr, and bart with exact /32 prefixes. (A flat
+// open-addressed table, kamstrup/intmap, was measured at commit 8eb84c2 of
+// branch sched: 0.6x the index in use, not the 2.5x the goal needs.)
 func BenchmarkPeerIndex1M(b *testing.B) {
 	const n = 1_000_000
 	addrOf := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)}) }
@@ -265,7 +266,7 @@ func BenchmarkPeerIndex1M(b *testing.B) {
 		order[i] = addrOf(r.IntN(n))
 	}
 	var sink uint16
-	b.Run("intmap-salted", func(b *testing.B) {
+	b.Run("index", func(b *testing.B) {
 		p := newPeerIndex(n)
 		for _, e := range entries {
 			p.put(e)
@@ -273,17 +274,6 @@ func BenchmarkPeerIndex1M(b *testing.B) {
 		loop(b, func(i int) {
 			e, _ := p.get(order[i&(1<<20-1)])
 			sink += e.mark
-		})
-	})
-	b.Run("gomap-uint32", func(b *testing.B) {
-		m := make(map[uint32]*entry, n)
-		for _, e := range entries {
-			a := e.peer.As4()
-			m[uint32(a[0])<<24|uint32(a[1])<<16|uint32(a[2])<<8|uint32(a[3])] = e
-		}
-		loop(b, func(i int) {
-			a := order[i&(1<<20-1)].As4()
-			sink += m[uint32(a[0])<<24|uint32(a[1])<<16|uint32(a[2])<<8|uint32(a[3])].mark
 		})
 	})
 	b.Run("gomap-addr", func(b *testing.B) {
