@@ -335,30 +335,38 @@ func TestSchedulerChoicesMatchReference(t *testing.T) {
 	}
 }
 
+// fourNodes returns a table placing with d choices, with nodes n0..n3 and
+// n tunnels whose peers are in 100.net.0.0/16.
+func fourNodes(t *testing.T, d, n int, net byte) *Table {
+	t.Helper()
+	tb, err := New(Options{Now: fixedClock(), Choices: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var batch []Change
+	for i := 0; i < 4; i++ {
+		batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("n%d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+	}
+	for i := 0; i < n; i++ {
+		batch = append(batch, put(fmt.Sprintf("t%05d", i), netip.AddrFrom4([4]byte{100, net, byte(i >> 8), byte(i)}).String(), ""))
+	}
+	if _, err := tb.Apply(batch); err != nil {
+		t.Fatal(err)
+	}
+	return tb
+}
+
 // TestChoicesFillAddedNode: with d = 2 an added node takes about twice its
 // share of new tunnels while it is the emptiest, and nothing placed moves.
 func TestChoicesFillAddedNode(t *testing.T) {
 	share := map[int]int{}
 	for _, d := range []int{1, 2} {
-		tb, err := New(Options{Now: fixedClock(), Choices: d})
-		if err != nil {
-			t.Fatal(err)
-		}
-		var batch []Change
-		for i := 0; i < 4; i++ {
-			batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("n%d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
-		}
-		for i := 0; i < 4000; i++ {
-			batch = append(batch, put(fmt.Sprintf("a%05d", i), netip.AddrFrom4([4]byte{100, 2, byte(i >> 8), byte(i)}).String(), ""))
-		}
-		if _, err := tb.Apply(batch); err != nil {
-			t.Fatal(err)
-		}
+		tb := fourNodes(t, d, 4000, 2)
 		before := owners(tb)
 		if _, err := tb.Apply([]Change{{Kind: PutNode, Node: &Node{Name: "new", Addr: addr("172.16.0.99")}}}); err != nil {
 			t.Fatal(err)
 		}
-		batch = batch[:0]
+		var batch []Change
 		for i := 0; i < 500; i++ {
 			batch = append(batch, put(fmt.Sprintf("b%05d", i), netip.AddrFrom4([4]byte{100, 3, byte(i >> 8), byte(i)}).String(), ""))
 		}
@@ -411,19 +419,8 @@ func TestOptionsValidate(t *testing.T) {
 func TestFailoverFillsEmptiest(t *testing.T) {
 	got := map[int]int{}
 	for _, d := range []int{0, 1} {
-		tb, err := New(Options{Now: fixedClock(), Choices: d})
-		if err != nil {
-			t.Fatal(err)
-		}
-		var batch []Change
-		for i := 0; i < 4; i++ {
-			batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("n%d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
-		}
-		for i := 0; i < 2000; i++ {
-			batch = append(batch, put(fmt.Sprintf("t%05d", i), netip.AddrFrom4([4]byte{100, 4, byte(i >> 8), byte(i)}).String(), ""))
-		}
-		batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: "new", Addr: addr("172.16.0.99")}})
-		if _, err := tb.Apply(batch); err != nil {
+		tb := fourNodes(t, d, 2000, 4)
+		if _, err := tb.Apply([]Change{{Kind: PutNode, Node: &Node{Name: "new", Addr: addr("172.16.0.99")}}}); err != nil {
 			t.Fatal(err)
 		}
 		before := owners(tb)
