@@ -249,6 +249,9 @@ cp /bin/busybox /etc/vmlab/run.sh /etc/vmlab/stage2.sh /newroot/.vmlab/ || fail 
 # ipvsadm or a netlink library) finds them already loaded.
 mkdir -p /newroot/lib/modules && cp -a /lib/modules/$(uname -r) /newroot/lib/modules/ || fail "copy modules"
 echo "VMLAB-STAGE=hostroot $(cut -d' ' -f1 /proc/uptime)"
+if [ -n "$` + OutputEnv + `" ]; then
+	mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 ` + outputTag + ` "/newroot$` + OutputEnv + `" || fail "mount the output directory"
+fi
 for d in proc sys dev run; do mount --move /$d /newroot/$d || fail "move /$d"; done
 exec switch_root /newroot /.vmlab/busybox sh /.vmlab/stage2.sh
 `
@@ -260,7 +263,9 @@ const hostRootStage2 = `export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/us
 mkdir -p /dev/pts /dev/shm
 /.vmlab/busybox mount -t devpts devpts /dev/pts
 /.vmlab/busybox mount -t tmpfs tmpfs /dev/shm
-depmod "$(uname -r)" 2>/dev/null
+# busybox sh runs its own applets first: the host's (kmod) depmod by path, so
+# that the host's modprobe finds the loaded modules in its index.
+/sbin/depmod "$(uname -r)" 2>/dev/null
 /.vmlab/busybox sh /.vmlab/run.sh
 echo "VMLAB-EXIT=$?"
 echo "VMLAB-STAGE=done $(cut -d' ' -f1 /proc/uptime)"
@@ -299,7 +304,9 @@ func testInitramfs(path, testBin string, env map[string]string, args []string, h
 	c := newCpio(f)
 	if hostRoot {
 		c.bytes("etc/vmlab/run.sh", 0o644, []byte(runScript(testBin, env, args)))
-		c.bytes("etc/vmlab/hostroot.sh", 0o644, []byte(hostRootScript))
+		// hostroot.sh runs before run.sh's exports: it gets the output
+		// directory (or an empty one) as a shell variable of its own.
+		c.bytes("etc/vmlab/hostroot.sh", 0o644, []byte(OutputEnv+"="+shQuote(env[OutputEnv])+"\n"+hostRootScript))
 		c.bytes("etc/vmlab/stage2.sh", 0o644, []byte(hostRootStage2))
 	} else {
 		c.file("td.test", 0o755, testBin)

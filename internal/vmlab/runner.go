@@ -121,6 +121,12 @@ func newRunner(t testing.TB, opts Options) (*runner, error) {
 	if netlab.InCI() {
 		env["CI"] = "true"
 	}
+	if opts.OutputDir != "" {
+		if !opts.HostRoot || !filepath.IsAbs(opts.OutputDir) || strings.ContainsAny(opts.OutputDir, ", '\"") {
+			return nil, fmt.Errorf("vmlab: OutputDir %q: needs HostRoot and an absolute path without commas, spaces or quotes", opts.OutputDir)
+		}
+		env[OutputEnv] = opts.OutputDir
+	}
 	if err := testInitramfs(tcpio, bin, env, args, opts.HostRoot); err != nil {
 		return nil, err
 	}
@@ -235,7 +241,7 @@ func (r *runner) run() (*Result, error) {
 	accel := Accel()
 	qargs := QemuArgs(accel, r.kernel.Vmlinuz, r.initrd, r.opts.MemoryMB)
 	if r.opts.HostRoot {
-		qargs = append(qargs, hostRootQemuArgs()...)
+		qargs = append(qargs, hostRootQemuArgs(r.opts.OutputDir)...)
 	}
 	cmd := exec.CommandContext(ctx, r.qemu, qargs...)
 	cmd.Stdin = nil
