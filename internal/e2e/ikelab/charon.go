@@ -256,19 +256,38 @@ type viciIKE struct {
 }
 
 // SAs lists charon's IKE_SAs.
+//
+// Not through govici's CallStreaming: in v0.8.0 it waits on the event and
+// the response channel in one select, so when the command's response is
+// already queued behind unread events it may pick the response first and
+// end the listing early (seen here: 3 of 8 SAs listed under load). Events
+// of a subscription are delivered in order before the response instead.
 func (c *Charon) SAs() ([]IKESA, error) {
 	s, err := c.session()
 	if err != nil {
 		return nil, fmt.Errorf("charon %s: vici: %w", c.Name, err)
 	}
 	defer s.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	if err := s.Subscribe("list-sa"); err != nil {
+		return nil, fmt.Errorf("charon %s: vici subscribe list-sa: %w", c.Name, err)
+	}
+	events := make(chan vici.Event, 4096)
+	s.NotifyEvents(events)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	if _, err := s.Call(ctx, "list-sas", nil); err != nil {
+		return nil, fmt.Errorf("charon %s: vici list-sas: %w", c.Name, err)
+	}
 	var out []IKESA
-	for m, err := range s.CallStreaming(ctx, "list-sas", "list-sa", nil) {
-		if err != nil {
-			return nil, fmt.Errorf("charon %s: vici list-sas: %w", c.Name, err)
+	for {
+		var ev vici.Event
+		select {
+		case ev = <-events:
+		default:
+			sort.Slice(out, func(i, j int) bool { return out[i].UniqueID < out[j].UniqueID })
+			return out, nil
 		}
+		m := ev.Message
 		// Each list-sa event is one section named after the connection.
 		for _, name := range m.Keys() {
 			sec, ok := m.Get(name).(*vici.Message)
@@ -294,8 +313,6 @@ func (c *Charon) SAs() ([]IKESA, error) {
 			out = append(out, sa)
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].UniqueID < out[j].UniqueID })
-	return out, nil
 }
 
 // parseSPI reads vici's hex SPI ("c1a2b3d4"); empty is 0 (not yet set).

@@ -3,6 +3,7 @@ package ikelab
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -62,7 +63,10 @@ type Farm struct {
 	Nodes    []*Node
 	Peers    []*Peer
 	// Target is the server behind the director that pings reach.
-	Target     netip.Addr
+	Target netip.Addr
+	// Caps capture, for the artifacts of a failed scenario, what arrives
+	// on the director's links and on every NAT's outside link.
+	Caps       map[string]*netlab.Capture
 	examples   string
 	failover   string
 	ctx        context.Context
@@ -141,6 +145,10 @@ func New(t *testing.T, o Options) *Farm {
 func (f *Farm) build() error {
 	top := f.Top
 	dir := top.Directors[0]
+	f.Caps = map[string]*netlab.Capture{}
+	if err := f.capture("director", dir.NS, ""); err != nil {
+		return err
+	}
 	if err := f.applySysctl(dir.NS, DirectorSysctl, map[string]string{exampleInsideIf: netlab.IfInside}); err != nil {
 		return err
 	}
@@ -270,6 +278,7 @@ func (f *Farm) buildNAT(j int) (*Peer, error) {
 		func() error { return inner.AddAddr("wan0", netip.PrefixFrom(local, priv.Bits())) },
 		func() error { return inner.AddRoute(netlab.Route{Dst: netip.MustParsePrefix("0.0.0.0/0"), Via: gw}) },
 		func() error { return nat.Sysctl("net.ipv4.ip_forward", "1") },
+		func() error { return f.capture(nat.Name, nat, netlab.IfOutside) },
 		func() error {
 			rules := filepath.Join(f.Work, nat.Name+".nft")
 			if err := os.WriteFile(rules, []byte(fmt.Sprintf(natRules, netlab.IfOutside)), 0o600); err != nil {
@@ -287,6 +296,17 @@ func (f *Farm) buildNAT(j int) (*Peer, error) {
 	return &Peer{Name: inner.Name, NS: inner, Addr: public, Local: local, NAT: true, Subnets: []netip.Prefix{
 		netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 72, byte(j), 0}), 24),
 		netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 73, byte(j), 0}), 24)}}, nil
+}
+
+// capture starts a capture kept in f.Caps under name.
+func (f *Farm) capture(name string, ns *netlab.NS, ifname string) error {
+	c, err := ns.Capture(ifname)
+	if err != nil {
+		return err
+	}
+	f.T.Cleanup(func() { c.Close() })
+	f.Caps[name] = c
+	return nil
 }
 
 // applySysctl applies an example sysctl file in ns, with interface names
@@ -384,9 +404,9 @@ func (f *Farm) Import(ts ...Tunnel) time.Time {
 	return f.Director.WaitKernel()
 }
 
-// Holders returns, per node, the established IKE_SAs (with an installed
-// CHILD_SA) that the node's charon holds with p.
-func (f *Farm) Holders(p *Peer) (map[string][]IKESA, error) {
+// NodeSAs lists the established IKE_SAs (with an installed CHILD_SA) of
+// every running node's charon.
+func (f *Farm) NodeSAs() (map[string][]IKESA, error) {
 	out := map[string][]IKESA{}
 	for _, n := range f.Nodes {
 		if !n.Charon.Running() {
@@ -397,12 +417,35 @@ func (f *Farm) Holders(p *Peer) (map[string][]IKESA, error) {
 			return nil, err
 		}
 		for _, sa := range sas {
-			if sa.RemoteHost == p.Addr.String() && sa.Established() {
+			if sa.Established() {
 				out[n.Name] = append(out[n.Name], sa)
 			}
 		}
 	}
 	return out, nil
+}
+
+// holders picks p's SAs out of NodeSAs' result, per node.
+func holders(all map[string][]IKESA, p *Peer) map[string][]IKESA {
+	out := map[string][]IKESA{}
+	for node, sas := range all {
+		for _, sa := range sas {
+			if sa.RemoteHost == p.Addr.String() {
+				out[node] = append(out[node], sa)
+			}
+		}
+	}
+	return out
+}
+
+// Holders returns, per node, the established IKE_SAs (with an installed
+// CHILD_SA) that the node's charon holds with p.
+func (f *Farm) Holders(p *Peer) (map[string][]IKESA, error) {
+	all, err := f.NodeSAs()
+	if err != nil {
+		return nil, err
+	}
+	return holders(all, p), nil
 }
 
 // PeerSA returns the peer's own established IKE_SA with the farm.
@@ -419,32 +462,55 @@ func (p *Peer) PeerSA() (IKESA, bool, error) {
 	return IKESA{}, false, nil
 }
 
+// pollEvery paces the waits that ask charon over vici: listing SAs checks
+// every IKE_SA out and queries the kernel for each CHILD_SA, which delays
+// charon's own work under emulation when asked too often.
+const pollEvery = time.Second
+
 // WaitOnOwners waits until every peer's tunnel is established on the node
-// the director's table names for it (`tunneldirector lookup`) and on no
-// other node, and returns the owners.
+// the director's table names for it (`tunneldirector lookup`), as one
+// IKE_SA, and on no other node, and returns the owners.
 func (f *Farm) WaitOnOwners(timeout time.Duration, ps ...*Peer) map[*Peer]string {
 	f.T.Helper()
-	owners := map[*Peer]string{}
 	deadline := time.Now().Add(timeout)
+	for {
+		owners, why := f.onOwners(ps)
+		if why == "" {
+			return owners
+		}
+		if time.Now().After(deadline) {
+			f.T.Fatalf("tunnels not established on their owners after %v: %s", timeout, why)
+		}
+		time.Sleep(pollEvery)
+	}
+}
+
+// onOwners returns the owners when every peer is established on its owner
+// alone, or why not. The peers' own charons are asked first: the nodes
+// and the director only once all peers are up.
+func (f *Farm) onOwners(ps []*Peer) (map[*Peer]string, string) {
 	for _, p := range ps {
-		for {
-			owner, _, err := f.Director.Owner(p.Addr)
-			var holders map[string][]IKESA
-			if err == nil {
-				holders, err = f.Holders(p)
-			}
-			if err == nil && owner != "" && len(holders) == 1 && len(holders[owner]) == 1 {
-				owners[p] = owner
-				break
-			}
-			if time.Now().After(deadline) {
-				f.T.Fatalf("%s (%s): not established on its owner alone after %v: table owner %q, held on %v, err %v; peer's SAs: %v",
-					p.Name, p.Addr, timeout, owner, holders, err, f.peerSAs(p))
-			}
-			time.Sleep(200 * time.Millisecond)
+		if _, ok, err := p.PeerSA(); err != nil || !ok {
+			return nil, fmt.Sprintf("%s (%s) has no established SA (%v): %s", p.Name, p.Addr, err, f.peerSAs(p))
 		}
 	}
-	return owners
+	all, err := f.NodeSAs()
+	if err != nil {
+		return nil, err.Error()
+	}
+	owners := map[*Peer]string{}
+	for _, p := range ps {
+		owner, _, err := f.Director.Owner(p.Addr)
+		if err != nil {
+			return nil, err.Error()
+		}
+		h := holders(all, p)
+		if owner == "" || len(h) != 1 || len(h[owner]) != 1 {
+			return nil, fmt.Sprintf("%s (%s): table owner %q, IKE_SAs held on the nodes: %v; peer's SAs: %s", p.Name, p.Addr, owner, h, f.peerSAs(p))
+		}
+		owners[p] = owner
+	}
+	return owners, ""
 }
 
 func (f *Farm) peerSAs(p *Peer) string {
@@ -499,12 +565,16 @@ func (f *Farm) saveArtifacts() {
 	}
 	// Sockets do not copy; everything else does.
 	exec.Command("cp", "-a", f.Work+"/.", dst).Run()
+	caps := maps.Clone(f.Caps)
 	for _, n := range f.Nodes {
+		caps[n.Name] = n.Cap
+	}
+	for name, c := range caps {
 		var b strings.Builder
-		for _, p := range n.Cap.Packets() {
+		for _, p := range c.Packets() {
 			fmt.Fprintf(&b, "%s %s\n", p.Time.Format("15:04:05.000000"), describeFull(p))
 		}
-		os.WriteFile(filepath.Join(dst, n.Name+".packets.txt"), []byte(b.String()), 0o644)
+		os.WriteFile(filepath.Join(dst, name+".packets.txt"), []byte(b.String()), 0o644)
 	}
 	f.T.Logf("artifacts of %s saved in %s (on the host)", f.T.Name(), dst)
 }

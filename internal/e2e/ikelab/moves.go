@@ -84,7 +84,7 @@ func (f *Farm) WaitRecovered(p *Peer, from, to string, at time.Time, old []uint3
 		if time.Now().After(deadline) {
 			return r, fmt.Errorf("%s: new ESP reached %s but no new SA established there within %v: held on %v (%v)", p.Name, to, timeout, keys(holders), err)
 		}
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(pollEvery)
 	}
 	if tr != nil {
 		// Pings answered before the new SA's first packet went the old

@@ -121,7 +121,7 @@ func farmScenarios(t *testing.T, mode ikelab.Mode) {
 			t.Fatal(err)
 		}
 		cut := time.Now()
-		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(250 * time.Millisecond) {
 			st, err = f.Director.Status()
 			if err == nil && st.DriftRepairs > repairs {
 				break
@@ -155,7 +155,7 @@ func farmScenarios(t *testing.T, mode ikelab.Mode) {
 		start := time.Now()
 		f.StartPeers(unknown)
 		var owner, id string
-		for deadline := time.Now().Add(establishWithin); ; time.Sleep(100 * time.Millisecond) {
+		for deadline := time.Now().Add(establishWithin); ; time.Sleep(250 * time.Millisecond) {
 			var err error
 			owner, id, err = f.Director.Owner(unknown.Addr)
 			if err != nil {
