@@ -370,6 +370,33 @@ func (f *Farm) StartPeers(ps ...*Peer) {
 	}
 }
 
+// BringUp starts the peers' charons a few at a time, each batch once the
+// previous one is established: sites come up spread out, and a dozen IKE
+// daemons initiating in the same second through an emulated CPU would make
+// the nodes answer later than the peers' 1-second retransmits (the
+// example's), so half-open SAs pile up, the nodes ask for cookies and stale
+// answers to old retransmits fail authentication.
+func (f *Farm) BringUp(timeout time.Duration, ps ...*Peer) {
+	f.T.Helper()
+	const batch = 4
+	deadline := time.Now().Add(timeout)
+	for i := 0; i < len(ps); i += batch {
+		b := ps[i:min(i+batch, len(ps))]
+		f.StartPeers(b...)
+		for _, p := range b {
+			for {
+				if _, ok, err := p.PeerSA(); err == nil && ok {
+					break
+				}
+				if time.Now().After(deadline) {
+					f.T.Fatalf("%s (%s): no established SA %v after its charon started: %s", p.Name, p.Addr, timeout, f.peerSAs(p))
+				}
+				time.Sleep(pollEvery)
+			}
+		}
+	}
+}
+
 // Tunnel is one line of an NMS import.
 type Tunnel struct {
 	ID   string

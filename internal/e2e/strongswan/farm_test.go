@@ -16,6 +16,7 @@ import (
 // 10-21 s for a moved peer to come back with the example's timers.
 const (
 	establishWithin = 120 * time.Second
+	bringUpWithin   = 300 * time.Second
 	recoverWithin   = 90 * time.Second
 	pingWithin      = 20 * time.Second
 )
@@ -45,7 +46,7 @@ func farmScenarios(t *testing.T, mode ikelab.Mode) {
 	}
 	f.Import(tunnels...)
 	start := time.Now()
-	f.StartPeers(known...)
+	f.BringUp(bringUpWithin, known...)
 	owners := f.WaitOnOwners(establishWithin, known...)
 	t.Logf("MEASURE mode=%s what=import-to-established tunnels=%d seconds=%.1f", mode, len(known), time.Since(start).Seconds())
 	var tr *ikelab.Traffic

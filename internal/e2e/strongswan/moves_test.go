@@ -36,7 +36,7 @@ func moveScenarios(t *testing.T, mode ikelab.Mode) {
 		tunnels = append(tunnels, ikelab.Tunnel{ID: "sched-" + p.Name, Peer: p})
 	}
 	f.Import(tunnels...)
-	f.StartPeers(f.Peers...)
+	f.BringUp(bringUpWithin, f.Peers...)
 	f.WaitOnOwners(establishWithin, f.Peers...)
 	tr := f.StartTraffic(200*time.Millisecond, f.Peers...)
 	for _, p := range f.Peers {
