@@ -512,6 +512,36 @@ func (f *Farm) WaitOnOwners(timeout time.Duration, ps ...*Peer) map[*Peer]string
 	}
 }
 
+// Settled waits up to timeout for every peer to be established on its
+// owner alone, and returns the owners of those that are, with why the
+// others are not: a scenario that follows a failed one runs on the tunnels
+// that are still healthy instead of failing for the earlier reason.
+func (f *Farm) Settled(timeout time.Duration, ps ...*Peer) (map[*Peer]string, []string) {
+	f.T.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		owners, why := f.onOwners(ps)
+		if why == "" {
+			return owners, nil
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(pollEvery)
+	}
+	owners := map[*Peer]string{}
+	var bad []string
+	for _, p := range ps {
+		o, why := f.onOwners([]*Peer{p})
+		if why != "" {
+			bad = append(bad, why)
+			continue
+		}
+		owners[p] = o[p]
+	}
+	return owners, bad
+}
+
 // onOwners returns the owners when every peer is established on its owner
 // alone, or why not. The peers' own charons are asked first: the nodes
 // and the director only once all peers are up.
