@@ -341,6 +341,19 @@ func (f *Farm) applySysctl(ns *netlab.NS, name string, ifaces map[string]string)
 	return nil
 }
 
+// Use makes t, a subtest, the test the farm's helpers report to (their
+// Fatal must stop the subtest's goroutine, not the farm's), until the
+// returned function restores the farm's own:
+//
+//	t.Run("node-down", func(t *testing.T) { defer f.Use(t)(); ... })
+//
+// Subtests of one farm run one after the other.
+func (f *Farm) Use(t *testing.T) (restore func()) {
+	prev := f.T
+	f.T = t
+	return func() { f.T = prev }
+}
+
 // Node returns the node called name.
 func (f *Farm) Node(name string) *Node {
 	for _, n := range f.Nodes {

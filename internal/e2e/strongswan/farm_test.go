@@ -52,6 +52,7 @@ func farmScenarios(t *testing.T, mode ikelab.Mode) {
 	var tr *ikelab.Traffic
 
 	t.Run("import", func(t *testing.T) {
+		defer f.Use(t)()
 		for _, tu := range tunnels {
 			if tu.Pinned && owners[tu.Peer] != tu.Node {
 				t.Errorf("%s pinned to %s, established on %s", tu.ID, tu.Node, owners[tu.Peer])
@@ -93,6 +94,7 @@ func farmScenarios(t *testing.T, mode ikelab.Mode) {
 	time.Sleep(time.Second)
 
 	t.Run("restart", func(t *testing.T) {
+		defer f.Use(t)()
 		// The daemon stops and starts while every tunnel carries pings:
 		// the kernel stays programmed, so nothing is lost and no SA is
 		// re-established.
@@ -113,6 +115,7 @@ func farmScenarios(t *testing.T, mode ikelab.Mode) {
 	})
 
 	t.Run("nft-table-deleted", func(t *testing.T) {
+		defer f.Use(t)()
 		st, err := f.Director.Status()
 		if err != nil {
 			t.Fatal(err)
@@ -151,6 +154,7 @@ func farmScenarios(t *testing.T, mode ikelab.Mode) {
 	})
 
 	t.Run("unknown-peer", func(t *testing.T) {
+		defer f.Use(t)()
 		// A peer that is not in the NMS file is pinned by its first IKE
 		// packet: the table names its node before it sent any ESP.
 		start := time.Now()

@@ -70,12 +70,13 @@ func moveScenarios(t *testing.T, mode ikelab.Mode) {
 	owner := func(p *ikelab.Peer) string {
 		o, _, err := f.Director.Owner(p.Addr)
 		if err != nil || o == "" {
-			t.Fatalf("%s: lookup: %q %v", p.Name, o, err)
+			f.T.Fatalf("%s: lookup: %q %v", p.Name, o, err) // f.T: the running subtest
 		}
 		return o
 	}
 
 	t.Run("rebalance", func(t *testing.T) {
+		defer f.Use(t)()
 		// Drain the node of the first scheduled tunnel: rebalance moves it
 		// to a live node while its old node stays up.
 		from := owner(f.Peers[2])
@@ -103,6 +104,7 @@ func moveScenarios(t *testing.T, mode ikelab.Mode) {
 	})
 
 	t.Run("reimport-pinned", func(t *testing.T) {
+		defer f.Use(t)()
 		// The NMS re-pins pinned-b from node1 to node2.
 		p := f.Peers[1]
 		old := f.SPIs(p)
@@ -117,6 +119,7 @@ func moveScenarios(t *testing.T, mode ikelab.Mode) {
 	})
 
 	t.Run("node-down", func(t *testing.T) {
+		defer f.Use(t)()
 		// The node with the most tunnels dies: its charon is killed and its
 		// link goes down, then the operator says `node down`.
 		// After a failed move the moved peer may still be dark: the node
