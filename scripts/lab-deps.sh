@@ -5,7 +5,9 @@
 #
 #   Debian packages: qemu-system-x86 (the VM, TCG), busybox-static (guest
 #   userland), cpio, kmod (debugging of initramfs/modules), nftables and
-#   iproute2 (inspecting namespaces by hand; the tests themselves use netlink)
+#   iproute2 (inspecting namespaces by hand; the tests themselves use netlink),
+#   systemd (systemd-analyze verify of the package's units), prometheus
+#   (promtool check metrics of the daemon's metrics)
 #   Kernel: the linux-image-<version>-amd64 package that linux-image-amd64
 #   depends on, downloaded with `apt-get download` and extracted with
 #   `dpkg-deb -x` into the vmlab cache (nothing is installed into /boot or
@@ -23,6 +25,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 PKGS="qemu-system-x86 busybox-static cpio kmod nftables iproute2 keepalived"
+PKGS="$PKGS systemd prometheus" # internal/pkgbuild: systemd-analyze verify; director/metrics: promtool check metrics
 PKGS="$PKGS strongswan-charon strongswan-swanctl libstrongswan-standard-plugins" # director/health: charon answers the IKE probes in namespaces
 missing=""
 for p in $PKGS; do
