@@ -15,6 +15,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/tunneldirector/tunneldirector/internal/farmlab"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
@@ -83,15 +84,7 @@ func daemonCmd(t testing.TB, config string) *exec.Cmd {
 
 // baseConfig is the daemon configuration every end-to-end director
 // starts from: route-only, the topology's VIPs and nodes, verify every
-// second.
+// second (the lab's, so the demo and these tests run the same daemon).
 func baseConfig(top *netlab.Topology, db, socket string) string {
-	return fmt.Sprintf(`store: %s
-vips: [%s, %q]
-mode: route-only
-nodes:
-%s
-api: {socket: %s}
-verify_interval: 1s
-log_level: debug
-`, db, top.VIP4, top.VIP6.String(), nodesYAML(top), socket)
+	return farmlab.DirectorConfig(top, db, socket)
 }
