@@ -50,6 +50,9 @@ type Change struct {
 	// Applied.Changes only (not encoded): the dataplane removes the old
 	// peer and subnets from it.
 	Old *Tunnel
+	// OldNode is the node as it was before a PutNode or DeleteNode, in
+	// Applied.Changes only (not encoded); nil for a new node.
+	OldNode *Node
 }
 
 // Key returns the node name or tunnel id the change is about.
@@ -434,14 +437,18 @@ func (t *Table) putNode(c *Change) (Change, undoRec, bool, error) {
 			return Change{}, undoRec{}, false, fmt.Errorf("%w: mark %d already belongs to node %s", ErrConflict, n.Mark, o.Name)
 		}
 	}
-	if old != nil && sameNode(old, &n) {
+	if old != nil && old.Equal(&n) {
 		return Change{}, undoRec{}, false, nil
 	}
 	nn := &n
 	t.nodes[n.Name] = nn
 	t.byMark[n.Mark] = nn
 	res := *nn
-	return Change{Kind: PutNode, Node: &res}, undoRec{oldN: old, newN: nn}, true, nil
+	c2 := Change{Kind: PutNode, Node: &res}
+	if old != nil {
+		c2.OldNode = ptr(*old)
+	}
+	return c2, undoRec{oldN: old, newN: nn}, true, nil
 }
 
 func (t *Table) deleteNode(c *Change) (Change, undoRec, bool, error) {
@@ -461,7 +468,7 @@ func (t *Table) deleteNode(c *Change) (Change, undoRec, bool, error) {
 	}
 	delete(t.nodes, old.Name)
 	t.byMark[old.Mark] = nil
-	return Change{Kind: DeleteNode, Name: old.Name}, undoRec{oldN: old}, true, nil
+	return Change{Kind: DeleteNode, Name: old.Name, OldNode: ptr(*old)}, undoRec{oldN: old}, true, nil
 }
 
 func (t *Table) deleteTunnel(c *Change) (Change, undoRec, bool, error) {
@@ -494,7 +501,11 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 		if owner == nil {
 			return Change{}, undoRec{}, false, fmt.Errorf("%w: owner %q does not exist", ErrUnknownNode, tu.Node)
 		}
-		if owner.State == NodeDown && (old == nil || old.mark != owner.Mark) {
+		// A down node takes no tunnel it does not already hold: a rule
+		// for placing, so only local changes obey it. A replica replays
+		// and a load restores what its master or disk holds (a node
+		// set down by import keeps its tunnels until they are moved).
+		if owner.State == NodeDown && mode == modeStamp && (old == nil || old.mark != owner.Mark) {
 			return Change{}, undoRec{}, false, fmt.Errorf("%w: owner %s is down: leave the node empty to let the scheduler choose, or bring %s up", ErrConflict, owner.Name, owner.Name)
 		}
 	case tu.Pinned:
@@ -525,7 +536,7 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 
 	if old != nil {
 		prev := t.tunnelOf(old)
-		if prev.sameContent(&tu) {
+		if prev.SameContent(&tu) {
 			return Change{}, undoRec{}, false, nil
 		}
 	}

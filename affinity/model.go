@@ -119,20 +119,27 @@ type Tunnel struct {
 	Revision uint64 `json:"revision"`
 }
 
-// sameContent reports whether two tunnels carry the same user-visible data,
-// ignoring timestamps and revision. Subnets compare as sets in canonical
-// order, which normalizeTunnel establishes.
-func (t *Tunnel) sameContent(o *Tunnel) bool {
+// SameContent reports whether two tunnels carry the same data an
+// operator or the scheduler sets (id, peer, subnets, owner, pin,
+// comment), ignoring the times and revision the table stamps. Subnets
+// compare as sets: the table keeps them in canonical order. A change to a
+// tunnel of the same content is a no-op.
+func (t *Tunnel) SameContent(o *Tunnel) bool {
 	return t.ID == o.ID && t.Peer == o.Peer && t.Node == o.Node &&
 		t.Pinned == o.Pinned && t.Comment == o.Comment &&
 		slices.Equal(t.Subnets, o.Subnets)
 }
 
-func sameNode(a, b *Node) bool {
-	return a.Name == b.Name && a.Addr == b.Addr && a.Addr6 == b.Addr6 && a.Weight == b.Weight &&
-		a.Capacity == b.Capacity && a.State == b.State && a.Mark == b.Mark &&
-		a.Comment == b.Comment
+// Equal reports whether two tunnels are the same record: the same
+// content, times and revision (what a replica must hold to equal its
+// master).
+func (t *Tunnel) Equal(o *Tunnel) bool {
+	return t.SameContent(o) && t.Revision == o.Revision &&
+		t.Created.Equal(o.Created) && t.Updated.Equal(o.Updated)
 }
+
+// Equal reports whether two nodes are the same record, mark included.
+func (n *Node) Equal(o *Node) bool { return *n == *o }
 
 // ComparePrefix orders prefixes by family, address, then length, the order
 // in which tables and exports list them.

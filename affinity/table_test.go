@@ -114,13 +114,13 @@ func assertSameSnapshot(t *testing.T, a, b Snapshot) {
 		t.Fatalf("snapshots differ: rev %d/%d nodes %d/%d tunnels %d/%d", a.Revision, b.Revision, len(a.Nodes), len(b.Nodes), len(a.Tunnels), len(b.Tunnels))
 	}
 	for i := range a.Nodes {
-		if !sameNode(&a.Nodes[i], &b.Nodes[i]) {
+		if !a.Nodes[i].Equal(&b.Nodes[i]) {
 			t.Fatalf("node %d differs: %+v vs %+v", i, a.Nodes[i], b.Nodes[i])
 		}
 	}
 	for i := range a.Tunnels {
 		x, y := a.Tunnels[i], b.Tunnels[i]
-		if !x.sameContent(&y) || x.Revision != y.Revision || !x.Created.Equal(y.Created) || !x.Updated.Equal(y.Updated) {
+		if !x.Equal(&y) {
 			t.Fatalf("tunnel %d differs: %+v vs %+v", i, x, y)
 		}
 	}

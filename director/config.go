@@ -18,6 +18,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 )
 
@@ -98,8 +99,8 @@ type ReplicationConfig struct {
 	KeyFile string `yaml:"key_file"`
 	// StatePath keeps the epoch history across restarts.
 	StatePath string `yaml:"state_path"`
-	// MTU is the datagram payload size (0: 1400), MinReplicationMTU to
-	// MaxReplicationMTU.
+	// MTU is the datagram payload size (0: 1400), replication.MinMTU to
+	// replication.MaxMTU.
 	MTU int `yaml:"mtu"`
 	// ReadyFile is written "0" when this director is in sync and "1"
 	// when not, for keepalived's track_file (weight -N): a director that
@@ -153,12 +154,6 @@ const (
 	// DefaultMaxBody bounds an import sent to the API: a 2,000,000-tunnel
 	// JSON file (the default record limit) fits.
 	DefaultMaxBody = 512 << 20
-	// MinReplicationMTU is the smallest datagram the replication
-	// protocol works with (replication.New refuses less).
-	MinReplicationMTU = 576
-	// MaxReplicationMTU is the largest UDP payload an IPv4 datagram can
-	// carry (65,535 - 20 - 8): snapshot chunks above it are never sent.
-	MaxReplicationMTU = 65507
 	// maxVerifyInterval is where a verify interval stops being a
 	// safeguard: drift would go unrepaired for more than a day.
 	maxVerifyInterval = 24 * time.Hour
@@ -522,8 +517,8 @@ func (c *Config) Check() error {
 		} else if len(bytes.TrimSpace(b)) < 32 {
 			bad("replication.key_file", "key shorter than 32 bytes")
 		}
-		if r.MTU != 0 && (r.MTU < MinReplicationMTU || r.MTU > MaxReplicationMTU) {
-			bad("replication.mtu", "%d out of range %d..%d (the largest UDP payload; 0: 1400)", r.MTU, MinReplicationMTU, MaxReplicationMTU)
+		if r.MTU != 0 && (r.MTU < replication.MinMTU || r.MTU > replication.MaxMTU) {
+			bad("replication.mtu", "%d out of range %d..%d (the largest UDP payload; 0: 1400)", r.MTU, replication.MinMTU, replication.MaxMTU)
 		}
 		switch r.InitialRole {
 		case "", "backup", "master", "fault":

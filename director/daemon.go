@@ -13,6 +13,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/replication"
+	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store"
 )
@@ -24,7 +25,7 @@ import (
 // truth; the kernel is reconciled from it, never the other way round.
 type Daemon struct {
 	log *slog.Logger
-	now func() time.Time
+	clk clock.Clock
 	st  *store.Store
 	svc *Service
 	dp  ipvs.Dataplane
@@ -32,8 +33,10 @@ type Daemon struct {
 	cfgMu sync.Mutex
 	cfg   *Config
 
-	pendMu  sync.Mutex
-	pending []*affinity.Applied
+	// changes is the reconciler's cursor on the store's change log: the
+	// batches committed since the kernel was last brought up to date.
+	changes store.Cursor
+	fullMu  sync.Mutex
 	full    bool // a change the delta path cannot express: sync everything
 	wake    chan struct{}
 
@@ -74,7 +77,9 @@ type DaemonOptions struct {
 	Store     *store.Store
 	Dataplane ipvs.Dataplane
 	Logger    *slog.Logger
-	Now       func() time.Time
+	// Clock times the verify and ready loops and stamps the status (nil:
+	// the real clock).
+	Clock clock.Clock
 	// Replicator pairs the director with its peer; nil runs it alone.
 	Replicator *replication.Replicator
 	// ReadyFile, with a Replicator, is kept at "0" while in sync and "1"
@@ -90,7 +95,7 @@ type DaemonOptions struct {
 func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	d := &Daemon{
 		log:  o.Logger,
-		now:  o.Now,
+		clk:  clock.Or(o.Clock),
 		st:   o.Store,
 		svc:  NewService(o.Store),
 		dp:   o.Dataplane,
@@ -104,15 +109,18 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	if d.log == nil {
 		d.log = slog.Default()
 	}
-	if d.now == nil {
-		d.now = time.Now
-	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
 	if err := d.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
-	d.st.OnCommit(d.enqueue)
+	// Run syncs the whole table first: the cursor starts where that sync
+	// will find the table, or earlier (a batch read twice is harmless).
+	cur, err := d.st.Changes(d.st.Revision())
+	if err != nil {
+		return nil, fmt.Errorf("follow the store's change log: %w", err)
+	}
+	d.changes = cur
 	return d, nil
 }
 
@@ -142,10 +150,7 @@ func (d *Daemon) Reload(c *Config) error {
 	if err := d.applyConfig(c); err != nil {
 		return err
 	}
-	d.pendMu.Lock()
-	d.full = true
-	d.pendMu.Unlock()
-	d.kick()
+	d.needFull()
 	return nil
 }
 
@@ -155,11 +160,12 @@ func (d *Daemon) config() *Config {
 	return d.cfg
 }
 
-// enqueue runs under the store's lock: it only queues.
-func (d *Daemon) enqueue(a *affinity.Applied) {
-	d.pendMu.Lock()
-	d.pending = append(d.pending, a)
-	d.pendMu.Unlock()
+// needFull asks the reconcile loop for a full sync (a configuration
+// reload, a failed sync or verify) and wakes it.
+func (d *Daemon) needFull() {
+	d.fullMu.Lock()
+	d.full = true
+	d.fullMu.Unlock()
 	d.kick()
 }
 
@@ -194,9 +200,11 @@ func (d *Daemon) Desired() *ipvs.Desired {
 	return want
 }
 
-// delta turns committed changes into one map delta. It reports false when
-// a change (a node's) needs a full sync.
-func delta(applied []*affinity.Applied, t *affinity.Table) (*ipvs.Delta, bool) {
+// delta turns committed batches into one map delta. It reports false when
+// the delta cannot express them and the kernel needs a full sync: a node
+// changed (marks, routes and services follow nodes), or a batch came back
+// from the journal without the records as they were before.
+func delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
 	dl := &ipvs.Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}}
 	del := func(tu *affinity.Tunnel) {
 		delete(dl.SetPeers, tu.Peer)
@@ -206,7 +214,10 @@ func delta(applied []*affinity.Applied, t *affinity.Table) (*ipvs.Delta, bool) {
 			dl.DeleteSubnets = append(dl.DeleteSubnets, p)
 		}
 	}
-	for _, a := range applied {
+	for _, a := range batches {
+		if !a.Resolved {
+			return nil, false
+		}
 		for i := range a.Changes {
 			c := &a.Changes[i]
 			switch c.Kind {
@@ -318,26 +329,34 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		}()
 	}
-	verify := time.NewTicker(time.Duration(d.config().VerifyInterval))
+	verify, verifyC := d.clk.NewTicker(time.Duration(d.config().VerifyInterval))
 	defer verify.Stop()
-	ready := time.NewTicker(time.Second)
+	ready, readyC := d.clk.NewTicker(time.Second)
 	defer ready.Stop()
 	d.writeReady()
 	for {
+		// The cursor is replaced when the change log left it behind:
+		// take its channel anew each time.
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-d.changes.Notify():
+			d.reconcile(ctx)
 		case <-d.wake:
 			d.reconcile(ctx)
-		case <-verify.C:
+		case <-verifyC:
 			d.Verify(ctx)
-		case <-ready.C:
+		case <-readyC:
 			d.writeReady()
 		}
 	}
 }
 
 func (d *Daemon) syncAll(ctx context.Context, why string) error {
+	// What the cursor holds is in the table the sync reads: skip it.
+	if _, _, err := d.pendingBatches(); err != nil {
+		return fmt.Errorf("sync kernel (%s): %w", why, err)
+	}
 	rev := d.st.Revision()
 	want := d.Desired()
 	st, err := d.dp.Sync(ctx, want)
@@ -353,20 +372,52 @@ func (d *Daemon) syncAll(ctx context.Context, why string) error {
 	return nil
 }
 
+// pendingBatches reads the reconciler's cursor to the end. A cursor the
+// change log left behind (the reconciler fell further behind than the
+// ring and the journal reach) is replaced by one at the table's revision,
+// and full says the kernel needs a full sync.
+func (d *Daemon) pendingBatches() (batches []store.Batch, full bool, err error) {
+	for {
+		b, ok, err := d.changes.Next()
+		if errors.Is(err, store.ErrCompacted) {
+			d.log.Warn("reconciler fell behind the change log; syncing everything", "err", err)
+			cur, err := d.st.Changes(d.st.Revision())
+			if err != nil {
+				return nil, true, err
+			}
+			d.changes.Close()
+			d.changes = cur
+			return nil, true, nil
+		}
+		if err != nil {
+			return nil, true, err
+		}
+		if !ok {
+			return batches, false, nil
+		}
+		batches = append(batches, b)
+	}
+}
+
 // reconcile applies what was committed since the last run: a delta when
 // only tunnels changed, a full sync otherwise or after an error.
 func (d *Daemon) reconcile(ctx context.Context) {
-	d.pendMu.Lock()
-	applied, full := d.pending, d.full
-	d.pending, d.full = nil, false
-	d.pendMu.Unlock()
-	if len(applied) == 0 && !full {
+	d.fullMu.Lock()
+	full := d.full
+	d.full = false
+	d.fullMu.Unlock()
+	batches, lost, err := d.pendingBatches()
+	if err != nil {
+		d.log.Error("read the store's change log", "err", err)
+	}
+	full = full || lost || err != nil
+	if len(batches) == 0 && !full {
 		return
 	}
 	if !full {
-		dl, ok := delta(applied, d.st.Table())
+		dl, ok := delta(batches, d.st.Table())
 		if ok {
-			rev := applied[len(applied)-1].Revision
+			rev := batches[len(batches)-1].Revision
 			st, err := d.dp.Update(ctx, dl)
 			d.record(rev, st, err)
 			if err == nil || d.partial(err) {
@@ -378,9 +429,9 @@ func (d *Daemon) reconcile(ctx context.Context) {
 	}
 	if err := d.syncAll(ctx, "table change"); err != nil {
 		d.log.Error("kernel sync failed; retrying at the next change or verify", "err", err)
-		d.pendMu.Lock()
+		d.fullMu.Lock()
 		d.full = true
-		d.pendMu.Unlock()
+		d.fullMu.Unlock()
 	}
 }
 
@@ -388,7 +439,7 @@ func (d *Daemon) reconcile(ctx context.Context) {
 func (d *Daemon) Verify(ctx context.Context) {
 	st, err := d.dp.Verify(ctx)
 	d.statMu.Lock()
-	d.stat.LastVerify = d.now()
+	d.stat.LastVerify = d.clk.Now()
 	var pe *ipvs.PartialError
 	if err == nil || errors.As(err, &pe) {
 		d.stat.DriftRepairs += st.Added + st.Changed + st.Removed
@@ -401,10 +452,7 @@ func (d *Daemon) Verify(ctx context.Context) {
 	switch {
 	case err != nil:
 		d.log.Error("verify kernel", "err", err)
-		d.pendMu.Lock()
-		d.full = true
-		d.pendMu.Unlock()
-		d.kick()
+		d.needFull()
 	case st.Added+st.Changed+st.Removed > 0:
 		d.log.Warn("kernel drift repaired: something else changed the director's objects",
 			"added", st.Added, "changed", st.Changed, "removed", st.Removed)
@@ -415,7 +463,7 @@ func (d *Daemon) record(rev uint64, st ipvs.Stats, err error) {
 	d.statMu.Lock()
 	defer d.statMu.Unlock()
 	d.stat.Reconciles++
-	d.stat.LastReconcile = d.now()
+	d.stat.LastReconcile = d.clk.Now()
 	d.stat.LastReconcileTook = st.Duration
 	var pe *ipvs.PartialError
 	if err != nil && !errors.As(err, &pe) {

@@ -19,8 +19,10 @@
 // Replication sits behind the Pair interface. By default the backup
 // follows through the project's director/replication: a Replicator on each
 // director over its in-memory FakeNetwork (seeded losses, latency), its
-// FakeClock kept on the virtual clock and stepped only while there is
-// something to replicate. The simulator's own journal link (store.Journal
-// replayed with store.CommitAt over a lossy link, snapshots when the
-// journal no longer reaches) remains as replication.impl "journal".
+// clock.Manual kept on the virtual clock and stepped only while there is
+// something to replicate. The simulator's own journal link (the master's
+// change log replayed with store.CommitAt over a lossy link, snapshots
+// installed with Table.DiffTo when the log no longer reaches) remains as
+// replication.impl "journal". The virtual clock is a clock.Manual too: its
+// timers are the simulation's internal events.
 package sim

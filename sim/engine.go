@@ -1,7 +1,6 @@
 package sim
 
 import (
-	"container/heap"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -11,6 +10,7 @@ import (
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -28,32 +28,6 @@ type Options struct {
 	Progress func(done, total time.Duration)
 	// NoCompare skips the strategy comparison.
 	NoCompare bool
-}
-
-// timer is one internal event on the virtual clock.
-type timer struct {
-	at       time.Duration
-	seq      uint64
-	fn       func()
-	periodic bool
-}
-
-type timers []timer
-
-func (h timers) Len() int { return len(h) }
-func (h timers) Less(i, j int) bool {
-	if h[i].at != h[j].at {
-		return h[i].at < h[j].at
-	}
-	return h[i].seq < h[j].seq
-}
-func (h timers) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
-func (h *timers) Push(x any)   { *h = append(*h, x.(timer)) }
-func (h *timers) Pop() any {
-	old := *h
-	t := old[len(old)-1]
-	*h = old[:len(old)-1]
-	return t
 }
 
 // tunnel is what the simulator knows about a live tunnel: where its SAs
@@ -78,10 +52,18 @@ type engine struct {
 	s     *Scenario
 	steps []Step
 	end   time.Duration
-	now   time.Duration
-	seq   uint64
-	heap  timers
-	pair  Pair
+	// clk is the virtual clock: its timers are the simulation's internal
+	// events, fired one at a time by run. now is the virtual time the
+	// engine is at (the clock's, minus Epoch; set back to the end for
+	// the final report).
+	clk      *clock.Manual
+	now      time.Duration
+	draining bool
+	pair     Pair
+	// log is the engine's cursor on the master's change log: where it
+	// learns what the real table decided (see follow).
+	log      store.Cursor
+	logStore *store.Store
 
 	tunnels map[string]*tunnel
 	live    []*tunnel
@@ -104,12 +86,8 @@ type engine struct {
 	err      error
 }
 
-func (e *engine) Now() time.Duration { return e.now }
-
-func (e *engine) After(d time.Duration, fn func()) {
-	e.seq++
-	heap.Push(&e.heap, timer{at: e.now + d, seq: e.seq, fn: fn})
-}
+// After runs fn d from now on the virtual clock.
+func (e *engine) After(d time.Duration, fn func()) { e.clk.AfterFunc(d, fn) }
 
 // Run plays a scenario's workload (generated from the scenario, or a
 // replayed trace given as steps) through two real directors and returns
@@ -143,7 +121,7 @@ func Run(s *Scenario, steps []Step, o Options) (*Report, error) {
 		dir = d
 	}
 	e := &engine{
-		s: s, steps: steps, end: s.Duration, cur: -1,
+		s: s, steps: steps, end: s.Duration, cur: -1, clk: clock.NewManual(Epoch),
 		tunnels: map[string]*tunnel{}, marks: map[string]uint16{}, names: map[uint16]string{},
 		pendingUpTu: map[string]affinity.Tunnel{},
 		revTime:     map[uint64]time.Duration{},
@@ -163,18 +141,23 @@ func Run(s *Scenario, steps []Step, o Options) (*Report, error) {
 		Retransmit:     s.Replication.Retransmit,
 		Loss:           s.Replication.Loss,
 		Seed:           s.Seed,
-		OnCommit:       e.onCommit,
 		Applied:        e.applied,
-	}, e)
+	}, e.clk)
 	if err != nil {
 		return nil, err
 	}
 	defer pair.Close()
 	e.pair = pair
+	defer func() {
+		if e.log != nil {
+			e.log.Close()
+		}
+	}()
 	// The run holds every tunnel for its whole length: collecting often
 	// only burns the second core.
 	defer debug.SetGCPercent(debug.SetGCPercent(400))
 	e.rep.Replication.Mode = pair.Name()
+	e.follow() // the cursor starts before the first commit
 	if err := e.run(o); err != nil {
 		return nil, err
 	}
@@ -193,22 +176,22 @@ func (e *engine) run(o Options) error {
 	for e.err == nil {
 		// Inputs go before internal events of the same instant: a tunnel
 		// that comes up at a commit tick is in that commit.
-		if next < len(e.steps) && (len(e.heap) == 0 || e.steps[next].At <= e.heap[0].at) {
+		at, pending := e.clk.Next()
+		if next < len(e.steps) && (!pending || Epoch.Add(e.steps[next].At).Compare(at) <= 0) {
 			st := &e.steps[next]
 			next++
 			e.now = st.At
+			e.clk.Set(Epoch.Add(st.At))
 			e.step(st)
+			e.follow()
 			continue
 		}
-		if len(e.heap) == 0 {
+		if !pending || at.Sub(Epoch) > e.end {
 			break
 		}
-		if e.heap[0].at > e.end {
-			break
-		}
-		t := heap.Pop(&e.heap).(timer)
-		e.now = t.at
-		t.fn()
+		e.now = at.Sub(Epoch)
+		e.clk.Step()
+		e.follow()
 		if o.Progress != nil && e.now-lastProgress >= time.Hour {
 			lastProgress = e.now
 			o.Progress(e.now, e.end)
@@ -232,9 +215,11 @@ func (e *engine) run(o Options) error {
 func (e *engine) periodic(every time.Duration, fn func()) {
 	var tick func()
 	tick = func() {
+		if e.draining {
+			return
+		}
 		fn()
-		e.seq++
-		heap.Push(&e.heap, timer{at: e.now + every, seq: e.seq, fn: tick, periodic: true})
+		e.After(every, tick)
 	}
 	e.After(0, tick)
 }
@@ -243,40 +228,70 @@ func (e *engine) periodic(every time.Duration, fn func()) {
 // tunnels re-establishing), without new commits, sweeps or samples, for
 // at most an hour of virtual time.
 func (e *engine) drain() {
-	for len(e.heap) > 0 {
-		t := heap.Pop(&e.heap).(timer)
-		if t.periodic {
-			continue
-		}
-		if t.at > e.end+time.Hour {
+	e.draining = true
+	for {
+		at, ok := e.clk.Next()
+		if !ok || at.Sub(Epoch) > e.end+time.Hour {
 			break
 		}
-		e.now = t.at
-		t.fn()
+		e.now = at.Sub(Epoch)
+		e.clk.Step()
+		e.follow()
 	}
 	e.now = e.end
 }
 
 func (e *engine) master() *store.Store { return e.pair.Master() }
 
-// onCommit sees every change a store committed. On the master it is where
-// the simulator learns what the real table decided: a new tunnel's owner is
-// where its peer establishes, and a changed owner moves the tunnel.
-func (e *engine) onCommit(st *store.Store, a *affinity.Applied) {
-	for i := range a.Changes {
-		c := &a.Changes[i]
+// follow reads the master's change log after the engine committed to it.
+// That is where the simulator learns what the real table decided: a new
+// tunnel's owner is where its peer establishes, and a changed owner moves
+// the tunnel. After a failover the cursor moves to the new master, at
+// its revision.
+func (e *engine) follow() {
+	if m := e.master(); e.logStore != m {
+		if e.log != nil {
+			e.log.Close()
+		}
+		cur, err := m.Changes(m.Revision())
+		if err != nil {
+			e.err = fmt.Errorf("simulate at %s: follow the master's change log: %w", FormatDuration(e.now), err)
+			return
+		}
+		e.log, e.logStore = cur, m
+		return
+	}
+	for {
+		b, ok, err := e.log.Next()
+		if err != nil {
+			e.err = fmt.Errorf("simulate at %s: read the master's change log: %w", FormatDuration(e.now), err)
+			return
+		}
+		if !ok {
+			return
+		}
+		e.committed(&b)
+	}
+}
+
+// committed takes one batch the master committed.
+func (e *engine) committed(a *store.Batch) {
+	cs, err := a.Decoded()
+	if err != nil {
+		e.err = fmt.Errorf("simulate at %s: %w", FormatDuration(e.now), err)
+		return
+	}
+	for i := range cs {
+		c := &cs[i]
 		if c.Kind == affinity.PutNode {
 			e.marks[c.Node.Name] = c.Node.Mark
 			e.names[c.Node.Mark] = c.Node.Name
 		}
 	}
-	if st != e.master() {
-		return
-	}
 	e.revTime[a.Revision] = e.now
 	e.rep.Totals.Commits++
-	for i := range a.Changes {
-		c := &a.Changes[i]
+	for i := range cs {
+		c := &cs[i]
 		if c.Kind != affinity.PutTunnel {
 			continue
 		}
@@ -417,7 +432,9 @@ func (e *engine) commitPending() {
 	}
 	e.pendingUp, e.pendingDown = e.pendingUp[:0], e.pendingDown[:0]
 	clear(e.pendingUpTu)
-	if _, err := e.master().Commit(batch); err != nil {
+	_, err := e.master().Commit(batch)
+	e.follow()
+	if err != nil {
 		var be *affinity.BatchError
 		if !errors.As(err, &be) {
 			e.err = fmt.Errorf("simulate at %s: commit: %w", FormatDuration(e.now), err)
@@ -425,6 +442,7 @@ func (e *engine) commitPending() {
 		}
 		for i := range batch {
 			_, err := e.master().Commit(batch[i : i+1])
+			e.follow()
 			if err == nil || batch[i].Kind == affinity.DeleteTunnel {
 				continue // a tunnel the table lost (a crash) need not be deleted
 			}
@@ -559,6 +577,7 @@ func (e *engine) event(ev Event) {
 			}
 			return p.Batch(), nil
 		})
+		e.follow()
 		if p != nil {
 			rp.Unplaced = len(p.Unplaced)
 			rp.Wanted = p.Wanted
@@ -606,6 +625,7 @@ func (e *engine) addNode(ev Event) error {
 	n := affinity.Node{Name: ev.Node, Weight: ev.Weight, Capacity: ev.Capacity,
 		Addr: netip.AddrFrom4([4]byte{172, 16, byte(i >> 8), byte(i)})}
 	a, err := e.master().Commit([]affinity.Change{{Kind: affinity.PutNode, Node: &n, Reason: "node added"}})
+	e.follow()
 	if err != nil {
 		return fmt.Errorf("add node %s: %w", ev.Node, err)
 	}
@@ -624,7 +644,9 @@ func (e *engine) failover(ev Event, rp *EventReport) error {
 	}
 	rp.Mode = mode
 	old := e.master().Table()
+	e.follow()
 	catchup, err := e.pair.Failover(mode)
+	e.follow() // onto the new master's change log
 	if err != nil {
 		return err
 	}
@@ -668,6 +690,7 @@ func (e *engine) failover(ev Event, rp *EventReport) error {
 	slices.SortFunc(stale, func(a, b affinity.Change) int { return compareStrings(a.Name, b.Name) })
 	if fix := append(stale, lost...); len(fix) > 0 {
 		a, err := e.master().Commit(fix)
+		e.follow()
 		if err != nil {
 			return fmt.Errorf("failover: relearn %d tunnel(s): %w", len(fix), err)
 		}
@@ -744,18 +767,9 @@ func (e *engine) finish() {
 
 func ptrTo[T any](v T) *T { return &v }
 
-// tablesEqual compares what the dataplane is programmed from: nodes and
-// tunnel owners, peers and subnets.
-func tablesEqual(a, b *affinity.Table) bool {
-	sa, sb := a.Snapshot(), b.Snapshot()
-	if sa.Revision != sb.Revision || len(sa.Tunnels) != len(sb.Tunnels) || !slices.Equal(sa.Nodes, sb.Nodes) {
-		return false
-	}
-	for i := range sa.Tunnels {
-		x, y := &sa.Tunnels[i], &sb.Tunnels[i]
-		if x.ID != y.ID || x.Node != y.Node || x.Peer != y.Peer || !slices.Equal(x.Subnets, y.Subnets) {
-			return false
-		}
-	}
-	return true
+// tablesEqual reports whether the backup holds the master's table,
+// revision and records: the table's own DiffTo finds nothing to change.
+func tablesEqual(master, backup *affinity.Table) bool {
+	s := master.Snapshot()
+	return s.Revision == backup.Revision() && len(backup.DiffTo(&s, nil)) == 0
 }

@@ -6,8 +6,8 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/replication"
+	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -22,7 +22,8 @@ const (
 
 // directorPair is two directors each running the real
 // replication.Replicator over a FakeNetwork. The network and the
-// replicators' timers run on a FakeClock that follows the virtual clock;
+// replicators' timers run on a clock.Manual of their own that follows the
+// virtual clock (and runs ahead of it while a switchover catches up);
 // the pair is stepped (deliver, handle, tick) only while there is
 // something to replicate, so idle hours cost nothing.
 type directorPair struct {
@@ -30,14 +31,16 @@ type directorPair struct {
 	reps    [2]*replication.Replicator
 	eps     [2]*replication.FakeEndpoint
 	net     *replication.FakeNetwork
-	clk     *replication.FakeClock
-	sched   Scheduler
+	clk     *clock.Manual
+	sched   clock.Clock
 	master  int
 	pumping bool
 	busyFor time.Duration
 	loss    float64
 	stats   LinkStats
 	applied func(rev uint64)
+	// backupRev is the backup's revision as last told to applied.
+	backupRev uint64
 }
 
 // pumpStep is the virtual time between two steps of the pair while it
@@ -60,9 +63,9 @@ var simKey = []byte("tunneldirector-simulator-key-000")
 
 // NewDirectorPair opens two stores in o.Dir and joins them with the real
 // replication code.
-func NewDirectorPair(o PairOptions, sched Scheduler) (Pair, error) {
+func NewDirectorPair(o PairOptions, sched clock.Clock) (Pair, error) {
 	p := &directorPair{sched: sched, loss: o.Loss, applied: o.Applied,
-		clk: replication.NewFakeClock(Epoch.Add(sched.Now()))}
+		clk: clock.NewManual(sched.Now())}
 	p.net, p.eps[0], p.eps[1] = replication.NewFakeNetwork(replication.FakeConfig{
 		Seed: o.Seed, Drop: o.Loss, Delay: o.Latency,
 	}, p.clk)
@@ -77,15 +80,6 @@ func NewDirectorPair(o PairOptions, sched Scheduler) (Pair, error) {
 			return nil, fmt.Errorf("open simulated director store: %w", err)
 		}
 		p.stores[i] = st
-		i := i
-		st.OnCommit(func(a *affinity.Applied) {
-			if o.OnCommit != nil {
-				o.OnCommit(st, a)
-			}
-			if i != p.master && p.applied != nil {
-				p.applied(a.Revision)
-			}
-		})
 		r, err := replication.New(replication.Config{
 			ID: uint32(i + 1), Key: simKey, Store: st, Transport: p.eps[i], Clock: p.clk,
 			StatePath: filepath.Join(o.Dir, fmt.Sprintf("director-%d.state", i+1)),
@@ -152,15 +146,13 @@ func (p *directorPair) Committed() {
 	}
 	p.pumping = true
 	p.busyFor = 0
-	p.sched.After(0, p.pump)
+	p.sched.AfterFunc(0, p.pump)
 }
 
 // step moves the fake clock to the virtual one and lets everything due
 // happen: datagrams delivered and handled, then both replicators' timers.
 func (p *directorPair) step(now time.Time) {
-	if d := now.Sub(p.clk.Now()); d > 0 {
-		p.clk.Advance(d)
-	}
+	p.clk.AdvanceTo(now)
 	for range 256 {
 		p.net.Deliver()
 		moved := false
@@ -182,6 +174,14 @@ func (p *directorPair) step(now time.Time) {
 	for _, r := range p.reps {
 		r.Tick()
 	}
+	// The backup's revision, for the lag: read after each step, it is
+	// what the backup's commits in the step reached.
+	if rev := p.Backup().Revision(); rev != p.backupRev {
+		p.backupRev = rev
+		if p.applied != nil {
+			p.applied(rev)
+		}
+	}
 }
 
 // settled says the backup holds the master's table and says so. What is
@@ -196,7 +196,7 @@ func (p *directorPair) settled() bool {
 }
 
 func (p *directorPair) pump() {
-	p.step(Epoch.Add(p.sched.Now()))
+	p.step(p.sched.Now())
 	if p.settled() {
 		p.pumping = false
 		return
@@ -209,7 +209,7 @@ func (p *directorPair) pump() {
 		d = slowPump
 	}
 	p.busyFor += d
-	p.sched.After(d, p.pump)
+	p.sched.AfterFunc(d, p.pump)
 }
 
 // maxCatchup bounds a switchover's wait for the backup.
@@ -231,6 +231,7 @@ func (p *directorPair) Failover(mode string) (time.Duration, error) {
 	}
 	old := p.master
 	p.master = 1 - p.master
+	p.backupRev = p.Backup().Revision()
 	p.reps[p.master].SetRole(replication.RoleMaster)
 	p.reps[old].SetRole(replication.RoleBackup)
 	p.pumping = false

@@ -4,20 +4,13 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/store"
 )
-
-// Scheduler is the simulation clock as a replication link sees it: the
-// virtual time and a way to run something later on it.
-type Scheduler interface {
-	Now() time.Duration
-	After(d time.Duration, fn func())
-}
 
 // Pair is the two directors and the replication between them. The
 // simulator commits only to Master; the pair carries every commit to
@@ -55,17 +48,17 @@ type LinkStats struct {
 }
 
 // journalPair is two stores in a folder and a link that replays the
-// master's store.Journal into the backup with store.CommitAt. Batches
-// lost on the link are sent again after the retransmission timeout; a
-// backup the journal no longer reaches, or one that diverged in a crash,
-// gets a snapshot: a fresh store committed from a copy of the master's
-// table.
+// master's change log (store.Changes) into the backup with
+// store.CommitAt. Batches lost on the link are sent again after the
+// retransmission timeout; a backup the log no longer reaches, or one that
+// diverged in a crash, gets a snapshot: the master's table, installed as
+// the backup table's DiffTo committed at the snapshot's revision.
 type journalPair struct {
 	dir      string
 	stores   [2]*store.Store
 	master   int
 	opts     store.Options
-	sched    Scheduler
+	clk      clock.Clock
 	rng      *rand.Rand
 	latency  time.Duration
 	rto      time.Duration
@@ -74,7 +67,6 @@ type journalPair struct {
 	gen      int // bumped on failover, so sends of the old direction stop
 	resync   bool
 	stats    LinkStats
-	onCommit func(*store.Store, *affinity.Applied)
 	// applied is told each revision the backup reached, and when.
 	applied  func(rev uint64)
 	nextPath int
@@ -98,19 +90,17 @@ type PairOptions struct {
 	Retransmit     time.Duration
 	Loss           float64
 	Seed           uint64
-	// OnCommit is registered on every store the pair opens.
-	OnCommit func(*store.Store, *affinity.Applied)
 	// Applied is called when the backup reaches a revision.
 	Applied func(rev uint64)
 }
 
 // NewJournalPair opens two empty stores in o.Dir.
-func NewJournalPair(o PairOptions, sched Scheduler) (Pair, error) {
+func NewJournalPair(o PairOptions, clk clock.Clock) (Pair, error) {
 	p := &journalPair{
-		dir: o.Dir, sched: sched, latency: o.Latency, rto: o.Retransmit, loss: o.Loss,
-		rng:      rand.New(rand.NewPCG(o.Seed, 0x11c)),
-		opts:     store.Options{Table: o.Table, JournalChanges: o.JournalChanges},
-		onCommit: o.OnCommit, applied: o.Applied,
+		dir: o.Dir, clk: clk, latency: o.Latency, rto: o.Retransmit, loss: o.Loss,
+		rng:     rand.New(rand.NewPCG(o.Seed, 0x11c)),
+		opts:    store.Options{Table: o.Table, JournalChanges: o.JournalChanges},
+		applied: o.Applied,
 	}
 	for i := range p.stores {
 		st, err := p.open()
@@ -131,14 +121,11 @@ func (p *journalPair) open() (*store.Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open simulated director store: %w", err)
 	}
-	if p.onCommit != nil {
-		st.OnCommit(func(a *affinity.Applied) { p.onCommit(st, a) })
-	}
 	return st, nil
 }
 
 func (p *journalPair) Name() string {
-	return "sim journal link (store.Journal -> store.CommitAt over a lossy in-memory link; director/replication not used)"
+	return "sim journal link (store.Changes -> store.CommitAt over a lossy in-memory link; director/replication not used)"
 }
 func (p *journalPair) Master() *store.Store { return p.stores[p.master] }
 func (p *journalPair) Backup() *store.Store { return p.stores[1-p.master] }
@@ -161,16 +148,17 @@ func (p *journalPair) Committed() {
 	}
 	p.inflight = true
 	gen := p.gen
-	p.sched.After(0, func() { p.send(gen) })
+	p.clk.AfterFunc(0, func() { p.send(gen) })
 }
 
-// message is one datagram's worth: journal entries, or a snapshot.
+// message is one datagram's worth: batches of the change log, or a
+// snapshot.
 type message struct {
-	entries  []store.JournalEntry
+	entries  []store.Batch
 	snapshot *affinity.Snapshot
 }
 
-// collect reads what the backup lacks from the master's journal.
+// collect reads what the backup lacks from the master's change log.
 func (p *journalPair) collect() (message, error) {
 	m, b := p.Master(), p.Backup()
 	if p.lastValid && !p.resync && p.lastM == m.Revision() && p.lastB == b.Revision() {
@@ -180,11 +168,12 @@ func (p *journalPair) collect() (message, error) {
 		return message{snapshot: p.snapshot()}, nil
 	}
 	var msg message
-	err := m.Journal(b.Revision(), func(e store.JournalEntry) error {
-		msg.entries = append(msg.entries, e)
-		return nil
-	})
-	if errors.Is(err, store.ErrJournalGap) {
+	cur, err := m.Changes(b.Revision())
+	if err == nil {
+		msg.entries, err = store.ReadAll(cur)
+		cur.Close()
+	}
+	if errors.Is(err, store.ErrCompacted) {
 		return message{snapshot: p.snapshot()}, nil
 	}
 	if err == nil {
@@ -219,10 +208,10 @@ func (p *journalPair) send(gen int) {
 	p.stats.Messages++
 	if p.rng.Float64() < p.loss {
 		p.stats.Lost++
-		p.sched.After(p.rto, func() { p.send(gen) })
+		p.clk.AfterFunc(p.rto, func() { p.send(gen) })
 		return
 	}
-	p.sched.After(p.latency, func() {
+	p.clk.AfterFunc(p.latency, func() {
 		if gen != p.gen {
 			return
 		}
@@ -250,44 +239,31 @@ func (p *journalPair) deliver(msg message) {
 		if e.Revision <= b.Revision() {
 			continue // a retransmission overlapping what arrived
 		}
-		if _, err := b.CommitAt(e.Revision, e.Changes); err != nil {
+		cs, err := e.Decoded()
+		if err == nil {
+			_, err = b.CommitAt(e.Revision, cs)
+		}
+		if err != nil {
 			p.stats.ApplyErrors++
 			p.resync = true
 			return
 		}
-		p.stats.Changes += len(e.Changes)
+		p.stats.Changes += len(cs)
 		if p.applied != nil {
 			p.applied(e.Revision)
 		}
 	}
 }
 
-// installSnapshot replaces the backup's store with a fresh one holding the
-// snapshot: CommitAt keeps marks, owners, times and revisions, so the copy
-// is equal to the master's table.
+// installSnapshot makes the backup's table equal to the snapshot: the
+// table's DiffTo, committed at the snapshot's revision (keeping marks,
+// owners, times and revisions), whatever revision the backup was at.
 func (p *journalPair) installSnapshot(s *affinity.Snapshot) error {
 	if s.Revision == 0 {
 		return nil
 	}
-	old := p.Backup()
-	path := old.Path()
-	if err := old.Close(); err != nil {
-		return fmt.Errorf("close backup store for snapshot: %w", err)
-	}
-	os.Remove(path)
-	st, err := p.open()
-	if err != nil {
-		return err
-	}
-	p.stores[1-p.master] = st
-	batch := make([]affinity.Change, 0, len(s.Nodes)+len(s.Tunnels))
-	for i := range s.Nodes {
-		batch = append(batch, affinity.Change{Kind: affinity.PutNode, Node: &s.Nodes[i], Reason: "snapshot"})
-	}
-	for i := range s.Tunnels {
-		batch = append(batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &s.Tunnels[i], Reason: "snapshot"})
-	}
-	if _, err := st.CommitAt(s.Revision, batch); err != nil {
+	b := p.Backup()
+	if _, err := b.CommitReset(s.Revision, b.Table().DiffTo(s, nil)); err != nil {
 		return fmt.Errorf("install snapshot at revision %d: %w", s.Revision, err)
 	}
 	return nil

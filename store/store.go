@@ -4,7 +4,9 @@
 // one bbolt transaction that writes the changed records, their index
 // entries, the new revision and a journal entry, so a crash at any instant
 // leaves either the old or the new table. Open loads the whole table into
-// an affinity.Table and checks the stored indexes against it.
+// an affinity.Table and checks the stored indexes against it. Readers
+// follow the commits through their own cursor on the change log
+// (Changes, in changes.go).
 package store
 
 import (
@@ -50,10 +52,6 @@ var (
 	keyJournalN = []byte("journal_changes")
 )
 
-// ErrJournalGap means the journal no longer holds the revisions asked for:
-// the reader must take a snapshot instead.
-var ErrJournalGap = errors.New("journal does not reach back that far")
-
 // ErrLocked means another process (a running daemon) holds the store.
 var ErrLocked = errors.New("locked")
 
@@ -66,6 +64,9 @@ type Options struct {
 	// JournalChanges bounds the journal (0: DefaultJournalChanges). The
 	// newest entry is always kept, however large.
 	JournalChanges int
+	// RingChanges bounds the change log's in-memory ring (0:
+	// DefaultRingChanges; never more than the journal holds).
+	RingChanges int
 	// ReadOnly opens the file with a shared lock and refuses commits.
 	ReadOnly bool
 	// LockTimeout is how long to wait for another process's lock (0: 1s).
@@ -82,7 +83,7 @@ type Store struct {
 	path       string
 	readOnly   bool
 	journalMax int
-	onCommit   []func(*affinity.Applied)
+	log        changeLog
 }
 
 // Open opens (or creates) a store and loads its table.
@@ -156,6 +157,11 @@ func Open(opts Options) (*Store, error) {
 		return nil, err
 	}
 	s.table = t
+	ring := opts.RingChanges
+	if ring <= 0 {
+		ring = DefaultRingChanges
+	}
+	s.log.init(t.Revision(), min(ring, s.journalMax))
 	return s, nil
 }
 
@@ -421,15 +427,6 @@ func (s *Store) Path() string { return s.path }
 // Revision returns the committed revision.
 func (s *Store) Revision() uint64 { return s.table.Revision() }
 
-// OnCommit registers fn to run after every commit that changed something,
-// in commit order, with the store's lock held: keep it short (hand off to a
-// channel). The reconciler and replication subscribe here.
-func (s *Store) OnCommit(fn func(*affinity.Applied)) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.onCommit = append(s.onCommit, fn)
-}
-
 // Commit applies a batch to the table and persists it in one transaction.
 // A batch that changes nothing is not written and bumps no revision.
 func (s *Store) Commit(batch []affinity.Change) (*affinity.Applied, error) {
@@ -479,13 +476,14 @@ func (s *Store) commitLocked(apply func() (*affinity.Applied, error)) (*affinity
 	if len(applied.Changes) == 0 {
 		return applied, nil
 	}
-	if err := s.db.Update(func(tx *bolt.Tx) error { return s.persist(tx, applied) }); err != nil {
+	prev := applied.Previous()
+	var enc []byte
+	err = s.db.Update(func(tx *bolt.Tx) (err error) { enc, err = s.persist(tx, applied); return err })
+	if err != nil {
 		applied.Rollback()
 		return nil, fmt.Errorf("commit revision %d to store %s: %w", applied.Revision, s.path, err)
 	}
-	for _, fn := range s.onCommit {
-		fn(applied)
-	}
+	s.log.add(Batch{Revision: applied.Revision, Prev: prev, Changes: applied.Changes, Encoded: enc, Resolved: true})
 	return applied, nil
 }
 
@@ -493,7 +491,9 @@ func (s *Store) commitLocked(apply func() (*affinity.Applied, error)) (*affinity
 // when the store is already at or past it: a replica taking its master's
 // snapshot or repair. The journal is emptied, since the revisions it held
 // no longer describe this store's history (a reader behind rev takes a
-// snapshot). OnCommit hooks run when something changed.
+// snapshot). The change log gets the reset as one batch (Batch.Reset):
+// a cursor at the revision before it reads it; older cursors are
+// compacted.
 func (s *Store) CommitReset(rev uint64, changes []affinity.Change) (*affinity.Applied, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -504,6 +504,8 @@ func (s *Store) CommitReset(rev uint64, changes []affinity.Change) (*affinity.Ap
 	if err != nil {
 		return nil, err
 	}
+	prev := a.Previous()
+	var enc []byte
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		if err := s.writeRecords(tx, a); err != nil {
 			return err
@@ -512,37 +514,32 @@ func (s *Store) CommitReset(rev uint64, changes []affinity.Change) (*affinity.Ap
 		if err := meta.Put(keyRevision, be64(rev)); err != nil {
 			return err
 		}
-		if err := tx.DeleteBucket(bucketJournal); err != nil {
+		if err := resetJournal(tx, prev); err != nil {
 			return err
 		}
-		if _, err := tx.CreateBucket(bucketJournal); err != nil {
-			return err
-		}
-		return meta.Put(keyJournalN, be64(0))
+		enc, err = s.journal(tx, rev, a.Changes)
+		return err
 	})
 	if err != nil {
 		a.Rollback()
 		return nil, fmt.Errorf("reset store %s to revision %d: %w", s.path, rev, err)
 	}
-	if len(a.Changes) > 0 {
-		for _, fn := range s.onCommit {
-			fn(a)
-		}
-	}
+	s.log.add(Batch{Revision: rev, Prev: prev, Changes: a.Changes, Encoded: enc, Resolved: true})
 	return a, nil
 }
 
 // persist writes one applied batch: records, index entries, revision and
-// journal entry, all in the caller's transaction.
-func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) error {
+// journal entry, all in the caller's transaction. It returns the encoded
+// batch.
+func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) ([]byte, error) {
 	if err := s.writeRecords(tx, a); err != nil {
-		return err
+		return nil, err
 	}
 	meta := tx.Bucket(bucketMeta)
 	if err := meta.Put(keyRevision, be64(a.Revision)); err != nil {
-		return err
+		return nil, err
 	}
-	return s.journal(tx, a)
+	return s.journal(tx, a.Revision, a.Changes)
 }
 
 // writeRecords writes the changed records and their index entries.
@@ -648,77 +645,6 @@ func unindexOld(tunnels, peers, subnets *bolt.Bucket, id string) error {
 		}
 	}
 	return nil
-}
-
-func (s *Store) journal(tx *bolt.Tx, a *affinity.Applied) error {
-	j := tx.Bucket(bucketJournal)
-	if err := j.Put(be64(a.Revision), affinity.MarshalChanges(a.Changes)); err != nil {
-		return fmt.Errorf("write journal entry %d: %w", a.Revision, err)
-	}
-	meta := tx.Bucket(bucketMeta)
-	total := uint64(len(a.Changes))
-	if v := meta.Get(keyJournalN); len(v) == 8 {
-		total += binary.BigEndian.Uint64(v)
-	}
-	// Trim the oldest entries past the bound, never the newest.
-	c := j.Cursor()
-	for k, v := c.First(); k != nil && total > uint64(s.journalMax); k, v = c.First() {
-		if binary.BigEndian.Uint64(k) == a.Revision {
-			break
-		}
-		total -= journalCount(v)
-		if err := c.Delete(); err != nil {
-			return err
-		}
-	}
-	return meta.Put(keyJournalN, be64(total))
-}
-
-// journalCount reads the change count of an encoded journal entry (version
-// byte, then a uvarint count) without decoding it.
-func journalCount(v []byte) uint64 {
-	if len(v) < 2 {
-		return 0
-	}
-	n, _ := binary.Uvarint(v[1:])
-	return n
-}
-
-// JournalEntry is one committed batch.
-type JournalEntry struct {
-	Revision uint64
-	Changes  []affinity.Change
-}
-
-// Journal calls fn for every journal entry after revision from, in order.
-// It returns ErrJournalGap when the journal no longer holds from+1.
-func (s *Store) Journal(from uint64, fn func(JournalEntry) error) error {
-	return s.db.View(func(tx *bolt.Tx) error {
-		c := tx.Bucket(bucketJournal).Cursor()
-		cur := binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyRevision))
-		if from >= cur {
-			return nil
-		}
-		k, v := c.Seek(be64(from + 1))
-		if k == nil || binary.BigEndian.Uint64(k) != from+1 {
-			first, _ := c.First()
-			oldest := uint64(0)
-			if first != nil {
-				oldest = binary.BigEndian.Uint64(first)
-			}
-			return fmt.Errorf("%w: asked for revision %d, oldest kept is %d", ErrJournalGap, from+1, oldest)
-		}
-		for ; k != nil; k, v = c.Next() {
-			cs, err := affinity.UnmarshalChanges(v)
-			if err != nil {
-				return fmt.Errorf("journal entry %d: %w", binary.BigEndian.Uint64(k), err)
-			}
-			if err := fn(JournalEntry{Revision: binary.BigEndian.Uint64(k), Changes: cs}); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
 }
 
 // CheckReport is the result of an integrity check.

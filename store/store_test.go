@@ -78,11 +78,15 @@ func TestCommitReopenJournal(t *testing.T) {
 		t.Fatalf("revision %d after 3 commits", rev)
 	}
 	var revs []uint64
-	if err := s.Journal(0, func(e JournalEntry) error { revs = append(revs, e.Revision); return nil }); err != nil {
+	bs, err := readAll(s, 0)
+	if err != nil {
 		t.Fatal(err)
 	}
+	for _, b := range bs {
+		revs = append(revs, b.Revision)
+	}
 	if !reflect.DeepEqual(revs, []uint64{1, 2, 3}) {
-		t.Fatalf("journal revisions %v", revs)
+		t.Fatalf("change log revisions %v", revs)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
@@ -90,6 +94,11 @@ func TestCommitReopenJournal(t *testing.T) {
 
 	s = open(t, path)
 	defer s.Close()
+	// After a restart the ring is empty: the journal serves the cursor.
+	bs, err = readAll(s, 1)
+	if err != nil || len(bs) != 2 || bs[0].Prev != 1 || bs[1].Revision != 3 || bs[0].Resolved {
+		t.Fatalf("journal after reopen: %+v %v", bs, err)
+	}
 	got := s.Table().Snapshot()
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("reopened table differs")
@@ -114,12 +123,18 @@ func TestReplicaReplay(t *testing.T) {
 	if _, err := m.Commit(p.Batch()); err != nil {
 		t.Fatal(err)
 	}
-	err := m.Journal(r.Revision(), func(e JournalEntry) error {
-		_, err := r.CommitAt(e.Revision, e.Changes)
-		return err
-	})
+	bs, err := readAll(m, r.Revision())
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, b := range bs {
+		cs, err := b.Decoded()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.CommitAt(b.Revision, cs); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if !reflect.DeepEqual(m.Table().Snapshot(), r.Table().Snapshot()) {
 		t.Fatal("replica differs from master")
@@ -138,19 +153,17 @@ func TestJournalBound(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	err = s.Journal(0, func(JournalEntry) error { return nil })
-	if !errors.Is(err, ErrJournalGap) {
-		t.Fatalf("want ErrJournalGap reading from 0, got %v", err)
+	if _, err = s.Changes(0); !errors.Is(err, ErrCompacted) {
+		t.Fatalf("want ErrCompacted reading from 0, got %v", err)
 	}
-	n := 0
-	if err := s.Journal(s.Revision()-5, func(JournalEntry) error { n++; return nil }); err != nil || n != 5 {
-		t.Fatalf("recent entries: %d, %v", n, err)
+	if bs, err := readAll(s, s.Revision()-5); err != nil || len(bs) != 5 {
+		t.Fatalf("recent entries: %d, %v", len(bs), err)
 	}
 	// One entry bigger than the bound is still kept: it is the newest.
 	if _, err := s.Commit(tunnels(1000, 80)); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.Journal(s.Revision()-1, func(JournalEntry) error { return nil }); err != nil {
+	if bs, err := readAll(s, s.Revision()-1); err != nil || len(bs) != 1 {
 		t.Fatalf("newest entry dropped: %v", err)
 	}
 }
@@ -267,8 +280,11 @@ func TestCommitReset(t *testing.T) {
 	if err != nil || a.Revision != 2 || s.Revision() != 2 {
 		t.Fatalf("reset: %+v %v, revision %d", a, err, s.Revision())
 	}
-	if err := s.Journal(0, func(JournalEntry) error { return nil }); !errors.Is(err, ErrJournalGap) && err != nil {
-		t.Fatalf("journal after reset: %v", err)
+	if _, err := s.Changes(0); !errors.Is(err, ErrCompacted) {
+		t.Fatalf("change log from 0 after reset: %v", err)
+	}
+	if bs, err := readAll(s, 3); err != nil || len(bs) != 1 || !bs[0].Reset() || bs[0].Revision != 2 {
+		t.Fatalf("reset batch: %+v %v", bs, err)
 	}
 	// The next live revision follows at 3.
 	if _, err := s.CommitAt(3, tunnels(30, 1)); err != nil {

@@ -3,7 +3,6 @@ package nms
 import (
 	"errors"
 	"fmt"
-	"net/netip"
 	"slices"
 	"strings"
 
@@ -96,15 +95,12 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 			// pin waits until the node is back.
 			want.Node = ""
 		}
-		same := old.Peer == want.Peer && old.Comment == want.Comment && sameSubnets(old.Subnets, want.Subnets)
 		if want.Node == "" {
 			// The scheduler's choice sticks; only a pin is undone.
-			same = same && !old.Pinned
 			want.Node, want.Pinned = old.Node, false
-		} else {
-			same = same && old.Node == want.Node && old.Pinned == want.Pinned
 		}
-		if same {
+		// The table's own rule for a no-op change.
+		if old.SameContent(&want) {
 			d.Unchanged = append(d.Unchanged, r.ID)
 			continue
 		}
@@ -144,12 +140,6 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 	return d
 }
 
-func sameSubnets(a, b []netip.Prefix) bool {
-	// Both sides are sorted (the table and the reader normalize), so
-	// equal sets are equal slices.
-	return slices.Equal(a, b)
-}
-
 // PlanNodes compares a nodes file with the table. A record equal to the
 // table's node is unchanged; a record without a mark keeps the node's
 // mark. With replace, nodes the file does not list are removed, which
@@ -179,7 +169,7 @@ func PlanNodes(t *affinity.Table, nodes []NodeRecord, replace bool) *Diff {
 		if want.Weight == 0 {
 			want.Weight = affinity.DefaultWeight
 		}
-		if want == old {
+		if want.Equal(&old) {
 			d.Unchanged = append(d.Unchanged, r.Name)
 			continue
 		}

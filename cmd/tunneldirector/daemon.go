@@ -136,7 +136,7 @@ func newReplicator(cfg *director.Config, st *store.Store, log *slog.Logger) (*re
 	r, err := replication.New(replication.Config{
 		ID: rc.ID, Key: []byte(strings.TrimSpace(string(key))), Store: st, Transport: link,
 		MTU: rc.MTU, StatePath: rc.StatePath,
-		Logf: func(format string, a ...any) { log.Info("replication: " + fmt.Sprintf(format, a...)) },
+		Logger: log.With("component", "replication"),
 	})
 	if err != nil {
 		return nil, err

@@ -49,24 +49,52 @@ type lagMeter struct {
 	max  time.Duration
 }
 
-func (m *lagMeter) watch(master, backup *store.Store) {
-	master.OnCommit(func(a *affinity.Applied) {
-		m.mu.Lock()
+// watch follows both stores' change logs, each through its own cursor,
+// until stop is called.
+func (m *lagMeter) watch(b *testing.B, master, backup *store.Store) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	follow := func(s *store.Store, fn func(rev uint64, at time.Time)) {
+		cur, err := s.Changes(s.Revision())
+		if err != nil {
+			b.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer cur.Close()
+			for {
+				select {
+				case <-done:
+					return
+				case <-cur.Notify():
+				}
+				now := time.Now()
+				for {
+					bt, ok, err := cur.Next()
+					if err != nil || !ok {
+						break
+					}
+					m.mu.Lock()
+					fn(bt.Revision, now)
+					m.mu.Unlock()
+				}
+			}
+		}()
+	}
+	follow(master, func(rev uint64, at time.Time) {
 		m.commit = append(m.commit, struct {
 			rev uint64
 			at  time.Time
-		}{a.Revision, time.Now()})
-		m.mu.Unlock()
+		}{rev, at})
 	})
-	backup.OnCommit(func(a *affinity.Applied) {
-		now := time.Now()
-		m.mu.Lock()
-		for m.next < len(m.commit) && m.commit[m.next].rev <= a.Revision {
-			m.max = max(m.max, now.Sub(m.commit[m.next].at))
+	follow(backup, func(rev uint64, at time.Time) {
+		for m.next < len(m.commit) && m.commit[m.next].rev <= rev {
+			m.max = max(m.max, at.Sub(m.commit[m.next].at))
 			m.next++
 		}
-		m.mu.Unlock()
 	})
+	return func() { close(done); wg.Wait() }
 }
 
 const sustainedChanges = 100_000
@@ -90,7 +118,7 @@ func BenchmarkSustainedFake(b *testing.B) {
 				commit(p.st[0], benchNodes(16))
 				p.settle(time.Second)
 				var lm lagMeter
-				lm.watch(p.st[0], p.st[1])
+				stopLag := lm.watch(b, p.st[0], p.st[1])
 				b.StartTimer()
 				start := time.Now()
 				for i := 0; i < sustainedChanges; i += sustainedBatch {
@@ -104,6 +132,7 @@ func BenchmarkSustainedFake(b *testing.B) {
 				}
 				el := time.Since(start)
 				b.StopTimer()
+				stopLag()
 				b.ReportMetric(float64(sustainedChanges)/el.Seconds(), "changes/s")
 				b.ReportMetric(float64(lm.max.Milliseconds()), "max-lag-ms")
 				b.StartTimer()
@@ -162,7 +191,7 @@ func BenchmarkSustainedUDP(b *testing.B) {
 					time.Sleep(time.Millisecond)
 				}
 				var lm lagMeter
-				lm.watch(s0, s1)
+				stopLag := lm.watch(b, s0, s1)
 				b.StartTimer()
 				start := time.Now()
 				for i := 0; i < sustainedChanges; i += sustainedBatch {
@@ -176,6 +205,7 @@ func BenchmarkSustainedUDP(b *testing.B) {
 				el := time.Since(start)
 				b.StopTimer()
 				stop()
+				stopLag()
 				b.ReportMetric(float64(sustainedChanges)/el.Seconds(), "changes/s")
 				b.ReportMetric(float64(lm.max.Milliseconds()), "max-lag-ms")
 				b.StartTimer()

@@ -48,6 +48,9 @@ func recordHash(b []byte) uint64 {
 	return binary.BigEndian.Uint64(s[:8])
 }
 
+func tunnelHash(t *affinity.Tunnel) uint64 { return recordHash(affinity.MarshalTunnel(t)) }
+func nodeHash(n *affinity.Node) uint64     { return recordHash(affinity.MarshalNode(n)) }
+
 // digest keeps, per bucket, the sum of a hash of every encoded tunnel in
 // it, and a sum over the nodes. Sums (not a hash of a sorted list) let one
 // change update its bucket in constant time and make the result
@@ -64,7 +67,7 @@ func newDigest() *digest {
 }
 
 func (d *digest) putTunnel(t *affinity.Tunnel) {
-	h := recordHash(affinity.MarshalTunnel(t))
+	h := tunnelHash(t)
 	b := bucketOf(t.ID)
 	d.sums[b] += h - d.tunnel[t.ID]
 	d.tunnel[t.ID] = h
@@ -76,7 +79,7 @@ func (d *digest) deleteTunnel(id string) {
 }
 
 func (d *digest) putNode(n *affinity.Node) {
-	h := recordHash(affinity.MarshalNode(n))
+	h := nodeHash(n)
 	d.nodes += h - d.node[n.Name]
 	d.node[n.Name] = h
 }
@@ -102,11 +105,9 @@ func (d *digest) apply(cs []affinity.Change) {
 	}
 }
 
-// digestAt is the digest of one revision, kept in a ring on the master so
-// that a lagging backup's digest can be compared with the master's at the
-// same revision.
-type digestAt struct {
-	rev   uint64
+// digestSums are the sums of a digest at one revision: what a backup
+// sends and a master compares (see Replicator.digestAt).
+type digestSums struct {
 	nodes uint64
 	sums  [NumBuckets]uint64
 }

@@ -6,14 +6,23 @@
 // Each director runs one Replicator over its own store.Store and a
 // Transport (UDP on the sync link, unicast or multicast; an in-memory
 // FakeNetwork in tests). keepalived's notify scripts set the role with
-// SetRole: the master streams every revision its store commits (the
-// store's OnCommit hook gives the resolved changes); the backup's store is
-// written only by its replicator, with store.CommitAt at the master's
-// revision numbers, so both stores hold the same table at the same
-// revision. All timers read an injectable Clock; HandleDatagram and Tick
-// process one event each, so tests step two directors deterministically.
+// SetRole: the master streams every revision its store commits, read
+// through the replicator's own cursor on the store's change log
+// (store.Changes); the backup's store is written only by its replicator,
+// with store.CommitAt at the master's revision numbers, so both stores
+// hold the same table at the same revision. All timers read an injectable
+// clock (internal/clock); HandleDatagram and Tick process one event each,
+// so tests and the simulator step two directors deterministically.
 //
-// # Wire format (version 1)
+// The code is split by role: the state both roles share is in
+// Replicator, what only a master keeps in masterSide (master.go), what
+// only a backup keeps in backupSide (backup.go); a role change makes both
+// new. The datagram format and the replay window are package wire.
+// Events are logged through a *slog.Logger with attributes; a state is
+// logged when it changes, and a condition that lasts (the master silent)
+// again with backoff, doubling up to every 10 minutes.
+//
+// # Wire format (version 2)
 //
 // Every datagram:
 //
@@ -26,8 +35,15 @@
 //	7       4     sender director id
 //	11      8     sender's epoch
 //	19      8     sender's datagram sequence number
-//	27      ...   TLVs: type u16, length u16, value (big-endian integers)
+//	27      ...   TLVs: type u16, length u16, value (big-endian integers);
+//	              every datagram carries TLV 28 (the sender's session)
+//	              and TLV 29 (the receiver's session as the sender knows
+//	              it), then the message's own
 //	end-16  16    HMAC-SHA256 over everything before it, truncated
+//
+// A datagram is at most 65,507 bytes (the largest UDP payload):
+// Config.MTU and UDPConfig.MTU are refused above it and below 576
+// (CheckMTU; configuration validation calls it).
 //
 // Unknown TLV types are skipped, so a newer director can add fields; a
 // TLV type with the high bit (0x8000) set is critical, and a datagram
@@ -43,7 +59,14 @@
 // nanoseconds, so a restarted sender is ahead of its old datagrams.
 // Duplicates, datagrams older than the window, and datagrams of an epoch
 // whose window was already forgotten are dropped (Counters.Replays);
-// datagrams failing the tag are dropped (Counters.AuthFailures).
+// datagrams failing the tag are dropped (Counters.AuthFailures). A
+// restarted receiver's windows start empty, so every datagram is also
+// bound to the receiver's session, a random number drawn at each start:
+// a datagram whose TLV 29 is not the receiver's current session (one
+// captured before a restart, or sent before the peer learned the new
+// session) is never processed (Counters.StaleSession); the receiver only
+// learns the sender's session from it and answers with a status, so the
+// pair finds each other's sessions within a status interval.
 //
 // # Live stream
 //
@@ -55,27 +78,32 @@
 // revision on the same history (number and epoch); several complete
 // revisions are coalesced into one store commit. The backup sends a NACK
 // when behind: its revision, the complete revisions it holds, and the
-// parts missing from partial ones; the master resends from a bounded
-// window (Config.WindowChanges). Status datagrams, sent every
+// parts missing from partial ones; the master resends them read back
+// from its store's change log (the in-memory ring, or the journal on disk
+// after a restart) while the backup is at most Config.WindowChanges
+// changes behind. Status datagrams, sent every
 // StatusInterval by both sides, carry each side's revision: the master's
 // lets a backup detect a lost tail; the backup's acts as a cumulative ACK.
 //
 // # Snapshots and repairs
 //
-// When the backup's revision is older than the window, or its history is
-// not the master's, the master sends a snapshot: its whole table at one
+// When the backup's revision is older than the window (or than the change
+// log reaches), or its history is not the master's, the master sends a
+// snapshot: its whole table at one
 // revision, encoded and cut into chunks, paced by a token bucket
 // (Config.SnapshotRate) so live datagrams keep flowing. The receiver asks
 // for the chunk ranges it lacks after XferIdle of silence, so a transfer
 // resumes where it stopped. The backup applies a snapshot as one commit
-// of the differences (deletes first, then nodes, then tunnels) at the
-// snapshot's revision, then applies the live revisions that follow it.
+// of the differences (affinity.Table.DiffTo: deletes first, then nodes,
+// then tunnels) at the snapshot's revision, then applies the live revisions that follow it.
 //
 // Anti-entropy: the backup, when caught up, sends every DigestInterval a
 // digest of its table: per bucket (256 buckets over an FNV-1a hash of the
 // tunnel id) the sum of SHA-256 hashes of the encoded tunnels, plus a sum
 // over the nodes. The master compares it with its own digest at the same
-// revision (it keeps the last 256), answers with a verdict, and on a
+// revision (its current digest with the batches since undone, read back
+// from the change log, at most WindowChanges changes), answers with a
+// verdict, and on a
 // mismatch sends a repair: the nodes and the tunnels of just the differing
 // buckets. A repair at revision R is applied together with the master's
 // next revision after R (see Limitations). Both sides record when the

@@ -3,6 +3,7 @@ package replication_test
 import (
 	"context"
 	"log"
+	"log/slog"
 	"net/netip"
 
 	"github.com/tunneldirector/tunneldirector/director/replication"
@@ -27,7 +28,7 @@ func Example() {
 	defer link.Close()
 	r, err := replication.New(replication.Config{
 		ID: 1, Key: []byte("shared secret of at least 16 bytes"),
-		Store: st, Transport: link, Logf: log.Printf,
+		Store: st, Transport: link, Logger: slog.Default(),
 	})
 	if err != nil {
 		log.Fatal(err)

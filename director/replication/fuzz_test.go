@@ -5,43 +5,17 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
-)
 
-// FuzzDecode feeds arbitrary datagrams to the decoder: it must never panic
-// and must refuse everything not sealed with the key.
-func FuzzDecode(f *testing.F) {
-	c := newCodec(testKey)
-	var w builder
-	w.start(nil, Header{Type: MsgStatus, Sender: 1, Epoch: 1, Seq: 1})
-	w.u8(tRole, 1)
-	w.u64(tRev, 7)
-	f.Add(w.seal(c))
-	f.Add([]byte("TDR1"))
-	f.Add(make([]byte, HeaderLen+TagLen))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		p, err := c.decode(b)
-		if err != nil {
-			return
-		}
-		// Whatever decodes was sealed with the key: re-encoding its
-		// fields gives back the same datagram.
-		var w builder
-		w.start(nil, p.Header)
-		for _, v := range p.Fields {
-			w.bytes(v.Type, v.Value)
-		}
-		if out := w.seal(c); string(out) != string(b) {
-			t.Fatalf("decode/encode round trip differs")
-		}
-	})
-}
+	"github.com/tunneldirector/tunneldirector/director/replication/wire"
+	"github.com/tunneldirector/tunneldirector/internal/clock"
+)
 
 // FuzzMessages seals arbitrary TLV bodies with the right key, so the
 // fuzzer gets past authentication into every message handler, on a
 // master and on a backup.
 func FuzzMessages(f *testing.F) {
 	dir := f.TempDir()
-	clk := NewFakeClock(epoch0)
+	clk := clock.NewManual(epoch0)
 	_, e0, e1 := NewFakeNetwork(FakeConfig{Drop: 1}, clk)
 	var reps [2]*Replicator
 	for i := range 2 {
@@ -53,59 +27,75 @@ func FuzzMessages(f *testing.F) {
 		reps[i] = r
 	}
 	reps[0].SetRole(RoleMaster)
-	c := newCodec(testKey)
 	seq := uint64(1)
-	seed := func(t MsgType, body func(w *builder)) {
-		var w builder
+	seed := func(t wire.MsgType, body func(w *wire.Builder)) {
+		var w wire.Builder
 		body(&w)
-		f.Add(byte(t), w.b)
+		f.Add(byte(t), w.B)
 	}
-	seed(MsgData, func(w *builder) {
-		w.u64(tRev, 2)
-		w.u64(tPrev, 1)
-		w.u32(tPart, 0)
-		w.u32(tParts, 1)
-		w.bytes(tBlob, []byte{1, 0})
+	seed(wire.MsgData, func(w *wire.Builder) {
+		w.U64(wire.TRev, 2)
+		w.U64(wire.TPrev, 1)
+		w.U32(wire.TPart, 0)
+		w.U32(wire.TParts, 1)
+		w.Bytes(wire.TBlob, []byte{1, 0})
 	})
-	seed(MsgNack, func(w *builder) {
-		w.u64(tFrom, 0)
-		w.bytes(tPartial, binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint64(nil, 3), 1))
+	seed(wire.MsgNack, func(w *wire.Builder) {
+		w.U64(wire.TFrom, 0)
+		w.Bytes(wire.TPartial, binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint64(nil, 3), 1))
 	})
-	seed(MsgDigest, func(w *builder) {
-		w.u64(tRev, 0)
-		w.u64(tNodesHash, 0)
-		w.bytes(tBuckets, make([]byte, 2+4*16))
+	seed(wire.MsgDigest, func(w *wire.Builder) {
+		w.U64(wire.TRev, 0)
+		w.U64(wire.TNodesHash, 0)
+		w.Bytes(wire.TBuckets, make([]byte, 2+4*16))
 	})
-	seed(MsgChunk, func(w *builder) {
-		w.u64(tXferID, 9)
-		w.u8(tKind, 1)
-		w.u64(tRev, 5)
-		w.u32(tChunk, 0)
-		w.u32(tChunks, 1)
-		w.bytes(tBitmap, make([]byte, 32))
-		w.bytes(tBlob, []byte{2, 3, 1, 1, 0})
+	seed(wire.MsgChunk, func(w *wire.Builder) {
+		w.U64(wire.TXferID, 9)
+		w.U8(wire.TKind, 1)
+		w.U64(wire.TRev, 5)
+		w.U32(wire.TChunk, 0)
+		w.U32(wire.TChunks, 1)
+		w.Bytes(wire.TBitmap, make([]byte, 32))
+		w.Bytes(wire.TBlob, []byte{2, 3, 1, 1, 0})
 	})
-	seed(MsgXferReq, func(w *builder) {
-		w.u64(tXferID, 0)
-		w.u8(tKind, 3)
-		w.bytes(tRange, make([]byte, 8))
+	seed(wire.MsgXferReq, func(w *wire.Builder) {
+		w.U64(wire.TXferID, 0)
+		w.U8(wire.TKind, 3)
+		w.Bytes(wire.TRange, make([]byte, 8))
 	})
-	seed(MsgStatus, func(w *builder) {
-		w.u8(tRole, 1)
-		w.u64(tRev, 3)
-		w.u64(tRevEpoch, 1)
+	seed(wire.MsgStatus, func(w *wire.Builder) {
+		w.U8(wire.TRole, 1)
+		w.U64(wire.TRev, 3)
+		w.U64(wire.TRevEpoch, 1)
 	})
 	f.Fuzz(func(t *testing.T, typ byte, body []byte) {
-		var tg target
-		_ = decodeTarget(&tg, body)
 		for i, r := range reps {
 			seq++
-			var w builder
-			w.start(nil, Header{Type: MsgType(typ & 7), Sender: uint32(11 - i), Epoch: 1, Seq: seq})
-			w.raw(body)
-			r.HandleDatagram(w.seal(c))
+			r.HandleDatagram(seal(r, testKey, wire.Header{Type: wire.MsgType(typ & 7), Sender: uint32(11 - i), Epoch: 1, Seq: seq}, func(w *wire.Builder) {
+				w.Raw(body)
+			}))
 			clk.Advance(time.Millisecond)
 			r.Tick()
+		}
+	})
+}
+
+// FuzzDecodeTarget feeds arbitrary transfer blobs (the records of a
+// snapshot, repair or pull) to their decoder: it must never panic, and a
+// repair must never carry a tunnel outside its buckets.
+func FuzzDecodeTarget(f *testing.F) {
+	f.Add(false, []byte{2, 3, 1, 1, 0})
+	f.Add(true, []byte{3, 16, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1})
+	f.Fuzz(func(t *testing.T, full bool, blob []byte) {
+		tg := target{full: full}
+		tg.buckets.add(7)
+		if err := decodeTarget(&tg, blob); err != nil {
+			return
+		}
+		for _, tu := range tg.tunnels {
+			if !full && !tg.buckets.has(bucketOf(tu.ID)) {
+				t.Fatalf("repair decoded tunnel %s outside its buckets", tu.ID)
+			}
 		}
 	})
 }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/replication/wire"
+	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -21,7 +23,7 @@ var epoch0 = time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 // pair is two directors over a FakeNetwork, stepped in one goroutine.
 type pair struct {
 	t      testing.TB
-	clk    *FakeClock
+	clk    *clock.Manual
 	net    *FakeNetwork
 	ep     [2]*FakeEndpoint
 	st     [2]*store.Store
@@ -43,7 +45,7 @@ func openStore(t testing.TB, path string, journal int) *store.Store {
 
 func newPair(t testing.TB, fc FakeConfig, mod func(int, *Config)) *pair {
 	t.Helper()
-	p := &pair{t: t, clk: NewFakeClock(epoch0), dir: t.TempDir(), cfgMod: mod, step_: time.Millisecond}
+	p := &pair{t: t, clk: clock.NewManual(epoch0), dir: t.TempDir(), cfgMod: mod, step_: time.Millisecond}
 	p.net, p.ep[0], p.ep[1] = NewFakeNetwork(fc, p.clk)
 	for i := range 2 {
 		p.st[i] = openStore(t, filepath.Join(p.dir, fmt.Sprintf("d%d.db", i)), 0)
@@ -98,6 +100,20 @@ func (p *pair) step() {
 		if p.r[i] != nil {
 			p.r[i].Tick()
 		}
+	}
+}
+
+// churn commits the ops' first batch and then rounds random batches, one
+// step apart, and waits until the backup holds the master's table.
+func (p *pair) churn(o *ops, rounds int) {
+	p.t.Helper()
+	commit(p.st[0], o.init())
+	for range rounds {
+		commit(p.st[0], o.batch(p.st[0].Table()))
+		p.step()
+	}
+	if !p.settle(10 * time.Second) {
+		p.t.Fatal(p.describeDiff())
 	}
 }
 
@@ -253,4 +269,19 @@ func ids(ts []affinity.Tunnel) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// seal builds a datagram as side from would send it to replicator to:
+// bound to to's session, under the given header.
+func seal(to *Replicator, key []byte, h wire.Header, body func(*wire.Builder)) []byte {
+	var w wire.Builder
+	w.Start(nil, h)
+	w.U64(wire.TSession, 0xfeed)
+	w.U64(wire.TPeerSession, to.session)
+	body(&w)
+	b, err := w.Seal(wire.NewCodec(key))
+	if err != nil {
+		panic(err)
+	}
+	return b
 }

@@ -89,13 +89,12 @@ func (v version) String() string {
 	return fmt.Sprintf("(epoch %d, revision %d, director %d)", v.epoch, v.rev, v.id)
 }
 
-func sameTunnelContent(a, b *affinity.Tunnel) bool {
-	return a.Peer == b.Peer && a.Node == b.Node && a.Pinned == b.Pinned && a.Comment == b.Comment &&
-		slices.Equal(a.Subnets, b.Subnets)
-}
-
+// sameNodeAttrs compares two sides' versions of a node, marks aside:
+// a node's mark is kept from the master side.
 func sameNodeAttrs(a, b *affinity.Node) bool {
-	return a.Addr == b.Addr && a.Weight == b.Weight && a.Capacity == b.Capacity && a.State == b.State && a.Comment == b.Comment
+	n := *b
+	n.Mark = a.Mark
+	return a.Equal(&n)
 }
 
 // merge folds a backup's diverged table into this master's by the rule in
@@ -162,7 +161,7 @@ func (r *Replicator) merge(t *target) {
 	for i := range t.tunnels {
 		pt := t.tunnels[i]
 		ot := ownT[pt.ID]
-		if ot != nil && sameTunnelContent(ot, &pt) {
+		if ot != nil && ot.SameContent(&pt) {
 			continue
 		}
 		won := pt
@@ -230,23 +229,23 @@ func (r *Replicator) merge(t *target) {
 		ops = kept
 	}
 	if a != nil {
-		r.drain(a)
+		r.committed(a)
 		rep.Revision = a.Revision
 	}
-	r.merged = [2]uint64{t.rev, t.revEpoch}
+	r.m.merged = [2]uint64{t.rev, t.revEpoch}
 	r.c.Merges++
 	r.c.Conflicts += uint64(len(rep.Conflicts))
 	r.conflicts = append(r.conflicts, rep)
 	if len(r.conflicts) > 16 {
 		r.conflicts = r.conflicts[len(r.conflicts)-16:]
 	}
-	r.logf("merged director %d's table (revision %d): %d tunnel(s) kept from it, %d conflict(s), merge revision %d",
-		r.peer.ID, t.rev, len(rep.KeptFromPeer), len(rep.Conflicts), rep.Revision)
+	r.log.Warn("split brain merged", "peer", r.peer.ID, "peer_revision", t.rev, "kept_from_peer", len(rep.KeptFromPeer),
+		"conflicts", len(rep.Conflicts), "merge_revision", rep.Revision)
 	if r.cfg.OnConflict != nil {
 		r.cfg.OnConflict(rep)
 	}
 	r.out = nil
-	r.deliveredAt = time.Time{}
+	r.m.deliveredAt = time.Time{}
 	r.startOut(xSnapshot, allBuckets(), "after split-brain merge")
 }
 

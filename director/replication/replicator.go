@@ -2,412 +2,143 @@ package replication
 
 import (
 	"context"
-	"encoding/json"
+	"crypto/rand"
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"os"
+	"log/slog"
 	"sync"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/replication/wire"
+	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
-// Role is the director's VRRP role, set from outside (keepalived's notify).
-type Role uint8
-
-// Roles.
-const (
-	RoleBackup Role = iota
-	RoleMaster
-	RoleFault
-)
-
-var roleNames = [...]string{"backup", "master", "fault"}
-
-// String returns "backup", "master" or "fault".
-func (r Role) String() string {
-	if int(r) < len(roleNames) {
-		return roleNames[r]
-	}
-	return fmt.Sprintf("Role(%d)", uint8(r))
-}
-
-// MarshalText makes a role read as its name in JSON status.
-func (r Role) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
-
-// UnmarshalText parses the role's name, for API clients.
-func (r *Role) UnmarshalText(b []byte) error {
-	v, err := ParseRole(string(b))
-	*r = v
-	return err
-}
-
-// ParseRole parses "master", "backup" or "fault".
-func ParseRole(s string) (Role, error) {
-	for i, n := range roleNames {
-		if n == s {
-			return Role(i), nil
-		}
-	}
-	return 0, fmt.Errorf("unknown role %q (want master, backup or fault)", s)
-}
-
-// SyncState says whether this director's table is known to equal the
-// master's.
-type SyncState uint8
-
-// Sync states.
-const (
-	// StateSyncing: catching up (snapshot in progress, or behind).
-	StateSyncing SyncState = iota
-	// StateInSync: at the master's revision, nothing pending.
-	StateInSync
-	// StateOutOfSync: something could not be delivered or applied, or
-	// the tables are proven different; Status.Reason says what.
-	StateOutOfSync
-)
-
-var stateNames = [...]string{"syncing", "in-sync", "out-of-sync"}
-
-// String returns "syncing", "in-sync" or "out-of-sync".
-func (s SyncState) String() string {
-	if int(s) < len(stateNames) {
-		return stateNames[s]
-	}
-	return fmt.Sprintf("SyncState(%d)", uint8(s))
-}
-
-// MarshalText makes a state read as its name in JSON status.
-func (s SyncState) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
-
-// UnmarshalText parses the state's name, for API clients.
-func (s *SyncState) UnmarshalText(b []byte) error {
-	for v := SyncState(0); v < 8; v++ {
-		if v.String() == string(b) {
-			*s = v
-			return nil
-		}
-	}
-	return fmt.Errorf("unknown sync state %q", b)
-}
-
-// Config configures a Replicator. Zero durations and sizes take defaults.
-type Config struct {
-	// ID names this director on the wire; the two of a pair differ and
-	// neither is zero.
-	ID uint32
-	// Key is the shared secret (at least 16 bytes).
-	Key []byte
-	// Store is this director's store; on a backup only the replicator
-	// writes it.
-	Store *store.Store
-	// Transport carries the datagrams.
-	Transport Transport
-	// Clock drives every timer (nil: the real clock).
-	Clock Clock
-	// MTU bounds a datagram (0: the transport's).
-	MTU int
-	// Epoch is the epoch to start from, as persisted by the caller
-	// (the replicator raises it above any epoch it sees).
-	Epoch uint64
-	// StatePath, when set, is a small file where the epoch and the epoch
-	// history are kept across restarts (next to the store, say). Without
-	// it a restarted director's history is unknown: a lagging peer is
-	// then told from a diverged one by the digests alone.
-	StatePath string
-
-	// WindowChanges bounds the master's resend window (0: 65536 changes);
-	// older revisions are sent by snapshot.
-	WindowChanges int
-	// ResendBudget bounds the datagrams one NACK makes the master resend
-	// (0: 1024), so a far-behind backup does not flood the link.
-	ResendBudget int
-	// MaxPendingBytes bounds what a backup buffers ahead of its applied
-	// revision (0: 64 MiB); beyond it datagrams are dropped and NACKed
-	// later.
-	MaxPendingBytes int
-	// MaxApplyChanges bounds the changes one backup commit coalesces
-	// (0: 200,000).
-	MaxApplyChanges int
-	// SnapshotRate paces transfers in bytes per second (0: 64 MiB/s), so
-	// live traffic keeps flowing during a snapshot.
-	SnapshotRate int
-
-	StatusInterval time.Duration // 0: 100ms
-	NackInterval   time.Duration // 0: 20ms
-	DigestInterval time.Duration // 0: 2s
-	XferIdle       time.Duration // 0: 50ms: receiver asks for missing chunks after this silence
-	PeerTimeout    time.Duration // 0: 3s
-	// ReadyMaxLag is the most revisions a ready backup may lag (0: 100),
-	// and ReadyMaxLagTime how long it may stay behind (0: 1s).
-	ReadyMaxLag     uint64
-	ReadyMaxLagTime time.Duration
-
-	// Logf, when set, receives notable events.
-	Logf func(format string, args ...any)
-	// OnConflict, when set, receives the report of every split-brain
-	// merge. It runs with the replicator's lock held: hand it off.
-	OnConflict func(MergeReport)
-}
-
-func (c *Config) defaults() error {
-	if c.ID == 0 {
-		return errors.New("replication config: director id is zero")
-	}
-	if len(c.Key) < 16 {
-		return fmt.Errorf("replication config: key of %d bytes, need at least 16", len(c.Key))
-	}
-	if c.Store == nil || c.Transport == nil {
-		return errors.New("replication config: store and transport are required")
-	}
-	if c.Clock == nil {
-		c.Clock = realClock{}
-	}
-	if c.MTU == 0 {
-		c.MTU = c.Transport.MTU()
-	}
-	if c.MTU < 576 {
-		return fmt.Errorf("replication config: MTU %d below 576", c.MTU)
-	}
-	def := func(v *int, d int) {
-		if *v <= 0 {
-			*v = d
-		}
-	}
-	def(&c.WindowChanges, 65536)
-	def(&c.ResendBudget, 1024)
-	def(&c.MaxPendingBytes, 64<<20)
-	def(&c.MaxApplyChanges, 200_000)
-	def(&c.SnapshotRate, 64<<20)
-	dur := func(v *time.Duration, d time.Duration) {
-		if *v <= 0 {
-			*v = d
-		}
-	}
-	dur(&c.StatusInterval, 100*time.Millisecond)
-	dur(&c.NackInterval, 20*time.Millisecond)
-	dur(&c.DigestInterval, 2*time.Second)
-	dur(&c.XferIdle, 50*time.Millisecond)
-	dur(&c.PeerTimeout, 3*time.Second)
-	dur(&c.ReadyMaxLagTime, time.Second)
-	if c.ReadyMaxLag == 0 {
-		c.ReadyMaxLag = 100
-	}
-	return nil
-}
-
-// Counters count what the replicator did and refused.
-type Counters struct {
-	DatagramsSent     uint64 `json:"datagrams_sent"`
-	DatagramsReceived uint64 `json:"datagrams_received"`
-	SendErrors        uint64 `json:"send_errors"`
-	AuthFailures      uint64 `json:"auth_failures"`
-	Replays           uint64 `json:"replays"`
-	BadVersion        uint64 `json:"bad_version"`
-	Malformed         uint64 `json:"malformed"`
-	Resends           uint64 `json:"resends"`
-	Nacks             uint64 `json:"nacks"`
-	PendingDropped    uint64 `json:"pending_dropped"`
-	SnapshotsSent     uint64 `json:"snapshots_sent"`
-	SnapshotsApplied  uint64 `json:"snapshots_applied"`
-	RepairsSent       uint64 `json:"repairs_sent"`
-	RepairsApplied    uint64 `json:"repairs_applied"`
-	BucketsRepaired   uint64 `json:"buckets_repaired"`
-	DigestMatches     uint64 `json:"digest_matches"`
-	DigestMismatches  uint64 `json:"digest_mismatches"`
-	Merges            uint64 `json:"merges"`
-	Conflicts         uint64 `json:"conflicts"`
-	LocalWrites       uint64 `json:"local_writes_on_backup"`
-	ApplyFailures     uint64 `json:"apply_failures"`
-	RevisionsApplied  uint64 `json:"revisions_applied"`
-	ChangesApplied    uint64 `json:"changes_applied"`
-}
-
-// PeerStatus is what this director knows of the other one.
-type PeerStatus struct {
-	ID        uint32    `json:"id"`
-	Role      Role      `json:"role"`
-	Epoch     uint64    `json:"epoch"`
-	Revision  uint64    `json:"revision"`
-	LastHeard time.Time `json:"last_heard"`
-	Alive     bool      `json:"alive"`
-}
-
-// Status is a report for `tunneldirector status`.
-type Status struct {
-	ID       uint32     `json:"id"`
-	Role     Role       `json:"role"`
-	Epoch    uint64     `json:"epoch"`
-	Revision uint64     `json:"revision"`
-	Peer     PeerStatus `json:"peer"`
-	// MasterRevision is the master's revision as last heard (on the
-	// master: its own).
-	MasterRevision uint64 `json:"master_revision"`
-	// LagRevisions and LagSeconds: how far the backup is behind (on the
-	// master: how far its peer is).
-	LagRevisions uint64    `json:"lag_revisions"`
-	LagSeconds   float64   `json:"lag_seconds"`
-	State        SyncState `json:"state"`
-	Reason       string    `json:"reason,omitempty"`
-	// TablesEqual is true when the last digest exchange proved both
-	// tables equal at LastMatchRevision and nothing changed since.
-	TablesEqual       bool      `json:"tables_equal"`
-	LastDigestMatch   time.Time `json:"last_digest_match"`
-	LastMatchRevision uint64    `json:"last_match_revision"`
-	Ready             bool      `json:"ready"`
-	Counters          Counters  `json:"counters"`
-}
-
-type epochStart struct{ epoch, first uint64 }
-
-type queued struct{ a *affinity.Applied }
-
 // Replicator keeps a backup's store equal to the master's. One runs on
-// each director of a pair; SetRole tells it which it is.
+// each director of a pair; SetRole tells it which it is. The state every
+// role shares lives here; what only a master keeps is in masterSide, what
+// only a backup keeps in backupSide, and both are made new on a role
+// change, so nothing of one role leaks into the other.
 type Replicator struct {
-	// masterSilent marks the out-of-sync reason "no word from the
-	// master": the table is still the master's last, so still ready.
-	masterSilent bool
-
 	cfg   Config
 	st    *store.Store
 	tr    Transport
-	clk   Clock
-	codec *codec
-	bld   builder
+	clk   clock.Clock
+	log   *slog.Logger
+	codec *wire.Codec
+	bld   wire.Builder
 
-	qmu   sync.Mutex
-	queue []queued
-	wake  chan struct{}
-
-	mu      sync.Mutex
+	mu sync.Mutex
+	// changes is this replicator's cursor on the store's change log: the
+	// digest follows it, and on the master every batch it reads is
+	// streamed. own lists the (prev, revision) of batches the replicator
+	// committed itself and has not read back yet; any other batch read
+	// on a backup is a local write.
+	changes store.Cursor
+	own     [][2]uint64
 	role    Role
 	epoch   uint64
 	history []epochStart // epoch that wrote each revision range, ascending
-	seq     uint64
-	replay  replayTable
-	rev     uint64 // revision the digest describes
-	dig     *digest
-	ring    []digestAt
-	c       Counters
-	lastErr string
+	// masterEpoch is the highest epoch a master was heard in: datagrams
+	// of a deposed master (a lower epoch) are ignored, whatever the role.
+	masterEpoch uint64
+	seq         uint64
+	// session is random per start: the peer binds every datagram to it
+	// (wire.TPeerSession), so datagrams captured before a restart carry
+	// another session and are refused. peerSession is the peer's.
+	session     uint64
+	peerSession uint64
+	replay      wire.ReplayTable
+	rev         uint64 // revision the digest describes (a backup's follows its master's numbers)
+	logAt       uint64 // revision of the last batch read from the change log
+	dig         *digest
+	c           Counters
+	lastErr     string
+	oos         string // out-of-sync reason
 
 	peer        PeerStatus
 	lastStatus  time.Time
 	lastMatch   time.Time
 	matchRev    uint64
 	tablesEqual bool
+	conflicts   []MergeReport
 
-	// master
-	window        []*winEntry
-	winByPrev     map[uint64]*winEntry
-	windowChanges int
-	peerBehind    time.Time
-	merged        [2]uint64 // (rev, epoch) of the backup history merged last
-	pullAsked     time.Time
-	pullFor       [2]uint64
-	deliveredAt   time.Time // last snapshot the backup confirmed
+	out      *outXfer // the transfer this director sends
+	in       *inXfer  // the transfer it receives
+	lastInID uint64
 
-	// backup
-	masterRev   uint64
-	masterEpoch uint64
-	masterHeard time.Time
-	behindSince time.Time
-	pending     map[uint64]*pendRev
-	pendByPrev  map[uint64]*pendRev
-	pendBytes   int
-	ready       *target // a complete snapshot or repair waiting to be applied
-	synced      bool
-	oos         string // out-of-sync reason
-	lastNack    time.Time
-	lastDigest  time.Time
-	lastXReq    time.Time
-
-	out *outXfer
-	in  *inXfer
-
-	conflicts []MergeReport
-	lastInID  uint64
+	m masterSide
+	b backupSide
 
 	// testDrop, set by tests only, loses changes before they are applied,
 	// to make a backup diverge for anti-entropy to find.
 	testDrop func(rev uint64, cs []affinity.Change) []affinity.Change
 }
 
-// New returns a replicator in the backup role. It subscribes to the
-// store's commits at once; call Run (or, in tests, HandleDatagram and Tick)
-// to make it work.
+// New returns a replicator in the backup role, following the store's
+// change log from its current revision. Call Run (or, in tests,
+// HandleDatagram and Tick) to make it work.
 func New(cfg Config) (*Replicator, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
 	r := &Replicator{
 		cfg: cfg, st: cfg.Store, tr: cfg.Transport, clk: cfg.Clock,
-		codec: newCodec(cfg.Key), wake: make(chan struct{}, 1),
+		log:     cfg.Logger.With("director", cfg.ID),
+		codec:   wire.NewCodec(cfg.Key),
 		epoch:   cfg.Epoch,
 		history: []epochStart{{0, 0}}, // epoch 0: not known
-
-		winByPrev:  make(map[uint64]*winEntry),
-		pending:    make(map[uint64]*pendRev),
-		pendByPrev: make(map[uint64]*pendRev),
-		dig:        newDigest(),
+		b:       newBackupSide(),
 	}
+	var nonce [8]byte
+	if _, err := rand.Read(nonce[:]); err != nil {
+		return nil, fmt.Errorf("replication: session id: %w", err)
+	}
+	r.session = binary.BigEndian.Uint64(nonce[:]) | 1
 	// A sequence number starting at the boot time keeps a restarted
 	// director ahead of its earlier datagrams in the peer's replay window.
 	r.seq = uint64(time.Now().UnixNano())
-	// Subscribe before reading the table, so no commit falls between.
-	r.st.OnCommit(func(a *affinity.Applied) {
-		r.qmu.Lock()
-		r.queue = append(r.queue, queued{a})
-		r.qmu.Unlock()
-		select {
-		case r.wake <- struct{}{}:
-		default:
-		}
-	})
-	snap := r.st.Table().Snapshot()
-	for i := range snap.Nodes {
-		r.dig.putNode(&snap.Nodes[i])
+	if err := r.follow(); err != nil {
+		return nil, err
 	}
-	for i := range snap.Tunnels {
-		r.dig.putTunnel(&snap.Tunnels[i])
-	}
-	r.rev = snap.Revision
-	r.pushRing()
 	if err := r.loadState(); err != nil {
 		return nil, err
 	}
 	return r, nil
 }
 
-func (r *Replicator) logf(format string, a ...any) {
-	if r.cfg.Logf != nil {
-		r.cfg.Logf("replication %d: "+format, append([]any{r.cfg.ID}, a...)...)
+// follow builds the digest from the table and opens a cursor at the
+// table's revision. The cursor starts where the snapshot was taken, so a
+// commit landing between the two is read from the cursor, not lost.
+func (r *Replicator) follow() error {
+	snap := r.st.Table().Snapshot()
+	cur, err := r.st.Changes(snap.Revision)
+	if err != nil {
+		return fmt.Errorf("replication: follow the store's change log: %w", err)
 	}
-}
-
-func (r *Replicator) pushRing() {
-	const ringLen = 256
-	d := digestAt{rev: r.rev, nodes: r.dig.nodes, sums: r.dig.sums}
-	if n := len(r.ring); n > 0 && r.ring[n-1].rev == r.rev {
-		r.ring[n-1] = d
-		return
+	if r.changes != nil {
+		r.changes.Close()
 	}
-	if len(r.ring) >= ringLen {
-		copy(r.ring, r.ring[1:])
-		r.ring = r.ring[:ringLen-1]
+	r.changes = cur
+	r.dig = newDigest()
+	for i := range snap.Nodes {
+		r.dig.putNode(&snap.Nodes[i])
 	}
-	r.ring = append(r.ring, d)
-}
-
-func (r *Replicator) ringAt(rev uint64) *digestAt {
-	for i := len(r.ring) - 1; i >= 0; i-- {
-		if r.ring[i].rev == rev {
-			return &r.ring[i]
-		}
+	for i := range snap.Tunnels {
+		r.dig.putTunnel(&snap.Tunnels[i])
 	}
+	r.rev, r.logAt = snap.Revision, snap.Revision
+	r.own = r.own[:0]
 	return nil
+}
+
+// Close releases the replicator's cursor on the store.
+func (r *Replicator) Close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.changes.Close()
 }
 
 // epochAt says which master epoch wrote a revision, from the history this
@@ -444,103 +175,90 @@ func (r *Replicator) noteEpoch(epoch, rev uint64) {
 	r.saveState()
 }
 
-// persisted is the state file: the epoch and the epoch history, so that
-// a restarted director still tells a lagging peer from a diverged one.
-type persisted struct {
-	Epoch   uint64      `json:"epoch"`
-	History [][2]uint64 `json:"history"` // (epoch, first revision)
+// committed records a batch the replicator committed itself and reads
+// the change log up to it.
+func (r *Replicator) committed(a *affinity.Applied) {
+	if len(a.Changes) > 0 || a.Revision != a.Previous() {
+		r.own = append(r.own, [2]uint64{a.Previous(), a.Revision})
+	}
+	r.drain()
 }
 
-func (r *Replicator) saveState() {
-	if r.cfg.StatePath == "" {
-		return
-	}
-	s := persisted{Epoch: r.epoch}
-	for _, h := range r.history {
-		s.History = append(s.History, [2]uint64{h.epoch, h.first})
-	}
-	b, _ := json.Marshal(s)
-	tmp := r.cfg.StatePath + ".tmp"
-	err := os.WriteFile(tmp, b, 0o600)
-	if err == nil {
-		err = os.Rename(tmp, r.cfg.StatePath)
-	}
-	if err != nil {
-		r.lastErr = fmt.Sprintf("save replication state %s: %v", r.cfg.StatePath, err)
-		r.logf("%s", r.lastErr)
-	}
-}
-
-func (r *Replicator) loadState() error {
-	if r.cfg.StatePath == "" {
-		return nil
-	}
-	b, err := os.ReadFile(r.cfg.StatePath)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("load replication state: %w", err)
-	}
-	var s persisted
-	if err := json.Unmarshal(b, &s); err != nil {
-		return fmt.Errorf("load replication state %s: %w", r.cfg.StatePath, err)
-	}
-	r.epoch = max(r.epoch, s.Epoch)
-	r.history = r.history[:0]
-	for _, h := range s.History {
-		if h[1] <= r.rev {
-			r.history = append(r.history, epochStart{h[0], h[1]})
+// drain reads the store's change log: the digest follows each batch, and
+// on the master each is streamed to the backup. A batch the replicator
+// did not commit, read on a backup, is a local write.
+func (r *Replicator) drain() {
+	for {
+		b, ok, err := r.changes.Next()
+		if errors.Is(err, store.ErrCompacted) {
+			// The log moved on past this replicator (more than the
+			// journal holds between two reads): start over from the
+			// table. On the master, the backup catches up by NACK or
+			// snapshot.
+			r.log.Warn("replication fell behind the store's change log; digest rebuilt from the table", "err", err)
+			if err := r.follow(); err != nil {
+				r.lastErr = err.Error()
+			}
+			return
 		}
-	}
-	if len(r.history) == 0 {
-		r.history = []epochStart{{0, 0}}
-	}
-	return nil
-}
-
-// drain takes the store's commits in order: the digest follows each, and
-// on the master each is streamed to the backup. mine is the batch the
-// replicator itself just committed, if any.
-func (r *Replicator) drain(mine *affinity.Applied) {
-	r.qmu.Lock()
-	q := r.queue
-	r.queue = nil
-	r.qmu.Unlock()
-	for _, it := range q {
-		a := it.a
-		if a.Revision <= r.rev && a != mine {
-			continue // already in the digest built at start
+		if err != nil {
+			r.lastErr = err.Error()
+			return
 		}
-		prev := r.rev
-		r.dig.apply(a.Changes)
-		r.rev = a.Revision
-		r.pushRing()
+		if !ok {
+			r.own = r.own[:0]
+			return
+		}
+		mine := false
+		for i, o := range r.own {
+			if o == [2]uint64{b.Prev, b.Revision} {
+				mine = true
+				r.own = append(r.own[:i], r.own[i+1:]...)
+				break
+			}
+		}
+		cs, err := b.Decoded()
+		if err != nil {
+			r.lastErr = err.Error()
+			r.log.Error("read the store's change log; digest rebuilt from the table", "err", err)
+			if err := r.follow(); err != nil {
+				r.lastErr = err.Error()
+			}
+			return
+		}
+		r.dig.apply(cs)
+		r.rev, r.logAt = b.Revision, b.Revision
 		r.tablesEqual = false
 		switch {
 		case r.role == RoleMaster:
-			r.stream(a, prev)
-		case a != mine:
+			r.stream(&b)
+		case !mine:
 			r.c.LocalWrites++
-			r.setOOS(fmt.Sprintf("store written locally at revision %d while %s: writes belong on the master", a.Revision, r.role))
+			r.setOOS(fmt.Sprintf("store written locally at revision %d while %s: writes belong on the master", b.Revision, r.role))
 		}
 	}
 }
 
 func (r *Replicator) setOOS(reason string) {
 	if r.oos != reason {
-		r.logf("out of sync: %s", reason)
+		r.log.Warn("out of sync", "reason", reason, "revision", r.rev)
 	}
 	r.oos = reason
 }
 
-// send seals a body under a fresh sequence number and sends it.
-func (r *Replicator) send(t MsgType, body []byte) {
+// send seals a body under a fresh sequence number, bound to the peer's
+// session, and sends it.
+func (r *Replicator) send(t wire.MsgType, body []byte) {
 	r.seq++
-	r.bld.start(r.bld.b, Header{Type: t, Sender: r.cfg.ID, Epoch: r.epoch, Seq: r.seq})
-	r.bld.raw(body)
-	out := r.bld.seal(r.codec)
-	if err := r.tr.Send(out); err != nil {
+	r.bld.Start(r.bld.B, wire.Header{Type: t, Sender: r.cfg.ID, Epoch: r.epoch, Seq: r.seq})
+	r.bld.U64(wire.TSession, r.session)
+	r.bld.U64(wire.TPeerSession, r.peerSession)
+	r.bld.Raw(body)
+	out, err := r.bld.Seal(r.codec)
+	if err == nil {
+		err = r.tr.Send(out)
+	}
+	if err != nil {
 		r.c.SendErrors++
 		r.lastErr = err.Error()
 		return
@@ -548,33 +266,31 @@ func (r *Replicator) send(t MsgType, body []byte) {
 	r.c.DatagramsSent++
 }
 
+// sessionOverhead is what the session TLVs add to every datagram.
+const sessionOverhead = 2 * (wire.TLVHead + 8)
+
 // SetRole switches the role. Becoming master raises the epoch above every
 // epoch seen, so the pair can tell the two masters of a split brain apart.
 func (r *Replicator) SetRole(role Role) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.drain(nil)
+	r.drain()
 	if role == r.role {
 		return
 	}
-	r.logf("role %s -> %s at revision %d", r.role, role, r.rev)
+	r.log.Info("role changed", "from", r.role.String(), "to", role.String(), "revision", r.rev)
 	old := r.role
 	r.role = role
-	r.window, r.windowChanges = nil, 0
-	clear(r.winByPrev)
-	r.out = nil
-	r.in = nil
-	r.dropPending()
-	r.ready = nil
+	r.out, r.in = nil, nil
+	r.m = masterSide{}
+	r.b = newBackupSide()
 	switch role {
 	case RoleMaster:
 		r.epoch = max(r.epoch, r.peer.Epoch, r.masterEpoch) + 1
 		r.noteEpoch(r.epoch, r.rev+1)
 		r.saveState()
 		r.oos = ""
-		r.synced = true
 	case RoleBackup:
-		r.synced = false
 		if old == RoleMaster {
 			r.oos = ""
 		}
@@ -601,14 +317,14 @@ func (r *Replicator) Epoch() uint64 {
 func (r *Replicator) HandleDatagram(b []byte) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.drain(nil)
+	r.drain()
 	r.c.DatagramsReceived++
-	p, err := r.codec.decode(b)
+	p, err := r.codec.Open(b)
 	if err != nil {
 		switch {
-		case errors.Is(err, ErrVersion):
+		case errors.Is(err, wire.ErrVersion):
 			r.c.BadVersion++
-		case errors.Is(err, ErrAuth):
+		case errors.Is(err, wire.ErrAuth):
 			r.c.AuthFailures++
 		default:
 			r.c.Malformed++
@@ -619,17 +335,38 @@ func (r *Replicator) HandleDatagram(b []byte) {
 	if p.Sender == r.cfg.ID {
 		return // our own, looped back by a multicast group
 	}
-	if !r.replay.check(p.Sender, p.Epoch, p.Seq) {
+	f := wire.Fields{P: &p}
+	f.Need(wire.TSession, wire.TPeerSession)
+	sess, bound := f.U64(wire.TSession), f.U64(wire.TPeerSession)
+	if f.Err != nil || sess == 0 {
+		r.c.Malformed++
+		r.lastErr = fmt.Sprintf("datagram from director %d without a session: %v", p.Sender, f.Err)
+		return
+	}
+	if bound != r.session {
+		// Sealed for another start of this director (or before the
+		// peer learned this one's session): never processed. The
+		// peer's session it carries is authentic, so answer with a
+		// status bound to it at the next tick.
+		r.c.StaleSession++
+		if sess != r.peerSession {
+			r.peerSession = sess
+			r.lastStatus = time.Time{}
+		}
+		return
+	}
+	if !r.replay.Check(p.Sender, p.Epoch, p.Seq) {
 		r.c.Replays++
 		return
 	}
-	if err := checkCritical(&p, knownTLV); err != nil {
+	r.peerSession = sess
+	if err := wire.CheckCritical(&p); err != nil {
 		r.c.Malformed++
 		r.lastErr = err.Error()
 		return
 	}
 	if r.peer.ID != 0 && r.peer.ID != p.Sender {
-		r.logf("datagram from director %d, peer was %d", p.Sender, r.peer.ID)
+		r.log.Warn("datagram from another director than the peer", "sender", p.Sender, "peer", r.peer.ID)
 	}
 	r.peer.ID = p.Sender
 	r.peer.Epoch = max(r.peer.Epoch, p.Epoch)
@@ -640,21 +377,21 @@ func (r *Replicator) HandleDatagram(b []byte) {
 	}
 }
 
-func (r *Replicator) dispatch(p *Packet) error {
+func (r *Replicator) dispatch(p *wire.Packet) error {
 	switch p.Type {
-	case MsgStatus:
+	case wire.MsgStatus:
 		return r.onStatus(p)
-	case MsgData:
+	case wire.MsgData:
 		return r.onData(p)
-	case MsgNack:
+	case wire.MsgNack:
 		return r.onNack(p)
-	case MsgDigest:
+	case wire.MsgDigest:
 		return r.onDigest(p)
-	case MsgVerdict:
+	case wire.MsgVerdict:
 		return r.onVerdict(p)
-	case MsgChunk:
+	case wire.MsgChunk:
 		return r.onChunk(p)
-	case MsgXferReq:
+	case wire.MsgXferReq:
 		return r.onXferReq(p)
 	}
 	return nil // a newer director's message type: skipped
@@ -662,11 +399,11 @@ func (r *Replicator) dispatch(p *Packet) error {
 
 // Tick runs the timers: status, NACKs, digests, transfer pacing and
 // retries. Run calls it every few milliseconds; tests call it after
-// stepping a FakeClock.
+// stepping a clock.Manual.
 func (r *Replicator) Tick() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.drain(nil)
+	r.drain()
 	now := r.clk.Now()
 	if now.Sub(r.lastStatus) >= r.cfg.StatusInterval {
 		r.sendStatus()
@@ -678,12 +415,16 @@ func (r *Replicator) Tick() {
 	r.xferTimers(now)
 }
 
-// Run receives datagrams and runs the timers until ctx ends.
+// Run receives datagrams and runs the timers until ctx ends; a commit to
+// the store wakes it at once.
 func (r *Replicator) Run(ctx context.Context) error {
-	tick := time.NewTicker(5 * time.Millisecond)
+	tick, tc := r.clk.NewTicker(5 * time.Millisecond)
 	defer tick.Stop()
 	recv := r.tr.Recv()
 	for {
+		r.mu.Lock()
+		committed := r.changes.Notify()
+		r.mu.Unlock()
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
@@ -692,40 +433,40 @@ func (r *Replicator) Run(ctx context.Context) error {
 				return errors.New("replication: transport closed")
 			}
 			r.HandleDatagram(b)
-		case <-r.wake:
+		case <-committed:
 			r.Tick()
-		case <-tick.C:
+		case <-tc:
 			r.Tick()
 		}
 	}
 }
 
 func (r *Replicator) sendStatus() {
-	var w builder
-	w.u8(tRole, uint8(r.role))
-	w.u64(tRev, r.base())
-	w.u64(tRevEpoch, r.epochAt(r.base()))
-	w.u64(tMasterRev, r.masterRevLocked())
-	w.u8(tState, uint8(r.stateLocked()))
-	w.u64(tTime, uint64(r.clk.Now().UnixNano()))
-	r.send(MsgStatus, w.b)
+	var w wire.Builder
+	w.U8(wire.TRole, uint8(r.role))
+	w.U64(wire.TRev, r.base())
+	w.U64(wire.TRevEpoch, r.epochAt(r.base()))
+	w.U64(wire.TMasterRev, r.masterRevLocked())
+	w.U8(wire.TState, uint8(r.stateLocked()))
+	w.U64(wire.TTime, uint64(r.clk.Now().UnixNano()))
+	r.send(wire.MsgStatus, w.B)
 }
 
 func (r *Replicator) masterRevLocked() uint64 {
 	if r.role == RoleMaster {
 		return r.rev
 	}
-	return r.masterRev
+	return r.b.masterRev
 }
 
-func (r *Replicator) onStatus(p *Packet) error {
-	f := fields{p: p}
-	f.need(tRole, tRev)
-	role := Role(f.u8(tRole))
-	rev := f.u64(tRev)
-	revEpoch := f.u64(tRevEpoch)
-	if f.err != nil {
-		return f.err
+func (r *Replicator) onStatus(p *wire.Packet) error {
+	f := wire.Fields{P: p}
+	f.Need(wire.TRole, wire.TRev)
+	role := Role(f.U8(wire.TRole))
+	rev := f.U64(wire.TRev)
+	revEpoch := f.U64(wire.TRevEpoch)
+	if f.Err != nil {
+		return f.Err
 	}
 	r.peer.Role, r.peer.Revision = role, rev
 	now := r.clk.Now()
@@ -742,42 +483,9 @@ func (r *Replicator) onStatus(p *Packet) error {
 			return nil // a deposed master still talking
 		}
 		r.masterEpoch = p.Epoch
-		r.masterHeard = now
-		r.masterRev = rev
-		r.noteBehind(now)
+		r.backupHearsMaster(rev, now)
 	}
 	return nil
-}
-
-func (r *Replicator) noteBehind(now time.Time) {
-	if r.masterRev > r.rev || r.ready != nil {
-		if r.behindSince.IsZero() {
-			r.behindSince = now
-		}
-	} else {
-		r.behindSince = time.Time{}
-	}
-}
-
-// masterSeesBackup decides how the backup catches up: live stream, NACKs,
-// a snapshot, or (when its history is not a prefix of ours) a merge.
-func (r *Replicator) masterSeesBackup(rb, eb uint64, now time.Time) {
-	if rb >= r.rev {
-		r.peerBehind = time.Time{}
-	} else if r.peerBehind.IsZero() {
-		r.peerBehind = now
-	}
-	prefix := rb == 0 || (rb <= r.rev && epochsAgree(r.epochAt(rb), eb))
-	if !prefix && r.merged != [2]uint64{rb, eb} {
-		r.askPull(rb, eb, now)
-		return
-	}
-	if rb == r.rev && prefix {
-		return
-	}
-	if !prefix || r.winByPrev[rb] == nil {
-		r.startOut(xSnapshot, allBuckets(), "backup at revision "+fmt.Sprint(rb)+" is outside the resend window")
-	}
 }
 
 // Ready reports whether this director may win a VRRP election: a master
@@ -787,7 +495,7 @@ func (r *Replicator) masterSeesBackup(rb, eb uint64, now time.Time) {
 func (r *Replicator) Ready() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.drain(nil)
+	r.drain()
 	return r.readyLocked()
 }
 
@@ -798,14 +506,7 @@ func (r *Replicator) readyLocked() bool {
 	case RoleFault:
 		return false
 	}
-	// A backup whose master went silent stays ready: it holds the last
-	// table the master had, so it is the right director to take over
-	// (the master crashing is exactly when it must win the election).
-	// A director that never heard a master is not ready.
-	now := r.clk.Now()
-	lagging := !r.behindSince.IsZero() && now.Sub(r.behindSince) > r.cfg.ReadyMaxLagTime
-	return r.synced && (r.oos == "" || r.masterSilent) && r.ready == nil && r.in == nil && !r.masterHeard.IsZero() &&
-		r.masterRev-min(r.masterRev, r.rev) <= r.cfg.ReadyMaxLag && !lagging
+	return r.backupReady(r.clk.Now())
 }
 
 func (r *Replicator) stateLocked() SyncState {
@@ -821,7 +522,8 @@ func (r *Replicator) stateLocked() SyncState {
 	case RoleFault:
 		return StateOutOfSync
 	}
-	if !r.synced || r.ready != nil || r.in != nil || r.masterRev > r.rev || r.masterHeard.IsZero() {
+	b := &r.b
+	if !b.synced || b.ready != nil || r.in != nil || b.masterRev > r.rev || b.masterHeard.IsZero() {
 		return StateSyncing
 	}
 	return StateInSync
@@ -831,7 +533,7 @@ func (r *Replicator) stateLocked() SyncState {
 func (r *Replicator) Status() Status {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	r.drain(nil)
+	r.drain()
 	now := r.clk.Now()
 	s := Status{
 		ID: r.cfg.ID, Role: r.role, Epoch: r.epoch, Revision: r.rev,
@@ -846,25 +548,28 @@ func (r *Replicator) Status() Status {
 		if r.peer.Revision < r.rev {
 			s.LagRevisions = r.rev - r.peer.Revision
 		}
-		if !r.peerBehind.IsZero() {
-			s.LagSeconds = now.Sub(r.peerBehind).Seconds()
+		if !r.m.peerBehind.IsZero() {
+			s.LagSeconds = now.Sub(r.m.peerBehind).Seconds()
 		}
 	default:
-		if r.masterRev > r.rev {
-			s.LagRevisions = r.masterRev - r.rev
+		if r.b.masterRev > r.rev {
+			s.LagRevisions = r.b.masterRev - r.rev
 		}
-		if !r.behindSince.IsZero() {
-			s.LagSeconds = now.Sub(r.behindSince).Seconds()
+		if !r.b.behindSince.IsZero() {
+			s.LagSeconds = now.Sub(r.b.behindSince).Seconds()
+		}
+		if r.b.masterSilent {
+			s.Reason = fmt.Sprintf("%s for %s", r.oos, now.Sub(r.b.masterHeard).Round(time.Millisecond))
 		}
 	}
 	if s.State == StateSyncing && s.Reason == "" {
 		switch {
-		case r.role == RoleBackup && r.masterHeard.IsZero():
+		case r.role == RoleBackup && r.b.masterHeard.IsZero():
 			s.Reason = "no master heard yet"
 		case r.in != nil:
 			s.Reason = fmt.Sprintf("receiving %s at revision %d: %d of %d chunks", r.in.kind, r.in.rev, r.in.got, r.in.n)
-		case r.ready != nil:
-			s.Reason = fmt.Sprintf("%s at revision %d waits for the master's next revision", r.ready.kind, r.ready.rev)
+		case r.b.ready != nil:
+			s.Reason = fmt.Sprintf("%s at revision %d waits for the master's next revision", r.b.ready.kind, r.b.ready.rev)
 		}
 	}
 	return s

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tunneldirector/tunneldirector/internal/clock"
 )
 
 // DefaultMTU is the UDP payload a datagram may fill unless configured:
@@ -52,7 +54,7 @@ type FakeConfig struct {
 type FakeNetwork struct {
 	mu      sync.Mutex
 	cfg     FakeConfig
-	clock   Clock
+	clock   clock.Clock
 	rng     *rand.Rand
 	ep      [2]*FakeEndpoint
 	flight  []inflight
@@ -82,11 +84,11 @@ type FakeEndpoint struct {
 }
 
 // NewFakeNetwork returns a medium and its two endpoints.
-func NewFakeNetwork(cfg FakeConfig, clock Clock) (*FakeNetwork, *FakeEndpoint, *FakeEndpoint) {
+func NewFakeNetwork(cfg FakeConfig, clk clock.Clock) (*FakeNetwork, *FakeEndpoint, *FakeEndpoint) {
 	if cfg.MTU == 0 {
 		cfg.MTU = DefaultMTU
 	}
-	n := &FakeNetwork{cfg: cfg, clock: clock, rng: rand.New(rand.NewPCG(cfg.Seed, cfg.Seed^0x9e3779b97f4a7c15))}
+	n := &FakeNetwork{cfg: cfg, clock: clk, rng: rand.New(rand.NewPCG(cfg.Seed, cfg.Seed^0x9e3779b97f4a7c15))}
 	for i := range n.ep {
 		n.ep[i] = &FakeEndpoint{net: n, side: i, ch: make(chan []byte, 1<<16)}
 	}
@@ -249,6 +251,11 @@ func ListenUDP(cfg UDPConfig) (*UDP, error) {
 	if !cfg.Peer.IsValid() {
 		return nil, errors.New("listen udp: no peer address")
 	}
+	if cfg.MTU != 0 {
+		if err := CheckMTU(cfg.MTU); err != nil {
+			return nil, fmt.Errorf("listen udp %s: %w", cfg.Local, err)
+		}
+	}
 	var (
 		conn *net.UDPConn
 		err  error
@@ -337,37 +344,4 @@ func (u *UDP) Close() error {
 	var err error
 	u.once.Do(func() { close(u.done); err = u.conn.Close() })
 	return err
-}
-
-// ---- clocks ----
-
-// Clock tells the time; tests inject a FakeClock so that every timer of
-// the protocol is stepped explicitly.
-type Clock interface{ Now() time.Time }
-
-type realClock struct{}
-
-func (realClock) Now() time.Time { return time.Now() }
-
-// FakeClock is a Clock that moves only when told to.
-type FakeClock struct {
-	mu  sync.Mutex
-	now time.Time
-}
-
-// NewFakeClock returns a clock stopped at t.
-func NewFakeClock(t time.Time) *FakeClock { return &FakeClock{now: t} }
-
-// Now returns the clock's time.
-func (c *FakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.now
-}
-
-// Advance moves the clock forward.
-func (c *FakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
 }

@@ -3,11 +3,11 @@ package replication
 import (
 	"encoding/binary"
 	"fmt"
-	"maps"
 	"slices"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/replication/wire"
 )
 
 // xferKind says what a transfer carries and who applies it.
@@ -36,8 +36,11 @@ func (k xferKind) String() string {
 }
 
 // chunkOverhead is what a CHUNK datagram spends besides its blob slice.
-const chunkOverhead = HeaderLen + TagLen + 4*(tlvHead+8) + tlvHead + 1 + 2*(tlvHead+4) + tlvHead + 32 + tlvHead
+const chunkOverhead = wire.HeaderLen + wire.TagLen + sessionOverhead + 4*(wire.TLVHead+8) + wire.TLVHead + 1 + 2*(wire.TLVHead+4) + wire.TLVHead + 32 + wire.TLVHead
 
+// maxChunks bounds the chunks a transfer may announce; a receiver also
+// refuses a transfer whose chunks could not fit MaxPendingBytes x 16
+// (the whole table of the largest farm, encoded).
 const maxChunks = 1 << 20
 
 // Blob records of a transfer: kind byte, uvarint length, record.
@@ -96,14 +99,14 @@ func decodeTarget(t *target, b []byte) error {
 		kind := b[0]
 		n, k := binary.Uvarint(b[1:])
 		if k <= 0 || n > uint64(len(b)-1-k) {
-			return fmt.Errorf("%w: transfer record truncated", ErrMalformed)
+			return fmt.Errorf("%w: transfer record truncated", wire.ErrMalformed)
 		}
 		v := b[1+k : 1+k+int(n)]
 		b = b[1+k+int(n):]
 		switch kind {
 		case recHistory:
 			if len(v) != 16 {
-				return fmt.Errorf("%w: history record of %d bytes", ErrMalformed, len(v))
+				return fmt.Errorf("%w: history record of %d bytes", wire.ErrMalformed, len(v))
 			}
 			t.history = append(t.history, epochStart{binary.BigEndian.Uint64(v), binary.BigEndian.Uint64(v[8:])})
 		case recNode:
@@ -118,7 +121,7 @@ func decodeTarget(t *target, b []byte) error {
 				return fmt.Errorf("transfer tunnel: %w", err)
 			}
 			if !t.full && !t.buckets.has(bucketOf(tu.ID)) {
-				return fmt.Errorf("%w: repair carries tunnel %s outside its buckets", ErrMalformed, tu.ID)
+				return fmt.Errorf("%w: repair carries tunnel %s outside its buckets", wire.ErrMalformed, tu.ID)
 			}
 			t.tunnels = append(t.tunnels, tu)
 		default:
@@ -160,7 +163,7 @@ func (r *Replicator) startOut(kind xferKind, buckets bucketSet, why string) {
 		return
 	}
 	now := r.clk.Now()
-	if kind == xSnapshot && !r.deliveredAt.IsZero() && now.Sub(r.deliveredAt) < 4*r.cfg.StatusInterval {
+	if kind == xSnapshot && !r.m.deliveredAt.IsZero() && now.Sub(r.m.deliveredAt) < 4*r.cfg.StatusInterval {
 		return // the backup's word predates the snapshot it just took
 	}
 	full := kind != xRepair
@@ -174,21 +177,21 @@ func (r *Replicator) startOut(kind xferKind, buckets bucketSet, why string) {
 		o.enqueue(uint32(i))
 	}
 	r.out = o
-	r.logf("%s %d to director %d: revision %d, %d bytes in %d chunks (%s)", kind, o.id, r.peer.ID, o.rev, len(blob), n, why)
+	r.log.Info("transfer started", "kind", kind.String(), "id", o.id, "to", r.peer.ID, "revision", o.rev, "bytes", len(blob), "chunks", n, "why", why)
 	r.pumpOut(now)
 }
 
 func (r *Replicator) sendChunk(o *outXfer, i uint32) {
-	var w builder
-	w.u64(tXferID, o.id)
-	w.u8(tKind, uint8(o.kind))
-	w.u64(tRev, o.rev)
-	w.u64(tRevEpoch, o.revEpoch)
-	w.u32(tChunk, i)
-	w.u32(tChunks, uint32(o.n))
-	w.bytes(tBitmap, o.buckets[:])
-	w.bytes(tBlob, o.blob[int(i)*o.room:min(len(o.blob), (int(i)+1)*o.room)])
-	r.send(MsgChunk, w.b)
+	var w wire.Builder
+	w.U64(wire.TXferID, o.id)
+	w.U8(wire.TKind, uint8(o.kind))
+	w.U64(wire.TRev, o.rev)
+	w.U64(wire.TRevEpoch, o.revEpoch)
+	w.U32(wire.TChunk, i)
+	w.U32(wire.TChunks, uint32(o.n))
+	w.Bytes(wire.TBitmap, o.buckets[:])
+	w.Bytes(wire.TBlob, o.blob[int(i)*o.room:min(len(o.blob), (int(i)+1)*o.room)])
+	r.send(wire.MsgChunk, w.B)
 }
 
 // pumpOut sends queued chunks as far as the rate allows. The burst is
@@ -225,18 +228,19 @@ type inXfer struct {
 	lastReq  time.Time
 }
 
-func (r *Replicator) onChunk(p *Packet) error {
-	f := fields{p: p}
-	f.need(tXferID, tKind, tRev, tChunk, tChunks, tBitmap, tBlob)
-	id, kind := f.u64(tXferID), xferKind(f.u8(tKind))
-	rev, revEpoch := f.u64(tRev), f.u64(tRevEpoch)
-	i, n := f.u32(tChunk), f.u32(tChunks)
-	bm, blob := f.get(tBitmap), f.get(tBlob)
-	if f.err != nil {
-		return f.err
+func (r *Replicator) onChunk(p *wire.Packet) error {
+	f := wire.Fields{P: p}
+	f.Need(wire.TXferID, wire.TKind, wire.TRev, wire.TChunk, wire.TChunks, wire.TBitmap, wire.TBlob)
+	id, kind := f.U64(wire.TXferID), xferKind(f.U8(wire.TKind))
+	rev, revEpoch := f.U64(wire.TRev), f.U64(wire.TRevEpoch)
+	i, n := f.U32(wire.TChunk), f.U32(wire.TChunks)
+	bm, blob := f.Get(wire.TBitmap), f.Get(wire.TBlob)
+	if f.Err != nil {
+		return f.Err
 	}
-	if n == 0 || n > maxChunks || i >= n || len(bm) != len(bucketSet{}) {
-		return fmt.Errorf("%w: chunk %d of %d", ErrMalformed, i, n)
+	if n == 0 || n > maxChunks || i >= n || len(bm) != len(bucketSet{}) ||
+		int64(n)*int64(len(blob)) > 16*int64(r.cfg.MaxPendingBytes) {
+		return fmt.Errorf("%w: chunk %d of %d (%d bytes)", wire.ErrMalformed, i, n, len(blob))
 	}
 	switch kind {
 	case xSnapshot, xRepair:
@@ -285,7 +289,7 @@ func (r *Replicator) onChunk(p *Packet) error {
 		r.merge(t)
 		return nil
 	}
-	r.ready = t
+	r.b.ready = t
 	r.noteBehind(now)
 	r.tryApply()
 	return nil
@@ -294,26 +298,26 @@ func (r *Replicator) onChunk(p *Packet) error {
 // sendXferReq asks for a transfer (id 0) or for the chunks of one still
 // missing; no ranges means the transfer is complete.
 func (r *Replicator) sendXferReq(id uint64, kind xferKind, buckets *bucketSet, missing [][2]uint32) {
-	var w builder
-	w.u64(tXferID, id)
-	w.u8(tKind, uint8(kind))
+	var w wire.Builder
+	w.U64(wire.TXferID, id)
+	w.U8(wire.TKind, uint8(kind))
 	if buckets != nil {
-		w.bytes(tBitmap, buckets[:])
+		w.Bytes(wire.TBitmap, buckets[:])
 	}
 	for _, m := range missing {
-		w.bytes(tRange, binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(nil, m[0]), m[1]))
+		w.Bytes(wire.TRange, binary.BigEndian.AppendUint32(binary.BigEndian.AppendUint32(nil, m[0]), m[1]))
 	}
-	r.send(MsgXferReq, w.b)
+	r.send(wire.MsgXferReq, w.B)
 }
 
 // requestXfer asks the master for a snapshot or repair, at most once per
 // XferIdle.
 func (r *Replicator) requestXfer(kind xferKind, buckets bucketSet) {
 	now := r.clk.Now()
-	if !r.lastXReq.IsZero() && now.Sub(r.lastXReq) < r.cfg.XferIdle {
+	if !r.b.lastXReq.IsZero() && now.Sub(r.b.lastXReq) < r.cfg.XferIdle {
 		return
 	}
-	r.lastXReq = now
+	r.b.lastXReq = now
 	r.sendXferReq(0, kind, &buckets, nil)
 }
 
@@ -321,27 +325,27 @@ func (r *Replicator) askPull(rb, eb uint64, now time.Time) {
 	if r.in != nil && r.in.kind == xPull {
 		return
 	}
-	if r.pullFor == [2]uint64{rb, eb} && now.Sub(r.pullAsked) < 4*r.cfg.XferIdle {
+	if r.m.pullFor == [2]uint64{rb, eb} && now.Sub(r.m.pullAsked) < 4*r.cfg.XferIdle {
 		return
 	}
-	r.pullFor, r.pullAsked = [2]uint64{rb, eb}, now
-	r.logf("backup at revision %d (epoch %d) is not on this master's history: pulling its table to merge", rb, eb)
+	r.m.pullFor, r.m.pullAsked = [2]uint64{rb, eb}, now
+	r.log.Warn("backup is not on this master's history: pulling its table to merge", "backup_revision", rb, "backup_epoch", eb)
 	all := allBuckets()
 	r.sendXferReq(0, xPull, &all, nil)
 }
 
-func (r *Replicator) onXferReq(p *Packet) error {
-	f := fields{p: p}
-	f.need(tXferID, tKind)
-	id, kind := f.u64(tXferID), xferKind(f.u8(tKind))
-	if f.err != nil {
-		return f.err
+func (r *Replicator) onXferReq(p *wire.Packet) error {
+	f := wire.Fields{P: p}
+	f.Need(wire.TXferID, wire.TKind)
+	id, kind := f.U64(wire.TXferID), xferKind(f.U8(wire.TKind))
+	if f.Err != nil {
+		return f.Err
 	}
 	var ranges [][2]uint32
 	for _, v := range p.Fields {
-		if v.Type == tRange {
+		if v.Type == wire.TRange {
 			if len(v.Value) != 8 {
-				return fmt.Errorf("%w: range of %d bytes", ErrMalformed, len(v.Value))
+				return fmt.Errorf("%w: range of %d bytes", wire.ErrMalformed, len(v.Value))
 			}
 			ranges = append(ranges, [2]uint32{binary.BigEndian.Uint32(v.Value), binary.BigEndian.Uint32(v.Value[4:])})
 		}
@@ -349,7 +353,7 @@ func (r *Replicator) onXferReq(p *Packet) error {
 	now := r.clk.Now()
 	if id == 0 {
 		var bs bucketSet
-		copy(bs[:], f.get(tBitmap))
+		copy(bs[:], f.Get(wire.TBitmap))
 		switch {
 		case kind == xPull && r.role == RoleBackup:
 			r.startOut(xPull, allBuckets(), "master asks to merge")
@@ -370,16 +374,20 @@ func (r *Replicator) onXferReq(p *Packet) error {
 		case xRepair:
 			r.c.RepairsSent++
 		}
-		r.logf("%s %d delivered in %s", o.kind, o.id, now.Sub(o.started).Round(time.Millisecond))
+		r.log.Info("transfer delivered", "kind", o.kind.String(), "id", o.id, "took", now.Sub(o.started).Round(time.Millisecond))
 		r.out = nil
 		if o.kind == xSnapshot {
-			r.deliveredAt = now
+			r.m.deliveredAt = now
 		}
 		return nil
 	}
+	// One request queues each chunk at most once, however many
+	// overlapping ranges it lists: the work is bounded by the transfer.
+	work := o.n
 	for _, rg := range ranges {
-		for i := rg[0]; i < rg[1] && int(i) < o.n; i++ {
+		for i := rg[0]; i < rg[1] && int(i) < o.n && work > 0; i++ {
 			o.enqueue(i)
+			work--
 		}
 	}
 	r.pumpOut(now)
@@ -392,7 +400,7 @@ func (r *Replicator) xferTimers(now time.Time) {
 		idle := now.Sub(o.lastHeard)
 		switch {
 		case idle > 10*r.cfg.PeerTimeout:
-			r.logf("%s %d abandoned: receiver silent for %s", o.kind, o.id, idle)
+			r.log.Warn("transfer abandoned: receiver silent", "kind", o.kind.String(), "id", o.id, "silent_for", idle)
 			r.out = nil
 		case len(o.queue) == 0 && idle > 4*r.cfg.XferIdle:
 			// Everything sent, nothing heard: the receiver may have
@@ -419,95 +427,16 @@ func (r *Replicator) xferTimers(now time.Time) {
 	}
 }
 
-// targetOps turns a snapshot or repair into resolved changes that make the
+// targetOps turns a snapshot or repair into the changes that make the
 // table's nodes, and its tunnels in the target's buckets, equal to the
-// target. Deletes come first so that puts never meet an outdated peer,
-// subnet, mark or address; a tunnel that differs only in its times or
-// revision is deleted and put again, since a put of equal content would
-// be dropped as a no-op and keep the old revision.
+// target: the table's own DiffTo.
 func (r *Replicator) targetOps(t *target) []affinity.Change {
-	tab := r.st.Table()
-	var cur []affinity.Tunnel
-	if t.full {
-		cur = tab.Tunnels()
-	} else {
-		cur = tab.Filter(func(tu *affinity.Tunnel) bool { return t.buckets.has(bucketOf(tu.ID)) })
+	s := affinity.Snapshot{Revision: t.rev, Nodes: t.nodes, Tunnels: t.tunnels}
+	var in func(string) bool
+	if !t.full {
+		in = func(id string) bool { return t.buckets.has(bucketOf(id)) }
 	}
-	curNodes := map[string]affinity.Node{}
-	for _, n := range tab.Nodes() {
-		curNodes[n.Name] = n
-	}
-	wantNodes := map[string]affinity.Node{}
-	for _, n := range t.nodes {
-		wantNodes[n.Name] = n
-	}
-	want := make(map[string]*affinity.Tunnel, len(t.tunnels))
-	for i := range t.tunnels {
-		want[t.tunnels[i].ID] = &t.tunnels[i]
-	}
-	recreate := map[string]bool{}
-	for name, c := range curNodes {
-		if w, ok := wantNodes[name]; !ok || w.Mark != c.Mark || w.Addr != c.Addr {
-			recreate[name] = true
-		}
-	}
-	var ops, puts []affinity.Change
-	keep := map[string]bool{}
-	slices.SortFunc(cur, func(a, b affinity.Tunnel) int { return compareStr(a.ID, b.ID) })
-	for i := range cur {
-		c := &cur[i]
-		if w := want[c.ID]; w != nil && !recreate[c.Node] && equalTunnel(c, w) {
-			keep[c.ID] = true
-			continue
-		}
-		ops = append(ops, affinity.Change{Kind: affinity.DeleteTunnel, Name: c.ID, Reason: "replication: " + t.kind.String()})
-	}
-	for _, name := range slices.Sorted(maps.Keys(recreate)) {
-		ops = append(ops, affinity.Change{Kind: affinity.DeleteNode, Name: name, Reason: "replication: " + t.kind.String()})
-	}
-	needs := map[string]bool{}
-	for i := range t.tunnels {
-		w := &t.tunnels[i]
-		if keep[w.ID] {
-			continue
-		}
-		needs[w.Node] = true
-		puts = append(puts, affinity.Change{Kind: affinity.PutTunnel, Tunnel: w, Reason: "replication: " + t.kind.String()})
-	}
-	var finals []affinity.Change
-	for _, name := range slices.Sorted(maps.Keys(wantNodes)) {
-		w := wantNodes[name]
-		if c, ok := curNodes[name]; ok && !recreate[name] && c == w {
-			continue
-		}
-		n := w
-		if n.State == affinity.NodeDown && needs[name] {
-			// A new tunnel may not be placed on a down node, even when
-			// replaying: put the node up, its tunnels, then down again.
-			n.State = affinity.NodeDraining
-			fin := w
-			finals = append(finals, affinity.Change{Kind: affinity.PutNode, Node: &fin, Reason: "replication"})
-		}
-		ops = append(ops, affinity.Change{Kind: affinity.PutNode, Node: &n, Reason: "replication: " + t.kind.String()})
-	}
-	ops = append(ops, puts...)
-	return append(ops, finals...)
-}
-
-func compareStr(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
-func equalTunnel(a, b *affinity.Tunnel) bool {
-	return a.ID == b.ID && a.Peer == b.Peer && a.Node == b.Node && a.Pinned == b.Pinned &&
-		a.Comment == b.Comment && slices.Equal(a.Subnets, b.Subnets) && a.Revision == b.Revision &&
-		a.Created.Equal(b.Created) && a.Updated.Equal(b.Updated)
+	return r.st.Table().DiffTo(&s, in)
 }
 
 // applyTarget applies a snapshot above the table's revision on its own.
@@ -518,11 +447,8 @@ func (r *Replicator) applyTarget(t *target) {
 		r.applyFailed(t.rev, err)
 		return
 	}
-	r.drain(a)
-	if r.rev < t.rev {
-		r.rev = t.rev // nothing differed: follow the master's number
-		r.pushRing()
-	}
+	r.committed(a)
+	r.rev = max(r.rev, t.rev) // nothing differed: follow the master's number
 	r.c.ChangesApplied += uint64(len(a.Changes))
 	r.appliedTarget(t)
 	r.gcPending()
@@ -540,12 +466,8 @@ func (r *Replicator) applyTargetReset(t *target) {
 		r.applyFailed(t.rev, err)
 		return
 	}
-	if len(a.Changes) > 0 {
-		r.drain(a)
-	}
+	r.committed(a)
 	r.rev = t.rev
-	r.ring = slices.DeleteFunc(r.ring, func(d digestAt) bool { return d.rev > t.rev })
-	r.pushRing()
 	r.c.ChangesApplied += uint64(len(a.Changes))
 	r.appliedTarget(t)
 	r.gcPending()
@@ -553,8 +475,8 @@ func (r *Replicator) applyTargetReset(t *target) {
 }
 
 func (r *Replicator) appliedTarget(t *target) {
-	r.ready = nil
-	r.synced = true
+	r.b.ready = nil
+	r.b.synced = true
 	switch t.kind {
 	case xSnapshot:
 		r.c.SnapshotsApplied++
@@ -576,6 +498,6 @@ func (r *Replicator) appliedTarget(t *target) {
 			r.oos = ""
 		}
 	}
-	r.logf("%s at revision %d applied; table at revision %d", t.kind, t.rev, r.rev)
-	r.lastDigest = time.Time{} // prove it at once
+	r.log.Info("transfer applied", "kind", t.kind.String(), "at", t.rev, "revision", r.rev)
+	r.b.lastDigest = time.Time{} // prove it at once
 }

@@ -1,0 +1,424 @@
+package store
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+)
+
+// The change log: one history of committed batches, read through cursors.
+//
+// Every commit appends one Batch: to the journal bucket on disk, in the
+// same bbolt transaction as the records, and to a bounded ring in memory.
+// A reader asks for Changes(since) and gets a Cursor whose first batch is
+// the one committed right after revision since; it reads the ring while it
+// keeps up and the journal when it fell behind the ring. A reader the
+// journal no longer reaches gets ErrCompacted: it must take a snapshot
+// (read the table) and start a new cursor at the snapshot's revision.
+//
+// The shape is etcd's, so that a store on etcd can implement ChangeLog:
+// the table's revision is etcd's revision, a cursor is a watch from a
+// revision, and compaction is ErrCompacted.
+
+// DefaultRingChanges bounds the in-memory part of the change log by
+// default (the journal on disk reaches further back).
+const DefaultRingChanges = 65_536
+
+// ErrCompacted means the change log no longer holds the revision a reader
+// asked to continue from (or never did, on this store's history): the
+// reader takes a snapshot of the table instead.
+var ErrCompacted = errors.New("change log no longer reaches that revision: take a snapshot")
+
+// Batch is one committed transaction as the change log gives it.
+type Batch struct {
+	// Revision is the store's revision after the batch.
+	Revision uint64
+	// Prev is the store's revision before it. A replica commits several
+	// of its master's revisions at once, so Revision may be above
+	// Prev+1; a reset (CommitReset) may even set it below Prev.
+	Prev uint64
+	// Changes are the resolved changes, as affinity.Applied lists them,
+	// or nil for a batch the log keeps only encoded (read back from the
+	// journal, or larger than the ring): Decoded decodes it then, so a
+	// reader that needs only Encoded or Len pays nothing. Shared with
+	// every reader: read them, never change them.
+	Changes []affinity.Change
+	// Encoded is affinity.MarshalChanges(Changes), as the journal holds
+	// it (what replication sends).
+	Encoded []byte
+	// Resolved says the changes carry Old and OldNode (the records as
+	// they were before): true for batches from the in-memory ring, false
+	// for batches read back from the journal, which does not store them.
+	Resolved bool
+}
+
+// Len is the number of changes in the batch, without decoding it.
+func (b *Batch) Len() int {
+	if b.Changes == nil {
+		return int(journalCount(b.Encoded))
+	}
+	return len(b.Changes)
+}
+
+// Decoded returns the batch's changes, decoding them from Encoded when
+// the log kept only that.
+func (b *Batch) Decoded() ([]affinity.Change, error) {
+	if b.Changes != nil || len(b.Encoded) == 0 {
+		return b.Changes, nil
+	}
+	cs, err := affinity.UnmarshalChanges(b.Encoded)
+	if err != nil {
+		return nil, fmt.Errorf("change log batch %d: %w", b.Revision, err)
+	}
+	return cs, nil
+}
+
+// Reset reports whether the batch set the revision instead of advancing
+// it (a replica taking its master's snapshot at or below its revision).
+func (b *Batch) Reset() bool { return b.Revision <= b.Prev }
+
+// ChangeLog is the table's history, read through cursors. *Store
+// implements it; a store on etcd would with a watch.
+type ChangeLog interface {
+	// Revision is the newest committed revision.
+	Revision() uint64
+	// Changes returns a cursor whose first batch is the one committed
+	// right after revision since. It fails with ErrCompacted when the
+	// log does not reach back to since.
+	Changes(since uint64) (Cursor, error)
+}
+
+// Cursor reads a ChangeLog in commit order. It is for one goroutine.
+type Cursor interface {
+	// Next returns the next batch, or false when the cursor has read
+	// everything committed so far. A cursor that fell out of the log
+	// returns an error wrapping ErrCompacted, and keeps returning it.
+	Next() (Batch, bool, error)
+	// Notify returns a channel that receives after each commit (one
+	// value may stand for several commits): the reader then calls Next
+	// until it returns false.
+	Notify() <-chan struct{}
+	// Close releases the cursor.
+	Close()
+}
+
+// changeLog is the in-memory ring. seq numbers the batches appended since
+// the store opened: ring[i] has seq base+i.
+type changeLog struct {
+	mu      sync.Mutex
+	ring    []Batch
+	base    uint64
+	next    uint64
+	rev     uint64 // the newest revision
+	changes int    // changes held in the ring
+	max     int
+	notify  map[*cursor]struct{}
+}
+
+func (l *changeLog) init(rev uint64, max int) {
+	l.rev, l.max = rev, max
+	l.notify = make(map[*cursor]struct{})
+}
+
+// add appends a committed batch and wakes the cursors. A reset drops the
+// whole ring first: the history before it is not this store's any more.
+//
+// A batch larger than the whole ring (an import of a million tunnels)
+// keeps only its encoding in memory, a fifth of the resolved changes:
+// readers that need the changes decode it (Decoded); it is not Resolved,
+// so the reconciler syncs the whole table, as it would for a change that
+// size anyway.
+func (l *changeLog) add(b Batch) {
+	if len(b.Changes) > l.max && len(b.Encoded) > 0 {
+		b.Changes, b.Resolved = nil, false
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if b.Reset() {
+		clear(l.ring)
+		l.ring, l.changes = l.ring[:0], 0
+		l.base = l.next
+	}
+	l.ring = append(l.ring, b)
+	l.next++
+	l.rev = b.Revision
+	l.changes += b.Len()
+	// Trim the oldest batches past the bound, never the newest. The
+	// dropped slots are zeroed so their changes can be collected.
+	k := 0
+	for k < len(l.ring)-1 && l.changes > l.max {
+		l.changes -= l.ring[k].Len()
+		l.ring[k] = Batch{}
+		k++
+	}
+	l.ring = l.ring[k:]
+	l.base += uint64(k)
+	for c := range l.notify {
+		select {
+		case c.ch <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// find returns the seq of the batch whose Prev is since, if the ring holds
+// it; since equal to the newest revision gives the next seq.
+func (l *changeLog) find(since uint64) (uint64, bool) {
+	if since == l.rev {
+		return l.next, true
+	}
+	if len(l.ring) == 0 {
+		return 0, false
+	}
+	// Only the first batch can be a reset: after it, each batch's Prev is
+	// the Revision before it, so Prev increases along the ring.
+	if l.ring[0].Prev == since {
+		return l.base, true
+	}
+	lo, hi := 1, len(l.ring)
+	for lo < hi {
+		m := (lo + hi) / 2
+		if l.ring[m].Prev < since {
+			lo = m + 1
+		} else {
+			hi = m
+		}
+	}
+	if lo < len(l.ring) && l.ring[lo].Prev == since {
+		return l.base + uint64(lo), true
+	}
+	return 0, false
+}
+
+// Changes returns a cursor over the batches committed after revision
+// since (see ChangeLog).
+//
+// The cursor is told of every commit from the moment it is made (Notify),
+// so a reader that opens one and then waits misses nothing; Close it when
+// done.
+func (s *Store) Changes(since uint64) (Cursor, error) {
+	c := &cursor{s: s, at: since, ch: make(chan struct{}, 1)}
+	s.log.mu.Lock()
+	seq, ok := s.log.find(since)
+	if ok {
+		c.seq, c.inRing = seq, true
+		s.log.notify[c] = struct{}{}
+		s.log.mu.Unlock()
+		return c, nil
+	}
+	s.log.mu.Unlock()
+	// Not in the ring: the journal may still reach it.
+	buf, err := s.readJournal(since, 1, 0, false)
+	if err != nil {
+		return nil, err
+	}
+	c.buf = buf
+	s.log.mu.Lock()
+	s.log.notify[c] = struct{}{}
+	s.log.mu.Unlock()
+	return c, nil
+}
+
+// ReadAll reads a cursor up to the newest batch committed.
+func ReadAll(c Cursor) ([]Batch, error) {
+	var out []Batch
+	for {
+		b, ok, err := c.Next()
+		if err != nil || !ok {
+			return out, err
+		}
+		out = append(out, b)
+	}
+}
+
+// cursor reads the ring while it keeps up and the journal otherwise.
+type cursor struct {
+	s      *Store
+	at     uint64 // revision of the last batch read
+	seq    uint64 // next ring seq, when inRing
+	inRing bool
+	buf    []Batch // batches read ahead from the journal
+	err    error
+	ch     chan struct{}
+}
+
+// journalReadAhead bounds the batches one journal read returns.
+const journalReadAhead = 64
+
+func (c *cursor) Next() (Batch, bool, error) {
+	if c.err != nil {
+		return Batch{}, false, c.err
+	}
+	if len(c.buf) > 0 {
+		b := c.buf[0]
+		c.buf[0] = Batch{}
+		c.buf = c.buf[1:]
+		c.at = b.Revision
+		return b, true, nil
+	}
+	l := &c.s.log
+	l.mu.Lock()
+	if !c.inRing || c.seq < l.base {
+		// Back from the journal, or fallen off the ring: continue in
+		// the ring if it reaches c.at.
+		c.seq, c.inRing = l.find(c.at)
+	}
+	if c.inRing {
+		if c.seq == l.next {
+			l.mu.Unlock()
+			return Batch{}, false, nil
+		}
+		b := l.ring[c.seq-l.base]
+		l.mu.Unlock()
+		c.seq++
+		c.at = b.Revision
+		return b, true, nil
+	}
+	// Read the journal up to where the ring starts, so that the cursor
+	// is back on resolved batches as soon as it can be.
+	stop, bounded := uint64(0), len(l.ring) > 0
+	if bounded {
+		stop = l.ring[0].Prev
+	}
+	l.mu.Unlock()
+	buf, err := c.s.readJournal(c.at, journalReadAhead, stop, bounded)
+	if err != nil {
+		c.err = err
+		return Batch{}, false, err
+	}
+	c.buf = buf
+	return c.Next()
+}
+
+func (c *cursor) Notify() <-chan struct{} { return c.ch }
+
+func (c *cursor) Close() {
+	l := &c.s.log
+	l.mu.Lock()
+	delete(l.notify, c)
+	l.mu.Unlock()
+	c.err = errors.New("cursor closed")
+}
+
+// ---- the journal on disk ----
+
+// keyJournalPrev holds the revision before the journal's oldest entry:
+// the revision of the last entry trimmed, or the revision a reset started
+// from. Stores written before it existed lack it: their oldest entry is
+// then not a place a cursor can start from.
+var keyJournalPrev = []byte("journal_prev")
+
+// journal writes one applied batch's journal entry, keyed by its
+// revision, and trims the oldest entries past the bound (never the
+// newest). It returns the encoded batch for the ring.
+func (s *Store) journal(tx *bolt.Tx, rev uint64, cs []affinity.Change) ([]byte, error) {
+	j := tx.Bucket(bucketJournal)
+	enc := affinity.MarshalChanges(cs)
+	if err := j.Put(be64(rev), enc); err != nil {
+		return nil, fmt.Errorf("write journal entry %d: %w", rev, err)
+	}
+	meta := tx.Bucket(bucketMeta)
+	total := uint64(len(cs))
+	if v := meta.Get(keyJournalN); len(v) == 8 {
+		total += binary.BigEndian.Uint64(v)
+	}
+	c := j.Cursor()
+	trimmed, last := false, uint64(0)
+	for k, v := c.First(); k != nil && total > uint64(s.journalMax); k, v = c.First() {
+		if binary.BigEndian.Uint64(k) == rev {
+			break
+		}
+		total -= journalCount(v)
+		trimmed, last = true, binary.BigEndian.Uint64(k)
+		if err := c.Delete(); err != nil {
+			return nil, err
+		}
+	}
+	if trimmed {
+		if err := meta.Put(keyJournalPrev, be64(last)); err != nil {
+			return nil, err
+		}
+	}
+	return enc, meta.Put(keyJournalN, be64(total))
+}
+
+// resetJournal empties the journal before a reset's entry: the revisions
+// it held no longer describe this store's history.
+func resetJournal(tx *bolt.Tx, prev uint64) error {
+	if err := tx.DeleteBucket(bucketJournal); err != nil {
+		return err
+	}
+	if _, err := tx.CreateBucket(bucketJournal); err != nil {
+		return err
+	}
+	meta := tx.Bucket(bucketMeta)
+	if err := meta.Put(keyJournalPrev, be64(prev)); err != nil {
+		return err
+	}
+	return meta.Put(keyJournalN, be64(0))
+}
+
+// journalCount reads the change count of an encoded journal entry (version
+// byte, then a uvarint count) without decoding it.
+func journalCount(v []byte) uint64 {
+	if len(v) < 2 {
+		return 0
+	}
+	n, _ := binary.Uvarint(v[1:])
+	return n
+}
+
+// readJournal returns up to max batches that follow revision since in the
+// journal (with bounded, ending with revision stop), or ErrCompacted when
+// the journal does not continue from since.
+func (s *Store) readJournal(since uint64, max int, stop uint64, bounded bool) ([]Batch, error) {
+	var out []Batch
+	err := s.db.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketJournal).Cursor()
+		k, v := c.Seek(be64(since + 1))
+		// The entry after since must be the one whose previous entry is
+		// since: a key above since whose predecessor is another
+		// revision means since is not on this journal's history.
+		var prev uint64
+		known := false
+		if pk, _ := c.Prev(); pk != nil {
+			prev, known = binary.BigEndian.Uint64(pk), true
+		} else if p := tx.Bucket(bucketMeta).Get(keyJournalPrev); len(p) == 8 {
+			prev, known = binary.BigEndian.Uint64(p), true
+		} else if s.journalFromStart(tx) {
+			prev, known = 0, true
+		}
+		k, v = c.Seek(be64(since + 1))
+		if k == nil || !known || prev != since {
+			oldest := uint64(0)
+			if first, _ := c.First(); first != nil {
+				oldest = binary.BigEndian.Uint64(first)
+			}
+			return fmt.Errorf("%w: asked for the revision after %d; the journal of %s holds revisions from %d", ErrCompacted, since, s.path, oldest)
+		}
+		for ; k != nil && len(out) < max; k, v = c.Next() {
+			rev := binary.BigEndian.Uint64(k)
+			out = append(out, Batch{Revision: rev, Prev: prev, Encoded: append([]byte(nil), v...)})
+			prev = rev
+			if bounded && rev == stop {
+				break
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// journalFromStart reports whether a store without keyJournalPrev still
+// holds its whole history: nothing was ever trimmed if the journal's
+// change count adds up to every change since revision 1. Without the key
+// and without that proof, the oldest entry is not a starting point.
+func (s *Store) journalFromStart(tx *bolt.Tx) bool {
+	k, _ := tx.Bucket(bucketJournal).Cursor().First()
+	return k != nil && binary.BigEndian.Uint64(k) == 1
+}

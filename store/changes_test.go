@@ -1,0 +1,119 @@
+package store
+
+import (
+	"errors"
+	"path/filepath"
+	"testing"
+)
+
+// readAll reads a cursor from since to the newest batch.
+func readAll(s *Store, since uint64) ([]Batch, error) {
+	c, err := s.Changes(since)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	return ReadAll(c)
+}
+
+// TestCursorRingThenJournal: a cursor that falls behind the ring goes on
+// from the journal, then back to the ring; one behind the journal is told
+// to take a snapshot.
+func TestCursorRingThenJournal(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), JournalChanges: 200, RingChanges: 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	slow, err := s.Changes(s.Revision())
+	if err != nil {
+		t.Fatal(err)
+	}
+	fast, _ := s.Changes(s.Revision())
+	notified := fast.Notify()
+	var fastRevs []uint64
+	for i := range 15 {
+		if _, err := s.Commit(tunnels(i*10, 10)); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-notified:
+		default:
+			t.Fatalf("no notification after commit %d", i)
+		}
+		b, ok, err := fast.Next()
+		if err != nil || !ok || !b.Resolved || len(b.Changes) != 10 || b.Revision != b.Prev+1 {
+			t.Fatalf("fast cursor: %+v %v %v", b, ok, err)
+		}
+		fastRevs = append(fastRevs, b.Revision)
+	}
+	// The ring holds the newest 3 batches; slow reads 12 from the
+	// journal first, then the ring, without a gap.
+	var got []uint64
+	resolved := 0
+	for {
+		b, ok, err := slow.Next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !ok {
+			break
+		}
+		cs, err := b.Decoded()
+		if err != nil || len(cs) != 10 || b.Len() != 10 {
+			t.Fatalf("batch %d: %d changes (Len %d), %v", b.Revision, len(cs), b.Len(), err)
+		}
+		if b.Resolved {
+			resolved++
+		}
+		got = append(got, b.Revision)
+	}
+	if len(got) != len(fastRevs) || got[0] != fastRevs[0] || got[len(got)-1] != fastRevs[len(fastRevs)-1] {
+		t.Fatalf("slow cursor read %v, fast %v", got, fastRevs)
+	}
+	if resolved == 0 || resolved == len(got) {
+		t.Errorf("%d of %d batches from the ring: want some from each", resolved, len(got))
+	}
+	// Far behind the journal (200 changes): a snapshot is needed.
+	for i := range 30 {
+		s.Commit(tunnels(1000+i*10, 10))
+		if _, ok, err := fast.Next(); err != nil || !ok {
+			t.Fatalf("a cursor that keeps up with the ring: %v", err)
+		}
+	}
+	if _, _, err := slow.Next(); !errors.Is(err, ErrCompacted) {
+		t.Fatalf("a cursor 300 changes behind a 200-change journal: %v, want ErrCompacted", err)
+	}
+	if _, err := s.Changes(3); !errors.Is(err, ErrCompacted) {
+		t.Fatalf("revision 3 after 300 more changes: %v, want ErrCompacted", err)
+	}
+	if _, err := s.Changes(s.Revision() + 1); !errors.Is(err, ErrCompacted) {
+		t.Fatalf("a revision ahead of the store: %v, want ErrCompacted", err)
+	}
+}
+
+// TestOversizedBatchKeptEncoded: a batch larger than the whole ring keeps
+// only its encoding in memory; a cursor decodes it, unresolved.
+func TestOversizedBatchKeptEncoded(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), RingChanges: 30})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	c, _ := s.Changes(s.Revision())
+	defer c.Close()
+	s.Commit(tunnels(0, 100))
+	s.log.mu.Lock()
+	kept := s.log.ring[len(s.log.ring)-1].Changes
+	s.log.mu.Unlock()
+	if kept != nil {
+		t.Errorf("a 100-change batch in a 30-change ring kept its %d resolved changes", len(kept))
+	}
+	b, ok, err := c.Next()
+	cs, derr := b.Decoded()
+	if err != nil || derr != nil || !ok || len(cs) != 100 || b.Len() != 100 || b.Resolved {
+		t.Fatalf("oversized batch: ok %v, %d changes, resolved %v, %v %v", ok, len(cs), b.Resolved, err, derr)
+	}
+}
