@@ -29,6 +29,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -75,7 +76,7 @@ func NewRegistry() *prometheus.Registry {
 // Name returns the full name of a family after checking the conventions:
 // a known subsystem, lower snake case, _total exactly for counters.
 func Name(subsystem, name string, counter bool) string {
-	if !contains(subsystems, subsystem) {
+	if !slices.Contains(subsystems, subsystem) {
 		panic(fmt.Sprintf("metrics: subsystem %q is not one of %s", subsystem, strings.Join(subsystems, ", ")))
 	}
 	for _, r := range name {
@@ -120,15 +121,6 @@ func NewHistogramVec(subsystem, name, help string, buckets []float64, labels ...
 // about 100 s, factor 2.5 (a one-tunnel update takes tens of µs, a full
 // sync of a million tunnels about 15 s, its read-back 36 s).
 var DurationBuckets = prometheus.ExponentialBuckets(0.0001, 2.5, 16)
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
 
 // ListenKey is the configuration key of the endpoint, named in its errors.
 const ListenKey = "metrics.listen"

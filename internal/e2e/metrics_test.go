@@ -250,6 +250,12 @@ func TestMetricsOfARealPair(t *testing.T) {
 			t.Errorf("%s: promtool check metrics: %v\n%s", role, err, out)
 		}
 	}
+
+	// A change through the daemon says when the kernel holds it.
+	out, err = ds[0].cli(t, "node", "up", "node0")
+	if err != nil || !strings.Contains(out, fmt.Sprintf("kernel: revision %d in place", rev+1)) {
+		t.Errorf("node up through the daemon: %v\n%s", err, out)
+	}
 }
 
 // examplesUseRealNames checks that every family the example dashboard and
