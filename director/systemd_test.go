@@ -4,7 +4,6 @@ import (
 	"context"
 	"log/slog"
 	"net"
-	"net/netip"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -14,7 +13,6 @@ import (
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/ipvs/ipvstest"
-	"github.com/tunneldirector/tunneldirector/store"
 )
 
 // gatedDataplane holds Sync and Update until the test opens their gates:
@@ -109,17 +107,10 @@ func (n *notifySocket) none(t *testing.T, what string, d time.Duration) {
 func TestSystemdNotify(t *testing.T) {
 	sd := listenNotify(t)
 	t.Setenv("WATCHDOG_USEC", "2000000") // WatchdogSec=2s: a ping every second
-	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	cfg := DefaultConfig()
-	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
-	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}}
+	st, cfg := testStore(t, 2)
 	dp := &gatedDataplane{Fake: ipvstest.NewFake(ipvs.ModeRouteOnly), sync: make(chan struct{}), entered: make(chan struct{}, 1)}
 	clk := clock.NewManual(time.Date(2026, 11, 29, 12, 0, 0, 0, time.UTC))
-	d, err := NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: dp, Clock: clk, Logger: slog.New(slog.DiscardHandler)})
+	d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: dp, Clock: clk, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}
