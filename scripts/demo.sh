@@ -21,7 +21,7 @@ if reason=$(bin/tunneldirector lab --preflight 2>&1); then
 	printf '$ tunneldirector lab %s\n' "$*"
 	bin/tunneldirector lab "$@"
 else
-	printf 'demo: the packet demo cannot run here: %s\n' "${reason#tunneldirector: }"
+	printf 'demo: %s\n' "${reason#tunneldirector: }"
 	printf 'demo: showing the table on a store file instead\n\n$ tunneldirector demo\n'
 	bin/tunneldirector demo
 fi

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -15,15 +16,36 @@ import (
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
-// buildBinary builds cmd/tunneldirector into a test directory.
+var (
+	buildOnce sync.Once
+	binDir    string
+	binErr    error
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
+
+// buildBinary builds cmd/tunneldirector once for the package's tests.
 func buildBinary(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "tunneldirector")
-	cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", bin, "github.com/tunneldirector/tunneldirector/cmd/tunneldirector")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build tunneldirector: %v\n%s", err, out)
+	buildOnce.Do(func() {
+		if binDir, binErr = os.MkdirTemp("", "td-farmlab-"); binErr != nil {
+			return
+		}
+		cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", filepath.Join(binDir, "tunneldirector"), "github.com/tunneldirector/tunneldirector/cmd/tunneldirector")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			binErr = fmt.Errorf("build tunneldirector: %v\n%s", err, out)
+		}
+	})
+	if binErr != nil {
+		t.Fatal(binErr)
 	}
-	return bin
+	return filepath.Join(binDir, "tunneldirector")
 }
 
 // TestLabEveryPacketAtItsOwner runs the demo's farm, small: every round
