@@ -9,8 +9,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -42,11 +40,7 @@ func tdBinary(t testing.TB) string {
 		if buildErr != nil {
 			return
 		}
-		binary = filepath.Join(buildDir, "tunneldirector")
-		cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", binary, "github.com/tunneldirector/tunneldirector/cmd/tunneldirector")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("build tunneldirector: %v\n%s", err, out)
-		}
+		binary, buildErr = farmlab.BuildBinary(buildDir)
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)

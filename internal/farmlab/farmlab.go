@@ -22,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"time"
@@ -369,6 +370,17 @@ func (f *farm) startPair() error {
 	}
 	fmt.Fprintf(f.out, "# directors: dir0 (master) and dir1 (backup) run 'tunneldirector run', replicating over their sync link; logs in %s\n", f.o.Dir)
 	return nil
+}
+
+// BuildBinary compiles cmd/tunneldirector into dir and returns its path:
+// tests run the daemon as a process, as the lab does.
+func BuildBinary(dir string) (string, error) {
+	bin := filepath.Join(dir, "tunneldirector")
+	cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", bin, "github.com/tunneldirector/tunneldirector/cmd/tunneldirector")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build tunneldirector: %v\n%s", err, out)
+	}
+	return bin, nil
 }
 
 // DirectorConfig is the daemon configuration of a lab director: route-only,

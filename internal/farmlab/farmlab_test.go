@@ -4,11 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +16,7 @@ import (
 var (
 	buildOnce sync.Once
 	binDir    string
+	bin       string
 	binErr    error
 )
 
@@ -34,18 +32,14 @@ func TestMain(m *testing.M) {
 func buildBinary(t *testing.T) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		if binDir, binErr = os.MkdirTemp("", "td-farmlab-"); binErr != nil {
-			return
-		}
-		cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", filepath.Join(binDir, "tunneldirector"), "github.com/tunneldirector/tunneldirector/cmd/tunneldirector")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			binErr = fmt.Errorf("build tunneldirector: %v\n%s", err, out)
+		if binDir, binErr = os.MkdirTemp("", "td-farmlab-"); binErr == nil {
+			bin, binErr = BuildBinary(binDir)
 		}
 	})
 	if binErr != nil {
 		t.Fatal(binErr)
 	}
-	return filepath.Join(binDir, "tunneldirector")
+	return bin
 }
 
 // TestLabEveryPacketAtItsOwner runs the demo's farm, small: every round
