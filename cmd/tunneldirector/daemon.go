@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/director/metrics"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store"
@@ -47,6 +49,16 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			if err := director.CheckKernel(cfg, log); err != nil {
 				return err
 			}
+			// The metrics endpoint is bound first: an address that
+			// cannot be bound refuses the start, naming the key.
+			reg := metrics.NewRegistry()
+			var metricsLn net.Listener
+			if cfg.Metrics.Listen.IsValid() {
+				if metricsLn, err = metrics.Listen(cfg.Metrics.Listen); err != nil {
+					return err
+				}
+				defer metricsLn.Close()
+			}
 			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: cfg.VIPs, Epsilon: cfg.Epsilon}})
 			if err != nil {
 				return err
@@ -66,7 +78,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				return err
 			}
 			d, err := director.NewDaemon(director.DaemonOptions{Config: cfg, Store: st, Dataplane: dp, Logger: log,
-				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane())})
+				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane()), Metrics: reg})
 			if err != nil {
 				return err
 			}
@@ -85,6 +97,9 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 						continue
 					}
 					lvl.Set(nc.LogLevel)
+					if nc.Metrics.Listen != cfg.Metrics.Listen {
+						log.Warn("metrics.listen changed: the endpoint moves at the next restart", "serving", cfg.Metrics.Listen, "configured", nc.Metrics.Listen)
+					}
 					log.Info("configuration reloaded", "config", path)
 				}
 			}()
@@ -99,6 +114,14 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			errc := make(chan error, 2)
 			go func() { errc <- d.ServeAPI(ctx, cfg.API.Socket, cfg.API.TCP, token) }()
 			go func() { errc <- d.Run(ctx) }()
+			if metricsLn != nil {
+				log.Info("metrics endpoint", "listen", metricsLn.Addr().String(), "path", metrics.Path)
+				go func() {
+					if err := metrics.Serve(ctx, metricsLn, reg); err != nil {
+						log.Error("metrics endpoint stopped", "err", err)
+					}
+				}()
+			}
 			err = <-errc
 			stop()
 			if err2 := waitOther(errc); err == nil {
