@@ -70,7 +70,8 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			}
 			defer dp.Close()
 			log.Info("dataplane ready", "mode", dp.Mode().String())
-			if dp.Mode() == ipvs.ModeRouteOnly {
+			if dp.Mode() == ipvs.ModeRouteOnly && cfg.Mode == ipvs.ModeAuto {
+				// Only auto falls back silently; a configured route-only is what the operator asked for.
 				log.Warn("route-only mode: the kernel has no IPVS, so IKE and NAT-T are forwarded by fwmark policy routes too")
 			}
 			repl, err := newReplicator(cfg, st, log)
