@@ -183,9 +183,10 @@ mode: route-only
 nodes:
 %s
 api: {socket: %s}
+metrics: {listen: "%s"}
 verify_interval: %s
 log_level: debug
-`, e.storeURL(), filepath.Join(e.dir, fmt.Sprintf("d%d-cache.db", i)), i, e.f.VIP4, strings.Join(nodes, "\n"), d.socket, e.verify)
+`, e.storeURL(), filepath.Join(e.dir, fmt.Sprintf("d%d-cache.db", i)), i, e.f.VIP4, strings.Join(nodes, "\n"), d.socket, metricsAddr, e.verify)
 	os.WriteFile(d.config, []byte(cfg), 0o600)
 	d.start(e.t)
 	if i < len(e.ds) {
@@ -565,6 +566,9 @@ func TestEtcdFarm(t *testing.T) {
 		return err == nil && !s.Etcd.Connected && s.Etcd.Stale
 	})
 	stale, _ := statusOf(t, cut)
+	if _, fams := scrape(t, cut.host); value(t, fams, "tunneldirector_etcd_connected") != 0 {
+		t.Fatal("the partitioned director's metrics say it follows etcd")
+	}
 	if out, err := cut.cli(t, "node", "set-weight", "node1", "120"); err == nil || !strings.Contains(err.Error(), "unreachable") {
 		t.Fatalf("a write on the partitioned director: %v %s", err, out)
 	}
@@ -592,6 +596,9 @@ func TestEtcdFarm(t *testing.T) {
 		return err == nil && s.Etcd.Connected
 	})
 	e.converged(30 * time.Second)
+	if _, fams := scrape(t, cut.host); value(t, fams, "tunneldirector_etcd_connected") != 1 {
+		t.Fatal("the healed director's metrics say it does not follow etcd")
+	}
 	pp, _ := cut.kernelMaps(t)
 	if _, ok := pp[netip.MustParseAddr("198.51.100.250")]; !ok {
 		t.Fatal("the healed director's kernel lacks the tunnel imported during its partition")
