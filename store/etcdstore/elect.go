@@ -23,9 +23,11 @@ type electState struct {
 	leader       bool
 	name         string
 	snapshotting bool
-	session      *concurrency.Session
-	election     *concurrency.Election
-	onLearn      func(peer netip.Addr, mark uint16) error
+	// session is the campaign's lease (learn requests live on it). The
+	// election itself stays with the campaign goroutine:
+	// concurrency.Election is not safe for concurrent use.
+	session *concurrency.Session
+	onLearn func(peer netip.Addr, mark uint16) error
 }
 
 func (e *electState) get() (bool, string) {
@@ -57,23 +59,6 @@ func (e *electState) endSnapshot() {
 	e.mu.Lock()
 	e.snapshotting = false
 	e.mu.Unlock()
-}
-
-// resign gives the election up at once on a clean stop, so another
-// director takes over without waiting for the lease.
-func (e *electState) resign(cli *clientv3.Client) {
-	e.mu.Lock()
-	el, sess := e.election, e.session
-	e.election, e.session, e.leader = nil, nil, false
-	e.mu.Unlock()
-	if el != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		_ = el.Resign(ctx)
-		cancel()
-	}
-	if sess != nil {
-		_ = sess.Close()
-	}
 }
 
 // name is this director's name in the election.
@@ -150,10 +135,25 @@ func (s *Store) campaignOnce() error {
 	if err != nil {
 		return err
 	}
-	defer sess.Close()
+	defer func() {
+		s.elect.mu.Lock()
+		s.elect.session, s.elect.leader = nil, false
+		s.elect.mu.Unlock()
+		if s.ctx.Err() != nil {
+			// A clean stop gives the election up at once (the lease's
+			// keys, the leader key among them, go with it), so another
+			// director takes over without waiting for the TTL. The
+			// session's own Close revokes on the store's context, which
+			// is already done.
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_, _ = s.cli.Revoke(ctx, sess.Lease())
+			cancel()
+		}
+		sess.Close()
+	}()
 	el := concurrency.NewElection(sess, s.pfx+dirLeader)
 	s.elect.mu.Lock()
-	s.elect.session, s.elect.election = sess, el
+	s.elect.session = sess
 	s.elect.mu.Unlock()
 	ctx, cancel := context.WithCancel(s.ctx)
 	defer cancel()

@@ -857,8 +857,7 @@ func (s *Store) Backup(path string, opts store.BackupOptions) (int64, error) {
 // Close stops following etcd and closes the client and the cache.
 func (s *Store) Close() error {
 	s.cancel()
-	s.elect.resign(s.cli)
-	s.wg.Wait()
+	s.wg.Wait() // the campaign resigns on its way out
 	err := s.cli.Close()
 	if e := s.loc.close(); err == nil {
 		err = e
