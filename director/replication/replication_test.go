@@ -408,7 +408,7 @@ func TestBucketsReplicated(t *testing.T) {
 		commit(p.st[0], affinity.BucketChanges(cur, next, "step"))
 	}
 	step(256)
-	if !p.settle(30 * time.Second) || !slices.Equal(p.st[1].Table().Buckets(), p.st[0].Table().Buckets()) {
+	if !p.settle(30*time.Second) || !slices.Equal(p.st[1].Table().Buckets(), p.st[0].Table().Buckets()) {
 		t.Fatalf("a live step: %s", p.describeDiff())
 	}
 	// The backup loses one bucket change; the digest finds it.
