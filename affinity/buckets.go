@@ -117,6 +117,13 @@ func (b *Buckets) Restore(marks []uint16) error {
 	return nil
 }
 
+// Defer holds the next balancing step back until Interval after now: a
+// director that just took the assignment over (a restart, a takeover)
+// keeps it for an interval, as the director that made it would have.
+// Buckets of nodes that stopped taking tunnels still move at the next
+// Step.
+func (b *Buckets) Defer(now time.Time) { b.last = now }
+
 // Seen records an unpinned first packet in bucket i at now: the bucket
 // keeps its node for Quiet.
 func (b *Buckets) Seen(i int, now time.Time) {

@@ -244,3 +244,28 @@ func TestBucketOptionsValidate(t *testing.T) {
 		t.Fatal("NewBuckets took a negative count")
 	}
 }
+
+// TestBucketsDefer: restored buckets wait an interval before balancing,
+// but still leave a node that went down at once.
+func TestBucketsDefer(t *testing.T) {
+	b := newBuckets(t, BucketOptions{Count: 64, MaxChanges: 64})
+	b.Step(t0, loads(0, 0, 0))
+	made := b.Marks()
+	r := newBuckets(t, BucketOptions{Count: 64, MaxChanges: 64})
+	if err := r.Restore(made); err != nil {
+		t.Fatal(err)
+	}
+	now := t0.Add(time.Hour)
+	r.Defer(now)
+	if ch := r.Step(now, loads(500, 0, 0)); len(ch) != 0 {
+		t.Fatalf("a deferred step moved %d buckets", len(ch))
+	}
+	down := loads(500, 0, 0)
+	down[1].State = NodeDown
+	if ch := r.Step(now.Add(time.Second), down); len(ch) == 0 || perNode(r)[2] != 0 {
+		t.Fatalf("a down node kept its buckets: %v", perNode(r))
+	}
+	if ch := r.Step(now.Add(DefaultBucketInterval), down); len(ch) == 0 || perNode(r)[3] <= perNode(r)[1] {
+		t.Fatalf("no balancing an interval later: %v", perNode(r))
+	}
+}

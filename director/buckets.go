@@ -93,10 +93,10 @@ type BucketStatus struct {
 
 // configure (re)creates the stepper for o, keeping the assignment the
 // table holds when its count fits.
-func (u *unknownBuckets) configure(o affinity.BucketOptions, t *affinity.Table) error {
+func (u *unknownBuckets) configure(o affinity.BucketOptions, t *affinity.Table, now time.Time) error {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	if u.b != nil && u.b.Options() == o {
+	if u.b != nil && u.b.Options() == o.WithDefaults() {
 		return nil
 	}
 	b, err := affinity.NewBuckets(o)
@@ -104,21 +104,25 @@ func (u *unknownBuckets) configure(o affinity.BucketOptions, t *affinity.Table) 
 		return fmt.Errorf("unknown-peer buckets: %w", err)
 	}
 	u.b = b
-	u.restoreLocked(t)
+	u.restoreLocked(t, now)
 	return nil
 }
 
-// restore takes the table's assignment (a master's start, a takeover).
-func (u *unknownBuckets) restore(t *affinity.Table) {
+// restore takes the table's assignment (a takeover) and keeps it for an
+// interval before balancing.
+func (u *unknownBuckets) restore(t *affinity.Table, now time.Time) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	u.restoreLocked(t)
+	u.restoreLocked(t, now)
 }
 
-func (u *unknownBuckets) restoreLocked(t *affinity.Table) {
+func (u *unknownBuckets) restoreLocked(t *affinity.Table, now time.Time) {
 	// A table of another count (none yet, or another configuration)
 	// keeps the fresh assignment: the next step assigns every bucket.
 	u.synced = u.b.Restore(t.Buckets()) == nil
+	if u.synced {
+		u.b.Defer(now)
+	}
 }
 
 // seen records an unpinned first packet of a peer the kernel hashed into

@@ -143,7 +143,7 @@ func (d *Daemon) applyConfig(c *Config) error {
 			return fmt.Errorf("configuration nodes: %w", err)
 		}
 	}
-	if err := d.unknown.configure(c.UnknownPeers.Options(), d.st.Table()); err != nil {
+	if err := d.unknown.configure(c.UnknownPeers.Options(), d.st.Table(), d.clk.Now()); err != nil {
 		return err
 	}
 	d.cfgMu.Lock()
@@ -294,8 +294,10 @@ func (d *Daemon) SetRole(role replication.Role) error {
 			d.log.Error("merge configured nodes as master", "err", err)
 		}
 		// The buckets go on from the old master's assignment, with the
-		// first packets this director saw while backup.
-		d.unknown.restore(d.st.Table())
+		// first packets this director saw while backup; the takeover
+		// itself changes none (the next balancing step is an interval
+		// away).
+		d.unknown.restore(d.st.Table(), d.clk.Now())
 		d.kick()
 	}
 	d.writeReady()
