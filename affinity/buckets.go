@@ -303,8 +303,9 @@ func (b *Buckets) Step(now time.Time, nodes []NodeLoad) []BucketChange {
 	if balance && surplus {
 		n := len(b.marks)
 		budget := b.opts.MaxChanges
+		start := b.cursor
 		for k := 0; k < n && budget > 0; k++ {
-			i := (b.cursor + k) % n
+			i := (start + k) % n
 			m := b.marks[i]
 			if state[m] != open || have[m] <= want[m] || !b.quiet(i, t) {
 				continue

@@ -269,3 +269,25 @@ func TestBucketsDefer(t *testing.T) {
 		t.Fatalf("no balancing an interval later: %v", perNode(r))
 	}
 }
+
+// TestBucketsStepUsesItsBudget: a balancing step moves as many buckets as
+// the targets ask, up to MaxChanges, wherever they lie (a cursor moving
+// inside the scan once skipped ever more buckets: five steps of 1,024
+// moved 2,425 of the 2,731 owed).
+func TestBucketsStepUsesItsBudget(t *testing.T) {
+	b := newBuckets(t, BucketOptions{Count: 4096, MaxChanges: 1024, Interval: time.Second})
+	now := t0
+	b.Step(now, loads(0, 0, 0))
+	owed := 4096 - perNode(b)[3]
+	for step := 0; owed > 0; step++ {
+		now = now.Add(time.Second)
+		ch := b.Step(now, loads(301, 300, 0))
+		if want := min(owed, 1024); len(ch) != want {
+			t.Fatalf("step %d moved %d buckets, want %d", step, len(ch), want)
+		}
+		owed -= len(ch)
+	}
+	if perNode(b)[3] != 4096 {
+		t.Fatalf("after the steps: %v", perNode(b))
+	}
+}
