@@ -79,11 +79,11 @@ func readKernel(t *testing.T, host *netlab.Host, config string) *ipvs.Desired {
 // startPair starts one daemon in each director namespace, replicating
 // over the sync link, with the given initial roles.
 func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) []*pairDirector {
-	t.Helper()
 	return startPairWith(t, top, dir, "", roles...)
 }
 
-// startPairWith is startPair with extra configuration for both.
+// startPairWith is startPair with more configuration appended to both
+// directors' files.
 func startPairWith(t *testing.T, top *netlab.Topology, dir, extra string, roles ...string) []*pairDirector {
 	t.Helper()
 	key := filepath.Join(dir, "sync.key")
@@ -92,7 +92,7 @@ func startPairWith(t *testing.T, top *netlab.Topology, dir, extra string, roles 
 	for i, h := range top.Directors {
 		d := &pairDirector{host: h, db: filepath.Join(dir, fmt.Sprintf("d%d.db", i)), socket: filepath.Join(dir, fmt.Sprintf("d%d", i), "api.sock"),
 			config: filepath.Join(dir, fmt.Sprintf("d%d.yaml", i)), log: filepath.Join(dir, fmt.Sprintf("d%d.log", i))}
-		cfg := baseConfig(top, d.db, d.socket) + extra + fmt.Sprintf(`replication:
+		cfg := baseConfig(top, d.db, d.socket) + fmt.Sprintf(`replication:
   id: %d
   local: "%s:7788"
   peer: "%s:7788"
@@ -103,7 +103,7 @@ func startPairWith(t *testing.T, top *netlab.Topology, dir, extra string, roles 
 `, i+1,
 			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
 			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
-		os.WriteFile(d.config, []byte(cfg), 0o600)
+		os.WriteFile(d.config, []byte(cfg+extra), 0o600)
 		d.start(t)
 		ds = append(ds, d)
 	}
