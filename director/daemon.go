@@ -439,6 +439,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.Verify(ctx)
 		case <-readyC:
 			d.writeReady()
+			if d.shared != nil {
+				// An election won between changes: the newly
+				// elected director takes the buckets over within
+				// a second (a step that moves nothing is cheap).
+				d.stepBuckets()
+			}
 		case <-watchdogC:
 			d.sd.ping()
 		}

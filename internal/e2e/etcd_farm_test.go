@@ -75,6 +75,8 @@ type etcdFarm struct {
 	caps []*netlab.Capture // per node
 	via  []*netlab.Capture // per director, on its transit link
 	seed uint32
+	// buckets is the unknown-peer bucket map all kernels hold.
+	buckets []uint16
 	// verify is the directors' verify_interval: reading 100,000 entries
 	// back every second would starve three daemons on two cores.
 	verify time.Duration
@@ -185,6 +187,7 @@ nodes:
 %s
 api: {socket: %s}
 metrics: {listen: "%s"}
+unknown_peers: {interval: 1h}
 verify_interval: %s
 log_level: debug
 `, e.storeURL(), filepath.Join(e.dir, fmt.Sprintf("d%d-cache.db", i)), i, e.f.VIP4, strings.Join(nodes, "\n"), d.socket, metricsAddr, e.verify)
@@ -355,7 +358,22 @@ func (e *etcdFarm) traffic(owner map[netip.Addr]int, subnet map[netip.Addr]netip
 
 // hashNode is the node the kernels' jhash gives an unknown peer.
 func (e *etcdFarm) hashNode(a netip.Addr) int {
-	return int(ipvs.HashPick(a, e.seed, []uint16{1, 2, 3})) - 1
+	return int(ipvs.BucketPick(a, e.seed, e.buckets)) - 1
+}
+
+// readBuckets reads the unknown-peer bucket map from every director's
+// kernel: the same on all of them (the table's), or the test fails.
+func (e *etcdFarm) readBuckets() {
+	e.t.Helper()
+	e.buckets = readKernel(e.t, e.ds[0].host, e.ds[0].config).Buckets
+	if len(e.buckets) == 0 {
+		e.t.Fatal("no unknown-peer buckets in dir0's kernel")
+	}
+	for _, d := range e.ds[1:] {
+		if b := readKernel(e.t, d.host, d.config).Buckets; !slices.Equal(b, e.buckets) {
+			e.t.Fatalf("%s's kernel holds other unknown-peer buckets than dir0's", d.host.Name)
+		}
+	}
 }
 
 // TestEtcdFarm runs three directors behind an ECMP router, sharing their
@@ -424,6 +442,7 @@ func TestEtcdFarm(t *testing.T) {
 	// Unknown peers: every director hashes them to the same node; the
 	// elected director pins each once.
 	revBefore := rev
+	e.readBuckets()
 	for _, a := range unknown {
 		want := e.hashNode(a)
 		tag := newTag("unknown")
