@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/ctsync"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -44,6 +45,7 @@ type Daemon struct {
 	stat   Status
 
 	repl      *replication.Replicator // nil when the director runs alone
+	ct        *ctsync.Syncer          // nil without conntrack replication
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 }
@@ -69,6 +71,8 @@ type Status struct {
 	Learned        int       `json:"learned"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
+	// Conntrack is the conntrack replication's state, when configured.
+	Conntrack *ctsync.Status `json:"conntrack,omitempty"`
 }
 
 // DaemonOptions wires a daemon.
@@ -82,6 +86,9 @@ type DaemonOptions struct {
 	Clock clock.Clock
 	// Replicator pairs the director with its peer; nil runs it alone.
 	Replicator *replication.Replicator
+	// Conntrack replicates conntrack state over the Replicator's link
+	// (NewConntrackSync); nil: not at all.
+	Conntrack *ctsync.Syncer
 	// ReadyFile, with a Replicator, is kept at "0" while in sync and "1"
 	// otherwise, for keepalived's track_file.
 	ReadyFile string
@@ -102,6 +109,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 		cfg:  o.Config,
 		wake: make(chan struct{}, 1),
 		repl: o.Replicator,
+		ct:   o.Conntrack,
 
 		readyFile: o.ReadyFile,
 		watch:     o.Watch,
@@ -111,6 +119,9 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
+	if d.ct != nil {
+		d.ct.Filter().SetOwn(ownAddresses(o.Config))
+	}
 	if err := d.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
@@ -272,6 +283,13 @@ func (d *Daemon) SetRole(role replication.Role) error {
 	}
 	d.repl.SetRole(role)
 	d.log.Info("role changed", "role", role.String(), "epoch", d.repl.Epoch())
+	if d.ct != nil {
+		// Becoming master commits the backup's cache of the old
+		// master's flows into the kernel before keepalived's notify
+		// returns; becoming backup lets this director's synced entries
+		// run out and asks the new master for its flows.
+		d.ct.SetRole(context.Background(), role)
+	}
 	if role == replication.RoleMaster {
 		// The configured nodes were not merged while backup.
 		if _, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) { return d.config().nodeChanges(t), nil }); err != nil {
@@ -322,6 +340,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	if d.ct != nil {
+		go func() {
+			if err := d.ct.Run(ctx); err != nil && ctx.Err() == nil {
+				d.log.Error("conntrack replication stopped", "err", err)
+			}
+		}()
+	}
 	if d.watch != nil {
 		go func() {
 			if err := d.watch(ctx, d.onFlow); err != nil && ctx.Err() == nil {
@@ -346,6 +371,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.reconcile(ctx)
 		case <-verifyC:
 			d.Verify(ctx)
+			if d.ct != nil {
+				d.ct.Filter().SetOwn(ownAddresses(d.config()))
+			}
 		case <-readyC:
 			d.writeReady()
 		}
@@ -518,6 +546,10 @@ func (d *Daemon) Status() Status {
 	if d.repl != nil {
 		rs := d.repl.Status()
 		s.Replication = &rs
+	}
+	if d.ct != nil {
+		cs := d.ct.Status()
+		s.Conntrack = &cs
 	}
 	return s
 }
