@@ -111,7 +111,7 @@ func (d *Daemon) ConntrackCommit(ctx context.Context) (*ctsync.CommitReport, err
 
 // FlushResult is what `ctl conntrack flush` did.
 type FlushResult struct {
-	Purged      int  `json:"purged"`
+	Purged       int  `json:"purged"`
 	CacheEmptied bool `json:"cache_emptied"`
 }
 
