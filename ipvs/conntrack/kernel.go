@@ -36,7 +36,7 @@ type Kernel struct {
 // Open returns the conntrack table of network namespace ns (0: the
 // caller's).
 func Open(ns netns.NsHandle) (*Kernel, error) {
-	c, raw, err := dial(ns, 0)
+	c, raw, err := dial(ns, 0, requestBuf)
 	if err != nil {
 		return nil, err
 	}
@@ -46,12 +46,17 @@ func Open(ns netns.NsHandle) (*Kernel, error) {
 // Close closes the table's request socket.
 func (k *Kernel) Close() error { return k.req.Close() }
 
-// sockBuf sizes the sockets' buffers: a commit batch's errors, a burst of
-// events. Set with SO_RCVBUFFORCE (root) so net.core.rmem_max does not cap
-// it; the plain option is the fallback.
-const sockBuf = 32 << 20
+// Socket buffers: a commit batch's errors and a dump need little; a
+// burst of events (100,000 new entries created as fast as the kernel
+// can, each event taking about 700 bytes of buffer) needs much. Set with
+// SO_RCVBUFFORCE (root) so net.core.rmem_max does not cap them; the
+// plain option is the fallback. Memory is only used while events wait.
+const (
+	requestBuf = 4 << 20
+	eventsBuf  = 128 << 20
+)
 
-func dial(ns netns.NsHandle, groups uint32) (*netlink.Conn, syscall.RawConn, error) {
+func dial(ns netns.NsHandle, groups uint32, sockBuf int) (*netlink.Conn, syscall.RawConn, error) {
 	var c *netlink.Conn
 	err := nsdo.Do(ns, func() (err error) {
 		c, err = netlink.Dial(unix.NETLINK_NETFILTER, &netlink.Config{Groups: groups})
@@ -130,31 +135,38 @@ var ErrEventsLost = errors.New("conntrack events lost: the reader was too slow")
 // socket's.
 func (k *Kernel) Events(ctx context.Context, fn func(*Event)) error {
 	// NFNLGRP_CONNTRACK_NEW, _UPDATE and _DESTROY are groups 1, 2, 3.
-	c, raw, err := dial(k.ns, 1<<0|1<<1|1<<2)
+	c, raw, err := dial(k.ns, 1<<0|1<<1|1<<2, eventsBuf)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
 	stop := context.AfterFunc(ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })
 	defer stop()
-	buf := make([]byte, 1<<16)
+	br := newBatchReader(128, 8<<10)
 	var ev Event
 	for {
-		b, err := recv(raw, &buf)
+		n, err := br.read(raw)
 		switch {
 		case ctx.Err() != nil:
 			return ctx.Err()
 		case errors.Is(err, unix.ENOBUFS):
 			fn(&Event{Type: EventLost})
 			continue
-		case errors.Is(err, ErrMalformed):
-			continue // a truncated event: counted by no one, the next dump repairs it
 		case err != nil:
 			return fmt.Errorf("conntrack: read events: %w", err)
 		}
-		// Events come one to a datagram.
-		if DecodeEvent(b, &ev) == nil {
-			fn(&ev)
+		for i := range n {
+			b, truncated := br.datagram(i)
+			if truncated {
+				// An event larger than any entry the codec reads
+				// (labels, security contexts): lost like an overflow.
+				fn(&Event{Type: EventLost})
+				continue
+			}
+			// Events come one to a datagram.
+			if DecodeEvent(b, &ev) == nil {
+				fn(&ev)
+			}
 		}
 	}
 }
