@@ -175,14 +175,15 @@ func (r *Replicator) CTRequestResync() {
 }
 
 // pumpCT sends queued records as datagrams, as far as the rate allows:
-// full datagrams at once, a partial one after CTFlushDelay.
+// full datagrams at once, a partial one after CTFlushDelay. The
+// datagrams are cut under the stream's lock and sent after it is
+// released, so the event reader's CTPush never waits for system calls.
 func (r *Replicator) pumpCT(now time.Time) {
 	if r.cfg.CT == nil || r.role != RoleMaster {
 		return
 	}
 	o := r.ct
 	o.mu.Lock()
-	defer o.mu.Unlock()
 	rate := float64(r.cfg.CTRate)
 	burst := max(rate/100, float64(16*r.cfg.MTU))
 	if o.refill.IsZero() {
@@ -191,6 +192,7 @@ func (r *Replicator) pumpCT(now time.Time) {
 	o.tokens = min(burst, o.tokens+now.Sub(o.refill).Seconds()*rate)
 	o.refill = now
 	room := r.ctRecordsRoom()
+	var out []ctSent
 	for len(o.pend) > 0 && o.tokens >= 0 {
 		if len(o.pend) < room && now.Sub(o.pendAt) < r.cfg.CTFlushDelay {
 			break
@@ -208,14 +210,19 @@ func (r *Replicator) pumpCT(now time.Time) {
 			o.ends[i] -= n
 		}
 		o.pendAt = now
-		seq := o.next
+		s := ctSent{o.next, recs}
 		o.next++
-		o.keep(ctSent{seq, recs})
-		r.sendCTData(o, seq, recs, 0)
+		o.keep(s)
+		out = append(out, s)
 		o.tokens -= float64(len(recs) + 100)
-		if len(o.pend) < o.maxQ/2 {
-			o.signalRoom()
-		}
+	}
+	if len(out) > 0 && len(o.pend) < o.maxQ/2 {
+		o.signalRoom()
+	}
+	stream := o.stream
+	o.mu.Unlock()
+	for _, s := range out {
+		r.sendCTData(stream, s.seq, s.records, 0)
 	}
 }
 
@@ -235,10 +242,11 @@ func (o *ctOut) keep(s ctSent) {
 }
 
 // sendCTData sends one datagram of the stream (reset, when not zero, says
-// the stream goes on from that sequence). Called with o.mu and r.mu held.
-func (r *Replicator) sendCTData(o *ctOut, seq uint64, recs []byte, reset uint64) {
+// the stream goes on from that sequence). Called with r.mu held, not the
+// stream's lock.
+func (r *Replicator) sendCTData(stream, seq uint64, recs []byte, reset uint64) {
 	var w wire.Builder
-	w.U64(wire.TCTStream, o.stream)
+	w.U64(wire.TCTStream, stream)
 	w.U64(wire.TCTSeq, seq)
 	if reset != 0 {
 		w.U64(wire.TCTReset, reset)
@@ -247,9 +255,12 @@ func (r *Replicator) sendCTData(o *ctOut, seq uint64, recs []byte, reset uint64)
 	before := r.c.DatagramsSent
 	r.send(wire.MsgCTData, w.B)
 	if r.c.DatagramsSent > before {
+		o := r.ct
+		o.mu.Lock()
 		o.c.DatagramsSent++
 		o.c.BytesSent += uint64(len(w.B) + wire.HeaderLen + wire.TagLen + sessionOverhead)
 		o.c.RecordBytesSent += uint64(len(recs))
+		o.mu.Unlock()
 	}
 }
 
@@ -292,8 +303,8 @@ func (r *Replicator) onCTNack(p *wire.Packet) error {
 func (r *Replicator) ctResend(stream, from uint64, ranges [][2]uint64) (reset bool) {
 	o := r.ct
 	o.mu.Lock()
-	defer o.mu.Unlock()
 	if stream != o.stream || from >= o.next {
+		o.mu.Unlock()
 		return false
 	}
 	o.c.Nacks++
@@ -308,9 +319,9 @@ func (r *Replicator) ctResend(stream, from uint64, ranges [][2]uint64) (reset bo
 		// Gone from the window: the backup goes on from the oldest
 		// datagram kept, and a resync restores what it lost.
 		o.c.Resets++
-		r.sendCTData(o, oldest, nil, oldest)
 		reset = true
 	}
+	var out []ctSent
 	budget := r.cfg.ResendBudget
 	for _, rg := range ranges {
 		a, b := max(rg[0], oldest), min(rg[1], o.next)
@@ -319,10 +330,17 @@ func (r *Replicator) ctResend(stream, from uint64, ranges [][2]uint64) (reset bo
 			if i < 0 || i >= len(o.win) || o.win[i].seq != seq {
 				continue
 			}
-			r.sendCTData(o, seq, o.win[i].records, 0)
-			o.c.Resent++
+			out = append(out, o.win[i])
 			budget--
 		}
+	}
+	o.c.Resent += uint64(len(out))
+	o.mu.Unlock()
+	if reset {
+		r.sendCTData(stream, oldest, nil, oldest)
+	}
+	for _, s := range out {
+		r.sendCTData(stream, s.seq, s.records, 0)
 	}
 	return reset
 }
