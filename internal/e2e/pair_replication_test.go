@@ -76,7 +76,7 @@ func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) 
 
 // startPairWith is startPair with more keys of the replication section
 // (indented by two spaces), the same on both directors.
-func startPairWith(t *testing.T, top *netlab.Topology, dir, replication string, roles ...string) []*pairDirector {
+func startPairWith(t testing.TB, top *netlab.Topology, dir, replication string, roles ...string) []*pairDirector {
 	t.Helper()
 	key := filepath.Join(dir, "sync.key")
 	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef-test-key\n"), 0o600)
@@ -104,7 +104,7 @@ func startPairWith(t *testing.T, top *netlab.Topology, dir, replication string, 
 }
 
 // start runs the daemon in its namespace; t's cleanup kills it.
-func (d *pairDirector) start(t *testing.T) {
+func (d *pairDirector) start(t testing.TB) {
 	t.Helper()
 	logf, _ := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	cmd := daemonCmd(t, d.config)
