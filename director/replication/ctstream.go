@@ -324,7 +324,7 @@ func (r *Replicator) ctResend(stream, from uint64, ranges [][2]uint64) (reset bo
 	var out []ctSent
 	budget := r.cfg.ResendBudget
 	for _, rg := range ranges {
-		a, b := max(rg[0], oldest), min(rg[1], o.next)
+		a, b := max(rg[0], oldest), min(rg[1], o.next, oldest+uint64(len(o.win)))
 		for seq := a; seq < b && budget > 0; seq++ {
 			i := int(seq - oldest)
 			if i < 0 || i >= len(o.win) || o.win[i].seq != seq {
@@ -486,29 +486,28 @@ func (r *Replicator) ctBackupTimers(now time.Time) {
 		return
 	}
 	in.lastNack = now
-	top := in.masterNext
+	// The gaps: before each buffered datagram, and after the last one up
+	// to the master's next (a lost tail).
+	held := make([]uint64, 0, len(in.buf))
 	for s := range in.buf {
-		top = max(top, s)
+		held = append(held, s)
 	}
+	slices.Sort(held)
 	var w wire.Builder
 	w.U64(wire.TCTStream, in.stream)
 	w.U64(wire.TCTSeq, in.expect)
 	room := r.cfg.MTU - wire.HeaderLen - wire.TagLen - sessionOverhead - 64
-	for s := in.expect; s < top && len(w.B)+wire.TLVHead+16 <= room; {
-		if _, ok := in.buf[s]; ok {
-			s++
-			continue
+	gap := func(a, b uint64) {
+		if a < b && len(w.B)+wire.TLVHead+16 <= room {
+			w.Bytes(wire.TCTRange, binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, a), b))
 		}
-		e := s
-		for e < top {
-			if _, ok := in.buf[e]; ok {
-				break
-			}
-			e++
-		}
-		w.Bytes(wire.TCTRange, binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, s), e))
-		s = e
 	}
+	next := in.expect
+	for _, s := range held {
+		gap(next, s)
+		next = s + 1
+	}
+	gap(next, in.masterNext)
 	r.ct.mu.Lock()
 	r.ct.c.Nacks++
 	r.ct.mu.Unlock()
