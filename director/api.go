@@ -175,6 +175,7 @@ func (d *Daemon) Handler(token string) http.Handler {
 		reply(map[string]bool{"ready": true}, nil)(w)
 	})
 	mux.HandleFunc("GET /v1/store/check", func(w http.ResponseWriter, r *http.Request) { reply(s.Check())(w) })
+	mux.HandleFunc("GET /v1/replication/conflicts", func(w http.ResponseWriter, r *http.Request) { reply(d.Conflicts())(w) })
 	mux.HandleFunc("POST /v1/conntrack/commit", func(w http.ResponseWriter, r *http.Request) { reply(d.ConntrackCommit(r.Context()))(w) })
 	mux.HandleFunc("POST /v1/conntrack/flush", func(w http.ResponseWriter, r *http.Request) {
 		reply(d.ConntrackFlush(r.Context(), r.URL.Query().Get("cache") == "1"))(w)

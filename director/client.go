@@ -18,6 +18,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director/ctsync"
+	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -104,6 +105,12 @@ func (c *Client) SetRole(role string) (*Status, error) {
 func (c *Client) Ready() error {
 	var ok map[string]bool
 	return c.do("GET", "/v1/ready", nil, nil, &ok)
+}
+
+// Conflicts returns the daemon's split-brain merge reports.
+func (c *Client) Conflicts() ([]replication.MergeReport, error) {
+	var r []replication.MergeReport
+	return r, c.do("GET", "/v1/replication/conflicts", nil, nil, &r)
 }
 
 // ConntrackCommit asks the daemon to commit its conntrack cache into its

@@ -300,6 +300,16 @@ func (d *Daemon) SetRole(role replication.Role) error {
 	return nil
 }
 
+// Conflicts returns the reports of the split-brain merges this director
+// made as master (`ctl conflicts`): every record both directors changed,
+// both versions, the winner and why.
+func (d *Daemon) Conflicts() ([]replication.MergeReport, error) {
+	if d.repl == nil {
+		return nil, fmt.Errorf("%w: replication is not configured on this director", ErrRefused)
+	}
+	return d.repl.Conflicts(), nil
+}
+
 // Ready reports whether this director may win an election: alone, always;
 // paired, when its table is in sync with the peer's.
 func (d *Daemon) Ready() bool { return d.repl == nil || d.repl.Ready() }

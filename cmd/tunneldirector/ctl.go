@@ -94,7 +94,33 @@ director's role from the lines of the sync group (--group) or one instance
 			return cl.Ready()
 		},
 	}
-	cmd.AddCommand(role, fifo, ready, newConntrackCmd(g, daemon))
+	conflicts := &cobra.Command{
+		Use:   "conflicts",
+		Short: "Show the split-brain merges this director made as master: every record both directors changed, the winner and why",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			reps, err := cl.Conflicts()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.emitJSON(reps)
+			}
+			for _, r := range reps {
+				fmt.Fprintf(g.out, "%s merge of director %d (revision %d, epoch %d) into revision %d: %d conflicts, %d tunnels kept from the peer, %d adopted\n",
+					r.At.Format(time.RFC3339), r.PeerID, r.PeerRevision, r.PeerEpoch, r.Revision, len(r.Conflicts), len(r.KeptFromPeer), len(r.AdoptedFromPeer))
+				for _, cf := range r.Conflicts {
+					fmt.Fprintf(g.out, "  %s %s: %s wins (%s)\n", cf.Kind, cf.Key, cf.Winner, cf.Why)
+				}
+			}
+			return nil
+		},
+	}
+	cmd.AddCommand(role, fifo, ready, conflicts, newConntrackCmd(g, daemon))
 	return cmd
 }
 
