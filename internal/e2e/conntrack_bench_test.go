@@ -164,7 +164,7 @@ func createFlows(b *testing.B, top *netlab.Topology) {
 func benchTunneldirector(b *testing.B) ctRound {
 	top := benchTop(b)
 	dir := b.TempDir()
-	ds := startPairWith(b, top, dir, "  conntrack: {include: [10.80.0.0/16]}\n", "master", "backup")
+	ds := startPairWith(b, top, dir, pairOptions{extra: "  conntrack: {include: [10.80.0.0/16]}\n"}, "master", "backup")
 	cl := director.NewUnixClient(ds[1].socket)
 	poll(b, "the backup in sync", 30*time.Second, func() bool {
 		s, err := cl.Status()

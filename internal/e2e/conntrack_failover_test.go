@@ -212,7 +212,7 @@ func conntrackFailover(t *testing.T, replicate bool) {
 	if !replicate {
 		extra = "  conntrack: {enabled: false}\n"
 	}
-	ds := startPairWith(t, top, dir, extra, "backup", "backup")
+	ds := startPairWith(t, top, dir, pairOptions{extra: extra}, "backup", "backup")
 	waitFor := func(what string, limit time.Duration, cond func() bool) {
 		t.Helper()
 		for deadline := time.Now().Add(limit); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {

@@ -71,12 +71,21 @@ func (p *pairDirector) kernelMaps(t *testing.T) (map[netip.Addr]uint16, map[neti
 // startPair starts one daemon in each director namespace, replicating
 // over the sync link, with the given initial roles.
 func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) []*pairDirector {
-	return startPairWith(t, top, dir, "", roles...)
+	return startPairWith(t, top, dir, pairOptions{}, roles...)
 }
 
-// startPairWith is startPair with more keys of the replication section
-// (indented by two spaces), the same on both directors.
-func startPairWith(t testing.TB, top *netlab.Topology, dir, replication string, roles ...string) []*pairDirector {
+// pairOptions vary the pair's replication section.
+type pairOptions struct {
+	// extra keys of the section (indented by two spaces), the same on
+	// both directors.
+	extra string
+	// group, when valid, is the multicast group both directors send to
+	// and join on the sync link, instead of unicast to each other.
+	group netip.AddrPort
+}
+
+// startPairWith is startPair with options.
+func startPairWith(t testing.TB, top *netlab.Topology, dir string, o pairOptions, roles ...string) []*pairDirector {
 	t.Helper()
 	key := filepath.Join(dir, "sync.key")
 	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef-test-key\n"), 0o600)
@@ -84,18 +93,22 @@ func startPairWith(t testing.TB, top *netlab.Topology, dir, replication string, 
 	for i, h := range top.Directors {
 		d := &pairDirector{host: h, db: filepath.Join(dir, fmt.Sprintf("d%d.db", i)), socket: filepath.Join(dir, fmt.Sprintf("d%d", i), "api.sock"),
 			config: filepath.Join(dir, fmt.Sprintf("d%d.yaml", i)), log: filepath.Join(dir, fmt.Sprintf("d%d.log", i))}
+		peer := fmt.Sprintf("%s:7788", top.Directors[1-i].If(netlab.IfSync).Addr4)
+		if o.group.IsValid() {
+			peer = fmt.Sprintf("%s\n  multicast: true\n  interface: %s", o.group, netlab.IfSync)
+		}
 		cfg := baseConfig(top, d.db, d.socket) + fmt.Sprintf(`replication:
   id: %d
   local: "%s:7788"
-  peer: "%s:7788"
+  peer: %s
   key_file: %s
   state_path: %s
   ready_file: %s
   initial_role: %s
 `, i+1,
-			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
+			h.If(netlab.IfSync).Addr4, peer, key,
 			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
-		cfg += replication
+		cfg += o.extra
 		os.WriteFile(d.config, []byte(cfg), 0o600)
 		d.start(t)
 		ds = append(ds, d)
