@@ -144,16 +144,7 @@ func (c *Cache) End(gen uint32) int {
 	if gen == 0 || gen != c.gen {
 		return 0
 	}
-	n := 0
-	for k, e := range c.m {
-		if e.gen != gen {
-			if e.nat {
-				delete(c.nat, k)
-			}
-			delete(c.m, k)
-			n++
-		}
-	}
+	n := c.dropIf(func(e *entry) bool { return e.gen != gen }, len(c.m))
 	c.c.Swept += uint64(n)
 	return n
 }
@@ -167,9 +158,20 @@ func (c *Cache) Expire() int {
 
 func (c *Cache) expire(now uint32) int {
 	c.last = now
+	n := c.dropIf(func(e *entry) bool { return c.expired(e, now) }, len(c.m))
+	c.c.Expired += uint64(n)
+	return n
+}
+
+// dropIf drops up to most entries for which drop is true and reports how
+// many it dropped.
+func (c *Cache) dropIf(drop func(*entry) bool, most int) int {
 	n := 0
 	for k, e := range c.m {
-		if c.expired(&e, now) {
+		if n >= most {
+			break
+		}
+		if drop(&e) {
 			if e.nat {
 				delete(c.nat, k)
 			}
@@ -177,7 +179,6 @@ func (c *Cache) expire(now uint32) int {
 			n++
 		}
 	}
-	c.c.Expired += uint64(n)
 	return n
 }
 
@@ -204,19 +205,7 @@ func (c *Cache) makeRoom(now uint32) {
 	slices.Sort(sample)
 	idx := min(len(sample)-1, len(sample)*want/max(1, len(c.m)))
 	threshold := sample[idx]
-	n := 0
-	for k, e := range c.m {
-		if n >= want {
-			break
-		}
-		if e.at <= threshold {
-			if e.nat {
-				delete(c.nat, k)
-			}
-			delete(c.m, k)
-			n++
-		}
-	}
+	n := c.dropIf(func(e *entry) bool { return e.at <= threshold }, want)
 	c.c.Evicted += uint64(n)
 	if t := c.clk.Now(); t.Sub(c.evictLog) >= time.Minute {
 		c.evictLog = t

@@ -455,34 +455,32 @@ func (e *encoder) commitMsg(f *Flow, seq uint32, liberal, plain bool) {
 	e.end(start)
 }
 
-// timeoutMsg encodes an update of the timeout alone of the entry with f's
-// original tuple (no NLM_F_CREATE: an entry gone meanwhile stays gone).
-func (e *encoder) timeoutMsg(f *Flow, seq, timeout uint32) {
+// keyMsg starts a message addressed to the entry with f's original tuple
+// and zone; the caller adds attributes and ends it.
+func (e *encoder) keyMsg(typ uint16, f *Flow, seq uint32) int {
 	fam := uint8(afInet)
 	if f.Orig.V6 {
 		fam = afInet6
 	}
-	start := e.msg(msgCTNew, nlmFRequest, seq, fam)
+	start := e.msg(typ, nlmFRequest, seq, fam)
 	e.tuple(ctaTupleOrig, &f.Orig)
 	if f.Zone != 0 {
 		e.u16(ctaZone, f.Zone)
 	}
+	return start
+}
+
+// timeoutMsg encodes an update of the timeout alone of the entry with f's
+// original tuple (no NLM_F_CREATE: an entry gone meanwhile stays gone).
+func (e *encoder) timeoutMsg(f *Flow, seq, timeout uint32) {
+	start := e.keyMsg(msgCTNew, f, seq)
 	e.u32(ctaTimeout, max(timeout, 1))
 	e.end(start)
 }
 
 // deleteMsg encodes the deletion of the entry with f's original tuple.
 func (e *encoder) deleteMsg(f *Flow, seq uint32) {
-	fam := uint8(afInet)
-	if f.Orig.V6 {
-		fam = afInet6
-	}
-	start := e.msg(msgCTDel, nlmFRequest, seq, fam)
-	e.tuple(ctaTupleOrig, &f.Orig)
-	if f.Zone != 0 {
-		e.u16(ctaZone, f.Zone)
-	}
-	e.end(start)
+	e.end(e.keyMsg(msgCTDel, f, seq))
 }
 
 // message is one netlink message read from a buffer.

@@ -193,36 +193,49 @@ func (k *Kernel) Dump(ctx context.Context, fn func(*Flow) error) error {
 	}
 	var f Flow
 	var stopErr error
+	err := k.readMessages(func(m *message) (bool, error) {
+		if m.seq != seq {
+			return false, nil // a late answer to an earlier request
+		}
+		switch m.typ {
+		case nlmsgDone:
+			return true, nil
+		case nlmsgError:
+			if code, _, _ := m.errno(); code != 0 {
+				return true, syscall.Errno(code)
+			}
+			return false, nil
+		}
+		if stopErr == nil && DecodeFlow(m.data, &f) == nil {
+			stopErr = fn(&f) // after an error, drain the dump so the socket is clean
+		}
+		return false, nil
+	})
+	switch {
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case err != nil:
+		return fmt.Errorf("conntrack: dump: %w", err)
+	}
+	return stopErr
+}
+
+// readMessages reads datagrams from the request socket and hands each
+// netlink message in them to fn, until fn reports it is done or fails,
+// or the socket fails.
+func (k *Kernel) readMessages(fn func(m *message) (done bool, err error)) error {
 	for {
 		b, err := recv(k.raw, &k.buf)
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
 		if err != nil {
-			return fmt.Errorf("conntrack: dump: %w", err)
+			return err
 		}
 		for len(b) > 0 {
 			var m message
 			if m, b, err = nextMessage(b); err != nil {
-				return fmt.Errorf("conntrack: dump: %w", err)
+				return err
 			}
-			if m.seq != seq {
-				continue // a late answer to an earlier request
-			}
-			switch m.typ {
-			case nlmsgDone:
-				return stopErr
-			case nlmsgError:
-				if code, _, _ := m.errno(); code != 0 {
-					return fmt.Errorf("conntrack: dump: %w", syscall.Errno(code))
-				}
-				continue
-			}
-			if stopErr != nil {
-				continue // drain the dump so the socket is clean
-			}
-			if DecodeFlow(m.data, &f) == nil {
-				stopErr = fn(&f)
+			if done, err := fn(&m); done || err != nil {
+				return err
 			}
 		}
 	}
@@ -361,32 +374,24 @@ func (k *Kernel) batches(ctx context.Context, n int, put func(i int, seq uint32)
 func (k *Kernel) acks(first, last uint32, fail func(seq uint32, code syscall.Errno)) error {
 	k.req.SetReadDeadline(time.Now().Add(30 * time.Second))
 	defer k.req.SetReadDeadline(time.Time{})
-	for {
-		b, err := recv(k.raw, &k.buf)
-		if errors.Is(err, os.ErrDeadlineExceeded) {
-			return fmt.Errorf("conntrack: no acknowledgement of requests %d..%d in 30 s", first, last)
+	err := k.readMessages(func(m *message) (bool, error) {
+		if m.typ != nlmsgError {
+			return false, nil
 		}
-		if err != nil {
-			return fmt.Errorf("conntrack: read acknowledgements: %w", err)
+		code, seq, err := m.errno()
+		if err != nil || seq-first > last-first {
+			return false, nil // not ours (an earlier request's late answer)
 		}
-		for len(b) > 0 {
-			var m message
-			if m, b, err = nextMessage(b); err != nil {
-				return fmt.Errorf("conntrack: read acknowledgements: %w", err)
-			}
-			if m.typ != nlmsgError {
-				continue
-			}
-			code, seq, err := m.errno()
-			if err != nil || seq-first > last-first {
-				continue // not ours (an earlier request's late answer)
-			}
-			if code != 0 {
-				fail(seq, syscall.Errno(code))
-			}
-			if seq == last {
-				return nil
-			}
+		if code != 0 {
+			fail(seq, syscall.Errno(code))
 		}
+		return seq == last, nil
+	})
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return fmt.Errorf("conntrack: no acknowledgement of requests %d..%d in 30 s", first, last)
+	case err != nil:
+		return fmt.Errorf("conntrack: read acknowledgements: %w", err)
 	}
+	return nil
 }
