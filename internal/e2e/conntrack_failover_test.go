@@ -215,16 +215,7 @@ func conntrackFailover(t *testing.T, replicate bool) {
 	ds := startPairWith(t, top, dir, pairOptions{extra: extra}, "backup", "backup")
 	waitFor := func(what string, limit time.Duration, cond func() bool) {
 		t.Helper()
-		for deadline := time.Now().Add(limit); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-			if cond() {
-				return
-			}
-		}
-		for _, d := range ds {
-			out, err := d.cli(t, "status")
-			t.Logf("%s status: %v\n%s", d.host.Name, err, out)
-		}
-		t.Fatalf("timed out waiting for %s", what)
+		waitPair(t, ds, what, limit, cond)
 	}
 	for _, d := range ds {
 		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })

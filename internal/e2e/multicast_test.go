@@ -25,16 +25,7 @@ func TestMulticastPair(t *testing.T) {
 	ds := startPairWith(t, top, dir, pairOptions{group: netip.MustParseAddrPort("239.255.77.1:7788")}, "master", "backup")
 	waitFor := func(what string, limit time.Duration, cond func() bool) {
 		t.Helper()
-		for deadline := time.Now().Add(limit); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-			if cond() {
-				return
-			}
-		}
-		for _, d := range ds {
-			out, err := d.cli(t, "status")
-			t.Logf("%s status: %v\n%s", d.host.Name, err, out)
-		}
-		t.Fatalf("timed out waiting for %s", what)
+		waitPair(t, ds, what, limit, cond)
 	}
 	for _, d := range ds {
 		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })

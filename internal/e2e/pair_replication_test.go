@@ -116,6 +116,22 @@ func startPairWith(t testing.TB, top *netlab.Topology, dir string, o pairOptions
 	return ds
 }
 
+// waitPair waits until cond holds, for at most limit; then it fails the
+// test with what both directors say of themselves.
+func waitPair(t testing.TB, ds []*pairDirector, what string, limit time.Duration, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(limit); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	for _, d := range ds {
+		out, err := runArgs(t, "--socket", d.socket, "status")
+		t.Logf("%s status: %v\n%s", d.host.Name, err, out)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
 // start runs the daemon in its namespace; t's cleanup kills it.
 func (d *pairDirector) start(t testing.TB) {
 	t.Helper()
