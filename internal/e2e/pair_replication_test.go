@@ -74,10 +74,11 @@ func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) 
 	return startPairWith(t, top, dir, pairOptions{}, roles...)
 }
 
-// pairOptions vary the pair's replication section.
+// pairOptions vary the pair's configuration.
 type pairOptions struct {
-	// extra keys of the section (indented by two spaces), the same on
-	// both directors.
+	// extra is appended to both directors' files, after the replication
+	// section: keys of that section indented by two spaces, or other
+	// top-level sections.
 	extra string
 	// group, when valid, is the multicast group both directors send to
 	// and join on the sync link, instead of unicast to each other.
