@@ -131,7 +131,11 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	d.sd = newSystemd(d.log)
 	d.svc.m = d.m
 	if o.Metrics != nil {
-		for _, c := range append(d.m.collectors(), newDaemonCollector(d)) {
+		cs := append(d.m.collectors(), newDaemonCollector(d))
+		if d.ct != nil {
+			cs = append(cs, newConntrackCollector(d.ct.Status))
+		}
+		for _, c := range cs {
 			if err := o.Metrics.Register(c); err != nil {
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}

@@ -162,7 +162,8 @@ func TestMetricsOfARealPair(t *testing.T) {
 		text, fams := scrape(t, d.host)
 		role := map[int]string{0: "master", 1: "backup"}[i]
 		// Types follow the conventions: _total is a counter, the
-		// reconcile durations a histogram, the rest gauges.
+		// reconcile durations a histogram, the rest gauges (the pair's lag
+		// and the last conntrack commit's duration too).
 		for name, f := range fams {
 			if !strings.HasPrefix(name, "tunneldirector_") {
 				continue
@@ -171,7 +172,7 @@ func TestMetricsOfARealPair(t *testing.T) {
 			switch {
 			case strings.HasSuffix(name, "_total"):
 				want = dto.MetricType_COUNTER
-			case strings.HasSuffix(name, "_seconds") && !strings.HasPrefix(name, "tunneldirector_pair_"):
+			case strings.HasSuffix(name, "_seconds") && !strings.HasPrefix(name, "tunneldirector_pair_") && !strings.HasPrefix(name, "tunneldirector_conntrack_"):
 				want = dto.MetricType_HISTOGRAM
 			}
 			if f.GetType() != want {
@@ -205,6 +206,8 @@ func TestMetricsOfARealPair(t *testing.T) {
 			{"tunneldirector_pair_role", []string{"role", role}, 1},
 			{"tunneldirector_pair_peer_reachable", nil, 1},
 			{"tunneldirector_pair_auth_failures_total", nil, 0},
+			{"tunneldirector_conntrack_cache_max_flows", nil, 2_000_000},
+			{"tunneldirector_conntrack_malformed_total", []string{"kind", "records"}, 0},
 		}
 		if i == 0 {
 			checks = append(checks,
