@@ -262,8 +262,8 @@ func TestMetricsOfARealPair(t *testing.T) {
 }
 
 // examplesUseRealNames checks that every family the example dashboard and
-// alerting rules name is one the daemon exports (the health, agent and
-// conntrack families come with their code), and that promtool accepts the
+// alerting rules name is one the daemon exports (the health and agent
+// families come with their code), and that promtool accepts the
 // rules.
 func examplesUseRealNames(t *testing.T, fams map[string]*dto.MetricFamily) {
 	t.Helper()
@@ -275,7 +275,7 @@ func examplesUseRealNames(t *testing.T, fams map[string]*dto.MetricFamily) {
 		}
 		seen := 0
 		for _, n := range name.FindAllString(string(b), -1) {
-			if strings.HasPrefix(n, "tunneldirector_agent_") || strings.HasPrefix(n, "tunneldirector_health_") || strings.HasPrefix(n, "tunneldirector_conntrack_") {
+			if strings.HasPrefix(n, "tunneldirector_agent_") || strings.HasPrefix(n, "tunneldirector_health_") {
 				continue
 			}
 			base := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(n, "_bucket"), "_sum"), "_count")
