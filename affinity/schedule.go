@@ -21,20 +21,27 @@ import (
 // hrwHash mixes a peer address and a node name into 64 bits. FNV-1a feeds
 // the bytes and a splitmix64 finalizer spreads them; it is stable across
 // processes and machines, unlike hash/maphash.
-func hrwHash(peer netip.Addr, node string) uint64 {
-	const (
-		offset = 14695981039346656037
-		prime  = 1099511628211
-	)
-	h := uint64(offset)
+func hrwHash(peer netip.Addr, node string) uint64 { return hrwNode(hrwPeer(peer), node) }
+
+const fnvPrime = 1099511628211
+
+// hrwPeer is the FNV-1a state after the peer's bytes: ranking the nodes
+// for one peer hashes them once, not once per node.
+func hrwPeer(peer netip.Addr) uint64 {
+	h := uint64(14695981039346656037)
 	b := peer.As16()
 	for _, c := range b {
 		h ^= uint64(c)
-		h *= prime
+		h *= fnvPrime
 	}
+	return h
+}
+
+// hrwNode continues a peer's hash state with a node name.
+func hrwNode(h uint64, node string) uint64 {
 	for i := 0; i < len(node); i++ {
 		h ^= uint64(node[i])
-		h *= prime
+		h *= fnvPrime
 	}
 	h ^= h >> 30
 	h *= 0xbf58476d1ce4e5b9
@@ -45,8 +52,10 @@ func hrwHash(peer netip.Addr, node string) uint64 {
 }
 
 // hrwScore is the weighted rendezvous score of a node for a peer.
-func hrwScore(peer netip.Addr, n *Node) float64 {
-	u := (float64(hrwHash(peer, n.Name)>>11) + 0.5) / (1 << 53)
+func hrwScore(peer netip.Addr, n *Node) float64 { return scoreOf(hrwPeer(peer), n) }
+
+func scoreOf(ph uint64, n *Node) float64 {
+	u := (float64(hrwNode(ph, n.Name)>>11) + 0.5) / (1 << 53)
 	return float64(n.Weight) / -math.Log(u)
 }
 
@@ -59,19 +68,30 @@ type ranked struct {
 // first; equal scores fall back to the name so the order is total. A node
 // named in gone is treated as not active (a planner taking it out).
 func (t *Table) rankLocked(peer netip.Addr, buf []ranked, gone string) []ranked {
+	buf = t.scoreLocked(peer, buf, gone)
+	slices.SortFunc(buf, rankCmp)
+	return buf
+}
+
+// scoreLocked returns the active nodes with their scores for the peer,
+// unordered.
+func (t *Table) scoreLocked(peer netip.Addr, buf []ranked, gone string) []ranked {
 	buf = buf[:0]
+	ph := hrwPeer(peer)
 	for _, n := range t.nodes {
 		if n.State == NodeActive && n.Weight > 0 && n.Name != gone {
-			buf = append(buf, ranked{n, hrwScore(peer, n)})
+			buf = append(buf, ranked{n, scoreOf(ph, n)})
 		}
 	}
-	slices.SortFunc(buf, func(a, b ranked) int {
-		if c := cmp.Compare(b.score, a.score); c != 0 {
-			return c
-		}
-		return cmp.Compare(a.n.Name, b.n.Name)
-	})
 	return buf
+}
+
+// rankCmp orders by score, best first, then by name.
+func rankCmp(a, b ranked) int {
+	if c := cmp.Compare(b.score, a.score); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.n.Name, b.n.Name)
 }
 
 // loadView is a set of per-node counts the scheduler places against: the
@@ -114,10 +134,22 @@ func (t *Table) fits(v *loadView, n *Node) bool {
 // node named except (a tunnel's current node when moving it).
 func (t *Table) pick(peer netip.Addr, v *loadView, except string) (*Node, error) {
 	var buf [16]ranked
-	r := t.rankLocked(peer, buf[:0], v.gone)
+	r := t.scoreLocked(peer, buf[:0], v.gone)
 	if len(r) == 0 {
 		return nil, fmt.Errorf("%w: no active node to place peer %s on", ErrConflict, peer)
 	}
+	// Almost always the best-ranked node fits: find it without sorting
+	// (a million placements in an import), and rank fully only if not.
+	best := 0
+	for i := range r {
+		if rankCmp(r[i], r[best]) < 0 {
+			best = i
+		}
+	}
+	if c := r[best]; c.n.Name != except && t.fits(v, c.n) {
+		return c.n, nil
+	}
+	slices.SortFunc(r, rankCmp)
 	for _, c := range r {
 		if c.n.Name != except && t.fits(v, c.n) {
 			return c.n, nil

@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -73,10 +72,6 @@ type ImportResult struct {
 // table as one transaction: all of it, or nothing when any record is
 // refused (the error then names the file's lines).
 func (s *Service) Import(r io.Reader, req ImportRequest) (*ImportResult, error) {
-	// An import allocates its records, changes and pages once and keeps
-	// most of them until the commit: collecting meanwhile only costs the
-	// other core (about a fifth of a 100,000-tunnel import).
-	defer debug.SetGCPercent(debug.SetGCPercent(400))
 	f, readErr := nms.Read(r, nms.Options{Name: req.Name, Kind: req.Kind, Format: req.Format, MaxRecords: req.MaxRecords, Progress: req.Progress})
 	plan := func(t *affinity.Table) *nms.Diff {
 		var d *nms.Diff
@@ -104,7 +99,12 @@ func (s *Service) Import(r io.Reader, req ImportRequest) (*ImportResult, error) 
 	}
 	a, err := s.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
 		res.Diff = plan(t)
-		return res.Diff.Batch, nil
+		// From here the batch is the only way to the file's records:
+		// the store lets go of it once the table applied it, so a
+		// large import frees them before the commit writes its pages.
+		batch := res.Diff.Batch
+		res.Diff.Batch, f = nil, nil
+		return batch, nil
 	})
 	if err != nil {
 		return nil, res.Diff.MapError(err)
