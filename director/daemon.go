@@ -312,6 +312,9 @@ func (d *Daemon) writeReady() {
 // returns. Both directors of a pair run it: the backup's kernel follows the
 // replicated table, so a takeover changes nothing in the dataplane.
 func (d *Daemon) Run(ctx context.Context) error {
+	for _, w := range d.config().SelfInSubnets(d.st.Table(), LocalAddrs()) {
+		d.log.Warn("own address in a protected subnet", "warning", w)
+	}
 	if err := d.syncAll(ctx, "start"); err != nil {
 		return err
 	}
