@@ -10,6 +10,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // TestNSDirectorOwnAddressNotSteered sends real packets to an address
@@ -46,6 +47,10 @@ func TestNSDirectorOwnAddressNotSteered(t *testing.T) {
 		if err := l.dir.AddAddr("lo", netip.PrefixFrom(own, bits)); err != nil {
 			t.Fatal(err)
 		}
+		// IPv6 installs an address's local route from a work queue, a
+		// little after the address: until then the kernel itself does
+		// not treat it as local.
+		waitLocal(t, l.dir, own)
 		c, err := l.dir.UDPSocket(netip.AddrPortFrom(own, 9000))
 		if err != nil {
 			t.Fatal(err)
@@ -58,13 +63,13 @@ func TestNSDirectorOwnAddressNotSteered(t *testing.T) {
 		buf := make([]byte, 64)
 		n, err := c.Read(buf)
 		c.Close()
-		if err != nil || string(buf[:n]) != tag {
-			t.Fatalf("packet to the director's own address %s in protected subnet %s did not reach the director (read %q, %v)", own, sub, buf[:n], err)
-		}
 		for i, cp := range l.caps {
 			if cp.Count(netlab.Tagged(tag)) > 0 {
 				t.Fatalf("packet to the director's own address %s was steered to %s", own, l.top.Nodes[i].Name)
 			}
+		}
+		if err != nil || string(buf[:n]) != tag {
+			t.Fatalf("packet to the director's own address %s in protected subnet %s did not reach the director (read %q, %v)", own, sub, buf[:n], err)
 		}
 		// The rest of the subnet is still steered.
 		other := sub.Addr().Next().Next()
@@ -81,5 +86,21 @@ func TestNSDirectorOwnAddressNotSteered(t *testing.T) {
 		}
 		sendTo(own, fmt.Sprintf("after-%v", v6))
 		l.expectAt(t, owner, fmt.Sprintf("after-%v", v6))
+	}
+}
+
+// waitLocal waits until the kernel of h routes a as a local address.
+func waitLocal(t *testing.T, h *netlab.Host, a netip.Addr) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		rs, err := h.Handle().RouteGet(a.AsSlice())
+		if err == nil && len(rs) > 0 && rs[0].Type == unix.RTN_LOCAL {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %s is not routed as local after 5 s (%v, %v)", h.Name, a, rs, err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
