@@ -161,10 +161,31 @@ func (d *dataplane) read() (*kstate, error) {
 // Verify tries the failed objects again. Only a failed nftables
 // transaction (the maps, all or nothing) is returned as err.
 func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err error) {
+	st, failed = d.addNodes(cur, want)
+	// nftables: one transaction.
+	if p := nft.Diff(cur.nft, want.nft); !p.Empty() {
+		flush := leftMasq(cur, p)
+		if err := d.nft.Apply(p); err != nil {
+			return st, failed, err
+		}
+		a, ch, r := p.Count()
+		st.Added += a
+		st.Changed += ch
+		st.Removed += r
+		cur.nft.Apply(p)
+		failed = append(failed, d.flushServices(cur, flush)...)
+	}
+	n, f := d.removeNodes(cur, want)
+	st.Removed += n
+	return st, append(failed, f...), nil
+}
+
+// addNodes adds and changes the routes and IPVS services want has and cur
+// lacks, updating cur: what must exist before the maps point at a node.
+func (d *dataplane) addNodes(cur, want *kstate) (st Stats, failed []error) {
 	n, f := d.rc.AddMissing(d.rt, cur.rt, want.rt)
 	st.Added, st.Changed = n.Added, n.Changed
 	failed = f
-	// IPVS services.
 	for _, sk := range slices.SortedFunc(maps.Keys(want.svcs), svcKeyCmp) {
 		dst := want.svcs[sk]
 		old, ok := cur.svcs[sk]
@@ -195,20 +216,12 @@ func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err 
 		}
 		cur.svcs[sk] = dst
 	}
-	// nftables: one transaction.
-	if p := nft.Diff(cur.nft, want.nft); !p.Empty() {
-		flush := leftMasq(cur, p)
-		if err := d.nft.Apply(p); err != nil {
-			return st, failed, err
-		}
-		a, ch, r := p.Count()
-		st.Added += a
-		st.Changed += ch
-		st.Removed += r
-		cur.nft.Apply(p)
-		failed = append(failed, d.flushServices(cur, flush)...)
-	}
-	// Removals.
+	return st, failed
+}
+
+// removeNodes removes the services and routes cur has and want does not,
+// updating cur: after the maps stopped pointing at them.
+func (d *dataplane) removeNodes(cur, want *kstate) (removed int, failed []error) {
 	for _, sk := range slices.SortedFunc(maps.Keys(cur.svcs), svcKeyCmp) {
 		if _, ok := want.svcs[sk]; ok {
 			continue
@@ -217,12 +230,11 @@ func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err 
 			failed = append(failed, fmt.Errorf("delete fwmark service %#x (%s): %w", sk.mark, route.Family(sk.v6), err))
 			continue
 		}
-		st.Removed++
+		removed++
 		delete(cur.svcs, sk)
 	}
-	n, f = d.rc.RemoveStale(d.rt, cur.rt, want.rt)
-	st.Removed += n.Removed
-	return st, append(failed, f...), nil
+	n, f := d.rc.RemoveStale(d.rt, cur.rt, want.rt)
+	return removed + n.Removed, append(failed, f...)
 }
 
 // service is the lvs form of one of the director's services.
@@ -315,32 +327,66 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 	}
 	c := d.cfg
 	// Validate first: a refused delta must leave the target untouched.
+	nodes := d.nodes
+	var nt *kstate
+	if delta.Nodes != nil {
+		// The node-dependent part of a target (routes, services, hash
+		// map, chain), without the maps: O(nodes).
+		var err error
+		if nt, err = c.target(d.mode, &Desired{Nodes: delta.Nodes, HashSeed: d.want.nft.Sig.Seed}); err != nil {
+			return Stats{}, fmt.Errorf("update: %w", err)
+		}
+		nodes = make(map[uint16]Node, len(delta.Nodes))
+		for _, n := range delta.Nodes {
+			nodes[n.Mark] = n
+		}
+	}
 	ch := nft.Changes{SetPeers: make(map[netip.Addr]uint32, len(delta.SetPeers)), DelPeers: delta.DeletePeers,
 		SetSubnets: make(map[netip.Prefix]uint32, len(delta.SetSubnets)), DelSubnets: delta.DeleteSubnets}
 	for a, m := range delta.SetPeers {
-		if _, ok := d.nodes[m]; !ok {
+		if _, ok := nodes[m]; !ok {
 			return Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
 		}
 		ch.SetPeers[a] = c.Fwmark(m)
 	}
 	for pf, m := range delta.SetSubnets {
-		if _, ok := d.nodes[m]; !ok {
+		if _, ok := nodes[m]; !ok {
 			return Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", pf, m)
 		}
 		ch.SetSubnets[pf] = c.Fwmark(m)
 	}
+	if nt != nil {
+		d.nodes = nodes
+		d.want.rt, d.want.svcs, d.want.nft.Hash = nt.rt, nt.svcs, nt.nft.Hash
+		sig := nt.nft.Sig
+		sig.Lens = d.want.nft.Sig.Lens
+		d.want.nft.Sig = sig
+	}
 	p := nft.Update(d.model.nft, d.want.nft, ch)
 	var st Stats
 	var failed []error
+	if nt != nil {
+		// Routes and services first, so the maps never point at a mark
+		// that does not route (as reconcile does).
+		st, failed = d.addNodes(d.model, d.want)
+	}
 	if !p.Empty() {
 		flush := leftMasq(d.model, p)
 		if err := d.nft.Apply(p); err != nil {
 			d.model = nil
-			return st, fmt.Errorf("update: %w", err)
+			return st, fmt.Errorf("update: %w", errors.Join(append(failed, err)...))
 		}
-		st.Added, st.Changed, st.Removed = p.Count()
+		a, chg, r := p.Count()
+		st.Added += a
+		st.Changed += chg
+		st.Removed += r
 		d.model.nft.Apply(p)
-		failed = d.flushServices(d.model, flush)
+		failed = append(failed, d.flushServices(d.model, flush)...)
+	}
+	if nt != nil {
+		n, f := d.removeNodes(d.model, d.want)
+		st.Removed += n
+		failed = append(failed, f...)
 	}
 	st.Duration = time.Since(start)
 	return st, partial("update", failed)

@@ -134,7 +134,8 @@ type Changes struct {
 }
 
 // Update applies c to want and returns the transaction that brings model
-// (what the kernel holds) along, in O(len(c)): only the touched lengths are
+// (what the kernel holds) along, in O(len(c)) plus the hash map's few
+// elements and the chain's signature: only the touched lengths are
 // compared, and a length that appears or goes creates or deletes its map
 // and rebuilds the chain in the same transaction.
 func Update(model, want *State, c Changes) *Plan {
@@ -196,7 +197,10 @@ func Update(model, want *State, c Changes) *Plan {
 	if len(touched) > 0 {
 		want.SyncLens()
 	}
-	if len(p.AddLens)+len(p.DelLens) > 0 {
+	// The hash map and chain follow the active nodes (the caller set
+	// want's when they changed): a few elements, compared whole.
+	p.AddHash, p.DelHash = diffMap(model.Hash, want.Hash)
+	if len(p.AddLens)+len(p.DelLens) > 0 || !model.Sig.Equal(want.Sig) {
 		p.Chain = true
 		p.LensOnly = model.Sig.Version == Layout && model.Sig.sameButLens(want.Sig)
 		p.Sig = want.Sig
