@@ -26,6 +26,9 @@ type fakeKernel struct {
 	// failRoute makes ReplaceRoute fail for a gateway, as the kernel
 	// does for a node it cannot reach.
 	failRoute map[netip.Addr]error
+	// gen is the ruleset generation; nftReads counts table reads.
+	gen      uint32
+	nftReads int
 }
 
 func newFakeKernel(ipvs bool) *fakeKernel {
@@ -40,18 +43,21 @@ func newFakeKernel(ipvs bool) *fakeKernel {
 func (k *fakeKernel) log(f string, a ...any) { k.ops = append(k.ops, fmt.Sprintf(f, a...)) }
 
 // nft.Kernel
-func (k *fakeKernel) Read() (*nft.State, error) { return k.nft.Clone(), nil }
+func (k *fakeKernel) Read() (*nft.State, error) { k.nftReads++; return k.nft.Clone(), nil }
 func (k *fakeKernel) Apply(p *nft.Plan) error {
 	a, c, r := p.Count()
 	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.Recreate, p.Chain, a, c, r)
 	k.nft.Apply(p)
+	k.gen++
 	return nil
 }
 func (k *fakeKernel) DeleteTable() error {
 	k.log("nft delete table")
 	k.nft = nft.NewState()
+	k.gen++
 	return nil
 }
+func (k *fakeKernel) Gen() (uint32, error) { return k.gen, nil }
 
 // route.Kernel
 func (k *fakeKernel) Rules() ([]route.Rule, error) { return slices.Clone(k.rules), nil }
@@ -441,5 +447,44 @@ func TestUpdateWithNodesEqualsSync(t *testing.T) {
 				t.Fatalf("verify after node updates found %+v, %v", st, err)
 			}
 		})
+	}
+}
+
+// TestVerifyReadsMapsOnlyWhenTheGenerationMoved: Verify trusts the model
+// while the ruleset generation stays where the director's last
+// transaction left it, reads the maps back and repairs when anyone else
+// committed, and reads them anyway every fullVerifyEvery verifies.
+func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
+	k := newFakeKernel(false)
+	dp, _ := newFake(Config{}, k)
+	mustSync(t, dp, unitDesired())
+	reads := k.nftReads
+	verify := func() Stats {
+		t.Helper()
+		st, err := dp.Verify(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	if st := verify(); k.nftReads != reads || st.Added+st.Changed+st.Removed != 0 {
+		t.Fatalf("verify with an unchanged generation read the maps (%d reads) or changed %+v", k.nftReads-reads, st)
+	}
+	// Someone else deletes a peer: one transaction, the generation moves.
+	delete(k.nft.Peers, pA)
+	k.gen++
+	if st := verify(); k.nftReads != reads+1 || st.Added != 1 {
+		t.Fatalf("foreign change: %d reads, repaired %+v; want 1 read, 1 added", k.nftReads-reads, st)
+	}
+	// A change the generation does not show (a foreign commit racing the
+	// director's own): found by the periodic full read.
+	delete(k.nft.Peers, pA)
+	reads = k.nftReads
+	repaired := 0
+	for range fullVerifyEvery {
+		repaired += verify().Added
+	}
+	if k.nftReads != reads+1 || repaired != 1 {
+		t.Fatalf("%d verifies: %d reads, %d repaired; want 1 and 1", fullVerifyEvery, k.nftReads-reads, repaired)
 	}
 }

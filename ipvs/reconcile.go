@@ -33,6 +33,33 @@ type dataplane struct {
 	want *kstate
 	// nodes of the last Sync by mark, to validate delta owners.
 	nodes map[uint16]Node
+	// gen is the nftables ruleset generation at which model.nft was
+	// last known to equal the kernel (genKnown): while the kernel's
+	// generation stays there, nobody changed the table and Verify need
+	// not read its maps back. verifies counts Verify calls, so every
+	// fullVerifyEvery-th reads them anyway.
+	gen      uint32
+	genKnown bool
+	verifies int
+}
+
+// fullVerifyEvery is how often Verify reads the maps back although the
+// ruleset generation says nothing changed: the backstop for a foreign
+// transaction committed between one of the director's and its reading of
+// the generation.
+const fullVerifyEvery = 10
+
+// applyNft runs p as one transaction and keeps gen: known only when the
+// generation moved by exactly this transaction.
+func (d *dataplane) applyNft(p *nft.Plan) error {
+	g0, err0 := d.nft.Gen()
+	if err := d.nft.Apply(p); err != nil {
+		d.genKnown = false
+		return err
+	}
+	g1, err1 := d.nft.Gen()
+	d.gen, d.genKnown = g1, err0 == nil && err1 == nil && g1 == g0+1
+	return nil
 }
 
 // New returns a Dataplane for the kernel of the current network namespace.
@@ -116,13 +143,23 @@ func newDataplane(cfg Config, nk nft.Kernel, rk route.Kernel, lk lvs.Kernel) (*d
 
 func (d *dataplane) Mode() Mode { return d.mode }
 
-// read returns the director's objects as the kernel holds them.
-func (d *dataplane) read() (*kstate, error) {
+// read returns the director's objects as the kernel holds them; without
+// nftToo the nftables part is the model's (the caller proved it current
+// by the ruleset generation).
+func (d *dataplane) read(nftToo bool) (*kstate, error) {
 	c := d.cfg
 	s := &kstate{svcs: map[svcKey]svcDest{}}
 	var err error
-	if s.nft, err = d.nft.Read(); err != nil {
-		return nil, err
+	if nftToo {
+		// The generation before the read: a change during it moves the
+		// kernel past gen, so the next Verify reads again.
+		g, gerr := d.nft.Gen()
+		if s.nft, err = d.nft.Read(); err != nil {
+			return nil, err
+		}
+		d.gen, d.genKnown = g, gerr == nil
+	} else {
+		s.nft = d.model.nft
 	}
 	if s.rt, err = d.rc.Read(d.rt); err != nil {
 		return nil, err
@@ -165,7 +202,7 @@ func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err 
 	// nftables: one transaction.
 	if p := nft.Diff(cur.nft, want.nft); !p.Empty() {
 		flush := leftMasq(cur, p)
-		if err := d.nft.Apply(p); err != nil {
+		if err := d.applyNft(p); err != nil {
 			return st, failed, err
 		}
 		a, ch, r := p.Count()
@@ -296,7 +333,7 @@ func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
 		return Stats{}, fmt.Errorf("sync: %w", err)
 	}
 	if d.model == nil {
-		cur, err := d.read()
+		cur, err := d.read(true)
 		if err != nil {
 			return Stats{}, fmt.Errorf("sync: adopt kernel state: %w", err)
 		}
@@ -372,7 +409,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 	}
 	if !p.Empty() {
 		flush := leftMasq(d.model, p)
-		if err := d.nft.Apply(p); err != nil {
+		if err := d.applyNft(p); err != nil {
 			d.model = nil
 			return st, fmt.Errorf("update: %w", errors.Join(append(failed, err)...))
 		}
@@ -400,7 +437,17 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 	if d.want == nil {
 		return Stats{}, errors.New("verify: no Sync yet: nothing to compare with")
 	}
-	cur, err := d.read()
+	// The maps are read back only when the ruleset generation moved
+	// since the director's last transaction (or every fullVerifyEvery
+	// verifies): at a million tunnels the read is seconds, the
+	// generation one message. Routes and services are read every time.
+	d.verifies++
+	full := d.model == nil || !d.genKnown || d.verifies%fullVerifyEvery == 0
+	if !full {
+		g, err := d.nft.Gen()
+		full = err != nil || g != d.gen
+	}
+	cur, err := d.read(full)
 	if err != nil {
 		return Stats{}, fmt.Errorf("verify: %w", err)
 	}
@@ -418,7 +465,7 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	s, err := d.read()
+	s, err := d.read(true)
 	if err != nil {
 		return nil, fmt.Errorf("read: %w", err)
 	}
