@@ -198,9 +198,20 @@ func (d *dataplane) read(nftToo bool) (*kstate, error) {
 // Verify tries the failed objects again. Only a failed nftables
 // transaction (the maps, all or nothing) is returned as err.
 func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err error) {
+	return d.reconcileMaps(cur, want, true)
+}
+
+// reconcileMaps is reconcile, comparing the nftables part only with maps
+// (Verify leaves it out when the ruleset generation proved the model
+// current: a comparison of the whole maps is what it avoids).
+func (d *dataplane) reconcileMaps(cur, want *kstate, withMaps bool) (st Stats, failed []error, err error) {
 	st, failed = d.addNodes(cur, want)
 	// nftables: one transaction.
-	if p := nft.Diff(cur.nft, want.nft); !p.Empty() {
+	p := &nft.Plan{}
+	if withMaps {
+		p = nft.Diff(cur.nft, want.nft)
+	}
+	if !p.Empty() {
 		flush := leftMasq(cur, p)
 		if err := d.applyNft(p); err != nil {
 			return st, failed, err
@@ -452,7 +463,7 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 		return Stats{}, fmt.Errorf("verify: %w", err)
 	}
 	d.model = cur
-	st, failed, err := d.reconcile(cur, d.want)
+	st, failed, err := d.reconcileMaps(cur, d.want, full)
 	st.Duration = time.Since(start)
 	if err != nil {
 		d.model = nil

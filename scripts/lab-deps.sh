@@ -30,6 +30,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 PKGS="qemu-system-x86 busybox-static cpio kmod nftables iproute2 keepalived"
 PKGS="$PKGS strongswan-charon strongswan-swanctl libstrongswan-standard-plugins" # real IKE daemons: health probes in namespaces, the strongSwan VM layer
+PKGS="$PKGS time" # scripts/bench-import.sh: CPU time and peak RSS of an import
 missing=""
 for p in $PKGS; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
