@@ -65,6 +65,10 @@ type Config struct {
 	Learn *bool `yaml:"learn"`
 	// Epsilon is the scheduler's bounded-load slack.
 	Epsilon float64 `yaml:"epsilon"`
+	// Scheduler tunes placement; UnknownPeers the buckets that steer
+	// peers the table does not know yet (buckets.go).
+	Scheduler    SchedulerConfig    `yaml:"scheduler"`
+	UnknownPeers UnknownPeersConfig `yaml:"unknown_peers"`
 	// API is the local API.
 	API struct {
 		Socket    string         `yaml:"socket"`
@@ -75,6 +79,11 @@ type Config struct {
 		// maxSmallBody.
 		MaxBody int64 `yaml:"max_body"`
 	} `yaml:"api"`
+	// Metrics is the Prometheus endpoint (director/metrics).
+	Metrics struct {
+		// Listen is the address:port serving /metrics; unset: off.
+		Listen netip.AddrPort `yaml:"listen"`
+	} `yaml:"metrics"`
 	// Replication pairs this director with another (optional).
 	Replication ReplicationConfig `yaml:"replication"`
 	// VerifyInterval is how often the kernel is read back and repaired.
@@ -481,6 +490,11 @@ func (c *Config) Check() error {
 	if !(c.Epsilon > 0 && c.Epsilon <= 10) {
 		bad("epsilon", "%g out of range (0, 10]", c.Epsilon)
 	}
+	for _, err := range []error{c.Scheduler.Validate(), c.UnknownPeers.Validate()} {
+		if err != nil {
+			errs = append(errs, unjoin(err)...)
+		}
+	}
 	if c.API.Socket == "" {
 		bad("api.socket", "empty")
 	} else if !filepath.IsAbs(c.API.Socket) {
@@ -494,6 +508,9 @@ func (c *Config) Check() error {
 		} else if len(bytes.TrimSpace(b)) == 0 {
 			bad("api.token_file", "%s is empty", c.API.TokenFile)
 		}
+	}
+	if l := c.Metrics.Listen; l.IsValid() && l.Port() == 0 {
+		bad("metrics.listen", "%s has no port (the example uses 127.0.0.1:9410)", l)
 	}
 	if c.API.MaxBody < 1<<20 {
 		bad("api.max_body", "%d below 1 MiB (1048576)", c.API.MaxBody)
@@ -623,6 +640,11 @@ func (c *Config) SelfInSubnets(t *affinity.Table, local []netip.Addr) []string {
 		}
 	}
 	return w
+}
+
+// TableOptions returns the options of the daemon's table.
+func (c *Config) TableOptions() affinity.Options {
+	return affinity.Options{VIPs: c.VIPs, Epsilon: c.Epsilon, Choices: c.Scheduler.Choices}
 }
 
 // Dataplane returns the dataplane configuration.

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
@@ -46,6 +48,14 @@ type Daemon struct {
 	repl      *replication.Replicator // nil when the director runs alone
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
+
+	unknown unknownBuckets // the unknown-peer buckets (buckets.go)
+
+	m *daemonMetrics
+	// elements are the peer, subnet and node elements the kernel holds,
+	// as of the last successful reconcile (under statMu).
+	elements struct{ peers, subnets, nodes int }
+	sd       *systemd
 }
 
 // Status is what `tunneldirector status` shows.
@@ -67,6 +77,8 @@ type Status struct {
 	LastVerify     time.Time `json:"last_verify"`
 	DriftRepairs   int       `json:"drift_repairs"`
 	Learned        int       `json:"learned"`
+	// UnknownPeers are the buckets that steer peers not yet in the table.
+	UnknownPeers *BucketStatus `json:"unknown_peers,omitempty"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
 }
@@ -88,6 +100,8 @@ type DaemonOptions struct {
 	// Watch, when set, reports the first packet of every peer the kernel
 	// did not know (ipvs.FirstPackets): the daemon pins those peers.
 	Watch func(ctx context.Context, fn func(ipvs.NewFlow)) error
+	// Metrics, when set, receives the daemon's families (director/metrics).
+	Metrics prometheus.Registerer
 }
 
 // NewDaemon wires a daemon over an open store and a dataplane; Run starts
@@ -105,9 +119,19 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 
 		readyFile: o.ReadyFile,
 		watch:     o.Watch,
+		m:         newDaemonMetrics(),
 	}
 	if d.log == nil {
 		d.log = slog.Default()
+	}
+	d.sd = newSystemd(d.log)
+	d.svc.m = d.m
+	if o.Metrics != nil {
+		for _, c := range append(d.m.collectors(), newDaemonCollector(d)) {
+			if err := o.Metrics.Register(c); err != nil {
+				return nil, fmt.Errorf("register metrics: %w", err)
+			}
+		}
 	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
@@ -138,6 +162,9 @@ func (d *Daemon) applyConfig(c *Config) error {
 		if _, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) { return c.nodeChanges(t), nil }); err != nil {
 			return fmt.Errorf("configuration nodes: %w", err)
 		}
+	}
+	if err := d.unknown.configure(c.UnknownPeers.Options(), d.st.Table(), d.clk.Now()); err != nil {
+		return err
 	}
 	d.cfgMu.Lock()
 	d.cfg = c
@@ -186,6 +213,7 @@ func (d *Daemon) Desired() *ipvs.Desired {
 		Peers:    make(map[netip.Addr]uint16, t.Len()),
 		Subnets:  make(map[netip.Prefix]uint16, t.Len()),
 		HashSeed: c.HashSeed,
+		Buckets:  t.Buckets(),
 	}
 	t.PeerMarks(func(a netip.Addr, m uint16) { want.Peers[a] = m })
 	t.SubnetMarks(func(p netip.Prefix, m uint16) { want.Subnets[p] = m })
@@ -209,15 +237,17 @@ func (c *Config) kernelNodes(t *affinity.Table) []ipvs.Node {
 	return out
 }
 
-// delta turns committed batches into one delta: the element changes, and,
-// when a node changed, all the nodes as the table now has them (a node
-// going down is its new state plus its tunnels' moves, never a full
-// diff). It reports false when the delta cannot express them and the
-// kernel needs a full sync: a batch came back from the journal without
-// the records as they were before, or a tunnel's node is gone.
+// delta turns committed batches into one delta: the element changes (pins
+// and bucket changes among them), and, when a node changed, all the nodes
+// as the table now has them (a node going down is its new state plus its
+// tunnels' moves, never a full diff), so the kernel takes them in one
+// transaction. It reports false when the delta cannot express them and
+// the kernel needs a full sync: the bucket count changed (the
+// classifier's hash rule changes), a batch came back from the journal
+// without the records as they were before, or a tunnel's node is gone.
 func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
 	nodes := false
-	dl := &ipvs.Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}}
+	dl := &ipvs.Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Buckets: map[int]uint16{}}
 	del := func(tu *affinity.Tunnel) {
 		delete(dl.SetPeers, tu.Peer)
 		dl.DeletePeers = append(dl.DeletePeers, tu.Peer)
@@ -240,6 +270,11 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 					return nil, false
 				}
 				del(c.Old)
+			case affinity.PutBucket:
+				if c.OldBucket == nil || c.OldBucket.Count != c.Bucket.Count {
+					return nil, false
+				}
+				dl.Buckets[c.Bucket.Index] = c.Bucket.Mark
 			case affinity.PutTunnel:
 				if c.Old != nil {
 					del(c.Old)
@@ -292,6 +327,12 @@ func (d *Daemon) SetRole(role replication.Role) error {
 		if _, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) { return d.config().nodeChanges(t), nil }); err != nil {
 			d.log.Error("merge configured nodes as master", "err", err)
 		}
+		// The buckets go on from the old master's assignment, with the
+		// first packets this director saw while backup; the takeover
+		// itself changes none (the next balancing step is an interval
+		// away).
+		d.unknown.restore(d.st.Table(), d.clk.Now())
+		d.kick()
 	}
 	d.writeReady()
 	return nil
@@ -327,6 +368,8 @@ func (d *Daemon) writeReady() {
 // returns. Both directors of a pair run it: the backup's kernel follows the
 // replicated table, so a takeover changes nothing in the dataplane.
 func (d *Daemon) Run(ctx context.Context) error {
+	// A master assigns the buckets before the kernel is programmed.
+	d.stepBuckets()
 	for _, w := range d.config().SelfInSubnets(d.st.Table(), LocalAddrs()) {
 		d.log.Warn("own address in a protected subnet", "warning", w)
 	}
@@ -351,7 +394,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer verify.Stop()
 	ready, readyC := d.clk.NewTicker(time.Second)
 	defer ready.Stop()
+	// The bucket interval is read at start; a reload that changes it
+	// takes effect at the next start (Step limits itself to its own).
+	step, stepC := d.clk.NewTicker(d.config().UnknownPeers.Options().WithDefaults().Interval)
+	defer step.Stop()
+	// The watchdog is pinged from this loop and nowhere else: a loop stuck
+	// in a reconcile stops the pings, and systemd restarts the daemon.
+	var watchdogC <-chan time.Time
+	if every := d.sd.pingEvery(); every > 0 {
+		wd, c := d.clk.NewTicker(every)
+		defer wd.Stop()
+		watchdogC = c
+	}
 	d.writeReady()
+	d.sd.ready(d.statusLine())
+	defer d.sd.stopping()
 	for {
 		// The cursor is replaced when the change log left it behind:
 		// take its channel anew each time.
@@ -360,13 +417,20 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return nil
 		case <-d.changes.Notify():
 			d.reconcile(ctx)
+			d.stepBuckets()
 		case <-d.wake:
 			d.reconcile(ctx)
+			d.stepBuckets()
+		case <-stepC:
+			d.stepBuckets()
 		case <-verifyC:
 			d.Verify(ctx)
 		case <-readyC:
 			d.writeReady()
+		case <-watchdogC:
+			d.sd.ping()
 		}
+		d.sd.status(d.statusLine())
 	}
 }
 
@@ -378,9 +442,12 @@ func (d *Daemon) syncAll(ctx context.Context, why string) error {
 	rev := d.st.Revision()
 	want := d.Desired()
 	st, err := d.dp.Sync(ctx, want)
-	d.record(rev, st, err)
-	if d.partial(err) {
+	d.record(reconcileFull, rev, st, err)
+	if err == nil || d.partial(err) {
 		err = nil
+		d.statMu.Lock()
+		d.elements.peers, d.elements.subnets, d.elements.nodes = len(want.Peers), len(want.Subnets), len(want.Nodes)
+		d.statMu.Unlock()
 	}
 	if err != nil {
 		return fmt.Errorf("sync kernel to revision %d (%s): %w", rev, why, err)
@@ -413,6 +480,7 @@ func (d *Daemon) pendingBatches() (batches []store.Batch, full bool, err error) 
 		if !ok {
 			return batches, false, nil
 		}
+		d.m.countMoves(b)
 		batches = append(batches, b)
 	}
 }
@@ -437,8 +505,13 @@ func (d *Daemon) reconcile(ctx context.Context) {
 		if ok {
 			rev := batches[len(batches)-1].Revision
 			st, err := d.dp.Update(ctx, dl)
-			d.record(rev, st, err)
+			d.record(reconcileDelta, rev, st, err)
 			if err == nil || d.partial(err) {
+				dp, ds := elementDelta(batches)
+				d.statMu.Lock()
+				d.elements.peers += dp
+				d.elements.subnets += ds
+				d.statMu.Unlock()
 				d.log.Debug("kernel updated", "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
 				return
 			}
@@ -456,6 +529,7 @@ func (d *Daemon) reconcile(ctx context.Context) {
 // Verify reads the kernel back and repairs drift, counting the repairs.
 func (d *Daemon) Verify(ctx context.Context) {
 	st, err := d.dp.Verify(ctx)
+	d.m.reconciled(reconcileVerify, st, err)
 	d.statMu.Lock()
 	d.stat.LastVerify = d.clk.Now()
 	var pe *ipvs.PartialError
@@ -477,7 +551,8 @@ func (d *Daemon) Verify(ctx context.Context) {
 	}
 }
 
-func (d *Daemon) record(rev uint64, st ipvs.Stats, err error) {
+func (d *Daemon) record(kind string, rev uint64, st ipvs.Stats, err error) {
+	d.m.reconciled(kind, st, err)
 	d.statMu.Lock()
 	defer d.statMu.Unlock()
 	d.stat.Reconciles++
@@ -537,6 +612,7 @@ func (d *Daemon) Status() Status {
 		rs := d.repl.Status()
 		s.Replication = &rs
 	}
+	s.UnknownPeers = d.bucketStatus()
 	return s
 }
 
@@ -549,9 +625,6 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 		return
 	}
 	c := d.config()
-	if c.Learn != nil && !*c.Learn {
-		return
-	}
 	t := d.st.Table()
 	if !t.IsVIP(f.Dst) {
 		return
@@ -559,18 +632,23 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 	if _, known := t.PeerMark(f.Src); known {
 		return
 	}
-	// The packet carries the mark the classifier gave it (the hash's
-	// node); without one, compute what the kernel's hash chose.
+	d.m.firstPackets.Inc()
+	// Its bucket keeps its node while the peer waits for its pin (and on
+	// either director: a takeover keeps the quiet windows).
+	if n := t.BucketCount(); n > 0 {
+		d.unknown.seen(ipvs.Bucket(f.Src, c.HashSeed, n), n, d.clk.Now())
+	}
+	if c.Learn != nil && !*c.Learn {
+		return
+	}
+	// The packet carries the mark the classifier gave it (its bucket's
+	// node, or the node of its first packet while in its pin window):
+	// pin that, not a recomputed one, so a bucket change between the
+	// first packet and the pin cannot split the peer. Without a mark,
+	// compute what the kernel chose.
 	mark, ok := c.Dataplane().NodeOf(f.Mark)
 	if !ok {
-		var active []uint16
-		for _, n := range t.Nodes() {
-			if n.State == affinity.NodeActive {
-				active = append(active, n.Mark)
-			}
-		}
-		slices.Sort(active)
-		mark = ipvs.HashPick(f.Src, c.HashSeed, active)
+		mark = unknownMark(t, f.Src, c.HashSeed)
 	}
 	if mark == 0 {
 		return
@@ -589,7 +667,7 @@ func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
 	if err := d.writable(); err != nil {
 		return fmt.Errorf("learn peer %s: %w", peer, err)
 	}
-	_, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+	a, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
 		if _, known := t.LookupPeer(peer); known {
 			return nil, nil
 		}
@@ -597,7 +675,7 @@ func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
 		if !ok {
 			return nil, fmt.Errorf("learn peer %s: no node has mark %d", peer, mark)
 		}
-		tu := &affinity.Tunnel{ID: "learned-" + peer.String(), Peer: peer, Node: n.Name}
+		tu := &affinity.Tunnel{ID: LearnedPrefix + peer.String(), Peer: peer, Node: n.Name}
 		return []affinity.Change{{Kind: affinity.PutTunnel, Tunnel: tu, Reason: "learned from first packet"}}, nil
 	})
 	if err != nil {
@@ -607,8 +685,20 @@ func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
 		}
 		return err
 	}
+	if len(a.Changes) == 0 {
+		return nil // pinned meanwhile (by the other director, say)
+	}
 	d.statMu.Lock()
 	d.stat.Learned++
 	d.statMu.Unlock()
+	d.m.pins.Inc()
 	return nil
+}
+
+// kernelElements returns the peer, subnet and node elements the kernel
+// holds as of the last successful reconcile.
+func (d *Daemon) kernelElements() (peers, subnets, nodes int) {
+	d.statMu.Lock()
+	defer d.statMu.Unlock()
+	return d.elements.peers, d.elements.subnets, d.elements.nodes
 }

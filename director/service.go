@@ -27,6 +27,8 @@ type Service struct {
 	st *store.Store
 	// gate, when set, refuses writes (a backup director).
 	gate func() error
+	// m, when set (a daemon's service), counts imports.
+	m *daemonMetrics
 }
 
 // writable says whether the service may change the table.
@@ -71,8 +73,15 @@ type ImportResult struct {
 // Import reads a tunnels or nodes file and commits its difference from the
 // table as one transaction: all of it, or nothing when any record is
 // refused (the error then names the file's lines).
-func (s *Service) Import(r io.Reader, req ImportRequest) (*ImportResult, error) {
+func (s *Service) Import(r io.Reader, req ImportRequest) (res *ImportResult, err error) {
+	kind := "tunnels"
+	if s.m != nil {
+		defer func() { s.m.imported(kind, res, err) }()
+	}
 	f, readErr := nms.Read(r, nms.Options{Name: req.Name, Kind: req.Kind, Format: req.Format, MaxRecords: req.MaxRecords, Progress: req.Progress})
+	if req.Kind == nms.KindNodes || f != nil && f.Kind == nms.KindNodes {
+		kind = "nodes"
+	}
 	plan := func(t *affinity.Table) *nms.Diff {
 		var d *nms.Diff
 		if f.Kind == nms.KindNodes {
@@ -88,7 +97,7 @@ func (s *Service) Import(r io.Reader, req ImportRequest) (*ImportResult, error) 
 	if readErr != nil {
 		return nil, s.alsoCheckTable(readErr, f, plan)
 	}
-	res := &ImportResult{DryRun: req.DryRun}
+	res = &ImportResult{DryRun: req.DryRun}
 	if req.DryRun {
 		res.Diff = plan(s.st.Table())
 		res.Revision = s.st.Revision()

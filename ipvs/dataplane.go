@@ -68,7 +68,8 @@ type Node struct {
 	// without one gets no IPv6 route, rule or service).
 	Addr6   netip.Addr
 	Forward Forward
-	// Active nodes receive unknown peers by the kernel's hash fallback.
+	// Active nodes receive unknown peers by the kernel's hash fallback
+	// when Desired has no Buckets.
 	Active bool
 	// Down nodes hold no tunnels and get no IPVS service (their routes
 	// stay, so a node coming back up changes nothing but the service).
@@ -83,16 +84,23 @@ type Desired struct {
 	Peers map[netip.Addr]uint16
 	// Subnets maps protected subnets to the owner's mark.
 	Subnets map[netip.Prefix]uint16
-	// HashSeed seeds the kernel's jhash of an unknown peer's address;
-	// the hash picks among the active nodes in mark order.
+	// HashSeed seeds the kernel's jhash of an unknown peer's address.
 	HashSeed uint32
+	// Buckets is the unknown-peer bucket map: the kernel hashes an
+	// unknown peer's address into len(Buckets) buckets (Bucket) and marks
+	// it for node Buckets[i]; 0, or a mark no node has, steers that
+	// bucket nowhere. Nil: one bucket per active node, in mark order (the
+	// hash over the active nodes, HashPick), for a table that holds no
+	// buckets.
+	Buckets []uint16
 }
 
-// Delta is a change to the peer and subnet maps, and optionally to the
-// nodes: what a batch of table changes needs (a node going down is its new
-// state plus the moves of its tunnels), applied without comparing the
-// whole maps: the element changes as one nftables transaction, which also
-// carries the hash map and chain when the active nodes changed.
+// Delta is a change to the peer, subnet and bucket maps, and optionally to
+// the nodes: what a batch of table changes needs (pins and bucket steps
+// among them; a node going down is its new state plus the moves of its
+// tunnels), applied without comparing the whole maps: the element changes
+// as one nftables transaction, which also carries the hash map and chain
+// when the nodes changed them.
 type Delta struct {
 	SetPeers      map[netip.Addr]uint16
 	DeletePeers   []netip.Addr
@@ -103,6 +111,10 @@ type Delta struct {
 	// (routes and services added before the maps point at them, removed
 	// after).
 	Nodes []Node
+	// Buckets gives unknown-peer buckets new nodes (0: none), within the
+	// bucket count of the last Sync, which must have had Buckets: a
+	// change of count is a Sync.
+	Buckets map[int]uint16
 }
 
 // Stats says what an Apply, Update or Verify did.

@@ -41,6 +41,13 @@ type dataplane struct {
 	gen      uint32
 	genKnown bool
 	verifies int
+	// buckets is the unknown-peer bucket count of the last Sync, 0 when
+	// it had no Buckets (one bucket per active node): a delta may change
+	// buckets only within it. bucketMarks are the buckets as of the last
+	// Sync and the Updates since (nil without), for a delta that changes
+	// the nodes.
+	buckets     int
+	bucketMarks []uint16
 }
 
 // fullVerifyEvery is how often Verify reads the maps back although the
@@ -355,6 +362,8 @@ func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
 	for _, n := range des.Nodes {
 		d.nodes[n.Mark] = n
 	}
+	d.buckets = len(des.Buckets)
+	d.bucketMarks = slices.Clone(des.Buckets)
 	st, failed, err := d.reconcile(d.model, want)
 	st.Duration = time.Since(start)
 	if err != nil {
@@ -376,14 +385,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 	c := d.cfg
 	// Validate first: a refused delta must leave the target untouched.
 	nodes := d.nodes
-	var nt *kstate
 	if delta.Nodes != nil {
-		// The node-dependent part of a target (routes, services, hash
-		// map, chain), without the maps: O(nodes).
-		var err error
-		if nt, err = c.target(d.mode, &Desired{Nodes: delta.Nodes, HashSeed: d.want.nft.Sig.Seed}); err != nil {
-			return Stats{}, fmt.Errorf("update: %w", err)
-		}
 		nodes = make(map[uint16]Node, len(delta.Nodes))
 		for _, n := range delta.Nodes {
 			nodes[n.Mark] = n
@@ -403,12 +405,47 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 		}
 		ch.SetSubnets[pf] = c.Fwmark(m)
 	}
-	if nt != nil {
+	if len(delta.Buckets) > 0 {
+		ch.SetHash = make(map[uint32]uint32, len(delta.Buckets))
+	}
+	for i, m := range delta.Buckets {
+		if i < 0 || i >= d.buckets {
+			return Stats{}, fmt.Errorf("update: unknown-peer bucket %d outside the %d of the last sync (a new bucket count needs a sync)", i, d.buckets)
+		}
+		// As in target: a bucket without a node holds no element.
+		if _, ok := nodes[m]; ok && m != 0 {
+			ch.SetHash[uint32(i)] = c.Fwmark(m)
+		} else {
+			ch.DelHash = append(ch.DelHash, uint32(i))
+		}
+	}
+	var nt *kstate
+	if delta.Nodes != nil {
+		// The node-dependent part of a target (routes, services, hash
+		// map, chain) for the buckets after the delta, without the
+		// peer and subnet maps: O(nodes + buckets).
+		var buckets []uint16
+		if d.bucketMarks != nil {
+			buckets = slices.Clone(d.bucketMarks)
+			for i, m := range delta.Buckets {
+				buckets[i] = m
+			}
+		}
+		var err error
+		if nt, err = c.target(d.mode, &Desired{Nodes: delta.Nodes, HashSeed: d.want.nft.Sig.Seed, Buckets: buckets}); err != nil {
+			return Stats{}, fmt.Errorf("update: %w", err)
+		}
 		d.nodes = nodes
 		d.want.rt, d.want.svcs, d.want.nft.Hash = nt.rt, nt.svcs, nt.nft.Hash
 		sig := nt.nft.Sig
 		sig.Lens = d.want.nft.Sig.Lens
 		d.want.nft.Sig = sig
+		ch.Nodes = true
+	}
+	for i, m := range delta.Buckets {
+		if d.bucketMarks != nil {
+			d.bucketMarks[i] = m
+		}
 	}
 	p := nft.Update(d.model.nft, d.want.nft, ch)
 	var st Stats
@@ -481,7 +518,13 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 		return nil, fmt.Errorf("read: %w", err)
 	}
 	c := d.cfg
-	out := &Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}, HashSeed: s.nft.Sig.Seed}
+	out := &Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}, HashSeed: s.nft.Sig.Seed,
+		Buckets: make([]uint16, min(s.nft.Sig.HashN, nft.MaxHash))}
+	for i, fm := range s.nft.Hash {
+		if m, ok := c.NodeOf(fm); ok && int(i) < len(out.Buckets) {
+			out.Buckets[i] = m
+		}
+	}
 	out.VIPs = sortedAddrs(s.nft.VIPs)
 	for a, fm := range s.nft.Peers {
 		if m, ok := c.NodeOf(fm); ok {

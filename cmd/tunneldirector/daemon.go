@@ -5,17 +5,20 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"net"
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/director/metrics"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store"
@@ -48,7 +51,17 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			if err := director.CheckKernel(cfg, log); err != nil {
 				return err
 			}
-			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: cfg.VIPs, Epsilon: cfg.Epsilon}})
+			// The metrics endpoint is bound first: an address that
+			// cannot be bound refuses the start, naming the key.
+			reg := metrics.NewRegistry()
+			var metricsLn net.Listener
+			if cfg.Metrics.Listen.IsValid() {
+				if metricsLn, err = metrics.Listen(cfg.Metrics.Listen); err != nil {
+					return err
+				}
+				defer metricsLn.Close()
+			}
+			st, err := store.Open(store.Options{Path: cfg.Store, Table: cfg.TableOptions()})
 			if err != nil {
 				return err
 			}
@@ -59,7 +72,8 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			}
 			defer dp.Close()
 			log.Info("dataplane ready", "mode", dp.Mode().String())
-			if dp.Mode() == ipvs.ModeRouteOnly {
+			if dp.Mode() == ipvs.ModeRouteOnly && cfg.Mode == ipvs.ModeAuto {
+				// Only auto falls back silently; a configured route-only is what the operator asked for.
 				log.Warn("route-only mode: the kernel has no IPVS, so IKE and NAT-T are forwarded by fwmark policy routes too")
 			}
 			repl, err := newReplicator(cfg, st, log)
@@ -67,7 +81,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				return err
 			}
 			d, err := director.NewDaemon(director.DaemonOptions{Config: cfg, Store: st, Dataplane: dp, Logger: log,
-				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane())})
+				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane()), Metrics: reg})
 			if err != nil {
 				return err
 			}
@@ -86,6 +100,9 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 						continue
 					}
 					lvl.Set(nc.LogLevel)
+					if nc.Metrics.Listen != cfg.Metrics.Listen {
+						log.Warn("metrics.listen changed: the endpoint moves at the next restart", "serving", cfg.Metrics.Listen, "configured", nc.Metrics.Listen)
+					}
 					log.Info("configuration reloaded", "config", path)
 				}
 			}()
@@ -100,6 +117,14 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			errc := make(chan error, 2)
 			go func() { errc <- d.ServeAPI(ctx, cfg.API.Socket, cfg.API.TCP, token) }()
 			go func() { errc <- d.Run(ctx) }()
+			if metricsLn != nil {
+				log.Info("metrics endpoint", "listen", metricsLn.Addr().String(), "path", metrics.Path)
+				go func() {
+					if err := metrics.Serve(ctx, metricsLn, reg); err != nil {
+						log.Error("metrics endpoint stopped", "err", err)
+					}
+				}()
+			}
 			err = <-errc
 			stop()
 			if err2 := waitOther(errc); err == nil {
@@ -213,8 +238,9 @@ func checkStored(cfg *director.Config, local []netip.Addr) (string, []string, er
 	if _, err := os.Stat(cfg.Store); errors.Is(err, os.ErrNotExist) {
 		return "not created yet", nil, nil
 	}
-	st, err := store.Open(store.Options{Path: cfg.Store, ReadOnly: true, LockTimeout: 100 * time.Millisecond,
-		Table: affinity.Options{Epsilon: cfg.Epsilon}})
+	opts := cfg.TableOptions()
+	opts.VIPs = nil // the stored ones: CheckAgainst checks the configured
+	st, err := store.Open(store.Options{Path: cfg.Store, ReadOnly: true, LockTimeout: 100 * time.Millisecond, Table: opts})
 	if err != nil {
 		if errors.Is(err, store.ErrLocked) {
 			return "in use by a running daemon, not checked against it", nil, nil
@@ -255,6 +281,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if s.LastError != "" {
 				fmt.Fprintf(w, "last error\t%s\n", s.LastError)
 			}
+			if u := s.UnknownPeers; u != nil {
+				fmt.Fprintf(w, "unknown-peer buckets\t%d %s, %d steps moved %d\n", u.Buckets, bucketShares(u.Nodes), u.Steps, u.Moved)
+			}
 			if r := s.Replication; r != nil {
 				fmt.Fprintf(w, "role\t%s (director %d, epoch %d)\n", r.Role, r.ID, r.Epoch)
 				fmt.Fprintf(w, "peer\tdirector %d, %s, revision %d, alive %v\n", r.Peer.ID, r.Peer.Role, r.Peer.Revision, r.Peer.Alive)
@@ -266,4 +295,13 @@ func newStatusCmd(g *globals) *cobra.Command {
 			return w.Flush()
 		},
 	}
+}
+
+// bucketShares lists the buckets per node, by name: "(vpn-01 512, vpn-02 480)".
+func bucketShares(nodes map[string]int) string {
+	var parts []string
+	for _, n := range slices.Sorted(maps.Keys(nodes)) {
+		parts = append(parts, fmt.Sprintf("%s %d", n, nodes[n]))
+	}
+	return "(" + strings.Join(parts, ", ") + ")"
 }

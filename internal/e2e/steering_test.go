@@ -50,7 +50,6 @@ func newE2E(t *testing.T) *e2e {
 	return e
 }
 
-// nodesYAML lists the topology's nodes as the configuration's nodes key.
 // captureNodes starts a packet capture on every node, closed at cleanup.
 func (e *e2e) captureNodes() {
 	for _, n := range e.top.Nodes {
@@ -61,15 +60,6 @@ func (e *e2e) captureNodes() {
 		e.t.Cleanup(func() { c.Close() })
 		e.caps = append(e.caps, c)
 	}
-}
-
-func nodesYAML(top *netlab.Topology) string {
-	var nodes []string
-	for i, n := range top.Nodes {
-		in := n.If(netlab.IfInside)
-		nodes = append(nodes, fmt.Sprintf("  - {name: node%d, address: %s, address6: %q}", i, in.Addr4, in.Addr6.String()))
-	}
-	return strings.Join(nodes, "\n")
 }
 
 // cli runs a CLI command against the running daemon (through its socket).
@@ -234,10 +224,15 @@ t0-v6,%s,fd70::/64,node2
 	e.tunnelTraffic(1, netip.MustParseAddr("10.71.0.9"), 1, false)
 	e.tunnelTraffic(0, netip.MustParseAddr("fd70::9"), 2, true)
 
-	// An unknown peer lands on the node the kernel's jhash picks, which
-	// HashPick computes in Go; the daemon then pins it into the table.
+	// An unknown peer lands on the node of its bucket in the kernel's
+	// bucket map, which BucketPick computes in Go; the daemon then pins
+	// it into the table.
 	p2 := e.top.Peers[2].If(netlab.IfOutside)
-	want := int(ipvs.HashPick(p2.Addr4, director.DefaultConfig().HashSeed, []uint16{1, 2, 3})) - 1
+	buckets := readKernel(t, e.top.Directors[0], e.config).Buckets
+	if len(buckets) != 4096 {
+		t.Fatalf("the kernel holds %d unknown-peer buckets, want the default 4096", len(buckets))
+	}
+	want := int(ipvs.BucketPick(p2.Addr4, director.DefaultConfig().HashSeed, buckets)) - 1
 	e.expectAt(want, "unknown-ike", func(tag string) error {
 		return e.top.Peers[2].SendUDP(netip.AddrPortFrom(p2.Addr4, 500), netip.AddrPortFrom(e.top.VIP4, 500), []byte(tag))
 	})

@@ -125,12 +125,19 @@ func Diff(cur, want *State) *Plan {
 	return p
 }
 
-// Changes is a delta to a target's maps: what a tunnel change needs.
+// Changes is a delta to a target's maps: what tunnel changes need, and
+// bucket changes of the unknown-peer hash map (within the chain's HashN).
 type Changes struct {
 	SetPeers   map[netip.Addr]uint32
 	DelPeers   []netip.Addr
 	SetSubnets map[netip.Prefix]uint32
 	DelSubnets []netip.Prefix
+	SetHash    map[uint32]uint32
+	DelHash    []uint32
+	// Nodes says the caller set want's hash map and signature for a new
+	// set of nodes: Update compares the hash map whole and rebuilds the
+	// chain when the signature changed.
+	Nodes bool
 }
 
 // Update applies c to want and returns the transaction that brings model
@@ -139,10 +146,32 @@ type Changes struct {
 // compared, and a length that appears or goes creates or deletes its map
 // and rebuilds the chain in the same transaction.
 func Update(model, want *State, c Changes) *Plan {
-	p := &Plan{Sig: model.Sig, AddPeers: make(map[netip.Addr]uint32, len(c.SetPeers)), AddSubnets: make(map[netip.Prefix]uint32, len(c.SetSubnets))}
-	// Keys already deleted, so a key both deleted and set is deleted
-	// once: a set, not a scan of the list (a node going down at a
-	// million tunnels moves 60,000 of them).
+	p := &Plan{Sig: model.Sig, AddPeers: make(map[netip.Addr]uint32, len(c.SetPeers)), AddSubnets: make(map[netip.Prefix]uint32, len(c.SetSubnets)),
+		AddHash: map[uint32]uint32{}}
+	// Buckets: a step changes up to all of them, so deletions are
+	// tracked in a set rather than searched.
+	hdel := make(map[uint32]bool, len(c.DelHash))
+	for _, k := range c.DelHash {
+		delete(want.Hash, k)
+		if _, ok := model.Hash[k]; ok && !hdel[k] {
+			p.DelHash = append(p.DelHash, k)
+			hdel[k] = true
+		}
+	}
+	for k, fm := range c.SetHash {
+		want.Hash[k] = fm
+		cur, ok := model.Hash[k]
+		if ok && cur == fm {
+			continue
+		}
+		if ok && !hdel[k] {
+			p.DelHash = append(p.DelHash, k)
+			hdel[k] = true
+		}
+		p.AddHash[k] = fm
+	}
+	// Peers and subnets likewise (a node going down at a million
+	// tunnels moves 60,000 of them).
 	delPeer := make(map[netip.Addr]struct{}, len(c.DelPeers))
 	for _, a := range c.DelPeers {
 		a = a.Unmap()
@@ -204,9 +233,11 @@ func Update(model, want *State, c Changes) *Plan {
 	if len(touched) > 0 {
 		want.SyncLens()
 	}
-	// The hash map and chain follow the active nodes (the caller set
-	// want's when they changed): a few elements, compared whole.
-	p.AddHash, p.DelHash = diffMap(model.Hash, want.Hash)
+	if c.Nodes {
+		// The caller replaced want's hash map for new nodes: at most
+		// MaxHash elements, compared whole.
+		p.AddHash, p.DelHash = diffMap(model.Hash, want.Hash)
+	}
 	if len(p.AddLens)+len(p.DelLens) > 0 || !model.Sig.Equal(want.Sig) {
 		p.Chain = true
 		p.LensOnly = model.Sig.Version == Layout && model.Sig.sameButLens(want.Sig)
