@@ -488,3 +488,35 @@ func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
 		t.Fatalf("%d verifies: %d reads, %d repaired; want 1 and 1", fullVerifyEvery, k.nftReads-reads, repaired)
 	}
 }
+
+// TestUpdateWithNodesKeepsBuckets: with unknown-peer buckets, a delta that
+// changes the nodes keeps the buckets as the last Sync and the Updates
+// since left them (a bucket step in the same delta included), and the
+// kernel ends as a Sync of the same desired state would leave it.
+func TestUpdateWithNodesKeepsBuckets(t *testing.T) {
+	k := newFakeKernel(false)
+	dp, _ := newFake(Config{}, k)
+	d := unitDesired()
+	d.Buckets = []uint16{1, 2, 1, 2}
+	mustSync(t, dp, d)
+	ctx := context.Background()
+	if _, err := dp.Update(ctx, &Delta{Buckets: map[int]uint16{0: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	d.Buckets[0] = 2
+	// n1 goes down (its tunnels move); a new node n3 takes bucket 2.
+	d.Nodes[0].Active, d.Nodes[0].Down = false, true
+	d.Nodes = append(d.Nodes, Node{Mark: 3, Name: "n3", Addr: netip.MustParseAddr("192.0.2.13"), Active: true})
+	d.Peers[pA], d.Subnets[sA] = 2, 2
+	d.Buckets[2] = 3
+	if _, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}, SetSubnets: map[netip.Prefix]uint16{sA: 2},
+		Buckets: map[int]uint16{2: 3}, Nodes: slices.Clone(d.Nodes)}); err != nil {
+		t.Fatal(err)
+	}
+	k2 := newFakeKernel(false)
+	dp2, _ := newFake(Config{}, k2)
+	mustSync(t, dp2, d)
+	if !reflect.DeepEqual(k.nft, k2.nft) || !reflect.DeepEqual(k.routes, k2.routes) {
+		t.Fatalf("after the node update the kernel differs from a sync:\nupdate %+v\nsync   %+v", k.nft, k2.nft)
+	}
+}
