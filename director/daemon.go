@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/agents"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -44,6 +45,7 @@ type Daemon struct {
 	stat   Status
 
 	repl      *replication.Replicator // nil when the director runs alone
+	agent     agentSide
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 }
@@ -69,6 +71,8 @@ type Status struct {
 	Learned        int       `json:"learned"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
+	// Agents is the node agents' state, when agent reports are on.
+	Agents *agents.Status `json:"agents,omitempty"`
 }
 
 // DaemonOptions wires a daemon.
@@ -111,6 +115,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
+	d.svc.agentNode = func(name string) (agents.NodeView, bool) { return d.agent.merger.Node(name) }
 	if err := d.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
@@ -131,6 +136,9 @@ func (d *Daemon) Service() *Service { return d.svc }
 func (d *Daemon) applyConfig(c *Config) error {
 	if err := d.st.SetVIPs(c.VIPs); err != nil {
 		return fmt.Errorf("configuration VIPs: %w", err)
+	}
+	if err := d.configureAgents(c); err != nil {
+		return err
 	}
 	// A backup's table is its master's: the master merges the
 	// configured nodes and they arrive by replication.
@@ -271,6 +279,10 @@ func (d *Daemon) SetRole(role replication.Role) error {
 		return errors.New("set role: replication is not configured on this director")
 	}
 	d.repl.SetRole(role)
+	// The agents report to the master only: a director losing the role
+	// forgets their sessions, so that they start over at the new master
+	// with a full report (which answers need_full to anything else).
+	d.agent.merger.Reset()
 	d.log.Info("role changed", "role", role.String(), "epoch", d.repl.Epoch())
 	if role == replication.RoleMaster {
 		// The configured nodes were not merged while backup.
@@ -322,6 +334,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	go d.runAgents(ctx)
 	if d.watch != nil {
 		go func() {
 			if err := d.watch(ctx, d.onFlow); err != nil && ctx.Err() == nil {
@@ -519,6 +532,10 @@ func (d *Daemon) Status() Status {
 		rs := d.repl.Status()
 		s.Replication = &rs
 	}
+	if d.config().Agents.Enabled() {
+		as := d.agent.merger.Status()
+		s.Agents = &as
+	}
 	return s
 }
 
@@ -579,7 +596,7 @@ func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
 		if !ok {
 			return nil, fmt.Errorf("learn peer %s: no node has mark %d", peer, mark)
 		}
-		tu := &affinity.Tunnel{ID: "learned-" + peer.String(), Peer: peer, Node: n.Name}
+		tu := &affinity.Tunnel{ID: "learned-" + peer.String(), Peer: peer, Node: n.Name, Learned: true}
 		return []affinity.Change{{Kind: affinity.PutTunnel, Tunnel: tu, Reason: "learned from first packet"}}, nil
 	})
 	if err != nil {

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -249,6 +251,13 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if s.LastError != "" {
 				fmt.Fprintf(w, "last error\t%s\n", s.LastError)
 			}
+			if a := s.Agents; a != nil {
+				fmt.Fprintf(w, "agents\t%d nodes reporting, %d SAs, %d tunnels, %d misplaced, %d subnets not applied (adopt %s)\n",
+					a.Nodes, a.SAs, a.Tunnels, a.Misplaced, a.Unapplied, a.Adopt)
+				fmt.Fprintf(w, "agent merges\t%d (%d failed, last took %s): learned %d, subnets applied %d, followed %d, expired %d\n",
+					a.Merges, a.MergeErrors, a.LastMergeTook.Round(time.Microsecond), a.Learned, a.SubnetsApplied, a.Followed, a.Expired)
+				fmt.Fprintf(w, "agent reports\t%s; refused: %s\n", counts(a.Reports), counts(a.Refused))
+			}
 			if r := s.Replication; r != nil {
 				fmt.Fprintf(w, "role\t%s (director %d, epoch %d)\n", r.Role, r.ID, r.Epoch)
 				fmt.Fprintf(w, "peer\tdirector %d, %s, revision %d, alive %v\n", r.Peer.ID, r.Peer.Role, r.Peer.Revision, r.Peer.Alive)
@@ -260,4 +269,17 @@ func newStatusCmd(g *globals) *cobra.Command {
 			return w.Flush()
 		},
 	}
+}
+
+// counts prints a map of counters as "a 3, b 1", sorted by key ("none"
+// when empty).
+func counts[K ~string](m map[K]uint64) string {
+	if len(m) == 0 {
+		return "none"
+	}
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
+	}
+	return strings.Join(parts, ", ")
 }
