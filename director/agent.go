@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/agents"
+	"github.com/tunneldirector/tunneldirector/xfrm"
 	"github.com/tunneldirector/tunneldirector/xfrm/report"
 )
 
@@ -147,9 +149,14 @@ func (d *Daemon) agentRefused(node string, status int, err error) {
 // in the table itself and for learned_ttl.
 func (d *Daemon) runAgents(ctx context.Context) {
 	m := d.agent.merger
-	sweep, sweepC := d.clk.NewTicker(agents.SweepEvery)
+	every := m.Config().SweepEvery()
+	sweep, sweepC := d.clk.NewTicker(every)
 	defer sweep.Stop()
 	for {
+		if e := m.Config().SweepEvery(); e != every {
+			every = e
+			sweep.Reset(every) // a reload changed hold
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -247,4 +254,20 @@ type MisplacedResult struct {
 func (d *Daemon) Misplaced() (*MisplacedResult, error) {
 	m := d.agent.merger
 	return &MisplacedResult{Adopt: m.Config().Adopt, Misplaced: m.Misplaced(d.st.Table())}, nil
+}
+
+// PeerFacts is what one node's agent reports of a peer.
+type PeerFacts struct {
+	Node   string      `json:"node"`
+	Tunnel xfrm.Tunnel `json:"facts"`
+}
+
+// PeerFacts returns what the agents report of a peer: per node that holds
+// SAs of it, the SAs, negotiated subnets, NAT-T ports and traffic.
+func (d *Daemon) PeerFacts(peer netip.Addr) ([]PeerFacts, error) {
+	out := []PeerFacts{}
+	for _, h := range d.agent.merger.Holders(peer) {
+		out = append(out, PeerFacts{Node: h.Node, Tunnel: h.Tunnel})
+	}
+	return out, nil
 }

@@ -55,6 +55,14 @@ func (d *Daemon) Handler(token string) http.Handler {
 	mux.HandleFunc("GET /v1/nodes", func(w http.ResponseWriter, r *http.Request) { reply(s.Nodes())(w) })
 	mux.HandleFunc("GET /v1/agents", func(w http.ResponseWriter, r *http.Request) { reply(d.Agents())(w) })
 	mux.HandleFunc("GET /v1/misplaced", func(w http.ResponseWriter, r *http.Request) { reply(d.Misplaced())(w) })
+	mux.HandleFunc("GET /v1/agents/peer/{addr}", func(w http.ResponseWriter, r *http.Request) {
+		a, err := netip.ParseAddr(r.PathValue("addr"))
+		if err != nil {
+			reply[any](nil, badRequest("peer", r.PathValue("addr"), "not an IP address"))(w)
+			return
+		}
+		reply(d.PeerFacts(a.Unmap()))(w)
+	})
 	mux.HandleFunc("GET /v1/tunnels", func(w http.ResponseWriter, r *http.Request) {
 		limit, err := intParam(r.URL.Query(), "limit", 0)
 		if err != nil {

@@ -212,3 +212,9 @@ func (c *Client) Misplaced() (*MisplacedResult, error) {
 	var res MisplacedResult
 	return &res, c.do("GET", "/v1/misplaced", nil, nil, &res)
 }
+
+// PeerFacts returns what the agents report of a peer, per node.
+func (c *Client) PeerFacts(peer netip.Addr) ([]PeerFacts, error) {
+	var res []PeerFacts
+	return res, c.do("GET", "/v1/agents/peer/"+peer.String(), nil, nil, &res)
+}

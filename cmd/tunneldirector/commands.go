@@ -19,6 +19,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/internal/atomicfile"
+	"github.com/tunneldirector/tunneldirector/xfrm"
 )
 
 func newImportCmd(g *globals) *cobra.Command {
@@ -305,6 +306,15 @@ func newShowCmd(g *globals) *cobra.Command {
 					}
 					fmt.Fprintf(w, "learned\ttrue (subnets from its owner's agent)\nSA last seen\t%s\n", seen)
 				}
+				// A daemon also knows what the node agents report of
+				// the peer.
+				if c, ok := s.(*director.Client); ok {
+					if facts, err := c.PeerFacts(tu.Peer); err == nil {
+						for _, f := range facts {
+							fmt.Fprintf(w, "SAs on %s\t%s\n", f.Node, describeFacts(&f.Tunnel))
+						}
+					}
+				}
 				return w.Flush()
 			})
 		},
@@ -437,4 +447,17 @@ func newLookupCmd(g *globals) *cobra.Command {
 			})
 		},
 	}
+}
+
+// describeFacts says in one line what an agent reports of a peer.
+func describeFacts(t *xfrm.Tunnel) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d SAs, subnets %s, %d bytes, %d packets", t.SAs, joinPrefixes(t.Subnets), t.Bytes, t.Packets)
+	for _, n := range t.NATT {
+		fmt.Fprintf(&b, ", NAT-T from %s port %d to port %d", t.Peer, n.Port, n.LocalPort)
+	}
+	if t.LastUse > 0 {
+		fmt.Fprintf(&b, ", last used %s", time.Unix(t.LastUse, 0).UTC().Format(time.RFC3339))
+	}
+	return b.String()
 }

@@ -230,6 +230,13 @@ func (c Config) allowed(p netip.Prefix) bool {
 	return slices.ContainsFunc(c.Subnets, func(q netip.Prefix) bool { return q.Bits() <= p.Bits() && q.Contains(p.Addr()) })
 }
 
+// SweepEvery returns how often the daemon sweeps (Plan with sweep): it
+// bounds how long a table change made elsewhere (a move, a removed
+// tunnel) goes unnoticed by the misplaced and seen bookkeeping: 5 s, or
+// half of Hold when that is shorter, so that follow-sa acts within 1.5 x
+// Hold of a move.
+func (c Config) SweepEvery() time.Duration { return min(5*time.Second, c.Hold/2) }
+
 // seenStep is how stale a learned tunnel's stored Seen may get before the
 // merge refreshes it: a few writes per learned_ttl, not one per report.
 func (c Config) seenStep() time.Duration {

@@ -21,11 +21,6 @@ import (
 // default 5 s heartbeats).
 const AgentFresh = 15 * time.Second
 
-// SweepEvery is how often the daemon sweeps (Plan with sweep): it bounds
-// how long a table change made elsewhere (a move, a removed tunnel) goes
-// unnoticed by the misplaced and seen bookkeeping.
-const SweepEvery = 5 * time.Second
-
 // Merger merges the agents' reports into the table on the master. Accept
 // takes a report (from any goroutine); Plan, called under the store's
 // lock, returns the changes that bring the table in line with what the

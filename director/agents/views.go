@@ -175,3 +175,7 @@ func (m *Merger) Unapplied() []Unapplied {
 	})
 	return out
 }
+
+// Holders returns the nodes whose agents report SAs of the peer, with
+// their facts, sorted by node.
+func (m *Merger) Holders(peer netip.Addr) []report.Held { return m.inbox.Holders(peer) }
