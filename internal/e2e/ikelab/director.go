@@ -55,6 +55,12 @@ func newDirector(f *Farm) (*Director, error) {
 		nodes = append(nodes, fmt.Sprintf("  - {name: %s, address: %s}", n.Name, n.Addr))
 	}
 	cfg := fmt.Sprintf(directorConfig, d.DB, f.Top.VIP4, netlab.IfOutside, netlab.IfInside, f.Opts.Mode, strings.Join(nodes, "\n"), d.Socket)
+	if f.Opts.Agents != nil {
+		var err error
+		if cfg, err = f.agentConfig(d, cfg); err != nil {
+			return nil, err
+		}
+	}
 	return d, os.WriteFile(d.Config, []byte(cfg), 0o600)
 }
 
