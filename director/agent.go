@@ -72,21 +72,23 @@ func (d *Daemon) configureAgents(c *Config) error {
 	return nil
 }
 
-// agentHandler serves report.Path.
+// agentHandler serves report.Path with the configuration in force (a
+// reload changes tokens and limits for the next request).
 func (d *Daemon) agentHandler() http.Handler {
-	reports := report.Handler(report.HandlerOptions{
-		Authenticate: func(tok string) (string, bool) { return (*d.agent.auth.Load())(tok) },
-		Accept:       d.acceptReport,
-		Limits:       d.config().Agents.Limits(),
-		Refused:      d.agentRefused,
-	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !d.config().Agents.Enabled() {
-			d.agentRefused("", http.StatusNotFound, errors.New("agent reports are off on this director (agents.token_dir is not set)"))
-			writeJSON(w, http.StatusNotFound, apiError{Error: "agent reports are off on this director (agents.token_dir is not set)", Missing: true})
+		c := d.config().Agents
+		if !c.Enabled() {
+			err := errors.New("agent reports are off on this director (agents.token_dir is not set)")
+			d.agentRefused("", http.StatusNotFound, err)
+			writeJSON(w, http.StatusNotFound, apiError{Error: err.Error(), Missing: true})
 			return
 		}
-		reports.ServeHTTP(w, r)
+		report.Handler(report.HandlerOptions{
+			Authenticate: *d.agent.auth.Load(),
+			Accept:       d.acceptReport,
+			Limits:       c.Limits(),
+			Refused:      d.agentRefused,
+		}).ServeHTTP(w, r)
 	})
 }
 
@@ -180,7 +182,9 @@ func (d *Daemon) runAgents(ctx context.Context) {
 // peer the agents hold, for table changes made elsewhere, and expire
 // learned tunnels). The daemon calls it itself; it is exported for tests
 // and benchmarks.
-func (d *Daemon) MergeAgents(sweep bool) {
+func (d *Daemon) MergeAgents(sweep bool) { d.mergeAgents(sweep, 0) }
+
+func (d *Daemon) mergeAgents(sweep bool, again int) {
 	m := d.agent.merger
 	if !m.Config().Enabled() || d.writable() != nil {
 		return
@@ -217,6 +221,11 @@ func (d *Daemon) MergeAgents(sweep bool) {
 	case len(p.Changes) > 0:
 		d.log.Info("agents: merged", "changes", len(p.Changes), "learned", p.Learned, "subnets", p.Subnets,
 			"followed", p.Followed, "expired", p.Expired, "seen", p.Seen, "took", time.Since(start))
+	}
+	if err == nil && p.Again && again < 2 {
+		// The batch freed subnets it refused to others: they may take
+		// them now, without waiting for the next sweep.
+		d.mergeAgents(sweep, again+1)
 	}
 }
 

