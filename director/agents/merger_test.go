@@ -1,6 +1,7 @@
 package agents
 
 import (
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -575,5 +576,32 @@ func TestRemovedNodeForgotten(t *testing.T) {
 	f.merge(true)
 	if nodes := f.m.inbox.Nodes(); slices.Contains(nodes, "n3") {
 		t.Fatalf("facts of a removed node kept: %v", nodes)
+	}
+}
+
+// TestDropRefusedChanges: a change the table refuses (the merge checks
+// what it proposes, so this is the safety net) is dropped and reported,
+// and the rest of the batch commits.
+func TestDropRefusedChanges(t *testing.T) {
+	f := newFarm(t, nil)
+	f.full("n1", sa("198.51.100.7", "10.7.0.0/24"), sa("198.51.100.8", "10.8.0.0/24"))
+	p := f.m.Plan(f.tab, f.now, false)
+	if len(p.Changes) != 2 {
+		t.Fatalf("plan %+v", p.Changes)
+	}
+	// Someone else takes .8's subnet between the plan and the commit.
+	f.nms("other", "198.51.100.99", "n2", false, "10.8.0.0/16")
+	_, err := f.tab.Apply(p.Changes)
+	var be *affinity.BatchError
+	if !errors.As(err, &be) {
+		t.Fatalf("the stale batch committed: %v", err)
+	}
+	q := f.m.Drop(p, be)
+	if _, err := f.tab.Apply(q.Changes); err != nil || len(q.Changes) != 1 {
+		t.Fatalf("after the drop: %d changes, %v", len(q.Changes), err)
+	}
+	u := unappliedFor(f.m, "198.51.100.8")
+	if len(u) != 1 || !strings.Contains(u[0].Reason, "refused by the table") {
+		t.Fatalf("unapplied %+v", u)
 	}
 }

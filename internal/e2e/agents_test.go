@@ -18,6 +18,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 	"github.com/tunneldirector/tunneldirector/xfrm"
@@ -275,7 +276,8 @@ func TestAgentsWithTheRealDaemon(t *testing.T) {
 	})
 	t.Logf("show tunnels --misplaced:\n%s", misplaced)
 	f.waitFor("t0 following its SA to node1", 10*time.Second, func() bool {
-		return strings.Contains(f.cli("show", "tunnel", "t0"), "node1")
+		var tu affinity.Tunnel
+		return json.Unmarshal([]byte(f.cli("--json", "show", "tunnel", "t0")), &tu) == nil && tu.Node == "node1"
 	})
 	f.waitKernel()
 	f.tunnelTraffic(0, netip.MustParseAddr("10.70.0.9"), 1, false)
@@ -285,6 +287,19 @@ func TestAgentsWithTheRealDaemon(t *testing.T) {
 	}
 	if out := f.cli("status"); !strings.Contains(out, "agents") || !strings.Contains(out, "wrong_node") {
 		t.Fatalf("status output lacks the agents: %s", out)
+	}
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"show", "nodes"}, "SA-TUNNELS"},
+		{[]string{"show", "agents"}, "followed 1"},
+		{[]string{"show", "tunnel", "t0"}, "SAs on node1\t"},
+		{[]string{"show", "tunnel", "learned-" + p2.String()}, "learned"},
+	} {
+		if out := f.cli(c.args...); !strings.Contains(strings.ReplaceAll(out, "  ", "\t"), strings.TrimSuffix(c.want, "\t")) {
+			t.Errorf("%s: no %q in\n%s", strings.Join(c.args, " "), c.want, out)
+		}
 	}
 	f.stop()
 }
