@@ -42,10 +42,14 @@ const (
 type saWatch struct {
 	mu    sync.Mutex
 	first map[netip.Addr]map[string]time.Time
+	// policy: per peer and node, when the last policy whose template
+	// points at the peer was installed (charon installs a CHILD_SA's
+	// policies after its SAs: the install is complete then).
+	policy map[netip.Addr]map[string]time.Time
 }
 
 func watchSAs(t *testing.T, f *ikelab.Farm) *saWatch {
-	w := &saWatch{first: map[netip.Addr]map[string]time.Time{}}
+	w := &saWatch{first: map[netip.Addr]map[string]time.Time{}, policy: map[netip.Addr]map[string]time.Time{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
 	for _, n := range f.Nodes {
@@ -60,10 +64,23 @@ func watchSAs(t *testing.T, f *ikelab.Farm) *saWatch {
 		}
 		go func() {
 			for e := range ev {
+				at := time.Now()
+				if e.Kind == xfrm.EventPolicy {
+					w.mu.Lock()
+					for _, tm := range e.Policy.Tmpls {
+						for _, a := range []netip.Addr{tm.Src, tm.Dst} {
+							if w.policy[a] == nil {
+								w.policy[a] = map[string]time.Time{}
+							}
+							w.policy[a][n.Name] = at
+						}
+					}
+					w.mu.Unlock()
+					continue
+				}
 				if e.Kind != xfrm.EventState || e.SA.Larval || e.SA.Proto != xfrm.ProtoESP {
 					continue
 				}
-				at := time.Now()
 				w.mu.Lock()
 				for _, a := range []netip.Addr{e.SA.Src, e.SA.Dst} {
 					if w.first[a] == nil {
@@ -84,6 +101,15 @@ func (w *saWatch) installed(peer netip.Addr, node string) (time.Time, bool) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	at, ok := w.first[peer][node]
+	return at, ok
+}
+
+// policiesDone returns when the last policy of the peer was installed on
+// the node.
+func (w *saWatch) policiesDone(peer netip.Addr, node string) (time.Time, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	at, ok := w.policy[peer][node]
 	return at, ok
 }
 
@@ -180,8 +206,9 @@ func TestGuestAgents(t *testing.T) {
 				t.Fatalf("%s: the table steers %s to %s (tunnel %s) but no ESP state of the peer appeared there", p.Name, p.Host(), node, id)
 			}
 			lat = append(lat, at.Sub(inst))
-			t.Logf("%s: charon started %s, CHILD_SA installed on %s after %.1fs, subnet in table and kernel %s later (tunnel %s)",
-				p.Name, start.Format("15:04:05.000"), node, inst.Sub(start).Seconds(), at.Sub(inst).Round(time.Millisecond), id)
+			pol, _ := watch.policiesDone(p.Addr, node)
+			t.Logf("%s: charon started %s, first ESP state on %s after %.1fs, its last policy %s after that, subnet in table and kernel %s after the state (tunnel %s)",
+				p.Name, start.Format("15:04:05.000"), node, inst.Sub(start).Seconds(), pol.Sub(inst).Round(time.Millisecond), at.Sub(inst).Round(time.Millisecond), id)
 			tu, err := api.Tunnel(id)
 			if err != nil || !tu.Learned || !slices.Equal(tu.Subnets, p.Subnets) {
 				t.Fatalf("%s: tunnel %+v %v; want learned with %v", p.Name, tu, err, p.Subnets)
