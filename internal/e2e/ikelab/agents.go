@@ -35,8 +35,7 @@ type Agent struct {
 	f       *Farm
 	token   string // the node's token file
 	logPath string
-	cmd     *exec.Cmd
-	done    chan struct{}
+	process
 }
 
 // agentAPI is the director's TCP API address the agents report to.
@@ -105,21 +104,7 @@ func (a *Agent) Start() {
 	if err := a.node.Host.Start(cmd); err != nil {
 		t.Fatal(err)
 	}
-	a.cmd, a.done = cmd, make(chan struct{})
-	go func(done chan struct{}) { cmd.Wait(); close(done) }(a.done)
-}
-
-// Running reports whether the agent process is alive.
-func (a *Agent) Running() bool {
-	if a.done == nil {
-		return false
-	}
-	select {
-	case <-a.done:
-		return false
-	default:
-		return true
-	}
+	a.started(cmd)
 }
 
 // Kill kills the agent (SIGKILL) and waits for it.
