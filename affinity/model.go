@@ -92,6 +92,11 @@ type Node struct {
 	Comment string `json:"comment,omitempty"`
 }
 
+// LearnedPrefix starts the id of every tunnel the director learned (from
+// a peer's first packet or from a node agent's SAs): "learned-" and the
+// peer's address. The rest came from the NMS or an operator.
+const LearnedPrefix = "learned-"
+
 // Tunnel is one IPsec tunnel: the peer's endpoint address, the subnets
 // protected behind it, and the node that holds its SAs.
 type Tunnel struct {

@@ -48,7 +48,9 @@ func startDaemon(t *testing.T) (*Daemon, *ipvstest.Fake, *store.Store, context.C
 	return startDaemonWith(t, ipvstest.NewFake(ipvs.ModeRouteOnly))
 }
 
-func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
+// testStore opens a fresh store and a configuration with one VIP and the
+// nodes vpn-a, vpn-b (and vpn-c unless two are asked for).
+func testStore(t *testing.T, nodes int) (*store.Store, *Config) {
 	t.Helper()
 	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
 	if err != nil {
@@ -57,8 +59,14 @@ func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *
 	t.Cleanup(func() { st.Close() })
 	cfg := DefaultConfig()
 	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
-	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}, {Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}
-	d, err := NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
+	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}, {Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}[:nodes]
+	return st, &cfg
+}
+
+func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
+	t.Helper()
+	st, cfg := testStore(t, 3)
+	d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

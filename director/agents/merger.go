@@ -422,7 +422,7 @@ func (m *Merger) learn(st *planState, p netip.Addr, hs []report.Held) {
 	own := slices.MaxFunc(hs, func(a, b report.Held) int {
 		return cmp.Or(cmp.Compare(a.Tunnel.LastUse, b.Tunnel.LastUse), strings.Compare(b.Node, a.Node))
 	})
-	id := "learned-" + p.String()
+	id := affinity.LearnedPrefix + p.String()
 	if o, taken := st.t.Tunnel(id); taken || st.touched[id] {
 		m.unapplied[p] = []Unapplied{{Peer: p, Tunnel: id, Node: own.Node, Since: st.now,
 			Reason: fmt.Sprintf("not learned: tunnel id %s is taken (by peer %s)", id, o.Peer)}}
