@@ -12,11 +12,14 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/agents"
@@ -353,6 +356,78 @@ func TestAgentsConfig(t *testing.T) {
 		_, err := ParseConfig([]byte("vips: [192.0.2.1]\n" + c.yaml))
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: %v; want %q", c.yaml, err, c.want)
+		}
+	}
+}
+
+// TestAgentMetrics: the agent families read the merge at scrape time:
+// accepted reports by kind, refusals by reason (every reason present from
+// the start), what the merge did, and per node what its agent reports.
+func TestAgentMetrics(t *testing.T) {
+	a := newAgentDaemon(t, nil, nil)
+	c := newAgentCollector(a.d)
+	if problems, err := testutil.CollectAndLint(c); err != nil || len(problems) > 0 {
+		t.Fatalf("lint: %v %v", err, problems)
+	}
+	if status, body := a.request(t, "POST", report.Path, tokenB, fullReport(t, "vpn-b", espFacts("192.0.2.7", "10.7.0.0/24"))); status != 200 {
+		t.Fatalf("%d %s", status, body)
+	}
+	if status, _ := a.request(t, "POST", report.Path, tokenA, fullReport(t, "vpn-b")); status != 403 {
+		t.Fatalf("vpn-b's report with vpn-a's token: %d", status)
+	}
+	eventually(t, "the merge counted", func() bool { return a.d.Status().Agents.Learned == 1 })
+	const want = `
+# HELP tunneldirector_agent_changes_total What the merges did, by kind: learned (a peer no one listed), subnets (a learned tunnel's subnets changed to what its owner negotiated), followed (a misplaced tunnel moved to its SA, adopt: follow-sa), expired (a learned tunnel past learned_ttl).
+# TYPE tunneldirector_agent_changes_total counter
+tunneldirector_agent_changes_total{kind="expired"} 0
+tunneldirector_agent_changes_total{kind="followed"} 0
+tunneldirector_agent_changes_total{kind="learned"} 1
+tunneldirector_agent_changes_total{kind="subnets"} 0
+# HELP tunneldirector_agent_refused_total Agent reports refused, by reason: unauthorized, unknown_node, wrong_node, off, method, not_master, too_large, invalid, error.
+# TYPE tunneldirector_agent_refused_total counter
+tunneldirector_agent_refused_total{reason="error"} 0
+tunneldirector_agent_refused_total{reason="invalid"} 0
+tunneldirector_agent_refused_total{reason="method"} 0
+tunneldirector_agent_refused_total{reason="not_master"} 0
+tunneldirector_agent_refused_total{reason="off"} 0
+tunneldirector_agent_refused_total{reason="too_large"} 0
+tunneldirector_agent_refused_total{reason="unauthorized"} 0
+tunneldirector_agent_refused_total{reason="unknown_node"} 0
+tunneldirector_agent_refused_total{reason="wrong_node"} 1
+# HELP tunneldirector_agent_reports_total Agent reports accepted by this director as master, by kind: full, delta, heartbeat.
+# TYPE tunneldirector_agent_reports_total counter
+tunneldirector_agent_reports_total{kind="delta"} 0
+tunneldirector_agent_reports_total{kind="full"} 1
+tunneldirector_agent_reports_total{kind="heartbeat"} 0
+# HELP tunneldirector_agent_sas SAs the node's agent reports (nodes whose agent reports to this director).
+# TYPE tunneldirector_agent_sas gauge
+tunneldirector_agent_sas{node="vpn-b"} 2
+# HELP tunneldirector_agent_tunnels Tunnels (peers with SAs) the node's agent reports.
+# TYPE tunneldirector_agent_tunnels gauge
+tunneldirector_agent_tunnels{node="vpn-b"} 1
+# HELP tunneldirector_agent_unapplied_subnets Negotiated subnets (and learned peers) reported and not applied: a conflict, a VIP, outside agents.subnets, over the limit.
+# TYPE tunneldirector_agent_unapplied_subnets gauge
+tunneldirector_agent_unapplied_subnets 0
+`
+	if err := testutil.CollectAndCompare(c, strings.NewReader(want), "tunneldirector_agent_changes_total", "tunneldirector_agent_refused_total",
+		"tunneldirector_agent_reports_total", "tunneldirector_agent_sas", "tunneldirector_agent_tunnels", "tunneldirector_agent_unapplied_subnets"); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.CollectAndCount(c, "tunneldirector_agent_last_report_timestamp_seconds"); n != 1 {
+		t.Fatalf("%d last-report series, want vpn-b's only", n)
+	}
+	// The example alerting rules and dashboard name agent families this
+	// collector exports (the e2e metrics test checks the others: without
+	// agents reporting, the per-node families have no series there).
+	for _, f := range []string{"../examples/prometheus/alerts.yml", "../examples/grafana/tunneldirector.json"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range regexp.MustCompile(`tunneldirector_agent_[a-z_]+`).FindAllString(string(b), -1) {
+			if testutil.CollectAndCount(c, n) == 0 {
+				t.Errorf("%s names %s, which the agents' collector does not export", f, n)
+			}
 		}
 	}
 }

@@ -268,6 +268,9 @@ func (m *Merger) CountRefusal(reason string) {
 	m.mu.Unlock()
 }
 
+// RefusalReasons are every reason RefusalReason returns.
+var RefusalReasons = []string{"unauthorized", "unknown_node", "wrong_node", "off", "method", "not_master", "too_large", "invalid", "error"}
+
 // RefusalReason names why the endpoint refused a report, for counting.
 func RefusalReason(status int, err error) string {
 	switch {
