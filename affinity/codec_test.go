@@ -19,6 +19,8 @@ func sampleChanges() []Change {
 		{Kind: PutTunnel, Reason: "agent vpn-a: negotiated subnets", Tunnel: &Tunnel{ID: "learned-192.0.2.9", Peer: addr("192.0.2.9"), Subnets: []netip.Prefix{pfx("10.9.0.0/24")}, Node: "vpn-a", Learned: true, Seen: t0.Add(2 * time.Hour).Truncate(time.Second), Created: t0, Updated: t0, Revision: 100}},
 		{Kind: DeleteTunnel, Name: "old"},
 		{Kind: DeleteNode, Name: "vpn-z"},
+		{Kind: PutBucket, Reason: "unknown-peer buckets", Bucket: &BucketMark{Count: 4096, Index: 4095, Mark: 7}},
+		{Kind: PutBucket, Bucket: &BucketMark{Count: 0}},
 	}
 }
 

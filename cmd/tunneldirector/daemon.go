@@ -16,7 +16,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/director/metrics"
 	"github.com/tunneldirector/tunneldirector/director/replication"
@@ -61,7 +60,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				}
 				defer metricsLn.Close()
 			}
-			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: cfg.VIPs, Epsilon: cfg.Epsilon}})
+			st, err := store.Open(store.Options{Path: cfg.Store, Table: cfg.TableOptions()})
 			if err != nil {
 				return err
 			}
@@ -233,8 +232,9 @@ func checkStored(cfg *director.Config) (string, error) {
 	if _, err := os.Stat(cfg.Store); errors.Is(err, os.ErrNotExist) {
 		return "not created yet", nil
 	}
-	st, err := store.Open(store.Options{Path: cfg.Store, ReadOnly: true, LockTimeout: 100 * time.Millisecond,
-		Table: affinity.Options{Epsilon: cfg.Epsilon}})
+	opts := cfg.TableOptions()
+	opts.VIPs = nil // the stored ones: CheckAgainst checks the configured
+	st, err := store.Open(store.Options{Path: cfg.Store, ReadOnly: true, LockTimeout: 100 * time.Millisecond, Table: opts})
 	if err != nil {
 		if errors.Is(err, store.ErrLocked) {
 			return "in use by a running daemon, not checked against it", nil
@@ -275,6 +275,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if s.LastError != "" {
 				fmt.Fprintf(w, "last error\t%s\n", s.LastError)
 			}
+			if u := s.UnknownPeers; u != nil {
+				fmt.Fprintf(w, "unknown-peer buckets\t%d %s, %d steps moved %d\n", u.Buckets, bucketShares(u.Nodes), u.Steps, u.Moved)
+			}
 			if a := s.Agents; a != nil {
 				fmt.Fprintf(w, "agents\t%d nodes reporting, %d SAs, %d tunnels, %d misplaced, %d subnets not applied (adopt %s)\n",
 					a.Nodes, a.SAs, a.Tunnels, a.Misplaced, a.Unapplied, a.Adopt)
@@ -297,7 +300,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 
 // counts prints a map of counters as "a 3, b 1", sorted by key ("none"
 // when empty).
-func counts[K ~string](m map[K]uint64) string {
+func counts[K ~string, V ~int | ~uint64](m map[K]V) string {
 	if len(m) == 0 {
 		return "none"
 	}
@@ -306,4 +309,9 @@ func counts[K ~string](m map[K]uint64) string {
 		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// bucketShares lists the buckets per node, by name: "(vpn-01 512, vpn-02 480)".
+func bucketShares(nodes map[string]int) string {
+	return "(" + counts(nodes) + ")"
 }
