@@ -83,14 +83,8 @@ func writeTokens(t *testing.T, byNode map[string]string) string {
 
 func newAgentDaemon(t *testing.T, mut func(*Config), repl func(*store.Store) *replication.Replicator) *agentDaemon {
 	t.Helper()
-	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	cfg := DefaultConfig()
-	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
-	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}}
+	st, c := testStore(t, 2)
+	cfg := *c
 	cfg.Agents.TokenDir = writeTokens(t, map[string]string{"vpn-a": tokenA, "vpn-b": tokenB, "gone": tokenGone})
 	cfg.Agents.MergeDelay = 10 * time.Millisecond
 	cfg.Agents.MaxReportBytes = 1 << 20
@@ -102,6 +96,7 @@ func newAgentDaemon(t *testing.T, mut func(*Config), repl func(*store.Store) *re
 		r = repl(st)
 	}
 	a := &agentDaemon{k: ipvstest.NewFake(ipvs.ModeRouteOnly), st: st, hb: &heartbeats{n: map[string]int{}}, seqs: map[string]uint64{}}
+	var err error
 	a.d, err = NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: a.k, Logger: slog.New(slog.DiscardHandler), Replicator: r})
 	if err != nil {
 		t.Fatal(err)
