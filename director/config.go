@@ -19,6 +19,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/agents"
+	"github.com/tunneldirector/tunneldirector/director/ctsync"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 )
@@ -121,6 +122,8 @@ type ReplicationConfig struct {
 	// InitialRole is the role until keepalived says otherwise: backup,
 	// master or fault (replication.ParseRole).
 	InitialRole string `yaml:"initial_role"`
+	// Conntrack replicates conntrack state over the same link.
+	Conntrack ctsync.Config `yaml:"conntrack"`
 }
 
 // Enabled reports whether replication is configured.
@@ -189,6 +192,7 @@ func DefaultConfig() Config {
 	c.VerifyInterval = Duration(DefaultVerifyInterval)
 	c.LogLevel = slog.LevelInfo
 	c.Agents = agents.DefaultConfig()
+	c.Replication.Conntrack = ctsync.DefaultConfig()
 	return c
 }
 
@@ -546,6 +550,11 @@ func (c *Config) Check() error {
 		case "", "backup", "master", "fault":
 		default:
 			bad("replication.initial_role", "%q (want backup, master or fault)", shortValue(r.InitialRole))
+		}
+		if r.Conntrack.Enabled {
+			if err := r.Conntrack.Validate("replication.conntrack"); err != nil {
+				errs = append(errs, unjoin(err)...)
+			}
 		}
 	}
 	if err := c.Agents.Validate("agents"); err != nil {

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/agents"
+	"github.com/tunneldirector/tunneldirector/director/ctsync"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -48,6 +49,7 @@ type Daemon struct {
 
 	repl      *replication.Replicator // nil when the director runs alone
 	agent     agentSide
+	ct        *ctsync.Syncer // nil without conntrack replication
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 
@@ -85,6 +87,8 @@ type Status struct {
 	Replication *replication.Status `json:"replication,omitempty"`
 	// Agents is the node agents' state, when agent reports are on.
 	Agents *agents.Status `json:"agents,omitempty"`
+	// Conntrack is the conntrack replication's state, when configured.
+	Conntrack *ctsync.Status `json:"conntrack,omitempty"`
 }
 
 // DaemonOptions wires a daemon.
@@ -98,6 +102,9 @@ type DaemonOptions struct {
 	Clock clock.Clock
 	// Replicator pairs the director with its peer; nil runs it alone.
 	Replicator *replication.Replicator
+	// Conntrack replicates conntrack state over the Replicator's link
+	// (NewConntrackSync); nil: not at all.
+	Conntrack *ctsync.Syncer
 	// ReadyFile, with a Replicator, is kept at "0" while in sync and "1"
 	// otherwise, for keepalived's track_file.
 	ReadyFile string
@@ -120,6 +127,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 		cfg:  o.Config,
 		wake: make(chan struct{}, 1),
 		repl: o.Replicator,
+		ct:   o.Conntrack,
 
 		readyFile: o.ReadyFile,
 		watch:     o.Watch,
@@ -131,7 +139,11 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	d.sd = newSystemd(d.log)
 	d.svc.m = d.m
 	if o.Metrics != nil {
-		for _, c := range append(d.m.collectors(), newDaemonCollector(d), newAgentCollector(d)) {
+		cs := append(d.m.collectors(), newDaemonCollector(d), newAgentCollector(d))
+		if d.ct != nil {
+			cs = append(cs, newConntrackCollector(d.ct.Status))
+		}
+		for _, c := range cs {
 			if err := o.Metrics.Register(c); err != nil {
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}
@@ -140,6 +152,9 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
 	d.svc.agentNode = func(name string) (agents.NodeView, bool) { return d.agent.merger.Node(name) }
+	if d.ct != nil {
+		d.ct.Filter().SetOwn(ownAddresses(o.Config))
+	}
 	if err := d.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
@@ -320,6 +335,13 @@ func (d *Daemon) SetRole(role replication.Role) error {
 	// with a full report (which answers need_full to anything else).
 	d.agent.merger.Reset()
 	d.log.Info("role changed", "role", role.String(), "epoch", d.repl.Epoch())
+	if d.ct != nil {
+		// Becoming master commits the backup's cache of the old
+		// master's flows into the kernel before keepalived's notify
+		// returns; becoming backup lets this director's synced entries
+		// run out and asks the new master for its flows.
+		d.ct.SetRole(context.Background(), role)
+	}
 	if role == replication.RoleMaster {
 		// The configured nodes were not merged while backup.
 		if _, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) { return d.config().nodeChanges(t), nil }); err != nil {
@@ -334,6 +356,16 @@ func (d *Daemon) SetRole(role replication.Role) error {
 	}
 	d.writeReady()
 	return nil
+}
+
+// Conflicts returns the reports of the split-brain merges this director
+// made as master (`ctl conflicts`): every record both directors changed,
+// both versions, the winner and why.
+func (d *Daemon) Conflicts() ([]replication.MergeReport, error) {
+	if d.repl == nil {
+		return nil, fmt.Errorf("%w: replication is not configured on this director", ErrRefused)
+	}
+	return d.repl.Conflicts(), nil
 }
 
 // Ready reports whether this director may win an election: alone, always;
@@ -379,6 +411,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}()
 	}
 	go d.runAgents(ctx)
+	if d.ct != nil {
+		go func() {
+			if err := d.ct.Run(ctx); err != nil && ctx.Err() == nil {
+				d.log.Error("conntrack replication stopped", "err", err)
+			}
+		}()
+	}
 	if d.watch != nil {
 		go func() {
 			if err := d.watch(ctx, d.onFlow); err != nil && ctx.Err() == nil {
@@ -421,6 +460,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.stepBuckets()
 		case <-verifyC:
 			d.Verify(ctx)
+			if d.ct != nil {
+				d.ct.Filter().SetOwn(ownAddresses(d.config()))
+			}
 		case <-readyC:
 			d.writeReady()
 		case <-watchdogC:
@@ -607,6 +649,10 @@ func (d *Daemon) Status() Status {
 	if d.repl != nil {
 		rs := d.repl.Status()
 		s.Replication = &rs
+	}
+	if d.ct != nil {
+		cs := d.ct.Status()
+		s.Conntrack = &cs
 	}
 	s.UnknownPeers = d.bucketStatus()
 	if d.config().Agents.Enabled() {
