@@ -587,6 +587,8 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 		subnets: tu.Subnets,
 		mark:    owner.Mark,
 		pinned:  tu.Pinned,
+		learned: tu.Learned,
+		seen:    unixSeconds(tu.Seen),
 	}
 	if tu.Comment != "" {
 		e.comment = &tu.Comment
@@ -666,6 +668,25 @@ func (t *Table) checkTunnelShape(tu *Tunnel) error {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	return nil
+}
+
+// SubnetFree reports what would refuse p as a protected subnet of the
+// tunnel with the given id (which need not exist): an invalid prefix, a
+// director VIP inside it, or a subnet of another tunnel that equals,
+// contains or lies inside it. The node agents' merge uses it to apply the
+// negotiated subnets that fit and report the others.
+func (t *Table) SubnetFree(p netip.Prefix, id string) error {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	if err := ValidatePrefix(p); err != nil {
+		return fmt.Errorf("%w: subnet: %v", ErrInvalid, err)
+	}
+	for _, v := range t.vips {
+		if p.Contains(v) {
+			return fmt.Errorf("%w: subnet %s contains director VIP %s", ErrConflict, p, v)
+		}
+	}
+	return t.checkSubnetFree(p, t.tunnels[id])
 }
 
 // checkSubnetFree reports a conflict when p equals, contains or lies inside

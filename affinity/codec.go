@@ -172,14 +172,33 @@ func (e *encoder) tunnel(t *Tunnel) {
 	e.str(t.Node)
 	var flags byte
 	if t.Pinned {
-		flags |= 1
+		flags |= flagPinned
+	}
+	if t.Learned {
+		flags |= flagLearned
+	}
+	if !t.Seen.IsZero() {
+		flags |= flagSeen
 	}
 	e.byte(flags)
 	e.str(t.Comment)
 	e.varint(t.Created.UnixNano())
 	e.varint(t.Updated.UnixNano())
 	e.uvarint(t.Revision)
+	if flags&flagSeen != 0 {
+		e.varint(t.Seen.UnixNano())
+	}
 }
+
+// Tunnel flags. A field added after version 1 is announced by a flag and
+// follows the record's version-1 fields, so records written before it
+// (flag clear) still decode.
+const (
+	flagPinned  = 1 << 0
+	flagLearned = 1 << 1
+	flagSeen    = 1 << 2 // Seen follows Revision
+	tunnelFlags = flagPinned | flagLearned | flagSeen
+)
 
 func (d *decoder) tunnel() Tunnel {
 	var t Tunnel
@@ -200,11 +219,18 @@ func (d *decoder) tunnel() Tunnel {
 	}
 	t.Node = d.str("tunnel node", 128)
 	flags := d.byte("tunnel flags")
-	t.Pinned = flags&1 != 0
+	if flags&^tunnelFlags != 0 {
+		d.fail("tunnel flags")
+	}
+	t.Pinned = flags&flagPinned != 0
+	t.Learned = flags&flagLearned != 0
 	t.Comment = d.str("tunnel comment", 1024)
 	t.Created = time.Unix(0, d.varint("created")).UTC()
 	t.Updated = time.Unix(0, d.varint("updated")).UTC()
 	t.Revision = d.uvarint("revision")
+	if flags&flagSeen != 0 {
+		t.Seen = time.Unix(0, d.varint("seen")).UTC()
+	}
 	return t
 }
 

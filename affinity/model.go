@@ -92,6 +92,11 @@ type Node struct {
 	Comment string `json:"comment,omitempty"`
 }
 
+// LearnedPrefix starts the id of every tunnel the director learned (from
+// a peer's first packet or from a node agent's SAs): "learned-" and the
+// peer's address. The rest came from the NMS or an operator.
+const LearnedPrefix = "learned-"
+
 // Tunnel is one IPsec tunnel: the peer's endpoint address, the subnets
 // protected behind it, and the node that holds its SAs.
 type Tunnel struct {
@@ -112,6 +117,16 @@ type Tunnel struct {
 	Pinned bool `json:"pinned"`
 	// Comment is free text carried from the NMS.
 	Comment string `json:"comment,omitempty"`
+	// Learned is true for a tunnel the director learned (from a peer's
+	// first packet, or from a node agent's SAs) rather than took from the
+	// NMS: the owner node's agent supplies its subnets, and it is removed
+	// after learned_ttl without an SA on any node. An NMS import that
+	// lists it with other content makes it an NMS tunnel.
+	Learned bool `json:"learned,omitempty"`
+	// Seen is, for a learned tunnel, when a node agent last reported an
+	// SA of its peer (kept coarsely: the director refreshes it a few
+	// times per learned_ttl, not at every report); zero before any.
+	Seen time.Time `json:"seen,omitzero"`
 	// Created and Updated are set by the table when the change is applied.
 	Created time.Time `json:"created"`
 	Updated time.Time `json:"updated"`
@@ -120,13 +135,15 @@ type Tunnel struct {
 }
 
 // SameContent reports whether two tunnels carry the same data an
-// operator or the scheduler sets (id, peer, subnets, owner, pin,
-// comment), ignoring the times and revision the table stamps. Subnets
-// compare as sets: the table keeps them in canonical order. A change to a
-// tunnel of the same content is a no-op.
+// operator, the scheduler or the agents' merge sets (id, peer, subnets,
+// owner, pin, comment, learned and its last-seen second), ignoring the
+// times and revision the table stamps. Subnets compare as sets: the table
+// keeps them in canonical order. A change to a tunnel of the same content
+// is a no-op.
 func (t *Tunnel) SameContent(o *Tunnel) bool {
 	return t.ID == o.ID && t.Peer == o.Peer && t.Node == o.Node &&
-		t.Pinned == o.Pinned && t.Comment == o.Comment &&
+		t.Pinned == o.Pinned && t.Comment == o.Comment && t.Learned == o.Learned &&
+		unixSeconds(t.Seen) == unixSeconds(o.Seen) &&
 		slices.Equal(t.Subnets, o.Subnets)
 }
 

@@ -74,6 +74,8 @@ type entry struct {
 	updated uint32
 	mark    uint16
 	pinned  bool
+	learned bool
+	seen    uint32 // Tunnel.Seen; fills the padding: still 96 bytes
 }
 
 func (e *entry) commentText() string {
@@ -192,10 +194,14 @@ func (t *Table) tunnelOf(e *entry) Tunnel {
 		Peer:     e.peer,
 		Subnets:  e.subnets,
 		Pinned:   e.pinned,
+		Learned:  e.learned,
 		Comment:  e.commentText(),
 		Created:  time.Unix(int64(e.created), 0).UTC(),
 		Updated:  time.Unix(int64(e.updated), 0).UTC(),
 		Revision: e.rev,
+	}
+	if e.seen != 0 {
+		tu.Seen = time.Unix(int64(e.seen), 0).UTC()
 	}
 	if n := t.byMark[e.mark]; n != nil {
 		tu.Node = n.Name

@@ -21,6 +21,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director/replication"
+	"github.com/tunneldirector/tunneldirector/xfrm/report"
 )
 
 // The API is HTTP with JSON bodies, on a unix socket only root can open
@@ -52,6 +53,16 @@ func (d *Daemon) Handler(token string) http.Handler {
 	s := d.svc
 	mux.HandleFunc("GET /v1/status", func(w http.ResponseWriter, r *http.Request) { reply(d.Status(), nil)(w) })
 	mux.HandleFunc("GET /v1/nodes", func(w http.ResponseWriter, r *http.Request) { reply(s.Nodes())(w) })
+	mux.HandleFunc("GET /v1/agents", func(w http.ResponseWriter, r *http.Request) { reply(d.Agents())(w) })
+	mux.HandleFunc("GET /v1/misplaced", func(w http.ResponseWriter, r *http.Request) { reply(d.Misplaced())(w) })
+	mux.HandleFunc("GET /v1/agents/peer/{addr}", func(w http.ResponseWriter, r *http.Request) {
+		a, err := netip.ParseAddr(r.PathValue("addr"))
+		if err != nil {
+			reply[any](nil, badRequest("peer", r.PathValue("addr"), "not an IP address"))(w)
+			return
+		}
+		reply(d.PeerFacts(a.Unmap()))(w)
+	})
 	mux.HandleFunc("GET /v1/tunnels", func(w http.ResponseWriter, r *http.Request) {
 		limit, err := intParam(r.URL.Query(), "limit", 0)
 		if err != nil {
@@ -196,10 +207,19 @@ func (d *Daemon) Handler(token string) http.Handler {
 		}
 		mux.ServeHTTP(w, r)
 	})
-	if token == "" {
-		return limited
-	}
+	// The agents' endpoint has its own tokens and body limit: it is
+	// served before the operator token is looked at, so a node's token
+	// opens nothing else, and the operator's opens no node's facts.
+	agentReports := d.agentHandler()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == report.Path {
+			agentReports.ServeHTTP(w, r)
+			return
+		}
+		if token == "" {
+			limited.ServeHTTP(w, r)
+			return
+		}
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(token)) != 1 {
 			w.Header().Set("WWW-Authenticate", "Bearer")

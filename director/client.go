@@ -237,3 +237,22 @@ func (c *Client) Check() (*store.CheckReport, error) {
 }
 
 func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
+
+// Agents returns the node agents' view of the farm.
+func (c *Client) Agents() (*AgentsResult, error) {
+	var res AgentsResult
+	return &res, c.do("GET", "/v1/agents", nil, nil, &res)
+}
+
+// Misplaced lists the tunnels whose SAs the agents report on a node other
+// than their owner.
+func (c *Client) Misplaced() (*MisplacedResult, error) {
+	var res MisplacedResult
+	return &res, c.do("GET", "/v1/misplaced", nil, nil, &res)
+}
+
+// PeerFacts returns what the agents report of a peer, per node.
+func (c *Client) PeerFacts(peer netip.Addr) ([]PeerFacts, error) {
+	var res []PeerFacts
+	return res, c.do("GET", "/v1/agents/peer/"+peer.String(), nil, nil, &res)
+}

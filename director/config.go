@@ -19,6 +19,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/agents"
 	"github.com/tunneldirector/tunneldirector/director/ctsync"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -91,6 +92,8 @@ type Config struct {
 	} `yaml:"metrics"`
 	// Replication pairs this director with another (optional).
 	Replication ReplicationConfig `yaml:"replication"`
+	// Agents accepts the node agents' reports (optional).
+	Agents agents.Config `yaml:"agents"`
 	// VerifyInterval is how often the kernel is read back and repaired.
 	VerifyInterval Duration `yaml:"verify_interval"`
 	// LogLevel: debug, info, warn, error.
@@ -193,6 +196,7 @@ func DefaultConfig() Config {
 	c.API.MaxBody = DefaultMaxBody
 	c.VerifyInterval = Duration(DefaultVerifyInterval)
 	c.LogLevel = slog.LevelInfo
+	c.Agents = agents.DefaultConfig()
 	c.Replication.Conntrack = ctsync.DefaultConfig()
 	return c
 }
@@ -512,12 +516,13 @@ func (c *Config) Check() error {
 	} else if !filepath.IsAbs(c.API.Socket) {
 		bad("api.socket", "%q is not an absolute path", shortValue(c.API.Socket))
 	}
+	apiToken := ""
 	if c.API.TCP.IsValid() {
 		if c.API.TokenFile == "" {
 			bad("api.token_file", "required with api.tcp: TCP access needs a token")
 		} else if b, err := os.ReadFile(c.API.TokenFile); err != nil {
 			bad("api.token_file", "%v", err)
-		} else if len(bytes.TrimSpace(b)) == 0 {
+		} else if apiToken = string(bytes.TrimSpace(b)); apiToken == "" {
 			bad("api.token_file", "%s is empty", c.API.TokenFile)
 		}
 	}
@@ -558,6 +563,19 @@ func (c *Config) Check() error {
 		if r.Conntrack.Enabled {
 			if err := r.Conntrack.Validate("replication.conntrack"); err != nil {
 				errs = append(errs, unjoin(err)...)
+			}
+		}
+	}
+	if err := c.Agents.Validate("agents"); err != nil {
+		errs = append(errs, unjoin(err)...)
+	}
+	if c.Agents.Enabled() && !c.API.TCP.IsValid() {
+		bad("agents.token_dir", "needs api.tcp: the agents report over TCP")
+	}
+	if toks, err := agents.LoadTokens(c.Agents.TokenDir); c.Agents.Enabled() && err == nil && apiToken != "" {
+		for node, tok := range toks {
+			if tok == apiToken {
+				bad("agents.token_dir", "node %s's token is the operator API token (api.token_file): a node's token must never open the operator API", node)
 			}
 		}
 	}
@@ -612,6 +630,7 @@ func (c *Config) Warnings() []string {
 	} else if r.Enabled() && r.Peer.Addr() == r.Local.Addr() {
 		w = append(w, fmt.Sprintf("replication.peer: %s is on this director's own sync address %s", r.Peer, r.Local.Addr()))
 	}
+	w = append(w, c.Agents.Warnings("agents")...)
 	if time.Duration(c.VerifyInterval) > maxVerifyInterval {
 		w = append(w, fmt.Sprintf("verify_interval: %s: drift someone else causes stays unrepaired that long (the default is %s)", time.Duration(c.VerifyInterval), DefaultVerifyInterval))
 	}

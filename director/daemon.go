@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/agents"
 	"github.com/tunneldirector/tunneldirector/director/ctsync"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
@@ -50,7 +51,8 @@ type Daemon struct {
 	stat   Status
 
 	repl      *replication.Replicator // nil when the director runs alone
-	ct        *ctsync.Syncer          // nil without conntrack replication
+	agent     agentSide
+	ct        *ctsync.Syncer // nil without conntrack replication
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 
@@ -86,6 +88,8 @@ type Status struct {
 	UnknownPeers *BucketStatus `json:"unknown_peers,omitempty"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
+	// Agents is the node agents' state, when agent reports are on.
+	Agents *agents.Status `json:"agents,omitempty"`
 	// Etcd is the shared store's state, when the table is in etcd:
 	// whether this director reaches it (if not, it forwards from its
 	// last table, stale, and makes no writes) and who is elected.
@@ -154,7 +158,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	d.sd = newSystemd(d.log)
 	d.svc.m = d.m
 	if o.Metrics != nil {
-		cs := append(d.m.collectors(), newDaemonCollector(d))
+		cs := append(d.m.collectors(), newDaemonCollector(d), newAgentCollector(d))
 		if d.ct != nil {
 			cs = append(cs, newConntrackCollector(d.ct.Status))
 		}
@@ -166,6 +170,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
+	d.svc.agentNode = func(name string) (agents.NodeView, bool) { return d.agent.merger.Node(name) }
 	if sh, ok := o.Store.(sharedStore); ok {
 		if o.Replicator != nil {
 			return nil, errors.New("a store shared through etcd and pair replication exclude each other")
@@ -196,6 +201,9 @@ func (d *Daemon) Service() *Service { return d.svc }
 func (d *Daemon) applyConfig(c *Config) error {
 	if err := d.st.SetVIPs(c.VIPs); err != nil {
 		return fmt.Errorf("configuration VIPs: %w", err)
+	}
+	if err := d.configureAgents(c); err != nil {
+		return err
 	}
 	// A backup's table is its master's: the master merges the
 	// configured nodes and they arrive by replication.
@@ -365,6 +373,10 @@ func (d *Daemon) SetRole(role replication.Role) error {
 		return errors.New("set role: replication is not configured on this director")
 	}
 	d.repl.SetRole(role)
+	// The agents report to the master only: a director losing the role
+	// forgets their sessions, so that they start over at the new master
+	// with a full report (which answers need_full to anything else).
+	d.agent.merger.Reset()
 	d.log.Info("role changed", "role", role.String(), "epoch", d.repl.Epoch())
 	if d.ct != nil {
 		// Becoming master commits the backup's cache of the old
@@ -444,6 +456,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	go d.runAgents(ctx)
 	if d.ct != nil {
 		go func() {
 			if err := d.ct.Run(ctx); err != nil && ctx.Err() == nil {
@@ -698,6 +711,10 @@ func (d *Daemon) Status() Status {
 		s.Conntrack = &cs
 	}
 	s.UnknownPeers = d.bucketStatus()
+	if d.config().Agents.Enabled() {
+		as := d.agent.merger.Status()
+		s.Agents = &as
+	}
 	return s
 }
 
@@ -768,7 +785,7 @@ func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
 		if !ok {
 			return nil, fmt.Errorf("learn peer %s: no node has mark %d", peer, mark)
 		}
-		tu := &affinity.Tunnel{ID: LearnedPrefix + peer.String(), Peer: peer, Node: n.Name}
+		tu := &affinity.Tunnel{ID: affinity.LearnedPrefix + peer.String(), Peer: peer, Node: n.Name, Learned: true}
 		return []affinity.Change{{Kind: affinity.PutTunnel, Tunnel: tu, Reason: "learned from first packet"}}, nil
 	})
 	if err != nil {

@@ -145,6 +145,9 @@ func TestDaemonStartsWithAnUnreachableNode(t *testing.T) {
 
 func TestDaemonLearnsUnknownPeer(t *testing.T) {
 	d, k, st, _ := startDaemon(t)
+	// After the first sync: the unknown-peer buckets' first assignment is
+	// a revision of its own, which must not land between the two learns.
+	eventually(t, "the first sync", func() bool { return countOps(k, "Sync") > 0 })
 	peer := netip.MustParseAddr("203.0.113.9")
 	if err := d.Learn(peer, 2); err != nil {
 		t.Fatal(err)

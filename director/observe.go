@@ -13,10 +13,6 @@ import (
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
-// LearnedPrefix starts the id of every tunnel the daemon learned from a
-// first packet (the rest came from the NMS or an operator).
-const LearnedPrefix = "learned-"
-
 // Reconcile kinds, the kind label of the dataplane families.
 const (
 	reconcileFull   = "full"
@@ -222,7 +218,7 @@ func (c *daemonCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	t := c.d.st.Table()
 	all := t.Counts()
-	learned := t.CountsWhere(func(id string) bool { return strings.HasPrefix(id, LearnedPrefix) })
+	learned := t.CountsWhere(func(id string) bool { return strings.HasPrefix(id, affinity.LearnedPrefix) })
 	states := map[string]int{}
 	for _, s := range []affinity.NodeState{affinity.NodeActive, affinity.NodeDraining, affinity.NodeDown} {
 		states[s.String()] = 0

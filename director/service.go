@@ -17,6 +17,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/director/agents"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -27,6 +28,9 @@ type Service struct {
 	st store.Backend
 	// gate, when set, refuses writes (a backup director).
 	gate func() error
+	// agentNode, when set (a daemon with agents), gives a node's agent
+	// counts for Nodes.
+	agentNode func(name string) (agents.NodeView, bool)
 	// m, when set (a daemon's service), counts imports.
 	m *daemonMetrics
 }
@@ -294,6 +298,9 @@ type NodeInfo struct {
 	State   string `json:"state"`
 	Tunnels int    `json:"tunnels"`
 	Bound   int    `json:"bound,omitempty"` // bounded-load limit for the next placement; 0 when not active
+	// Agent is what the node's agent reports (SAs, tunnels, misplaced
+	// peers), when it reports to this director.
+	Agent *agents.NodeView `json:"agent,omitempty"`
 }
 
 // NodesResult lists the nodes and the table's totals.
@@ -309,7 +316,13 @@ func (s *Service) Nodes() (*NodesResult, error) {
 	counts, bounds := t.Counts(), t.Bound()
 	res := &NodesResult{Tunnels: t.Len(), Revision: t.Revision()}
 	for _, n := range t.Nodes() {
-		res.Nodes = append(res.Nodes, NodeInfo{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name]})
+		ni := NodeInfo{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name]}
+		if s.agentNode != nil {
+			if v, ok := s.agentNode(n.Name); ok {
+				ni.Agent = &v
+			}
+		}
+		res.Nodes = append(res.Nodes, ni)
 	}
 	return res, nil
 }

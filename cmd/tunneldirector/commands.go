@@ -4,8 +4,10 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -16,6 +18,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/internal/atomicfile"
+	"github.com/tunneldirector/tunneldirector/xfrm"
 )
 
 func newImportCmd(g *globals) *cobra.Command {
@@ -197,11 +200,15 @@ func newShowCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "show", Short: "Show tunnels, nodes or one tunnel"}
 	var node string
 	var limit int
+	var misplaced bool
 	tunnels := &cobra.Command{
 		Use:   "tunnels",
 		Short: "List tunnels (all, or one node's)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if misplaced {
+				return showMisplaced(g, cmd)
+			}
 			return g.withOperator(cmd, true, func(s director.Operator) error {
 				res, err := s.Tunnels(node, limit)
 				if err != nil {
@@ -226,6 +233,7 @@ func newShowCmd(g *globals) *cobra.Command {
 	}
 	tunnels.Flags().StringVar(&node, "node", "", "only this node's tunnels")
 	tunnels.Flags().IntVar(&limit, "limit", 50, "show at most this many (0: all)")
+	tunnels.Flags().BoolVar(&misplaced, "misplaced", false, "only tunnels whose SAs the node agents report on a node other than their owner (a running master daemon)")
 	nodes := &cobra.Command{
 		Use:   "nodes",
 		Short: "List nodes with their tunnel counts and load bounds",
@@ -241,7 +249,14 @@ func newShowCmd(g *globals) *cobra.Command {
 					return g.emitJSON(rows)
 				}
 				w := g.table()
-				fmt.Fprintln(w, "NAME\tADDRESS\tSTATE\tWEIGHT\tCAPACITY\tMARK\tTUNNELS\tBOUND")
+				// The agents' columns appear when a daemon has agent
+				// reports to show.
+				agentCols := slices.ContainsFunc(rows, func(r director.NodeInfo) bool { return r.Agent != nil })
+				head := "NAME\tADDRESS\tSTATE\tWEIGHT\tCAPACITY\tMARK\tTUNNELS\tBOUND"
+				if agentCols {
+					head += "\tSAS\tSA-TUNNELS\tMISPLACED\tLAST-REPORT"
+				}
+				fmt.Fprintln(w, head)
 				for _, r := range rows {
 					capacity := "-"
 					if r.Capacity > 0 {
@@ -251,7 +266,15 @@ func newShowCmd(g *globals) *cobra.Command {
 					if r.Bound > 0 {
 						bound = fmt.Sprint(r.Bound)
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s\n", r.Name, r.Addr, r.State, r.Weight, capacity, r.Mark, r.Tunnels, bound)
+					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s", r.Name, r.Addr, r.State, r.Weight, capacity, r.Mark, r.Tunnels, bound)
+					switch a := r.Agent; {
+					case !agentCols:
+					case a == nil:
+						fmt.Fprint(w, "\t-\t-\t-\tnever")
+					default:
+						fmt.Fprintf(w, "\t%d\t%d\t%d\t%s ago", a.SAs, a.Tunnels, a.Misplaced, time.Since(a.LastReport).Round(time.Second))
+					}
+					fmt.Fprintln(w)
 				}
 				w.Flush()
 				fmt.Fprintf(g.out, "%d tunnels, revision %d\n", res.Tunnels, res.Revision)
@@ -276,12 +299,112 @@ func newShowCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "id\t%s\npeer\t%s\nsubnets\t%s\nnode\t%s\npinned\t%v\ncomment\t%s\ncreated\t%s\nupdated\t%s\nrevision\t%d\n",
 					tu.ID, tu.Peer, joinPrefixes(tu.Subnets), tu.Node, tu.Pinned, tu.Comment,
 					tu.Created.Format(time.RFC3339), tu.Updated.Format(time.RFC3339), tu.Revision)
+				if tu.Learned {
+					seen := "never"
+					if !tu.Seen.IsZero() {
+						seen = tu.Seen.Format(time.RFC3339)
+					}
+					fmt.Fprintf(w, "learned\ttrue (subnets from its owner's agent)\nSA last seen\t%s\n", seen)
+				}
+				// A daemon also knows what the node agents report of
+				// the peer.
+				if c, ok := s.(*director.Client); ok {
+					if facts, err := c.PeerFacts(tu.Peer); err == nil {
+						for _, f := range facts {
+							fmt.Fprintf(w, "SAs on %s\t%s\n", f.Node, describeFacts(&f.Tunnel))
+						}
+					}
+				}
 				return w.Flush()
 			})
 		},
 	}
-	cmd.AddCommand(tunnels, nodes, one)
+	agentsCmd := &cobra.Command{
+		Use:   "agents",
+		Short: "Show the node agents: per node SAs and tunnels, the merge's counters, and what was reported but not applied",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := daemonClient(g, cmd, "show agents")
+			if err != nil {
+				return err
+			}
+			res, err := c.Agents()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.emitJSON(res)
+			}
+			w := g.table()
+			fmt.Fprintln(w, "NODE\tSAS\tTUNNELS\tMISPLACED\tLAST-REPORT\tLAST-FULL")
+			for _, name := range slices.Sorted(maps.Keys(res.Nodes)) {
+				v := res.Nodes[name]
+				fmt.Fprintf(w, "%s\t%d\t%d\t%d\t%s\t%s\n", name, v.SAs, v.Tunnels, v.Misplaced, v.LastReport.Format(time.RFC3339), v.LastFull.Format(time.RFC3339))
+			}
+			w.Flush()
+			s := res.Status
+			fmt.Fprintf(g.out, "adopt %s; merges %d (%d failed); learned %d, subnets applied %d, followed %d, expired %d\n",
+				s.Adopt, s.Merges, s.MergeErrors, s.Learned, s.SubnetsApplied, s.Followed, s.Expired)
+			if len(res.Unapplied) > 0 {
+				fmt.Fprintln(g.out, "\nreported, not applied:")
+				w = g.table()
+				fmt.Fprintln(w, "TUNNEL\tPEER\tNODE\tSUBNET\tSINCE\tREASON")
+				for _, u := range res.Unapplied {
+					sub := "-"
+					if u.Subnet.IsValid() {
+						sub = u.Subnet.String()
+					}
+					fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", u.Tunnel, u.Peer, u.Node, sub, u.Since.Format(time.RFC3339), u.Reason)
+				}
+				w.Flush()
+			}
+			return nil
+		},
+	}
+	cmd.AddCommand(tunnels, nodes, one, agentsCmd)
 	return cmd
+}
+
+// daemonClient returns the client of a running daemon, or an error naming
+// the command when none answers: the agents' facts live in the master
+// daemon's memory, not in the store.
+func daemonClient(g *globals, cmd *cobra.Command, what string) (*director.Client, error) {
+	c, err := g.client(cmd, true)
+	if err != nil {
+		return nil, err
+	}
+	if c == nil {
+		return nil, fmt.Errorf("%s: no daemon answers on %s: the agents' reports live in the running master daemon (pass --socket or --api)", what, g.socket)
+	}
+	return c, nil
+}
+
+// showMisplaced lists the tunnels whose SAs the agents report on a node
+// other than their owner.
+func showMisplaced(g *globals, cmd *cobra.Command) error {
+	c, err := daemonClient(g, cmd, "show tunnels --misplaced")
+	if err != nil {
+		return err
+	}
+	res, err := c.Misplaced()
+	if err != nil {
+		return err
+	}
+	if g.json {
+		return g.emitJSON(res.Misplaced)
+	}
+	w := g.table()
+	fmt.Fprintln(w, "ID\tPEER\tOWNER\tSAS-ON\tSINCE\tACTION")
+	for _, m := range res.Misplaced {
+		since := "-"
+		if !m.Since.IsZero() {
+			since = m.Since.Format(time.RFC3339)
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", m.Tunnel, m.Peer, m.Owner, strings.Join(m.HeldOn, ","), since, m.Action)
+	}
+	w.Flush()
+	fmt.Fprintf(g.out, "%d misplaced (adopt: %s)\n", len(res.Misplaced), res.Adopt)
+	return nil
 }
 
 func joinPrefixes(ps []netip.Prefix) string {
@@ -324,4 +447,17 @@ func newLookupCmd(g *globals) *cobra.Command {
 			})
 		},
 	}
+}
+
+// describeFacts says in one line what an agent reports of a peer.
+func describeFacts(t *xfrm.Tunnel) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "%d SAs, subnets %s, %d bytes, %d packets", t.SAs, joinPrefixes(t.Subnets), t.Bytes, t.Packets)
+	for _, n := range t.NATT {
+		fmt.Fprintf(&b, ", NAT-T from %s port %d to port %d", t.Peer, n.Port, n.LocalPort)
+	}
+	if t.LastUse > 0 {
+		fmt.Fprintf(&b, ", last used %s", time.Unix(t.LastUse, 0).UTC().Format(time.RFC3339))
+	}
+	return b.String()
 }

@@ -329,6 +329,13 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if u := s.UnknownPeers; u != nil {
 				fmt.Fprintf(w, "unknown-peer buckets\t%d %s, %d steps moved %d\n", u.Buckets, bucketShares(u.Nodes), u.Steps, u.Moved)
 			}
+			if a := s.Agents; a != nil {
+				fmt.Fprintf(w, "agents\t%d nodes reporting, %d SAs, %d tunnels, %d misplaced, %d subnets not applied (adopt %s)\n",
+					a.Nodes, a.SAs, a.Tunnels, a.Misplaced, a.Unapplied, a.Adopt)
+				fmt.Fprintf(w, "agent merges\t%d (%d failed, last took %s): learned %d, subnets applied %d, followed %d, expired %d\n",
+					a.Merges, a.MergeErrors, a.LastMergeTook.Round(time.Microsecond), a.Learned, a.SubnetsApplied, a.Followed, a.Expired)
+				fmt.Fprintf(w, "agent reports\t%s; refused: %s\n", counts(a.Reports), counts(a.Refused))
+			}
 			if r := s.Replication; r != nil {
 				fmt.Fprintf(w, "role\t%s (director %d, epoch %d)\n", r.Role, r.ID, r.Epoch)
 				fmt.Fprintf(w, "peer\tdirector %d, %s, revision %d, alive %v\n", r.Peer.ID, r.Peer.Role, r.Peer.Revision, r.Peer.Alive)
@@ -363,11 +370,20 @@ func newStatusCmd(g *globals) *cobra.Command {
 	}
 }
 
+// counts prints a map of counters as "a 3, b 1", sorted by key ("none"
+// when empty).
+func counts[K ~string, V ~int | ~uint64](m map[K]V) string {
+	if len(m) == 0 {
+		return "none"
+	}
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
+	}
+	return strings.Join(parts, ", ")
+}
+
 // bucketShares lists the buckets per node, by name: "(vpn-01 512, vpn-02 480)".
 func bucketShares(nodes map[string]int) string {
-	var parts []string
-	for _, n := range slices.Sorted(maps.Keys(nodes)) {
-		parts = append(parts, fmt.Sprintf("%s %d", n, nodes[n]))
-	}
-	return "(" + strings.Join(parts, ", ") + ")"
+	return "(" + counts(nodes) + ")"
 }

@@ -13,6 +13,11 @@ import (
 // director.
 var ErrNotMaster = errors.New("not the master director")
 
+// ErrUnknownNode is what a director's Accept function wraps for a report
+// of a node its table does not hold (a token left for a removed node):
+// the handler answers 403.
+var ErrUnknownNode = errors.New("node not in the director's table")
+
 // HandlerOptions wire the report endpoint into a director.
 type HandlerOptions struct {
 	// Authenticate returns the node a bearer token belongs to (see
@@ -21,7 +26,7 @@ type HandlerOptions struct {
 	// Accept applies a decoded, validated report of the authenticated node
 	// (for example Inbox.Accept followed by the director's merge of the
 	// Change). An error wrapping ErrNotMaster answers 409, ErrWrongNode
-	// 403, anything else 500.
+	// or ErrUnknownNode 403, anything else 500.
 	Accept func(node string, r *Report) (Ack, error)
 	// Limits bound the body and its counts (zero: DefaultLimits).
 	Limits Limits
@@ -77,7 +82,7 @@ func Handler(o HandlerOptions) http.Handler {
 			writeJSON(w, http.StatusOK, ack)
 		case errors.Is(err, ErrNotMaster):
 			fail(node, http.StatusConflict, err)
-		case errors.Is(err, ErrWrongNode):
+		case errors.Is(err, ErrWrongNode), errors.Is(err, ErrUnknownNode):
 			fail(node, http.StatusForbidden, err)
 		default:
 			fail(node, http.StatusInternalServerError, err)

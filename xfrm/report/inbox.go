@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -152,4 +153,62 @@ func (in *Inbox) Forget(node string) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	delete(in.nodes, node)
+}
+
+// Held is one node's facts of a peer.
+type Held struct {
+	Node   string
+	Tunnel xfrm.Tunnel
+}
+
+// Holders returns the nodes whose facts hold the peer, sorted by node
+// name. The tunnels' slices are shared with the inbox: read only.
+func (in *Inbox) Holders(peer netip.Addr) []Held {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	var out []Held
+	for name, n := range in.nodes {
+		if t, ok := n.Tunnels[peer]; ok {
+			out = append(out, Held{Node: name, Tunnel: t})
+		}
+	}
+	slices.SortFunc(out, func(a, b Held) int { return strings.Compare(a.Node, b.Node) })
+	return out
+}
+
+// Peers returns the peers a node's facts hold, in no particular order.
+func (in *Inbox) Peers(node string) []netip.Addr {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	n, ok := in.nodes[node]
+	if !ok {
+		return nil
+	}
+	out := make([]netip.Addr, 0, len(n.Tunnels))
+	for p := range n.Tunnels {
+		out = append(out, p)
+	}
+	return out
+}
+
+// Summary returns a node's facts without their tunnels (Tunnels is nil):
+// what status pages show, without copying thousands of tunnels.
+func (in *Inbox) Summary(name string) (NodeFacts, bool) {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	n, ok := in.nodes[name]
+	if !ok {
+		return NodeFacts{}, false
+	}
+	c := *n
+	c.Tunnels = nil
+	return c, true
+}
+
+// Reset forgets every node (a director that stops being master: the
+// agents start over with a full report at the next master).
+func (in *Inbox) Reset() {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	clear(in.nodes)
 }

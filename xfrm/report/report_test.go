@@ -261,8 +261,11 @@ func TestHandlerStatuses(t *testing.T) {
 	master := true
 	var refused []int
 	h := Handler(HandlerOptions{
-		Authenticate: Tokens(map[string]string{"n1": "tok1", "n2": "tok2"}),
+		Authenticate: Tokens(map[string]string{"n1": "tok1", "n2": "tok2", "gone": "tok4"}),
 		Accept: func(node string, r *Report) (Ack, error) {
+			if node == "gone" {
+				return Ack{}, fmt.Errorf("%w: node gone (remove its token)", ErrUnknownNode)
+			}
 			if !master {
 				return Ack{}, fmt.Errorf("%w: director 2 is the backup", ErrNotMaster)
 			}
@@ -300,6 +303,7 @@ func TestHandlerStatuses(t *testing.T) {
 		{"no token", "POST", "", good, true, 401, "missing or unknown node token"},
 		{"unknown token", "POST", "tok3", good, true, 401, "missing or unknown node token"},
 		{"another node's token", "POST", "tok2", good, true, 403, `names node \"n1\", its token belongs to \"n2\"`},
+		{"node not in the table", "POST", "tok4", mustMarshal(t, full("gone", 1)), true, 403, "not in the director's table"},
 		{"too large", "POST", "tok1", big, true, 413, "too large"},
 		{"malformed", "POST", "tok1", []byte(`{"version":1,"version":1}`), true, 422, "duplicate key"},
 		{"backup", "POST", "tok1", good, false, 409, "backup"},
@@ -317,5 +321,36 @@ func TestHandlerStatuses(t *testing.T) {
 	}
 	if len(refused) != len(cases)-1 {
 		t.Errorf("Refused called %d times for %d refusals: %v", len(refused), len(cases)-1, refused)
+	}
+}
+
+// TestInboxHolders: the director's merge reads a peer's holders across
+// nodes, a node's peers and its summary without copying its tunnels.
+func TestInboxHolders(t *testing.T) {
+	in := NewInbox()
+	now := time.Now()
+	if _, _, err := in.Accept("n2", full("n2", 1, tunnel("198.51.100.1", "172.16.1.0/24"), tunnel("198.51.100.2")), now); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := in.Accept("n1", full("n1", 1, tunnel("198.51.100.1", "172.16.9.0/24")), now); err != nil {
+		t.Fatal(err)
+	}
+	h := in.Holders(netip.MustParseAddr("198.51.100.1"))
+	if len(h) != 2 || h[0].Node != "n1" || h[1].Node != "n2" || h[0].Tunnel.Subnets[0] != netip.MustParsePrefix("172.16.9.0/24") {
+		t.Fatalf("holders %+v", h)
+	}
+	if h := in.Holders(netip.MustParseAddr("198.51.100.9")); len(h) != 0 {
+		t.Fatalf("holders of an unknown peer: %+v", h)
+	}
+	if p := in.Peers("n2"); len(p) != 2 {
+		t.Fatalf("peers of n2: %v", p)
+	}
+	s, ok := in.Summary("n2")
+	if !ok || s.Tunnels != nil || s.Seq != 1 || !s.LastFull.Equal(now) {
+		t.Fatalf("summary %+v %v", s, ok)
+	}
+	in.Reset()
+	if len(in.Nodes()) != 0 || in.Peers("n2") != nil {
+		t.Fatal("reset kept nodes")
 	}
 }

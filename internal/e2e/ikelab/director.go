@@ -23,8 +23,7 @@ type Director struct {
 	// configuration file, store and API socket.
 	Bin, Config, DB, Socket string
 	logPath                 string
-	cmd                     *exec.Cmd
-	done                    chan struct{}
+	process
 }
 
 // directorConfig is the daemon's configuration: the lab's VIP and
@@ -55,6 +54,12 @@ func newDirector(f *Farm) (*Director, error) {
 		nodes = append(nodes, fmt.Sprintf("  - {name: %s, address: %s}", n.Name, n.Addr))
 	}
 	cfg := fmt.Sprintf(directorConfig, d.DB, f.Top.VIP4, netlab.IfOutside, netlab.IfInside, f.Opts.Mode, strings.Join(nodes, "\n"), d.Socket)
+	if f.Opts.Agents != nil {
+		var err error
+		if cfg, err = f.agentConfig(d, cfg); err != nil {
+			return nil, err
+		}
+	}
 	return d, os.WriteFile(d.Config, []byte(cfg), 0o600)
 }
 
@@ -74,8 +79,7 @@ func (d *Director) Start() {
 	if err := d.f.Top.Directors[0].Start(cmd); err != nil {
 		t.Fatal(err)
 	}
-	d.cmd, d.done = cmd, make(chan struct{})
-	go func(done chan struct{}) { cmd.Wait(); close(done) }(d.done)
+	d.started(cmd)
 	for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if _, err := d.CLI("status"); err == nil {
 			return
@@ -87,13 +91,26 @@ func (d *Director) Start() {
 	t.Fatalf("director daemon did not come up:\n%s", d.LogTail(40))
 }
 
-// Running reports whether the daemon process is alive.
-func (d *Director) Running() bool {
-	if d.done == nil {
+// process is a started child of the lab (the daemon, an agent), reaped
+// in the background so that Running never blocks.
+type process struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// started records a command that was started and reaps it when it exits.
+func (p *process) started(cmd *exec.Cmd) {
+	p.cmd, p.done = cmd, make(chan struct{})
+	go func(done chan struct{}) { cmd.Wait(); close(done) }(p.done)
+}
+
+// Running reports whether the process is alive.
+func (p *process) Running() bool {
+	if p.done == nil {
 		return false
 	}
 	select {
-	case <-d.done:
+	case <-p.done:
 		return false
 	default:
 		return true

@@ -40,6 +40,9 @@ type Options struct {
 	NATPeers int
 	// Nodes is the number of terminator nodes (default 3).
 	Nodes int
+	// Agents, when set, runs the node agent on every node and has the
+	// director merge their reports.
+	Agents *AgentOptions
 }
 
 // The lab's addresses beyond netlab's.
@@ -82,6 +85,8 @@ type Node struct {
 	// Cap captures what arrives on the node's inside link since the farm
 	// was built: what the director sent it.
 	Cap *netlab.Capture
+	// Agent is the node's agent (Options.Agents), else nil.
+	Agent *Agent
 }
 
 // Peer is a site gateway running charon with the peer example.
@@ -138,6 +143,9 @@ func New(t *testing.T, o Options) *Farm {
 	}
 	t.Cleanup(f.dumpOnFailure)
 	f.Director.Start()
+	if o.Agents != nil {
+		f.startAgents()
+	}
 	t.Logf("farm (%s): %d nodes, %d peers, %d behind NAT, built in %.1fs", o.Mode, o.Nodes, o.Peers, o.NATPeers, time.Since(start).Seconds())
 	return f
 }
@@ -613,6 +621,9 @@ func (f *Farm) dumpOnFailure() {
 	for _, n := range f.Nodes {
 		sas, err := n.Charon.SAs()
 		t.Logf("--- %s (running=%v) SAs %v %v; charon log (tail):\n%s", n.Name, n.Charon.Running(), sas, err, n.Charon.LogTail(15))
+		if n.Agent != nil {
+			t.Logf("--- %s agent (running=%v) log (tail):\n%s", n.Name, n.Agent.Running(), n.Agent.LogTail(15))
+		}
 	}
 	for _, p := range f.Peers {
 		sas, err := p.Charon.SAs()
