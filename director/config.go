@@ -608,15 +608,15 @@ func (c *Config) nodeForward() map[string]ipvs.Forward {
 }
 
 // nodeChanges returns the configured nodes as PutNode changes, keeping the
-// state (active, draining, down) the table holds for nodes it knows: the
-// configuration says which nodes exist, the operator's actions say how
-// they are.
+// state (active, draining, down) and health record the table holds for
+// nodes it knows: the configuration says which nodes exist, the
+// operator's actions and the health checks say how they are.
 func (c *Config) nodeChanges(t *affinity.Table) []affinity.Change {
 	var out []affinity.Change
 	for _, nc := range c.Nodes {
 		n := affinity.Node{Name: nc.Name, Addr: nc.Address, Addr6: nc.Address6, Weight: nc.Weight, Capacity: nc.Capacity}
 		if cur, ok := t.Node(nc.Name); ok {
-			n.State, n.Mark, n.Comment = cur.State, cur.Mark, cur.Comment
+			n.State, n.Mark, n.Comment, n.Health = cur.State, cur.Mark, cur.Comment, cur.Health
 		}
 		out = append(out, affinity.Change{Kind: affinity.PutNode, Node: &n, Reason: "configuration"})
 	}
