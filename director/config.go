@@ -18,6 +18,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 )
@@ -76,6 +77,9 @@ type Config struct {
 	} `yaml:"api"`
 	// Replication pairs this director with another (optional).
 	Replication ReplicationConfig `yaml:"replication"`
+	// Health checks the nodes and takes dead ones down (package
+	// director/health).
+	Health health.Config `yaml:"health"`
 	// VerifyInterval is how often the kernel is read back and repaired.
 	VerifyInterval Duration `yaml:"verify_interval"`
 	// LogLevel: debug, info, warn, error.
@@ -176,6 +180,7 @@ func DefaultConfig() Config {
 	c.API.MaxBody = DefaultMaxBody
 	c.VerifyInterval = Duration(DefaultVerifyInterval)
 	c.LogLevel = slog.LevelInfo
+	c.Health = health.DefaultConfig()
 	return c
 }
 
@@ -253,7 +258,14 @@ func ParseConfig(b []byte) (*Config, error) {
 		// defaults.
 		walkConfig(&root, reflect.TypeOf(c), "", &walked)
 		errs = append(errs, walked...)
-		if err := root.Decode(&c); err != nil {
+		var te *yaml.TypeError
+		if err := root.Decode(&c); errors.As(err, &te) {
+			// One error per problem, as the walk reports them (the
+			// health section words its own by key path).
+			for _, m := range te.Errors {
+				errs = append(errs, errors.New(m))
+			}
+		} else if err != nil {
 			errs = append(errs, errors.New(strings.TrimPrefix(err.Error(), "yaml: ")))
 		}
 	}
@@ -272,7 +284,10 @@ func ParseConfig(b []byte) (*Config, error) {
 	return &c, nil
 }
 
-var textUnmarshaler = reflect.TypeFor[encoding.TextUnmarshaler]()
+var (
+	textUnmarshaler = reflect.TypeFor[encoding.TextUnmarshaler]()
+	yamlUnmarshaler = reflect.TypeFor[yaml.Unmarshaler]()
+)
 
 // walkConfig walks a YAML tree along the Go type it decodes into. It
 // reports keys the type does not have (a typo must not silently fall back
@@ -290,6 +305,9 @@ func walkConfig(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 		for _, c := range n.Content {
 			walkConfig(c, t, path, errs)
 		}
+		return
+	case reflect.PointerTo(t).Implements(yamlUnmarshaler):
+		// A section with its own decoder (health) checks its own keys.
 		return
 	case n.Kind == yaml.ScalarNode && n.Tag != "!!null" && reflect.PointerTo(t).Implements(textUnmarshaler):
 		v := reflect.New(t).Interface().(encoding.TextUnmarshaler)
@@ -525,6 +543,9 @@ func (c *Config) Check() error {
 		default:
 			bad("replication.initial_role", "%q (want backup, master or fault)", shortValue(r.InitialRole))
 		}
+	}
+	if err := c.Health.Validate("health"); err != nil {
+		errs = append(errs, unjoin(err)...)
 	}
 	if c.VerifyInterval < Duration(time.Second) {
 		bad("verify_interval", "%s is below 1s", time.Duration(c.VerifyInterval))

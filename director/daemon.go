@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -44,6 +45,7 @@ type Daemon struct {
 	stat   Status
 
 	repl      *replication.Replicator // nil when the director runs alone
+	health    *health.Monitor         // the node health checks (nodehealth.go)
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 }
@@ -69,6 +71,14 @@ type Status struct {
 	Learned        int       `json:"learned"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
+	// HealthDowns and HealthUps count the health checks' decisions this
+	// director committed; HealthMoves the tunnels their downs moved.
+	HealthDowns int `json:"health_downs"`
+	HealthUps   int `json:"health_ups"`
+	HealthMoves int `json:"health_moves"`
+	// Health is the health checks' view: per node state and last
+	// results, the panic and link state, counters.
+	Health *health.Status `json:"health,omitempty"`
 }
 
 // DaemonOptions wires a daemon.
@@ -114,6 +124,8 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	if err := d.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
+	d.health = d.newHealth(o.Config)
+	d.svc.health = d.health.Status
 	// Run syncs the whole table first: the cursor starts where that sync
 	// will find the table, or earlier (a batch read twice is harmless).
 	cur, err := d.st.Changes(d.st.Revision())
@@ -150,6 +162,7 @@ func (d *Daemon) Reload(c *Config) error {
 	if err := d.applyConfig(c); err != nil {
 		return err
 	}
+	d.health.SetConfig(c.Health)
 	d.needFull()
 	return nil
 }
@@ -271,6 +284,7 @@ func (d *Daemon) SetRole(role replication.Role) error {
 		return errors.New("set role: replication is not configured on this director")
 	}
 	d.repl.SetRole(role)
+	d.health.SetRole(role == replication.RoleMaster)
 	d.log.Info("role changed", "role", role.String(), "epoch", d.repl.Epoch())
 	if role == replication.RoleMaster {
 		// The configured nodes were not merged while backup.
@@ -322,6 +336,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	d.runHealth(ctx)
 	if d.watch != nil {
 		go func() {
 			if err := d.watch(ctx, d.onFlow); err != nil && ctx.Err() == nil {
@@ -519,6 +534,8 @@ func (d *Daemon) Status() Status {
 		rs := d.repl.Status()
 		s.Replication = &rs
 	}
+	hs := d.health.Status()
+	s.Health = &hs
 	return s
 }
 

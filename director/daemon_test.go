@@ -49,6 +49,14 @@ func startDaemon(t *testing.T) (*Daemon, *ipvstest.Fake, *store.Store, context.C
 }
 
 func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
+	return startDaemonOpts(t, k, nil)
+}
+
+// startDaemonOpts runs a daemon with three nodes over a fresh store and
+// the fake kernel; with (when set) adjusts its options first. The health
+// checks are off: a unit test sends no probes into the host's network
+// (the namespace tests in internal/e2e run them).
+func startDaemonOpts(t *testing.T, k *ipvstest.Fake, with func(*DaemonOptions)) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
 	t.Helper()
 	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
 	if err != nil {
@@ -58,7 +66,12 @@ func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *
 	cfg := DefaultConfig()
 	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
 	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}, {Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}
-	d, err := NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
+	cfg.Health.Enabled = false
+	o := DaemonOptions{Config: &cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)}
+	if with != nil {
+		with(&o)
+	}
+	d, err := NewDaemon(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,9 +15,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -28,6 +30,8 @@ type Service struct {
 	st *store.Store
 	// gate, when set, refuses writes (a backup director).
 	gate func() error
+	// health, on a running daemon, is the health checks' view.
+	health func() health.Status
 }
 
 // writable says whether the service may change the table.
@@ -279,12 +283,20 @@ func (s *Service) Lookup(a netip.Addr) (*LookupResult, error) {
 	return res, nil
 }
 
-// NodeInfo is a node with its load.
+// NodeInfo is a node with its load and health.
 type NodeInfo struct {
 	affinity.Node
 	State   string `json:"state"`
 	Tunnels int    `json:"tunnels"`
 	Bound   int    `json:"bound,omitempty"` // bounded-load limit for the next placement; 0 when not active
+	// HealthSummary is the HEALTH column of `show nodes`: up, failing
+	// 1/2, down since, held down until, the operator's state, the last
+	// error (health.NodeView.Health). Without a daemon only what the
+	// store holds (health's downs and holds) is known; "-" otherwise.
+	HealthSummary string `json:"health_summary"`
+	// Check is the health checks' current view of the node, with the
+	// last round's results (from a running daemon).
+	Check *health.NodeView `json:"check,omitempty"`
 }
 
 // NodesResult lists the nodes and the table's totals.
@@ -294,13 +306,31 @@ type NodesResult struct {
 	Revision uint64     `json:"revision"`
 }
 
-// Nodes lists the nodes with their tunnel counts and load bounds.
+// Nodes lists the nodes with their tunnel counts, load bounds and health.
 func (s *Service) Nodes() (*NodesResult, error) {
 	t := s.st.Table()
 	counts, bounds := t.Counts(), t.Bound()
 	res := &NodesResult{Tunnels: t.Len(), Revision: t.Revision()}
+	var views map[string]health.NodeView
+	if s.health != nil {
+		hs := s.health()
+		views = make(map[string]health.NodeView, len(hs.Nodes))
+		for _, v := range hs.Nodes {
+			views[v.Name] = v
+		}
+	}
+	now := time.Now()
 	for _, n := range t.Nodes() {
-		res.Nodes = append(res.Nodes, NodeInfo{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name]})
+		ni := NodeInfo{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name], HealthSummary: "-"}
+		if v, ok := views[n.Name]; ok && v.State == n.State {
+			ni.Check = &v
+			ni.HealthSummary = v.Health()
+		} else if n.State == affinity.NodeDown && n.Health.Down {
+			// No checks yet (or their view is a commit behind): what
+			// the store says.
+			ni.HealthSummary = health.StoredView(health.Node{Name: n.Name, Addr: n.Addr, State: n.State, Record: n.Health}, now).Health()
+		}
+		res.Nodes = append(res.Nodes, ni)
 	}
 	return res, nil
 }

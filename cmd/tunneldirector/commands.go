@@ -228,7 +228,7 @@ func newShowCmd(g *globals) *cobra.Command {
 	tunnels.Flags().IntVar(&limit, "limit", 50, "show at most this many (0: all)")
 	nodes := &cobra.Command{
 		Use:   "nodes",
-		Short: "List nodes with their tunnel counts and load bounds",
+		Short: "List nodes with their tunnel counts, load bounds and health",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withOperator(cmd, true, func(s director.Operator) error {
@@ -241,7 +241,7 @@ func newShowCmd(g *globals) *cobra.Command {
 					return g.emitJSON(rows)
 				}
 				w := g.table()
-				fmt.Fprintln(w, "NAME\tADDRESS\tSTATE\tWEIGHT\tCAPACITY\tMARK\tTUNNELS\tBOUND")
+				fmt.Fprintln(w, "NAME\tADDRESS\tSTATE\tWEIGHT\tCAPACITY\tMARK\tTUNNELS\tBOUND\tHEALTH")
 				for _, r := range rows {
 					capacity := "-"
 					if r.Capacity > 0 {
@@ -251,7 +251,7 @@ func newShowCmd(g *globals) *cobra.Command {
 					if r.Bound > 0 {
 						bound = fmt.Sprint(r.Bound)
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s\n", r.Name, r.Addr, r.State, r.Weight, capacity, r.Mark, r.Tunnels, bound)
+					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s\n", r.Name, r.Addr, r.State, r.Weight, capacity, r.Mark, r.Tunnels, bound, r.HealthSummary)
 				}
 				w.Flush()
 				fmt.Fprintf(g.out, "%d tunnels, revision %d\n", res.Tunnels, res.Revision)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -15,6 +16,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store"
@@ -249,6 +251,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if s.LastError != "" {
 				fmt.Fprintf(w, "last error\t%s\n", s.LastError)
 			}
+			if h := s.Health; h != nil {
+				printHealth(w, s, h)
+			}
 			if r := s.Replication; r != nil {
 				fmt.Fprintf(w, "role\t%s (director %d, epoch %d)\n", r.Role, r.ID, r.Epoch)
 				fmt.Fprintf(w, "peer\tdirector %d, %s, revision %d, alive %v\n", r.Peer.ID, r.Peer.Role, r.Peer.Revision, r.Peer.Alive)
@@ -259,5 +264,32 @@ func newStatusCmd(g *globals) *cobra.Command {
 			}
 			return w.Flush()
 		},
+	}
+}
+
+// printHealth writes the health checks' lines of `status`: whether they
+// act, why nothing moves (panic, inside link), what they did, and every
+// node that is not simply up.
+func printHealth(w io.Writer, s *director.Status, h *health.Status) {
+	if !h.Enabled {
+		fmt.Fprintf(w, "health\toff (health.enabled: false)\n")
+		return
+	}
+	who := "master: decides"
+	if !h.Master {
+		who = "backup: checks and shows, the master decides"
+	}
+	link := "inside link up"
+	if !h.LinkUp {
+		link = "INSIDE LINK DOWN"
+	}
+	fmt.Fprintf(w, "health\t%s, %s; %d nodes taken down, %d brought up, %d tunnels moved\n", who, link, s.HealthDowns, s.HealthUps, s.HealthMoves)
+	if h.Panic != "" {
+		fmt.Fprintf(w, "health panic\t%s\n", h.Panic)
+	}
+	for _, v := range h.Nodes {
+		if col := v.Health(); col != "up" {
+			fmt.Fprintf(w, "health %s\t%s\n", v.Name, col)
+		}
 	}
 }

@@ -83,7 +83,9 @@ func daemonCmd(t testing.TB, config string) *exec.Cmd {
 
 // baseConfig is the daemon configuration every end-to-end director
 // starts from: route-only, the topology's VIPs and nodes, verify every
-// second.
+// second. The health checks are off: these nodes run no IKE daemon, and
+// the node captures must hold only the test's packets (health_test.go
+// turns them on).
 func baseConfig(top *netlab.Topology, db, socket string) string {
 	return fmt.Sprintf(`store: %s
 vips: [%s, %q]
@@ -93,5 +95,6 @@ nodes:
 api: {socket: %s}
 verify_interval: 1s
 log_level: debug
+health: {enabled: false}
 `, db, top.VIP4, top.VIP6.String(), nodesYAML(top), socket)
 }
