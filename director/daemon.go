@@ -76,6 +76,8 @@ type Status struct {
 	HealthDowns int `json:"health_downs"`
 	HealthUps   int `json:"health_ups"`
 	HealthMoves int `json:"health_moves"`
+	// HealthLast is the last transition the health checks committed.
+	HealthLast *HealthTransition `json:"health_last,omitempty"`
 	// Health is the health checks' view: per node state and last
 	// results, the panic and link state, counters.
 	Health *health.Status `json:"health,omitempty"`

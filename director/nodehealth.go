@@ -185,6 +185,8 @@ func (d *Daemon) Apply(dec health.Decision) error {
 		return err
 	}
 	took := d.clk.Since(start)
+	last := &HealthTransition{Node: dec.Node, State: dec.State, Reason: dec.Reason, Decided: dec.At,
+		Committed: start.Add(took), Took: took, Moved: len(plan.Moves), Unplaced: len(plan.Unplaced), Revision: a.Revision}
 	d.statMu.Lock()
 	if dec.State == affinity.NodeDown {
 		d.stat.HealthDowns++
@@ -192,6 +194,7 @@ func (d *Daemon) Apply(dec health.Decision) error {
 	} else {
 		d.stat.HealthUps++
 	}
+	d.stat.HealthLast = last
 	d.statMu.Unlock()
 	if dec.State == affinity.NodeDown {
 		d.log.Warn("health: node taken down, its tunnels moved", "node", dec.Node, "reason", dec.Reason,
@@ -204,6 +207,23 @@ func (d *Daemon) Apply(dec health.Decision) error {
 		d.log.Info("health: node up again; nothing moves back (rebalance moves tunnels to it)", "node", dec.Node, "reason", dec.Reason, "revision", a.Revision)
 	}
 	return nil
+}
+
+// HealthTransition is a node state change the health checks committed.
+type HealthTransition struct {
+	Node   string             `json:"node"`
+	State  affinity.NodeState `json:"state"`
+	Reason string             `json:"reason"`
+	// Decided is the end of the round that decided it; Committed the end
+	// of its store transaction, which Took.
+	Decided   time.Time     `json:"decided"`
+	Committed time.Time     `json:"committed"`
+	Took      time.Duration `json:"took_ns"`
+	// Moved and Unplaced count the tunnels a down moved and could not
+	// place.
+	Moved    int    `json:"moved"`
+	Unplaced int    `json:"unplaced,omitempty"`
+	Revision uint64 `json:"revision"`
 }
 
 // errStale: the node changed since the checks saw it.

@@ -283,7 +283,11 @@ func printHealth(w io.Writer, s *director.Status, h *health.Status) {
 	if !h.LinkUp {
 		link = "INSIDE LINK DOWN"
 	}
-	fmt.Fprintf(w, "health\t%s, %s; %d nodes taken down, %d brought up, %d tunnels moved\n", who, link, s.HealthDowns, s.HealthUps, s.HealthMoves)
+	fmt.Fprintf(w, "health\t%s, %s; since start %d nodes taken down, %d brought up, %d tunnels moved\n", who, link, s.HealthDowns, s.HealthUps, s.HealthMoves)
+	if l := s.HealthLast; l != nil {
+		fmt.Fprintf(w, "health last\t%s %s at %s (%s), %d tunnels moved, committed in %s\n",
+			l.Node, l.State, l.Decided.Format(time.RFC3339), l.Reason, l.Moved, l.Took.Round(time.Microsecond))
+	}
 	if h.Panic != "" {
 		fmt.Fprintf(w, "health panic\t%s\n", h.Panic)
 	}

@@ -24,7 +24,7 @@ import (
 
 // e2e is a farm in namespaces with a real daemon on the director.
 type e2e struct {
-	t       *testing.T
+	t       testing.TB
 	top     *netlab.Topology
 	dir     string
 	config  string
@@ -41,7 +41,7 @@ func newE2E(t *testing.T) *e2e {
 
 // newE2EWith builds the farm of o; edit, when set, changes the daemon's
 // configuration (baseConfig's text).
-func newE2EWith(t *testing.T, o netlab.TopologyOptions, edit func(string) string) *e2e {
+func newE2EWith(t testing.TB, o netlab.TopologyOptions, edit func(string) string) *e2e {
 	netlab.RequireRoot(t)
 	top := netlab.BuildTopology(t, o)
 	e := &e2e{t: t, top: top, dir: t.TempDir()}
