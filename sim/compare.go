@@ -211,12 +211,12 @@ func Compare(steps []Step, s *Scenario, r *Report) *Comparison {
 
 func tally(res *StrategyResult, kind string, moves, ideal int) {
 	switch kind {
-	case EvNodeDown, EvNodeRemove:
+	case EvNodeDown, EvNodeRemove, EvNodeDies:
 		res.MovesOnFailure += moves
 		res.IdealOnFailure += ideal
 	case EvNodeAdd:
 		res.MovesOnAddition += moves
-	case EvNodeUp:
+	case EvNodeUp, EvNodeRevives:
 		res.MovesOnRecovery += moves
 	default:
 		res.MovesOther += moves
@@ -338,12 +338,12 @@ func replayStrategy(st strategy, steps []Step, s *Scenario) (StrategyResult, []i
 				state[e.Node] = "active"
 				weights[e.Node] = e.Weight
 				m = rehome()
-			case EvNodeUp:
+			case EvNodeUp, EvNodeRevives:
 				if _, ok := state[e.Node]; ok {
 					state[e.Node] = "active"
 				}
 				m = rehome()
-			case EvNodeDown:
+			case EvNodeDown, EvNodeDies:
 				if _, ok := state[e.Node]; ok {
 					ideal = counts[e.Node]
 					state[e.Node] = "down"
