@@ -3,7 +3,9 @@ package director
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -13,6 +15,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/ipvs/ipvstest"
+	"github.com/tunneldirector/tunneldirector/store"
 )
 
 // importTunnels imports n tunnels the scheduler places.
@@ -253,4 +256,52 @@ func sameNodes(a, b []affinity.Node) bool {
 		}
 	}
 	return true
+}
+
+// BenchmarkHealthApply is the store side of a health down: plan and
+// commit moving 10,000 tunnels of a dead node (40,000 in the table):
+//
+//	go test -run '^$' -bench HealthApply ./director/
+func BenchmarkHealthApply(b *testing.B) {
+	const nodes, perNode = 4, 10_000
+	st, err := store.Open(store.Options{Path: filepath.Join(b.TempDir(), "td.db")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer st.Close()
+	var csv strings.Builder
+	csv.WriteString("id,peer,subnets,node\n")
+	for i := range nodes * perNode {
+		fmt.Fprintf(&csv, "t%05d,100.%d.%d.%d,10.%d.%d.%d/27,node%d\n", i, 64+i>>16, i>>8&255, i&255,
+			i>>11, i>>3&255, i&7*32, i%nodes)
+	}
+	cfg := DefaultConfig()
+	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
+	cfg.Health.Enabled = false
+	for i := range nodes {
+		cfg.Nodes = append(cfg.Nodes, NodeConfig{Name: fmt.Sprintf("node%d", i), Address: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})})
+	}
+	d, err := NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: ipvstest.NewFake(ipvs.ModeRouteOnly), Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	imp := func() {
+		if _, err := d.Service().Import(strings.NewReader(csv.String()), ImportRequest{Name: "farm.csv"}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	imp()
+	b.ResetTimer()
+	for i := range b.N {
+		v := fmt.Sprintf("node%d", i%nodes)
+		if err := d.Apply(downDecision(v, time.Now())); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		if _, err := d.Service().NodeAction(NodeRequest{Action: "up", Name: v}); err != nil {
+			b.Fatal(err)
+		}
+		imp()
+		b.StartTimer()
+	}
 }

@@ -30,8 +30,8 @@ type Report struct {
 	// node-dies events).
 	Health   *HealthReport `json:"health,omitempty"`
 	Refusals []Refusal     `json:"refusals,omitempty"`
-	Compare     *Comparison       `json:"compare,omitempty"`
-	Series      Series            `json:"series"`
+	Compare  *Comparison   `json:"compare,omitempty"`
+	Series   Series        `json:"series"`
 }
 
 // Settings echoes the parameters that shape the numbers.
