@@ -183,7 +183,7 @@ func TestHealthMovesDeadNode(t *testing.T) {
 	if out := e.cli("show", "nodes"); !strings.Contains(out, "HEALTH") || !strings.Contains(out, "down since") {
 		t.Fatalf("show nodes:\n%s", out)
 	} else {
-		t.Logf("show nodes after node2's charon died:\n%s", out)
+		t.Logf("show nodes after node2's charon died:\n%s\n%s", out, e.cli("status"))
 	}
 	logb := e.daemonLog()
 	if !strings.Contains(logb, "health: node taken down, its tunnels moved") || !strings.Contains(logb, "node=node2") {
