@@ -18,6 +18,8 @@ require (
 	golang.org/x/term v0.44.0
 )
 
+require github.com/strongswan/govici v0.8.0
+
 require (
 	github.com/mdlayher/genetlink v1.3.2 // indirect
 	github.com/pkg/errors v0.9.1 // indirect
@@ -31,7 +33,7 @@ require (
 	github.com/mitchellh/colorstring v0.0.0-20190213212951-d06e56a500db // indirect
 	github.com/rivo/uniseg v0.4.7 // indirect
 	github.com/spf13/pflag v1.0.10
-	golang.org/x/net v0.53.0 // indirect
+	golang.org/x/net v0.53.0
 	golang.org/x/sync v0.20.0 // indirect
 	gopkg.in/yaml.v3 v3.0.1
 )

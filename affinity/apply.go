@@ -213,7 +213,7 @@ func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*T
 	}
 	if sizeHint > 0 {
 		t.tunnels = make(map[string]*entry, sizeHint)
-		t.peers4 = make(map[uint32]*entry, sizeHint)
+		t.peers = newPeerIndex(sizeHint)
 	}
 	var berr BatchError
 	i := 0
@@ -250,11 +250,11 @@ func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*T
 func (t *Table) reset() {
 	clear(t.nodes)
 	clear(t.tunnels)
-	clear(t.peers4)
-	clear(t.peers6)
+	t.peers.clear()
 	t.byMark = [MaxMark + 1]*Node{}
 	t.count = [MaxMark + 1]int{}
 	t.subnets = bart.Table[*entry]{}
+	t.refreshActive()
 }
 
 // applyMode says how putTunnel treats times, revisions and results.
@@ -343,6 +343,7 @@ func (t *Table) rollback(undo []undoRec) {
 				t.nodes[u.oldN.Name] = u.oldN
 				t.byMark[u.oldN.Mark] = u.oldN
 			}
+			t.refreshActive()
 		}
 	}
 }
@@ -448,6 +449,7 @@ func (t *Table) putNode(c *Change) (Change, undoRec, bool, error) {
 	nn := &n
 	t.nodes[n.Name] = nn
 	t.byMark[n.Mark] = nn
+	t.refreshActive()
 	res := *nn
 	c2 := Change{Kind: PutNode, Node: &res}
 	if old != nil {
@@ -473,6 +475,7 @@ func (t *Table) deleteNode(c *Change) (Change, undoRec, bool, error) {
 	}
 	delete(t.nodes, old.Name)
 	t.byMark[old.Mark] = nil
+	t.refreshActive()
 	return Change{Kind: DeleteNode, Name: old.Name, OldNode: ptr(*old)}, undoRec{oldN: old}, true, nil
 }
 

@@ -5,6 +5,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"net/netip"
+	"strings"
 	"testing"
 )
 
@@ -243,5 +244,209 @@ func TestHRWSpread(t *testing.T) {
 		if h < 9000 || h > 11000 {
 			t.Errorf("node %s preferred %d times of 50000 (want about 10000)", n, h)
 		}
+	}
+}
+
+// refPick is the placement rule written plainly from the public API: the
+// least loaded (per weight, counting the new tunnel) of the peer's d
+// preferred nodes (d = 0: all) that is below its bound and capacity, the preferred one
+// on a tie; else the first node in preference order below both; else the
+// first below its capacity.
+func refPick(tb *Table, peer netip.Addr, d int) string {
+	pref, bound, counts := tb.Prefer(peer), tb.Bound(), tb.Counts()
+	nodes := map[string]Node{}
+	for _, n := range tb.Nodes() {
+		nodes[n.Name] = n
+	}
+	fits := func(name string) bool {
+		n := nodes[name]
+		return counts[name] < bound[name] && (n.Capacity == 0 || counts[name] < n.Capacity)
+	}
+	best := ""
+	if d == 0 {
+		d = len(pref)
+	}
+	for _, name := range pref[:min(d, len(pref))] {
+		if !fits(name) {
+			continue
+		}
+		l := float64(counts[name]+1) / float64(nodes[name].Weight)
+		if best == "" || l < float64(counts[best]+1)/float64(nodes[best].Weight) {
+			best = name
+		}
+	}
+	if best != "" {
+		return best
+	}
+	for _, name := range pref {
+		if fits(name) {
+			return name
+		}
+	}
+	// Every node within its capacity is at its bound: capacity decides.
+	for _, name := range pref {
+		if c := nodes[name].Capacity; c == 0 || counts[name] < c {
+			return name
+		}
+	}
+	return ""
+}
+
+func TestSchedulerChoicesMatchReference(t *testing.T) {
+	for _, d := range []int{0, 1, 2, 3, 5} {
+		for seed := uint64(1); seed <= 4; seed++ {
+			r := rand.New(rand.NewPCG(seed, uint64(d)))
+			tb, err := New(Options{Now: fixedClock(), Choices: d})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var nodes []Change
+			for i := 0; i < 3+r.IntN(8); i++ {
+				nodes = append(nodes, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("n%02d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)}),
+					Weight: uint32(50 + 50*r.IntN(4)), Capacity: []int{0, 0, 0, 150}[r.IntN(4)]}})
+			}
+			if _, err := tb.Apply(nodes); err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < 600; i++ {
+				peer := netip.AddrFrom4([4]byte{100, 1, byte(i >> 8), byte(i)})
+				want := refPick(tb, peer, d)
+				a, err := tb.Apply([]Change{put(fmt.Sprintf("t%04d", i), peer.String(), "")})
+				if err != nil {
+					if want != "" {
+						t.Fatalf("d=%d seed %d: tunnel %d refused (%v), reference places it on %s", d, seed, i, err, want)
+					}
+					continue
+				}
+				if got := a.Changes[0].Tunnel.Node; got != want {
+					t.Fatalf("d=%d seed %d: tunnel %d on %s, reference says %s", d, seed, i, got, want)
+				}
+				// Churn: a third of the time a random tunnel leaves.
+				if r.IntN(3) == 0 {
+					id := fmt.Sprintf("t%04d", r.IntN(i+1))
+					if _, ok := tb.Tunnel(id); ok {
+						if _, err := tb.Apply([]Change{{Kind: DeleteTunnel, Name: id}}); err != nil {
+							t.Fatal(err)
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+// fourNodes returns a table placing with d choices, with nodes n0..n3 and
+// n tunnels whose peers are in 100.net.0.0/16.
+func fourNodes(t *testing.T, d, n int, net byte) *Table {
+	t.Helper()
+	tb, err := New(Options{Now: fixedClock(), Choices: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var batch []Change
+	for i := 0; i < 4; i++ {
+		batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("n%d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+	}
+	for i := 0; i < n; i++ {
+		batch = append(batch, put(fmt.Sprintf("t%05d", i), netip.AddrFrom4([4]byte{100, net, byte(i >> 8), byte(i)}).String(), ""))
+	}
+	if _, err := tb.Apply(batch); err != nil {
+		t.Fatal(err)
+	}
+	return tb
+}
+
+// TestChoicesFillAddedNode: with d = 2 an added node takes about twice its
+// share of new tunnels while it is the emptiest, and nothing placed moves.
+func TestChoicesFillAddedNode(t *testing.T) {
+	share := map[int]int{}
+	for _, d := range []int{1, 2} {
+		tb := fourNodes(t, d, 4000, 2)
+		before := owners(tb)
+		if _, err := tb.Apply([]Change{{Kind: PutNode, Node: &Node{Name: "new", Addr: addr("172.16.0.99")}}}); err != nil {
+			t.Fatal(err)
+		}
+		var batch []Change
+		for i := 0; i < 500; i++ {
+			batch = append(batch, put(fmt.Sprintf("b%05d", i), netip.AddrFrom4([4]byte{100, 3, byte(i >> 8), byte(i)}).String(), ""))
+		}
+		if _, err := tb.Apply(batch); err != nil {
+			t.Fatal(err)
+		}
+		after := owners(tb)
+		for id, n := range before {
+			if after[id] != n {
+				t.Fatalf("d=%d: tunnel %s moved from %s to %s when others arrived", d, id, n, after[id])
+			}
+		}
+		share[d] = tb.Counts()["new"]
+	}
+	// d = 1: the new node is the first choice of about 1/5 of the peers
+	// (100 of 500); d = 2: one of the first two of about 2/5 (200).
+	if share[1] < 70 || share[1] > 130 || share[2] < 170 || share[2] > 230 {
+		t.Fatalf("new node took %d (d=1) and %d (d=2) of 500 arrivals; want about 100 and 200", share[1], share[2])
+	}
+}
+
+func TestOptionsValidate(t *testing.T) {
+	for _, c := range []struct {
+		o    Options
+		want string
+	}{
+		{Options{Choices: -1}, "choices: -1 out of range 0..4095"},
+		{Options{Choices: 4096}, "choices: 4096 out of range 0..4095"},
+		{Options{Epsilon: -0.5}, "epsilon: -0.5 out of range (0, 10]"},
+		{Options{Epsilon: 11, Choices: -2}, "epsilon: 11 out of range (0, 10]; choices: -2 out of range"},
+	} {
+		err := c.o.Validate()
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%+v: error %v, want %q", c.o, err, c.want)
+		}
+		if _, err := New(c.o); err == nil {
+			t.Errorf("%+v: New accepted it", c.o)
+		}
+	}
+	tb, err := New(Options{})
+	if err != nil || tb.Choices() != DefaultChoices || tb.Epsilon() != DefaultEpsilon {
+		t.Fatalf("defaults: %v, choices %d, epsilon %g", err, tb.Choices(), tb.Epsilon())
+	}
+}
+
+// TestFailoverFillsEmptiest: a failed node's tunnels go where there is
+// room. An added node, still empty, takes the displaced tunnels until it is
+// level with the others; with d = 1 it takes what its rank and the load
+// bound send it.
+func TestFailoverFillsEmptiest(t *testing.T) {
+	got := map[int]int{}
+	for _, d := range []int{0, 1} {
+		tb := fourNodes(t, d, 2000, 4)
+		if _, err := tb.Apply([]Change{{Kind: PutNode, Node: &Node{Name: "new", Addr: addr("172.16.0.99")}}}); err != nil {
+			t.Fatal(err)
+		}
+		before := owners(tb)
+		p, err := tb.PlanNodeState("n0", NodeDown)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tb.Apply(p.Batch()); err != nil {
+			t.Fatal(err)
+		}
+		assertMoved(t, before, owners(tb), func(id string) bool { return before[id] == "n0" })
+		got[d] = tb.Counts()["new"]
+		if d == 0 {
+			// 2,000 tunnels over 4 nodes: about 500 displaced, and 500 is
+			// the level of the other three.
+			c := tb.Counts()
+			for _, n := range []string{"n1", "n2", "n3", "new"} {
+				if c[n] < 490 || c[n] > 510 {
+					t.Errorf("after the failure node %s holds %d; want all four near 500: %v", n, c[n], c)
+				}
+			}
+		}
+	}
+	t.Logf("displaced tunnels taken by the empty node: %d with d = all, %d with d = 1", got[0], got[1])
+	// With d = 1 only the load bound sends it more than its rank's share.
+	if got[1] >= got[0]-100 {
+		t.Errorf("the empty node took %d displaced tunnels with d = all, %d with d = 1", got[0], got[1])
 	}
 }

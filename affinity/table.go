@@ -20,6 +20,12 @@ const DefaultEpsilon = 0.25
 type Options struct {
 	// Epsilon is the bounded-load slack; 0 means DefaultEpsilon.
 	Epsilon float64
+	// Choices is d, the number of best-scoring nodes a placement weighs
+	// by load (power of d choices). 0, the default, weighs every active
+	// node: the least loaded takes the tunnel, the peer's rendezvous order
+	// breaking ties. 1 places by score alone (the scheduler before
+	// choices existed).
+	Choices int
 	// VIPs are the director's virtual addresses; no protected subnet may
 	// contain one, and no peer or node may use one.
 	VIPs []netip.Addr
@@ -33,16 +39,21 @@ type Options struct {
 type Table struct {
 	mu      sync.RWMutex
 	epsilon float64
+	choices int
 	vips    []netip.Addr
 	now     func() time.Time
 	rev     uint64
 
-	nodes   map[string]*Node
-	byMark  [MaxMark + 1]*Node
+	nodes  map[string]*Node
+	byMark [MaxMark + 1]*Node
+	// active lists the nodes that take tunnels (active, weight > 0) by
+	// mark, rebuilt on every change of nodes: placement reads it instead
+	// of walking the map. uniform says their weights are all equal.
+	active  []*Node
+	uniform bool
 	count   [MaxMark + 1]int // tunnels per node mark
 	tunnels map[string]*entry
-	peers4  map[uint32]*entry // IPv4 peers keyed by the address as a number: half the memory of a netip.Addr key
-	peers6  map[netip.Addr]*entry
+	peers   peerIndex
 	subnets bart.Table[*entry]
 }
 
@@ -69,51 +80,25 @@ func (e *entry) commentText() string {
 	return *e.comment
 }
 
-func v4key(a netip.Addr) uint32 {
-	b := a.As4()
-	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-}
+func (t *Table) peer(a netip.Addr) (*entry, bool) { return t.peers.get(a) }
 
-func (t *Table) peer(a netip.Addr) (*entry, bool) {
-	if a.Is4() {
-		e, ok := t.peers4[v4key(a)]
-		return e, ok
-	}
-	e, ok := t.peers6[a]
-	return e, ok
-}
+func (t *Table) setPeer(e *entry) { t.peers.put(e) }
 
-func (t *Table) setPeer(e *entry) {
-	if e.peer.Is4() {
-		t.peers4[v4key(e.peer)] = e
-	} else {
-		t.peers6[e.peer] = e
-	}
-}
-
-func (t *Table) deletePeer(a netip.Addr) {
-	if a.Is4() {
-		delete(t.peers4, v4key(a))
-	} else {
-		delete(t.peers6, a)
-	}
-}
+func (t *Table) deletePeer(a netip.Addr) { t.peers.del(a) }
 
 // New returns an empty table.
 func New(opts Options) (*Table, error) {
+	if err := opts.Validate(); err != nil {
+		return nil, err
+	}
+	opts = opts.withDefaults()
 	t := &Table{
 		epsilon: opts.Epsilon,
+		choices: opts.Choices,
 		now:     opts.Now,
 		nodes:   make(map[string]*Node),
 		tunnels: make(map[string]*entry),
-		peers4:  make(map[uint32]*entry),
-		peers6:  make(map[netip.Addr]*entry),
-	}
-	if t.epsilon == 0 {
-		t.epsilon = DefaultEpsilon
-	}
-	if t.epsilon < 0 || t.epsilon > 10 {
-		return nil, fmt.Errorf("bounded-load epsilon %g out of range (0, 10]", opts.Epsilon)
+		peers:   newPeerIndex(0),
 	}
 	if t.now == nil {
 		t.now = time.Now
@@ -170,6 +155,10 @@ func (t *Table) IsVIP(a netip.Addr) bool {
 
 // Epsilon returns the bounded-load slack in force.
 func (t *Table) Epsilon() float64 { return t.epsilon }
+
+// Choices returns d, the candidates a placement weighs by load (0: every
+// active node).
+func (t *Table) Choices() int { return t.choices }
 
 // Revision returns the revision of the last applied change.
 func (t *Table) Revision() uint64 {
@@ -441,12 +430,7 @@ func (t *Table) EachKey(fn func(id string, peer netip.Addr, subnets []netip.Pref
 func (t *Table) PeerMarks(fn func(netip.Addr, uint16)) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	for _, e := range t.peers4 {
-		fn(e.peer, e.mark)
-	}
-	for a, e := range t.peers6 {
-		fn(a, e.mark)
-	}
+	t.peers.each(func(e *entry) { fn(e.peer, e.mark) })
 }
 
 // SubnetMarks calls fn for every protected subnet and its owner's mark, in

@@ -5,7 +5,13 @@
 #
 #   Debian packages: qemu-system-x86 (the VM, TCG), busybox-static (guest
 #   userland), cpio, kmod (debugging of initramfs/modules), nftables and
-#   iproute2 (inspecting namespaces by hand; the tests themselves use netlink)
+#   iproute2 (inspecting namespaces by hand; the tests themselves use netlink),
+#   keepalived (pair failover tests), strongswan-charon, strongswan-swanctl and
+#   libstrongswan-standard-plugins (openssl, gcm: real IKE daemons for the
+#   strongSwan VM tests, internal/e2e/strongswan, which run the host's charon
+#   inside the VM; installing them starts no service: there is no init here,
+#   and on a systemd machine strongswan-starter's service starts a charon with
+#   no connections, which the tests do not use)
 #   Kernel: the linux-image-<version>-amd64 package that linux-image-amd64
 #   depends on, downloaded with `apt-get download` and extracted with
 #   `dpkg-deb -x` into the vmlab cache (nothing is installed into /boot or
@@ -23,7 +29,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 PKGS="qemu-system-x86 busybox-static cpio kmod nftables iproute2 keepalived"
-PKGS="$PKGS strongswan-charon strongswan-swanctl libstrongswan-standard-plugins" # director/health: charon answers the IKE probes in namespaces
+PKGS="$PKGS strongswan-charon strongswan-swanctl libstrongswan-standard-plugins" # real IKE daemons: health probes in namespaces, the strongSwan VM layer
 missing=""
 for p in $PKGS; do
 	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

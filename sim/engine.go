@@ -50,6 +50,15 @@ type tunnel struct {
 	// SAs died with the node), -1 while it is not; since when.
 	darkEvent int
 	darkSince time.Duration
+	// unpinned: an unknown peer whose first packet the kernel steered to
+	// sa, not yet in the table; its packets follow its bucket until the
+	// pin, at pinAt. wait is its position in engine.waiting.
+	unpinned bool
+	pinAt    time.Duration
+	wait     int
+	// conn is the node mark of the peer's IPVS connection entry for IKE,
+	// when the model keeps entries (0: none yet).
+	conn uint16
 }
 
 type engine struct {
@@ -81,6 +90,14 @@ type engine struct {
 	pendingUpTu map[string]affinity.Tunnel
 	pendingDown []string
 	touched     []*tunnel
+
+	// The kernel's steering of unknown peers, and the peers it steered
+	// that wait for their pin (in arrival order).
+	kernel      *unknownPeers
+	unknownOn   bool
+	kernelDirty bool
+	waiting     []*tunnel
+	learnTu     map[string]affinity.Tunnel
 
 	cur      int // index of the event being carried out, -1 between events
 	revTime  map[uint64]time.Duration
@@ -133,6 +150,18 @@ func Run(s *Scenario, steps []Step, o Options) (*Report, error) {
 		revTime:     map[uint64]time.Duration{},
 		series:      map[string][]int{},
 		rep:         newReport(s, steps),
+		learnTu:     map[string]affinity.Tunnel{},
+	}
+	kernel, err := newUnknownPeers(s.Unknown)
+	if err != nil {
+		return nil, err
+	}
+	e.kernel = kernel
+	for i := range steps {
+		e.unknownOn = e.unknownOn || steps[i].Unknown
+	}
+	if e.unknownOn {
+		e.rep.Unknown = &UnknownReport{Dataplane: kernel.name(), Buckets: s.Unknown.Buckets}
 	}
 	e.end = runEnd(steps, s.Duration)
 	newPair := NewJournalPair
@@ -141,7 +170,7 @@ func Run(s *Scenario, steps []Step, o Options) (*Report, error) {
 	}
 	pair, err := newPair(PairOptions{
 		Dir:            dir,
-		Table:          affinity.Options{Epsilon: s.Epsilon, Now: func() time.Time { return Epoch.Add(e.now) }},
+		Table:          affinity.Options{Epsilon: s.Epsilon, Choices: s.Choices, Now: func() time.Time { return Epoch.Add(e.now) }},
 		JournalChanges: s.Replication.JournalChanges,
 		Latency:        s.Replication.Latency,
 		Retransmit:     s.Replication.Retransmit,
@@ -169,7 +198,9 @@ func Run(s *Scenario, steps []Step, o Options) (*Report, error) {
 		return nil, err
 	}
 	if !o.NoCompare {
-		e.rep.Compare = Compare(steps, s, e.rep)
+		if e.rep.Compare, err = Compare(steps, s); err != nil {
+			return nil, err
+		}
 	}
 	return e.rep, nil
 }
@@ -178,6 +209,13 @@ func (e *engine) run(o Options) error {
 	e.periodic(e.s.CommitEvery, func() { e.commitPending() })
 	e.periodic(e.s.FullCheckEvery, func() { e.sweep() })
 	e.periodic(e.s.SampleEvery, func() { e.sample() })
+	if e.unknownOn && e.kernel.buckets != nil {
+		e.periodic(e.kernel.buckets.Options().Interval, func() {
+			if e.kernelDirty {
+				e.updateKernel()
+			}
+		})
+	}
 	next := 0
 	lastProgress := time.Duration(-1)
 	for e.err == nil {
@@ -304,6 +342,7 @@ func (e *engine) committed(a *store.Batch) {
 	}
 	e.revTime[a.Revision] = e.now
 	e.rep.Totals.Commits++
+	e.kernelDirty = true
 	for i := range cs {
 		c := &cs[i]
 		if c.Kind != affinity.PutTunnel {
@@ -405,6 +444,10 @@ func (e *engine) step(st *Step) {
 		for _, p := range tu.Subnets {
 			x.probes = append(x.probes, p.Addr().Next())
 		}
+		if st.Unknown {
+			e.arrive(x, tu)
+			return
+		}
 		e.tunnels[tu.ID] = x
 		e.live = append(e.live, x)
 		e.pendingUp = append(e.pendingUp, x)
@@ -418,6 +461,10 @@ func (e *engine) step(st *Step) {
 		}
 		e.drop(x)
 		e.rep.Totals.Departures++
+		if x.unpinned {
+			e.unwait(x)
+			return
+		}
 		if x.pending {
 			delete(e.pendingUpTu, x.id)
 			return
@@ -508,8 +555,21 @@ func (e *engine) checkTouched() {
 // peer's packets to the VIP by peer address, return traffic by an address
 // in each protected subnet. Every packet must reach the node holding the
 // SAs unless the tunnel is re-establishing after a move.
+//
+// A peer not yet pinned follows its bucket. With connection entries
+// modelled, the peer's IKE follows the IPVS connection entry its first IKE
+// packet made (or that this packet makes), while ESP follows the mark.
 func (e *engine) check(x *tunnel) {
 	if x.pending || x.reUntil != 0 || x.sa == 0 {
+		return
+	}
+	if x.unpinned {
+		m := e.kernel.mark(x.peer)
+		e.rep.Traffic.Packets++
+		if m != x.sa {
+			e.rep.Traffic.PinWindow++
+			e.violation(x, "peer "+x.peer.String()+" -> VIP before its pin (its bucket changed)", m, m != 0)
+		}
 		return
 	}
 	t := e.master().Table()
@@ -517,6 +577,16 @@ func (e *engine) check(x *tunnel) {
 	e.rep.Traffic.Packets++
 	if !ok || m != x.sa {
 		e.violation(x, "peer "+x.peer.String()+" -> VIP", m, ok)
+	}
+	if e.s.Dataplane.ConnectionEntries && ok {
+		if x.conn == 0 {
+			x.conn = m
+		}
+		e.rep.Traffic.Packets++
+		if x.conn != x.sa {
+			e.rep.Traffic.ConnEntry++
+			e.violation(x, "peer "+x.peer.String()+" IKE -> VIP (IPVS connection entry)", x.conn, true)
+		}
 	}
 	for _, a := range x.probes {
 		m, ok := t.SubnetMark(a)
@@ -616,8 +686,9 @@ func (e *engine) event(ev Event) {
 	}
 	switch ev.Kind {
 	case EvNodeDown:
-		ideal = counts[ev.Node]
+		ideal = counts[ev.Node] + e.waitingOn(ev.Node)
 		plan(func(t *affinity.Table) (*affinity.Plan, error) { return t.PlanNodeState(ev.Node, affinity.NodeDown) })
+		e.displaceWaiting(ev.Node)
 	case EvNodeUp:
 		plan(func(t *affinity.Table) (*affinity.Plan, error) { return t.PlanNodeState(ev.Node, affinity.NodeActive) })
 	case EvNodeDrain:
@@ -625,8 +696,10 @@ func (e *engine) event(ev Event) {
 			return t.PlanNodeState(ev.Node, affinity.NodeDraining)
 		})
 	case EvNodeRemove:
-		ideal = counts[ev.Node]
+		ideal = counts[ev.Node] + e.waitingOn(ev.Node)
 		plan(func(t *affinity.Table) (*affinity.Plan, error) { return t.PlanRemoveNode(ev.Node) })
+		e.displaceWaiting(ev.Node)
+		e.dropEntries(ev.Node)
 	case EvNodeAdd:
 		err = e.addNode(ev)
 	case EvRebalance:
@@ -649,7 +722,18 @@ func (e *engine) event(ev Event) {
 	if err != nil {
 		rp.Error = err.Error()
 	}
+	e.updateKernel()
 	e.sweep()
+}
+
+// dropEntries forgets the IPVS connection entries to a removed node: its
+// service is gone with it, and the next packet makes a new entry.
+func (e *engine) dropEntries(node string) {
+	for _, x := range e.live {
+		if x.conn != 0 && e.names[x.conn] == node {
+			x.conn = 0
+		}
+	}
 }
 
 func (e *engine) addNode(ev Event) error {
@@ -665,6 +749,7 @@ func (e *engine) addNode(ev Event) error {
 	if e.cur >= 0 {
 		e.rep.Events[e.cur].rev = a.Revision
 	}
+	e.updateKernel()
 	return nil
 }
 
@@ -692,8 +777,10 @@ func (e *engine) failover(ev Event, rp *EventReport) error {
 	var lost []affinity.Change
 	var stale []affinity.Change
 	for _, x := range e.live {
-		if x.pending {
-			continue
+		// The new master's IPVS never saw the flows: entries start anew.
+		x.conn = 0
+		if x.pending || x.unpinned {
+			continue // the learner pins waiting peers on the new master
 		}
 		om, ook := old.PeerMark(x.peer)
 		nm, nok := nt.PeerMark(x.peer)
@@ -791,6 +878,12 @@ func (e *engine) finish() {
 	r.Health = e.hs.report()
 	r.Totals.FinalTunnels = e.master().Table().Len()
 	r.Totals.Live = len(e.live)
+	if u := r.Unknown; u != nil {
+		u.Changes, u.Steps = e.kernel.changes, e.kernel.steps
+		if after := r.Totals.Arrivals - r.InitialTunnels; after > 0 {
+			u.Share = round3(float64(u.Learned) / float64(after))
+		}
+	}
 	r.Balance.finish()
 	names := make([]string, 0, len(e.series))
 	for n := range e.series {

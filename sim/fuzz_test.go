@@ -11,6 +11,7 @@ func FuzzParseScenario(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte("seed: 3\nduration: 2d\nevents:\n  - {at: 1d, kind: node-down, node: vpn-01}\n"))
+	f.Add([]byte("director: {choices: 3}\nunknown: {share: 0.5, buckets: 64, interval: 1m, max_changes: 8, quiet: 5s, horizon: 0.1, learn_delay: 2s}\ndataplane: {connection_entries: true}\n"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		// Never panic; an accepted scenario has a positive duration.
 		s, err := ParseScenario("fuzz.yaml", b)
@@ -29,7 +30,7 @@ func FuzzParseEvent(f *testing.F) {
 
 func FuzzReadTrace(f *testing.F) {
 	var buf bytes.Buffer
-	if s, err := ParseScenario("seed.yaml", []byte("seed: 1\nduration: 1d\nnodes: {count: 3}\ntunnels: {count: 20}\n")); err == nil {
+	if s, err := ParseScenario("seed.yaml", []byte("seed: 1\nduration: 10d\nnodes: {count: 3}\ntunnels: {count: 20}\nunknown: {share: 0.5}\n")); err == nil {
 		if steps, err := Workload(s); err == nil {
 			WriteTrace(&buf, steps)
 		}

@@ -25,6 +25,7 @@ type Report struct {
 	Balance     Balance           `json:"balance"`
 	Events      []EventReport     `json:"events"`
 	Traffic     Traffic           `json:"traffic"`
+	Unknown     *UnknownReport    `json:"unknown,omitempty"`
 	Replication ReplicationReport `json:"replication"`
 	// Health is what the director's health checks did (scenarios with
 	// node-dies events).
@@ -36,14 +37,18 @@ type Report struct {
 
 // Settings echoes the parameters that shape the numbers.
 type Settings struct {
-	CommitEvery    string  `json:"commit_every"`
-	Reestablish    string  `json:"reestablish"`
-	Epsilon        float64 `json:"epsilon"`
-	LinkLatency    string  `json:"link_latency"`
-	LinkLoss       float64 `json:"link_loss"`
-	Retransmit     string  `json:"retransmit"`
-	FullCheckEvery string  `json:"full_check_every"`
-	SampleEvery    string  `json:"sample_every"`
+	CommitEvery string  `json:"commit_every"`
+	Reestablish string  `json:"reestablish"`
+	Epsilon     float64 `json:"epsilon"`
+	Choices     int     `json:"choices"`
+	// ConnectionEntries: the modelled IPVS keeps connection entries (no
+	// one-packet scheduling).
+	ConnectionEntries bool    `json:"connection_entries"`
+	LinkLatency       string  `json:"link_latency"`
+	LinkLoss          float64 `json:"link_loss"`
+	Retransmit        string  `json:"retransmit"`
+	FullCheckEvery    string  `json:"full_check_every"`
+	SampleEvery       string  `json:"sample_every"`
 }
 
 // Totals counts the workload as the directors saw it.
@@ -192,6 +197,11 @@ type Traffic struct {
 	// Violations are packets the table sent to a node other than the one
 	// holding the tunnel's SAs, or to none, while the tunnel was up.
 	Violations int `json:"violations"`
+	// PinWindow are the violations of peers not yet pinned whose bucket
+	// changed; ConnEntry those of IKE packets that an IPVS connection
+	// entry sent to a node the tunnel left.
+	PinWindow int `json:"pin_window"`
+	ConnEntry int `json:"connection_entry"`
 	// Disruptions are tunnel moves: each breaks the tunnel until its
 	// peer re-establishes on the new node.
 	Disruptions int         `json:"disruptions"`
@@ -234,6 +244,21 @@ type HealthReport struct {
 	Panics uint64 `json:"panics"`
 }
 
+// UnknownReport is the unknown-peer side of a run.
+type UnknownReport struct {
+	// Dataplane is how the modelled kernel steers unknown peers.
+	Dataplane string `json:"dataplane"`
+	Buckets   int    `json:"buckets,omitempty"`
+	// Learned are the peers pinned from their first packet; Share their
+	// part of the tunnels that came up after the start.
+	Learned int     `json:"learned"`
+	Share   float64 `json:"share"`
+	// Changes are the buckets (or, before buckets, node maps) that
+	// changed, in Steps steps.
+	Changes int `json:"bucket_changes"`
+	Steps   int `json:"steps"`
+}
+
 // Refusal is a tunnel the director could not place.
 type Refusal struct {
 	At     string `json:"at"`
@@ -270,7 +295,8 @@ func newReport(s *Scenario, steps []Step) *Report {
 	r.Duration = FormatDuration(end)
 	r.Settings = Settings{
 		CommitEvery: FormatDuration(s.CommitEvery), Reestablish: FormatDuration(s.Reestablish),
-		Epsilon: s.Epsilon, LinkLatency: FormatDuration(s.Replication.Latency), LinkLoss: s.Replication.Loss,
+		Epsilon: s.Epsilon, Choices: s.Choices, ConnectionEntries: s.Dataplane.ConnectionEntries,
+		LinkLatency: FormatDuration(s.Replication.Latency), LinkLoss: s.Replication.Loss,
 		Retransmit: FormatDuration(s.Replication.Retransmit), FullCheckEvery: FormatDuration(s.FullCheckEvery),
 		SampleEvery: FormatDuration(s.SampleEvery),
 	}
@@ -346,8 +372,12 @@ func (r *Report) WriteText(w io.Writer) error {
 
 	fmt.Fprintln(w)
 	t := r.Traffic
-	p("traffic check: %d packets in %d full sweeps and after every step; %d violation(s); %d disruption(s) (moved tunnels re-establishing for %s)\n",
-		t.Packets, t.Sweeps, t.Violations, t.Disruptions, r.Settings.Reestablish)
+	p("traffic check: %d packets in %d full sweeps and after every step; %d violation(s) (%d in a pin window, %d by an IPVS connection entry); %d disruption(s) (moved tunnels re-establishing for %s)\n",
+		t.Packets, t.Sweeps, t.Violations, t.PinWindow, t.ConnEntry, t.Disruptions, r.Settings.Reestablish)
+	if u := r.Unknown; u != nil {
+		p("unknown peers: %d learned from their first packet (%.1f%% of the tunnels that came up after the start); kernel: %s; %d bucket change(s) in %d step(s)\n",
+			u.Learned, 100*u.Share, u.Dataplane, u.Changes, u.Steps)
+	}
 	for _, v := range t.Examples {
 		p("  violation at %s: tunnel %s: %s reached %s, SAs on %s\n", v.At, v.Tunnel, v.Packet, v.Reached, v.SAsOn)
 	}

@@ -44,6 +44,16 @@ type Scenario struct {
 	// new node (IKE's dead-peer detection plus a new handshake).
 	Reestablish time.Duration `json:"reestablish"`
 	Epsilon     float64       `json:"epsilon"`
+	// Choices is the scheduler's d: a placement weighs the peer's d best
+	// rendezvous candidates by load (0: every active node, the default;
+	// 1: the scheduler before choices).
+	Choices int `json:"choices"`
+
+	// Unknown is the share of arriving peers the NMS never announced and
+	// how the kernel steers them until the director pins them.
+	Unknown UnknownSpec `json:"unknown"`
+	// Dataplane is what the model of the kernel keeps between packets.
+	Dataplane DataplaneSpec `json:"dataplane"`
 
 	Replication ReplicationSpec `json:"replication"`
 	// Health is the director's health checks, which take a node that
@@ -86,6 +96,41 @@ type ChurnSpec struct {
 	// ArrivalsPerHour is the Poisson arrival rate; 0 keeps the population
 	// steady (count / mean lifetime).
 	ArrivalsPerHour float64 `json:"arrivals_per_hour"`
+}
+
+// UnknownSpec is the unknown-peer side of a run: peers that reach a VIP
+// before the table holds them. The kernel hashes such a peer into a bucket
+// whose node gets its first packet (its SAs are made there), and the
+// director's learner pins the peer on that node LearnDelay later.
+type UnknownSpec struct {
+	// Share is the share of arriving tunnels whose peer is unknown.
+	Share float64 `json:"share"`
+	// Buckets is the number of hash buckets; 0 models the dataplane
+	// before buckets: the hash over the active nodes, one per node.
+	Buckets int `json:"buckets"`
+	// Interval, MaxChanges, Quiet and Horizon are affinity.BucketOptions.
+	Interval   time.Duration `json:"interval"`
+	MaxChanges int           `json:"max_changes"`
+	Quiet      time.Duration `json:"quiet"`
+	Horizon    float64       `json:"horizon"`
+	// LearnDelay is the time from a peer's first packet to its pin in
+	// the table (the learner's event, commit and kernel update).
+	LearnDelay time.Duration `json:"learn_delay"`
+}
+
+func (u UnknownSpec) bucketOptions() affinity.BucketOptions {
+	return affinity.BucketOptions{Count: u.Buckets, Interval: u.Interval, MaxChanges: u.MaxChanges, Quiet: u.Quiet, Horizon: u.Horizon}
+}
+
+// DataplaneSpec is the state the modelled kernel keeps between packets.
+type DataplaneSpec struct {
+	// ConnectionEntries models IPVS UDP services without one-packet
+	// scheduling (the dataplane before issue 9): a peer's first IKE packet
+	// creates a connection entry that every retransmit refreshes, so its
+	// IKE keeps reaching the node of that entry after the peer moves.
+	// False models one-packet scheduling (and route-only mode): IKE
+	// follows the peer's mark like ESP.
+	ConnectionEntries bool `json:"connection_entries"`
 }
 
 // ReplicationSpec is the sync link between the two directors.
@@ -174,6 +219,10 @@ func DefaultScenario() *Scenario {
 		CommitEvery: 5 * time.Minute,
 		Reestablish: 30 * time.Second,
 		Epsilon:     affinity.DefaultEpsilon,
+		Choices:     affinity.DefaultChoices,
+		Unknown: UnknownSpec{Buckets: affinity.DefaultBuckets, Interval: affinity.DefaultBucketInterval,
+			MaxChanges: affinity.DefaultBuckets / 16, Quiet: affinity.DefaultBucketQuiet,
+			Horizon: affinity.DefaultBucketHorizon, LearnDelay: time.Second},
 		Replication: ReplicationSpec{Impl: ReplDirector, Latency: 2 * time.Millisecond, Loss: 0.01,
 			Retransmit: 200 * time.Millisecond, JournalChanges: 500_000},
 		Health:         defaultHealth(),
@@ -441,6 +490,19 @@ func (p *parser) weight(dst *uint32) func(string, *yaml.Node) {
 	}
 }
 
+func (p *parser) boolean(dst *bool) func(string, *yaml.Node) {
+	return func(path string, n *yaml.Node) {
+		if v, ok := p.scalar(path, n); ok {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				p.errf(path, n, "%q: want true or false", v)
+				return
+			}
+			*dst = b
+		}
+	}
+}
+
 func (p *parser) str(dst *string) func(string, *yaml.Node) {
 	return func(path string, n *yaml.Node) {
 		if v, ok := p.scalar(path, n); ok {
@@ -541,6 +603,23 @@ func (p *parser) scenario(n *yaml.Node, s *Scenario) {
 				"commit_every": p.dur(&s.CommitEvery),
 				"reestablish":  p.dur(&s.Reestablish),
 				"epsilon":      p.float(&s.Epsilon),
+				"choices":      p.integer(&s.Choices),
+			})
+		},
+		"unknown": func(path string, n *yaml.Node) {
+			p.fields(path, n, map[string]func(string, *yaml.Node){
+				"share":       p.float(&s.Unknown.Share),
+				"buckets":     p.integer(&s.Unknown.Buckets),
+				"interval":    p.dur(&s.Unknown.Interval),
+				"max_changes": p.integer(&s.Unknown.MaxChanges),
+				"quiet":       p.dur(&s.Unknown.Quiet),
+				"horizon":     p.float(&s.Unknown.Horizon),
+				"learn_delay": p.dur(&s.Unknown.LearnDelay),
+			})
+		},
+		"dataplane": func(path string, n *yaml.Node) {
+			p.fields(path, n, map[string]func(string, *yaml.Node){
+				"connection_entries": p.boolean(&s.Dataplane.ConnectionEntries),
 			})
 		},
 		"replication": func(path string, n *yaml.Node) {
@@ -679,6 +758,31 @@ func (s *Scenario) Problems() []string {
 	if s.Epsilon <= 0 || s.Epsilon > 10 {
 		bad("director.epsilon", "%g: want 0 < epsilon <= 10", s.Epsilon)
 	}
+	optionProblems("director.", affinity.Options{Choices: s.Choices}.Validate(), bad)
+	share("unknown.share", s.Unknown.Share)
+	if s.Unknown.Buckets != 0 {
+		// The scenario spells out every option: zero is no default here.
+		o := s.Unknown.bucketOptions()
+		if o.Interval <= 0 {
+			bad("unknown.interval", "%s: must be positive", FormatDuration(o.Interval))
+		}
+		if o.MaxChanges <= 0 {
+			bad("unknown.max_changes", "%d: want 1..%d", o.MaxChanges, o.Count)
+		}
+		if o.Quiet <= 0 {
+			bad("unknown.quiet", "%s: must be positive", FormatDuration(o.Quiet))
+		}
+		if o.Horizon <= 0 {
+			bad("unknown.horizon", "%g: want 0 < horizon <= 1", o.Horizon)
+		}
+		optionProblems("unknown.", o.Validate(), bad)
+	}
+	if s.Unknown.Buckets < 0 {
+		bad("unknown.buckets", "%d: want 0 (the hash over the active nodes) or 1..%d", s.Unknown.Buckets, affinity.MaxBuckets)
+	}
+	if s.Unknown.LearnDelay < 0 || s.Unknown.LearnDelay > time.Hour {
+		bad("unknown.learn_delay", "%s: want 0..1h", FormatDuration(s.Unknown.LearnDelay))
+	}
 	if s.Replication.Impl != ReplDirector && s.Replication.Impl != ReplJournal {
 		bad("replication.impl", "%q: want director or journal", s.Replication.Impl)
 	}
@@ -750,6 +854,17 @@ func (s *Scenario) Problems() []string {
 		}
 	}
 	return out
+}
+
+// optionProblems reports the OptionErrors of affinity's Validate under the
+// scenario's key path.
+func optionProblems(prefix string, err error, bad func(path, format string, args ...any)) {
+	var oe affinity.OptionErrors
+	if errors.As(err, &oe) {
+		for _, e := range oe {
+			bad(prefix+e.Key, "%s", e.Problem)
+		}
+	}
 }
 
 func cmpDuration(a, b time.Duration) int {

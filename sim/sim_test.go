@@ -169,6 +169,7 @@ func TestCrashLosesWhatTheBackupLacks(t *testing.T) {
 
 func TestTraceRoundTrip(t *testing.T) {
 	s := small(2)
+	s.Unknown.Share = 0.3
 	s.Events = append(s.Events, Event{At: 80 * time.Hour, Kind: EvLinkLoss, Loss: 0.5}, Event{At: 81 * time.Hour, Kind: EvRebalance, Budget: 7})
 	steps, err := Workload(s)
 	if err != nil {
@@ -292,27 +293,39 @@ func TestExampleScenarioParses(t *testing.T) {
 }
 
 // TestCompare: hash-mod-N moves most tunnels when a node is added, Maglev
-// few, the project's scheduler none; on a failure the scheduler moves
-// exactly the failed node's tunnels.
+// few, the project's schedulers (new and old) none; on a failure they move
+// exactly the failed node's tunnels, and the new one balances better.
 func TestCompare(t *testing.T) {
 	r, _ := run(t, small(1), nil, true)
 	c := r.Compare
-	if c == nil || len(c.Strategies) != 4 {
+	if c == nil || len(c.Strategies) != 5 {
 		t.Fatalf("comparison: %+v", c)
 	}
 	by := map[string]StrategyResult{}
 	for _, s := range c.Strategies {
 		by[strings.Fields(s.Name)[0]] = s
+		if len(s.Series) != len(c.AtHours) || len(s.Series) == 0 {
+			t.Errorf("%s: %d balance samples, %d sample times", s.Name, len(s.Series), len(c.AtHours))
+		}
 	}
-	sched, hm, mg := by["scheduler"], by["hash-mod-n"], by["maglev"]
-	if sched.MovesOnAddition != 0 || sched.MovesOnFailure != sched.IdealOnFailure {
-		t.Errorf("scheduler: %+v", sched)
+	newer, older, hm, mg := by["new"], by["old"], by["hash-mod-n"], by["maglev"]
+	for _, sched := range []StrategyResult{newer, older} {
+		if sched.MovesOnAddition != 0 || sched.MovesOnRecovery != 0 || sched.MovesOnFailure != sched.IdealOnFailure || sched.Learned == nil {
+			t.Errorf("%s: %+v", sched.Name, sched)
+		}
+	}
+	if newer.CV.Mean >= older.CV.Mean || newer.MaxOverMean.Mean >= older.MaxOverMean.Mean {
+		t.Errorf("new scheduler balances no better than the old: CV %.3f vs %.3f, max/mean %.3f vs %.3f",
+			newer.CV.Mean, older.CV.Mean, newer.MaxOverMean.Mean, older.MaxOverMean.Mean)
 	}
 	if hm.MovesOnAddition < r.InitialTunnels/2 {
 		t.Errorf("hash-mod-n moved only %d of about %d tunnels on an addition", hm.MovesOnAddition, r.InitialTunnels)
 	}
 	if mg.MovesOnAddition == 0 || mg.MovesOnAddition > hm.MovesOnAddition/3 {
 		t.Errorf("maglev moved %d on an addition, hash-mod-n %d", mg.MovesOnAddition, hm.MovesOnAddition)
+	}
+	if hm.FillAdded != "0s" || mg.Learned != nil {
+		t.Errorf("hash-mod-n fills an added node at once (got %q); maglev learns nothing (got %v)", hm.FillAdded, mg.Learned)
 	}
 }
 

@@ -36,6 +36,9 @@ type Step struct {
 	// Tunnel is the tunnel coming up (ID, Peer, Subnets; Node and Pinned
 	// when the NMS pinned it). For tunnel-down only ID is set.
 	Tunnel affinity.Tunnel
+	// Unknown marks a tunnel-up whose peer the NMS never announced: the
+	// kernel steers it until the director learns it from its first packet.
+	Unknown bool
 	// Event is the timed event for the other kinds.
 	Event Event
 }
@@ -109,6 +112,9 @@ func Workload(s *Scenario) ([]Step, error) {
 		}
 		return life()
 	}
+	// Which arrivals are unknown peers: a stream of its own, so the share
+	// changes nothing else of the workload.
+	ru := rand.New(rand.NewPCG(s.Seed, 0x756e6b6e))
 	steps := make([]Step, 0, len(s.Nodes)+2*total+len(s.Events))
 	for _, n := range s.Nodes {
 		steps = append(steps, Step{Kind: EvNodeAdd, Event: Event{Kind: EvNodeAdd, Node: n.Name, Weight: n.Weight, Capacity: n.Capacity}})
@@ -124,7 +130,8 @@ func Workload(s *Scenario) ([]Step, error) {
 		} else if tu.Pinned {
 			tu.Node = rename[tu.Node]
 		}
-		steps = append(steps, Step{At: start, Kind: StepTunnelUp, Tunnel: tu})
+		unknown := i >= s.Tunnels.Count && s.Unknown.Share > 0 && ru.Float64() < s.Unknown.Share
+		steps = append(steps, Step{At: start, Kind: StepTunnelUp, Tunnel: tu, Unknown: unknown})
 		// NMS-pinned sites are permanent; the rest come and go.
 		if tu.Pinned {
 			continue
@@ -171,7 +178,7 @@ func SortSteps(steps []Step) {
 }
 
 // traceHeader is the CSV header of a trace file.
-var traceHeader = []string{"at", "kind", "tunnel", "peer", "subnets", "node", "pinned", "weight", "capacity", "budget", "mode", "loss"}
+var traceHeader = []string{"at", "kind", "tunnel", "peer", "subnets", "node", "pinned", "weight", "capacity", "budget", "mode", "loss", "unknown"}
 
 // WriteTrace writes steps as a trace CSV: one line per step, "at" in
 // seconds with millisecond precision, subnets separated by spaces.
@@ -202,6 +209,9 @@ func WriteTrace(w io.Writer, steps []Step) error {
 			rec[5] = st.Tunnel.Node
 			if st.Tunnel.Pinned {
 				rec[6] = "true"
+			}
+			if st.Unknown {
+				rec[12] = "true"
 			}
 		case StepTunnelDown:
 			rec[2] = st.Tunnel.ID
@@ -329,12 +339,20 @@ func ReadTrace(name string, r io.Reader) ([]Step, error) {
 				st.Tunnel.Subnets = append(st.Tunnel.Subnets, p)
 			}
 			st.Tunnel.Node = get("node")
-			switch get("pinned") {
-			case "", "false":
-			case "true":
-				st.Tunnel.Pinned = true
-			default:
-				bad("pinned", "%q: want true or false", get("pinned"))
+			for _, f := range []struct {
+				col string
+				dst *bool
+			}{{"pinned", &st.Tunnel.Pinned}, {"unknown", &st.Unknown}} {
+				switch get(f.col) {
+				case "", "false":
+				case "true":
+					*f.dst = true
+				default:
+					bad(f.col, "%q: want true or false", get(f.col))
+				}
+			}
+			if st.Unknown && (st.Tunnel.Pinned || st.Tunnel.Node != "") {
+				bad("unknown", "an unknown peer has no node and is not pinned")
 			}
 		case StepTunnelDown:
 			st.Tunnel.ID = get("tunnel")

@@ -89,6 +89,9 @@ type Topology struct {
 	Target    *Host
 	VIP4      netip.Addr
 	VIP6      netip.Addr
+	// The segments, for tests that attach more hosts to them (a NAT in
+	// front of a peer, a second target).
+	OutsideSwitch, InsideSwitch, TargetSwitch *Switch
 }
 
 func nth(p netip.Prefix, i int) netip.Addr {
@@ -138,6 +141,7 @@ func (l *Lab) BuildTopology(o TopologyOptions) (*Topology, error) {
 	if err != nil {
 		return nil, err
 	}
+	top.OutsideSwitch, top.InsideSwitch, top.TargetSwitch = swOut, swIn, swTgt
 	host := func(name string) (*Host, error) {
 		n, err := l.AddNS(name)
 		if err != nil {

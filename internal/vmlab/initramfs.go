@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 )
 
 // initScript is the guest's /init. It prints VMLAB-STAGE lines with the
@@ -33,6 +34,9 @@ while read -r m; do
 done < /etc/vmlab/modules
 echo "VMLAB-STAGE=modules $(cut -d' ' -f1 /proc/uptime)"
 ip link set lo up
+# Host-root mode: hostroot.sh (from the per-run archive) mounts the host's
+# root and switches to it; it must replace this shell to keep PID 1.
+if [ -e /etc/vmlab/hostroot.sh ]; then exec sh /etc/vmlab/hostroot.sh; fi
 sh /etc/vmlab/run.sh
 echo "VMLAB-EXIT=$?"
 echo "VMLAB-STAGE=done $(cut -d' ' -f1 /proc/uptime)"
@@ -165,6 +169,9 @@ func baseInitramfs(cache string, k *Kernel, mods []Module) (string, error) {
 	fmt.Fprintln(h, strings.Join(names, ","))
 	out := filepath.Join(cache, "initramfs", "base-"+hex.EncodeToString(h.Sum(nil))[:16]+".cpio")
 	if _, err := os.Stat(out); err == nil {
+		// The mtime says when a base was last used (see the clean-up below).
+		now := time.Now()
+		_ = os.Chtimes(out, now, now)
 		return out, nil
 	}
 	if err := os.MkdirAll(filepath.Dir(out), 0o755); err != nil {
@@ -209,10 +216,12 @@ func baseInitramfs(cache string, k *Kernel, mods []Module) (string, error) {
 	if err := os.Rename(tmp, out); err != nil {
 		return "", fmt.Errorf("install initramfs %s: %w", out, err)
 	}
-	// Older bases (other kernel, module list or init) are dead weight.
+	// Bases of another kernel or init are dead weight, but packages with
+	// other module lists (run by go test in parallel) may be about to read
+	// theirs: remove only bases unused for a day.
 	old, _ := filepath.Glob(filepath.Join(filepath.Dir(out), "base-*.cpio"))
 	for _, o := range old {
-		if o != out {
+		if st, err := os.Stat(o); err == nil && o != out && time.Since(st.ModTime()) > 24*time.Hour {
 			os.Remove(o)
 		}
 	}
@@ -221,12 +230,51 @@ func baseInitramfs(cache string, k *Kernel, mods []Module) (string, error) {
 
 func shQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
 
-// testInitramfs writes the per-run archive: the test binary and run.sh.
-func testInitramfs(path, testBin string, env map[string]string, args []string) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return fmt.Errorf("create test initramfs %s: %w", path, err)
-	}
+// hostRootScript mounts the host's root filesystem, shared read-only by
+// qemu over 9p (mount tag HostRootTag), under a tmpfs overlay that makes it
+// writable for the guest alone, moves the initramfs's proc, sys, dev and run
+// mounts into it, and switches to it. The kernel modules stay loaded from the
+// initramfs (loading them over 9p is slow). switch_root must be run by PID 1:
+// /init execs this script. Failures power off with a VMLAB-EXIT status so
+// the host reports them instead of waiting for its timeout.
+const hostRootScript = `fail() { echo "vmlab: host root: $*"; echo "VMLAB-EXIT=125"; poweroff -f; }
+mkdir -p /mnt/host /mnt/rw /newroot
+mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=262144,cache=loose ` + HostRootTag + ` /mnt/host || fail "mount 9p ` + HostRootTag + `"
+mount -t tmpfs -o mode=0755 tmpfs /mnt/rw || fail "mount tmpfs"
+mkdir -p /mnt/rw/upper /mnt/rw/work
+mount -t overlay -o lowerdir=/mnt/host,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work overlay /newroot || fail "mount overlay"
+mkdir -p /newroot/.vmlab || fail "mkdir /.vmlab"
+cp /bin/busybox /etc/vmlab/run.sh /etc/vmlab/stage2.sh /newroot/.vmlab/ || fail "copy stage 2"
+# The loaded modules, where the host's modprobe (run by programs such as
+# ipvsadm or a netlink library) finds them already loaded.
+mkdir -p /newroot/lib/modules && cp -a /lib/modules/$(uname -r) /newroot/lib/modules/ || fail "copy modules"
+echo "VMLAB-STAGE=hostroot $(cut -d' ' -f1 /proc/uptime)"
+if [ -n "$` + OutputEnv + `" ]; then
+	mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 ` + outputTag + ` "/newroot$` + OutputEnv + `" || fail "mount the output directory"
+fi
+for d in proc sys dev run; do mount --move /$d /newroot/$d || fail "move /$d"; done
+exec switch_root /newroot /.vmlab/busybox sh /.vmlab/stage2.sh
+`
+
+// hostRootStage2 runs on the host's root (as the overlay): it completes the
+// usual mounts, runs the tests with the host's tools on PATH and powers off
+// with busybox (the host's poweroff would need systemd).
+const hostRootStage2 = `export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+mkdir -p /dev/pts /dev/shm
+/.vmlab/busybox mount -t devpts devpts /dev/pts
+/.vmlab/busybox mount -t tmpfs tmpfs /dev/shm
+# busybox sh runs its own applets first: the host's (kmod) depmod by path, so
+# that the host's modprobe finds the loaded modules in its index.
+/sbin/depmod "$(uname -r)" 2>/dev/null
+/.vmlab/busybox sh /.vmlab/run.sh
+echo "VMLAB-EXIT=$?"
+echo "VMLAB-STAGE=done $(cut -d' ' -f1 /proc/uptime)"
+/.vmlab/busybox poweroff -f
+`
+
+// runScript is run.sh: the guest environment and the test binary's command
+// line.
+func runScript(testBin string, env map[string]string, args []string) string {
 	var sb strings.Builder
 	sb.WriteString("export " + GuestEnv + "=1\n")
 	keys := make([]string, 0, len(env))
@@ -237,14 +285,33 @@ func testInitramfs(path, testBin string, env map[string]string, args []string) e
 	for _, k := range keys {
 		sb.WriteString("export " + k + "=" + shQuote(env[k]) + "\n")
 	}
-	sb.WriteString("cd /tmp\nexec /td.test")
+	sb.WriteString("cd /tmp\nexec " + shQuote(testBin))
 	for _, a := range args {
 		sb.WriteString(" " + shQuote(a))
 	}
 	sb.WriteString("\n")
+	return sb.String()
+}
+
+// testInitramfs writes the per-run archive: run.sh and the test binary,
+// or, with hostRoot, the scripts that switch to the host's root, where the
+// guest runs the test binary from its host path (it is not copied).
+func testInitramfs(path, testBin string, env map[string]string, args []string, hostRoot bool) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("create test initramfs %s: %w", path, err)
+	}
 	c := newCpio(f)
-	c.file("td.test", 0o755, testBin)
-	c.bytes("etc/vmlab/run.sh", 0o644, []byte(sb.String()))
+	if hostRoot {
+		c.bytes("etc/vmlab/run.sh", 0o644, []byte(runScript(testBin, env, args)))
+		// hostroot.sh runs before run.sh's exports: it gets the output
+		// directory (or an empty one) as a shell variable of its own.
+		c.bytes("etc/vmlab/hostroot.sh", 0o644, []byte(OutputEnv+"="+shQuote(env[OutputEnv])+"\n"+hostRootScript))
+		c.bytes("etc/vmlab/stage2.sh", 0o644, []byte(hostRootStage2))
+	} else {
+		c.file("td.test", 0o755, testBin)
+		c.bytes("etc/vmlab/run.sh", 0o644, []byte(runScript("/td.test", env, args)))
+	}
 	if err := c.close(); err != nil {
 		f.Close()
 		return fmt.Errorf("write test initramfs %s: %w", path, err)

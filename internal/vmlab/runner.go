@@ -69,7 +69,11 @@ func newRunner(t testing.TB, opts Options) (*runner, error) {
 	if r.kernel, err = EnsureKernel(ctx); err != nil {
 		return nil, err
 	}
-	mods, err := r.kernel.ResolveModules(append(append([]string(nil), DefaultModules...), opts.Modules...))
+	want := append(append([]string(nil), DefaultModules...), opts.Modules...)
+	if opts.HostRoot {
+		want = append(want, HostRootModules...)
+	}
+	mods, err := r.kernel.ResolveModules(want)
 	if err != nil {
 		return nil, err
 	}
@@ -117,7 +121,13 @@ func newRunner(t testing.TB, opts Options) (*runner, error) {
 	if netlab.InCI() {
 		env["CI"] = "true"
 	}
-	if err := testInitramfs(tcpio, bin, env, args); err != nil {
+	if opts.OutputDir != "" {
+		if !opts.HostRoot || !filepath.IsAbs(opts.OutputDir) || strings.ContainsAny(opts.OutputDir, ", '\"") {
+			return nil, fmt.Errorf("vmlab: OutputDir %q: needs HostRoot and an absolute path without commas, spaces or quotes", opts.OutputDir)
+		}
+		env[OutputEnv] = opts.OutputDir
+	}
+	if err := testInitramfs(tcpio, bin, env, args, opts.HostRoot); err != nil {
 		return nil, err
 	}
 	r.initrd = filepath.Join(dir, "initrd.cpio")
@@ -128,14 +138,25 @@ func newRunner(t testing.TB, opts Options) (*runner, error) {
 	return r, nil
 }
 
+// goCommand returns the go command: from PATH, else from the running
+// toolchain's GOROOT.
+func goCommand() (string, error) {
+	gobin, err := exec.LookPath("go")
+	if err == nil {
+		return gobin, nil
+	}
+	gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
+	if _, serr := os.Stat(gobin); serr != nil {
+		return "", &MissingError{What: "the go command (put Go's bin directory on PATH)", Err: err}
+	}
+	return gobin, nil
+}
+
 // buildTest compiles the package's tests as one static binary.
 func buildTest(ctx context.Context, pkg, out string) error {
-	gobin, err := exec.LookPath("go")
+	gobin, err := goCommand()
 	if err != nil {
-		gobin = filepath.Join(runtime.GOROOT(), "bin", "go")
-		if _, serr := os.Stat(gobin); serr != nil {
-			return &MissingError{What: "the go command (put Go's bin directory on PATH)", Err: err}
-		}
+		return err
 	}
 	cmd := exec.CommandContext(ctx, gobin, "test", "-c", "-o", out, pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
@@ -144,6 +165,22 @@ func buildTest(ctx context.Context, pkg, out string) error {
 	}
 	if _, err := os.Stat(out); err != nil {
 		return fmt.Errorf("build guest test binary: package %s has no test files: %w", pkg, err)
+	}
+	return nil
+}
+
+// BuildBinary builds the main package pkg (an import path, or a path
+// relative to the calling test's directory) as a static binary at out, for
+// a guest to run from the host's root (Options.HostRoot).
+func BuildBinary(ctx context.Context, pkg, out string) error {
+	gobin, err := goCommand()
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, gobin, "build", "-o", out, pkg)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("build %s for the guest: go build: %v\n%s", pkg, err, b)
 	}
 	return nil
 }
@@ -202,7 +239,11 @@ func (r *runner) run() (*Result, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), r.opts.Timeout)
 	defer cancel()
 	accel := Accel()
-	cmd := exec.CommandContext(ctx, r.qemu, QemuArgs(accel, r.kernel.Vmlinuz, r.initrd, r.opts.MemoryMB)...)
+	qargs := QemuArgs(accel, r.kernel.Vmlinuz, r.initrd, r.opts.MemoryMB)
+	if r.opts.HostRoot {
+		qargs = append(qargs, hostRootQemuArgs(r.opts.OutputDir)...)
+	}
+	cmd := exec.CommandContext(ctx, r.qemu, qargs...)
 	cmd.Stdin = nil
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {

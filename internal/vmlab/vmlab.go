@@ -52,7 +52,50 @@ type Options struct {
 	Env map[string]string
 	// Args are extra test binary flags, e.g. "-test.count=1".
 	Args []string
+	// HostRoot boots the guest on the host's root filesystem instead of
+	// the bare initramfs: qemu shares "/" read-only over 9p, the guest
+	// mounts it under a tmpfs overlay (writes stay in guest memory) and
+	// switches to it, so the host's installed programs (strongSwan,
+	// iproute2, nft, ...) run inside the guest on the guest's kernel. The
+	// test binary runs from its path on the host. Modules still load from
+	// the initramfs (HostRootModules are added). Programs run from the
+	// host must be built for this architecture and use the host's libraries.
+	HostRoot bool
+	// OutputDir, in HostRoot mode, is a host directory the guest can write
+	// to: shared read-write over 9p and mounted at the same path in the
+	// guest, which finds it in $TD_VMLAB_OUTPUT. Tests leave logs and
+	// captures there for the host (the guest's own files vanish with it).
+	OutputDir string
 }
+
+// OutputEnv names the guest's environment variable holding
+// Options.OutputDir.
+const OutputEnv = "TD_VMLAB_OUTPUT"
+
+// OutputDir returns the directory the host shared for the guest's output
+// (Options.OutputDir), or "" when there is none.
+func OutputDir() string { return os.Getenv(OutputEnv) }
+
+// HostRootTag is the 9p mount tag of the host's root in HostRoot mode.
+const HostRootTag = "hostroot"
+
+// HostRootModules are loaded in addition to DefaultModules in HostRoot
+// mode: the virtio transport, 9p and overlayfs.
+var HostRootModules = []string{"virtio_pci", "9pnet_virtio", "9p", "overlay"}
+
+// hostRootQemuArgs shares the host's root with the guest, read-only.
+// multidevs=remap keeps inode numbers unique across the host's mounts,
+// which the guest's 9p cache relies on.
+func hostRootQemuArgs(output string) []string {
+	args := []string{"-virtfs", "local,path=/,mount_tag=" + HostRootTag + ",security_model=none,readonly=on,multidevs=remap"}
+	if output != "" {
+		args = append(args, "-virtfs", "local,path="+output+",mount_tag="+outputTag+",security_model=none,multidevs=remap")
+	}
+	return args
+}
+
+// outputTag is the 9p mount tag of Options.OutputDir.
+const outputTag = "vmlabout"
 
 // Run boots the guest, runs the selected guest tests of opts.Package in it,
 // streams the guest's console to t.Log and fails t when the guest tests
