@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -36,17 +35,8 @@ func BenchmarkHealthFailover(b *testing.B) {
 		return strings.Replace(cfg, "health: {enabled: false}\n", "interfaces: {inside: in0}\n", 1)
 	})
 	resp := make([]*ikeresponder.Responder, nodes)
-	for i, n := range e.top.Nodes {
-		err := n.Do(func() error {
-			r, err := ikeresponder.Listen(netip.AddrPortFrom(n.If(netlab.IfInside).Addr4, 500))
-			resp[i] = r
-			return err
-		})
-		if err != nil {
-			b.Fatal(err)
-		}
-		resp[i].Start()
-		b.Cleanup(func() { resp[i].Close() })
+	for i := range resp {
+		resp[i] = e.responder(i)
 	}
 	var csv strings.Builder
 	csv.WriteString("id,peer,subnets,node\n")

@@ -68,6 +68,24 @@ func (e *e2e) owners() map[string]string {
 	return out
 }
 
+// responder answers IKE on node i's inside address (the test responder,
+// like charon) until the test ends.
+func (e *e2e) responder(i int) *ikeresponder.Responder {
+	e.t.Helper()
+	n := e.top.Nodes[i]
+	var r *ikeresponder.Responder
+	err := n.Do(func() (err error) {
+		r, err = ikeresponder.Listen(netip.AddrPortFrom(n.If(netlab.IfInside).Addr4, 500))
+		return err
+	})
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	r.Start()
+	e.t.Cleanup(func() { r.Close() })
+	return r
+}
+
 func (e *e2e) daemonLog() string {
 	b, _ := os.ReadFile(e.logPath)
 	return string(b)
@@ -115,21 +133,7 @@ func TestHealthMovesDeadNode(t *testing.T) {
 	charon.Require(t)
 	e := newE2EWith(t, netlab.TopologyOptions{Peers: 2, Directors: 1, Nodes: 4, VIPOnDirectors: true}, healthConfig)
 	var goResp [4]*ikeresponder.Responder
-	listen := func(i int) {
-		n := e.top.Nodes[i]
-		err := n.Do(func() error {
-			r, err := ikeresponder.Listen(netip.AddrPortFrom(n.If(netlab.IfInside).Addr4, 500))
-			goResp[i] = r
-			return err
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		goResp[i].Start()
-		t.Cleanup(func() { goResp[i].Close() })
-	}
-	listen(0)
-	listen(3)
+	goResp[0], goResp[3] = e.responder(0), e.responder(3)
 	charons := map[int]*charon.Daemon{1: charon.Start(t, e.top.Nodes[1].NS, charon.Options{}), 2: charon.Start(t, e.top.Nodes[2].NS, charon.Options{})}
 
 	p0 := e.top.Peers[0].If(netlab.IfOutside)
