@@ -38,6 +38,7 @@ nodes:
 api: {socket: %s}
 verify_interval: 1s
 log_level: debug
+health: %s
 `
 
 func newDirector(f *Farm) (*Director, error) {
@@ -54,7 +55,11 @@ func newDirector(f *Farm) (*Director, error) {
 	for _, n := range f.Nodes {
 		nodes = append(nodes, fmt.Sprintf("  - {name: %s, address: %s}", n.Name, n.Addr))
 	}
-	cfg := fmt.Sprintf(directorConfig, d.DB, f.Top.VIP4, netlab.IfOutside, netlab.IfInside, f.Opts.Mode, strings.Join(nodes, "\n"), d.Socket)
+	health := f.Opts.Health
+	if health == "" {
+		health = "{enabled: false}"
+	}
+	cfg := fmt.Sprintf(directorConfig, d.DB, f.Top.VIP4, netlab.IfOutside, netlab.IfInside, f.Opts.Mode, strings.Join(nodes, "\n"), d.Socket, health)
 	return d, os.WriteFile(d.Config, []byte(cfg), 0o600)
 }
 

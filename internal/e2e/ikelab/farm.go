@@ -40,6 +40,10 @@ type Options struct {
 	NATPeers int
 	// Nodes is the number of terminator nodes (default 3).
 	Nodes int
+	// Health is the daemon's health: section (a YAML flow mapping, e.g.
+	// "{fall: 3}"); empty turns the health checks off, so that nodes go
+	// down only by the scenario's commands.
+	Health string
 }
 
 // The lab's addresses beyond netlab's.
