@@ -75,6 +75,11 @@ type Config struct {
 		// maxSmallBody.
 		MaxBody int64 `yaml:"max_body"`
 	} `yaml:"api"`
+	// Metrics is the Prometheus endpoint (director/metrics).
+	Metrics struct {
+		// Listen is the address:port serving /metrics; unset: off.
+		Listen netip.AddrPort `yaml:"listen"`
+	} `yaml:"metrics"`
 	// Replication pairs this director with another (optional).
 	Replication ReplicationConfig `yaml:"replication"`
 	// Health checks the nodes and takes dead ones down (package
@@ -511,6 +516,9 @@ func (c *Config) Check() error {
 		} else if len(bytes.TrimSpace(b)) == 0 {
 			bad("api.token_file", "%s is empty", c.API.TokenFile)
 		}
+	}
+	if l := c.Metrics.Listen; l.IsValid() && l.Port() == 0 {
+		bad("metrics.listen", "%s has no port (the example uses 127.0.0.1:9410)", l)
 	}
 	if c.API.MaxBody < 1<<20 {
 		bad("api.max_body", "%d below 1 MiB (1048576)", c.API.MaxBody)

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
@@ -48,6 +50,12 @@ type Daemon struct {
 	health    *health.Monitor         // the node health checks (nodehealth.go)
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
+
+	m *daemonMetrics
+	// elements are the peer, subnet and node elements the kernel holds,
+	// as of the last successful reconcile (under statMu).
+	elements struct{ peers, subnets, nodes int }
+	sd       *systemd
 }
 
 // Status is what `tunneldirector status` shows.
@@ -100,6 +108,8 @@ type DaemonOptions struct {
 	// Watch, when set, reports the first packet of every peer the kernel
 	// did not know (ipvs.FirstPackets): the daemon pins those peers.
 	Watch func(ctx context.Context, fn func(ipvs.NewFlow)) error
+	// Metrics, when set, receives the daemon's families (director/metrics).
+	Metrics prometheus.Registerer
 }
 
 // NewDaemon wires a daemon over an open store and a dataplane; Run starts
@@ -117,9 +127,19 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 
 		readyFile: o.ReadyFile,
 		watch:     o.Watch,
+		m:         newDaemonMetrics(),
 	}
 	if d.log == nil {
 		d.log = slog.Default()
+	}
+	d.sd = newSystemd(d.log)
+	d.svc.m = d.m
+	if o.Metrics != nil {
+		for _, c := range append(d.m.collectors(), newDaemonCollector(d)) {
+			if err := o.Metrics.Register(c); err != nil {
+				return nil, fmt.Errorf("register metrics: %w", err)
+			}
+		}
 	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
@@ -350,7 +370,17 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer verify.Stop()
 	ready, readyC := d.clk.NewTicker(time.Second)
 	defer ready.Stop()
+	// The watchdog is pinged from this loop and nowhere else: a loop stuck
+	// in a reconcile stops the pings, and systemd restarts the daemon.
+	var watchdogC <-chan time.Time
+	if every := d.sd.pingEvery(); every > 0 {
+		wd, c := d.clk.NewTicker(every)
+		defer wd.Stop()
+		watchdogC = c
+	}
 	d.writeReady()
+	d.sd.ready(d.statusLine())
+	defer d.sd.stopping()
 	for {
 		// The cursor is replaced when the change log left it behind:
 		// take its channel anew each time.
@@ -365,7 +395,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.Verify(ctx)
 		case <-readyC:
 			d.writeReady()
+		case <-watchdogC:
+			d.sd.ping()
 		}
+		d.sd.status(d.statusLine())
 	}
 }
 
@@ -377,9 +410,12 @@ func (d *Daemon) syncAll(ctx context.Context, why string) error {
 	rev := d.st.Revision()
 	want := d.Desired()
 	st, err := d.dp.Sync(ctx, want)
-	d.record(rev, st, err)
-	if d.partial(err) {
+	d.record(reconcileFull, rev, st, err)
+	if err == nil || d.partial(err) {
 		err = nil
+		d.statMu.Lock()
+		d.elements.peers, d.elements.subnets, d.elements.nodes = len(want.Peers), len(want.Subnets), len(want.Nodes)
+		d.statMu.Unlock()
 	}
 	if err != nil {
 		return fmt.Errorf("sync kernel to revision %d (%s): %w", rev, why, err)
@@ -412,6 +448,7 @@ func (d *Daemon) pendingBatches() (batches []store.Batch, full bool, err error) 
 		if !ok {
 			return batches, false, nil
 		}
+		d.m.countMoves(b)
 		batches = append(batches, b)
 	}
 }
@@ -436,8 +473,13 @@ func (d *Daemon) reconcile(ctx context.Context) {
 		if ok {
 			rev := batches[len(batches)-1].Revision
 			st, err := d.dp.Update(ctx, dl)
-			d.record(rev, st, err)
+			d.record(reconcileDelta, rev, st, err)
 			if err == nil || d.partial(err) {
+				dp, ds := elementDelta(batches)
+				d.statMu.Lock()
+				d.elements.peers += dp
+				d.elements.subnets += ds
+				d.statMu.Unlock()
 				d.log.Debug("kernel updated", "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
 				return
 			}
@@ -455,6 +497,7 @@ func (d *Daemon) reconcile(ctx context.Context) {
 // Verify reads the kernel back and repairs drift, counting the repairs.
 func (d *Daemon) Verify(ctx context.Context) {
 	st, err := d.dp.Verify(ctx)
+	d.m.reconciled(reconcileVerify, st, err)
 	d.statMu.Lock()
 	d.stat.LastVerify = d.clk.Now()
 	var pe *ipvs.PartialError
@@ -476,7 +519,8 @@ func (d *Daemon) Verify(ctx context.Context) {
 	}
 }
 
-func (d *Daemon) record(rev uint64, st ipvs.Stats, err error) {
+func (d *Daemon) record(kind string, rev uint64, st ipvs.Stats, err error) {
+	d.m.reconciled(kind, st, err)
 	d.statMu.Lock()
 	defer d.statMu.Unlock()
 	d.stat.Reconciles++
@@ -560,6 +604,7 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 	if _, known := t.PeerMark(f.Src); known {
 		return
 	}
+	d.m.firstPackets.Inc()
 	// The packet carries the mark the classifier gave it (the hash's
 	// node); without one, compute what the kernel's hash chose.
 	mark, ok := c.Dataplane().NodeOf(f.Mark)
@@ -590,7 +635,7 @@ func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
 	if err := d.writable(); err != nil {
 		return fmt.Errorf("learn peer %s: %w", peer, err)
 	}
-	_, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+	a, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
 		if _, known := t.LookupPeer(peer); known {
 			return nil, nil
 		}
@@ -598,7 +643,7 @@ func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
 		if !ok {
 			return nil, fmt.Errorf("learn peer %s: no node has mark %d", peer, mark)
 		}
-		tu := &affinity.Tunnel{ID: "learned-" + peer.String(), Peer: peer, Node: n.Name}
+		tu := &affinity.Tunnel{ID: LearnedPrefix + peer.String(), Peer: peer, Node: n.Name}
 		return []affinity.Change{{Kind: affinity.PutTunnel, Tunnel: tu, Reason: "learned from first packet"}}, nil
 	})
 	if err != nil {
@@ -608,8 +653,20 @@ func (d *Daemon) Learn(peer netip.Addr, mark uint16) error {
 		}
 		return err
 	}
+	if len(a.Changes) == 0 {
+		return nil // pinned meanwhile (by the other director, say)
+	}
 	d.statMu.Lock()
 	d.stat.Learned++
 	d.statMu.Unlock()
+	d.m.pins.Inc()
 	return nil
+}
+
+// kernelElements returns the peer, subnet and node elements the kernel
+// holds as of the last successful reconcile.
+func (d *Daemon) kernelElements() (peers, subnets, nodes int) {
+	d.statMu.Lock()
+	defer d.statMu.Unlock()
+	return d.elements.peers, d.elements.subnets, d.elements.nodes
 }

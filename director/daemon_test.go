@@ -48,15 +48,11 @@ func startDaemon(t *testing.T) (*Daemon, *ipvstest.Fake, *store.Store, context.C
 	return startDaemonWith(t, ipvstest.NewFake(ipvs.ModeRouteOnly))
 }
 
-func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
-	return startDaemonOpts(t, k, nil)
-}
-
-// startDaemonOpts runs a daemon with three nodes over a fresh store and
-// the fake kernel; with (when set) adjusts its options first. The health
+// testStore opens a fresh store and a configuration with one VIP and the
+// nodes vpn-a, vpn-b (and vpn-c unless two are asked for). The health
 // checks are off: a unit test sends no probes into the host's network
 // (the namespace tests in internal/e2e run them).
-func startDaemonOpts(t *testing.T, k *ipvstest.Fake, with func(*DaemonOptions)) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
+func testStore(t *testing.T, nodes int) (*store.Store, *Config) {
 	t.Helper()
 	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
 	if err != nil {
@@ -65,9 +61,21 @@ func startDaemonOpts(t *testing.T, k *ipvstest.Fake, with func(*DaemonOptions)) 
 	t.Cleanup(func() { st.Close() })
 	cfg := DefaultConfig()
 	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
-	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}, {Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}
+	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}, {Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}[:nodes]
 	cfg.Health.Enabled = false
-	o := DaemonOptions{Config: &cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)}
+	return st, &cfg
+}
+
+func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
+	return startDaemonOpts(t, k, nil)
+}
+
+// startDaemonOpts runs a daemon with three nodes over a fresh store and
+// the fake kernel; with (when set) adjusts its options first.
+func startDaemonOpts(t *testing.T, k *ipvstest.Fake, with func(*DaemonOptions)) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
+	t.Helper()
+	st, cfg := testStore(t, 3)
+	o := DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)}
 	if with != nil {
 		with(&o)
 	}

@@ -6,6 +6,9 @@
 #   Debian packages: qemu-system-x86 (the VM, TCG), busybox-static (guest
 #   userland), cpio, kmod (debugging of initramfs/modules), nftables and
 #   iproute2 (inspecting namespaces by hand; the tests themselves use netlink),
+#   systemd (systemd-analyze verify of the package's units), prometheus
+#   (promtool check metrics and rules; its service is not started: there is
+#   no init here, and invoke-rc.d's policy refuses),
 #   keepalived (pair failover tests), strongswan-charon, strongswan-swanctl and
 #   libstrongswan-standard-plugins (openssl, gcm: real IKE daemons for the
 #   strongSwan VM tests, internal/e2e/strongswan, which run the host's charon
@@ -29,6 +32,7 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 
 PKGS="qemu-system-x86 busybox-static cpio kmod nftables iproute2 keepalived"
+PKGS="$PKGS systemd prometheus" # internal/pkgbuild: systemd-analyze verify; internal/e2e: promtool check metrics and rules
 PKGS="$PKGS strongswan-charon strongswan-swanctl libstrongswan-standard-plugins" # real IKE daemons: health probes in namespaces, the strongSwan VM layer
 missing=""
 for p in $PKGS; do

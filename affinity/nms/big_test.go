@@ -9,7 +9,8 @@ import (
 )
 
 // A runaway file is refused as soon as it passes MaxRecords, with memory
-// bounded by the records read, not by the file.
+// bounded by the records read, not by the file. How long it takes is logged,
+// not asserted: the lines read before refusing are the proof.
 func TestHugeFileRefusedFast(t *testing.T) {
 	if testing.Short() {
 		t.Skip("reads 100,001 generated lines")
@@ -38,9 +39,6 @@ func TestHugeFileRefusedFast(t *testing.T) {
 	// The reader stops within a buffer or two of the limit.
 	if g.i > limit+20_000 {
 		t.Errorf("generated %d lines of %d before refusing", g.i, lines)
-	}
-	if elapsed > 10*time.Second {
-		t.Errorf("took %v to refuse", elapsed)
 	}
 	if peak > heapBound {
 		t.Errorf("heap peaked at %d MiB, bound %d MiB", peak>>20, heapBound>>20)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -23,7 +24,12 @@ func newNodeCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Add, remove, drain, fail or reweight a node"}
 	run := func(c *cobra.Command, req director.NodeRequest) error {
 		return g.withOperator(c, false, func(s director.Operator) error {
-			res, err := s.NodeAction(req)
+			var res *director.NodeResult
+			start := time.Now()
+			err := busy(fmt.Sprintf("node %s %s: planning and committing", req.Action, req.Name), func() (err error) {
+				res, err = s.NodeAction(req)
+				return err
+			})
 			if err != nil {
 				return err
 			}
@@ -34,10 +40,11 @@ func newNodeCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(g.out, "node %s: nothing to change (revision %d)\n", req.Name, res.Revision)
 				return nil
 			}
-			fmt.Fprintf(g.out, "node %s: %s done, revision %d\n", req.Name, req.Action, res.Revision)
+			fmt.Fprintf(g.out, "node %s: %s done, revision %d, committed in %s\n", req.Name, req.Action, res.Revision, time.Since(start).Round(time.Millisecond))
 			if res.Plan != nil {
 				printMoves(g, res.Plan, 20)
 			}
+			g.kernelFeedback(s, res.Revision)
 			return nil
 		})
 	}
@@ -136,7 +143,12 @@ tunnel breaks it until it re-establishes on its new node: keep the budget small.
 				return fmt.Errorf("rebalance: --max-moves is required (moving live tunnels breaks them; choose a budget)")
 			}
 			return g.withOperator(cmd, !apply, func(s director.Operator) error {
-				res, err := s.Rebalance(maxMoves, apply)
+				var res *director.RebalanceResult
+				start := time.Now()
+				err := busy(fmt.Sprintf("rebalance of at most %d moves: planning", maxMoves), func() (err error) {
+					res, err = s.Rebalance(maxMoves, apply)
+					return err
+				})
 				if err != nil {
 					return err
 				}
@@ -145,7 +157,10 @@ tunnel breaks it until it re-establishes on its new node: keep the budget small.
 				}
 				printMoves(g, res.Plan, show)
 				if apply {
-					fmt.Fprintf(g.out, "applied: revision %d\n", res.Revision)
+					fmt.Fprintf(g.out, "applied: revision %d, committed in %s\n", res.Revision, time.Since(start).Round(time.Millisecond))
+					if len(res.Plan.Moves) > 0 {
+						g.kernelFeedback(s, res.Revision)
+					}
 				} else {
 					fmt.Fprintln(g.out, "plan only: run again with --apply to move them")
 				}

@@ -11,7 +11,6 @@ import (
 
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
-	"golang.org/x/term"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
@@ -50,8 +49,17 @@ changes nothing. FILE "-" reads standard input.`,
 			defer in.Close()
 			req := director.ImportRequest{Name: name, Kind: k, Format: f, DryRun: dryRun, Replace: replace, MaxRecords: maxRecords}
 			bar := newProgress(size, "reading "+name)
+			var commit *progressbar.ProgressBar
 			if bar != nil {
-				req.Progress = func(n int64) { bar.Set64(n) }
+				req.Progress = func(n int64) {
+					bar.Set64(n)
+					if n >= size && commit == nil {
+						// Read (or sent to the daemon) in full: what
+						// remains is planning and committing.
+						bar.Finish()
+						commit = newSpinner("planning and committing "+name, false)
+					}
+				}
 				defer bar.Finish()
 			}
 			return g.withOperator(cmd, dryRun, func(s director.Operator) error {
@@ -59,6 +67,9 @@ changes nothing. FILE "-" reads standard input.`,
 				res, err := s.Import(in, req)
 				if bar != nil {
 					bar.Finish()
+				}
+				if commit != nil {
+					commit.Finish()
 				}
 				if err != nil {
 					return err
@@ -72,6 +83,7 @@ changes nothing. FILE "-" reads standard input.`,
 					fmt.Fprintln(g.out, "dry run: nothing changed")
 				case res.Changed:
 					fmt.Fprintf(g.out, "committed revision %d in %s\n", res.Revision, time.Since(start).Round(time.Millisecond))
+					g.kernelFeedback(s, res.Revision)
 				default:
 					fmt.Fprintf(g.out, "nothing to change: the table already matches (revision %d)\n", res.Revision)
 				}
@@ -119,22 +131,6 @@ func openInput(name string) (*os.File, int64, error) {
 	return f, st.Size(), nil
 }
 
-// newProgress returns a progress bar on standard error when it is a
-// terminal and the file is large enough to be worth one; nil otherwise,
-// so scripts and CI logs stay quiet.
-func newProgress(size int64, desc string) *progressbar.ProgressBar {
-	if size < 4<<20 || !term.IsTerminal(int(os.Stderr.Fd())) {
-		return nil
-	}
-	return progressbar.NewOptions64(size,
-		progressbar.OptionSetWriter(os.Stderr),
-		progressbar.OptionSetDescription(desc),
-		progressbar.OptionShowBytes(true),
-		progressbar.OptionThrottle(100*time.Millisecond),
-		progressbar.OptionClearOnFinish(),
-	)
-}
-
 func newExportCmd(g *globals) *cobra.Command {
 	var kind, format, out string
 	cmd := &cobra.Command{
@@ -161,7 +157,11 @@ func newExportCmd(g *globals) *cobra.Command {
 			}
 			return g.withOperator(cmd, true, func(s director.Operator) error {
 				if out != "" && out != "-" {
-					return writeAtomic(out, func(w io.Writer) error { return s.Export(w, k, f) })
+					return writeAtomic(out, func(w io.Writer) error {
+						w, done := withByteCount(w, "exporting to "+out)
+						defer done()
+						return s.Export(w, k, f)
+					})
 				}
 				return s.Export(g.out, k, f)
 			})

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -17,6 +18,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/director/health"
+	"github.com/tunneldirector/tunneldirector/director/metrics"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store"
@@ -49,6 +51,16 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			if err := director.CheckKernel(cfg, log); err != nil {
 				return err
 			}
+			// The metrics endpoint is bound first: an address that
+			// cannot be bound refuses the start, naming the key.
+			reg := metrics.NewRegistry()
+			var metricsLn net.Listener
+			if cfg.Metrics.Listen.IsValid() {
+				if metricsLn, err = metrics.Listen(cfg.Metrics.Listen); err != nil {
+					return err
+				}
+				defer metricsLn.Close()
+			}
 			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: cfg.VIPs, Epsilon: cfg.Epsilon}})
 			if err != nil {
 				return err
@@ -60,7 +72,8 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			}
 			defer dp.Close()
 			log.Info("dataplane ready", "mode", dp.Mode().String())
-			if dp.Mode() == ipvs.ModeRouteOnly {
+			if dp.Mode() == ipvs.ModeRouteOnly && cfg.Mode == ipvs.ModeAuto {
+				// Only auto falls back silently; a configured route-only is what the operator asked for.
 				log.Warn("route-only mode: the kernel has no IPVS, so IKE and NAT-T are forwarded by fwmark policy routes too")
 			}
 			repl, err := newReplicator(cfg, st, log)
@@ -68,7 +81,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				return err
 			}
 			d, err := director.NewDaemon(director.DaemonOptions{Config: cfg, Store: st, Dataplane: dp, Logger: log,
-				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane())})
+				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane()), Metrics: reg})
 			if err != nil {
 				return err
 			}
@@ -87,6 +100,9 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 						continue
 					}
 					lvl.Set(nc.LogLevel)
+					if nc.Metrics.Listen != cfg.Metrics.Listen {
+						log.Warn("metrics.listen changed: the endpoint moves at the next restart", "serving", cfg.Metrics.Listen, "configured", nc.Metrics.Listen)
+					}
 					log.Info("configuration reloaded", "config", path)
 				}
 			}()
@@ -101,6 +117,14 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 			errc := make(chan error, 2)
 			go func() { errc <- d.ServeAPI(ctx, cfg.API.Socket, cfg.API.TCP, token) }()
 			go func() { errc <- d.Run(ctx) }()
+			if metricsLn != nil {
+				log.Info("metrics endpoint", "listen", metricsLn.Addr().String(), "path", metrics.Path)
+				go func() {
+					if err := metrics.Serve(ctx, metricsLn, reg); err != nil {
+						log.Error("metrics endpoint stopped", "err", err)
+					}
+				}()
+			}
 			err = <-errc
 			stop()
 			if err2 := waitOther(errc); err == nil {

@@ -84,7 +84,7 @@ func newRoot(g *globals) *cobra.Command {
 	root.AddCommand(
 		newImportCmd(g), newExportCmd(g), newShowCmd(g), newLookupCmd(g),
 		newNodeCmd(g), newRebalanceCmd(g), newStoreCmd(g), newGenCmd(g), newDemoCmd(g), newSimCmd(g),
-		newRunCmd(g), newTeardownCmd(g), newConfigCmd(g), newStatusCmd(g), newCtlCmd(g), newAgentCmd(g),
+		newRunCmd(g), newTeardownCmd(g), newLabCmd(g), newConfigCmd(g), newStatusCmd(g), newCtlCmd(g), newAgentCmd(g),
 	)
 	return root
 }

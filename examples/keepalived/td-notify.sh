@@ -5,6 +5,6 @@
 # tunnels) and leads replication.
 set -eu
 case "${1:-}" in
-master|backup|fault) exec /usr/local/bin/tunneldirector ctl role "$1" ;;
+master|backup|fault) exec /usr/bin/tunneldirector ctl role "$1" ;;
 *) echo "usage: $0 master|backup|fault" >&2; exit 2 ;;
 esac

@@ -9,12 +9,11 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/tunneldirector/tunneldirector/internal/farmlab"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
@@ -41,11 +40,7 @@ func tdBinary(t testing.TB) string {
 		if buildErr != nil {
 			return
 		}
-		binary = filepath.Join(buildDir, "tunneldirector")
-		cmd := exec.Command(filepath.Join(runtime.GOROOT(), "bin", "go"), "build", "-o", binary, "github.com/tunneldirector/tunneldirector/cmd/tunneldirector")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("build tunneldirector: %v\n%s", err, out)
-		}
+		binary, buildErr = farmlab.BuildBinary(buildDir)
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)
@@ -83,18 +78,7 @@ func daemonCmd(t testing.TB, config string) *exec.Cmd {
 
 // baseConfig is the daemon configuration every end-to-end director
 // starts from: route-only, the topology's VIPs and nodes, verify every
-// second. The health checks are off: these nodes run no IKE daemon, and
-// the node captures must hold only the test's packets (health_test.go
-// turns them on).
+// second (the lab's, so the demo and these tests run the same daemon).
 func baseConfig(top *netlab.Topology, db, socket string) string {
-	return fmt.Sprintf(`store: %s
-vips: [%s, %q]
-mode: route-only
-nodes:
-%s
-api: {socket: %s}
-verify_interval: 1s
-log_level: debug
-health: {enabled: false}
-`, db, top.VIP4, top.VIP6.String(), nodesYAML(top), socket)
+	return farmlab.DirectorConfig(top, db, socket)
 }

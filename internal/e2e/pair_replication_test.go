@@ -71,6 +71,12 @@ func (p *pairDirector) kernelMaps(t *testing.T) (map[netip.Addr]uint16, map[neti
 // startPair starts one daemon in each director namespace, replicating
 // over the sync link, with the given initial roles.
 func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) []*pairDirector {
+	return startPairWith(t, top, dir, "", roles...)
+}
+
+// startPairWith is startPair with more configuration appended to both
+// directors' files.
+func startPairWith(t *testing.T, top *netlab.Topology, dir, extra string, roles ...string) []*pairDirector {
 	t.Helper()
 	key := filepath.Join(dir, "sync.key")
 	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef-test-key\n"), 0o600)
@@ -89,7 +95,7 @@ func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) 
 `, i+1,
 			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
 			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
-		os.WriteFile(d.config, []byte(cfg), 0o600)
+		os.WriteFile(d.config, []byte(cfg+extra), 0o600)
 		d.start(t)
 		ds = append(ds, d)
 	}

@@ -59,7 +59,6 @@ func newE2EWith(t testing.TB, o netlab.TopologyOptions, edit func(string) string
 	return e
 }
 
-// nodesYAML lists the topology's nodes as the configuration's nodes key.
 // captureNodes starts a packet capture on every node, closed at cleanup.
 func (e *e2e) captureNodes() {
 	for _, n := range e.top.Nodes {
@@ -70,15 +69,6 @@ func (e *e2e) captureNodes() {
 		e.t.Cleanup(func() { c.Close() })
 		e.caps = append(e.caps, c)
 	}
-}
-
-func nodesYAML(top *netlab.Topology) string {
-	var nodes []string
-	for i, n := range top.Nodes {
-		in := n.If(netlab.IfInside)
-		nodes = append(nodes, fmt.Sprintf("  - {name: node%d, address: %s, address6: %q}", i, in.Addr4, in.Addr6.String()))
-	}
-	return strings.Join(nodes, "\n")
 }
 
 // cli runs a CLI command against the running daemon (through its socket).
