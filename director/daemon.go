@@ -135,7 +135,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	d.sd = newSystemd(d.log)
 	d.svc.m = d.m
 	if o.Metrics != nil {
-		for _, c := range append(d.m.collectors(), newDaemonCollector(d)) {
+		for _, c := range append(d.m.collectors(), newDaemonCollector(d), newHealthCollector(d)) {
 			if err := o.Metrics.Register(c); err != nil {
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}

@@ -21,11 +21,13 @@ import (
 // 1s, timeout 800ms, fall 2, rise 2, flap 3 downs in 10m held 1m, settle
 // 3s), watching the director's inside interface. node3 is checked every
 // 250 ms so that a node flapping every second goes down and up again.
+// The director serves its metrics.
 func healthConfig(cfg string) string {
 	return strings.Replace(cfg, "health: {enabled: false}\n", `interfaces: {inside: in0}
 health:
   nodes:
     node3: {interval: 250ms, timeout: 200ms, delay_before_retry: 100ms}
+metrics: {listen: "`+metricsAddr.String()+`"}
 `, 1)
 }
 
@@ -189,6 +191,7 @@ func TestHealthMovesDeadNode(t *testing.T) {
 	} else {
 		t.Logf("show nodes after node2's charon died:\n%s\n%s", out, e.cli("status"))
 	}
+	healthMetrics(t, e.top.Directors[0], onNode2)
 	logb := e.daemonLog()
 	if !strings.Contains(logb, "health: node taken down, its tunnels moved") || !strings.Contains(logb, "node=node2") {
 		t.Fatalf("the down is not logged with its reason:\n%s", logb)
@@ -299,4 +302,52 @@ func TestHealthMovesDeadNode(t *testing.T) {
 		t.Fatalf("the table changed around the panic: revision %d -> %d", rev, s.Revision)
 	}
 	e.stop()
+}
+
+// healthMetrics scrapes the director after node2 went down by health and
+// checks the health families against it: node2 down, every node in
+// exactly one state, the committed down and its moves counted, no panic,
+// the link up, a probe's round trip; promtool accepts the output.
+func healthMetrics(t *testing.T, dir *netlab.Host, moved int) {
+	t.Helper()
+	text, fams := scrape(t, dir)
+	for _, c := range []struct {
+		name   string
+		labels []string
+		want   float64
+	}{
+		{"tunneldirector_health_node_state", []string{"node", "node2", "state", "down"}, 1},
+		{"tunneldirector_health_node_state", []string{"node", "node2", "state", "up"}, 0},
+		{"tunneldirector_health_transitions_total", []string{"state", "down"}, 1},
+		{"tunneldirector_health_transitions_total", []string{"state", "up"}, 0},
+		{"tunneldirector_health_moved_tunnels_total", nil, float64(moved)},
+		{"tunneldirector_health_panic", nil, 0},
+		{"tunneldirector_health_inside_link_up", nil, 1},
+	} {
+		if got := value(t, fams, c.name, c.labels...); got != c.want {
+			t.Errorf("%s%v = %v, want %v", c.name, c.labels, got, c.want)
+		}
+	}
+	answered := 0
+	for i := range 4 {
+		node := fmt.Sprintf("node%d", i)
+		sum := 0.0
+		for _, st := range []string{"up", "failing", "down", "held", "operator"} {
+			sum += value(t, fams, "tunneldirector_health_node_state", "node", node, "state", st)
+		}
+		if sum != 1 {
+			t.Errorf("%s is in %v health states, want exactly one", node, sum)
+		}
+		if value(t, fams, "tunneldirector_health_probe_latency_seconds", "node", node) > 0 {
+			answered++
+		}
+	}
+	if answered == 0 {
+		t.Error("no node's IKE probe round trip in tunneldirector_health_probe_latency_seconds")
+	}
+	if value(t, fams, "tunneldirector_health_rounds_total") < value(t, fams, "tunneldirector_health_failed_rounds_total") ||
+		value(t, fams, "tunneldirector_health_failed_rounds_total") < 2 {
+		t.Error("tunneldirector_health_rounds_total / failed_rounds_total do not count node2's failed rounds")
+	}
+	promtoolCheck(t, dir.Name, text)
 }
