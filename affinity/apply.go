@@ -22,9 +22,12 @@ const (
 	DeleteNode
 	PutTunnel
 	DeleteTunnel
+	// PutBucket gives one unknown-peer hash bucket to a node (see
+	// BucketMark and Buckets).
+	PutBucket
 )
 
-var changeKindNames = [...]string{"", "put-node", "delete-node", "put-tunnel", "delete-tunnel"}
+var changeKindNames = [...]string{"", "put-node", "delete-node", "put-tunnel", "delete-tunnel", "put-bucket"}
 
 func (k ChangeKind) String() string {
 	if int(k) < len(changeKindNames) && k != 0 {
@@ -41,6 +44,8 @@ type Change struct {
 	// Tunnel is the new tunnel for PutTunnel. An empty Node asks the
 	// scheduler to place a new tunnel and keeps an existing tunnel's owner.
 	Tunnel *Tunnel
+	// Bucket is the bucket and its new node for PutBucket.
+	Bucket *BucketMark
 	// Name is the node name or tunnel id for the Delete kinds.
 	Name string
 	// Reason says why the change was made ("import", "node n1 down",
@@ -53,6 +58,11 @@ type Change struct {
 	// OldNode is the node as it was before a PutNode or DeleteNode, in
 	// Applied.Changes only (not encoded); nil for a new node.
 	OldNode *Node
+	// OldBucket is the bucket as it was before a PutBucket, in
+	// Applied.Changes only (not encoded): Count is the table's bucket
+	// count before (a different one means the change resized the
+	// buckets), Mark the bucket's node before (0 after a resize).
+	OldBucket *BucketMark
 }
 
 // Key returns the node name or tunnel id the change is about.
@@ -62,6 +72,8 @@ func (c *Change) Key() string {
 		return c.Node.Name
 	case c.Tunnel != nil:
 		return c.Tunnel.ID
+	case c.Bucket != nil:
+		return fmt.Sprintf("bucket %d/%d", c.Bucket.Index, c.Bucket.Count)
 	}
 	return c.Name
 }
@@ -144,6 +156,12 @@ func (a *Applied) Rollback() {
 type undoRec struct {
 	oldT, newT *entry
 	oldN, newN *Node
+	// A PutBucket: the bucket's old mark, or after a resize the whole
+	// old assignment.
+	bucket, resized bool
+	bIndex          int
+	bMark           uint16
+	oldBuckets      []uint16
 }
 
 // Apply applies a batch of changes atomically: either every change is
@@ -254,6 +272,7 @@ func (t *Table) reset() {
 	t.byMark = [MaxMark + 1]*Node{}
 	t.count = [MaxMark + 1]int{}
 	t.subnets = bart.Table[*entry]{}
+	t.buckets = nil
 	t.refreshActive()
 }
 
@@ -299,6 +318,8 @@ func (t *Table) applyLocked(batch []Change, rev uint64, mode applyMode) (*Applie
 			res, u, ok, err = t.putTunnel(c, rev, now, mode)
 		case DeleteTunnel:
 			res, u, ok, err = t.deleteTunnel(c)
+		case PutBucket:
+			res, u, ok, err = t.putBucket(c)
 		default:
 			err = fmt.Errorf("%w: unknown change kind %d", ErrInvalid, c.Kind)
 		}
@@ -327,6 +348,8 @@ func (t *Table) rollback(undo []undoRec) {
 	for i := len(undo) - 1; i >= 0; i-- {
 		u := undo[i]
 		switch {
+		case u.bucket:
+			t.rollbackBucket(u)
 		case u.newT != nil || u.oldT != nil:
 			if u.newT != nil {
 				t.unindex(u.newT)

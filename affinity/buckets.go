@@ -117,6 +117,13 @@ func (b *Buckets) Restore(marks []uint16) error {
 	return nil
 }
 
+// Defer holds the next balancing step back until Interval after now: a
+// director that just took the assignment over (a restart, a takeover)
+// keeps it for an interval, as the director that made it would have.
+// Buckets of nodes that stopped taking tunnels still move at the next
+// Step.
+func (b *Buckets) Defer(now time.Time) { b.last = now }
+
 // Seen records an unpinned first packet in bucket i at now: the bucket
 // keeps its node for Quiet.
 func (b *Buckets) Seen(i int, now time.Time) {
@@ -296,8 +303,9 @@ func (b *Buckets) Step(now time.Time, nodes []NodeLoad) []BucketChange {
 	if balance && surplus {
 		n := len(b.marks)
 		budget := b.opts.MaxChanges
+		start := b.cursor
 		for k := 0; k < n && budget > 0; k++ {
-			i := (b.cursor + k) % n
+			i := (start + k) % n
 			m := b.marks[i]
 			if state[m] != open || have[m] <= want[m] || !b.quiet(i, t) {
 				continue

@@ -244,3 +244,50 @@ func TestBucketOptionsValidate(t *testing.T) {
 		t.Fatal("NewBuckets took a negative count")
 	}
 }
+
+// TestBucketsDefer: restored buckets wait an interval before balancing,
+// but still leave a node that went down at once.
+func TestBucketsDefer(t *testing.T) {
+	b := newBuckets(t, BucketOptions{Count: 64, MaxChanges: 64})
+	b.Step(t0, loads(0, 0, 0))
+	made := b.Marks()
+	r := newBuckets(t, BucketOptions{Count: 64, MaxChanges: 64})
+	if err := r.Restore(made); err != nil {
+		t.Fatal(err)
+	}
+	now := t0.Add(time.Hour)
+	r.Defer(now)
+	if ch := r.Step(now, loads(500, 0, 0)); len(ch) != 0 {
+		t.Fatalf("a deferred step moved %d buckets", len(ch))
+	}
+	down := loads(500, 0, 0)
+	down[1].State = NodeDown
+	if ch := r.Step(now.Add(time.Second), down); len(ch) == 0 || perNode(r)[2] != 0 {
+		t.Fatalf("a down node kept its buckets: %v", perNode(r))
+	}
+	if ch := r.Step(now.Add(DefaultBucketInterval), down); len(ch) == 0 || perNode(r)[3] <= perNode(r)[1] {
+		t.Fatalf("no balancing an interval later: %v", perNode(r))
+	}
+}
+
+// TestBucketsStepUsesItsBudget: a balancing step moves as many buckets as
+// the targets ask, up to MaxChanges, wherever they lie (a cursor moving
+// inside the scan once skipped ever more buckets: five steps of 1,024
+// moved 2,425 of the 2,731 owed).
+func TestBucketsStepUsesItsBudget(t *testing.T) {
+	b := newBuckets(t, BucketOptions{Count: 4096, MaxChanges: 1024, Interval: time.Second})
+	now := t0
+	b.Step(now, loads(0, 0, 0))
+	owed := 4096 - perNode(b)[3]
+	for step := 0; owed > 0; step++ {
+		now = now.Add(time.Second)
+		ch := b.Step(now, loads(301, 300, 0))
+		if want := min(owed, 1024); len(ch) != want {
+			t.Fatalf("step %d moved %d buckets, want %d", step, len(ch), want)
+		}
+		owed -= len(ch)
+	}
+	if perNode(b)[3] != 4096 {
+		t.Fatalf("after the steps: %v", perNode(b))
+	}
+}

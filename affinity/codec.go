@@ -371,6 +371,10 @@ func MarshalChanges(cs []Change) []byte {
 			e.node(c.Node)
 		case PutTunnel:
 			e.tunnel(c.Tunnel)
+		case PutBucket:
+			e.uvarint(uint64(c.Bucket.Count))
+			e.uvarint(uint64(c.Bucket.Index))
+			e.uvarint(uint64(c.Bucket.Mark))
 		default:
 			e.str(c.Name)
 		}
@@ -398,6 +402,12 @@ func UnmarshalChanges(b []byte) ([]Change, error) {
 			c.Tunnel = ptr(d.tunnel())
 		case DeleteNode, DeleteTunnel:
 			c.Name = d.str("change name", 128)
+		case PutBucket:
+			b := BucketMark{Count: d.count("bucket count", MaxBuckets), Index: d.count("bucket index", MaxBuckets), Mark: uint16(d.count("bucket mark", MaxMark))}
+			if d.err == nil && b.validate() != nil {
+				d.fail("bucket")
+			}
+			c.Bucket = &b
 		default:
 			d.fail("change kind")
 		}
@@ -405,6 +415,41 @@ func UnmarshalChanges(b []byte) ([]Change, error) {
 	}
 	if err := d.finish(); err != nil {
 		return nil, err
+	}
+	return out, nil
+}
+
+// MarshalBuckets encodes a bucket assignment as the store keeps it: one
+// record, two bytes per bucket (8 KiB at 4,096 buckets).
+func MarshalBuckets(marks []uint16) []byte {
+	e := encoder{b: make([]byte, 0, 4+2*len(marks))}
+	e.byte(codecVersion)
+	e.uvarint(uint64(len(marks)))
+	for _, m := range marks {
+		e.b = binary.BigEndian.AppendUint16(e.b, m)
+	}
+	return e.b
+}
+
+// UnmarshalBuckets decodes MarshalBuckets' record (nil for no buckets).
+func UnmarshalBuckets(b []byte) ([]uint16, error) {
+	d := decoder{b: b}
+	if v := d.byte("version"); d.err == nil && v != codecVersion {
+		return nil, fmt.Errorf("%w: bucket record version %d, this director reads %d", ErrCodec, v, codecVersion)
+	}
+	n := d.count("bucket count", MaxBuckets)
+	if d.err == nil && len(d.b) != 2*n {
+		return nil, fmt.Errorf("%w: %d buckets in %d bytes", ErrCodec, n, len(d.b))
+	}
+	if d.err != nil || n == 0 {
+		return nil, d.finish()
+	}
+	out := make([]uint16, n)
+	for i := range out {
+		out[i] = binary.BigEndian.Uint16(d.b[2*i:])
+		if out[i] > MaxMark {
+			return nil, fmt.Errorf("%w: bucket %d: mark %d above %d", ErrCodec, i, out[i], MaxMark)
+		}
 	}
 	return out, nil
 }

@@ -20,6 +20,8 @@ func sampleChanges() []Change {
 		{Kind: PutTunnel, Reason: "node vpn-b down", Tunnel: &Tunnel{ID: "branch-17", Peer: addr("2001:db8::17"), Subnets: []netip.Prefix{pfx("10.17.0.0/27"), pfx("fd00:17::/64")}, Node: "vpn-a", Pinned: true, Comment: "Zürich, \"HQ\"", Created: t0, Updated: t0.Add(time.Hour), Revision: 99}},
 		{Kind: DeleteTunnel, Name: "old"},
 		{Kind: DeleteNode, Name: "vpn-z"},
+		{Kind: PutBucket, Reason: "unknown-peer buckets", Bucket: &BucketMark{Count: 4096, Index: 4095, Mark: 7}},
+		{Kind: PutBucket, Bucket: &BucketMark{Count: 0}},
 	}
 }
 

@@ -13,8 +13,8 @@ func (a *Applied) Previous() uint64 { return a.prev }
 // records, times and revisions included, for ApplyAt or ApplyReset (a
 // replica taking its master's snapshot, a simulator installing one).
 // When in is set, only the tunnels it accepts are compared: s then holds
-// just those (a repair of some hash buckets); nodes are always compared
-// whole.
+// just those (a repair of some hash buckets); nodes and the unknown-peer
+// buckets are always compared whole.
 //
 // Deletes come first so that no put meets an outdated peer, subnet, mark
 // or address: tunnels that differ or are gone, then nodes that are gone
@@ -74,5 +74,6 @@ func (t *Table) DiffTo(s *Snapshot, in func(id string) bool) []Change {
 			ops = append(ops, Change{Kind: PutTunnel, Tunnel: w, Reason: reason})
 		}
 	}
-	return ops
+	// The unknown-peer buckets are compared whole, in a repair too.
+	return append(ops, BucketChanges(t.Buckets(), s.Buckets, reason)...)
 }

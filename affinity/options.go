@@ -130,6 +130,10 @@ func (o BucketOptions) Validate() error {
 	return errs.err()
 }
 
+// WithDefaults returns the options with every zero value replaced by its
+// default.
+func (o BucketOptions) WithDefaults() BucketOptions { return o.withDefaults() }
+
 func (o BucketOptions) withDefaults() BucketOptions {
 	if o.Count == 0 {
 		o.Count = DefaultBuckets

@@ -55,6 +55,9 @@ type Table struct {
 	tunnels map[string]*entry
 	peers   peerIndex
 	subnets bart.Table[*entry]
+	// buckets is the unknown-peer bucket assignment (buckettable.go);
+	// nil: none.
+	buckets []uint16
 }
 
 // entry is the stored form of a tunnel, kept to 96 bytes because a million
@@ -386,6 +389,8 @@ type Snapshot struct {
 	Revision uint64
 	Nodes    []Node
 	Tunnels  []Tunnel
+	// Buckets is the unknown-peer bucket assignment (nil: none).
+	Buckets []uint16
 }
 
 // Snapshot copies the table under one read lock, so nodes, tunnels and
@@ -393,7 +398,7 @@ type Snapshot struct {
 func (t *Table) Snapshot() Snapshot {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
-	s := Snapshot{Revision: t.rev, Nodes: t.nodesLocked(), Tunnels: make([]Tunnel, 0, len(t.tunnels))}
+	s := Snapshot{Revision: t.rev, Nodes: t.nodesLocked(), Tunnels: make([]Tunnel, 0, len(t.tunnels)), Buckets: slices.Clone(t.buckets)}
 	for _, e := range t.tunnels {
 		s.Tunnels = append(s.Tunnels, t.tunnelOf(e))
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -124,6 +125,9 @@ func assertSameSnapshot(t *testing.T, a, b Snapshot) {
 		if !x.Equal(&y) {
 			t.Fatalf("tunnel %d differs: %+v vs %+v", i, x, y)
 		}
+	}
+	if !slices.Equal(a.Buckets, b.Buckets) {
+		t.Fatalf("buckets differ: %d %v vs %d %v", len(a.Buckets), a.Buckets, len(b.Buckets), b.Buckets)
 	}
 }
 

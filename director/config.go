@@ -65,6 +65,10 @@ type Config struct {
 	Learn *bool `yaml:"learn"`
 	// Epsilon is the scheduler's bounded-load slack.
 	Epsilon float64 `yaml:"epsilon"`
+	// Scheduler tunes placement; UnknownPeers the buckets that steer
+	// peers the table does not know yet (buckets.go).
+	Scheduler    SchedulerConfig    `yaml:"scheduler"`
+	UnknownPeers UnknownPeersConfig `yaml:"unknown_peers"`
 	// API is the local API.
 	API struct {
 		Socket    string         `yaml:"socket"`
@@ -503,6 +507,11 @@ func (c *Config) Check() error {
 	if !(c.Epsilon > 0 && c.Epsilon <= 10) {
 		bad("epsilon", "%g out of range (0, 10]", c.Epsilon)
 	}
+	for _, err := range []error{c.Scheduler.Validate(), c.UnknownPeers.Validate()} {
+		if err != nil {
+			errs = append(errs, unjoin(err)...)
+		}
+	}
 	if c.API.Socket == "" {
 		bad("api.socket", "empty")
 	} else if !filepath.IsAbs(c.API.Socket) {
@@ -610,6 +619,11 @@ func (c *Config) Warnings() []string {
 		w = append(w, fmt.Sprintf("verify_interval: %s: drift someone else causes stays unrepaired that long (the default is %s)", time.Duration(c.VerifyInterval), DefaultVerifyInterval))
 	}
 	return w
+}
+
+// TableOptions returns the options of the daemon's table.
+func (c *Config) TableOptions() affinity.Options {
+	return affinity.Options{VIPs: c.VIPs, Epsilon: c.Epsilon, Choices: c.Scheduler.Choices}
 }
 
 // Dataplane returns the dataplane configuration.

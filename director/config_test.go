@@ -6,6 +6,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -36,6 +37,28 @@ func TestConfigExampleIsValid(t *testing.T) {
 	}
 }
 
+// TestConfigBucketsAndScheduler: the sections reach the table's and the
+// buckets' options; every bad value of one file is named at once.
+func TestConfigBucketsAndScheduler(t *testing.T) {
+	c, err := LoadConfig(writeConfig(t, "vips: [192.0.2.1]\nscheduler: {choices: 2}\nunknown_peers: {buckets: 1024, interval: 5s, max_changes: 32, quiet: 1m, horizon: 0.01}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.TableOptions().Choices != 2 {
+		t.Errorf("table options %+v", c.TableOptions())
+	}
+	want := affinity.BucketOptions{Count: 1024, Interval: 5 * time.Second, MaxChanges: 32, Quiet: time.Minute, Horizon: 0.01}
+	if got := c.UnknownPeers.Options(); got != want {
+		t.Errorf("bucket options %+v, want %+v", got, want)
+	}
+	_, err = LoadConfig(writeConfig(t, "vips: [192.0.2.1]\nunknown_peers: {buckets: 0, max_changes: -1, horizon: -1}\n"))
+	for _, key := range []string{"unknown_peers.max_changes: -1", "unknown_peers.horizon: -1"} {
+		if err == nil || !strings.Contains(err.Error(), key) {
+			t.Errorf("error %v does not name %s", err, key)
+		}
+	}
+}
+
 func TestConfigErrorsNameTheKey(t *testing.T) {
 	tests := []struct{ body, want string }{
 		{"vips: [192.0.2.1]\nvipz: []\n", "vipz (line 2): unknown key"},
@@ -51,6 +74,15 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"vips: [192.0.2.1]\nverify_interval: soon\n", "not a duration"},
 		{"health: {intervall: 1s}\nvips: [192.0.2.1]\n", "health.intervall (line 1): unknown key"},
 		{"health: {interval: soon}\nvips: [192.0.2.1]\n", `health.interval (line 1): "soon" is not a duration`},
+		{"vips: [192.0.2.1]\nscheduler: {choices: -1}\n", "scheduler.choices: -1 out of range 0..4095"},
+		{"vips: [192.0.2.1]\nscheduler: {choise: 2}\n", "scheduler.choise (line 2): unknown key"},
+		{"vips: [192.0.2.1]\nunknown_peers: {buckets: 70000}\n", "unknown_peers.buckets: 70000 out of range 1..65536"},
+		{"vips: [192.0.2.1]\nunknown_peers: {buckets: -4}\n", "unknown_peers.buckets: -4 out of range"},
+		{"vips: [192.0.2.1]\nunknown_peers: {interval: 10ms}\n", "unknown_peers.interval: 10ms out of range 100ms..24h"},
+		{"vips: [192.0.2.1]\nunknown_peers: {interval: often}\n", "unknown_peers.interval (line 2): \"often\" is not a duration"},
+		{"vips: [192.0.2.1]\nunknown_peers: {buckets: 1024, max_changes: 2000}\n", "unknown_peers.max_changes: 2000 out of range 1..1024"},
+		{"vips: [192.0.2.1]\nunknown_peers: {quiet: 500ms}\n", "unknown_peers.quiet: 500ms out of range 1s..1h"},
+		{"vips: [192.0.2.1]\nunknown_peers: {horizon: 1.5}\n", "unknown_peers.horizon: 1.5 out of range (0, 1]"},
 	}
 	for _, tc := range tests {
 		_, err := LoadConfig(writeConfig(t, tc.body))

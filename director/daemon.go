@@ -51,6 +51,8 @@ type Daemon struct {
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 
+	unknown unknownBuckets // the unknown-peer buckets (buckets.go)
+
 	m *daemonMetrics
 	// elements are the peer, subnet and node elements the kernel holds,
 	// as of the last successful reconcile (under statMu).
@@ -77,6 +79,8 @@ type Status struct {
 	LastVerify     time.Time `json:"last_verify"`
 	DriftRepairs   int       `json:"drift_repairs"`
 	Learned        int       `json:"learned"`
+	// UnknownPeers are the buckets that steer peers not yet in the table.
+	UnknownPeers *BucketStatus `json:"unknown_peers,omitempty"`
 	// Replication is the pair's state, when replication is configured.
 	Replication *replication.Status `json:"replication,omitempty"`
 	// HealthDowns and HealthUps count the health checks' decisions this
@@ -173,6 +177,9 @@ func (d *Daemon) applyConfig(c *Config) error {
 			return fmt.Errorf("configuration nodes: %w", err)
 		}
 	}
+	if err := d.unknown.configure(c.UnknownPeers.Options(), d.st.Table(), d.clk.Now()); err != nil {
+		return err
+	}
 	d.cfgMu.Lock()
 	d.cfg = c
 	d.cfgMu.Unlock()
@@ -221,6 +228,7 @@ func (d *Daemon) Desired() *ipvs.Desired {
 		Peers:    make(map[netip.Addr]uint16, t.Len()),
 		Subnets:  make(map[netip.Prefix]uint16, t.Len()),
 		HashSeed: c.HashSeed,
+		Buckets:  t.Buckets(),
 	}
 	for _, n := range t.Nodes() {
 		f, ok := fwd[n.Name]
@@ -235,12 +243,15 @@ func (d *Daemon) Desired() *ipvs.Desired {
 	return want
 }
 
-// delta turns committed batches into one map delta. It reports false when
-// the delta cannot express them and the kernel needs a full sync: a node
-// changed (marks, routes and services follow nodes), or a batch came back
-// from the journal without the records as they were before.
+// delta turns committed batches into one map delta: pins and bucket
+// changes together, so the kernel takes them in one transaction. It
+// reports false when the delta cannot express them and the kernel needs a
+// full sync: a node changed (marks, routes and services follow nodes),
+// the bucket count changed (the classifier's hash rule changes), or a
+// batch came back from the journal without the records as they were
+// before.
 func delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
-	dl := &ipvs.Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}}
+	dl := &ipvs.Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Buckets: map[int]uint16{}}
 	del := func(tu *affinity.Tunnel) {
 		delete(dl.SetPeers, tu.Peer)
 		dl.DeletePeers = append(dl.DeletePeers, tu.Peer)
@@ -263,6 +274,11 @@ func delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
 					return nil, false
 				}
 				del(c.Old)
+			case affinity.PutBucket:
+				if c.OldBucket == nil || c.OldBucket.Count != c.Bucket.Count {
+					return nil, false
+				}
+				dl.Buckets[c.Bucket.Index] = c.Bucket.Mark
 			case affinity.PutTunnel:
 				if c.Old != nil {
 					del(c.Old)
@@ -313,6 +329,12 @@ func (d *Daemon) SetRole(role replication.Role) error {
 		if _, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) { return d.config().nodeChanges(t), nil }); err != nil {
 			d.log.Error("merge configured nodes as master", "err", err)
 		}
+		// The buckets go on from the old master's assignment, with the
+		// first packets this director saw while backup; the takeover
+		// itself changes none (the next balancing step is an interval
+		// away).
+		d.unknown.restore(d.st.Table(), d.clk.Now())
+		d.kick()
 	}
 	d.writeReady()
 	return nil
@@ -348,6 +370,8 @@ func (d *Daemon) writeReady() {
 // returns. Both directors of a pair run it: the backup's kernel follows the
 // replicated table, so a takeover changes nothing in the dataplane.
 func (d *Daemon) Run(ctx context.Context) error {
+	// A master assigns the buckets before the kernel is programmed.
+	d.stepBuckets()
 	if err := d.syncAll(ctx, "start"); err != nil {
 		return err
 	}
@@ -370,6 +394,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer verify.Stop()
 	ready, readyC := d.clk.NewTicker(time.Second)
 	defer ready.Stop()
+	// The bucket interval is read at start; a reload that changes it
+	// takes effect at the next start (Step limits itself to its own).
+	step, stepC := d.clk.NewTicker(d.config().UnknownPeers.Options().WithDefaults().Interval)
+	defer step.Stop()
 	// The watchdog is pinged from this loop and nowhere else: a loop stuck
 	// in a reconcile stops the pings, and systemd restarts the daemon.
 	var watchdogC <-chan time.Time
@@ -389,8 +417,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return nil
 		case <-d.changes.Notify():
 			d.reconcile(ctx)
+			d.stepBuckets()
 		case <-d.wake:
 			d.reconcile(ctx)
+			d.stepBuckets()
+		case <-stepC:
+			d.stepBuckets()
 		case <-verifyC:
 			d.Verify(ctx)
 		case <-readyC:
@@ -582,6 +614,7 @@ func (d *Daemon) Status() Status {
 	}
 	hs := d.health.Status()
 	s.Health = &hs
+	s.UnknownPeers = d.bucketStatus()
 	return s
 }
 
@@ -594,9 +627,6 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 		return
 	}
 	c := d.config()
-	if c.Learn != nil && !*c.Learn {
-		return
-	}
 	t := d.st.Table()
 	if !t.IsVIP(f.Dst) {
 		return
@@ -605,18 +635,22 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 		return
 	}
 	d.m.firstPackets.Inc()
-	// The packet carries the mark the classifier gave it (the hash's
-	// node); without one, compute what the kernel's hash chose.
+	// Its bucket keeps its node while the peer waits for its pin (and on
+	// either director: a takeover keeps the quiet windows).
+	if n := t.BucketCount(); n > 0 {
+		d.unknown.seen(ipvs.Bucket(f.Src, c.HashSeed, n), n, d.clk.Now())
+	}
+	if c.Learn != nil && !*c.Learn {
+		return
+	}
+	// The packet carries the mark the classifier gave it (its bucket's
+	// node, or the node of its first packet while in its pin window):
+	// pin that, not a recomputed one, so a bucket change between the
+	// first packet and the pin cannot split the peer. Without a mark,
+	// compute what the kernel chose.
 	mark, ok := c.Dataplane().NodeOf(f.Mark)
 	if !ok {
-		var active []uint16
-		for _, n := range t.Nodes() {
-			if n.State == affinity.NodeActive {
-				active = append(active, n.Mark)
-			}
-		}
-		slices.Sort(active)
-		mark = ipvs.HashPick(f.Src, c.HashSeed, active)
+		mark = unknownMark(t, f.Src, c.HashSeed)
 	}
 	if mark == 0 {
 		return

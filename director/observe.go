@@ -51,9 +51,9 @@ func newDaemonMetrics() *daemonMetrics {
 		drift: metrics.NewCounterVec(metrics.Dataplane, "drift_repairs_total",
 			"Kernel objects a verify found changed by someone else and repaired, by kind: added (missing), changed, removed (foreign).", "kind"),
 		firstPackets: prometheus.NewCounter(prometheus.CounterOpts{Name: metrics.Name(metrics.Dataplane, "unknown_peer_packets_total", true),
-			Help: "First packets (IKE, NAT-T, ESP, AH) of peers the table did not know, steered by the kernel's hash pick."}),
+			Help: "First packets (IKE, NAT-T, ESP, AH) of peers the table did not know, steered by their bucket's node (or the node of their first packet in its pin window)."}),
 		pins: prometheus.NewCounter(prometheus.CounterOpts{Name: metrics.Name(metrics.Dataplane, "learned_pins_total", true),
-			Help: "Unknown peers pinned into the table on the node the kernel's hash picked."}),
+			Help: "Unknown peers pinned into the table on the node the kernel marked their first packet for."}),
 	}
 	// Every label value exists from the start: a rate over a series that
 	// appears at its first event misses that event.
@@ -157,7 +157,7 @@ func (m *daemonMetrics) imported(kind string, res *ImportResult, err error) {
 type daemonCollector struct {
 	d *Daemon
 
-	tunnels, nodes, revision                             *prometheus.Desc
+	tunnels, nodes, revision, buckets                    *prometheus.Desc
 	mode, kernelRevision, elements, problems             *prometheus.Desc
 	role, reachable, lagRevisions, lagSeconds, ready     *prometheus.Desc
 	equal, sent, received, resent, nacks, sendErrors     *prometheus.Desc
@@ -174,6 +174,7 @@ func newDaemonCollector(d *Daemon) *daemonCollector {
 		tunnels:          g(metrics.Table, "tunnels", "Tunnels per owner node and source: nms (imported or added by an operator) or learned (pinned from a first packet).", "node", "source"),
 		nodes:            g(metrics.Table, "nodes", "Nodes per state: active, draining, down.", "state"),
 		revision:         g(metrics.Table, "revision", "The table's revision (every committed change adds one)."),
+		buckets:          g(metrics.Table, "unknown_peer_buckets", "Unknown-peer hash buckets per node: the share of unknown peers' first packets each node takes.", "node"),
 		mode:             g(metrics.Dataplane, "mode", "1 for the dataplane mode in force: ipvs or route-only.", "mode"),
 		kernelRevision:   g(metrics.Dataplane, "kernel_revision", "The table revision the kernel holds; below tunneldirector_table_revision while a change is being applied."),
 		elements:         g(metrics.Dataplane, "kernel_elements", "Elements the director programmed into the kernel, by map: peers (peer address to node), subnets (protected subnet to node), nodes (marks, routes, services).", "map"),
@@ -200,7 +201,7 @@ func newDaemonCollector(d *Daemon) *daemonCollector {
 
 // Describe sends every family's description.
 func (c *daemonCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.tunnels, c.nodes, c.revision, c.mode, c.kernelRevision, c.elements, c.problems,
+	for _, d := range []*prometheus.Desc{c.tunnels, c.nodes, c.revision, c.buckets, c.mode, c.kernelRevision, c.elements, c.problems,
 		c.role, c.reachable, c.lagRevisions, c.lagSeconds, c.ready, c.equal, c.sent, c.received, c.resent, c.nacks,
 		c.sendErrors, c.authFailures, c.replays, c.snapshotsSent, c.snapshotsApply, c.digestMatches, c.digestMismatches} {
 		ch <- d
@@ -233,6 +234,11 @@ func (c *daemonCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.revision, float64(t.Revision()))
 
 	s := c.d.Status()
+	if b := s.UnknownPeers; b != nil {
+		for _, n := range t.Nodes() {
+			gauge(c.buckets, float64(b.Nodes[n.Name]), n.Name)
+		}
+	}
 	for _, m := range []ipvs.Mode{ipvs.ModeIPVS, ipvs.ModeRouteOnly} {
 		gauge(c.mode, bool01(s.Mode == m.String()), m.String())
 	}

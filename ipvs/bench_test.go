@@ -227,3 +227,60 @@ func BenchmarkVerify100k(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkBucketStep100k times the nftables transaction of one step of
+// the unknown-peer buckets with 100,000 tunnels and 4,096 buckets loaded:
+// a balancing step of max_changes (256, the default) buckets with one
+// pending pin in the same transaction, and a step that reassigns all
+// 4,096 (the first assignment, or every bucket of a failed node at
+// once); reports p50 and p99.
+func BenchmarkBucketStep100k(b *testing.B) {
+	for _, changes := range []int{256, 4096} {
+		b.Run(fmt.Sprintf("changes=%d", changes), func(b *testing.B) {
+			ns, done := benchLab(b)
+			defer done()
+			d := bigDesired(benchTunnels)
+			d.Buckets = make([]uint16, 4096)
+			for i := range d.Buckets {
+				d.Buckets[i] = uint16(i%3 + 1)
+			}
+			dp, err := newIn(Config{}, ns.NsHandle())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer dp.Close()
+			ctx := context.Background()
+			if _, err := dp.Sync(ctx, d); err != nil {
+				b.Fatal(err)
+			}
+			var lat []time.Duration
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				delta := &Delta{Buckets: make(map[int]uint16, changes)}
+				for k := range changes {
+					j := (i*changes + k) % len(d.Buckets)
+					d.Buckets[j] = d.Buckets[j]%3 + 1
+					delta.Buckets[j] = d.Buckets[j]
+				}
+				pin := netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})
+				delta.SetPeers = map[netip.Addr]uint16{pin: 1}
+				t0 := time.Now()
+				st, err := dp.Update(ctx, delta)
+				lat = append(lat, time.Since(t0))
+				if err != nil {
+					b.Fatal(err)
+				}
+				if st.Changed+st.Added < changes {
+					b.Fatalf("step of %d buckets changed %+v", changes, st)
+				}
+			}
+			b.StopTimer()
+			if got, err := dp.Read(ctx); err != nil || !slices.Equal(got.Buckets, d.Buckets) {
+				b.Fatalf("the kernel's buckets differ from the last step's (%v)", err)
+			}
+			slices.Sort(lat)
+			b.ReportMetric(float64(lat[len(lat)/2].Microseconds()), "p50-us")
+			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-us")
+		})
+	}
+}

@@ -68,7 +68,8 @@ type Node struct {
 	// without one gets no IPv6 route, rule or service).
 	Addr6   netip.Addr
 	Forward Forward
-	// Active nodes receive unknown peers by the kernel's hash fallback.
+	// Active nodes receive unknown peers by the kernel's hash fallback
+	// when Desired has no Buckets.
 	Active bool
 	// Down nodes hold no tunnels and get no IPVS service (their routes
 	// stay, so a node coming back up changes nothing but the service).
@@ -83,18 +84,29 @@ type Desired struct {
 	Peers map[netip.Addr]uint16
 	// Subnets maps protected subnets to the owner's mark.
 	Subnets map[netip.Prefix]uint16
-	// HashSeed seeds the kernel's jhash of an unknown peer's address;
-	// the hash picks among the active nodes in mark order.
+	// HashSeed seeds the kernel's jhash of an unknown peer's address.
 	HashSeed uint32
+	// Buckets is the unknown-peer bucket map: the kernel hashes an
+	// unknown peer's address into len(Buckets) buckets (Bucket) and marks
+	// it for node Buckets[i]; 0, or a mark no node has, steers that
+	// bucket nowhere. Nil: one bucket per active node, in mark order (the
+	// hash over the active nodes, HashPick), for a table that holds no
+	// buckets.
+	Buckets []uint16
 }
 
-// Delta is a change to the peer and subnet maps: what a tunnel change
-// needs, applied as one nftables transaction.
+// Delta is a change to the peer, subnet and bucket maps: what tunnel
+// changes (pins among them) and bucket changes need, applied as one
+// nftables transaction.
 type Delta struct {
 	SetPeers      map[netip.Addr]uint16
 	DeletePeers   []netip.Addr
 	SetSubnets    map[netip.Prefix]uint16
 	DeleteSubnets []netip.Prefix
+	// Buckets gives unknown-peer buckets new nodes (0: none), within the
+	// bucket count of the last Sync, which must have had Buckets: a
+	// change of count is a Sync.
+	Buckets map[int]uint16
 }
 
 // Stats says what an Apply, Update or Verify did.

@@ -19,23 +19,14 @@ import (
 
 // TestNSHashPickMatchesKernel sends ESP and IKE from many unknown source
 // addresses and checks that each lands on the node HashPick predicts, for
-// three and then two active nodes, IPv4 and IPv6.
+// three and then two active nodes (new addresses: the old ones are in
+// their pin window, TestNSBucketWindow), IPv4 and IPv6.
 func TestNSHashPickMatchesKernel(t *testing.T) {
 	l := newLab(t, Config{})
 	ctx := context.Background()
 	p := l.peers[3]
-	var srcs []netip.Addr
-	for i := 0; i < 48; i++ {
-		a4 := netip.AddrFrom4([4]byte{198, 51, 100, byte(150 + i)})
-		a6 := netip.MustParseAddr(fmt.Sprintf("2001:db8:100::%x:%x", 0x1000+i*7919%0xefff, i*31337%0xffff))
-		for _, a := range []netip.Addr{a4, a6} {
-			if err := p.AddAddr(netlab.IfOutside, netip.PrefixFrom(a, a.BitLen())); err != nil {
-				t.Fatal(err)
-			}
-			srcs = append(srcs, a)
-		}
-	}
 	for round, active := range [][]uint16{{1, 2, 3}, {1, 3}} {
+		srcs := unknownSources(t, p, 48, round)
 		for i := range l.des.Nodes {
 			l.des.Nodes[i].Active = false
 			for _, m := range active {
@@ -63,6 +54,28 @@ func TestNSHashPickMatchesKernel(t *testing.T) {
 		}
 		t.Logf("round %d, active %v: %d addresses agreed with HashPick, spread %v", round, active, len(srcs), hits)
 	}
+}
+
+// unknownSources gives peer host p n IPv4 and n IPv6 addresses of set k
+// (different sets share no address) that the director does not know.
+func unknownSources(t *testing.T, p *netlab.Host, n, k int) []netip.Addr {
+	t.Helper()
+	var srcs []netip.Addr
+	if (k+1)*n > 105 {
+		t.Fatalf("unknownSources: %d sets of %d IPv4 addresses do not fit 198.51.100.150-254", k+1, n)
+	}
+	for i := 0; i < n; i++ {
+		j := k*n + i
+		a4 := netip.AddrFrom4([4]byte{198, 51, 100, byte(150 + j)})
+		a6 := netip.MustParseAddr(fmt.Sprintf("2001:db8:100::%x:%x", 0x1000+j*7919%0xefff, j*31337%0xffff))
+		for _, a := range []netip.Addr{a4, a6} {
+			if err := p.AddAddr(netlab.IfOutside, netip.PrefixFrom(a, a.BitLen())); err != nil {
+				t.Fatal(err)
+			}
+			srcs = append(srcs, a)
+		}
+	}
+	return srcs
 }
 
 // TestNSDriftRepair removes objects behind the Dataplane's back and

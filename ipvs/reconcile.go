@@ -33,6 +33,10 @@ type dataplane struct {
 	want *kstate
 	// nodes of the last Sync by mark, to validate delta owners.
 	nodes map[uint16]Node
+	// buckets is the unknown-peer bucket count of the last Sync, 0 when
+	// it had no Buckets (one bucket per active node): a delta may change
+	// buckets only within it.
+	buckets int
 }
 
 // New returns a Dataplane for the kernel of the current network namespace.
@@ -295,6 +299,7 @@ func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
 	for _, n := range des.Nodes {
 		d.nodes[n.Mark] = n
 	}
+	d.buckets = len(des.Buckets)
 	st, failed, err := d.reconcile(d.model, want)
 	st.Duration = time.Since(start)
 	if err != nil {
@@ -328,6 +333,20 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 			return Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", pf, m)
 		}
 		ch.SetSubnets[pf] = c.Fwmark(m)
+	}
+	if len(delta.Buckets) > 0 {
+		ch.SetHash = make(map[uint32]uint32, len(delta.Buckets))
+	}
+	for i, m := range delta.Buckets {
+		if i < 0 || i >= d.buckets {
+			return Stats{}, fmt.Errorf("update: unknown-peer bucket %d outside the %d of the last sync (a new bucket count needs a sync)", i, d.buckets)
+		}
+		// As in target: a bucket without a node holds no element.
+		if _, ok := d.nodes[m]; ok && m != 0 {
+			ch.SetHash[uint32(i)] = c.Fwmark(m)
+		} else {
+			ch.DelHash = append(ch.DelHash, uint32(i))
+		}
 	}
 	p := nft.Update(d.model.nft, d.want.nft, ch)
 	var st Stats
@@ -377,7 +396,13 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 		return nil, fmt.Errorf("read: %w", err)
 	}
 	c := d.cfg
-	out := &Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}, HashSeed: s.nft.Sig.Seed}
+	out := &Desired{Peers: map[netip.Addr]uint16{}, Subnets: map[netip.Prefix]uint16{}, HashSeed: s.nft.Sig.Seed,
+		Buckets: make([]uint16, min(s.nft.Sig.HashN, nft.MaxHash))}
+	for i, fm := range s.nft.Hash {
+		if m, ok := c.NodeOf(fm); ok && int(i) < len(out.Buckets) {
+			out.Buckets[i] = m
+		}
+	}
 	out.VIPs = sortedAddrs(s.nft.VIPs)
 	for a, fm := range s.nft.Peers {
 		if m, ok := c.NodeOf(fm); ok {

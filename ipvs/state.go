@@ -101,11 +101,22 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 		}
 	}
 	t.rt = c.routeConfig().Want(rnodes)
-	slices.Sort(active)
-	for i, m := range active {
-		t.nft.Hash[uint32(i)] = c.Fwmark(m)
+	buckets := d.Buckets
+	if buckets == nil {
+		slices.Sort(active)
+		buckets = active
 	}
-	t.nft.Sig = c.signature(mode, d.HashSeed, len(active))
+	if len(buckets) > nft.MaxHash {
+		return nil, fmt.Errorf("%d unknown-peer buckets, at most %d", len(buckets), nft.MaxHash)
+	}
+	for i, m := range buckets {
+		// A bucket whose node is gone steers nowhere until the
+		// buckets follow (the table does not tie them to nodes).
+		if m != 0 && known[m] {
+			t.nft.Hash[uint32(i)] = c.Fwmark(m)
+		}
+	}
+	t.nft.Sig = c.signature(mode, d.HashSeed, len(buckets))
 	for _, v := range d.VIPs {
 		t.nft.VIPs[v.Unmap()] = struct{}{}
 	}

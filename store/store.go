@@ -50,6 +50,10 @@ var (
 	keySchema   = []byte("schema")
 	keyRevision = []byte("revision")
 	keyJournalN = []byte("journal_changes")
+	// keyBuckets holds the table's unknown-peer bucket assignment as one
+	// record (affinity.MarshalBuckets), rewritten whole by every commit
+	// that changes a bucket: 8 KiB at 4,096 buckets.
+	keyBuckets = []byte("buckets")
 )
 
 // ErrLocked means another process (a running daemon) holds the store.
@@ -310,6 +314,15 @@ func (s *Store) load(t *affinity.Table) error {
 		}
 		if err != nil {
 			return fmt.Errorf("load store %s: the stored table breaks an invariant: %w", s.path, err)
+		}
+		if v := tx.Bucket(bucketMeta).Get(keyBuckets); v != nil {
+			marks, err := affinity.UnmarshalBuckets(v)
+			if err == nil {
+				err = t.LoadBuckets(marks)
+			}
+			if err != nil {
+				return damaged(s.path, "bucket meta: record %s: %v", keyBuckets, err)
+			}
 		}
 		if errs := checkIndexes(tx, t, 5); len(errs) > 0 {
 			return fmt.Errorf("load store %s: indexes disagree with the tunnels (run 'tunneldirector store check'): %w", s.path, errors.Join(errs...))
@@ -608,6 +621,11 @@ func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 			return fmt.Errorf("write %s %s: %w", c.Kind, c.Key(), err)
 		}
 	}
+	if slices.ContainsFunc(a.Changes, func(c affinity.Change) bool { return c.Kind == affinity.PutBucket }) {
+		if err := putBuckets(tx.Bucket(bucketMeta), s.table.Buckets()); err != nil {
+			return err
+		}
+	}
 	for i, b := range []*bolt.Bucket{tunnels, peers, subnets} {
 		slices.SortFunc(puts[i], func(x, y kv) int { return bytes.Compare(x.k, y.k) })
 		for _, p := range puts[i] {
@@ -620,6 +638,21 @@ func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 }
 
 type kv struct{ k, v []byte }
+
+// putBuckets writes the whole bucket assignment as its one record (none:
+// no record). The table already holds the batch being written.
+func putBuckets(meta *bolt.Bucket, marks []uint16) error {
+	var err error
+	if len(marks) == 0 {
+		err = meta.Delete(keyBuckets)
+	} else {
+		err = meta.Put(keyBuckets, affinity.MarshalBuckets(marks))
+	}
+	if err != nil {
+		return fmt.Errorf("write the unknown-peer buckets: %w", err)
+	}
+	return nil
+}
 
 // unindexOld removes the index entries of the tunnel's stored record, if
 // any. Keys another tunnel took over earlier in the batch are left alone.
@@ -656,6 +689,7 @@ type CheckReport struct {
 	Tunnels  int      `json:"tunnels"`
 	Subnets  int      `json:"subnets"`
 	Journal  int      `json:"journal_entries"`
+	Buckets  int      `json:"unknown_peer_buckets"`
 	Oldest   uint64   `json:"journal_oldest"`
 	Problems []string `json:"problems"`
 }
@@ -666,7 +700,7 @@ func (r *CheckReport) OK() bool { return len(r.Problems) == 0 }
 // Check verifies the bbolt pages (free lists, page references), the table's
 // invariants (already checked at Open) and the indexes against the records.
 func (s *Store) Check() (*CheckReport, error) {
-	r := &CheckReport{Path: s.path, Revision: s.table.Revision(), Tunnels: s.table.Len(), Nodes: len(s.table.Nodes())}
+	r := &CheckReport{Path: s.path, Revision: s.table.Revision(), Tunnels: s.table.Len(), Nodes: len(s.table.Nodes()), Buckets: s.table.BucketCount()}
 	s.table.SubnetMarks(func(netip.Prefix, uint16) { r.Subnets++ })
 	err := s.db.View(func(tx *bolt.Tx) error {
 		for e := range tx.Check() {

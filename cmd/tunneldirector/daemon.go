@@ -6,16 +6,17 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/metrics"
@@ -61,7 +62,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				}
 				defer metricsLn.Close()
 			}
-			st, err := store.Open(store.Options{Path: cfg.Store, Table: affinity.Options{VIPs: cfg.VIPs, Epsilon: cfg.Epsilon}})
+			st, err := store.Open(store.Options{Path: cfg.Store, Table: cfg.TableOptions()})
 			if err != nil {
 				return err
 			}
@@ -233,8 +234,9 @@ func checkStored(cfg *director.Config) (string, error) {
 	if _, err := os.Stat(cfg.Store); errors.Is(err, os.ErrNotExist) {
 		return "not created yet", nil
 	}
-	st, err := store.Open(store.Options{Path: cfg.Store, ReadOnly: true, LockTimeout: 100 * time.Millisecond,
-		Table: affinity.Options{Epsilon: cfg.Epsilon}})
+	opts := cfg.TableOptions()
+	opts.VIPs = nil // the stored ones: CheckAgainst checks the configured
+	st, err := store.Open(store.Options{Path: cfg.Store, ReadOnly: true, LockTimeout: 100 * time.Millisecond, Table: opts})
 	if err != nil {
 		if errors.Is(err, store.ErrLocked) {
 			return "in use by a running daemon, not checked against it", nil
@@ -278,6 +280,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if h := s.Health; h != nil {
 				printHealth(w, s, h)
 			}
+			if u := s.UnknownPeers; u != nil {
+				fmt.Fprintf(w, "unknown-peer buckets\t%d %s, %d steps moved %d\n", u.Buckets, bucketShares(u.Nodes), u.Steps, u.Moved)
+			}
 			if r := s.Replication; r != nil {
 				fmt.Fprintf(w, "role\t%s (director %d, epoch %d)\n", r.Role, r.ID, r.Epoch)
 				fmt.Fprintf(w, "peer\tdirector %d, %s, revision %d, alive %v\n", r.Peer.ID, r.Peer.Role, r.Peer.Revision, r.Peer.Alive)
@@ -320,4 +325,13 @@ func printHealth(w io.Writer, s *director.Status, h *health.Status) {
 			fmt.Fprintf(w, "health %s\t%s\n", v.Name, col)
 		}
 	}
+}
+
+// bucketShares lists the buckets per node, by name: "(vpn-01 512, vpn-02 480)".
+func bucketShares(nodes map[string]int) string {
+	var parts []string
+	for _, n := range slices.Sorted(maps.Keys(nodes)) {
+		parts = append(parts, fmt.Sprintf("%s %d", n, nodes[n]))
+	}
+	return "(" + strings.Join(parts, ", ") + ")"
 }

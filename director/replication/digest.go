@@ -52,14 +52,18 @@ func tunnelHash(t *affinity.Tunnel) uint64 { return recordHash(affinity.MarshalT
 func nodeHash(n *affinity.Node) uint64     { return recordHash(affinity.MarshalNode(n)) }
 
 // digest keeps, per bucket, the sum of a hash of every encoded tunnel in
-// it, and a sum over the nodes. Sums (not a hash of a sorted list) let one
-// change update its bucket in constant time and make the result
-// independent of order, so two directors holding the same records agree.
+// it, and a sum over the nodes and the unknown-peer buckets (the table's
+// records that are not tunnels: they travel with every repair). Sums (not
+// a hash of a sorted list) let one change update its bucket in constant
+// time and make the result independent of order, so two directors holding
+// the same records agree.
 type digest struct {
 	sums   [NumBuckets]uint64
 	nodes  uint64
 	tunnel map[string]uint64
 	node   map[string]uint64
+	// unknown holds each unknown-peer bucket's share of nodes.
+	unknown []uint64
 }
 
 func newDigest() *digest {
@@ -89,6 +93,50 @@ func (d *digest) deleteNode(name string) {
 	delete(d.node, name)
 }
 
+// unknownCountHash and unknownHash are the shares of the unknown-peer
+// bucket count and of one bucket in the nodes sum; a table without
+// buckets (and a bucket without a node) adds nothing, so its digest is
+// what it was before buckets existed.
+func unknownCountHash(n int) uint64 {
+	if n == 0 {
+		return 0
+	}
+	return recordHash(binary.BigEndian.AppendUint32([]byte("buckets"), uint32(n)))
+}
+
+func unknownHash(i int, mark uint16) uint64 {
+	if mark == 0 {
+		return 0
+	}
+	return recordHash(binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint32([]byte("bucket"), uint32(i)), mark))
+}
+
+// putBucket follows one unknown-peer bucket; a change of count (a
+// resize) first takes every old bucket out.
+func (d *digest) putBucket(b *affinity.BucketMark) {
+	if b.Count != len(d.unknown) {
+		for _, h := range d.unknown {
+			d.nodes -= h
+		}
+		d.nodes += unknownCountHash(b.Count) - unknownCountHash(len(d.unknown))
+		d.unknown = make([]uint64, b.Count)
+	}
+	if b.Count == 0 {
+		return
+	}
+	h := unknownHash(b.Index, b.Mark)
+	d.nodes += h - d.unknown[b.Index]
+	d.unknown[b.Index] = h
+}
+
+// putBuckets follows a whole assignment (a table read at once).
+func (d *digest) putBuckets(marks []uint16) {
+	d.putBucket(&affinity.BucketMark{Count: len(marks)})
+	for i, m := range marks {
+		d.putBucket(&affinity.BucketMark{Count: len(marks), Index: i, Mark: m})
+	}
+}
+
 func (d *digest) apply(cs []affinity.Change) {
 	for i := range cs {
 		c := &cs[i]
@@ -101,6 +149,8 @@ func (d *digest) apply(cs []affinity.Change) {
 			d.putNode(c.Node)
 		case affinity.DeleteNode:
 			d.deleteNode(c.Name)
+		case affinity.PutBucket:
+			d.putBucket(c.Bucket)
 		}
 	}
 }

@@ -95,16 +95,21 @@
 // for the chunk ranges it lacks after XferIdle of silence, so a transfer
 // resumes where it stopped. The backup applies a snapshot as one commit
 // of the differences (affinity.Table.DiffTo: deletes first, then nodes,
-// then tunnels) at the snapshot's revision, then applies the live revisions that follow it.
+// then tunnels, then the unknown-peer buckets) at the snapshot's revision,
+// then applies the live revisions that follow it. Every transfer carries
+// the table's unknown-peer bucket assignment (the map the kernel hashes
+// unknown peers through, decided on the master) as one record, so the
+// backup programs the same map and a takeover keeps it.
 //
 // Anti-entropy: the backup, when caught up, sends every DigestInterval a
 // digest of its table: per bucket (256 buckets over an FNV-1a hash of the
 // tunnel id) the sum of SHA-256 hashes of the encoded tunnels, plus a sum
-// over the nodes. The master compares it with its own digest at the same
+// over the nodes and the unknown-peer buckets. The master compares it with its own digest at the same
 // revision (its current digest with the batches since undone, read back
-// from the change log, at most WindowChanges changes), answers with a
+// from the change log, at most WindowChanges changes; not across a change
+// of the unknown-peer bucket count), answers with a
 // verdict, and on a
-// mismatch sends a repair: the nodes and the tunnels of just the differing
+// mismatch sends a repair: the nodes, the unknown-peer buckets and the tunnels of just the differing
 // buckets. A repair at revision R is applied together with the master's
 // next revision after R (see Limitations). Both sides record when the
 // tables were last proven equal.

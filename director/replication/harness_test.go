@@ -229,10 +229,20 @@ func (o *ops) batch(tab *affinity.Table) []affinity.Change {
 				cs = append(cs, affinity.Change{Kind: affinity.DeleteTunnel, Name: t.ID, Reason: "delete"})
 			}
 		}
-	case k < 85: // comments
+	case k < 80: // comments
 		t := tunnels[o.rng.IntN(len(tunnels))]
 		t.Comment = fmt.Sprintf("c%d", o.rng.IntN(1000))
 		cs = append(cs, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &t})
+	case k < 85: // an unknown-peer bucket step, now and then a resize
+		cur := tab.Buckets()
+		next := slices.Clone(cur)
+		if len(next) == 0 || o.rng.IntN(10) == 0 {
+			next = make([]uint16, 16<<o.rng.IntN(3))
+		}
+		for range 1 + o.rng.IntN(8) {
+			next[o.rng.IntN(len(next))] = uint16(1 + o.rng.IntN(o.nodes))
+		}
+		cs = affinity.BucketChanges(cur, next, "bucket step")
 	case k < 95: // node weight / drain / activate
 		i := o.rng.IntN(o.nodes)
 		st := affinity.NodeActive

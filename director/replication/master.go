@@ -280,7 +280,9 @@ func (r *Replicator) digestAt(rev uint64) (digestSums, bool) {
 			return d, false
 		}
 		for i := range b.Changes {
-			undo(&d, &b.Changes[i])
+			if !undo(&d, &b.Changes[i]) {
+				return d, false
+			}
 		}
 		if b.Revision == r.logAt {
 			return d, true
@@ -288,8 +290,10 @@ func (r *Replicator) digestAt(rev uint64) (digestSums, bool) {
 	}
 }
 
-// undo takes one resolved change back out of digest sums.
-func undo(d *digestSums, c *affinity.Change) {
+// undo takes one resolved change back out of digest sums; false when it
+// cannot (a resize of the unknown-peer buckets: the change does not
+// carry the old assignment).
+func undo(d *digestSums, c *affinity.Change) bool {
 	switch c.Kind {
 	case affinity.PutTunnel:
 		d.sums[bucketOf(c.Tunnel.ID)] -= tunnelHash(c.Tunnel)
@@ -309,5 +313,12 @@ func undo(d *digestSums, c *affinity.Change) {
 		if c.OldNode != nil {
 			d.nodes += nodeHash(c.OldNode)
 		}
+	case affinity.PutBucket:
+		o := c.OldBucket
+		if o == nil || o.Count != c.Bucket.Count {
+			return false
+		}
+		d.nodes += unknownHash(o.Index, o.Mark) - unknownHash(c.Bucket.Index, c.Bucket.Mark)
 	}
+	return true
 }

@@ -2,6 +2,7 @@ package replication
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -374,4 +375,74 @@ func TestSnapshotPacedLiveFlows(t *testing.T) {
 		t.Errorf("want one snapshot then live revisions: %+v", c)
 	}
 	t.Logf("caught up in %s of link time; %+v", took, c)
+}
+
+// TestBucketsReplicated: the master's unknown-peer buckets reach the
+// backup with the live stream (4,096 at once, then steps), with a
+// snapshot to a late backup, and after the backup silently lost a bucket
+// change, with a repair the digest asks for.
+func TestBucketsReplicated(t *testing.T) {
+	p := newPair(t, lossy(0.05, 11), func(i int, c *Config) { c.DigestInterval, c.WindowChanges = 200*time.Millisecond, 1000 })
+	o := newOps(11)
+	commit(p.st[0], o.init())
+	marks := make([]uint16, affinity.DefaultBuckets)
+	for i := range marks {
+		marks[i] = uint16(i%4 + 1)
+	}
+	commit(p.st[0], affinity.BucketChanges(nil, marks, "first step"))
+	p.start(0)
+	p.steps(20)
+	p.start(1) // late: a snapshot carries the buckets
+	if !p.settle(30 * time.Second) {
+		t.Fatalf("late backup: %s", p.describeDiff())
+	}
+	if got := p.st[1].Table().Buckets(); !slices.Equal(got, marks) || p.r[1].Status().Counters.SnapshotsApplied != 1 {
+		t.Fatalf("backup holds %d buckets after catching up (%d snapshots), want the master's %d by a snapshot", len(got), p.r[1].Status().Counters.SnapshotsApplied, len(marks))
+	}
+	step := func(n int) {
+		cur := p.st[0].Table().Buckets()
+		next := slices.Clone(cur)
+		for i := range n {
+			next[(i*97)%len(next)] = next[(i*97)%len(next)]%4 + 1
+		}
+		commit(p.st[0], affinity.BucketChanges(cur, next, "step"))
+	}
+	step(256)
+	if !p.settle(30*time.Second) || !slices.Equal(p.st[1].Table().Buckets(), p.st[0].Table().Buckets()) {
+		t.Fatalf("a live step: %s", p.describeDiff())
+	}
+	// The backup loses one bucket change; the digest finds it.
+	lost := 0
+	p.r[1].mu.Lock()
+	p.r[1].testDrop = func(rev uint64, cs []affinity.Change) []affinity.Change {
+		var keep []affinity.Change
+		for _, c := range cs {
+			if c.Kind == affinity.PutBucket && lost == 0 {
+				lost++
+				continue
+			}
+			keep = append(keep, c)
+		}
+		return keep
+	}
+	p.r[1].mu.Unlock()
+	step(3)
+	p.steps(20)
+	p.r[1].mu.Lock()
+	p.r[1].testDrop = nil
+	p.r[1].mu.Unlock()
+	if lost == 0 || p.equal() {
+		t.Fatal("no bucket change lost")
+	}
+	for i := 0; i < 200 && !p.equal(); i++ {
+		p.steps(50)
+	}
+	if !p.settle(10*time.Second) || !slices.Equal(p.st[1].Table().Buckets(), p.st[0].Table().Buckets()) {
+		t.Fatalf("lost bucket not repaired: %s", p.describeDiff())
+	}
+	c := p.r[1].Status().Counters
+	if c.RepairsApplied == 0 || c.SnapshotsApplied > 1 || c.LocalWrites > 0 {
+		t.Errorf("want a repair, no new snapshot, no local write: %+v", c)
+	}
+	t.Logf("backup counters: %+v", c)
 }

@@ -129,6 +129,7 @@ func (r *Replicator) follow() error {
 	for i := range snap.Tunnels {
 		r.dig.putTunnel(&snap.Tunnels[i])
 	}
+	r.dig.putBuckets(snap.Buckets)
 	r.rev, r.logAt = snap.Revision, snap.Revision
 	r.own = r.own[:0]
 	return nil

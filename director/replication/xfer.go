@@ -48,6 +48,10 @@ const (
 	recNode    = 1
 	recTunnel  = 2
 	recHistory = 3
+	// recBuckets is the unknown-peer bucket assignment
+	// (affinity.MarshalBuckets), in every transfer: a director that does
+	// not know it skips it.
+	recBuckets = 4
 )
 
 // target is a decoded transfer: the sender's table (or some of its
@@ -61,6 +65,8 @@ type target struct {
 	history  []epochStart
 	nodes    []affinity.Node
 	tunnels  []affinity.Tunnel
+	// unknown is the sender's unknown-peer bucket assignment.
+	unknown []uint16
 }
 
 // encodeTarget encodes the table's nodes and the tunnels of the buckets
@@ -83,6 +89,7 @@ func encodeTarget(h []epochStart, tab *affinity.Table, buckets bucketSet, full b
 		for _, n := range tab.Nodes() {
 			rec(recNode, affinity.MarshalNode(&n))
 		}
+		rec(recBuckets, affinity.MarshalBuckets(tab.Buckets()))
 		tab.EachTunnel(func(t *affinity.Tunnel) {
 			if full || buckets.has(bucketOf(t.ID)) {
 				rec(recTunnel, affinity.MarshalTunnel(t))
@@ -115,6 +122,12 @@ func decodeTarget(t *target, b []byte) error {
 				return fmt.Errorf("transfer node: %w", err)
 			}
 			t.nodes = append(t.nodes, nd)
+		case recBuckets:
+			marks, err := affinity.UnmarshalBuckets(v)
+			if err != nil {
+				return fmt.Errorf("transfer buckets: %w", err)
+			}
+			t.unknown = marks
 		case recTunnel:
 			tu, err := affinity.UnmarshalTunnel(v)
 			if err != nil {
@@ -428,10 +441,10 @@ func (r *Replicator) xferTimers(now time.Time) {
 }
 
 // targetOps turns a snapshot or repair into the changes that make the
-// table's nodes, and its tunnels in the target's buckets, equal to the
-// target: the table's own DiffTo.
+// table's nodes and unknown-peer buckets, and its tunnels in the target's
+// hash ranges, equal to the target: the table's own DiffTo.
 func (r *Replicator) targetOps(t *target) []affinity.Change {
-	s := affinity.Snapshot{Revision: t.rev, Nodes: t.nodes, Tunnels: t.tunnels}
+	s := affinity.Snapshot{Revision: t.rev, Nodes: t.nodes, Tunnels: t.tunnels, Buckets: t.unknown}
 	var in func(string) bool
 	if !t.full {
 		in = func(id string) bool { return t.buckets.has(bucketOf(id)) }

@@ -101,7 +101,10 @@ func TestMetricsOfARealPair(t *testing.T) {
 	netlab.RequireRoot(t)
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 3, VIPOnDirectors: true})
 	dir := t.TempDir()
-	ds := startPairWith(t, top, dir, fmt.Sprintf("metrics: {listen: %q}\n", metricsAddr.String()), "master", "backup")
+	// Unknown-peer buckets balance once a day: after the first
+	// assignment only a node down moves buckets (at once), so the
+	// revision holds still for the scrape.
+	ds := startPairWith(t, top, dir, fmt.Sprintf("metrics: {listen: %q}\nunknown_peers: {interval: 24h}\n", metricsAddr.String()), "master", "backup")
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
 		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
@@ -140,6 +143,12 @@ func TestMetricsOfARealPair(t *testing.T) {
 		t.Fatalf("node down moved nothing: %v %s", err, out)
 	}
 	moved := float64(len(nr.Plan.Moves))
+	// The master gives node0's buckets to the others right after the
+	// node down, one more revision.
+	waitFor("node0's unknown-peer buckets moved", func() bool {
+		b := ds[0].status(t).UnknownPeers
+		return b != nil && b.Buckets == 4096 && b.Nodes["node0"] == 0
+	})
 	rev := ds[0].status(t).Revision
 	waitFor("both kernels at the master's revision", func() bool {
 		for _, d := range ds {
@@ -194,6 +203,7 @@ func TestMetricsOfARealPair(t *testing.T) {
 			{"tunneldirector_table_nodes", []string{"state", "down"}, 1},
 			{"tunneldirector_table_nodes", []string{"state", "active"}, 2},
 			{"tunneldirector_table_revision", nil, float64(rev)},
+			{"tunneldirector_table_unknown_peer_buckets", []string{"node", "node0"}, 0},
 			{"tunneldirector_table_moves_total", []string{"reason", "node_down"}, moved},
 			{"tunneldirector_dataplane_kernel_revision", nil, float64(rev)},
 			{"tunneldirector_dataplane_kernel_elements", []string{"map", "peers"}, n},
@@ -223,6 +233,10 @@ func TestMetricsOfARealPair(t *testing.T) {
 			if got := value(t, fams, c.name, c.labels...); got != c.want {
 				t.Errorf("%s: %s%v = %v, want %v", role, c.name, c.labels, got, c.want)
 			}
+		}
+		if got := value(t, fams, "tunneldirector_table_unknown_peer_buckets", "node", "node1") +
+			value(t, fams, "tunneldirector_table_unknown_peer_buckets", "node", "node2"); got != 4096 {
+			t.Errorf("%s: unknown-peer buckets of node1 and node2: %v, want all 4096", role, got)
 		}
 		for _, c := range []struct {
 			name   string

@@ -233,10 +233,15 @@ t0-v6,%s,fd70::/64,node2
 	e.tunnelTraffic(1, netip.MustParseAddr("10.71.0.9"), 1, false)
 	e.tunnelTraffic(0, netip.MustParseAddr("fd70::9"), 2, true)
 
-	// An unknown peer lands on the node the kernel's jhash picks, which
-	// HashPick computes in Go; the daemon then pins it into the table.
+	// An unknown peer lands on the node of its bucket in the kernel's
+	// bucket map, which BucketPick computes in Go; the daemon then pins
+	// it into the table.
 	p2 := e.top.Peers[2].If(netlab.IfOutside)
-	want := int(ipvs.HashPick(p2.Addr4, director.DefaultConfig().HashSeed, []uint16{1, 2, 3})) - 1
+	buckets := readKernel(t, e.top.Directors[0], e.config).Buckets
+	if len(buckets) != 4096 {
+		t.Fatalf("the kernel holds %d unknown-peer buckets, want the default 4096", len(buckets))
+	}
+	want := int(ipvs.BucketPick(p2.Addr4, director.DefaultConfig().HashSeed, buckets)) - 1
 	e.expectAt(want, "unknown-ike", func(tag string) error {
 		return e.top.Peers[2].SendUDP(netip.AddrPortFrom(p2.Addr4, 500), netip.AddrPortFrom(e.top.VIP4, 500), []byte(tag))
 	})

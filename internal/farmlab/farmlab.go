@@ -450,7 +450,8 @@ func (f *farm) waitSynced() error {
 		err := waitFor(20*time.Second, func() bool {
 			s, err := d.client().Status()
 			last = s
-			return err == nil && s.Revision == ms.Revision && s.KernelRevision == ms.Revision
+			// At least: the master may commit a bucket step meanwhile.
+			return err == nil && s.Revision >= ms.Revision && s.KernelRevision >= ms.Revision
 		})
 		if err != nil {
 			return fmt.Errorf("director %d did not reach revision %d in its kernel (last status %+v)", i, ms.Revision, last)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -120,9 +121,24 @@ func (f *Fake) Sync(ctx context.Context, d *ipvs.Desired) (ipvs.Stats, error) {
 	}
 	countDiff(&st, old.Peers, d.Peers)
 	countDiff(&st, old.Subnets, d.Subnets)
+	countBuckets(&st, old.Buckets, d.Buckets)
 	f.state = cloneDesired(d)
 	st.Duration = time.Since(start)
 	return st, f.partial()
+}
+
+// countBuckets counts changed buckets (all of them when the count
+// changes).
+func countBuckets(st *ipvs.Stats, old, new []uint16) {
+	if len(old) != len(new) {
+		st.Changed += max(len(old), len(new))
+		return
+	}
+	for i := range old {
+		if old[i] != new[i] {
+			st.Changed++
+		}
+	}
 }
 
 func countDiff[K comparable](st *ipvs.Stats, old, new map[K]uint16) {
@@ -159,9 +175,16 @@ func (f *Fake) Update(ctx context.Context, d *ipvs.Delta) (ipvs.Stats, error) {
 	}
 	maps.Copy(next.Peers, d.SetPeers)
 	maps.Copy(next.Subnets, d.SetSubnets)
+	for i, m := range d.Buckets {
+		if i < 0 || i >= len(next.Buckets) {
+			return ipvs.Stats{}, fmt.Errorf("update: unknown-peer bucket %d outside the %d of the last sync", i, len(next.Buckets))
+		}
+		next.Buckets[i] = m
+	}
 	var st ipvs.Stats
 	countDiff(&st, f.state.Peers, next.Peers)
 	countDiff(&st, f.state.Subnets, next.Subnets)
+	countBuckets(&st, f.state.Buckets, next.Buckets)
 	f.state = next
 	return st, f.partial()
 }
@@ -217,6 +240,7 @@ func cloneDesired(d *ipvs.Desired) *ipvs.Desired {
 	c.Nodes = append([]ipvs.Node(nil), d.Nodes...)
 	c.Peers = maps.Clone(d.Peers)
 	c.Subnets = maps.Clone(d.Subnets)
+	c.Buckets = slices.Clone(d.Buckets)
 	if c.Peers == nil {
 		c.Peers = map[netip.Addr]uint16{}
 	}
@@ -235,6 +259,7 @@ func cloneDelta(d *ipvs.Delta) *ipvs.Delta {
 	c.SetSubnets = maps.Clone(d.SetSubnets)
 	c.DeletePeers = append([]netip.Addr(nil), d.DeletePeers...)
 	c.DeleteSubnets = append([]netip.Prefix(nil), d.DeleteSubnets...)
+	c.Buckets = maps.Clone(d.Buckets)
 	return &c
 }
 

@@ -66,3 +66,22 @@ func TestFakeRecordsAndHoldsState(t *testing.T) {
 		t.Fatalf("calls %v", ops)
 	}
 }
+
+func TestFakeBuckets(t *testing.T) {
+	f := NewFake(ipvs.ModeRouteOnly)
+	ctx := context.Background()
+	d := unitDesired()
+	d.Buckets = []uint16{1, 2, 1, 2}
+	if _, err := f.Sync(ctx, d); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := f.Update(ctx, &ipvs.Delta{Buckets: map[int]uint16{0: 2, 3: 0}}); err != nil || st.Changed != 2 {
+		t.Fatalf("%+v %v", st, err)
+	}
+	if got := f.State().Buckets; got[0] != 2 || got[3] != 0 || got[1] != 2 {
+		t.Fatalf("buckets %v", got)
+	}
+	if _, err := f.Update(ctx, &ipvs.Delta{Buckets: map[int]uint16{4: 1}}); err == nil {
+		t.Fatal("a bucket beyond the synced count")
+	}
+}

@@ -29,10 +29,13 @@ const LearnInterval = 5 * time.Second
 // header and the UDP ports.
 const LogSnaplen = 48
 
-// seenSize bounds each family's set of recently logged peers; when it is
-// full, further unknown peers are still steered by the hash but logged only
-// once entries expire.
-const seenSize = 65536
+// windowSize bounds each family's map of unknown peers seen in the last
+// LearnInterval; when it is full, further unknown peers are still steered
+// by their bucket but neither kept in it nor logged until entries expire.
+const windowSize = 65536
+
+// MaxHash bounds the unknown-peer hash map (the bucket count).
+const MaxHash = 65536
 
 // elemChunk bounds the elements per NEWSETELEM message: the element list is
 // one netlink attribute, whose length is 16 bits, so 100,000 elements must
@@ -42,9 +45,12 @@ const elemChunk = 1000
 type famSets struct {
 	v6          bool
 	vips, peers *nftables.Set
-	// seen holds the unknown peers logged in the last LearnInterval: a
-	// peer is logged once per interval, not once per packet.
-	seen *nftables.Set
+	// window maps the unknown peers logged in the last LearnInterval to
+	// the mark their first packet got: a peer is logged once per
+	// interval, not once per packet, and until its pin reaches the peer
+	// map its packets keep the first one's node even when its bucket
+	// changes meanwhile (the pin window, closed in the kernel).
+	window *nftables.Set
 }
 
 type nftNames struct {
@@ -68,8 +74,8 @@ func newNames(name string) *nftNames {
 			v6:    v6,
 			vips:  &nftables.Set{Table: t, Name: "vips" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian},
 			peers: &nftables.Set{Table: t, Name: "peers" + sfx, IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark},
-			seen: &nftables.Set{Table: t, Name: "seen" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian,
-				Dynamic: true, HasTimeout: true, Timeout: LearnInterval, Size: seenSize},
+			window: &nftables.Set{Table: t, Name: "window" + sfx, IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian,
+				DataType: nftables.TypeMark, Dynamic: true, HasTimeout: true, Timeout: LearnInterval, Size: windowSize},
 		}
 	}
 	// The hash map's key is the hash register (host order); typed as a
@@ -84,7 +90,7 @@ func newNames(name string) *nftNames {
 func (n *nftNames) allSets() []*nftables.Set {
 	var out []*nftables.Set
 	for _, f := range n.fams {
-		out = append(out, f.vips, f.peers, f.seen)
+		out = append(out, f.vips, f.peers, f.window)
 	}
 	return append(out, n.hash)
 }
@@ -277,8 +283,9 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 
 // chainRules builds the classifier. Per family, for each tunnel selector
 // (ESP, AH, UDP 500, UDP 4500) to a VIP: a known peer gets its owner's
-// mark from the peer map, an unknown one gets the jhash pick; any packet to
-// a protected subnet gets the owner's mark. In IPVS mode the IKE and NAT-T
+// mark from the peer map, an unknown one in its pin window the mark its
+// first packet got, any other unknown one its bucket's node; any packet
+// to a protected subnet gets the owner's mark. In IPVS mode the IKE and NAT-T
 // marks carry IKEBit so the fwmark rules leave them to the IPVS services.
 func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 	lens := sig.Lens
@@ -322,13 +329,18 @@ func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: soff, Len: alen},
 			)
 		}
-		tail := func(s sel) []expr.Any {
-			var ex []expr.Any
-			if s.ike && sig.IKEBit != 0 {
-				ex = append(ex, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-					Mask: binaryutil.NativeEndian.PutUint32(0xffffffff), Xor: binaryutil.NativeEndian.PutUint32(sig.IKEBit)})
+		// tail sets the packet's mark from the node's fwmark in register
+		// reg, with IKEBit for IKE and NAT-T in IPVS mode (computed into
+		// register out, so reg keeps the plain fwmark).
+		tail := func(s sel, reg, out uint32) []expr.Any {
+			if !s.ike || sig.IKEBit == 0 {
+				return []expr.Any{&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: reg}}
 			}
-			return append(ex, &expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1})
+			return []expr.Any{
+				&expr.Bitwise{SourceRegister: reg, DestRegister: out, Len: 4,
+					Mask: binaryutil.NativeEndian.PutUint32(0xffffffff), Xor: binaryutil.NativeEndian.PutUint32(sig.IKEBit)},
+				&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: out},
+			}
 		}
 		for _, s := range sels {
 			// A known peer gets its owner's mark and leaves the chain
@@ -339,24 +351,31 @@ func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 			// Debian's 6.12).
 			ex := head(s)
 			ex = append(ex, &expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: f.peers.Name, SetID: f.peers.ID})
-			ex = append(ex, tail(s)...)
+			ex = append(ex, tail(s, 1, 1)...)
 			rules = append(rules, append(ex, &expr.Verdict{Kind: expr.VerdictAccept}))
 			if sig.HashN > 0 {
-				// An unknown peer: the jhash pick, then, once per
-				// LearnInterval per peer, the packet goes to the NFLOG
-				// group the learner reads (the seen set is checked,
-				// then filled, then the packet logged).
+				// An unknown peer in its pin window (its first packet
+				// less than LearnInterval ago): the first packet's
+				// node, whatever its bucket says now.
 				ex := head(s)
+				ex = append(ex, &expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: f.window.Name, SetID: f.window.ID})
+				ex = append(ex, tail(s, 1, 1)...)
+				rules = append(rules, append(ex, &expr.Verdict{Kind: expr.VerdictAccept}))
+				// An unknown peer's first packet: its bucket's node
+				// (jhash of the address into HashN buckets, then the
+				// bucket map), kept in the window map with its address,
+				// and the packet goes to the NFLOG group the learner
+				// reads. The mark is set before the window map is
+				// filled: a full map still steers.
+				ex = head(s)
 				ex = append(ex,
-					&expr.Hash{SourceRegister: 1, DestRegister: 1, Length: alen, Modulus: uint32(sig.HashN),
+					&expr.Hash{SourceRegister: 1, DestRegister: 2, Length: alen, Modulus: uint32(sig.HashN),
 						Seed: EffectiveSeed(sig.Seed), Type: expr.HashTypeJenkins},
-					&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: n.hash.Name, SetID: n.hash.ID},
+					&expr.Lookup{SourceRegister: 2, DestRegister: 2, IsDestRegSet: true, SetName: n.hash.Name, SetID: n.hash.ID},
 				)
-				ex = append(ex, tail(s)...)
+				ex = append(ex, tail(s, 2, 3)...)
 				ex = append(ex,
-					&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: soff, Len: alen},
-					&expr.Lookup{SourceRegister: 1, SetName: f.seen.Name, SetID: f.seen.ID, Invert: true},
-					&expr.Dynset{SrcRegKey: 1, SetName: f.seen.Name, SetID: f.seen.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+					&expr.Dynset{SrcRegKey: 1, SrcRegData: 2, SetName: f.window.Name, SetID: f.window.ID, Operation: unix.NFT_DYNSET_OP_ADD},
 					// Queue threshold 1: nfnetlink_log batches up to 100
 					// packets or 1 s by default; the learner wants each
 					// first packet at once.

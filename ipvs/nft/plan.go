@@ -125,12 +125,15 @@ func Diff(cur, want *State) *Plan {
 	return p
 }
 
-// Changes is a delta to a target's maps: what a tunnel change needs.
+// Changes is a delta to a target's maps: what tunnel changes need, and
+// bucket changes of the unknown-peer hash map (within the chain's HashN).
 type Changes struct {
 	SetPeers   map[netip.Addr]uint32
 	DelPeers   []netip.Addr
 	SetSubnets map[netip.Prefix]uint32
 	DelSubnets []netip.Prefix
+	SetHash    map[uint32]uint32
+	DelHash    []uint32
 }
 
 // Update applies c to want and returns the transaction that brings model
@@ -138,7 +141,29 @@ type Changes struct {
 // compared, and a length that appears or goes creates or deletes its map
 // and rebuilds the chain in the same transaction.
 func Update(model, want *State, c Changes) *Plan {
-	p := &Plan{Sig: model.Sig, AddPeers: map[netip.Addr]uint32{}, AddSubnets: map[netip.Prefix]uint32{}}
+	p := &Plan{Sig: model.Sig, AddPeers: map[netip.Addr]uint32{}, AddSubnets: map[netip.Prefix]uint32{}, AddHash: map[uint32]uint32{}}
+	// Buckets: a step changes up to all of them, so deletions are
+	// tracked in a set rather than searched.
+	hdel := make(map[uint32]bool, len(c.DelHash))
+	for _, k := range c.DelHash {
+		delete(want.Hash, k)
+		if _, ok := model.Hash[k]; ok && !hdel[k] {
+			p.DelHash = append(p.DelHash, k)
+			hdel[k] = true
+		}
+	}
+	for k, fm := range c.SetHash {
+		want.Hash[k] = fm
+		cur, ok := model.Hash[k]
+		if ok && cur == fm {
+			continue
+		}
+		if ok && !hdel[k] {
+			p.DelHash = append(p.DelHash, k)
+			hdel[k] = true
+		}
+		p.AddHash[k] = fm
+	}
 	for _, a := range c.DelPeers {
 		a = a.Unmap()
 		delete(want.Peers, a)

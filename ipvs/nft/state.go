@@ -26,7 +26,7 @@ type State struct {
 	VIPs    map[netip.Addr]struct{}
 	Peers   map[netip.Addr]uint32
 	Subnets map[netip.Prefix]uint32
-	Hash    map[uint32]uint32 // hash index -> fwmark
+	Hash    map[uint32]uint32 // unknown-peer bucket -> fwmark
 	// Lens are the per-prefix-length subnet maps: in the kernel's state
 	// the maps that exist, in a target the maps its subnets need.
 	Lens map[Len]struct{}
@@ -70,8 +70,8 @@ type Signature struct {
 	// IKEBit is set in the marks of IKE and NAT-T (IPVS mode), 0 in
 	// route-only mode.
 	IKEBit uint32 `json:"ike"`
-	// Seed and HashN parameterise the unknown-peer hash (HashN active
-	// nodes; no hash rule when 0).
+	// Seed and HashN parameterise the unknown-peer hash (HashN buckets;
+	// no hash rule when 0).
 	Seed  uint32 `json:"seed"`
 	HashN int    `json:"n"`
 	// A mark m with m&RangeMask == MarkBase is the director's: the chain
@@ -85,8 +85,10 @@ type Signature struct {
 	Lens []Len `json:"lens"`
 }
 
-// Layout is the current chain layout version.
-const Layout = 5
+// Layout is the current chain layout version. 6: the unknown peers'
+// window map (address -> first packet's mark) replaced the seen set, and
+// the hash map holds the unknown-peer buckets.
+const Layout = 6
 
 // Equal reports whether two signatures build the same chain.
 func (a Signature) Equal(b Signature) bool {
