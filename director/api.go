@@ -175,6 +175,20 @@ func (d *Daemon) Handler(token string) http.Handler {
 		reply(map[string]bool{"ready": true}, nil)(w)
 	})
 	mux.HandleFunc("GET /v1/store/check", func(w http.ResponseWriter, r *http.Request) { reply(s.Check())(w) })
+	mux.HandleFunc("GET /v1/replication/conflicts", func(w http.ResponseWriter, r *http.Request) { reply(d.Conflicts())(w) })
+	mux.HandleFunc("POST /v1/conntrack/commit", func(w http.ResponseWriter, r *http.Request) { reply(d.ConntrackCommit(r.Context()))(w) })
+	mux.HandleFunc("POST /v1/conntrack/flush", func(w http.ResponseWriter, r *http.Request) {
+		reply(d.ConntrackFlush(r.Context(), r.URL.Query().Get("cache") == "1"))(w)
+	})
+	mux.HandleFunc("POST /v1/conntrack/resync", func(w http.ResponseWriter, r *http.Request) { reply(d.ConntrackResync())(w) })
+	mux.HandleFunc("GET /v1/conntrack/flows", func(w http.ResponseWriter, r *http.Request) {
+		limit, err := intParam(r.URL.Query(), "limit", 100)
+		if err != nil {
+			reply[any](nil, err)(w)
+			return
+		}
+		reply(d.ConntrackFlows(limit))(w)
+	})
 	// Requests without a body of their own still get a bounded one.
 	limited := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/v1/import" {

@@ -17,6 +17,8 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
+	"github.com/tunneldirector/tunneldirector/director/ctsync"
+	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -103,6 +105,42 @@ func (c *Client) SetRole(role string) (*Status, error) {
 func (c *Client) Ready() error {
 	var ok map[string]bool
 	return c.do("GET", "/v1/ready", nil, nil, &ok)
+}
+
+// Conflicts returns the daemon's split-brain merge reports.
+func (c *Client) Conflicts() ([]replication.MergeReport, error) {
+	var r []replication.MergeReport
+	return r, c.do("GET", "/v1/replication/conflicts", nil, nil, &r)
+}
+
+// ConntrackCommit asks the daemon to commit its conntrack cache into its
+// kernel now.
+func (c *Client) ConntrackCommit() (*ctsync.CommitReport, error) {
+	var r ctsync.CommitReport
+	return &r, c.do("POST", "/v1/conntrack/commit", nil, nil, &r)
+}
+
+// ConntrackFlush asks the daemon to let its synced conntrack entries run
+// out, and with cache to empty its cache.
+func (c *Client) ConntrackFlush(cache bool) (*FlushResult, error) {
+	var r FlushResult
+	q := url.Values{}
+	if cache {
+		q.Set("cache", "1")
+	}
+	return &r, c.do("POST", "/v1/conntrack/flush", q, nil, &r)
+}
+
+// ConntrackResync asks the daemon for a full conntrack resync.
+func (c *Client) ConntrackResync() (*ctsync.Status, error) {
+	var r ctsync.Status
+	return &r, c.do("POST", "/v1/conntrack/resync", nil, nil, &r)
+}
+
+// ConntrackFlows lists up to limit flows of the daemon's conntrack cache.
+func (c *Client) ConntrackFlows(limit int) ([]FlowInfo, error) {
+	var r []FlowInfo
+	return r, c.do("GET", "/v1/conntrack/flows", url.Values{"limit": {strconv.Itoa(limit)}}, nil, &r)
 }
 
 // Import sends a file to the daemon.

@@ -18,6 +18,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/ctsync"
 	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -122,6 +123,8 @@ type ReplicationConfig struct {
 	// InitialRole is the role until keepalived says otherwise: backup,
 	// master or fault (replication.ParseRole).
 	InitialRole string `yaml:"initial_role"`
+	// Conntrack replicates conntrack state over the same link.
+	Conntrack ctsync.Config `yaml:"conntrack"`
 }
 
 // Enabled reports whether replication is configured.
@@ -190,6 +193,7 @@ func DefaultConfig() Config {
 	c.VerifyInterval = Duration(DefaultVerifyInterval)
 	c.LogLevel = slog.LevelInfo
 	c.Health = health.DefaultConfig()
+	c.Replication.Conntrack = ctsync.DefaultConfig()
 	return c
 }
 
@@ -559,6 +563,11 @@ func (c *Config) Check() error {
 		case "", "backup", "master", "fault":
 		default:
 			bad("replication.initial_role", "%q (want backup, master or fault)", shortValue(r.InitialRole))
+		}
+		if r.Conntrack.Enabled {
+			if err := r.Conntrack.Validate("replication.conntrack"); err != nil {
+				errs = append(errs, unjoin(err)...)
+			}
 		}
 	}
 	if err := c.Health.Validate("health"); err != nil {

@@ -219,3 +219,33 @@ func TestConfigCheckAgainstStoredTable(t *testing.T) {
 		t.Errorf("CheckAgainst left VIPs %v in the table", tb.VIPs())
 	}
 }
+
+// TestConntrackConfig: the replication.conntrack section is typed once
+// (protocols, TCP states, prefixes, durations) and every bad value is
+// named by its key path.
+func TestConntrackConfig(t *testing.T) {
+	key := filepath.Join(t.TempDir(), "k")
+	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef"), 0o600)
+	pair := "vips: [192.0.2.1]\nreplication:\n  id: 1\n  local: \"198.18.0.1:7788\"\n  peer: \"198.18.0.2:7788\"\n  key_file: " + key + "\n"
+	c, err := LoadConfig(writeConfig(t, pair+"  conntrack:\n    ignore_protocols: [udp, 47]\n    tcp_states: [established, time_wait]\n    include: [100.64.0.0/10]\n    commit_timeout: 3s\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ct := c.Replication.Conntrack
+	if !ct.Enabled || len(ct.IgnoreProtocols) != 2 || ct.IgnoreProtocols[1] != 47 || len(ct.TCPStates) != 2 || ct.CommitTimeout != 3e9 || ct.CacheMax != 2_000_000 {
+		t.Fatalf("parsed %+v", ct)
+	}
+	for _, tc := range []struct{ body, want string }{
+		{"  conntrack: {tcp_states: [estab]}\n", "replication.conntrack.tcp_states[0] (line 7): unknown TCP state \"estab\""},
+		{"  conntrack: {ignore_protocols: [tcpp]}\n", "replication.conntrack.ignore_protocols[0] (line 7): unknown protocol \"tcpp\""},
+		{"  conntrack: {cache_max: 5}\n", "replication.conntrack.cache_max: 5 below 1000"},
+		{"  conntrack: {bogus: 1}\n", "replication.conntrack.bogus (line 7): unknown key"},
+		{"  conntrack: {include: [10.0.0.300/8]}\n", "replication.conntrack.include[0] (line 7)"},
+		{"  conntrack: {tcp_states: []}\n", "replication.conntrack.tcp_states: empty"},
+	} {
+		_, err := LoadConfig(writeConfig(t, pair+tc.body))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("config %q: error %v, want %q", tc.body, err, tc.want)
+		}
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/ctsync"
 	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
@@ -48,6 +49,7 @@ type Daemon struct {
 
 	repl      *replication.Replicator // nil when the director runs alone
 	health    *health.Monitor         // the node health checks (nodehealth.go)
+	ct        *ctsync.Syncer          // nil without conntrack replication
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 
@@ -93,6 +95,8 @@ type Status struct {
 	// Health is the health checks' view: per node state and last
 	// results, the panic and link state, counters.
 	Health *health.Status `json:"health,omitempty"`
+	// Conntrack is the conntrack replication's state, when configured.
+	Conntrack *ctsync.Status `json:"conntrack,omitempty"`
 }
 
 // DaemonOptions wires a daemon.
@@ -106,6 +110,9 @@ type DaemonOptions struct {
 	Clock clock.Clock
 	// Replicator pairs the director with its peer; nil runs it alone.
 	Replicator *replication.Replicator
+	// Conntrack replicates conntrack state over the Replicator's link
+	// (NewConntrackSync); nil: not at all.
+	Conntrack *ctsync.Syncer
 	// ReadyFile, with a Replicator, is kept at "0" while in sync and "1"
 	// otherwise, for keepalived's track_file.
 	ReadyFile string
@@ -128,6 +135,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 		cfg:  o.Config,
 		wake: make(chan struct{}, 1),
 		repl: o.Replicator,
+		ct:   o.Conntrack,
 
 		readyFile: o.ReadyFile,
 		watch:     o.Watch,
@@ -139,7 +147,11 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	d.sd = newSystemd(d.log)
 	d.svc.m = d.m
 	if o.Metrics != nil {
-		for _, c := range append(d.m.collectors(), newDaemonCollector(d), newHealthCollector(d)) {
+		cs := append(d.m.collectors(), newDaemonCollector(d), newHealthCollector(d))
+		if d.ct != nil {
+			cs = append(cs, newConntrackCollector(d.ct.Status))
+		}
+		for _, c := range cs {
 			if err := o.Metrics.Register(c); err != nil {
 				return nil, fmt.Errorf("register metrics: %w", err)
 			}
@@ -147,6 +159,9 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
+	if d.ct != nil {
+		d.ct.Filter().SetOwn(ownAddresses(o.Config))
+	}
 	if err := d.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
@@ -324,6 +339,13 @@ func (d *Daemon) SetRole(role replication.Role) error {
 	d.repl.SetRole(role)
 	d.health.SetRole(role == replication.RoleMaster)
 	d.log.Info("role changed", "role", role.String(), "epoch", d.repl.Epoch())
+	if d.ct != nil {
+		// Becoming master commits the backup's cache of the old
+		// master's flows into the kernel before keepalived's notify
+		// returns; becoming backup lets this director's synced entries
+		// run out and asks the new master for its flows.
+		d.ct.SetRole(context.Background(), role)
+	}
 	if role == replication.RoleMaster {
 		// The configured nodes were not merged while backup.
 		if _, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) { return d.config().nodeChanges(t), nil }); err != nil {
@@ -338,6 +360,16 @@ func (d *Daemon) SetRole(role replication.Role) error {
 	}
 	d.writeReady()
 	return nil
+}
+
+// Conflicts returns the reports of the split-brain merges this director
+// made as master (`ctl conflicts`): every record both directors changed,
+// both versions, the winner and why.
+func (d *Daemon) Conflicts() ([]replication.MergeReport, error) {
+	if d.repl == nil {
+		return nil, fmt.Errorf("%w: replication is not configured on this director", ErrRefused)
+	}
+	return d.repl.Conflicts(), nil
 }
 
 // Ready reports whether this director may win an election: alone, always;
@@ -383,6 +415,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}()
 	}
 	d.runHealth(ctx)
+	if d.ct != nil {
+		go func() {
+			if err := d.ct.Run(ctx); err != nil && ctx.Err() == nil {
+				d.log.Error("conntrack replication stopped", "err", err)
+			}
+		}()
+	}
 	if d.watch != nil {
 		go func() {
 			if err := d.watch(ctx, d.onFlow); err != nil && ctx.Err() == nil {
@@ -425,6 +464,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.stepBuckets()
 		case <-verifyC:
 			d.Verify(ctx)
+			if d.ct != nil {
+				d.ct.Filter().SetOwn(ownAddresses(d.config()))
+			}
 		case <-readyC:
 			d.writeReady()
 		case <-watchdogC:
@@ -614,6 +656,10 @@ func (d *Daemon) Status() Status {
 	}
 	hs := d.health.Status()
 	s.Health = &hs
+	if d.ct != nil {
+		cs := d.ct.Status()
+		s.Conntrack = &cs
+	}
 	s.UnknownPeers = d.bucketStatus()
 	return s
 }

@@ -94,6 +94,127 @@ director's role from the lines of the sync group (--group) or one instance
 			return cl.Ready()
 		},
 	}
-	cmd.AddCommand(role, fifo, ready)
+	conflicts := &cobra.Command{
+		Use:   "conflicts",
+		Short: "Show the split-brain merges this director made as master: every record both directors changed, the winner and why",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			reps, err := cl.Conflicts()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.emitJSON(reps)
+			}
+			for _, r := range reps {
+				fmt.Fprintf(g.out, "%s merge of director %d (revision %d, epoch %d) into revision %d: %d conflicts, %d tunnels kept from the peer, %d adopted\n",
+					r.At.Format(time.RFC3339), r.PeerID, r.PeerRevision, r.PeerEpoch, r.Revision, len(r.Conflicts), len(r.KeptFromPeer), len(r.AdoptedFromPeer))
+				for _, cf := range r.Conflicts {
+					fmt.Fprintf(g.out, "  %s %s: %s wins (%s)\n", cf.Kind, cf.Key, cf.Winner, cf.Why)
+				}
+			}
+			return nil
+		},
+	}
+	cmd.AddCommand(role, fifo, ready, conflicts, newConntrackCmd(g, daemon))
+	return cmd
+}
+
+// newConntrackCmd holds conntrackd's -c, -f, -n/-B and -e for operators
+// who drive conntrack replication by hand (the daemon does all of them
+// itself on role changes).
+func newConntrackCmd(g *globals, daemon func(*cobra.Command) (*director.Client, error)) *cobra.Command {
+	cmd := &cobra.Command{Use: "conntrack", Short: "Conntrack replication by hand: commit, flush, resync, show"}
+	commit := &cobra.Command{
+		Use:   "commit",
+		Short: "Commit the cache of the peer's flows into this director's kernel now (conntrackd -c)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			r, err := cl.ConntrackCommit()
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.emitJSON(r)
+			}
+			fmt.Fprintf(g.out, "committed %d entries (%d failed) in %s\n", r.Entries-r.Failed, r.Failed, r.Took)
+			if r.Error != "" {
+				return fmt.Errorf("conntrack commit: %s", r.Error)
+			}
+			return nil
+		},
+	}
+	var cache bool
+	flush := &cobra.Command{
+		Use:   "flush",
+		Short: "Let the synced entries in this director's kernel run out (conntrackd -t); --cache also empties the cache (conntrackd -f)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			r, err := cl.ConntrackFlush(cache)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.emitJSON(r)
+			}
+			fmt.Fprintf(g.out, "%d entries left to run out; cache emptied: %v\n", r.Purged, r.CacheEmptied)
+			return nil
+		},
+	}
+	flush.Flags().BoolVar(&cache, "cache", false, "also empty the cache of the peer's flows")
+	resync := &cobra.Command{
+		Use:   "resync",
+		Short: "Full resync: a backup asks the master for every flow (conntrackd -n), a master sends them (conntrackd -B)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			st, err := cl.ConntrackResync()
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(g.out, "resync asked (%s)\n", st.Role)
+			return nil
+		},
+	}
+	var limit int
+	show := &cobra.Command{
+		Use:   "show",
+		Short: "List the cache of the peer's flows (conntrackd -e)",
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			cl, err := daemon(c)
+			if err != nil {
+				return err
+			}
+			fs, err := cl.ConntrackFlows(limit)
+			if err != nil {
+				return err
+			}
+			if g.json {
+				return g.emitJSON(fs)
+			}
+			for _, f := range fs {
+				fmt.Fprintln(g.out, f.Flow)
+			}
+			return nil
+		},
+	}
+	show.Flags().IntVar(&limit, "limit", 100, "at most this many flows (0: all)")
+	cmd.AddCommand(commit, flush, resync, show)
 	return cmd
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/director/ctsync"
 	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/metrics"
 	"github.com/tunneldirector/tunneldirector/director/replication"
@@ -77,12 +78,16 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				// Only auto falls back silently; a configured route-only is what the operator asked for.
 				log.Warn("route-only mode: the kernel has no IPVS, so IKE and NAT-T are forwarded by fwmark policy routes too")
 			}
-			repl, err := newReplicator(cfg, st, log)
+			ct, err := director.NewConntrackSync(cfg, st, log, nil)
+			if err != nil {
+				return err
+			}
+			repl, err := newReplicator(cfg, st, ct, log)
 			if err != nil {
 				return err
 			}
 			d, err := director.NewDaemon(director.DaemonOptions{Config: cfg, Store: st, Dataplane: dp, Logger: log,
-				Replicator: repl, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane()), Metrics: reg})
+				Replicator: repl, Conntrack: ct, ReadyFile: cfg.Replication.ReadyFile, Watch: ipvs.FirstPackets(cfg.Dataplane()), Metrics: reg})
 			if err != nil {
 				return err
 			}
@@ -139,9 +144,9 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 	return cmd
 }
 
-// newReplicator wires replication over the sync link, or returns nil when
-// the director runs alone.
-func newReplicator(cfg *director.Config, st *store.Store, log *slog.Logger) (*replication.Replicator, error) {
+// newReplicator wires replication over the sync link (with the conntrack
+// stream when ct is not nil), or returns nil when the director runs alone.
+func newReplicator(cfg *director.Config, st *store.Store, ct *ctsync.Syncer, log *slog.Logger) (*replication.Replicator, error) {
 	rc := cfg.Replication
 	if !rc.Enabled() {
 		return nil, nil
@@ -160,13 +165,20 @@ func newReplicator(cfg *director.Config, st *store.Store, log *slog.Logger) (*re
 	if err != nil {
 		return nil, fmt.Errorf("replication link %s: %w", rc.Local, err)
 	}
-	r, err := replication.New(replication.Config{
+	rcfg := replication.Config{
 		ID: rc.ID, Key: []byte(strings.TrimSpace(string(key))), Store: st, Transport: link,
 		MTU: rc.MTU, StatePath: rc.StatePath,
 		Logger: log.With("component", "replication"),
-	})
+	}
+	if ct != nil {
+		rcfg.CT, rcfg.CTRate = ct, rc.Conntrack.Rate
+	}
+	r, err := replication.New(rcfg)
 	if err != nil {
 		return nil, err
+	}
+	if ct != nil {
+		ct.Attach(r)
 	}
 	if rc.InitialRole != "" {
 		role, err := replication.ParseRole(rc.InitialRole)
@@ -174,6 +186,9 @@ func newReplicator(cfg *director.Config, st *store.Store, log *slog.Logger) (*re
 			return nil, err
 		}
 		r.SetRole(role)
+		if ct != nil {
+			ct.SetRole(context.Background(), role)
+		}
 	}
 	return r, nil
 }
@@ -289,6 +304,16 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "sync\t%s, lag %d revisions / %.1fs, tables proven equal: %v, ready: %v\n", r.State, r.LagRevisions, r.LagSeconds, r.TablesEqual, r.Ready)
 				if r.Reason != "" {
 					fmt.Fprintf(w, "sync reason\t%s\n", r.Reason)
+				}
+			}
+			if c := s.Conntrack; c != nil {
+				fmt.Fprintf(w, "conntrack\t%d cached (of %d), sent %d, received %d, resent %d, lost %d (events %d, queue %d)\n",
+					c.Cached, c.CacheMax, c.Sent, c.Received, c.Stream.Resent, c.Stream.Lost, c.EventsLost, c.QueueFull+c.Stream.QueueDropped)
+				if lc := c.LastCommit; lc != nil {
+					fmt.Fprintf(w, "conntrack commit\t%s: %d entries, %d failed, took %s\n", lc.At.Format(time.RFC3339), lc.Entries, lc.Failed, lc.Took)
+				}
+				if c.LastError != "" {
+					fmt.Fprintf(w, "conntrack error\t%s\n", c.LastError)
 				}
 			}
 			return w.Flush()

@@ -170,6 +170,24 @@ type Config struct {
 	// OnConflict, when set, receives the report of every split-brain
 	// merge. It runs with the replicator's lock held: hand it off.
 	OnConflict func(MergeReport)
+
+	// CT, when set, carries the conntrack stream (director/ctsync):
+	// its records are sent beside the table stream while master and
+	// handed to it while backup. Nil: no conntrack stream (datagrams of
+	// one are dropped).
+	CT CTHandler
+	// CTRate paces the conntrack stream in bytes per second (0: 64 MiB/s),
+	// with a burst of 10 ms of it.
+	CTRate int
+	// CTQueueBytes bounds the records waiting to be sent (0: 16 MiB);
+	// beyond it CTPush refuses records.
+	CTQueueBytes int
+	// CTWindowBytes bounds the datagrams kept for resends (0: 16 MiB);
+	// a backup further behind is reset and resynced.
+	CTWindowBytes int
+	// CTFlushDelay is how long records wait for a datagram to fill
+	// (0: 2ms).
+	CTFlushDelay time.Duration
 }
 
 func (c *Config) defaults() error {
@@ -202,6 +220,9 @@ func (c *Config) defaults() error {
 	def(&c.MaxPendingBytes, 64<<20)
 	def(&c.MaxApplyChanges, 200_000)
 	def(&c.SnapshotRate, 64<<20)
+	def(&c.CTRate, 64<<20)
+	def(&c.CTQueueBytes, 16<<20)
+	def(&c.CTWindowBytes, 16<<20)
 	dur := func(v *time.Duration, d time.Duration) {
 		if *v <= 0 {
 			*v = d
@@ -212,6 +233,7 @@ func (c *Config) defaults() error {
 	dur(&c.DigestInterval, 2*time.Second)
 	dur(&c.XferIdle, 50*time.Millisecond)
 	dur(&c.PeerTimeout, 3*time.Second)
+	dur(&c.CTFlushDelay, 2*time.Millisecond)
 	dur(&c.ReadyMaxLagTime, time.Second)
 	if c.ReadyMaxLag == 0 {
 		c.ReadyMaxLag = 100

@@ -20,7 +20,7 @@ func FuzzMessages(f *testing.F) {
 	var reps [2]*Replicator
 	for i := range 2 {
 		st := openStore(f, filepath.Join(dir, []string{"m.db", "b.db"}[i]), 0)
-		r, err := New(Config{ID: uint32(10 + i), Key: testKey, Store: st, Transport: []Transport{e0, e1}[i], Clock: clk})
+		r, err := New(Config{ID: uint32(10 + i), Key: testKey, Store: st, Transport: []Transport{e0, e1}[i], Clock: clk, CT: &stubCT{}})
 		if err != nil {
 			f.Fatal(err)
 		}
@@ -67,11 +67,30 @@ func FuzzMessages(f *testing.F) {
 		w.U8(wire.TRole, 1)
 		w.U64(wire.TRev, 3)
 		w.U64(wire.TRevEpoch, 1)
+		w.U64(wire.TCTStream, 5)
+		w.U64(wire.TCTNext, 9)
 	})
+	seed(wire.MsgCTData, func(w *wire.Builder) {
+		w.U64(wire.TCTStream, 5)
+		w.U64(wire.TCTSeq, 2)
+		w.Bytes(wire.TCTRecords, []byte{3, 1})
+	})
+	seed(wire.MsgCTData, func(w *wire.Builder) {
+		w.U64(wire.TCTStream, 5)
+		w.U64(wire.TCTSeq, 7)
+		w.U64(wire.TCTReset, 7)
+		w.Bytes(wire.TCTRecords, nil)
+	})
+	seed(wire.MsgCTNack, func(w *wire.Builder) {
+		w.U64(wire.TCTStream, 5)
+		w.U64(wire.TCTSeq, 1)
+		w.Bytes(wire.TCTRange, binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, 1), 4))
+	})
+	seed(wire.MsgCTResync, func(w *wire.Builder) {})
 	f.Fuzz(func(t *testing.T, typ byte, body []byte) {
 		for i, r := range reps {
 			seq++
-			r.HandleDatagram(seal(r, testKey, wire.Header{Type: wire.MsgType(typ & 7), Sender: uint32(11 - i), Epoch: 1, Seq: seq}, func(w *wire.Builder) {
+			r.HandleDatagram(seal(r, testKey, wire.Header{Type: wire.MsgType(typ & 15), Sender: uint32(11 - i), Epoch: 1, Seq: seq}, func(w *wire.Builder) {
 				w.Raw(body)
 			}))
 			clk.Advance(time.Millisecond)
@@ -79,6 +98,14 @@ func FuzzMessages(f *testing.F) {
 		}
 	})
 }
+
+// stubCT takes the conntrack stream's records and resync requests (the
+// fuzzer reaches the stream's handlers with it; ctsync decodes records).
+type stubCT struct{ records, resets, resyncs int }
+
+func (s *stubCT) CTRecords(b []byte) error { s.records++; return nil }
+func (s *stubCT) CTReset()                 { s.resets++ }
+func (s *stubCT) CTResyncAsked()           { s.resyncs++ }
 
 // FuzzDecodeTarget feeds arbitrary transfer blobs (the records of a
 // snapshot, repair or pull) to their decoder: it must never panic, and a

@@ -72,6 +72,11 @@ type Replicator struct {
 	m masterSide
 	b backupSide
 
+	// ct is the conntrack stream's sending side (its own lock), cti its
+	// receiving side (under mu).
+	ct  *ctOut
+	cti ctIn
+
 	// testDrop, set by tests only, loses changes before they are applied,
 	// to make a backup diverge for anti-entropy to find.
 	testDrop func(rev uint64, cs []affinity.Change) []affinity.Change
@@ -91,7 +96,9 @@ func New(cfg Config) (*Replicator, error) {
 		epoch:   cfg.Epoch,
 		history: []epochStart{{0, 0}}, // epoch 0: not known
 		b:       newBackupSide(),
+		ct:      newCTOut(cfg.CTQueueBytes, cfg.CTWindowBytes),
 	}
+	r.ct.restart()
 	var nonce [8]byte
 	if _, err := rand.Read(nonce[:]); err != nil {
 		return nil, fmt.Errorf("replication: session id: %w", err)
@@ -285,6 +292,8 @@ func (r *Replicator) SetRole(role Role) {
 	r.out, r.in = nil, nil
 	r.m = masterSide{}
 	r.b = newBackupSide()
+	r.ct.restart() // a new conntrack stream from a new master
+	r.cti = ctIn{}
 	switch role {
 	case RoleMaster:
 		r.epoch = max(r.epoch, r.peer.Epoch, r.masterEpoch) + 1
@@ -394,6 +403,12 @@ func (r *Replicator) dispatch(p *wire.Packet) error {
 		return r.onChunk(p)
 	case wire.MsgXferReq:
 		return r.onXferReq(p)
+	case wire.MsgCTData:
+		return r.onCTData(p)
+	case wire.MsgCTNack:
+		return r.onCTNack(p)
+	case wire.MsgCTResync:
+		return r.onCTResync(p)
 	}
 	return nil // a newer director's message type: skipped
 }
@@ -412,8 +427,10 @@ func (r *Replicator) Tick() {
 	}
 	if r.role == RoleBackup {
 		r.backupTimers(now)
+		r.ctBackupTimers(now)
 	}
 	r.xferTimers(now)
+	r.pumpCT(now)
 }
 
 // Run receives datagrams and runs the timers until ctx ends; a commit to
@@ -436,6 +453,8 @@ func (r *Replicator) Run(ctx context.Context) error {
 			r.HandleDatagram(b)
 		case <-committed:
 			r.Tick()
+		case <-r.ct.wake:
+			r.Tick()
 		case <-tc:
 			r.Tick()
 		}
@@ -450,6 +469,7 @@ func (r *Replicator) sendStatus() {
 	w.U64(wire.TMasterRev, r.masterRevLocked())
 	w.U8(wire.TState, uint8(r.stateLocked()))
 	w.U64(wire.TTime, uint64(r.clk.Now().UnixNano()))
+	r.ctStatusTLVs(&w)
 	r.send(wire.MsgStatus, w.B)
 }
 
@@ -485,6 +505,7 @@ func (r *Replicator) onStatus(p *wire.Packet) error {
 		}
 		r.masterEpoch = p.Epoch
 		r.backupHearsMaster(rev, now)
+		r.ctHearsMaster(&f)
 	}
 	return nil
 }

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 )
 
@@ -278,8 +280,7 @@ func ListenUDP(cfg UDPConfig) (*UDP, error) {
 	if rb == 0 {
 		rb = 4 << 20
 	}
-	_ = conn.SetReadBuffer(rb) // best effort: the kernel caps it at rmem_max
-	_ = conn.SetWriteBuffer(rb)
+	setBuffers(conn, rb)
 	u := &UDP{conn: conn, mtu: cfg.MTU, ch: make(chan []byte, 1<<14), done: make(chan struct{})}
 	if u.mtu == 0 {
 		u.mtu = DefaultMTU
@@ -287,6 +288,25 @@ func ListenUDP(cfg UDPConfig) (*UDP, error) {
 	u.peer.Store(net.UDPAddrFromAddrPort(cfg.Peer))
 	go u.read()
 	return u, nil
+}
+
+// setBuffers sizes the socket's buffers. SO_RCVBUFFORCE (root, as the
+// daemon runs) is not capped by net.core.rmem_max (212,992 bytes by
+// default): a burst of conntrack datagrams or a snapshot's chunks would
+// overflow that and cost NACK rounds. Without the privilege the plain
+// option is the best effort.
+func setBuffers(conn *net.UDPConn, size int) {
+	raw, err := conn.SyscallConn()
+	if err == nil {
+		raw.Control(func(fd uintptr) {
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, size) != nil {
+				_ = conn.SetReadBuffer(size)
+			}
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, size) != nil {
+				_ = conn.SetWriteBuffer(size)
+			}
+		})
+	}
 }
 
 // SetPeer changes the address datagrams go to (for example once the

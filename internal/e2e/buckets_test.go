@@ -129,7 +129,7 @@ func TestPairBucketsReplicated(t *testing.T) {
 	netlab.RequireRoot(t)
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 2, Directors: 2, Nodes: 3, VIPOnDirectors: true})
 	dir := t.TempDir()
-	ds := startPairWith(t, top, dir, fastBuckets, "master", "backup")
+	ds := startPairWith(t, top, dir, pairOptions{extra: fastBuckets}, "master", "backup")
 	for _, d := range ds {
 		waitUntil(t, "daemon API", 30*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
 	}

@@ -23,7 +23,22 @@ type keepalived struct {
 	log string
 }
 
+// kaOptions vary the keepalived configuration.
+type kaOptions struct {
+	// fifo sends the state changes through keepalived's notify_fifo to
+	// a `tunneldirector ctl notify-fifo --instance VI_out` process,
+	// instead of notify scripts calling `ctl role`.
+	fifo bool
+	// vips are more addresses the instance moves ("ADDR/LEN dev IF"):
+	// the gateways of the nodes and the target network.
+	vips []string
+}
+
 func startKeepalived(t *testing.T, d *pairDirector, dir string, id, priority int) *keepalived {
+	return startKeepalivedWith(t, d, dir, id, priority, kaOptions{})
+}
+
+func startKeepalivedWith(t *testing.T, d *pairDirector, dir string, id, priority int, o kaOptions) *keepalived {
 	t.Helper()
 	bin, err := exec.LookPath("keepalived")
 	netlab.Require(t, "keepalived (apt-get install keepalived; scripts/lab-deps.sh does)", err)
@@ -38,12 +53,33 @@ func startKeepalived(t *testing.T, d *pairDirector, dir string, id, priority int
 	os.WriteFile(readyScript, []byte(fmt.Sprintf("#!/bin/bash\nexec %s --socket %s ctl ready >/dev/null 2>&1\n", tdBinary(t), d.socket)), 0o700)
 	ready := filepath.Join(dir, fmt.Sprintf("d%d.ready", id))
 	conf := filepath.Join(dir, fmt.Sprintf("keepalived%d.conf", id))
+	global, notifies := "", fmt.Sprintf("    notify_master \"%s master\"\n    notify_backup \"%s backup\"\n    notify_fault \"%s fault\"\n", notify, notify, notify)
+	if o.fifo {
+		fifo := filepath.Join(dir, fmt.Sprintf("notify%d.fifo", id))
+		global, notifies = fmt.Sprintf("    notify_fifo %s\n", fifo), ""
+		// The follower opens the FIFO first (keepalived creates it when
+		// missing, but the follower's open must not race keepalived's).
+		if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		follow := exec.Command(tdBinary(t), "--socket", d.socket, "ctl", "notify-fifo", fifo, "--instance", "VI_out")
+		logf, _ := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+		follow.Stdout, follow.Stderr = logf, logf
+		if err := d.host.Start(follow); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { follow.Process.Kill(); follow.Wait() })
+	}
+	vips := fmt.Sprintf("        %s/32 dev %s\n", netlab.DefaultVIP4, netlab.IfOutside)
+	for _, v := range o.vips {
+		vips += "        " + v + "\n"
+	}
 	os.WriteFile(conf, []byte(fmt.Sprintf(`global_defs {
     router_id td%d
     enable_script_security
     script_user root
     vrrp_garp_master_delay 0
-}
+%s}
 track_file td_ready {
     file %s
     weight -100
@@ -63,19 +99,15 @@ vrrp_instance VI_out {
     priority %d
     advert_int 1
     virtual_ipaddress {
-        %s/32 dev %s
-    }
+%s    }
     track_file {
         td_ready
     }
     track_script {
         td_ready_script
     }
-    notify_master "%s master"
-    notify_backup "%s backup"
-    notify_fault "%s fault"
-}
-`, id, ready, readyScript, netlab.IfOutside, priority, netlab.DefaultVIP4, netlab.IfOutside, notify, notify, notify)), 0o600)
+%s}
+`, id, global, ready, readyScript, netlab.IfOutside, priority, vips, notifies)), 0o600)
 	k := &keepalived{log: filepath.Join(dir, fmt.Sprintf("keepalived%d.log", id))}
 	logf, _ := os.Create(k.log)
 	k.cmd = exec.Command(bin, "-n", "-l", "-D", "-P", "-f", conf,

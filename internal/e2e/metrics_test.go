@@ -104,7 +104,7 @@ func TestMetricsOfARealPair(t *testing.T) {
 	// Unknown-peer buckets balance once a day: after the first
 	// assignment only a node down moves buckets (at once), so the
 	// revision holds still for the scrape.
-	ds := startPairWith(t, top, dir, fmt.Sprintf("metrics: {listen: %q}\nunknown_peers: {interval: 24h}\n", metricsAddr.String()), "master", "backup")
+	ds := startPairWith(t, top, dir, pairOptions{extra: fmt.Sprintf("metrics: {listen: %q}\nunknown_peers: {interval: 24h}\n", metricsAddr.String())}, "master", "backup")
 	waitFor := func(what string, cond func() bool) {
 		t.Helper()
 		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
@@ -171,7 +171,8 @@ func TestMetricsOfARealPair(t *testing.T) {
 		text, fams := scrape(t, d.host)
 		role := map[int]string{0: "master", 1: "backup"}[i]
 		// Types follow the conventions: _total is a counter, the
-		// reconcile durations a histogram, the rest gauges.
+		// reconcile durations a histogram, the rest gauges (the pair's lag
+		// and the last conntrack commit's duration too).
 		for name, f := range fams {
 			if !strings.HasPrefix(name, "tunneldirector_") {
 				continue
@@ -180,7 +181,7 @@ func TestMetricsOfARealPair(t *testing.T) {
 			switch {
 			case strings.HasSuffix(name, "_total"):
 				want = dto.MetricType_COUNTER
-			case strings.HasSuffix(name, "_seconds") && !strings.HasPrefix(name, "tunneldirector_pair_"):
+			case strings.HasSuffix(name, "_seconds") && !strings.HasPrefix(name, "tunneldirector_pair_") && !strings.HasPrefix(name, "tunneldirector_conntrack_"):
 				want = dto.MetricType_HISTOGRAM
 			}
 			if f.GetType() != want {
@@ -215,6 +216,8 @@ func TestMetricsOfARealPair(t *testing.T) {
 			{"tunneldirector_pair_role", []string{"role", role}, 1},
 			{"tunneldirector_pair_peer_reachable", nil, 1},
 			{"tunneldirector_pair_auth_failures_total", nil, 0},
+			{"tunneldirector_conntrack_cache_max_flows", nil, 2_000_000},
+			{"tunneldirector_conntrack_malformed_total", []string{"kind", "records"}, 0},
 		}
 		if i == 0 {
 			checks = append(checks,
@@ -280,8 +283,8 @@ func promtoolCheck(t *testing.T, role, text string) {
 }
 
 // examplesUseRealNames checks that every family the example dashboard and
-// alerting rules name is one the daemon exports (the health, agent and
-// conntrack families come with their code), and that promtool accepts the
+// alerting rules name is one the daemon exports (the health and agent
+// families come with their code), and that promtool accepts the
 // rules.
 func examplesUseRealNames(t *testing.T, fams map[string]*dto.MetricFamily) {
 	t.Helper()
@@ -293,7 +296,7 @@ func examplesUseRealNames(t *testing.T, fams map[string]*dto.MetricFamily) {
 		}
 		seen := 0
 		for _, n := range name.FindAllString(string(b), -1) {
-			if strings.HasPrefix(n, "tunneldirector_agent_") || strings.HasPrefix(n, "tunneldirector_health_") || strings.HasPrefix(n, "tunneldirector_conntrack_") {
+			if strings.HasPrefix(n, "tunneldirector_agent_") || strings.HasPrefix(n, "tunneldirector_health_") {
 				continue
 			}
 			base := strings.TrimSuffix(strings.TrimSuffix(strings.TrimSuffix(n, "_bucket"), "_sum"), "_count")

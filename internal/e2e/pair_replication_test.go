@@ -79,12 +79,22 @@ func readKernel(t *testing.T, host *netlab.Host, config string) *ipvs.Desired {
 // startPair starts one daemon in each director namespace, replicating
 // over the sync link, with the given initial roles.
 func startPair(t *testing.T, top *netlab.Topology, dir string, roles ...string) []*pairDirector {
-	return startPairWith(t, top, dir, "", roles...)
+	return startPairWith(t, top, dir, pairOptions{}, roles...)
 }
 
-// startPairWith is startPair with more configuration appended to both
-// directors' files.
-func startPairWith(t *testing.T, top *netlab.Topology, dir, extra string, roles ...string) []*pairDirector {
+// pairOptions vary the pair's configuration.
+type pairOptions struct {
+	// extra is appended to both directors' files, after the replication
+	// section: keys of that section indented by two spaces, or other
+	// top-level sections.
+	extra string
+	// group, when valid, is the multicast group both directors send to
+	// and join on the sync link, instead of unicast to each other.
+	group netip.AddrPort
+}
+
+// startPairWith is startPair with options.
+func startPairWith(t testing.TB, top *netlab.Topology, dir string, o pairOptions, roles ...string) []*pairDirector {
 	t.Helper()
 	key := filepath.Join(dir, "sync.key")
 	os.WriteFile(key, []byte("0123456789abcdef0123456789abcdef-test-key\n"), 0o600)
@@ -92,26 +102,47 @@ func startPairWith(t *testing.T, top *netlab.Topology, dir, extra string, roles 
 	for i, h := range top.Directors {
 		d := &pairDirector{host: h, db: filepath.Join(dir, fmt.Sprintf("d%d.db", i)), socket: filepath.Join(dir, fmt.Sprintf("d%d", i), "api.sock"),
 			config: filepath.Join(dir, fmt.Sprintf("d%d.yaml", i)), log: filepath.Join(dir, fmt.Sprintf("d%d.log", i))}
+		peer := fmt.Sprintf("%s:7788", top.Directors[1-i].If(netlab.IfSync).Addr4)
+		if o.group.IsValid() {
+			peer = fmt.Sprintf("%s\n  multicast: true\n  interface: %s", o.group, netlab.IfSync)
+		}
 		cfg := baseConfig(top, d.db, d.socket) + fmt.Sprintf(`replication:
   id: %d
   local: "%s:7788"
-  peer: "%s:7788"
+  peer: %s
   key_file: %s
   state_path: %s
   ready_file: %s
   initial_role: %s
 `, i+1,
-			h.If(netlab.IfSync).Addr4, top.Directors[1-i].If(netlab.IfSync).Addr4, key,
+			h.If(netlab.IfSync).Addr4, peer, key,
 			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
-		os.WriteFile(d.config, []byte(cfg+extra), 0o600)
+		cfg += o.extra
+		os.WriteFile(d.config, []byte(cfg), 0o600)
 		d.start(t)
 		ds = append(ds, d)
 	}
 	return ds
 }
 
+// waitPair waits until cond holds, for at most limit; then it fails the
+// test with what both directors say of themselves.
+func waitPair(t testing.TB, ds []*pairDirector, what string, limit time.Duration, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(limit); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if cond() {
+			return
+		}
+	}
+	for _, d := range ds {
+		out, err := runArgs(t, "--socket", d.socket, "status")
+		t.Logf("%s status: %v\n%s", d.host.Name, err, out)
+	}
+	t.Fatalf("timed out waiting for %s", what)
+}
+
 // start runs the daemon in its namespace; t's cleanup kills it.
-func (d *pairDirector) start(t *testing.T) {
+func (d *pairDirector) start(t testing.TB) {
 	t.Helper()
 	logf, _ := os.OpenFile(d.log, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 	cmd := daemonCmd(t, d.config)

@@ -53,7 +53,7 @@ func TestNSWatchNew(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	mu.Lock()
-	if len(got) != 1 || got[0].TupleOrig.IP.SourceAddress != src || got[0].TupleOrig.Proto.DestinationPort != 500 {
+	if len(got) != 1 || got[0].Orig.SrcAddr() != src || got[0].Orig.DstPort != 500 || got[0].Orig.Proto != ProtoUDP {
 		t.Fatalf("NEW events %+v", got)
 	}
 	mu.Unlock()

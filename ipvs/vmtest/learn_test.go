@@ -109,7 +109,7 @@ func TestGuestConntrackForIPVSFlows(t *testing.T) {
 		done := make(chan error, 1)
 		go func() {
 			done <- conntrack.WatchNew(wctx, dir.NsHandle(), func(f conntrack.Flow) {
-				if f.TupleOrig.IP.SourceAddress == src && f.TupleOrig.Proto.Protocol == 17 {
+				if f.Orig.SrcAddr() == src && f.Orig.Proto == 17 {
 					mu.Lock()
 					events++
 					mu.Unlock()

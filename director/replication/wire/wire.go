@@ -67,10 +67,16 @@ const (
 	MsgVerdict MsgType = 5 // master's answer to a digest
 	MsgChunk   MsgType = 6 // one chunk of a snapshot, repair or pull transfer
 	MsgXferReq MsgType = 7 // receiver asks for a transfer or the chunks it lacks
+	// The conntrack stream (director/ctsync's records; see package
+	// replication, "Conntrack stream").
+	MsgCTData   MsgType = 8  // master: one datagram of conntrack records, sequenced
+	MsgCTNack   MsgType = 9  // backup: the conntrack datagrams it lacks
+	MsgCTResync MsgType = 10 // backup: send me every flow (conntrackd -n)
 )
 
 var msgNames = map[MsgType]string{MsgStatus: "status", MsgData: "data", MsgNack: "nack",
-	MsgDigest: "digest", MsgVerdict: "verdict", MsgChunk: "chunk", MsgXferReq: "xfer-request"}
+	MsgDigest: "digest", MsgVerdict: "verdict", MsgChunk: "chunk", MsgXferReq: "xfer-request",
+	MsgCTData: "ct-data", MsgCTNack: "ct-nack", MsgCTResync: "ct-resync"}
 
 // String names the type for logs.
 func (t MsgType) String() string {
@@ -108,10 +114,17 @@ const (
 	TPrevEpoch   = 27 // u64: epoch that wrote TPrev
 	TSession     = 28 // u64: the sender's session (random per start)
 	TPeerSession = 29 // u64: the receiver's session as the sender knows it
+	TCTStream    = 30 // u64: the conntrack stream (random per master start)
+	TCTSeq       = 31 // u64: a conntrack datagram's sequence (from 1); in a NACK the first one lacking
+	TCTRecords   = 32 // bytes: whole conntrack records (director/ctsync's encoding)
+	TCTReset     = 33 // u64: the stream goes on from this sequence; the ones before are gone
+	TCTNext      = 34 // u64: the master's next conntrack sequence (in its status)
+	TCTAck       = 35 // u64: the backup's next expected conntrack sequence (in its status)
+	TCTRange     = 36 // u64 first, u64 end (exclusive): conntrack datagrams lacking, repeated
 )
 
 // Known reports whether this version knows a TLV type.
-func Known(t uint16) bool { return t >= TRole && t <= TPeerSession }
+func Known(t uint16) bool { return t >= TRole && t <= TCTRange }
 
 // Errors the decoder returns; the replicator counts each kind.
 var (
