@@ -423,7 +423,9 @@ func UnmarshalChanges(b []byte) ([]Change, error) {
 // record, two bytes per bucket (8 KiB at 4,096 buckets).
 func MarshalBuckets(marks []uint16) []byte {
 	e := encoder{b: make([]byte, 0, 4+2*len(marks))}
-	e.byte(codecVersion)
+	// Its layout has not changed since version 1: a director of the
+	// previous release still reads it.
+	e.byte(codecV1)
 	e.uvarint(uint64(len(marks)))
 	for _, m := range marks {
 		e.b = binary.BigEndian.AppendUint16(e.b, m)
@@ -434,8 +436,8 @@ func MarshalBuckets(marks []uint16) []byte {
 // UnmarshalBuckets decodes MarshalBuckets' record (nil for no buckets).
 func UnmarshalBuckets(b []byte) ([]uint16, error) {
 	d := decoder{b: b}
-	if v := d.byte("version"); d.err == nil && v != codecVersion {
-		return nil, fmt.Errorf("%w: bucket record version %d, this director reads %d", ErrCodec, v, codecVersion)
+	if v := d.byte("version"); d.err == nil && v != codecV1 {
+		return nil, fmt.Errorf("%w: bucket record version %d, this director reads %d", ErrCodec, v, codecV1)
 	}
 	n := d.count("bucket count", MaxBuckets)
 	if d.err == nil && len(d.b) != 2*n {

@@ -100,12 +100,13 @@ func FuzzUnmarshalTunnel(f *testing.F) {
 	})
 }
 
-// Records written by the release before health records (codec version 1),
-// from sampleChanges: they must still decode, and a table that never used
+// Records written by the release before health records (codec version 1,
+// main at 43b5fe8), from sampleChanges: they must still decode, and a table that never used
 // health checks must still write them byte for byte.
 const (
 	goldenNodeV1    = "010576706e2d6104ac1000019601d00f0107067261636b203300"
-	goldenChangesV1 = "01050106696d706f72740576706e2d6104ac1000019601d00f0107067261636b20330001000576706e2d3610fd000000000000000000000000000006640000ff1f0000030f6e6f64652076706e2d6220646f776e096272616e63682d31371020010db800000000000000000000001702040a1100001b10fd000017000000000000000000000000400576706e2d61010d5ac3bc726963682c202248512290d8f5d9b0c0c5993190d8bae5f691c79931630400036f6c6402000576706e2d7a"
+	goldenChangesV1 = "01070106696d706f72740576706e2d6104ac1000019601d00f0107067261636b20330001000576706e2d3610fd000000000000000000000000000006640000ff1f0000030f6e6f64652076706e2d6220646f776e096272616e63682d31371020010db800000000000000000000001702040a1100001b10fd000017000000000000000000000000400576706e2d61010d5ac3bc726963682c202248512290d8f5d9b0c0c5993190d8bae5f691c79931630400036f6c6402000576706e2d7a0514756e6b6e6f776e2d70656572206275636b6574738020ff1f070500000000"
+	goldenBucketsV1 = "010400010fff00000007"
 )
 
 func TestCodecReadsVersion1(t *testing.T) {
@@ -126,6 +127,15 @@ func TestCodecReadsVersion1(t *testing.T) {
 	}
 	if h := hex.EncodeToString(MarshalChanges(cs)); h != goldenChangesV1 {
 		t.Fatalf("changes without health written as %s, want the version 1 bytes", h)
+	}
+	// The bucket record is version 1 as before, read and written.
+	marks := []uint16{1, 4095, 0, 7}
+	if h := hex.EncodeToString(MarshalBuckets(marks)); h != goldenBucketsV1 {
+		t.Fatalf("bucket record written as %s, want the version 1 bytes %s", h, goldenBucketsV1)
+	}
+	bb, _ := hex.DecodeString(goldenBucketsV1)
+	if got, err := UnmarshalBuckets(bb); err != nil || !reflect.DeepEqual(got, marks) {
+		t.Fatalf("version 1 bucket record: %v %v", got, err)
 	}
 }
 
