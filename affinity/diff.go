@@ -77,3 +77,28 @@ func (t *Table) DiffTo(s *Snapshot, in func(id string) bool) []Change {
 	// The unknown-peer buckets are compared whole, in a repair too.
 	return append(ops, BucketChanges(t.Buckets(), s.Buckets, reason)...)
 }
+
+// Restamp moves a batch that Apply just applied to revision rev, above
+// the one Apply gave it: the table's revision, the tunnels' revision
+// stamps and Changes. A store whose revision is assigned when the batch
+// commits elsewhere (etcd's revision of the transaction) learns it only
+// then, and need not apply the batch twice. Like Rollback, it is valid
+// only while no other change was applied after the batch.
+func (a *Applied) Restamp(rev uint64) {
+	if a == nil || a.t == nil || rev < a.Revision {
+		return
+	}
+	a.t.mu.Lock()
+	defer a.t.mu.Unlock()
+	for _, u := range a.undo {
+		if u.newT != nil {
+			u.newT.rev = rev
+		}
+	}
+	for i := range a.Changes {
+		if c := &a.Changes[i]; c.Tunnel != nil {
+			c.Tunnel.Revision = rev
+		}
+	}
+	a.t.rev, a.Revision = rev, rev
+}

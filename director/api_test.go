@@ -15,6 +15,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/tunneldirector/tunneldirector/store"
 )
 
 // apiDaemon is a daemon with its API on an httptest server, backups under
@@ -145,7 +147,7 @@ func TestAPIHeaderLimit(t *testing.T) {
 // file lost every later change at the next restart).
 func TestAPIBackupRefusals(t *testing.T) {
 	d, srv, backups := apiDaemon(t)
-	live := d.st.Path()
+	live := d.st.(*store.Store).Path()
 	tests := []struct {
 		name, path, want string
 		status           int

@@ -75,7 +75,10 @@ type unknownBuckets struct {
 	// synced says the table holds b's assignment: a step that moves
 	// nothing has nothing to commit.
 	synced bool
-	stat   BucketStatus
+	// leading says this director stepped as the elected one of a shared
+	// table at its last step (a newly elected one restores first).
+	leading bool
+	stat    BucketStatus
 }
 
 // BucketStatus is what the status shows of the unknown-peer buckets.
@@ -144,6 +147,9 @@ func (d *Daemon) stepBuckets() {
 	if d.writable() != nil {
 		return // the backup programs what the master decided
 	}
+	if d.shared != nil && !d.stepsSharedBuckets() {
+		return // another director of the shared table decides
+	}
 	u := &d.unknown
 	u.mu.Lock()
 	now := d.clk.Now()
@@ -174,6 +180,22 @@ func (d *Daemon) stepBuckets() {
 		u.stat.LastStep = now
 		d.log.Debug("unknown-peer buckets stepped", "revision", a.Revision, "changed", len(a.Changes))
 	}
+}
+
+// stepsSharedBuckets reports whether this director steps the buckets of
+// a table shared through etcd: only the elected one, so N directors do not
+// fight over the assignment. Newly elected, it goes on from the table's
+// assignment, as a pair's new master does.
+func (d *Daemon) stepsSharedBuckets() bool {
+	lead := d.shared.IsLeader()
+	u := &d.unknown
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if lead && !u.leading && u.b != nil {
+		u.restoreLocked(d.st.Table(), d.clk.Now())
+	}
+	u.leading = lead
+	return lead
 }
 
 // bucketStatus reports the buckets the table holds per node.

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/ipvs/ipvstest"
 	"github.com/tunneldirector/tunneldirector/store"
+	"github.com/tunneldirector/tunneldirector/store/etcdstore"
 )
 
 // bucketDaemon runs a daemon on a manual clock with 256 buckets (a
@@ -32,6 +34,13 @@ type bucketDaemon struct {
 
 func startBucketDaemon(t *testing.T, repl func(*store.Store) *replication.Replicator, prep func(*store.Store)) *bucketDaemon {
 	t.Helper()
+	return startBucketDaemonOn(t, repl, prep, nil)
+}
+
+// startBucketDaemonOn is startBucketDaemon with the daemon's store wrapped
+// (nil: the bbolt store itself).
+func startBucketDaemonOn(t *testing.T, repl func(*store.Store) *replication.Replicator, prep func(*store.Store), wrap func(*store.Store) store.Backend) *bucketDaemon {
+	t.Helper()
 	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
 	if err != nil {
 		t.Fatal(err)
@@ -46,6 +55,9 @@ func startBucketDaemon(t *testing.T, repl func(*store.Store) *replication.Replic
 	}
 	b := &bucketDaemon{k: ipvstest.NewFake(ipvs.ModeRouteOnly), st: st, clk: clock.NewManual(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), cfg: &cfg}
 	o := DaemonOptions{Config: &cfg, Store: st, Dataplane: b.k, Logger: slog.New(slog.DiscardHandler), Clock: b.clk}
+	if wrap != nil {
+		o.Store = wrap(st)
+	}
 	if repl != nil {
 		o.Replicator = repl(st)
 	}
@@ -253,5 +265,59 @@ func TestDaemonBackupNeverStepsTakeoverKeepsBuckets(t *testing.T) {
 	}
 	if s := b.d.Status().UnknownPeers; s == nil || s.Buckets != 256 || s.Steps == 0 || s.Nodes["vpn-c"] != got["vpn-c"] {
 		t.Fatalf("status %+v", s)
+	}
+}
+
+// sharedFake is a bbolt store posing as one shared through etcd, with the
+// election in the test's hands.
+type sharedFake struct {
+	*store.Store
+	leader atomic.Bool
+}
+
+func (f *sharedFake) Writable() error { return nil }
+func (f *sharedFake) IsLeader() bool  { return f.leader.Load() }
+func (f *sharedFake) Health() etcdstore.Health {
+	return etcdstore.Health{Connected: true, Leader: f.leader.Load()}
+}
+func (f *sharedFake) RequestLearn(netip.Addr, uint16) error         { return nil }
+func (f *sharedFake) OnLearnRequest(func(netip.Addr, uint16) error) {}
+
+// TestDaemonSharedStoreOnlyElectedStepsBuckets: on a table shared by N
+// directors, one that is not elected never steps the buckets (N steppers
+// would fight over the assignment); elected, it goes on from the table's
+// assignment for an interval, then balances.
+func TestDaemonSharedStoreOnlyElectedStepsBuckets(t *testing.T) {
+	skewed := make([]uint16, 256)
+	for i := range skewed {
+		skewed[i] = 1
+	}
+	prep := func(st *store.Store) {
+		ns := []affinity.Change{}
+		for i, n := range []string{"vpn-a", "vpn-b", "vpn-c"} {
+			ns = append(ns, affinity.Change{Kind: affinity.PutNode, Node: &affinity.Node{Name: n, Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+		}
+		if _, err := st.Commit(append(ns, affinity.BucketChanges(nil, skewed, "elected")...)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var sh *sharedFake
+	b := startBucketDaemonOn(t, nil, prep, func(st *store.Store) store.Backend { sh = &sharedFake{Store: st}; return sh })
+	rev := b.st.Revision()
+	b.tick(t)
+	b.tick(t)
+	if b.st.Revision() != rev || !slices.Equal(b.st.Table().Buckets(), skewed) {
+		t.Fatalf("a director that is not elected stepped the buckets: revision %d -> %d, %v", rev, b.st.Revision(), b.perNode())
+	}
+	sh.leader.Store(true)
+	b.d.kick()
+	time.Sleep(50 * time.Millisecond)
+	if b.st.Revision() != rev {
+		t.Fatalf("the election itself changed the buckets: %v", b.perNode())
+	}
+	b.tick(t)
+	eventually(t, "the elected director's first step", func() bool { return b.perNode()["vpn-b"] > 0 })
+	if s := b.d.Status(); s.Etcd == nil || !s.Etcd.Leader {
+		t.Fatalf("status of the elected director: %+v", s.Etcd)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
+	"github.com/tunneldirector/tunneldirector/store/etcdstore"
 )
 
 // Config is the daemon's configuration file (YAML), decoded once into
@@ -30,8 +31,11 @@ import (
 // and its meaning are listed in README.md; LoadConfig names every problem
 // by key path.
 type Config struct {
-	// Store is the bbolt file.
+	// Store is the bbolt file, or etcd://HOST:PORT,.../PREFIX for a
+	// table shared by N active directors.
 	Store string `yaml:"store"`
+	// Etcd configures the etcd store (TLS, cache, election).
+	Etcd etcdstore.Config `yaml:"etcd"`
 	// BackupDir is where backups made through the daemon's API go; a
 	// backup path outside it is refused.
 	BackupDir string `yaml:"backup_dir"`
@@ -423,6 +427,10 @@ func (c *Config) Check() error {
 	}
 	if c.Store == "" {
 		bad("store", "empty")
+	}
+	errs = append(errs, c.Etcd.Validate(c.Store)...)
+	if etcdstore.IsURL(c.Store) && c.Replication.Enabled() {
+		bad("replication", "a pair's replication and an etcd store exclude each other (etcd shares the table among all directors)")
 	}
 	if c.BackupDir == "" {
 		bad("backup_dir", "empty")

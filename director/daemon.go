@@ -20,6 +20,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store"
+	"github.com/tunneldirector/tunneldirector/store/etcdstore"
 )
 
 // Daemon keeps the kernel equal to the affinity table: it syncs the whole
@@ -30,9 +31,11 @@ import (
 type Daemon struct {
 	log *slog.Logger
 	clk clock.Clock
-	st  *store.Store
+	st  store.Backend
 	svc *Service
-	dp  ipvs.Dataplane
+	// shared is the store when N active directors share it (etcd).
+	shared sharedStore
+	dp     ipvs.Dataplane
 
 	cfgMu sync.Mutex
 	cfg   *Config
@@ -95,14 +98,30 @@ type Status struct {
 	// Health is the health checks' view: per node state and last
 	// results, the panic and link state, counters.
 	Health *health.Status `json:"health,omitempty"`
+	// Etcd is the shared store's state, when the table is in etcd:
+	// whether this director reaches it (if not, it forwards from its
+	// last table, stale, and makes no writes) and who is elected.
+	Etcd *etcdstore.Health `json:"etcd,omitempty"`
 	// Conntrack is the conntrack replication's state, when configured.
 	Conntrack *ctsync.Status `json:"conntrack,omitempty"`
+}
+
+// sharedStore is a store that N active directors share (etcd): writes
+// need it reachable, and the writes nobody asked for (learned pins, the
+// unknown-peer buckets' steps) are made by its elected director alone, so
+// the directors do not race.
+type sharedStore interface {
+	Writable() error
+	IsLeader() bool
+	Health() etcdstore.Health
+	RequestLearn(peer netip.Addr, mark uint16) error
+	OnLearnRequest(fn func(peer netip.Addr, mark uint16) error)
 }
 
 // DaemonOptions wires a daemon.
 type DaemonOptions struct {
 	Config    *Config
-	Store     *store.Store
+	Store     store.Backend
 	Dataplane ipvs.Dataplane
 	Logger    *slog.Logger
 	// Clock times the verify and ready loops and stamps the status (nil:
@@ -159,6 +178,13 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	}
 	d.stat.Mode = d.dp.Mode().String()
 	d.svc.gate = d.writable
+	if sh, ok := o.Store.(sharedStore); ok {
+		if o.Replicator != nil {
+			return nil, errors.New("a store shared through etcd and pair replication exclude each other")
+		}
+		d.shared = sh
+		sh.OnLearnRequest(d.Learn)
+	}
 	if d.ct != nil {
 		d.ct.Filter().SetOwn(ownAddresses(o.Config))
 	}
@@ -322,6 +348,9 @@ var ErrNotMaster = errors.New("not the master")
 // pair: the backup's table is written only by replication, so both stay
 // equal. A director running alone always writes.
 func (d *Daemon) writable() error {
+	if d.shared != nil {
+		return d.shared.Writable()
+	}
 	if d.repl == nil || d.repl.Role() == replication.RoleMaster {
 		return nil
 	}
@@ -469,6 +498,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		case <-readyC:
 			d.writeReady()
+			if d.shared != nil {
+				// An election won between changes: the newly
+				// elected director takes the buckets over within
+				// a second (a step that moves nothing is cheap).
+				d.stepBuckets()
+			}
 		case <-watchdogC:
 			d.sd.ping()
 		}
@@ -656,6 +691,10 @@ func (d *Daemon) Status() Status {
 	}
 	hs := d.health.Status()
 	s.Health = &hs
+	if d.shared != nil {
+		h := d.shared.Health()
+		s.Etcd = &h
+	}
 	if d.ct != nil {
 		cs := d.ct.Status()
 		s.Conntrack = &cs
@@ -699,6 +738,14 @@ func (d *Daemon) onFlow(f ipvs.NewFlow) {
 		mark = unknownMark(t, f.Src, c.HashSeed)
 	}
 	if mark == 0 {
+		return
+	}
+	if d.shared != nil && !d.shared.IsLeader() {
+		// Every director hashed the peer to the same node; the elected
+		// one pins it.
+		if err := d.shared.RequestLearn(f.Src, mark); err != nil {
+			d.log.Warn("ask the elected director to learn a peer", "peer", f.Src, "err", err)
+		}
 		return
 	}
 	if err := d.Learn(f.Src, mark); err != nil {

@@ -223,7 +223,7 @@ func TestHealthOnBackup(t *testing.T) {
 	key := []byte(strings.Repeat("k", 32))
 	pair := func(id uint32, tr replication.Transport, role replication.Role) func(*DaemonOptions) {
 		return func(o *DaemonOptions) {
-			r, err := replication.New(replication.Config{ID: id, Key: key, Store: o.Store, Transport: tr})
+			r, err := replication.New(replication.Config{ID: id, Key: key, Store: o.Store.(*store.Store), Transport: tr})
 			if err != nil {
 				t.Fatal(err)
 			}

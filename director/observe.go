@@ -163,6 +163,7 @@ type daemonCollector struct {
 	equal, sent, received, resent, nacks, sendErrors     *prometheus.Desc
 	authFailures, replays, snapshotsSent, snapshotsApply *prometheus.Desc
 	digestMatches, digestMismatches                      *prometheus.Desc
+	etcdConnected, etcdElected                           *prometheus.Desc
 }
 
 func newDaemonCollector(d *Daemon) *daemonCollector {
@@ -196,6 +197,8 @@ func newDaemonCollector(d *Daemon) *daemonCollector {
 		snapshotsApply:   c("snapshots_applied_total", "Full snapshots received and applied."),
 		digestMatches:    c("digest_matches_total", "Digest exchanges that proved both tables equal."),
 		digestMismatches: c("digest_mismatches_total", "Digest exchanges that found the tables different (the differing ranges are repaired)."),
+		etcdConnected:    g(metrics.Etcd, "connected", "1 while this director follows the shared table in etcd; 0: it forwards from its last table (stale) and makes no writes."),
+		etcdElected:      g(metrics.Etcd, "elected", "1 while this director is the elected one that pins learned peers for all."),
 	}
 }
 
@@ -203,7 +206,8 @@ func newDaemonCollector(d *Daemon) *daemonCollector {
 func (c *daemonCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.tunnels, c.nodes, c.revision, c.buckets, c.mode, c.kernelRevision, c.elements, c.problems,
 		c.role, c.reachable, c.lagRevisions, c.lagSeconds, c.ready, c.equal, c.sent, c.received, c.resent, c.nacks,
-		c.sendErrors, c.authFailures, c.replays, c.snapshotsSent, c.snapshotsApply, c.digestMatches, c.digestMismatches} {
+		c.sendErrors, c.authFailures, c.replays, c.snapshotsSent, c.snapshotsApply, c.digestMatches, c.digestMismatches,
+		c.etcdConnected, c.etcdElected} {
 		ch <- d
 	}
 }
@@ -249,6 +253,10 @@ func (c *daemonCollector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.elements, float64(nodes), "nodes")
 	gauge(c.problems, float64(len(s.KernelProblems)))
 
+	if e := s.Etcd; e != nil {
+		gauge(c.etcdConnected, bool01(e.Connected))
+		gauge(c.etcdElected, bool01(e.Leader))
+	}
 	r := s.Replication
 	if r == nil {
 		return // alone: no pair families

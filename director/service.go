@@ -27,7 +27,7 @@ import (
 // that changes the table is one store transaction, planned and committed
 // under the store's lock.
 type Service struct {
-	st *store.Store
+	st store.Backend
 	// gate, when set, refuses writes (a backup director).
 	gate func() error
 	// health, on a running daemon, is the health checks' view.
@@ -45,10 +45,10 @@ func (s *Service) writable() error {
 }
 
 // NewService returns a service over an open store.
-func NewService(st *store.Store) *Service { return &Service{st: st} }
+func NewService(st store.Backend) *Service { return &Service{st: st} }
 
 // Store returns the service's store.
-func (s *Service) Store() *store.Store { return s.st }
+func (s *Service) Store() store.Backend { return s.st }
 
 // ImportRequest says how to import a file.
 type ImportRequest struct {

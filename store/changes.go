@@ -202,25 +202,37 @@ func (l *changeLog) find(since uint64) (uint64, bool) {
 // so a reader that opens one and then waits misses nothing; Close it when
 // done.
 func (s *Store) Changes(since uint64) (Cursor, error) {
-	c := &cursor{s: s, at: since, ch: make(chan struct{}, 1)}
-	s.log.mu.Lock()
-	seq, ok := s.log.find(since)
+	return s.log.cursor(since, s.readJournal)
+}
+
+// journalReader reads batches that the ring no longer holds (the bbolt
+// journal); nil for a log with no history beyond its ring.
+type journalReader func(since uint64, max int, stop uint64, bounded bool) ([]Batch, error)
+
+func (l *changeLog) cursor(since uint64, journal journalReader) (Cursor, error) {
+	c := &cursor{log: l, journal: journal, at: since, ch: make(chan struct{}, 1)}
+	l.mu.Lock()
+	seq, ok := l.find(since)
 	if ok {
 		c.seq, c.inRing = seq, true
-		s.log.notify[c] = struct{}{}
-		s.log.mu.Unlock()
+		l.notify[c] = struct{}{}
+		l.mu.Unlock()
 		return c, nil
 	}
-	s.log.mu.Unlock()
+	newest := l.rev
+	l.mu.Unlock()
+	if journal == nil {
+		return nil, fmt.Errorf("%w: asked for the revision after %d; the in-memory log holds up to %d", ErrCompacted, since, newest)
+	}
 	// Not in the ring: the journal may still reach it.
-	buf, err := s.readJournal(since, 1, 0, false)
+	buf, err := journal(since, 1, 0, false)
 	if err != nil {
 		return nil, err
 	}
 	c.buf = buf
-	s.log.mu.Lock()
-	s.log.notify[c] = struct{}{}
-	s.log.mu.Unlock()
+	l.mu.Lock()
+	l.notify[c] = struct{}{}
+	l.mu.Unlock()
 	return c, nil
 }
 
@@ -238,13 +250,14 @@ func ReadAll(c Cursor) ([]Batch, error) {
 
 // cursor reads the ring while it keeps up and the journal otherwise.
 type cursor struct {
-	s      *Store
-	at     uint64 // revision of the last batch read
-	seq    uint64 // next ring seq, when inRing
-	inRing bool
-	buf    []Batch // batches read ahead from the journal
-	err    error
-	ch     chan struct{}
+	log     *changeLog
+	journal journalReader // nil: no history beyond the ring
+	at      uint64        // revision of the last batch read
+	seq     uint64        // next ring seq, when inRing
+	inRing  bool
+	buf     []Batch // batches read ahead from the journal
+	err     error
+	ch      chan struct{}
 }
 
 // journalReadAhead bounds the batches one journal read returns.
@@ -261,7 +274,7 @@ func (c *cursor) Next() (Batch, bool, error) {
 		c.at = b.Revision
 		return b, true, nil
 	}
-	l := &c.s.log
+	l := c.log
 	l.mu.Lock()
 	if !c.inRing || c.seq < l.base {
 		// Back from the journal, or fallen off the ring: continue in
@@ -285,8 +298,13 @@ func (c *cursor) Next() (Batch, bool, error) {
 	if bounded {
 		stop = l.ring[0].Prev
 	}
+	newest := l.rev
 	l.mu.Unlock()
-	buf, err := c.s.readJournal(c.at, journalReadAhead, stop, bounded)
+	if c.journal == nil {
+		c.err = fmt.Errorf("%w: the reader is at revision %d; the in-memory log holds up to %d", ErrCompacted, c.at, newest)
+		return Batch{}, false, c.err
+	}
+	buf, err := c.journal(c.at, journalReadAhead, stop, bounded)
 	if err != nil {
 		c.err = err
 		return Batch{}, false, err
@@ -298,7 +316,7 @@ func (c *cursor) Next() (Batch, bool, error) {
 func (c *cursor) Notify() <-chan struct{} { return c.ch }
 
 func (c *cursor) Close() {
-	l := &c.s.log
+	l := c.log
 	l.mu.Lock()
 	delete(l.notify, c)
 	l.mu.Unlock()

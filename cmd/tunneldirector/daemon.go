@@ -24,6 +24,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store"
+	"github.com/tunneldirector/tunneldirector/store/etcdstore"
 )
 
 const defaultConfig = "/etc/tunneldirector/config.yaml"
@@ -63,7 +64,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				}
 				defer metricsLn.Close()
 			}
-			st, err := store.Open(store.Options{Path: cfg.Store, Table: cfg.TableOptions()})
+			st, bolt, err := openBackend(cfg, log)
 			if err != nil {
 				return err
 			}
@@ -78,11 +79,11 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 				// Only auto falls back silently; a configured route-only is what the operator asked for.
 				log.Warn("route-only mode: the kernel has no IPVS, so IKE and NAT-T are forwarded by fwmark policy routes too")
 			}
-			ct, err := director.NewConntrackSync(cfg, st, log, nil)
+			ct, err := director.NewConntrackSync(cfg, bolt, log, nil)
 			if err != nil {
 				return err
 			}
-			repl, err := newReplicator(cfg, st, ct, log)
+			repl, err := newReplicator(cfg, bolt, ct, log)
 			if err != nil {
 				return err
 			}
@@ -142,6 +143,32 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 	}
 	cmd.Flags().StringVarP(&path, "config", "c", defaultConfig, "configuration file (YAML)")
 	return cmd
+}
+
+// openBackend opens the configured store: the bbolt file (returned twice:
+// the pair's replication needs it as such), or the table shared through
+// etcd.
+func openBackend(cfg *director.Config, log *slog.Logger) (store.Backend, *store.Store, error) {
+	topts := cfg.TableOptions()
+	if !etcdstore.IsURL(cfg.Store) {
+		st, err := store.Open(store.Options{Path: cfg.Store, Table: topts})
+		return st, st, err
+	}
+	loc, err := etcdstore.ParseURL(cfg.Store)
+	if err != nil {
+		return nil, nil, err
+	}
+	tlsCfg, err := cfg.Etcd.TLS()
+	if err != nil {
+		return nil, nil, fmt.Errorf("etcd: %w", err)
+	}
+	st, err := etcdstore.Open(etcdstore.Options{Location: loc, TLS: tlsCfg, Table: topts, Cache: cfg.Etcd.Cache,
+		Name: cfg.Etcd.Name, ElectionTTL: cfg.Etcd.ElectionTTL, Logger: log.With("component", "etcd")})
+	if err != nil {
+		return nil, nil, err
+	}
+	log.Info("table shared through etcd", "store", loc.String(), "revision", st.Revision(), "tunnels", st.Table().Len())
+	return st, nil, nil
 }
 
 // newReplicator wires replication over the sync link (with the conntrack
@@ -246,6 +273,9 @@ whose ends are the same, intervals nobody means) are printed but do not fail.`,
 // would apply it, when the store exists and is free; it says what it
 // checked.
 func checkStored(cfg *director.Config) (string, error) {
+	if etcdstore.IsURL(cfg.Store) {
+		return "shared through etcd, not checked against it", nil
+	}
 	if _, err := os.Stat(cfg.Store); errors.Is(err, os.ErrNotExist) {
 		return "not created yet", nil
 	}
@@ -304,6 +334,17 @@ func newStatusCmd(g *globals) *cobra.Command {
 				fmt.Fprintf(w, "sync\t%s, lag %d revisions / %.1fs, tables proven equal: %v, ready: %v\n", r.State, r.LagRevisions, r.LagSeconds, r.TablesEqual, r.Ready)
 				if r.Reason != "" {
 					fmt.Fprintf(w, "sync reason\t%s\n", r.Reason)
+				}
+			}
+			if e := s.Etcd; e != nil {
+				state := "connected"
+				if !e.Connected {
+					state = "UNREACHABLE: forwarding from the last table (stale), no writes"
+				}
+				fmt.Fprintf(w, "etcd\t%s since %s\n", state, e.Since.Format(time.RFC3339))
+				fmt.Fprintf(w, "elected\t%v (leader: %s)\n", e.Leader, e.LeaderName)
+				if e.LastError != "" {
+					fmt.Fprintf(w, "etcd error\t%s\n", e.LastError)
 				}
 			}
 			if c := s.Conntrack; c != nil {

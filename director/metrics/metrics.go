@@ -55,9 +55,11 @@ const (
 	Agent = "agent"
 	// Conntrack: conntrack-state replication (entries cached, committed).
 	Conntrack = "conntrack"
+	// Etcd: the table shared by N active directors through etcd.
+	Etcd = "etcd"
 )
 
-var subsystems = []string{Table, Dataplane, Pair, Health, Agent, Conntrack}
+var subsystems = []string{Table, Dataplane, Pair, Health, Agent, Conntrack, Etcd}
 
 // Path is where the endpoint serves the metrics.
 const Path = "/metrics"
