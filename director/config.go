@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"time"
 
@@ -634,6 +635,47 @@ func (c *Config) Warnings() []string {
 	}
 	if time.Duration(c.VerifyInterval) > maxVerifyInterval {
 		w = append(w, fmt.Sprintf("verify_interval: %s: drift someone else causes stays unrepaired that long (the default is %s)", time.Duration(c.VerifyInterval), DefaultVerifyInterval))
+	}
+	return w
+}
+
+// SelfInSubnets warns about the director's own addresses that lie inside
+// a protected subnet of t: the configured sync and API addresses, and
+// local (this machine's addresses, when checking this machine). The
+// classifier never steers packets to a local address, but the subnet's
+// hosts cannot be reached through the director at that address either,
+// and on a machine where the address is not (yet) configured the
+// director's traffic to it would be steered to the subnet's node. VIPs
+// are meant to be the director's and are checked as errors elsewhere.
+func (c *Config) SelfInSubnets(t *affinity.Table, local []netip.Addr) []string {
+	if t == nil {
+		return nil
+	}
+	type own struct {
+		key  string
+		addr netip.Addr
+	}
+	var addrs []own
+	if c.Replication.Local.IsValid() {
+		addrs = append(addrs, own{"replication.local", c.Replication.Local.Addr()})
+	}
+	if c.API.TCP.IsValid() {
+		addrs = append(addrs, own{"api.tcp", c.API.TCP.Addr()})
+	}
+	for _, a := range local {
+		addrs = append(addrs, own{"local address", a})
+	}
+	var w []string
+	seen := map[netip.Addr]bool{}
+	for _, a := range addrs {
+		ip := a.addr.Unmap()
+		if seen[ip] || slices.Contains(c.VIPs, ip) || ip.IsLoopback() || ip.IsUnspecified() {
+			continue
+		}
+		seen[ip] = true
+		if tu, p, ok := t.LookupSubnet(ip); ok {
+			w = append(w, fmt.Sprintf("%s: %s lies inside protected subnet %s of tunnel %s: the director keeps its own traffic (it never steers packets to its own addresses), but hosts of that subnet are not reachable at this address through the director", a.key, ip, p, tu.ID))
+		}
 	}
 	return w
 }

@@ -220,6 +220,53 @@ func TestConfigCheckAgainstStoredTable(t *testing.T) {
 	}
 }
 
+// TestSelfInSubnetsWarns: the director's own addresses (sync, API, the
+// machine's) inside a stored protected subnet are warned about, naming
+// the key, the subnet and the tunnel; VIPs, loopback and addresses
+// outside every subnet are not.
+func TestSelfInSubnetsWarns(t *testing.T) {
+	tb, err := affinity.New(affinity.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = tb.Apply([]affinity.Change{
+		{Kind: affinity.PutNode, Node: &affinity.Node{Name: "n1", Addr: netip.MustParseAddr("10.0.0.9")}},
+		{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{ID: "t1", Peer: netip.MustParseAddr("203.0.113.1"),
+			Subnets: []netip.Prefix{netip.MustParsePrefix("10.9.0.0/24"), netip.MustParsePrefix("2001:db8:9::/64")}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	tok, key := filepath.Join(dir, "token"), filepath.Join(dir, "key")
+	os.WriteFile(tok, []byte("secret"), 0o600)
+	os.WriteFile(key, []byte(strings.Repeat("k", 32)), 0o600)
+	c, err := LoadConfig(writeConfig(t, "vips: [192.0.2.1]\napi: {tcp: \"[2001:db8:9::7]:7410\", token_file: "+tok+"}\n"+
+		"replication: {id: 1, local: \"10.9.0.1:7411\", peer: \"10.9.0.2:7411\", key_file: "+key+"}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	local := []netip.Addr{netip.MustParseAddr("10.9.0.1"), netip.MustParseAddr("10.9.0.55"), netip.MustParseAddr("127.0.0.1"),
+		netip.MustParseAddr("192.0.2.1"), netip.MustParseAddr("10.8.0.1")}
+	w := c.SelfInSubnets(tb, local)
+	got := strings.Join(w, "\n")
+	for _, want := range []string{
+		"replication.local: 10.9.0.1 lies inside protected subnet 10.9.0.0/24 of tunnel t1",
+		"api.tcp: 2001:db8:9::7 lies inside protected subnet 2001:db8:9::/64 of tunnel t1",
+		"local address: 10.9.0.55 lies inside protected subnet 10.9.0.0/24 of tunnel t1",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("warnings lack %q:\n%s", want, got)
+		}
+	}
+	if len(w) != 3 {
+		t.Errorf("%d warnings, want 3 (each address once; no VIP, loopback or outside address):\n%s", len(w), got)
+	}
+	if w := c.SelfInSubnets(nil, local); len(w) != 0 {
+		t.Errorf("warnings without a table: %v", w)
+	}
+}
+
 // TestConntrackConfig: the replication.conntrack section is typed once
 // (protocols, TCP states, prefixes, durations) and every bad value is
 // named by its key path.

@@ -263,35 +263,46 @@ func (d *Daemon) kick() {
 func (d *Daemon) Desired() *ipvs.Desired {
 	c := d.config()
 	t := d.st.Table()
-	fwd := c.nodeForward()
 	want := &ipvs.Desired{
 		VIPs:     t.VIPs(),
+		Nodes:    c.kernelNodes(t),
 		Peers:    make(map[netip.Addr]uint16, t.Len()),
 		Subnets:  make(map[netip.Prefix]uint16, t.Len()),
 		HashSeed: c.HashSeed,
 		Buckets:  t.Buckets(),
-	}
-	for _, n := range t.Nodes() {
-		f, ok := fwd[n.Name]
-		if !ok {
-			f = c.Forward
-		}
-		want.Nodes = append(want.Nodes, ipvs.Node{Mark: n.Mark, Name: n.Name, Addr: n.Addr, Addr6: n.Addr6, Forward: f,
-			Active: n.State == affinity.NodeActive, Down: n.State == affinity.NodeDown})
 	}
 	t.PeerMarks(func(a netip.Addr, m uint16) { want.Peers[a] = m })
 	t.SubnetMarks(func(p netip.Prefix, m uint16) { want.Subnets[p] = m })
 	return want
 }
 
-// delta turns committed batches into one map delta: pins and bucket
-// changes together, so the kernel takes them in one transaction. It
-// reports false when the delta cannot express them and the kernel needs a
-// full sync: a node changed (marks, routes and services follow nodes),
-// the bucket count changed (the classifier's hash rule changes), or a
-// batch came back from the journal without the records as they were
-// before.
-func delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
+// kernelNodes are the table's nodes as the dataplane programs them, never
+// nil.
+func (c *Config) kernelNodes(t *affinity.Table) []ipvs.Node {
+	fwd := c.nodeForward()
+	nodes := t.Nodes()
+	out := make([]ipvs.Node, 0, len(nodes))
+	for _, n := range nodes {
+		f, ok := fwd[n.Name]
+		if !ok {
+			f = c.Forward
+		}
+		out = append(out, ipvs.Node{Mark: n.Mark, Name: n.Name, Addr: n.Addr, Addr6: n.Addr6, Forward: f,
+			Active: n.State == affinity.NodeActive, Down: n.State == affinity.NodeDown})
+	}
+	return out
+}
+
+// delta turns committed batches into one delta: the element changes (pins
+// and bucket changes among them), and, when a node changed, all the nodes
+// as the table now has them (a node going down is its new state plus its
+// tunnels' moves, never a full diff), so the kernel takes them in one
+// transaction. It reports false when the delta cannot express them and
+// the kernel needs a full sync: the bucket count changed (the
+// classifier's hash rule changes), a batch came back from the journal
+// without the records as they were before, or a tunnel's node is gone.
+func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
+	nodes := false
 	dl := &ipvs.Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Buckets: map[int]uint16{}}
 	del := func(tu *affinity.Tunnel) {
 		delete(dl.SetPeers, tu.Peer)
@@ -309,7 +320,7 @@ func delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
 			c := &a.Changes[i]
 			switch c.Kind {
 			case affinity.PutNode, affinity.DeleteNode:
-				return nil, false
+				nodes = true
 			case affinity.DeleteTunnel:
 				if c.Old == nil {
 					return nil, false
@@ -338,6 +349,9 @@ func delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
 	// A key both deleted (old value) and set (new value) is only set.
 	dl.DeletePeers = slices.DeleteFunc(dl.DeletePeers, func(a netip.Addr) bool { _, set := dl.SetPeers[a]; return set })
 	dl.DeleteSubnets = slices.DeleteFunc(dl.DeleteSubnets, func(p netip.Prefix) bool { _, set := dl.SetSubnets[p]; return set })
+	if nodes {
+		dl.Nodes = d.config().kernelNodes(t)
+	}
 	return dl, true
 }
 
@@ -433,6 +447,9 @@ func (d *Daemon) writeReady() {
 func (d *Daemon) Run(ctx context.Context) error {
 	// A master assigns the buckets before the kernel is programmed.
 	d.stepBuckets()
+	for _, w := range d.config().SelfInSubnets(d.st.Table(), LocalAddrs()) {
+		d.log.Warn("own address in a protected subnet", "warning", w)
+	}
 	if err := d.syncAll(ctx, "start"); err != nil {
 		return err
 	}
@@ -578,7 +595,7 @@ func (d *Daemon) reconcile(ctx context.Context) {
 		return
 	}
 	if !full {
-		dl, ok := delta(batches, d.st.Table())
+		dl, ok := d.delta(batches, d.st.Table())
 		if ok {
 			rev := batches[len(batches)-1].Revision
 			st, err := d.dp.Update(ctx, dl)

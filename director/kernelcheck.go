@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 
 	"github.com/tunneldirector/tunneldirector/ipvs"
 )
@@ -40,4 +42,22 @@ func CheckKernel(c *Config, log *slog.Logger) error {
 		return fmt.Errorf("kernel settings refuse the start:\n%w", errors.Join(refuse...))
 	}
 	return nil
+}
+
+// LocalAddrs returns the addresses of this network namespace's interfaces
+// (none when they cannot be read: what uses them only warns).
+func LocalAddrs() []netip.Addr {
+	as, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil
+	}
+	var out []netip.Addr
+	for _, a := range as {
+		if n, ok := a.(*net.IPNet); ok {
+			if ip, ok := netip.AddrFromSlice(n.IP); ok {
+				out = append(out, ip.Unmap())
+			}
+		}
+	}
+	return out
 }

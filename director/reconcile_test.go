@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
@@ -77,5 +78,67 @@ func TestReconcileFollowsTheChangeLog(t *testing.T) {
 				t.Errorf("after catching up: equal %v, %d more full syncs", kernelEquals(k, st.Table()), countOps(k, "Sync")-syncs)
 			}
 		})
+	}
+}
+
+// TestReconcileNodeDownIsADelta: a node going down reaches the kernel as
+// one Update carrying the moved tunnels' elements and the new nodes, not
+// as a full sync, and the kernel ends equal to the table (nodes included).
+func TestReconcileNodeDownIsADelta(t *testing.T) {
+	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	cfg := DefaultConfig()
+	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
+	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")},
+		{Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}
+	k := ipvstest.NewFake(ipvs.ModeRouteOnly)
+	d, err := NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	var cs []affinity.Change
+	for n := range 60 {
+		cs = append(cs, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{
+			ID: fmt.Sprintf("t%d", n), Peer: netip.AddrFrom4([4]byte{100, 64, 0, byte(n + 1)}),
+			Subnets: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 0, byte(n), 0}), 24)}}})
+	}
+	if _, err := st.Commit(cs); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.syncAll(ctx, "start"); err != nil {
+		t.Fatal(err)
+	}
+	onA := len(st.Table().TunnelsOfNode("vpn-a"))
+	if onA == 0 {
+		t.Fatal("no tunnel on vpn-a to move")
+	}
+	syncs, updates := countOps(k, "Sync"), countOps(k, "Update")
+	if _, err := st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+		p, err := t.PlanNodeState("vpn-a", affinity.NodeDown)
+		if err != nil {
+			return nil, err
+		}
+		return p.Batch(), nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	d.reconcile(ctx)
+	if countOps(k, "Sync") != syncs || countOps(k, "Update") != updates+1 {
+		t.Fatalf("node down: %d syncs, %d updates, want 0 and 1", countOps(k, "Sync")-syncs, countOps(k, "Update")-updates)
+	}
+	calls := k.Calls()
+	dl := calls[len(calls)-1].Delta
+	if dl == nil || len(dl.SetPeers) != onA || len(dl.SetSubnets) != onA || len(dl.DeletePeers)+len(dl.DeleteSubnets) != 0 {
+		t.Fatalf("the update is not the %d moves: %+v", onA, dl)
+	}
+	if !kernelEquals(k, st.Table()) {
+		t.Fatal("kernel maps differ from the table after the node went down")
+	}
+	if want := d.Desired(); !slices.Equal(k.State().Nodes, want.Nodes) {
+		t.Fatalf("kernel nodes %+v, want %+v", k.State().Nodes, want.Nodes)
 	}
 }

@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -83,10 +82,6 @@ func (s *Service) Import(r io.Reader, req ImportRequest) (res *ImportResult, err
 	if s.m != nil {
 		defer func() { s.m.imported(kind, res, err) }()
 	}
-	// An import allocates its records, changes and pages once and keeps
-	// most of them until the commit: collecting meanwhile only costs the
-	// other core (about a fifth of a 100,000-tunnel import).
-	defer debug.SetGCPercent(debug.SetGCPercent(400))
 	f, readErr := nms.Read(r, nms.Options{Name: req.Name, Kind: req.Kind, Format: req.Format, MaxRecords: req.MaxRecords, Progress: req.Progress})
 	if req.Kind == nms.KindNodes || f != nil && f.Kind == nms.KindNodes {
 		kind = "nodes"
@@ -117,7 +112,12 @@ func (s *Service) Import(r io.Reader, req ImportRequest) (res *ImportResult, err
 	}
 	a, err := s.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
 		res.Diff = plan(t)
-		return res.Diff.Batch, nil
+		// From here the batch is the only way to the file's records:
+		// the store lets go of it once the table applied it, so a
+		// large import frees them before the commit writes its pages.
+		batch := res.Diff.Batch
+		res.Diff.Batch, f = nil, nil
+		return batch, nil
 	})
 	if err != nil {
 		return nil, res.Diff.MapError(err)

@@ -3,13 +3,17 @@ package ipvs
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
@@ -39,19 +43,23 @@ func benchLab(b *testing.B) (*netlab.NS, func()) {
 	return d, func() { l.Close() }
 }
 
-func bigDesired(n int) *Desired {
+func bigDesired(n int) *Desired { return bigDesiredNodes(n, 3) }
+
+// bigDesiredNodes is n tunnels (a peer and a /27 each) spread round-robin
+// over nodes nodes.
+func bigDesiredNodes(n, nodes int) *Desired {
 	d := &Desired{
 		VIPs:     []netip.Addr{netip.MustParseAddr("203.0.113.1"), netip.MustParseAddr("2001:db8:ffff::1")},
 		Peers:    make(map[netip.Addr]uint16, n),
 		Subnets:  make(map[netip.Prefix]uint16, n),
 		HashSeed: 42,
 	}
-	for i := 1; i <= 3; i++ {
+	for i := 1; i <= nodes; i++ {
 		d.Nodes = append(d.Nodes, Node{Mark: uint16(i), Name: fmt.Sprintf("node%d", i),
 			Addr: netip.AddrFrom4([4]byte{192, 0, 2, byte(10 + i)}), Addr6: netip.MustParseAddr(fmt.Sprintf("2001:db8:2::%x", 10+i)), Active: true})
 	}
 	for i := 0; i < n; i++ {
-		m := uint16(i%3 + 1)
+		m := uint16(i%nodes + 1)
 		p := uint32(100<<24|64<<16) + uint32(i)
 		d.Peers[netip.AddrFrom4([4]byte{byte(p >> 24), byte(p >> 16), byte(p >> 8), byte(p)})] = m
 		s := uint32(10<<24) + uint32(i)*32
@@ -60,7 +68,10 @@ func bigDesired(n int) *Desired {
 	return d
 }
 
-// nftFile writes the same table as nft(8) input.
+// nftFile writes the same table as nft(8) input: the peer map, and for the
+// subnets what the director loads too, one exact-match map per prefix
+// length looked up with the masked destination (an interval map would be
+// a different, slower structure to load).
 func nftFile(b *testing.B, d *Desired, cfg Config) string {
 	cfg, _ = cfg.withDefaults()
 	var s strings.Builder
@@ -74,21 +85,35 @@ func nftFile(b *testing.B, d *Desired, cfg Config) string {
 		first = false
 		fmt.Fprintf(&s, "%s : %#x", a, cfg.Fwmark(m))
 	}
-	s.WriteString("} }\nmap subnets4 { type ipv4_addr : mark; flags interval; elements = {\n")
-	first = true
-	for p, m := range d.Subnets {
-		if !first {
-			s.WriteString(",\n")
+	s.WriteString("} }\n")
+	byLen := map[int][]netip.Prefix{}
+	for p := range d.Subnets {
+		if !p.Addr().Is4() {
+			b.Fatalf("nftFile writes IPv4 subnets only, not %s", p)
 		}
-		first = false
-		fmt.Fprintf(&s, "%s : %#x", p, cfg.Fwmark(m))
+		byLen[p.Bits()] = append(byLen[p.Bits()], p)
 	}
-	s.WriteString("} }\nset vips4 { type ipv4_addr; elements = { 203.0.113.1 } }\n")
+	lens := slices.Sorted(maps.Keys(byLen))
+	for _, l := range lens {
+		fmt.Fprintf(&s, "map sub4_%d { type ipv4_addr : mark; elements = {\n", l)
+		for i, p := range byLen[l] {
+			if i > 0 {
+				s.WriteString(",\n")
+			}
+			fmt.Fprintf(&s, "%s : %#x", p.Addr(), cfg.Fwmark(d.Subnets[p]))
+		}
+		s.WriteString("} }\n")
+	}
+	s.WriteString("set vips4 { type ipv4_addr; elements = { 203.0.113.1 } }\n")
 	s.WriteString("chain prerouting { type filter hook prerouting priority mangle;\n")
 	for _, sel := range []string{"meta l4proto esp", "meta l4proto ah", "udp dport 500", "udp dport 4500"} {
 		fmt.Fprintf(&s, "%s ip daddr @vips4 meta mark set ip saddr map @peers4\n", sel)
 	}
-	s.WriteString("meta mark set ip daddr map @subnets4\n}\n}\n")
+	for i := len(lens) - 1; i >= 0; i-- {
+		mask := netip.PrefixFrom(netip.AddrFrom4([4]byte{255, 255, 255, 255}), lens[i]).Masked().Addr()
+		fmt.Fprintf(&s, "meta mark set ip daddr & %s map @sub4_%d\n", mask, lens[i])
+	}
+	s.WriteString("}\n}\n")
 	f := filepath.Join(b.TempDir(), "ruleset.nft")
 	if err := os.WriteFile(f, []byte(s.String()), 0o644); err != nil {
 		b.Fatal(err)
@@ -215,17 +240,117 @@ func BenchmarkNoChangeSync100k(b *testing.B) {
 	}
 }
 
-// BenchmarkVerify100k reads the whole kernel state back and compares.
+// BenchmarkVerify100k verifies with 100,000 tunnels loaded: "generation"
+// as Verify runs while nobody else changed nftables (routes and services
+// read back, the maps trusted by the ruleset generation), "full" reading
+// the whole table back and comparing (every fullVerifyEvery-th Verify,
+// and whenever the generation moved).
 func BenchmarkVerify100k(b *testing.B) {
 	dp, _, done := loaded(b)
 	defer done()
+	for _, full := range []bool{false, true} {
+		b.Run(map[bool]string{false: "generation", true: "full"}[full], func(b *testing.B) {
+			for i := 0; i < b.N; i++ {
+				if full {
+					dp.genKnown = false
+				}
+				st, err := dp.Verify(context.Background())
+				if err != nil || st.Added+st.Changed+st.Removed != 0 {
+					b.Fatalf("%+v %v", st, err)
+				}
+			}
+		})
+	}
+}
+
+// benchSize is TD_BENCH_TUNNELS, or def.
+func benchSize(b *testing.B, def int) int {
+	if v := os.Getenv("TD_BENCH_TUNNELS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			b.Fatalf("TD_BENCH_TUNNELS=%q: want a positive number", v)
+		}
+		return n
+	}
+	return def
+}
+
+// cpuTime is the process's user+sys CPU time: on the shared build machine
+// wall time mostly measures the other work.
+func cpuTime() time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkNodeDown takes one of 16 nodes down with TD_BENCH_TUNNELS
+// (default 100,000) tunnels loaded: one Update carrying the node's
+// tunnels' moves (1/16 of them: 62,500 at a million) and the new nodes,
+// as the reconciler sends it. The node comes back by a full Sync of the
+// table before (what a node change cost before deltas carried nodes), so
+// both are measured in the same run: metrics update-s, sync-s and their
+// ratio.
+func BenchmarkNodeDown(b *testing.B) {
+	n := benchSize(b, benchTunnels)
+	ns, done := benchLab(b)
+	defer done()
+	d := bigDesiredNodes(n, 16)
+	dp, err := newIn(Config{}, ns.NsHandle())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer dp.Close()
+	ctx := context.Background()
+	if _, err := dp.Sync(ctx, d); err != nil {
+		b.Fatal(err)
+	}
+	var updTotal, updCPU, syncTotal time.Duration
+	moved := 0
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		st, err := dp.Verify(context.Background())
-		if err != nil || st.Added+st.Changed+st.Removed != 0 {
-			b.Fatalf("%+v %v", st, err)
+		b.StopTimer()
+		down := uint16(i%16 + 1)
+		nodes := slices.Clone(d.Nodes)
+		nodes[down-1].Active, nodes[down-1].Down = false, true
+		dl := &Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Nodes: nodes}
+		to := down%16 + 1
+		for a, m := range d.Peers {
+			if m == down {
+				dl.SetPeers[a] = to
+			}
 		}
+		for p, m := range d.Subnets {
+			if m == down {
+				dl.SetSubnets[p] = to
+			}
+		}
+		moved = len(dl.SetPeers)
+		b.StartTimer()
+		t0, c0 := time.Now(), cpuTime()
+		st, err := dp.Update(ctx, dl)
+		updTotal += time.Since(t0)
+		updCPU += cpuTime() - c0
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		if st.Changed < 2*moved {
+			b.Fatalf("node down changed %d elements, want at least %d", st.Changed, 2*moved)
+		}
+		t0 = time.Now()
+		if _, err := dp.Sync(ctx, d); err != nil {
+			b.Fatal(err)
+		}
+		syncTotal += time.Since(t0)
+		b.StartTimer()
 	}
+	b.ReportMetric(float64(moved), "tunnels-moved")
+	b.ReportMetric(updTotal.Seconds()/float64(b.N), "update-s")
+	b.ReportMetric(updCPU.Seconds()/float64(b.N), "update-cpu-s")
+	b.ReportMetric(syncTotal.Seconds()/float64(b.N), "sync-s")
+	b.ReportMetric(updTotal.Seconds()/syncTotal.Seconds(), "update/sync")
 }
 
 // BenchmarkBucketStep100k times the nftables transaction of one step of

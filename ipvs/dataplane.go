@@ -95,14 +95,22 @@ type Desired struct {
 	Buckets []uint16
 }
 
-// Delta is a change to the peer, subnet and bucket maps: what tunnel
-// changes (pins among them) and bucket changes need, applied as one
-// nftables transaction.
+// Delta is a change to the peer, subnet and bucket maps, and optionally to
+// the nodes: what a batch of table changes needs (pins and bucket steps
+// among them; a node going down is its new state plus the moves of its
+// tunnels), applied without comparing the whole maps: the element changes
+// as one nftables transaction, which also carries the hash map and chain
+// when the nodes changed them.
 type Delta struct {
 	SetPeers      map[netip.Addr]uint16
 	DeletePeers   []netip.Addr
 	SetSubnets    map[netip.Prefix]uint16
 	DeleteSubnets []netip.Prefix
+	// Nodes, when not nil, are all the nodes after the delta: their
+	// routes, services, the unknown-peer hash and the chain follow them
+	// (routes and services added before the maps point at them, removed
+	// after).
+	Nodes []Node
 	// Buckets gives unknown-peer buckets new nodes (0: none), within the
 	// bucket count of the last Sync, which must have had Buckets: a
 	// change of count is a Sync.
@@ -124,7 +132,8 @@ type Dataplane interface {
 	// the kernel already holds (adopting a previous run's state without
 	// interrupting traffic) and applies only the difference.
 	Sync(ctx context.Context, d *Desired) (Stats, error)
-	// Update applies a delta to the maps in one transaction.
+	// Update applies a delta: the maps in one transaction, and the nodes'
+	// routes and services around it when Delta.Nodes is set.
 	Update(ctx context.Context, d *Delta) (Stats, error)
 	// Verify reads the kernel back, compares it with the last synced
 	// state, and repairs every difference; Stats counts the repairs.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -25,6 +26,9 @@ type fakeKernel struct {
 	// failRoute makes ReplaceRoute fail for a gateway, as the kernel
 	// does for a node it cannot reach.
 	failRoute map[netip.Addr]error
+	// gen is the ruleset generation; nftReads counts table reads.
+	gen      uint32
+	nftReads int
 }
 
 func newFakeKernel(ipvs bool) *fakeKernel {
@@ -39,18 +43,21 @@ func newFakeKernel(ipvs bool) *fakeKernel {
 func (k *fakeKernel) log(f string, a ...any) { k.ops = append(k.ops, fmt.Sprintf(f, a...)) }
 
 // nft.Kernel
-func (k *fakeKernel) Read() (*nft.State, error) { return k.nft.Clone(), nil }
+func (k *fakeKernel) Read() (*nft.State, error) { k.nftReads++; return k.nft.Clone(), nil }
 func (k *fakeKernel) Apply(p *nft.Plan) error {
 	a, c, r := p.Count()
 	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.Recreate, p.Chain, a, c, r)
 	k.nft.Apply(p)
+	k.gen++
 	return nil
 }
 func (k *fakeKernel) DeleteTable() error {
 	k.log("nft delete table")
 	k.nft = nft.NewState()
+	k.gen++
 	return nil
 }
+func (k *fakeKernel) Gen() (uint32, error) { return k.gen, nil }
 
 // route.Kernel
 func (k *fakeKernel) Rules() ([]route.Rule, error) { return slices.Clone(k.rules), nil }
@@ -367,5 +374,149 @@ func TestSubnetLengthsFollowUpdates(t *testing.T) {
 	}
 	if ops := k.take(); len(ops) != 1 || !strings.Contains(ops[0], "chain=false") {
 		t.Fatalf("element move: %v", ops)
+	}
+}
+
+// TestUpdateWithNodesEqualsSync: a node going down as one Update (its new
+// state plus its tunnels' moves) leaves the kernel exactly as a full Sync
+// of the same desired state would, with only the moved elements, the
+// node's service and the hash map and chain in the transaction; routes
+// and services of a new node are added before the maps point at it, a
+// deleted node's removed after.
+func TestUpdateWithNodesEqualsSync(t *testing.T) {
+	for _, ipvs := range []bool{false, true} {
+		t.Run(fmt.Sprintf("ipvs=%v", ipvs), func(t *testing.T) {
+			k := newFakeKernel(ipvs)
+			dp, err := newFake(Config{}, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := unitDesired()
+			mustSync(t, dp, d)
+			k.take()
+			// n1 goes down: its peer and subnet move to n2.
+			d.Nodes[0].Active, d.Nodes[0].Down = false, true
+			d.Peers[pA], d.Subnets[sA] = 2, 2
+			st, err := dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}, SetSubnets: map[netip.Prefix]uint16{sA: 2},
+				Nodes: slices.Clone(d.Nodes)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ops := k.take()
+			t.Logf("node down: %+v %v", st, ops)
+			nftOps := 0
+			for _, o := range ops {
+				if strings.HasPrefix(o, "nft") {
+					nftOps++
+					if !strings.Contains(o, "recreate=false chain=true +0 ~4 -1") {
+						t.Errorf("nft transaction %q, want 2 moves, the chain rebuilt (one active node fewer) and a hash slot changed, one removed", o)
+					}
+				}
+			}
+			if nftOps != 1 {
+				t.Errorf("%d nft transactions, want 1: %v", nftOps, ops)
+			}
+			if ipvs && countPrefix(ops, "svc del") != 2 {
+				t.Errorf("the down node's two services were not removed: %v", ops)
+			}
+			// A fresh dataplane synced to the same desired state: the same
+			// kernel.
+			k2 := newFakeKernel(ipvs)
+			dp2, _ := newFake(Config{}, k2)
+			mustSync(t, dp2, d)
+			if !reflect.DeepEqual(k.nft, k2.nft) || !reflect.DeepEqual(k.svcs, k2.svcs) || !reflect.DeepEqual(k.routes, k2.routes) {
+				t.Fatalf("after the node update the kernel differs from a sync:\nupdate nft %+v\nsync   nft %+v\nupdate svcs %v\nsync   svcs %v", k.nft, k2.nft, k.svcs, k2.svcs)
+			}
+			// A new node n3 takes pB: its route (and service) exist
+			// before the nft transaction that points pB at it.
+			d.Nodes = append(d.Nodes, Node{Mark: 3, Name: "n3", Addr: netip.MustParseAddr("192.0.2.13"), Active: true})
+			d.Peers[pB] = 3
+			if _, err := dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pB: 3}, Nodes: slices.Clone(d.Nodes)}); err != nil {
+				t.Fatal(err)
+			}
+			ops = k.take()
+			route, nftAt := slices.IndexFunc(ops, func(o string) bool { return strings.Contains(o, "192.0.2.13") }), slices.IndexFunc(ops, func(o string) bool { return strings.HasPrefix(o, "nft") })
+			if route < 0 || nftAt < 0 || route > nftAt {
+				t.Fatalf("the new node's route is not programmed before the maps point at it: %v", ops)
+			}
+			// Owner marks of a delta are checked against its nodes.
+			if _, err := dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pB: 4}, Nodes: slices.Clone(d.Nodes)}); err == nil || !strings.Contains(err.Error(), "owner mark 4 is not a node") {
+				t.Fatalf("a delta to a mark its nodes lack: %v", err)
+			}
+			if st, err := dp.Verify(context.Background()); err != nil || st.Added+st.Changed+st.Removed != 0 {
+				t.Fatalf("verify after node updates found %+v, %v", st, err)
+			}
+		})
+	}
+}
+
+// TestVerifyReadsMapsOnlyWhenTheGenerationMoved: Verify trusts the model
+// while the ruleset generation stays where the director's last
+// transaction left it, reads the maps back and repairs when anyone else
+// committed, and reads them anyway every fullVerifyEvery verifies.
+func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
+	k := newFakeKernel(false)
+	dp, _ := newFake(Config{}, k)
+	mustSync(t, dp, unitDesired())
+	reads := k.nftReads
+	verify := func() Stats {
+		t.Helper()
+		st, err := dp.Verify(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	if st := verify(); k.nftReads != reads || st.Added+st.Changed+st.Removed != 0 {
+		t.Fatalf("verify with an unchanged generation read the maps (%d reads) or changed %+v", k.nftReads-reads, st)
+	}
+	// Someone else deletes a peer: one transaction, the generation moves.
+	delete(k.nft.Peers, pA)
+	k.gen++
+	if st := verify(); k.nftReads != reads+1 || st.Added != 1 {
+		t.Fatalf("foreign change: %d reads, repaired %+v; want 1 read, 1 added", k.nftReads-reads, st)
+	}
+	// A change the generation does not show (a foreign commit racing the
+	// director's own): found by the periodic full read.
+	delete(k.nft.Peers, pA)
+	reads = k.nftReads
+	repaired := 0
+	for range fullVerifyEvery {
+		repaired += verify().Added
+	}
+	if k.nftReads != reads+1 || repaired != 1 {
+		t.Fatalf("%d verifies: %d reads, %d repaired; want 1 and 1", fullVerifyEvery, k.nftReads-reads, repaired)
+	}
+}
+
+// TestUpdateWithNodesKeepsBuckets: with unknown-peer buckets, a delta that
+// changes the nodes keeps the buckets as the last Sync and the Updates
+// since left them (a bucket step in the same delta included), and the
+// kernel ends as a Sync of the same desired state would leave it.
+func TestUpdateWithNodesKeepsBuckets(t *testing.T) {
+	k := newFakeKernel(false)
+	dp, _ := newFake(Config{}, k)
+	d := unitDesired()
+	d.Buckets = []uint16{1, 2, 1, 2}
+	mustSync(t, dp, d)
+	ctx := context.Background()
+	if _, err := dp.Update(ctx, &Delta{Buckets: map[int]uint16{0: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	d.Buckets[0] = 2
+	// n1 goes down (its tunnels move); a new node n3 takes bucket 2.
+	d.Nodes[0].Active, d.Nodes[0].Down = false, true
+	d.Nodes = append(d.Nodes, Node{Mark: 3, Name: "n3", Addr: netip.MustParseAddr("192.0.2.13"), Active: true})
+	d.Peers[pA], d.Subnets[sA] = 2, 2
+	d.Buckets[2] = 3
+	if _, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}, SetSubnets: map[netip.Prefix]uint16{sA: 2},
+		Buckets: map[int]uint16{2: 3}, Nodes: slices.Clone(d.Nodes)}); err != nil {
+		t.Fatal(err)
+	}
+	k2 := newFakeKernel(false)
+	dp2, _ := newFake(Config{}, k2)
+	mustSync(t, dp2, d)
+	if !reflect.DeepEqual(k.nft, k2.nft) || !reflect.DeepEqual(k.routes, k2.routes) {
+		t.Fatalf("after the node update the kernel differs from a sync:\nupdate %+v\nsync   %+v", k.nft, k2.nft)
 	}
 }

@@ -33,10 +33,40 @@ type dataplane struct {
 	want *kstate
 	// nodes of the last Sync by mark, to validate delta owners.
 	nodes map[uint16]Node
+	// gen is the nftables ruleset generation at which model.nft was
+	// last known to equal the kernel (genKnown): while the kernel's
+	// generation stays there, nobody changed the table and Verify need
+	// not read its maps back. verifies counts Verify calls, so every
+	// fullVerifyEvery-th reads them anyway.
+	gen      uint32
+	genKnown bool
+	verifies int
 	// buckets is the unknown-peer bucket count of the last Sync, 0 when
 	// it had no Buckets (one bucket per active node): a delta may change
-	// buckets only within it.
-	buckets int
+	// buckets only within it. bucketMarks are the buckets as of the last
+	// Sync and the Updates since (nil without), for a delta that changes
+	// the nodes.
+	buckets     int
+	bucketMarks []uint16
+}
+
+// fullVerifyEvery is how often Verify reads the maps back although the
+// ruleset generation says nothing changed: the backstop for a foreign
+// transaction committed between one of the director's and its reading of
+// the generation.
+const fullVerifyEvery = 10
+
+// applyNft runs p as one transaction and keeps gen: known only when the
+// generation moved by exactly this transaction.
+func (d *dataplane) applyNft(p *nft.Plan) error {
+	g0, err0 := d.nft.Gen()
+	if err := d.nft.Apply(p); err != nil {
+		d.genKnown = false
+		return err
+	}
+	g1, err1 := d.nft.Gen()
+	d.gen, d.genKnown = g1, err0 == nil && err1 == nil && g1 == g0+1
+	return nil
 }
 
 // New returns a Dataplane for the kernel of the current network namespace.
@@ -120,13 +150,23 @@ func newDataplane(cfg Config, nk nft.Kernel, rk route.Kernel, lk lvs.Kernel) (*d
 
 func (d *dataplane) Mode() Mode { return d.mode }
 
-// read returns the director's objects as the kernel holds them.
-func (d *dataplane) read() (*kstate, error) {
+// read returns the director's objects as the kernel holds them; without
+// nftToo the nftables part is the model's (the caller proved it current
+// by the ruleset generation).
+func (d *dataplane) read(nftToo bool) (*kstate, error) {
 	c := d.cfg
 	s := &kstate{svcs: map[svcKey]svcDest{}}
 	var err error
-	if s.nft, err = d.nft.Read(); err != nil {
-		return nil, err
+	if nftToo {
+		// The generation before the read: a change during it moves the
+		// kernel past gen, so the next Verify reads again.
+		g, gerr := d.nft.Gen()
+		if s.nft, err = d.nft.Read(); err != nil {
+			return nil, err
+		}
+		d.gen, d.genKnown = g, gerr == nil
+	} else {
+		s.nft = d.model.nft
 	}
 	if s.rt, err = d.rc.Read(d.rt); err != nil {
 		return nil, err
@@ -165,10 +205,42 @@ func (d *dataplane) read() (*kstate, error) {
 // Verify tries the failed objects again. Only a failed nftables
 // transaction (the maps, all or nothing) is returned as err.
 func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err error) {
+	return d.reconcileMaps(cur, want, true)
+}
+
+// reconcileMaps is reconcile, comparing the nftables part only with maps
+// (Verify leaves it out when the ruleset generation proved the model
+// current: a comparison of the whole maps is what it avoids).
+func (d *dataplane) reconcileMaps(cur, want *kstate, withMaps bool) (st Stats, failed []error, err error) {
+	st, failed = d.addNodes(cur, want)
+	// nftables: one transaction.
+	p := &nft.Plan{}
+	if withMaps {
+		p = nft.Diff(cur.nft, want.nft)
+	}
+	if !p.Empty() {
+		flush := leftMasq(cur, p)
+		if err := d.applyNft(p); err != nil {
+			return st, failed, err
+		}
+		a, ch, r := p.Count()
+		st.Added += a
+		st.Changed += ch
+		st.Removed += r
+		cur.nft.Apply(p)
+		failed = append(failed, d.flushServices(cur, flush)...)
+	}
+	n, f := d.removeNodes(cur, want)
+	st.Removed += n
+	return st, append(failed, f...), nil
+}
+
+// addNodes adds and changes the routes and IPVS services want has and cur
+// lacks, updating cur: what must exist before the maps point at a node.
+func (d *dataplane) addNodes(cur, want *kstate) (st Stats, failed []error) {
 	n, f := d.rc.AddMissing(d.rt, cur.rt, want.rt)
 	st.Added, st.Changed = n.Added, n.Changed
 	failed = f
-	// IPVS services.
 	for _, sk := range slices.SortedFunc(maps.Keys(want.svcs), svcKeyCmp) {
 		dst := want.svcs[sk]
 		old, ok := cur.svcs[sk]
@@ -199,20 +271,12 @@ func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err 
 		}
 		cur.svcs[sk] = dst
 	}
-	// nftables: one transaction.
-	if p := nft.Diff(cur.nft, want.nft); !p.Empty() {
-		flush := leftMasq(cur, p)
-		if err := d.nft.Apply(p); err != nil {
-			return st, failed, err
-		}
-		a, ch, r := p.Count()
-		st.Added += a
-		st.Changed += ch
-		st.Removed += r
-		cur.nft.Apply(p)
-		failed = append(failed, d.flushServices(cur, flush)...)
-	}
-	// Removals.
+	return st, failed
+}
+
+// removeNodes removes the services and routes cur has and want does not,
+// updating cur: after the maps stopped pointing at them.
+func (d *dataplane) removeNodes(cur, want *kstate) (removed int, failed []error) {
 	for _, sk := range slices.SortedFunc(maps.Keys(cur.svcs), svcKeyCmp) {
 		if _, ok := want.svcs[sk]; ok {
 			continue
@@ -221,12 +285,11 @@ func (d *dataplane) reconcile(cur, want *kstate) (st Stats, failed []error, err 
 			failed = append(failed, fmt.Errorf("delete fwmark service %#x (%s): %w", sk.mark, route.Family(sk.v6), err))
 			continue
 		}
-		st.Removed++
+		removed++
 		delete(cur.svcs, sk)
 	}
-	n, f = d.rc.RemoveStale(d.rt, cur.rt, want.rt)
-	st.Removed += n.Removed
-	return st, append(failed, f...), nil
+	n, f := d.rc.RemoveStale(d.rt, cur.rt, want.rt)
+	return removed + n.Removed, append(failed, f...)
 }
 
 // service is the lvs form of one of the director's services.
@@ -288,7 +351,7 @@ func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
 		return Stats{}, fmt.Errorf("sync: %w", err)
 	}
 	if d.model == nil {
-		cur, err := d.read()
+		cur, err := d.read(true)
 		if err != nil {
 			return Stats{}, fmt.Errorf("sync: adopt kernel state: %w", err)
 		}
@@ -300,6 +363,7 @@ func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
 		d.nodes[n.Mark] = n
 	}
 	d.buckets = len(des.Buckets)
+	d.bucketMarks = slices.Clone(des.Buckets)
 	st, failed, err := d.reconcile(d.model, want)
 	st.Duration = time.Since(start)
 	if err != nil {
@@ -320,16 +384,23 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 	}
 	c := d.cfg
 	// Validate first: a refused delta must leave the target untouched.
+	nodes := d.nodes
+	if delta.Nodes != nil {
+		nodes = make(map[uint16]Node, len(delta.Nodes))
+		for _, n := range delta.Nodes {
+			nodes[n.Mark] = n
+		}
+	}
 	ch := nft.Changes{SetPeers: make(map[netip.Addr]uint32, len(delta.SetPeers)), DelPeers: delta.DeletePeers,
 		SetSubnets: make(map[netip.Prefix]uint32, len(delta.SetSubnets)), DelSubnets: delta.DeleteSubnets}
 	for a, m := range delta.SetPeers {
-		if _, ok := d.nodes[m]; !ok {
+		if _, ok := nodes[m]; !ok {
 			return Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
 		}
 		ch.SetPeers[a] = c.Fwmark(m)
 	}
 	for pf, m := range delta.SetSubnets {
-		if _, ok := d.nodes[m]; !ok {
+		if _, ok := nodes[m]; !ok {
 			return Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", pf, m)
 		}
 		ch.SetSubnets[pf] = c.Fwmark(m)
@@ -342,24 +413,65 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 			return Stats{}, fmt.Errorf("update: unknown-peer bucket %d outside the %d of the last sync (a new bucket count needs a sync)", i, d.buckets)
 		}
 		// As in target: a bucket without a node holds no element.
-		if _, ok := d.nodes[m]; ok && m != 0 {
+		if _, ok := nodes[m]; ok && m != 0 {
 			ch.SetHash[uint32(i)] = c.Fwmark(m)
 		} else {
 			ch.DelHash = append(ch.DelHash, uint32(i))
 		}
 	}
+	var nt *kstate
+	if delta.Nodes != nil {
+		// The node-dependent part of a target (routes, services, hash
+		// map, chain) for the buckets after the delta, without the
+		// peer and subnet maps: O(nodes + buckets).
+		var buckets []uint16
+		if d.bucketMarks != nil {
+			buckets = slices.Clone(d.bucketMarks)
+			for i, m := range delta.Buckets {
+				buckets[i] = m
+			}
+		}
+		var err error
+		if nt, err = c.target(d.mode, &Desired{Nodes: delta.Nodes, HashSeed: d.want.nft.Sig.Seed, Buckets: buckets}); err != nil {
+			return Stats{}, fmt.Errorf("update: %w", err)
+		}
+		d.nodes = nodes
+		d.want.rt, d.want.svcs, d.want.nft.Hash = nt.rt, nt.svcs, nt.nft.Hash
+		sig := nt.nft.Sig
+		sig.Lens = d.want.nft.Sig.Lens
+		d.want.nft.Sig = sig
+		ch.Nodes = true
+	}
+	for i, m := range delta.Buckets {
+		if d.bucketMarks != nil {
+			d.bucketMarks[i] = m
+		}
+	}
 	p := nft.Update(d.model.nft, d.want.nft, ch)
 	var st Stats
 	var failed []error
+	if nt != nil {
+		// Routes and services first, so the maps never point at a mark
+		// that does not route (as reconcile does).
+		st, failed = d.addNodes(d.model, d.want)
+	}
 	if !p.Empty() {
 		flush := leftMasq(d.model, p)
-		if err := d.nft.Apply(p); err != nil {
+		if err := d.applyNft(p); err != nil {
 			d.model = nil
-			return st, fmt.Errorf("update: %w", err)
+			return st, fmt.Errorf("update: %w", errors.Join(append(failed, err)...))
 		}
-		st.Added, st.Changed, st.Removed = p.Count()
+		a, chg, r := p.Count()
+		st.Added += a
+		st.Changed += chg
+		st.Removed += r
 		d.model.nft.Apply(p)
-		failed = d.flushServices(d.model, flush)
+		failed = append(failed, d.flushServices(d.model, flush)...)
+	}
+	if nt != nil {
+		n, f := d.removeNodes(d.model, d.want)
+		st.Removed += n
+		failed = append(failed, f...)
 	}
 	st.Duration = time.Since(start)
 	return st, partial("update", failed)
@@ -373,12 +485,22 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 	if d.want == nil {
 		return Stats{}, errors.New("verify: no Sync yet: nothing to compare with")
 	}
-	cur, err := d.read()
+	// The maps are read back only when the ruleset generation moved
+	// since the director's last transaction (or every fullVerifyEvery
+	// verifies): at a million tunnels the read is seconds, the
+	// generation one message. Routes and services are read every time.
+	d.verifies++
+	full := d.model == nil || !d.genKnown || d.verifies%fullVerifyEvery == 0
+	if !full {
+		g, err := d.nft.Gen()
+		full = err != nil || g != d.gen
+	}
+	cur, err := d.read(full)
 	if err != nil {
 		return Stats{}, fmt.Errorf("verify: %w", err)
 	}
 	d.model = cur
-	st, failed, err := d.reconcile(cur, d.want)
+	st, failed, err := d.reconcileMaps(cur, d.want, full)
 	st.Duration = time.Since(start)
 	if err != nil {
 		d.model = nil
@@ -391,7 +513,7 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	s, err := d.read()
+	s, err := d.read(true)
 	if err != nil {
 		return nil, fmt.Errorf("read: %w", err)
 	}

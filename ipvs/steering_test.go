@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -227,4 +228,37 @@ func TestNSUnreachableNodeDoesNotStopSteering(t *testing.T) {
 	t.Logf("sync: %v", err)
 	l.checkPeers(t, "unreachable", []int{0, 1, 2})
 	l.checkSubnets(t, "unreachable", 1, 2)
+}
+
+// TestNSNodeDownAsUpdate takes a node down with one Update (its tunnels'
+// moves plus the new nodes) in a real kernel: the moved peers and subnet
+// reach their new owners, the hash spreads unknown peers over the two
+// remaining nodes only, and Verify then finds the kernel exactly as
+// wanted.
+func TestNSNodeDownAsUpdate(t *testing.T) {
+	l := newLab(t, Config{})
+	ctx := context.Background()
+	if _, err := l.dp.Sync(ctx, l.des); err != nil {
+		t.Fatal(err)
+	}
+	nodes := slices.Clone(l.des.Nodes)
+	nodes[0].Active, nodes[0].Down = false, true
+	o := l.peers[0].If(netlab.IfOutside)
+	st, err := l.dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{o.Addr4: 2, o.Addr6: 2}, Nodes: nodes})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("node down: %+v", st)
+	l.checkPeers(t, "down", []int{1, 1, 2})
+	l.checkSubnets(t, "down", 1, 2)
+	out, err := l.dir.Run(ctx, "nft", "list", "map", "inet", "tunneldirector", "nodehash")
+	if err != nil {
+		netlab.Require(t, "nft binary (scripts/lab-deps.sh)", err)
+	}
+	if strings.Contains(string(out), "0x7d000001") || !strings.Contains(string(out), "0x7d000002") || !strings.Contains(string(out), "0x7d000003") {
+		t.Fatalf("the hash still picks the down node, or not the others:\n%s", out)
+	}
+	if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+		t.Fatalf("verify after the node update: %+v, %v", st, err)
+	}
 }

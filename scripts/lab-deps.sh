@@ -34,6 +34,7 @@ export DEBIAN_FRONTEND=noninteractive
 PKGS="qemu-system-x86 busybox-static cpio kmod nftables iproute2 keepalived"
 PKGS="$PKGS systemd prometheus" # internal/pkgbuild: systemd-analyze verify; internal/e2e: promtool check metrics and rules
 PKGS="$PKGS strongswan-charon strongswan-swanctl libstrongswan-standard-plugins" # real IKE daemons: health probes in namespaces, the strongSwan VM layer
+PKGS="$PKGS time" # scripts/bench-import.sh: CPU time and peak RSS of an import
 PKGS="$PKGS conntrackd conntrack" # conntrack replication: the reference measured side by side (scripts/bench-conntrack.sh)
 missing=""
 for p in $PKGS; do

@@ -21,9 +21,11 @@ type FarmSpec struct {
 	IPv6Share float64
 	// PinnedShare is the share of tunnels (0..1) the NMS pinned to a node.
 	PinnedShare float64
-	// Subnet4Bits is the length of the IPv4 subnets (0 means 27). Longer
-	// prefixes fit more tunnels in 10.0.0.0/7: /27 holds a million
-	// subnets, /29 four million.
+	// Subnet4Bits is the length of the IPv4 subnets; 0 picks /27 when
+	// every tunnel's MaxSubnets fit in 10.0.0.0/7, else the shortest
+	// length that fits them (a million tunnels of up to 4 subnets: /29).
+	// Longer prefixes fit more: /27 holds a million subnets, /29 four
+	// million.
 	Subnet4Bits int
 }
 
@@ -32,6 +34,22 @@ type FarmSpec struct {
 type Farm struct {
 	Nodes   []affinity.Node
 	Tunnels []affinity.Tunnel
+}
+
+// subnet4Space is the IPv4 space subnets are carved from: 10.0.0.0/7.
+const subnet4Space = 1 << 25
+
+// autoSubnet4Bits is the shortest IPv4 subnet length from /27 on at which
+// tunnels x maxSubnets subnets (the most the generator may draw) fit in
+// 10.0.0.0/7.
+func autoSubnet4Bits(tunnels, maxSubnets int) int {
+	need := uint64(tunnels) * uint64(maxSubnets)
+	for bits := 27; bits < 32; bits++ {
+		if need<<(32-bits) <= subnet4Space {
+			return bits
+		}
+	}
+	return 32
 }
 
 // GenerateFarm builds a farm deterministically from the spec: node i is
@@ -49,7 +67,7 @@ func GenerateFarm(spec FarmSpec) (*Farm, error) {
 		spec.MaxSubnets = 1
 	}
 	if spec.Subnet4Bits == 0 {
-		spec.Subnet4Bits = 27
+		spec.Subnet4Bits = autoSubnet4Bits(spec.Tunnels, spec.MaxSubnets)
 	}
 	if spec.Subnet4Bits < 8 || spec.Subnet4Bits > 32 {
 		return nil, fmt.Errorf("generate farm: IPv4 subnet length /%d (want 8..32)", spec.Subnet4Bits)
@@ -92,8 +110,8 @@ func GenerateFarm(spec FarmSpec) (*Farm, error) {
 		}
 		f.Tunnels = append(f.Tunnels, tu)
 	}
-	if next4<<host > 1<<25 { // 10.0.0.0/8 and 11.0.0.0/8
-		return nil, fmt.Errorf("generate farm: %d IPv4 subnets do not fit in 10.0.0.0/7", next4)
+	if next4<<host > subnet4Space { // 10.0.0.0/8 and 11.0.0.0/8
+		return nil, fmt.Errorf("generate farm: %d IPv4 /%d subnets do not fit in 10.0.0.0/7 (use longer subnets)", next4, spec.Subnet4Bits)
 	}
 	return f, nil
 }

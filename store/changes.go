@@ -55,6 +55,16 @@ type Batch struct {
 	// they were before): true for batches from the in-memory ring, false
 	// for batches read back from the journal, which does not store them.
 	Resolved bool
+
+	// held is the number of changes the ring counts for the batch;
+	// big marks a batch larger than the ring (or not journaled) whose
+	// resolved changes the ring keeps only while a cursor has still to
+	// read it.
+	held int
+	big  bool
+	// unjournaled marks a bbolt batch too large for the journal: once
+	// no cursor needs it, a reader behind it must take a snapshot.
+	unjournaled bool
 }
 
 // Len is the number of changes in the batch, without decoding it.
@@ -128,15 +138,16 @@ func (l *changeLog) init(rev uint64, max int) {
 // add appends a committed batch and wakes the cursors. A reset drops the
 // whole ring first: the history before it is not this store's any more.
 //
-// A batch larger than the whole ring (an import of a million tunnels)
-// keeps only its encoding in memory, a fifth of the resolved changes:
-// readers that need the changes decode it (Decoded); it is not Resolved,
-// so the reconciler syncs the whole table, as it would for a change that
-// size anyway.
+// A batch larger than the whole ring (an import of a million tunnels, a
+// node failure moving a sixteenth of them) keeps its resolved changes only
+// while a cursor that existed at its commit has still to read it, so the
+// reconciler turns even a large change into element updates instead of a
+// full sync; once every cursor read it, only its encoding stays (a fifth
+// of the resolved changes), and a batch too large to journal goes
+// altogether: a reader that comes later takes a snapshot.
 func (l *changeLog) add(b Batch) {
-	if len(b.Changes) > l.max && len(b.Encoded) > 0 {
-		b.Changes, b.Resolved = nil, false
-	}
+	b.held = b.Len()
+	b.big = b.held > l.max || (b.unjournaled && b.held > 0)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if b.Reset() {
@@ -147,22 +158,60 @@ func (l *changeLog) add(b Batch) {
 	l.ring = append(l.ring, b)
 	l.next++
 	l.rev = b.Revision
-	l.changes += b.Len()
-	// Trim the oldest batches past the bound, never the newest. The
-	// dropped slots are zeroed so their changes can be collected.
+	l.changes += b.held
+	// Trim the oldest batches past the bound, never the newest and
+	// never a large batch a cursor has still to read. The dropped slots
+	// are zeroed so their changes can be collected.
 	k := 0
-	for k < len(l.ring)-1 && l.changes > l.max {
-		l.changes -= l.ring[k].Len()
+	for k < len(l.ring)-1 && l.changes > l.max && !(l.ring[k].big && l.needed(l.base+uint64(k))) {
+		l.changes -= l.ring[k].held
 		l.ring[k] = Batch{}
 		k++
 	}
 	l.ring = l.ring[k:]
 	l.base += uint64(k)
+	l.release()
 	for c := range l.notify {
 		select {
 		case c.ch <- struct{}{}:
 		default:
 		}
+	}
+}
+
+// needed reports whether a live cursor has still to read the batch with
+// sequence number seq. A cursor reading the journal counts as behind
+// everything in the ring.
+func (l *changeLog) needed(seq uint64) bool {
+	for c := range l.notify {
+		if c.err == nil && (!c.inRing || c.seq <= seq) {
+			return true
+		}
+	}
+	return false
+}
+
+// release lets go of the large batches no cursor needs any more: their
+// resolved changes (the encoding stays), or, for a batch too large to
+// journal, the batch and everything before it in the ring (a reader
+// behind it could not get past it).
+func (l *changeLog) release() {
+	for i := 0; i < len(l.ring); i++ {
+		b := &l.ring[i]
+		if !b.big || l.needed(l.base+uint64(i)) {
+			continue
+		}
+		if b.Encoded != nil {
+			b.Changes, b.Resolved, b.big = nil, false, false
+			continue
+		}
+		for k := 0; k <= i; k++ {
+			l.changes -= l.ring[k].held
+			l.ring[k] = Batch{}
+		}
+		l.ring = l.ring[i+1:]
+		l.base += uint64(i + 1)
+		i = -1
 	}
 }
 
@@ -264,18 +313,21 @@ type cursor struct {
 const journalReadAhead = 64
 
 func (c *cursor) Next() (Batch, bool, error) {
+	l := c.log
+	l.mu.Lock()
 	if c.err != nil {
-		return Batch{}, false, c.err
+		err := c.err
+		l.mu.Unlock()
+		return Batch{}, false, err
 	}
 	if len(c.buf) > 0 {
 		b := c.buf[0]
 		c.buf[0] = Batch{}
 		c.buf = c.buf[1:]
 		c.at = b.Revision
+		l.mu.Unlock()
 		return b, true, nil
 	}
-	l := c.log
-	l.mu.Lock()
 	if !c.inRing || c.seq < l.base {
 		// Back from the journal, or fallen off the ring: continue in
 		// the ring if it reaches c.at.
@@ -287,9 +339,12 @@ func (c *cursor) Next() (Batch, bool, error) {
 			return Batch{}, false, nil
 		}
 		b := l.ring[c.seq-l.base]
-		l.mu.Unlock()
 		c.seq++
 		c.at = b.Revision
+		if b.big {
+			l.release()
+		}
+		l.mu.Unlock()
 		return b, true, nil
 	}
 	// Read the journal up to where the ring starts, so that the cursor
@@ -298,18 +353,24 @@ func (c *cursor) Next() (Batch, bool, error) {
 	if bounded {
 		stop = l.ring[0].Prev
 	}
-	newest := l.rev
-	l.mu.Unlock()
+	at, newest := c.at, l.rev
 	if c.journal == nil {
-		c.err = fmt.Errorf("%w: the reader is at revision %d; the in-memory log holds up to %d", ErrCompacted, c.at, newest)
+		c.err = fmt.Errorf("%w: the reader is at revision %d; the in-memory log holds up to %d", ErrCompacted, at, newest)
+		l.release()
+		l.mu.Unlock()
 		return Batch{}, false, c.err
 	}
-	buf, err := c.journal(c.at, journalReadAhead, stop, bounded)
+	l.mu.Unlock()
+	buf, err := c.journal(at, journalReadAhead, stop, bounded)
+	l.mu.Lock()
 	if err != nil {
 		c.err = err
+		l.release()
+		l.mu.Unlock()
 		return Batch{}, false, err
 	}
 	c.buf = buf
+	l.mu.Unlock()
 	return c.Next()
 }
 
@@ -319,8 +380,9 @@ func (c *cursor) Close() {
 	l := c.log
 	l.mu.Lock()
 	delete(l.notify, c)
-	l.mu.Unlock()
 	c.err = errors.New("cursor closed")
+	l.release()
+	l.mu.Unlock()
 }
 
 // ---- the journal on disk ----
@@ -334,7 +396,17 @@ var keyJournalPrev = []byte("journal_prev")
 // journal writes one applied batch's journal entry, keyed by its
 // revision, and trims the oldest entries past the bound (never the
 // newest). It returns the encoded batch for the ring.
-func (s *Store) journal(tx *bolt.Tx, rev uint64, cs []affinity.Change) ([]byte, error) {
+//
+// A batch larger than the whole journal (an import of a million tunnels,
+// a replica's snapshot) is not journaled: the journal starts over after
+// it, empty, and a reader behind it takes a snapshot, as it would to
+// catch up with that many changes anyway. Encoding and writing it cost a
+// tenth of such an import's time and a hundred megabytes of pages held
+// until the commit; its encoding is then nil.
+func (s *Store) journal(tx *bolt.Tx, rev, prev uint64, cs []affinity.Change) ([]byte, error) {
+	if len(cs) > s.journalMax {
+		return nil, resetJournal(tx, rev)
+	}
 	j := tx.Bucket(bucketJournal)
 	enc := affinity.MarshalChanges(cs)
 	if err := j.Put(be64(rev), enc); err != nil {

@@ -94,7 +94,8 @@ func TestCursorRingThenJournal(t *testing.T) {
 }
 
 // TestOversizedBatchKeptEncoded: a batch larger than the whole ring keeps
-// only its encoding in memory; a cursor decodes it, unresolved.
+// its resolved changes while a cursor has still to read it, then only
+// its encoding: a cursor made later decodes it, unresolved.
 func TestOversizedBatchKeptEncoded(t *testing.T) {
 	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), RingChanges: 30})
 	if err != nil {
@@ -102,18 +103,62 @@ func TestOversizedBatchKeptEncoded(t *testing.T) {
 	}
 	defer s.Close()
 	s.Commit(nodes(2))
-	c, _ := s.Changes(s.Revision())
+	prev := s.Revision()
+	c, _ := s.Changes(prev)
 	defer c.Close()
 	s.Commit(tunnels(0, 100))
+	b, ok, err := c.Next()
+	if err != nil || !ok || len(b.Changes) != 100 || !b.Resolved {
+		t.Fatalf("oversized batch for a cursor that was there: ok %v, %d changes, resolved %v, %v", ok, len(b.Changes), b.Resolved, err)
+	}
 	s.log.mu.Lock()
 	kept := s.log.ring[len(s.log.ring)-1].Changes
 	s.log.mu.Unlock()
 	if kept != nil {
-		t.Errorf("a 100-change batch in a 30-change ring kept its %d resolved changes", len(kept))
+		t.Errorf("a 100-change batch in a 30-change ring kept its %d resolved changes after every cursor read it", len(kept))
 	}
-	b, ok, err := c.Next()
+	late, err := s.Changes(prev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer late.Close()
+	b, ok, err = late.Next()
 	cs, derr := b.Decoded()
 	if err != nil || derr != nil || !ok || len(cs) != 100 || b.Len() != 100 || b.Resolved {
-		t.Fatalf("oversized batch: ok %v, %d changes, resolved %v, %v %v", ok, len(cs), b.Resolved, err, derr)
+		t.Fatalf("oversized batch for a later cursor: ok %v, %d changes, resolved %v, %v %v", ok, len(cs), b.Resolved, err, derr)
+	}
+}
+
+// TestUnjournaledBatch: a batch larger than the journal reaches the
+// cursors that were there at its commit, resolved; a reader that comes
+// later is told to take a snapshot.
+func TestUnjournaledBatch(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), RingChanges: 30, JournalChanges: 40})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	prev := s.Revision()
+	c1, _ := s.Changes(prev)
+	defer c1.Close()
+	c2, _ := s.Changes(prev)
+	s.Commit(tunnels(0, 100))
+	s.Commit(tunnels(100, 3))
+	for i, c := range []Cursor{c1, c2} {
+		bs, err := ReadAll(c)
+		if err != nil || len(bs) != 2 || len(bs[0].Changes) != 100 || !bs[0].Resolved || bs[1].Len() != 3 {
+			t.Fatalf("cursor %d: %d batches, %v", i, len(bs), err)
+		}
+	}
+	c2.Close()
+	if _, err := s.Changes(prev); !errors.Is(err, ErrCompacted) {
+		t.Fatalf("a reader behind an unjournaled batch: %v, want ErrCompacted", err)
+	}
+	s.log.mu.Lock()
+	n := len(s.log.ring)
+	s.log.mu.Unlock()
+	if n != 1 {
+		t.Errorf("ring holds %d batches after every cursor read the unjournaled one, want 1", n)
 	}
 }

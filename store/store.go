@@ -1,24 +1,23 @@
 // Package store persists the affinity table in a bbolt file.
 //
 // Every logical change (one import, one node action, one learned tunnel) is
-// one bbolt transaction that writes the changed records, their index
-// entries, the new revision and a journal entry, so a crash at any instant
-// leaves either the old or the new table. Open loads the whole table into
-// an affinity.Table and checks the stored indexes against it. Readers
+// one bbolt transaction that writes the changed records, the index digest,
+// the new revision and a journal entry, so a crash at any instant leaves
+// either the old or the new table. Open loads the whole table into an
+// affinity.Table and checks it against the stored index digest. Readers
 // follow the commits through their own cursor on the change log
 // (Changes, in changes.go).
 package store
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"runtime/debug"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -33,8 +32,11 @@ import (
 )
 
 // SchemaVersion is the layout of the buckets this code writes. A store
-// with a newer schema is refused rather than misread.
-const SchemaVersion = 1
+// with a newer schema is refused rather than misread. Version 1 kept the
+// index buckets idx_peers and idx_subnets; version 2 keeps their digest
+// in the meta bucket instead (indexdigest.go), and a version-1 store
+// opened for writing is migrated once its indexes were checked.
+const SchemaVersion = 2
 
 // DefaultJournalChanges is how many changes the journal keeps by default.
 const DefaultJournalChanges = 500_000
@@ -43,9 +45,10 @@ var (
 	bucketMeta    = []byte("meta")
 	bucketNodes   = []byte("nodes")
 	bucketTunnels = []byte("tunnels")
+	bucketJournal = []byte("journal")
+	// The index buckets of schema 1 (read to check and migrate them).
 	bucketPeers   = []byte("idx_peers")
 	bucketSubnets = []byte("idx_subnets")
-	bucketJournal = []byte("journal")
 
 	keySchema   = []byte("schema")
 	keyRevision = []byte("revision")
@@ -88,6 +91,8 @@ type Store struct {
 	readOnly   bool
 	journalMax int
 	log        changeLog
+	// schema is the file's schema version (1 until migrated).
+	schema uint32
 }
 
 // Open opens (or creates) a store and loads its table.
@@ -112,10 +117,11 @@ func Open(opts Options) (*Store, error) {
 	var db *bolt.DB
 	err := guard(opts.Path, "opening the file (reading its free pages)", func() (err error) {
 		db, err = bolt.Open(opts.Path, 0o600, &bolt.Options{
-			Timeout:        timeout,
-			ReadOnly:       opts.ReadOnly,
-			NoFreelistSync: true,
-			FreelistType:   bolt.FreelistMapType,
+			Timeout:         timeout,
+			ReadOnly:        opts.ReadOnly,
+			NoFreelistSync:  true,
+			FreelistType:    bolt.FreelistMapType,
+			InitialMmapSize: mmapSize(opts.Path),
 		})
 		return err
 	})
@@ -151,22 +157,38 @@ func Open(opts Options) (*Store, error) {
 		db.Close()
 		return nil, fmt.Errorf("open store %s: %w", opts.Path, err)
 	}
-	// A bulk load allocates millions of small objects that all stay
-	// live: collecting while it runs only burns the other core.
-	gc := debug.SetGCPercent(400)
 	err = guard(opts.Path, "loading the table", func() error { return s.load(t) })
-	debug.SetGCPercent(gc)
 	if err != nil {
 		db.Close()
 		return nil, err
 	}
 	s.table = t
+	if s.schema < 2 && !s.readOnly {
+		if err := s.migrate(); err != nil {
+			db.Close()
+			return nil, err
+		}
+	}
 	ring := opts.RingChanges
 	if ring <= 0 {
 		ring = DefaultRingChanges
 	}
 	s.log.init(t.Revision(), min(ring, s.journalMax))
 	return s, nil
+}
+
+// mmapSize is the address space bbolt maps at open: twice the file, at
+// least 1 GiB. Whenever a commit outgrows the mapping, bbolt remaps and
+// first copies every key and value of the transaction's dirty pages from
+// the old mapping to the heap (node.dereference); a million-tunnel import
+// grew the mapping a dozen times and spent a third of its CPU copying.
+// Reserving address space costs nothing until pages are touched.
+func mmapSize(path string) int {
+	size := 1 << 30
+	if st, err := os.Stat(path); err == nil && 2*st.Size() > int64(size) {
+		size = int(2 * st.Size())
+	}
+	return size
 }
 
 // lockHolder names the process holding a lock on the file, from /proc/locks.
@@ -212,10 +234,17 @@ func (s *Store) init() error {
 		if r := m.Get(keyRevision); len(r) != 8 {
 			return damaged(s.path, "bucket meta: revision is %d bytes, want 8", len(r))
 		}
-		if got := binary.BigEndian.Uint32(v); got > SchemaVersion {
-			return fmt.Errorf("open store %s: schema version %d is newer than this director's %d; upgrade tunneldirector", s.path, got, SchemaVersion)
+		s.schema = binary.BigEndian.Uint32(v)
+		if s.schema > SchemaVersion {
+			return fmt.Errorf("open store %s: schema version %d is newer than this director's %d; upgrade tunneldirector", s.path, s.schema, SchemaVersion)
 		}
-		for _, b := range [][]byte{bucketNodes, bucketTunnels, bucketPeers, bucketSubnets, bucketJournal} {
+		buckets := [][]byte{bucketNodes, bucketTunnels, bucketJournal}
+		if s.schema < 2 {
+			buckets = append(buckets, bucketPeers, bucketSubnets)
+		} else if d := m.Get(keyIndexDigest); len(d) != indexDigestLen {
+			return damaged(s.path, "bucket meta: index digest is %d bytes, want %d", len(d), indexDigestLen)
+		}
+		for _, b := range buckets {
 			if tx.Bucket(b) == nil {
 				return damaged(s.path, "bucket %s missing", b)
 			}
@@ -240,7 +269,10 @@ func (s *Store) init() error {
 			if err := m.Put(keyRevision, be64(0)); err != nil {
 				return err
 			}
-			for _, b := range [][]byte{bucketNodes, bucketTunnels, bucketPeers, bucketSubnets, bucketJournal} {
+			if err := m.Put(keyIndexDigest, (&indexDigest{}).encode()); err != nil {
+				return err
+			}
+			for _, b := range [][]byte{bucketNodes, bucketTunnels, bucketJournal} {
 				if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 					return err
 				}
@@ -308,7 +340,13 @@ func (s *Store) load(t *affinity.Table) error {
 				}
 			}
 		}
-		err = t.Load(rev, nodes, tx.Bucket(bucketTunnels).Stats().KeyN, seq)
+		hint := 0
+		if d, err := decodeIndexDigest(tx.Bucket(bucketMeta).Get(keyIndexDigest)); err == nil {
+			hint = int(min(d.tunnels, 1<<26))
+		} else {
+			hint = tx.Bucket(bucketTunnels).Stats().KeyN
+		}
+		err = t.Load(rev, nodes, hint, seq)
 		if decodeErr != nil {
 			return decodeErr
 		}
@@ -324,59 +362,34 @@ func (s *Store) load(t *affinity.Table) error {
 				return damaged(s.path, "bucket meta: record %s: %v", keyBuckets, err)
 			}
 		}
-		if errs := checkIndexes(tx, t, 5); len(errs) > 0 {
+		if errs := s.checkIndexes(tx, t, 5); len(errs) > 0 {
 			return fmt.Errorf("load store %s: indexes disagree with the tunnels (run 'tunneldirector store check'): %w", s.path, errors.Join(errs...))
 		}
 		return nil
 	})
 }
 
-// checkIndexes compares the stored peer and subnet indexes with the table
-// built from the tunnel records, returning at most max problems. A cheap
-// order-independent digest of both sides decides whether they agree; only
-// when they do not is each index entry looked up to name the culprits.
-func checkIndexes(tx *bolt.Tx, t *affinity.Table, max int) []error {
-	var stored, built indexDigest
+// checkIndexes compares the index (the stored digest, or on a schema-1
+// store the index buckets) with the table built from the tunnel records,
+// returning at most max problems.
+func (s *Store) checkIndexes(tx *bolt.Tx, t *affinity.Table, max int) []error {
+	built := tableDigest(t)
+	if s.schema >= 2 {
+		stored, _ := decodeIndexDigest(tx.Bucket(bucketMeta).Get(keyIndexDigest))
+		if stored == built {
+			return nil
+		}
+		return []error{fmt.Errorf("the tunnels hold %d peer and subnet keys, the index digest committed with them says %d, and the digests differ: tunnel records were lost or changed outside a commit", built.n, stored.n)}
+	}
+	// Schema 1: a digest of the index buckets decides; only when they
+	// disagree is each entry looked up to name the culprits.
+	stored := indexDigest{tunnels: built.tunnels}
 	_ = tx.Bucket(bucketPeers).ForEach(func(k, v []byte) error { stored.add(k, v); return nil })
 	_ = tx.Bucket(bucketSubnets).ForEach(func(k, v []byte) error { stored.add(k, v); return nil })
-	var buf, key []byte
-	t.EachKey(func(id string, peer netip.Addr, subnets []netip.Prefix) {
-		buf = append(buf[:0], id...)
-		key = appendPeerKey(key[:0], peer)
-		built.add(key, buf)
-		for _, p := range subnets {
-			key = appendSubnetKey(key[:0], p)
-			built.add(key, buf)
-		}
-	})
 	if stored == built {
 		return nil
 	}
 	return findIndexProblems(tx, t, max)
-}
-
-// indexDigest sums a hash of every (key, tunnel id) pair, so two sets of
-// pairs compare equal whatever order they were read in.
-type indexDigest struct {
-	n   int
-	sum uint64
-	xor uint64
-}
-
-func (d *indexDigest) add(k, v []byte) {
-	// FNV-1a over key, a separator and value, inline: this runs for
-	// every index entry at startup.
-	x := uint64(14695981039346656037)
-	for _, c := range k {
-		x = (x ^ uint64(c)) * 1099511628211
-	}
-	x *= 1099511628211
-	for _, c := range v {
-		x = (x ^ uint64(c)) * 1099511628211
-	}
-	d.n++
-	d.sum += x
-	d.xor ^= x * 0x9E3779B97F4A7C15
 }
 
 func findIndexProblems(tx *bolt.Tx, t *affinity.Table, max int) []error {
@@ -455,7 +468,13 @@ func (s *Store) Do(plan func(*affinity.Table) ([]affinity.Change, error)) (*affi
 	if err != nil {
 		return nil, err
 	}
-	return s.commitLocked(func() (*affinity.Applied, error) { return s.table.Apply(batch) })
+	return s.commitLocked(func() (*affinity.Applied, error) {
+		a, err := s.table.Apply(batch)
+		// The table copied what it keeps: whatever the batch points to
+		// (a file's records) can go before the commit writes its pages.
+		batch = nil
+		return a, err
+	})
 }
 
 // Try plans and applies a batch under the store's lock and rolls it back
@@ -489,6 +508,13 @@ func (s *Store) commitLocked(apply func() (*affinity.Applied, error)) (*affinity
 	if len(applied.Changes) == 0 {
 		return applied, nil
 	}
+	if len(applied.Changes) >= collectBefore {
+		// What the batch was made from (a file's records) is garbage
+		// now, and the transaction is about to allocate its pages:
+		// collecting here costs one cycle and lowers the peak by the
+		// records' size (a fifth of a million-tunnel import's).
+		runtime.GC()
+	}
 	prev := applied.Previous()
 	var enc []byte
 	err = s.db.Update(func(tx *bolt.Tx) (err error) { enc, err = s.persist(tx, applied); return err })
@@ -496,7 +522,7 @@ func (s *Store) commitLocked(apply func() (*affinity.Applied, error)) (*affinity
 		applied.Rollback()
 		return nil, fmt.Errorf("commit revision %d to store %s: %w", applied.Revision, s.path, err)
 	}
-	s.log.add(Batch{Revision: applied.Revision, Prev: prev, Changes: applied.Changes, Encoded: enc, Resolved: true})
+	s.log.add(Batch{Revision: applied.Revision, Prev: prev, Changes: applied.Changes, Encoded: enc, Resolved: true, unjournaled: enc == nil})
 	return applied, nil
 }
 
@@ -530,20 +556,20 @@ func (s *Store) CommitReset(rev uint64, changes []affinity.Change) (*affinity.Ap
 		if err := resetJournal(tx, prev); err != nil {
 			return err
 		}
-		enc, err = s.journal(tx, rev, a.Changes)
+		enc, err = s.journal(tx, rev, prev, a.Changes)
 		return err
 	})
 	if err != nil {
 		a.Rollback()
 		return nil, fmt.Errorf("reset store %s to revision %d: %w", s.path, rev, err)
 	}
-	s.log.add(Batch{Revision: rev, Prev: prev, Changes: a.Changes, Encoded: enc, Resolved: true})
+	s.log.add(Batch{Revision: rev, Prev: prev, Changes: a.Changes, Encoded: enc, Resolved: true, unjournaled: enc == nil})
 	return a, nil
 }
 
-// persist writes one applied batch: records, index entries, revision and
+// persist writes one applied batch: records, index digest, revision and
 // journal entry, all in the caller's transaction. It returns the encoded
-// batch.
+// batch (nil when the batch was too large to journal).
 func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) ([]byte, error) {
 	if err := s.writeRecords(tx, a); err != nil {
 		return nil, err
@@ -552,49 +578,29 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) ([]byte, error) {
 	if err := meta.Put(keyRevision, be64(a.Revision)); err != nil {
 		return nil, err
 	}
-	return s.journal(tx, a.Revision, a.Changes)
+	return s.journal(tx, a.Revision, a.Previous(), a.Changes)
 }
 
-// writeRecords writes the changed records and their index entries.
+// writeRecords writes the changed records and updates the index digest.
 //
-// Why the idx_peers and idx_subnets buckets exist although nothing looks
-// tunnels up in them (the table is in memory): they are a second copy of
-// every peer and subnet key, written in the same transaction by a
-// different path, so that Open and `store check` can tell a store whose
-// tunnels bucket lost or changed records (a damaged leaf page that still
-// parses, a bug in this writer, a hand-edited file) from a sound one: the
-// table's own invariants cannot see a tunnel that is simply gone. The
-// price is about one more key per peer and subnet in every commit.
+// The digest is what idx_peers and idx_subnets were in schema 1: a second
+// account of every peer and subnet key, kept by a different path (the
+// changes' old and new records, not the tunnels bucket), so that Open and
+// `store check` tell a store whose tunnels bucket lost or changed records
+// (a damaged leaf page that still parses, a bug in this writer, a
+// hand-edited file) from a sound one: the table's own invariants cannot
+// see a tunnel that is simply gone. Where the buckets cost a key per peer
+// and subnet in every commit (3.5 million keys for a million tunnels),
+// the digest costs 24 bytes.
 func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 	nodes := tx.Bucket(bucketNodes)
 	tunnels := tx.Bucket(bucketTunnels)
-	peers := tx.Bucket(bucketPeers)
-	subnets := tx.Bucket(bucketSubnets)
-	// The old record's index entries go first: a changed tunnel may have
-	// left a peer or subnet that another tunnel of this batch now holds.
-	for i := range a.Changes {
-		c := &a.Changes[i]
-		if c.Kind != affinity.PutTunnel && c.Kind != affinity.DeleteTunnel {
-			continue
-		}
-		if err := unindexOld(tunnels, peers, subnets, c.Key()); err != nil {
-			return err
-		}
+	meta := tx.Bucket(bucketMeta)
+	dig, err := decodeIndexDigest(meta.Get(keyIndexDigest))
+	if err != nil {
+		return fmt.Errorf("read index digest: %w", err)
 	}
-	// Puts go in key order: bbolt inserts into an in-memory node that it
-	// splits only at commit, so keys in random order (IPv6 peers among
-	// IPv4 ones) would make every insert move the node's tail: quadratic
-	// for a large import.
-	var puts [3][]kv // tunnels, peers, subnets
-	// Only a tunnel's last change in the batch is written: a put then a
-	// delete must end deleted though puts are written after deletions,
-	// and an earlier put's index keys must not linger.
-	last := map[string]int{}
-	for i := range a.Changes {
-		if c := &a.Changes[i]; c.Kind == affinity.PutTunnel || c.Kind == affinity.DeleteTunnel {
-			last[c.Key()] = i
-		}
-	}
+	var order []int32 // tunnel changes, to write in key order
 	for i := range a.Changes {
 		c := &a.Changes[i]
 		var err error
@@ -603,41 +609,64 @@ func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 			err = nodes.Put([]byte(c.Node.Name), affinity.MarshalNode(c.Node))
 		case affinity.DeleteNode:
 			err = nodes.Delete([]byte(c.Name))
-		case affinity.PutTunnel:
-			t := c.Tunnel
-			if last[t.ID] != i {
-				continue
+		case affinity.PutTunnel, affinity.DeleteTunnel:
+			// Every change moves the digest from its old record to
+			// its new one; a tunnel changed twice in the batch
+			// telescopes to its last record.
+			if c.Old != nil {
+				dig.tunnel(c.Old, -1)
 			}
-			id := []byte(t.ID)
-			puts[0] = append(puts[0], kv{id, affinity.MarshalTunnel(t)})
-			puts[1] = append(puts[1], kv{peerKey(t.Peer), id})
-			for _, p := range t.Subnets {
-				puts[2] = append(puts[2], kv{subnetKey(p), id})
+			if c.Tunnel != nil {
+				dig.tunnel(c.Tunnel, +1)
 			}
-		case affinity.DeleteTunnel:
-			err = tunnels.Delete([]byte(c.Name))
+			order = append(order, int32(i))
 		}
 		if err != nil {
 			return fmt.Errorf("write %s %s: %w", c.Kind, c.Key(), err)
 		}
 	}
 	if slices.ContainsFunc(a.Changes, func(c affinity.Change) bool { return c.Kind == affinity.PutBucket }) {
-		if err := putBuckets(tx.Bucket(bucketMeta), s.table.Buckets()); err != nil {
+		if err := putBuckets(meta, s.table.Buckets()); err != nil {
 			return err
 		}
 	}
-	for i, b := range []*bolt.Bucket{tunnels, peers, subnets} {
-		slices.SortFunc(puts[i], func(x, y kv) int { return bytes.Compare(x.k, y.k) })
-		for _, p := range puts[i] {
-			if err := b.Put(p.k, p.v); err != nil {
-				return fmt.Errorf("write key %x: %w", p.k, err)
-			}
+	// Puts go in key order: bbolt inserts into an in-memory node that it
+	// splits only at commit, so keys in random order would make every
+	// insert move the node's tail: quadratic for a large import. Only a
+	// tunnel's last change in the batch is written (a put then a delete
+	// ends deleted): the stable sort keeps a key's changes in batch order.
+	slices.SortStableFunc(order, func(x, y int32) int { return strings.Compare(a.Changes[x].Key(), a.Changes[y].Key()) })
+	if len(order) >= bulkPuts {
+		// Keys go in order, so pages split at the fill percent stay
+		// that full: bbolt's default of half would double the pages a
+		// bulk load writes (and holds in memory until the commit
+		// writes them).
+		tunnels.FillPercent = 1
+	}
+	for k, i := range order {
+		c := &a.Changes[i]
+		if k+1 < len(order) && a.Changes[order[k+1]].Key() == c.Key() {
+			continue
+		}
+		if c.Kind == affinity.DeleteTunnel {
+			err = tunnels.Delete([]byte(c.Name))
+		} else {
+			err = tunnels.Put([]byte(c.Tunnel.ID), affinity.MarshalTunnel(c.Tunnel))
+		}
+		if err != nil {
+			return fmt.Errorf("write %s %s: %w", c.Kind, c.Key(), err)
 		}
 	}
-	return nil
+	return meta.Put(keyIndexDigest, dig.encode())
 }
 
-type kv struct{ k, v []byte }
+// collectBefore is the batch size from which a commit collects garbage
+// between applying and writing.
+const collectBefore = 100_000
+
+// bulkPuts is the number of tunnel records from which a commit fills its
+// pages completely.
+const bulkPuts = 4096
 
 // putBuckets writes the whole bucket assignment as its one record (none:
 // no record). The table already holds the batch being written.
@@ -650,32 +679,6 @@ func putBuckets(meta *bolt.Bucket, marks []uint16) error {
 	}
 	if err != nil {
 		return fmt.Errorf("write the unknown-peer buckets: %w", err)
-	}
-	return nil
-}
-
-// unindexOld removes the index entries of the tunnel's stored record, if
-// any. Keys another tunnel took over earlier in the batch are left alone.
-func unindexOld(tunnels, peers, subnets *bolt.Bucket, id string) error {
-	v := tunnels.Get([]byte(id))
-	if v == nil {
-		return nil
-	}
-	old, err := affinity.UnmarshalTunnel(v)
-	if err != nil {
-		return fmt.Errorf("read stored tunnel %s: %w", id, err)
-	}
-	if bytes.Equal(peers.Get(peerKey(old.Peer)), []byte(id)) {
-		if err := peers.Delete(peerKey(old.Peer)); err != nil {
-			return err
-		}
-	}
-	for _, p := range old.Subnets {
-		if bytes.Equal(subnets.Get(subnetKey(p)), []byte(id)) {
-			if err := subnets.Delete(subnetKey(p)); err != nil {
-				return err
-			}
-		}
 	}
 	return nil
 }
@@ -707,7 +710,7 @@ func (s *Store) Check() (*CheckReport, error) {
 			r.Problems = append(r.Problems, "bbolt: "+e.Error())
 		}
 		r.Schema = binary.BigEndian.Uint32(tx.Bucket(bucketMeta).Get(keySchema))
-		for _, e := range checkIndexes(tx, s.table, 100) {
+		for _, e := range s.checkIndexes(tx, s.table, 100) {
 			r.Problems = append(r.Problems, e.Error())
 		}
 		j := tx.Bucket(bucketJournal)

@@ -159,12 +159,30 @@ func TestJournalBound(t *testing.T) {
 	if bs, err := readAll(s, s.Revision()-5); err != nil || len(bs) != 5 {
 		t.Fatalf("recent entries: %d, %v", len(bs), err)
 	}
-	// One entry bigger than the bound is still kept: it is the newest.
+	// A batch bigger than the whole journal is not journaled: a reader
+	// behind it takes a snapshot, one at it reads on.
 	if _, err := s.Commit(tunnels(1000, 80)); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := s.Changes(s.Revision() - 1); !errors.Is(err, ErrCompacted) {
+		t.Fatalf("reading across an unjournaled batch: %v, want ErrCompacted", err)
+	}
+	s.Commit(tunnels(2000, 5))
+	if bs, err := readAll(s, s.Revision()-1); err != nil || len(bs) != 1 || bs[0].Len() != 5 {
+		t.Fatalf("entry after an unjournaled batch: %v", err)
+	}
+	// The journal restarts after it, also across a reopen.
+	path := s.Path()
+	s.Close()
+	s, err = Open(Options{Path: path, JournalChanges: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
 	if bs, err := readAll(s, s.Revision()-1); err != nil || len(bs) != 1 {
-		t.Fatalf("newest entry dropped: %v", err)
+		t.Fatalf("journal after reopen: %v", err)
+	}
+	if _, err := s.Changes(s.Revision() - 2); !errors.Is(err, ErrCompacted) {
+		t.Fatalf("reading across an unjournaled batch after reopen: %v", err)
 	}
 }
 
@@ -206,13 +224,94 @@ func TestLoadDetectsBrokenIndex(t *testing.T) {
 	s := open(t, path)
 	s.Commit(nodes(2))
 	s.Commit(tunnels(0, 10))
-	s.db.Update(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketPeers).Delete(netip.MustParseAddr("100.0.0.3").AsSlice())
-	})
+	// A record lost outside a commit (a damaged leaf that still parses):
+	// the table alone cannot tell, the index digest can.
+	s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketTunnels).Delete([]byte("t000003")) })
 	s.Close()
 	_, err := Open(Options{Path: path})
-	if err == nil || !strings.Contains(err.Error(), "peer index has 9 entries for 10 tunnels") {
+	if err == nil || !strings.Contains(err.Error(), "the index digest committed with them") {
 		t.Fatalf("broken index: %v", err)
+	}
+}
+
+// toSchema1 rewrites a store in the layout of schema 1: index buckets
+// idx_peers and idx_subnets instead of the digest.
+func toSchema1(t *testing.T, path string) {
+	t.Helper()
+	s := open(t, path)
+	tab := s.Table()
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		peers, _ := tx.CreateBucket(bucketPeers)
+		subnets, _ := tx.CreateBucket(bucketSubnets)
+		tab.EachKey(func(id string, peer netip.Addr, ps []netip.Prefix) {
+			peers.Put(peerKey(peer), []byte(id))
+			for _, p := range ps {
+				subnets.Put(subnetKey(p), []byte(id))
+			}
+		})
+		m := tx.Bucket(bucketMeta)
+		m.Delete(keyIndexDigest)
+		return m.Put(keySchema, be32(1))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+}
+
+// TestSchema1Migrates: a store written with index buckets is checked
+// against them as before, then migrated to the digest when opened for
+// writing; read-only opens leave it alone.
+func TestSchema1Migrates(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "td.db")
+	s := open(t, path)
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 10))
+	want := s.Table().Snapshot()
+	s.Close()
+	toSchema1(t, path)
+
+	ro, err := Open(Options{Path: path, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ro.schema != 1 || !reflect.DeepEqual(ro.Table().Snapshot(), want) {
+		t.Fatalf("read-only open of schema 1: schema %d", ro.schema)
+	}
+	ro.Close()
+
+	// A schema-1 index that lost an entry still names it.
+	bad := filepath.Join(t.TempDir(), "bad.db")
+	data, _ := os.ReadFile(path)
+	os.WriteFile(bad, data, 0o600)
+	db, _ := bolt.Open(bad, 0o600, nil)
+	db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketPeers).Delete(netip.MustParseAddr("100.0.0.3").AsSlice())
+	})
+	db.Close()
+	if _, err := Open(Options{Path: bad}); err == nil || !strings.Contains(err.Error(), "peer index has 9 entries for 10 tunnels") {
+		t.Fatalf("broken schema-1 index: %v", err)
+	}
+
+	s = open(t, path)
+	if s.schema != 2 {
+		t.Fatalf("schema %d after a writable open", s.schema)
+	}
+	s.db.View(func(tx *bolt.Tx) error {
+		if tx.Bucket(bucketPeers) != nil || tx.Bucket(bucketSubnets) != nil {
+			t.Error("index buckets kept after migration")
+		}
+		return nil
+	})
+	if _, err := s.Commit(tunnels(10, 5)); err != nil {
+		t.Fatal(err)
+	}
+	want = s.Table().Snapshot()
+	s.Close()
+	s = open(t, path)
+	defer s.Close()
+	if !reflect.DeepEqual(s.Table().Snapshot(), want) {
+		t.Fatal("migrated store reopened differs")
 	}
 }
 

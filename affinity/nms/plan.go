@@ -64,12 +64,17 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 	reason := importReason(d.File)
 	var changed, added []int
 	var changes []affinity.Tunnel
-	inFile := make(map[string]struct{}, len(tunnels))
+	var inFile map[string]struct{}
+	if replace {
+		inFile = make(map[string]struct{}, len(tunnels))
+	}
 	// New tunnels whose pin is suspended are added unpinned, by record.
 	unpinned := map[int]*affinity.Tunnel{}
 	for i := range tunnels {
 		r := &tunnels[i]
-		inFile[r.ID] = struct{}{}
+		if replace {
+			inFile[r.ID] = struct{}{}
+		}
 		old, ok := t.Tunnel(r.ID)
 		down := false
 		if r.Node != "" {

@@ -99,7 +99,9 @@ func (s *tunnelSet) add(pos Pos, raw *rawTunnel) {
 		if err := affinity.ValidateID("tunnel id", f[tcID]); err != nil {
 			c.addf(pos, "id", f[tcID], "%v", err)
 		} else {
-			t.ID = f[tcID]
+			// A CSV field shares one string with its whole line: the
+			// table keeps the id for the tunnel's life, not the line.
+			t.ID = strings.Clone(f[tcID])
 		}
 	}
 	if f[tcPeer] != "" {
@@ -131,7 +133,7 @@ func (s *tunnelSet) add(pos Pos, raw *rawTunnel) {
 		if msg := checkComment(f[tcComment]); msg != "" {
 			c.addf(pos, "comment", f[tcComment], "%s", msg)
 		}
-		t.Comment = f[tcComment]
+		t.Comment = strings.Clone(f[tcComment])
 	}
 
 	// Cross-record checks, for the fields that are valid on their own.

@@ -270,6 +270,7 @@ func farmFlags(fl *pflag.FlagSet, spec *sim.FarmSpec) {
 	fl.IntVar(&spec.Nodes, "nodes", 8, "nodes")
 	fl.IntVar(&spec.Tunnels, "tunnels", 10000, "tunnels")
 	fl.IntVar(&spec.MaxSubnets, "max-subnets", 4, "protected subnets per tunnel: 1 to this")
+	fl.IntVar(&spec.Subnet4Bits, "subnet-bits", 0, "length of the IPv4 subnets (0: /27, or the shortest from /27 on that fits every tunnel's subnets in 10.0.0.0/7)")
 	fl.Float64Var(&spec.IPv6Share, "ipv6", 0.1, "share of IPv6 tunnels")
 	fl.Float64Var(&spec.PinnedShare, "pinned", 0.2, "share of tunnels the NMS pins to a node")
 }

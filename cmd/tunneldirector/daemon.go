@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"slices"
@@ -245,11 +246,15 @@ whose ends are the same, intervals nobody means) are printed but do not fail.`,
 			if err != nil {
 				return err
 			}
-			stored, err := checkStored(cfg)
+			var local []netip.Addr
+			if kernel {
+				local = director.LocalAddrs()
+			}
+			stored, selfWarn, err := checkStored(cfg, local)
 			if err != nil {
 				return err
 			}
-			for _, w := range cfg.Warnings() {
+			for _, w := range append(cfg.Warnings(), selfWarn...) {
 				fmt.Fprintln(g.out, "warning:", w)
 			}
 			if kernel {
@@ -271,28 +276,29 @@ whose ends are the same, intervals nobody means) are printed but do not fail.`,
 
 // checkStored checks the configuration against the stored table as 'run'
 // would apply it, when the store exists and is free; it says what it
-// checked.
-func checkStored(cfg *director.Config) (string, error) {
+// checked, and warns about the director's own addresses (the configured
+// ones and local) inside a stored protected subnet.
+func checkStored(cfg *director.Config, local []netip.Addr) (string, []string, error) {
 	if etcdstore.IsURL(cfg.Store) {
-		return "shared through etcd, not checked against it", nil
+		return "shared through etcd, not checked against it", nil, nil
 	}
 	if _, err := os.Stat(cfg.Store); errors.Is(err, os.ErrNotExist) {
-		return "not created yet", nil
+		return "not created yet", nil, nil
 	}
 	opts := cfg.TableOptions()
 	opts.VIPs = nil // the stored ones: CheckAgainst checks the configured
 	st, err := store.Open(store.Options{Path: cfg.Store, ReadOnly: true, LockTimeout: 100 * time.Millisecond, Table: opts})
 	if err != nil {
 		if errors.Is(err, store.ErrLocked) {
-			return "in use by a running daemon, not checked against it", nil
+			return "in use by a running daemon, not checked against it", nil, nil
 		}
-		return "", err
+		return "", nil, err
 	}
 	defer st.Close()
 	if err := cfg.CheckAgainst(st.Table()); err != nil {
-		return "", &director.ConfigError{Path: cfg.Store, Errs: []error{fmt.Errorf("against the stored table: %w", err)}}
+		return "", nil, &director.ConfigError{Path: cfg.Store, Errs: []error{fmt.Errorf("against the stored table: %w", err)}}
 	}
-	return fmt.Sprintf("checked against its %d tunnels", st.Table().Len()), nil
+	return fmt.Sprintf("checked against its %d tunnels", st.Table().Len()), cfg.SelfInSubnets(st.Table(), local), nil
 }
 
 func newStatusCmd(g *globals) *cobra.Command {

@@ -57,6 +57,12 @@ func (r *Replicator) stream(b *store.Batch) {
 	if b.Reset() {
 		return // a reset is not a revision the backup can follow: it asks
 	}
+	if b.Encoded == nil {
+		// Too large for the journal (a million-tunnel import): the
+		// backup's NACK finds it outside the resend window and gets
+		// a snapshot, the same size but applied in one go.
+		return
+	}
 	n := r.parts(b)
 	for i := range n {
 		r.sendPart(b, i, n)
@@ -112,6 +118,9 @@ func (r *Replicator) resendable(rb uint64) bool {
 		}
 		if !ok {
 			return true
+		}
+		if b.Encoded == nil && !b.Reset() {
+			return false // not journaled: only a snapshot carries it
 		}
 		n += b.Len()
 		batches++

@@ -2,6 +2,7 @@ package replication
 
 import (
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -375,6 +376,36 @@ func TestSnapshotPacedLiveFlows(t *testing.T) {
 		t.Errorf("want one snapshot then live revisions: %+v", c)
 	}
 	t.Logf("caught up in %s of link time; %+v", took, c)
+}
+
+// TestUnjournaledImportBySnapshot: a batch larger than the master's
+// journal is not journaled (store.journal), so it is never streamed as
+// DATA: the backup, finding it outside the resend window, gets a
+// snapshot, and live changes follow.
+func TestUnjournaledImportBySnapshot(t *testing.T) {
+	p := newPair(t, lossy(0.02, 21), nil)
+	p.st[0] = openStore(t, filepath.Join(p.dir, "small-journal.db"), 1000)
+	p.startBoth()
+	commit(p.st[0], benchNodes(4))
+	if !p.settle(5 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	if !commit(p.st[0], benchTunnels(0, 5000)) {
+		t.Fatal("import failed")
+	}
+	if !p.settle(30 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	c := p.r[1].Status().Counters
+	if c.SnapshotsApplied == 0 || c.ApplyFailures != 0 || p.st[1].Table().Len() != 5000 {
+		t.Errorf("backup holds %d tunnels, counters %+v: want the import by snapshot", p.st[1].Table().Len(), c)
+	}
+	if !commit(p.st[0], benchTunnels(5000, 10)) {
+		t.Fatal("commit failed")
+	}
+	if !p.settle(30 * time.Second) {
+		t.Fatalf("live stream after the snapshot: %s", p.describeDiff())
+	}
 }
 
 // TestBucketsReplicated: the master's unknown-peer buckets reach the

@@ -26,6 +26,9 @@ var DefaultModules = []string{
 	"nf_defrag_ipv4", "nf_defrag_ipv6", "nf_conntrack", "nf_nat",
 	"ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_mh", "ip_vs_lc", "ip_vs_wlc",
 	"nf_tables", "nft_ct", "nft_hash", "nft_numgen", "nft_chain_nat",
+	// The classifier leaves packets to the director's own addresses alone
+	// (fib daddr type local).
+	"nft_fib", "nft_fib_ipv4", "nft_fib_ipv6", "nft_fib_inet",
 	"veth", "bridge", "dummy",
 	"tunnel4", "tunnel6", "ipip", "ip6_tunnel",
 	"xfrm_algo", "xfrm_user", "esp4", "esp6", "ah4", "ah6",

@@ -167,6 +167,23 @@ func (f *Fake) Update(ctx context.Context, d *ipvs.Delta) (ipvs.Stats, error) {
 		return ipvs.Stats{}, errors.New("update: no Sync yet")
 	}
 	next := cloneDesired(f.state)
+	if d.Nodes != nil {
+		next.Nodes = append([]ipvs.Node{}, d.Nodes...)
+	}
+	known := map[uint16]bool{}
+	for _, n := range next.Nodes {
+		known[n.Mark] = true
+	}
+	for a, m := range d.SetPeers {
+		if !known[m] {
+			return ipvs.Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
+		}
+	}
+	for p, m := range d.SetSubnets {
+		if !known[m] {
+			return ipvs.Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", p, m)
+		}
+	}
 	for _, a := range d.DeletePeers {
 		delete(next.Peers, a)
 	}
@@ -259,6 +276,9 @@ func cloneDelta(d *ipvs.Delta) *ipvs.Delta {
 	c.SetSubnets = maps.Clone(d.SetSubnets)
 	c.DeletePeers = append([]netip.Addr(nil), d.DeletePeers...)
 	c.DeleteSubnets = append([]netip.Prefix(nil), d.DeleteSubnets...)
+	if d.Nodes != nil {
+		c.Nodes = append([]ipvs.Node{}, d.Nodes...)
+	}
 	c.Buckets = maps.Clone(d.Buckets)
 	return &c
 }

@@ -285,8 +285,9 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 // (ESP, AH, UDP 500, UDP 4500) to a VIP: a known peer gets its owner's
 // mark from the peer map, an unknown one in its pin window the mark its
 // first packet got, any other unknown one its bucket's node; any packet
-// to a protected subnet gets the owner's mark. In IPVS mode the IKE and NAT-T
-// marks carry IKEBit so the fwmark rules leave them to the IPVS services.
+// to a protected subnet, unless it is addressed to the director itself,
+// gets the owner's mark. In IPVS mode the IKE and NAT-T marks carry
+// IKEBit so the fwmark rules leave them to the IPVS services.
 func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 	lens := sig.Lens
 	var rules [][]expr.Any
@@ -404,6 +405,14 @@ func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 			}
 			rules = append(rules, append(ex,
 				&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: subs[i].Name, SetID: subs[i].ID},
+				// Never the director's own addresses: a sync link or
+				// management address inside a protected subnet would
+				// otherwise be policy-routed to a node as return
+				// traffic. The kernel's fib knows the local addresses
+				// as they change, so there is no set to keep current;
+				// the lookup runs only for packets the map matched.
+				&expr.Fib{Register: 2, FlagDADDR: true, ResultADDRTYPE: true},
+				&expr.Cmp{Op: expr.CmpOpNeq, Register: 2, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
 				&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
 			))
 		}

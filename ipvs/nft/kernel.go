@@ -17,6 +17,11 @@ type Kernel interface {
 	Apply(p *Plan) error
 	// DeleteTable removes the table (and nothing else); no table is fine.
 	DeleteTable() error
+	// Gen returns the ruleset generation (NFT_MSG_GETGEN): every
+	// committed nftables transaction in the namespace, anyone's, moves it
+	// on, so an unchanged generation proves the table unchanged without
+	// reading it.
+	Gen() (uint32, error)
 	Close() error
 }
 
@@ -130,3 +135,5 @@ func (k *kernel) DeleteTable() error {
 	}
 	return nil
 }
+
+func (k *kernel) Gen() (uint32, error) { return k.tx.gen() }

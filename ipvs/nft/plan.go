@@ -134,14 +134,20 @@ type Changes struct {
 	DelSubnets []netip.Prefix
 	SetHash    map[uint32]uint32
 	DelHash    []uint32
+	// Nodes says the caller set want's hash map and signature for a new
+	// set of nodes: Update compares the hash map whole and rebuilds the
+	// chain when the signature changed.
+	Nodes bool
 }
 
 // Update applies c to want and returns the transaction that brings model
-// (what the kernel holds) along, in O(len(c)): only the touched lengths are
+// (what the kernel holds) along, in O(len(c)) plus the hash map's few
+// elements and the chain's signature: only the touched lengths are
 // compared, and a length that appears or goes creates or deletes its map
 // and rebuilds the chain in the same transaction.
 func Update(model, want *State, c Changes) *Plan {
-	p := &Plan{Sig: model.Sig, AddPeers: map[netip.Addr]uint32{}, AddSubnets: map[netip.Prefix]uint32{}, AddHash: map[uint32]uint32{}}
+	p := &Plan{Sig: model.Sig, AddPeers: make(map[netip.Addr]uint32, len(c.SetPeers)), AddSubnets: make(map[netip.Prefix]uint32, len(c.SetSubnets)),
+		AddHash: map[uint32]uint32{}}
 	// Buckets: a step changes up to all of them, so deletions are
 	// tracked in a set rather than searched.
 	hdel := make(map[uint32]bool, len(c.DelHash))
@@ -164,18 +170,24 @@ func Update(model, want *State, c Changes) *Plan {
 		}
 		p.AddHash[k] = fm
 	}
+	// Peers and subnets likewise (a node going down at a million
+	// tunnels moves 60,000 of them).
+	delPeer := make(map[netip.Addr]struct{}, len(c.DelPeers))
 	for _, a := range c.DelPeers {
 		a = a.Unmap()
 		delete(want.Peers, a)
 		if _, ok := model.Peers[a]; ok {
 			p.DelPeers = append(p.DelPeers, a)
+			delPeer[a] = struct{}{}
 		}
 	}
+	delSub := make(map[netip.Prefix]struct{}, len(c.DelSubnets))
 	for _, pf := range c.DelSubnets {
 		pf = pf.Masked()
 		want.DelSubnet(pf)
 		if _, ok := model.Subnets[pf]; ok {
 			p.DelSubnets = append(p.DelSubnets, pf)
+			delSub[pf] = struct{}{}
 		}
 	}
 	for a, fm := range c.SetPeers {
@@ -185,7 +197,7 @@ func Update(model, want *State, c Changes) *Plan {
 		if ok && cur == fm {
 			continue
 		}
-		if ok && !slices.Contains(p.DelPeers, a) {
+		if _, del := delPeer[a]; ok && !del {
 			p.DelPeers = append(p.DelPeers, a)
 		}
 		p.AddPeers[a] = fm
@@ -197,7 +209,7 @@ func Update(model, want *State, c Changes) *Plan {
 		if ok && cur == fm {
 			continue
 		}
-		if ok && !slices.Contains(p.DelSubnets, pf) {
+		if _, del := delSub[pf]; ok && !del {
 			p.DelSubnets = append(p.DelSubnets, pf)
 		}
 		p.AddSubnets[pf] = fm
@@ -221,7 +233,12 @@ func Update(model, want *State, c Changes) *Plan {
 	if len(touched) > 0 {
 		want.SyncLens()
 	}
-	if len(p.AddLens)+len(p.DelLens) > 0 {
+	if c.Nodes {
+		// The caller replaced want's hash map for new nodes: at most
+		// MaxHash elements, compared whole.
+		p.AddHash, p.DelHash = diffMap(model.Hash, want.Hash)
+	}
+	if len(p.AddLens)+len(p.DelLens) > 0 || !model.Sig.Equal(want.Sig) {
 		p.Chain = true
 		p.LensOnly = model.Sig.Version == Layout && model.Sig.sameButLens(want.Sig)
 		p.Sig = want.Sig

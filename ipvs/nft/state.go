@@ -87,8 +87,10 @@ type Signature struct {
 
 // Layout is the current chain layout version. 6: the unknown peers'
 // window map (address -> first packet's mark) replaced the seen set, and
-// the hash map holds the unknown-peer buckets.
-const Layout = 6
+// the hash map holds the unknown-peer buckets. 7: the subnet rules leave
+// packets to the director's own addresses alone (an upgraded daemon
+// rebuilds the chain in one transaction).
+const Layout = 7
 
 // Equal reports whether two signatures build the same chain.
 func (a Signature) Equal(b Signature) bool {

@@ -309,3 +309,35 @@ func decodeElems(b []byte) ([]nftables.SetElement, error) {
 	}
 	return out, ad.Err()
 }
+
+// gen asks for the ruleset generation.
+func (t *transport) gen() (uint32, error) {
+	req := mdnl.Message{
+		Header: mdnl.Header{Type: mdnl.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_GETGEN), Flags: mdnl.Request},
+		// nfgenmsg: family AF_UNSPEC, version 0, resource id 0.
+		Data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, 0},
+	}
+	msgs, err := t.c.Execute(req)
+	if err != nil {
+		return 0, fmt.Errorf("ask for the nftables ruleset generation: %w", err)
+	}
+	for _, m := range msgs {
+		if len(m.Data) < 4 {
+			continue
+		}
+		ad, err := mdnl.NewAttributeDecoder(m.Data[4:])
+		if err != nil {
+			return 0, fmt.Errorf("nftables ruleset generation: %w", err)
+		}
+		ad.ByteOrder = binary.BigEndian
+		for ad.Next() {
+			if ad.Type() == unix.NFTA_GEN_ID {
+				return ad.Uint32(), nil
+			}
+		}
+		if err := ad.Err(); err != nil {
+			return 0, fmt.Errorf("nftables ruleset generation: %w", err)
+		}
+	}
+	return 0, errors.New("nftables ruleset generation: no NFTA_GEN_ID in the reply")
+}
