@@ -447,6 +447,11 @@ func (t *Table) putNode(c *Change) (Change, undoRec, bool, error) {
 	if err := ValidateComment(n.Comment); err != nil {
 		return Change{}, undoRec{}, false, fmt.Errorf("%w: node %v", ErrInvalid, err)
 	}
+	if err := n.Health.validate(); err != nil {
+		return Change{}, undoRec{}, false, fmt.Errorf("%w: node %s: %v", ErrInvalid, n.Name, err)
+	}
+	// The table keeps its own copy: callers keep theirs.
+	n.Health.Downs = slices.Clone(n.Health.Downs)
 	for _, o := range t.nodes {
 		if o.Name != n.Name && o.Addr == n.Addr {
 			return Change{}, undoRec{}, false, fmt.Errorf("%w: address %s already belongs to node %s", ErrConflict, n.Addr, o.Name)

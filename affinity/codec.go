@@ -13,13 +13,28 @@ import (
 // and versioned by a leading byte so that a newer director can refuse what
 // it cannot read. Strings and lists carry a uvarint length; addresses carry
 // a length byte (4 or 16) and their bytes; times are Unix nanoseconds.
+//
+// Versions: 1 is the original; 2 adds the node's health record after its
+// IPv6 address. A record (or batch) is written in the lowest version that
+// holds it: version 1 while no node in it has a health record, so stores
+// and pairs that never used health checks read and write what they always
+// did, and a director of the previous release still reads them.
 
-const codecVersion = 1
+const (
+	codecV1 = 1
+	// codecHealth adds NodeHealth to nodes.
+	codecHealth = 2
+	// codecVersion is the newest version this director reads.
+	codecVersion = codecHealth
+)
 
 // ErrCodec is wrapped by every decoding error.
 var ErrCodec = errors.New("malformed record")
 
-type encoder struct{ b []byte }
+type encoder struct {
+	b []byte
+	v byte // the version written
+}
 
 func (e *encoder) byte(v byte)      { e.b = append(e.b, v) }
 func (e *encoder) uvarint(v uint64) { e.b = binary.AppendUvarint(e.b, v) }
@@ -42,7 +57,21 @@ func (e *encoder) addr(a netip.Addr) {
 
 type decoder struct {
 	b   []byte
+	v   byte // the version read
 	err error
+}
+
+// version reads the leading version byte of a record of the given kind.
+func (d *decoder) version(kind string) error {
+	v := d.byte("version")
+	if d.err != nil {
+		return d.err
+	}
+	if v < codecV1 || v > codecVersion {
+		return fmt.Errorf("%w: %s record version %d, this director reads %d to %d", ErrCodec, kind, v, codecV1, codecVersion)
+	}
+	d.v = v
+	return nil
 }
 
 func (d *decoder) fail(what string) {
@@ -142,6 +171,75 @@ func (e *encoder) node(n *Node) {
 	e.uvarint(uint64(n.Mark))
 	e.str(n.Comment)
 	e.addr(n.Addr6)
+	if e.v >= codecHealth {
+		e.health(&n.Health)
+	}
+}
+
+// time writes t as Unix nanoseconds, the zero time as 0.
+func (e *encoder) time(t time.Time) {
+	if t.IsZero() {
+		e.varint(0)
+		return
+	}
+	e.varint(t.UnixNano())
+}
+
+func (e *encoder) health(h *NodeHealth) {
+	var flags byte
+	if h.Down {
+		flags |= 1
+	}
+	e.byte(flags)
+	e.time(h.Since)
+	e.str(h.Reason)
+	e.uvarint(uint64(len(h.Downs)))
+	for _, t := range h.Downs {
+		e.time(t)
+	}
+	e.time(h.HoldUntil)
+	e.uvarint(uint64(h.Holds))
+}
+
+func (d *decoder) time(what string) time.Time {
+	v := d.varint(what)
+	if v == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, v).UTC()
+}
+
+func (d *decoder) health() NodeHealth {
+	var h NodeHealth
+	flags := d.byte("health flags")
+	if flags&^1 != 0 {
+		d.fail("health flags")
+	}
+	h.Down = flags&1 != 0
+	h.Since = d.time("health since")
+	h.Reason = d.str("health reason", MaxHealthReason)
+	n := d.count("health downs", MaxHealthDowns)
+	if n > 0 {
+		h.Downs = make([]time.Time, 0, n)
+	}
+	for i := 0; i < n && d.err == nil; i++ {
+		h.Downs = append(h.Downs, d.time("health down time"))
+	}
+	h.HoldUntil = d.time("health hold")
+	holds := d.uvarint("health holds")
+	if holds > maxHealthHolds {
+		d.fail("health holds")
+	}
+	h.Holds = int(holds)
+	return h
+}
+
+// nodeVersion is the lowest version that holds the node.
+func nodeVersion(n *Node) byte {
+	if n.Health.IsZero() {
+		return codecV1
+	}
+	return codecHealth
 }
 
 func (d *decoder) node() Node {
@@ -154,6 +252,9 @@ func (d *decoder) node() Node {
 	m := d.uvarint("node mark")
 	n.Comment = d.str("node comment", 1024)
 	n.Addr6 = d.addr("node IPv6 address")
+	if d.v >= codecHealth {
+		n.Health = d.health()
+	}
 	if w > 1<<32-1 || c > 1<<31 || m > MaxMark || n.State > NodeDown {
 		d.fail("node fields")
 	}
@@ -236,8 +337,8 @@ func (d *decoder) tunnel() Tunnel {
 
 // MarshalNode encodes a node.
 func MarshalNode(n *Node) []byte {
-	e := encoder{b: make([]byte, 0, 64)}
-	e.byte(codecVersion)
+	e := encoder{b: make([]byte, 0, 64), v: nodeVersion(n)}
+	e.byte(e.v)
 	e.node(n)
 	return e.b
 }
@@ -245,8 +346,8 @@ func MarshalNode(n *Node) []byte {
 // UnmarshalNode decodes a node.
 func UnmarshalNode(b []byte) (Node, error) {
 	d := decoder{b: b}
-	if v := d.byte("version"); d.err == nil && v != codecVersion {
-		return Node{}, fmt.Errorf("%w: node record version %d, this director reads %d", ErrCodec, v, codecVersion)
+	if err := d.version("node"); err != nil {
+		return Node{}, err
 	}
 	n := d.node()
 	return n, d.finish()
@@ -254,8 +355,8 @@ func UnmarshalNode(b []byte) (Node, error) {
 
 // MarshalTunnel encodes a tunnel.
 func MarshalTunnel(t *Tunnel) []byte {
-	e := encoder{b: make([]byte, 0, 96)}
-	e.byte(codecVersion)
+	e := encoder{b: make([]byte, 0, 96), v: codecV1}
+	e.byte(e.v)
 	e.tunnel(t)
 	return e.b
 }
@@ -263,8 +364,8 @@ func MarshalTunnel(t *Tunnel) []byte {
 // UnmarshalTunnel decodes a tunnel.
 func UnmarshalTunnel(b []byte) (Tunnel, error) {
 	d := decoder{b: b}
-	if v := d.byte("version"); d.err == nil && v != codecVersion {
-		return Tunnel{}, fmt.Errorf("%w: tunnel record version %d, this director reads %d", ErrCodec, v, codecVersion)
+	if err := d.version("tunnel"); err != nil {
+		return Tunnel{}, err
 	}
 	t := d.tunnel()
 	return t, d.finish()
@@ -279,8 +380,13 @@ func (d *decoder) finish() error {
 
 // MarshalChanges encodes a batch of resolved changes.
 func MarshalChanges(cs []Change) []byte {
-	e := encoder{b: make([]byte, 0, 16+96*len(cs))}
-	e.byte(codecVersion)
+	e := encoder{b: make([]byte, 0, 16+96*len(cs)), v: codecV1}
+	for i := range cs {
+		if cs[i].Kind == PutNode && cs[i].Node != nil {
+			e.v = max(e.v, nodeVersion(cs[i].Node))
+		}
+	}
+	e.byte(e.v)
 	e.uvarint(uint64(len(cs)))
 	for i := range cs {
 		c := &cs[i]
@@ -305,8 +411,8 @@ func MarshalChanges(cs []Change) []byte {
 // UnmarshalChanges decodes a batch of changes.
 func UnmarshalChanges(b []byte) ([]Change, error) {
 	d := decoder{b: b}
-	if v := d.byte("version"); d.err == nil && v != codecVersion {
-		return nil, fmt.Errorf("%w: change record version %d, this director reads %d", ErrCodec, v, codecVersion)
+	if err := d.version("change"); err != nil {
+		return nil, err
 	}
 	// Each change takes at least 3 bytes, which bounds the count before
 	// anything is allocated for it.
@@ -343,7 +449,9 @@ func UnmarshalChanges(b []byte) ([]Change, error) {
 // record, two bytes per bucket (8 KiB at 4,096 buckets).
 func MarshalBuckets(marks []uint16) []byte {
 	e := encoder{b: make([]byte, 0, 4+2*len(marks))}
-	e.byte(codecVersion)
+	// Its layout has not changed since version 1: a director of the
+	// previous release still reads it.
+	e.byte(codecV1)
 	e.uvarint(uint64(len(marks)))
 	for _, m := range marks {
 		e.b = binary.BigEndian.AppendUint16(e.b, m)
@@ -354,8 +462,8 @@ func MarshalBuckets(marks []uint16) []byte {
 // UnmarshalBuckets decodes MarshalBuckets' record (nil for no buckets).
 func UnmarshalBuckets(b []byte) ([]uint16, error) {
 	d := decoder{b: b}
-	if v := d.byte("version"); d.err == nil && v != codecVersion {
-		return nil, fmt.Errorf("%w: bucket record version %d, this director reads %d", ErrCodec, v, codecVersion)
+	if v := d.byte("version"); d.err == nil && v != codecV1 {
+		return nil, fmt.Errorf("%w: bucket record version %d, this director reads %d", ErrCodec, v, codecV1)
 	}
 	n := d.count("bucket count", MaxBuckets)
 	if d.err == nil && len(d.b) != 2*n {

@@ -90,6 +90,9 @@ type Node struct {
 	Mark uint16 `json:"mark"`
 	// Comment is free text carried from the NMS.
 	Comment string `json:"comment,omitempty"`
+	// Health is what the director's health checks keep about the node
+	// (empty unless they took it down or held it).
+	Health NodeHealth `json:"health,omitzero"`
 }
 
 // LearnedPrefix starts the id of every tunnel the director learned (from
@@ -155,8 +158,13 @@ func (t *Tunnel) Equal(o *Tunnel) bool {
 		t.Created.Equal(o.Created) && t.Updated.Equal(o.Updated)
 }
 
-// Equal reports whether two nodes are the same record, mark included.
-func (n *Node) Equal(o *Node) bool { return *n == *o }
+// Equal reports whether two nodes are the same record, mark and health
+// record included.
+func (n *Node) Equal(o *Node) bool {
+	return n.Name == o.Name && n.Addr == o.Addr && n.Addr6 == o.Addr6 && n.Weight == o.Weight &&
+		n.Capacity == o.Capacity && n.State == o.State && n.Mark == o.Mark && n.Comment == o.Comment &&
+		n.Health.Equal(&o.Health)
+}
 
 // ComparePrefix orders prefixes by family, address, then length, the order
 // in which tables and exports list them.

@@ -52,12 +52,26 @@ func (t *Table) moveChange(e *entry, to *Node, reason string) Change {
 	return Change{Kind: PutTunnel, Tunnel: &tu, Reason: reason}
 }
 
-// PlanNodeState plans a node's change of state. Going down moves every
-// tunnel of the node (pinned ones too: the node cannot serve them) to the
-// scheduler's choice among the other active nodes, and nothing else;
-// tunnels no node can take stay and are listed as unplaced. Draining and
-// coming back move nothing.
+// PlanNodeState plans the operator's change of a node's state. Going down
+// moves every tunnel of the node (pinned ones too: the node cannot serve
+// them) to the scheduler's choice among the other active nodes, and
+// nothing else; tunnels no node can take stay and are listed as unplaced.
+// Draining and coming back move nothing. A state set by hand is the
+// operator's: the node's health record is cleared (NodeHealth.AfterOperator),
+// so health leaves the node alone and a hold no longer applies.
 func (t *Table) PlanNodeState(name string, state NodeState) (*Plan, error) {
+	return t.planState(name, state, func(n *Node) NodeHealth { return n.Health.AfterOperator(ActionSetState) }, "")
+}
+
+// PlanHealthState plans a change of a node's state that the director's
+// health checks decided: exactly what PlanNodeState plans (the same moves
+// for a down, none for an up), with the health record h stored with the
+// node and why (the checks' reason) in every change's reason.
+func (t *Table) PlanHealthState(name string, state NodeState, h NodeHealth, why string) (*Plan, error) {
+	return t.planState(name, state, func(*Node) NodeHealth { return h }, why)
+}
+
+func (t *Table) planState(name string, state NodeState, health func(*Node) NodeHealth, why string) (*Plan, error) {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	n := t.nodes[name]
@@ -66,8 +80,12 @@ func (t *Table) PlanNodeState(name string, state NodeState) (*Plan, error) {
 	}
 	nn := *n
 	nn.State = state
+	nn.Health = health(n)
 	plan := &Plan{Revision: t.rev}
 	reason := fmt.Sprintf("node %s %s", name, state)
+	if why != "" {
+		reason += " (" + why + ")"
+	}
 	plan.batch = append(plan.batch, Change{Kind: PutNode, Node: &nn, Reason: reason})
 	if state == NodeDown && n.State != NodeDown {
 		t.planEvacuate(plan, n, reason)

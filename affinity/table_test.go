@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -308,4 +309,69 @@ func TestCheckChangesNothing(t *testing.T) {
 	if err := tb.Check([]Change{put("a", "192.0.2.1", "nope", "10.0.0.0/16")}); err == nil {
 		t.Fatal("Check accepted an unknown owner")
 	}
+}
+
+// TestHealthAndOperatorStates: a health decision moves exactly what the
+// operator's `node down` moves and stores its record; the operator's
+// state changes clear the record (a hold included); other changes keep it.
+func TestHealthAndOperatorStates(t *testing.T) {
+	tb := newTable(t, 3)
+	var batch []Change
+	for i := range 30 {
+		batch = append(batch, put(fmt.Sprintf("t%02d", i), fmt.Sprintf("192.0.2.%d", i+1), "", fmt.Sprintf("10.%d.0.0/16", i)))
+	}
+	if _, err := tb.Apply(batch); err != nil {
+		t.Fatal(err)
+	}
+	byOperator, err := tb.PlanNodeState("n1", NodeDown)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := NodeHealth{Down: true, Since: time.Unix(100, 0).UTC(), Reason: "health: ike: timeout 2/2", Downs: []time.Time{time.Unix(100, 0).UTC()}}
+	byHealth, err := tb.PlanHealthState("n1", NodeDown, rec, rec.Reason)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(byHealth.Moves) == 0 || !reflect.DeepEqual(moved(byHealth), moved(byOperator)) {
+		t.Fatalf("health moves %v, operator moves %v", moved(byHealth), moved(byOperator))
+	}
+	for _, c := range byHealth.Batch() {
+		if !strings.Contains(c.Reason, "node n1 down (health: ike: timeout 2/2)") {
+			t.Fatalf("change without the health reason: %q", c.Reason)
+		}
+	}
+	if _, err := tb.Apply(byHealth.Batch()); err != nil {
+		t.Fatal(err)
+	}
+	n, _ := tb.Node("n1")
+	if n.State != NodeDown || !n.Health.Equal(&rec) {
+		t.Fatalf("after health down: %+v", n)
+	}
+	// A weight change keeps the record.
+	n.Weight = 200
+	if _, err := tb.Apply([]Change{{Kind: PutNode, Node: &n}}); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ = tb.Node("n1"); !n.Health.Equal(&rec) {
+		t.Fatalf("weight change dropped the record: %+v", n.Health)
+	}
+	// The operator's up clears it.
+	up, err := tb.PlanNodeState("n1", NodeActive)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tb.Apply(up.Batch()); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ = tb.Node("n1"); n.State != NodeActive || !n.Health.IsZero() {
+		t.Fatalf("after the operator's up: %+v", n)
+	}
+}
+
+func moved(p *Plan) []string {
+	var out []string
+	for _, m := range p.Moves {
+		out = append(out, m.Tunnel+">"+m.To)
+	}
+	return out
 }

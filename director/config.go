@@ -21,6 +21,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/agents"
 	"github.com/tunneldirector/tunneldirector/director/ctsync"
+	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
 	"github.com/tunneldirector/tunneldirector/store/etcdstore"
@@ -94,6 +95,9 @@ type Config struct {
 	Replication ReplicationConfig `yaml:"replication"`
 	// Agents accepts the node agents' reports (optional).
 	Agents agents.Config `yaml:"agents"`
+	// Health checks the nodes and takes dead ones down (package
+	// director/health).
+	Health health.Config `yaml:"health"`
 	// VerifyInterval is how often the kernel is read back and repaired.
 	VerifyInterval Duration `yaml:"verify_interval"`
 	// LogLevel: debug, info, warn, error.
@@ -197,6 +201,7 @@ func DefaultConfig() Config {
 	c.VerifyInterval = Duration(DefaultVerifyInterval)
 	c.LogLevel = slog.LevelInfo
 	c.Agents = agents.DefaultConfig()
+	c.Health = health.DefaultConfig()
 	c.Replication.Conntrack = ctsync.DefaultConfig()
 	return c
 }
@@ -275,7 +280,14 @@ func ParseConfig(b []byte) (*Config, error) {
 		// defaults.
 		walkConfig(&root, reflect.TypeOf(c), "", &walked)
 		errs = append(errs, walked...)
-		if err := root.Decode(&c); err != nil {
+		var te *yaml.TypeError
+		if err := root.Decode(&c); errors.As(err, &te) {
+			// One error per problem, as the walk reports them (the
+			// health section words its own by key path).
+			for _, m := range te.Errors {
+				errs = append(errs, errors.New(m))
+			}
+		} else if err != nil {
 			errs = append(errs, errors.New(strings.TrimPrefix(err.Error(), "yaml: ")))
 		}
 	}
@@ -294,7 +306,10 @@ func ParseConfig(b []byte) (*Config, error) {
 	return &c, nil
 }
 
-var textUnmarshaler = reflect.TypeFor[encoding.TextUnmarshaler]()
+var (
+	textUnmarshaler = reflect.TypeFor[encoding.TextUnmarshaler]()
+	yamlUnmarshaler = reflect.TypeFor[yaml.Unmarshaler]()
+)
 
 // walkConfig walks a YAML tree along the Go type it decodes into. It
 // reports keys the type does not have (a typo must not silently fall back
@@ -312,6 +327,9 @@ func walkConfig(n *yaml.Node, t reflect.Type, path string, errs *[]error) {
 		for _, c := range n.Content {
 			walkConfig(c, t, path, errs)
 		}
+		return
+	case reflect.PointerTo(t).Implements(yamlUnmarshaler):
+		// A section with its own decoder (health) checks its own keys.
 		return
 	case n.Kind == yaml.ScalarNode && n.Tag != "!!null" && reflect.PointerTo(t).Implements(textUnmarshaler):
 		v := reflect.New(t).Interface().(encoding.TextUnmarshaler)
@@ -579,6 +597,9 @@ func (c *Config) Check() error {
 			}
 		}
 	}
+	if err := c.Health.Validate("health"); err != nil {
+		errs = append(errs, unjoin(err)...)
+	}
 	if c.VerifyInterval < Duration(time.Second) {
 		bad("verify_interval", "%s is below 1s", time.Duration(c.VerifyInterval))
 	}
@@ -708,15 +729,15 @@ func (c *Config) nodeForward() map[string]ipvs.Forward {
 }
 
 // nodeChanges returns the configured nodes as PutNode changes, keeping the
-// state (active, draining, down) the table holds for nodes it knows: the
-// configuration says which nodes exist, the operator's actions say how
-// they are.
+// state (active, draining, down) and health record the table holds for
+// nodes it knows: the configuration says which nodes exist, the
+// operator's actions and the health checks say how they are.
 func (c *Config) nodeChanges(t *affinity.Table) []affinity.Change {
 	var out []affinity.Change
 	for _, nc := range c.Nodes {
 		n := affinity.Node{Name: nc.Name, Addr: nc.Address, Addr6: nc.Address6, Weight: nc.Weight, Capacity: nc.Capacity}
 		if cur, ok := t.Node(nc.Name); ok {
-			n.State, n.Mark, n.Comment = cur.State, cur.Mark, cur.Comment
+			n.State, n.Mark, n.Comment, n.Health = cur.State, cur.Mark, cur.Comment, cur.Health
 		}
 		out = append(out, affinity.Change{Kind: affinity.PutNode, Node: &n, Reason: "configuration"})
 	}

@@ -72,6 +72,8 @@ func TestConfigErrorsNameTheKey(t *testing.T) {
 		{"vips: [192.0.2.1]\nmarks: {base: 0x7d000001}\n", "marks: base 0x7d000001"},
 		{"vips: [192.0.2.1]\napi: {tcp: \"192.0.2.1:7410\"}\n", "api.token_file: required"},
 		{"vips: [192.0.2.1]\nverify_interval: soon\n", "not a duration"},
+		{"health: {intervall: 1s}\nvips: [192.0.2.1]\n", "health.intervall (line 1): unknown key"},
+		{"health: {interval: soon}\nvips: [192.0.2.1]\n", `health.interval (line 1): "soon" is not a duration`},
 		{"vips: [192.0.2.1]\nscheduler: {choices: -1}\n", "scheduler.choices: -1 out of range 0..4095"},
 		{"vips: [192.0.2.1]\nscheduler: {choise: 2}\n", "scheduler.choise (line 2): unknown key"},
 		{"vips: [192.0.2.1]\nunknown_peers: {buckets: 70000}\n", "unknown_peers.buckets: 70000 out of range 1..65536"},
@@ -132,6 +134,9 @@ func TestConfigCheckRefusesWhatRunRefuses(t *testing.T) {
 		{"relative backup_dir", "vips: [192.0.2.1]\nbackup_dir: backups\n", "backup_dir: \"backups\" is not an absolute path"},
 		{"multicast peer not a group", repl(", multicast: true"), "replication.peer: 10.9.0.2:7411 is not a multicast group"},
 		{"tiny body limit", "vips: [192.0.2.1]\napi: {max_body: 10}\n", "api.max_body: 10 below 1 MiB"},
+		{"health timeout not below interval", "vips: [192.0.2.1]\nhealth: {interval: 1s, timeout: 1s}\n", "health.timeout: 1s is not below interval 1s"},
+		{"health rise 0", "vips: [192.0.2.1]\nhealth: {rise: 0}\n", "health.rise: 0: must be at least 1"},
+		{"health node override", "vips: [192.0.2.1]\nhealth: {nodes: {vpn-a: {fall: 0}}}\n", "health.nodes.vpn-a.fall: 0: must be at least 1"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -16,6 +16,7 @@ import (
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/director/agents"
 	"github.com/tunneldirector/tunneldirector/director/ctsync"
+	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -52,7 +53,8 @@ type Daemon struct {
 
 	repl      *replication.Replicator // nil when the director runs alone
 	agent     agentSide
-	ct        *ctsync.Syncer // nil without conntrack replication
+	health    *health.Monitor // the node health checks (nodehealth.go)
+	ct        *ctsync.Syncer  // nil without conntrack replication
 	readyFile string
 	watch     func(ctx context.Context, fn func(ipvs.NewFlow)) error
 
@@ -90,6 +92,16 @@ type Status struct {
 	Replication *replication.Status `json:"replication,omitempty"`
 	// Agents is the node agents' state, when agent reports are on.
 	Agents *agents.Status `json:"agents,omitempty"`
+	// HealthDowns and HealthUps count the health checks' decisions this
+	// director committed; HealthMoves the tunnels their downs moved.
+	HealthDowns int `json:"health_downs"`
+	HealthUps   int `json:"health_ups"`
+	HealthMoves int `json:"health_moves"`
+	// HealthLast is the last transition the health checks committed.
+	HealthLast *HealthTransition `json:"health_last,omitempty"`
+	// Health is the health checks' view: per node state and last
+	// results, the panic and link state, counters.
+	Health *health.Status `json:"health,omitempty"`
 	// Etcd is the shared store's state, when the table is in etcd:
 	// whether this director reaches it (if not, it forwards from its
 	// last table, stale, and makes no writes) and who is elected.
@@ -158,7 +170,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	d.sd = newSystemd(d.log)
 	d.svc.m = d.m
 	if o.Metrics != nil {
-		cs := append(d.m.collectors(), newDaemonCollector(d), newAgentCollector(d))
+		cs := append(d.m.collectors(), newDaemonCollector(d), newAgentCollector(d), newHealthCollector(d))
 		if d.ct != nil {
 			cs = append(cs, newConntrackCollector(d.ct.Status))
 		}
@@ -184,6 +196,11 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 	if err := d.applyConfig(o.Config); err != nil {
 		return nil, err
 	}
+	d.health = d.newHealth(o.Config)
+	d.svc.health = d.health.Status
+	// Every accepted agent report is a heartbeat for the health checks'
+	// heartbeat check.
+	d.SetAgentHeartbeats(d.health)
 	// Run syncs the whole table first: the cursor starts where that sync
 	// will find the table, or earlier (a batch read twice is harmless).
 	cur, err := d.st.Changes(d.st.Revision())
@@ -226,6 +243,7 @@ func (d *Daemon) Reload(c *Config) error {
 	if err := d.applyConfig(c); err != nil {
 		return err
 	}
+	d.health.SetConfig(c.Health)
 	d.needFull()
 	return nil
 }
@@ -377,6 +395,7 @@ func (d *Daemon) SetRole(role replication.Role) error {
 	// forgets their sessions, so that they start over at the new master
 	// with a full report (which answers need_full to anything else).
 	d.agent.merger.Reset()
+	d.health.SetRole(role == replication.RoleMaster)
 	d.log.Info("role changed", "role", role.String(), "epoch", d.repl.Epoch())
 	if d.ct != nil {
 		// Becoming master commits the backup's cache of the old
@@ -457,6 +476,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}()
 	}
 	go d.runAgents(ctx)
+	d.runHealth(ctx)
 	if d.ct != nil {
 		go func() {
 			if err := d.ct.Run(ctx); err != nil && ctx.Err() == nil {
@@ -514,8 +534,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 			if d.shared != nil {
 				// An election won between changes: the newly
 				// elected director takes the buckets over within
-				// a second (a step that moves nothing is cheap).
+				// a second (a step that moves nothing is cheap),
+				// and so do its health checks.
 				d.stepBuckets()
+				d.health.SetRole(d.decidesHealth())
 			}
 		case <-watchdogC:
 			d.sd.ping()
@@ -702,6 +724,8 @@ func (d *Daemon) Status() Status {
 		rs := d.repl.Status()
 		s.Replication = &rs
 	}
+	hs := d.health.Status()
+	s.Health = &hs
 	if d.shared != nil {
 		h := d.shared.Health()
 		s.Etcd = &h

@@ -49,7 +49,9 @@ func startDaemon(t *testing.T) (*Daemon, *ipvstest.Fake, *store.Store, context.C
 }
 
 // testStore opens a fresh store and a configuration with one VIP and the
-// nodes vpn-a, vpn-b (and vpn-c unless two are asked for).
+// nodes vpn-a, vpn-b (and vpn-c unless two are asked for). The health
+// checks are off: a unit test sends no probes into the host's network
+// (the namespace tests in internal/e2e run them).
 func testStore(t *testing.T, nodes int) (*store.Store, *Config) {
 	t.Helper()
 	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
@@ -60,13 +62,24 @@ func testStore(t *testing.T, nodes int) (*store.Store, *Config) {
 	cfg := DefaultConfig()
 	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
 	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}, {Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}[:nodes]
+	cfg.Health.Enabled = false
 	return st, &cfg
 }
 
 func startDaemonWith(t *testing.T, k *ipvstest.Fake) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
+	return startDaemonOpts(t, k, nil)
+}
+
+// startDaemonOpts runs a daemon with three nodes over a fresh store and
+// the fake kernel; with (when set) adjusts its options first.
+func startDaemonOpts(t *testing.T, k *ipvstest.Fake, with func(*DaemonOptions)) (*Daemon, *ipvstest.Fake, *store.Store, context.CancelFunc) {
 	t.Helper()
 	st, cfg := testStore(t, 3)
-	d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
+	o := DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)}
+	if with != nil {
+		with(&o)
+	}
+	d, err := NewDaemon(o)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -14,10 +14,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/director/agents"
+	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -31,6 +33,8 @@ type Service struct {
 	// agentNode, when set (a daemon with agents), gives a node's agent
 	// counts for Nodes.
 	agentNode func(name string) (agents.NodeView, bool)
+	// health, on a running daemon, is the health checks' view.
+	health func() health.Status
 	// m, when set (a daemon's service), counts imports.
 	m *daemonMetrics
 }
@@ -292,7 +296,7 @@ func (s *Service) Lookup(a netip.Addr) (*LookupResult, error) {
 	return res, nil
 }
 
-// NodeInfo is a node with its load.
+// NodeInfo is a node with its load and health.
 type NodeInfo struct {
 	affinity.Node
 	State   string `json:"state"`
@@ -301,6 +305,14 @@ type NodeInfo struct {
 	// Agent is what the node's agent reports (SAs, tunnels, misplaced
 	// peers), when it reports to this director.
 	Agent *agents.NodeView `json:"agent,omitempty"`
+	// HealthSummary is the HEALTH column of `show nodes`: up, failing
+	// 1/2, down since, held down until, the operator's state, the last
+	// error (health.NodeView.Health). Without a daemon only what the
+	// store holds (health's downs and holds) is known; "-" otherwise.
+	HealthSummary string `json:"health_summary"`
+	// Check is the health checks' current view of the node, with the
+	// last round's results (from a running daemon).
+	Check *health.NodeView `json:"check,omitempty"`
 }
 
 // NodesResult lists the nodes and the table's totals.
@@ -310,17 +322,34 @@ type NodesResult struct {
 	Revision uint64     `json:"revision"`
 }
 
-// Nodes lists the nodes with their tunnel counts and load bounds.
+// Nodes lists the nodes with their tunnel counts, load bounds and health.
 func (s *Service) Nodes() (*NodesResult, error) {
 	t := s.st.Table()
 	counts, bounds := t.Counts(), t.Bound()
 	res := &NodesResult{Tunnels: t.Len(), Revision: t.Revision()}
+	var views map[string]health.NodeView
+	if s.health != nil {
+		hs := s.health()
+		views = make(map[string]health.NodeView, len(hs.Nodes))
+		for _, v := range hs.Nodes {
+			views[v.Name] = v
+		}
+	}
+	now := time.Now()
 	for _, n := range t.Nodes() {
-		ni := NodeInfo{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name]}
+		ni := NodeInfo{Node: n, State: n.State.String(), Tunnels: counts[n.Name], Bound: bounds[n.Name], HealthSummary: "-"}
 		if s.agentNode != nil {
 			if v, ok := s.agentNode(n.Name); ok {
 				ni.Agent = &v
 			}
+		}
+		if v, ok := views[n.Name]; ok && v.State == n.State {
+			ni.Check = &v
+			ni.HealthSummary = v.Health()
+		} else if n.State == affinity.NodeDown && n.Health.Down {
+			// No checks yet (or their view is a commit behind): what
+			// the store says.
+			ni.HealthSummary = health.StoredView(health.Node{Name: n.Name, Addr: n.Addr, State: n.State, Record: n.Health}, now).Health()
 		}
 		res.Nodes = append(res.Nodes, ni)
 	}

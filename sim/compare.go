@@ -474,6 +474,14 @@ func (d *replay) run(steps []Step) StrategyResult {
 }
 
 func (d *replay) event(res *StrategyResult, e Event) {
+	// The strategies see a death as a failure and a revival as a
+	// recovery, at once: they have no health checks to wait for.
+	switch e.Kind {
+	case EvNodeDies:
+		e.Kind = EvNodeDown
+	case EvNodeRevives:
+		e.Kind = EvNodeUp
+	}
 	setup := e.At == 0 && e.Kind == EvNodeAdd
 	m, ideal := 0, 0
 	_, known := d.state[e.Node]

@@ -46,6 +46,10 @@ type tunnel struct {
 	reUntil time.Duration
 	movedBy int // index of the event that last moved it, -1 for none
 	pending bool
+	// darkEvent is the node-dies event that left the tunnel dark (its
+	// SAs died with the node), -1 while it is not; since when.
+	darkEvent int
+	darkSince time.Duration
 	// unpinned: an unknown peer whose first packet the kernel steered to
 	// sa, not yet in the table; its packets follow its bucket until the
 	// pin, at pinAt. wait is its position in engine.waiting.
@@ -73,6 +77,8 @@ type engine struct {
 	// learns what the real table decided (see follow).
 	log      store.Cursor
 	logStore *store.Store
+	// hs plays the director's health checks (node-dies, node-revives).
+	hs *healthSim
 
 	tunnels map[string]*tunnel
 	live    []*tunnel
@@ -186,6 +192,7 @@ func Run(s *Scenario, steps []Step, o Options) (*Report, error) {
 	// only burns the second core.
 	defer debug.SetGCPercent(debug.SetGCPercent(400))
 	e.rep.Replication.Mode = pair.Name()
+	e.hs = newHealthSim(e)
 	e.follow() // the cursor starts before the first commit
 	if err := e.run(o); err != nil {
 		return nil, err
@@ -243,6 +250,9 @@ func (e *engine) run(o Options) error {
 	e.drain()
 	e.sweep()
 	e.sample()
+	for _, x := range e.live {
+		e.lit(x) // dark until the end
+	}
 	e.finish()
 	if o.Progress != nil {
 		o.Progress(e.end, e.end)
@@ -306,10 +316,11 @@ func (e *engine) follow() {
 			return
 		}
 		if !ok {
-			return
+			break
 		}
 		e.committed(&b)
 	}
+	e.hs.sync()
 }
 
 // committed takes one batch the master committed.
@@ -324,6 +335,9 @@ func (e *engine) committed(a *store.Batch) {
 		if c.Kind == affinity.PutNode {
 			e.marks[c.Node.Name] = c.Node.Mark
 			e.names[c.Node.Mark] = c.Node.Name
+		}
+		if c.Kind == affinity.PutNode || c.Kind == affinity.DeleteNode {
+			e.hs.dirty = true
 		}
 	}
 	e.revTime[a.Revision] = e.now
@@ -343,6 +357,7 @@ func (e *engine) committed(a *store.Batch) {
 			x.sa, x.saNode = e.marks[c.Tunnel.Node], c.Tunnel.Node
 			x.pending = false
 			e.touched = append(e.touched, x)
+			e.hs.darken(x) // placed on a node that died unnoticed
 		case c.Tunnel.Node != x.saNode:
 			e.moved(x)
 		}
@@ -365,6 +380,12 @@ func (e *engine) moved(x *tunnel) {
 		e.rep.Totals.UnattributedMoves++
 	}
 	x.movedBy = e.cur
+	e.reestablish(x)
+}
+
+// reestablish brings a tunnel back up after director.reestablish, where
+// the table sends its peer then.
+func (e *engine) reestablish(x *tunnel) {
 	x.reUntil = e.now + e.s.Reestablish
 	until := x.reUntil
 	e.After(e.s.Reestablish, func() {
@@ -374,6 +395,12 @@ func (e *engine) moved(x *tunnel) {
 		x.reUntil = 0
 		if m, ok := e.master().Table().PeerMark(x.peer); ok {
 			x.sa, x.saNode = m, e.names[m]
+		}
+		if e.hs.dead[x.saNode] {
+			// Back on a node that is dead: still dark.
+			e.hs.darken(x)
+		} else {
+			e.lit(x)
 		}
 		if x.movedBy >= 0 {
 			ev := &e.rep.Events[x.movedBy]
@@ -413,7 +440,7 @@ func (e *engine) step(st *Step) {
 			e.rep.addRefusal(e.now, tu.ID, "tunnel id already up")
 			return
 		}
-		x := &tunnel{id: tu.ID, peer: tu.Peer, idx: len(e.live), movedBy: -1, pending: true}
+		x := &tunnel{id: tu.ID, peer: tu.Peer, idx: len(e.live), movedBy: -1, pending: true, darkEvent: -1}
 		for _, p := range tu.Subnets {
 			x.probes = append(x.probes, p.Addr().Next())
 		}
@@ -449,6 +476,7 @@ func (e *engine) step(st *Step) {
 }
 
 func (e *engine) drop(x *tunnel) {
+	e.lit(x) // a tunnel that ends is dark no longer
 	delete(e.tunnels, x.id)
 	last := e.live[len(e.live)-1]
 	e.live[x.idx] = last
@@ -678,6 +706,11 @@ func (e *engine) event(ev Event) {
 		ideal = -1
 		plan(func(t *affinity.Table) (*affinity.Plan, error) { return t.Rebalance(ev.Budget), nil })
 		rp.Budget = ev.Budget
+	case EvNodeDies:
+		ideal = counts[ev.Node]
+		e.hs.dies(ev.Node, e.cur)
+	case EvNodeRevives:
+		e.hs.revives(ev.Node, e.cur)
 	case EvLinkLoss:
 		e.pair.SetLoss(ev.Loss)
 	case EvFailover:
@@ -823,6 +856,13 @@ func (e *engine) finish() {
 			ev.ReplicatedMs = ptrTo(ms(ev.replicated - ev.start))
 		}
 		ev.Converge = FormatDuration(conv)
+		if ev.Dark != nil {
+			ev.Dark.finish()
+		}
+		if ev.Kind == EvNodeDies && ev.DetectedMs == nil {
+			// Health moved nothing (a panic): no ideal to compare with.
+			ev.Ideal, ev.Excess = nil, nil
+		}
 		for n, c := range ev.from {
 			ev.MovedFrom = append(ev.MovedFrom, NodeCount{Node: n, Tunnels: c})
 		}
@@ -835,6 +875,7 @@ func (e *engine) finish() {
 	r.Replication.FinalMaster = e.master().Revision()
 	r.Replication.FinalBackup = e.pair.Backup().Revision()
 	r.Replication.Equal = tablesEqual(e.master().Table(), e.pair.Backup().Table())
+	r.Health = e.hs.report()
 	r.Totals.FinalTunnels = e.master().Table().Len()
 	r.Totals.Live = len(e.live)
 	if u := r.Unknown; u != nil {

@@ -27,9 +27,12 @@ type Report struct {
 	Traffic     Traffic           `json:"traffic"`
 	Unknown     *UnknownReport    `json:"unknown,omitempty"`
 	Replication ReplicationReport `json:"replication"`
-	Refusals    []Refusal         `json:"refusals,omitempty"`
-	Compare     *Comparison       `json:"compare,omitempty"`
-	Series      Series            `json:"series"`
+	// Health is what the director's health checks did (scenarios with
+	// node-dies events).
+	Health   *HealthReport `json:"health,omitempty"`
+	Refusals []Refusal     `json:"refusals,omitempty"`
+	Compare  *Comparison   `json:"compare,omitempty"`
+	Series   Series        `json:"series"`
 }
 
 // Settings echoes the parameters that shape the numbers.
@@ -167,7 +170,12 @@ type EventReport struct {
 	// backup held the event's revision.
 	Converge     string   `json:"converge"`
 	ReplicatedMs *float64 `json:"replicated_ms,omitempty"`
-	Error        string   `json:"error,omitempty"`
+	// DetectedMs is, for node-dies and node-revives, how long the health
+	// checks took to take the node down or bring it up.
+	DetectedMs *float64 `json:"detected_ms,omitempty"`
+	// Dark is, for node-dies, how long the node's tunnels were dark.
+	Dark  *DarkStats `json:"dark,omitempty"`
+	Error string     `json:"error,omitempty"`
 
 	start      time.Duration
 	from       map[string]int
@@ -222,6 +230,18 @@ type ReplicationReport struct {
 	// Equal says the two tables ended equal (nodes, owners, peers,
 	// subnets and revision).
 	Equal bool `json:"equal"`
+}
+
+// HealthReport counts the health checks' rounds and decisions.
+type HealthReport struct {
+	Settings string `json:"settings"`
+	Rounds   uint64 `json:"rounds"`
+	Downs    uint64 `json:"downs"`
+	Ups      uint64 `json:"ups"`
+	// Held are downs that started a hold (a flapping node); Panics the
+	// times too many nodes failed at once and nothing was moved.
+	Held   uint64 `json:"held"`
+	Panics uint64 `json:"panics"`
 }
 
 // UnknownReport is the unknown-peer side of a run.
@@ -331,6 +351,14 @@ func (r *Report) WriteText(w io.Writer) error {
 		if e.Lost > 0 {
 			note = append(note, fmt.Sprintf("%d lost by the backup", e.Lost))
 		}
+		if e.DetectedMs != nil {
+			note = append(note, fmt.Sprintf("health took %s", FormatDuration(time.Duration(*e.DetectedMs*float64(time.Millisecond)))))
+		} else if e.Kind == EvNodeDies || e.Kind == EvNodeRevives {
+			note = append(note, "health decided nothing")
+		}
+		if d := e.Dark; d != nil && d.Tunnels > 0 {
+			note = append(note, fmt.Sprintf("%d tunnels dark: mean %.1fs, max %.1fs (%.2f tunnel-hours)", d.Tunnels, d.MeanS, d.MaxS, d.TunnelHours))
+		}
 		if e.Error != "" {
 			note = append(note, "error: "+e.Error)
 		}
@@ -362,6 +390,10 @@ func (r *Report) WriteText(w io.Writer) error {
 		rp.MeanLagMs, rp.MaxLagMs, rp.MaxRevisionsBehind, rp.Link.Messages, rp.Link.Lost, rp.Link.Snapshots, rp.Link.ApplyErrors, rp.Failovers, rp.Equal, rp.FinalMaster, rp.FinalBackup)
 	if rp.Link.BackupState != "" {
 		p("  backup's replication state at the end: %s\n", rp.Link.BackupState)
+	}
+	if h := r.Health; h != nil {
+		p("health checks (%s): %d rounds, %d nodes taken down, %d brought up, %d held (flapping), %d panic(s) (too many nodes failing at once: nothing moved)\n",
+			h.Settings, h.Rounds, h.Downs, h.Ups, h.Held, h.Panics)
 	}
 	for _, f := range r.Refusals {
 		p("  refused at %s: %s: %s\n", f.At, f.Tunnel, f.Reason)

@@ -14,7 +14,16 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/director/health"
 )
+
+// unjoinErr lists the errors of an errors.Join.
+func unjoinErr(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
 
 // Scenario is everything a run needs besides its workload: the farm, the
 // tunnel population and churn, the director's and the sync link's
@@ -47,6 +56,9 @@ type Scenario struct {
 	Dataplane DataplaneSpec `json:"dataplane"`
 
 	Replication ReplicationSpec `json:"replication"`
+	// Health is the director's health checks, which take a node that
+	// dies (node-dies) down by themselves.
+	Health HealthSpec `json:"health"`
 
 	// FullCheckEvery is the interval of full traffic sweeps over every
 	// live tunnel; tunnels touched by a step are checked after that step.
@@ -132,6 +144,28 @@ type ReplicationSpec struct {
 	JournalChanges int           `json:"journal_changes"`
 }
 
+// HealthSpec is the health checks' settings the simulator varies; the
+// others are the director's defaults (health.DefaultConfig).
+type HealthSpec struct {
+	Interval        time.Duration `json:"interval"`
+	Timeout         time.Duration `json:"timeout"`
+	Rise            int           `json:"rise"`
+	Fall            int           `json:"fall"`
+	MaxDownFraction float64       `json:"max_down_fraction"`
+}
+
+// Config is the health checks' configuration of the scenario.
+func (h HealthSpec) Config() health.Config {
+	c := health.DefaultConfig()
+	c.Interval, c.Timeout, c.Rise, c.Fall, c.MaxDownFraction = h.Interval, h.Timeout, h.Rise, h.Fall, h.MaxDownFraction
+	return c
+}
+
+func defaultHealth() HealthSpec {
+	c := health.DefaultConfig()
+	return HealthSpec{Interval: c.Interval, Timeout: c.Timeout, Rise: c.Rise, Fall: c.Fall, MaxDownFraction: c.MaxDownFraction}
+}
+
 // Event kinds.
 const (
 	EvNodeDown   = "node-down"   // failure: its tunnels move at once
@@ -142,9 +176,15 @@ const (
 	EvRebalance  = "rebalance"   // move at most Budget tunnels
 	EvFailover   = "failover"    // the backup director takes over
 	EvLinkLoss   = "link-loss"   // set the sync link's loss rate
+	// EvNodeDies: the node's IKE daemon dies; nobody tells the director,
+	// whose health checks take the node down after interval x fall.
+	EvNodeDies = "node-dies"
+	// EvNodeRevives: a node that died answers again; the health checks
+	// bring it up after rise rounds (nothing moves back).
+	EvNodeRevives = "node-revives"
 )
 
-var eventKinds = []string{EvNodeDown, EvNodeUp, EvNodeDrain, EvNodeAdd, EvNodeRemove, EvRebalance, EvFailover, EvLinkLoss}
+var eventKinds = []string{EvNodeDown, EvNodeUp, EvNodeDrain, EvNodeAdd, EvNodeRemove, EvRebalance, EvFailover, EvLinkLoss, EvNodeDies, EvNodeRevives}
 
 // Failover modes.
 const (
@@ -185,6 +225,7 @@ func DefaultScenario() *Scenario {
 			Horizon: affinity.DefaultBucketHorizon, LearnDelay: time.Second},
 		Replication: ReplicationSpec{Impl: ReplDirector, Latency: 2 * time.Millisecond, Loss: 0.01,
 			Retransmit: 200 * time.Millisecond, JournalChanges: 500_000},
+		Health:         defaultHealth(),
 		FullCheckEvery: 6 * time.Hour,
 		SampleEvery:    time.Hour,
 	}
@@ -590,6 +631,15 @@ func (p *parser) scenario(n *yaml.Node, s *Scenario) {
 				"journal_changes": p.integer(&s.Replication.JournalChanges),
 			})
 		},
+		"health": func(path string, n *yaml.Node) {
+			p.fields(path, n, map[string]func(string, *yaml.Node){
+				"interval":          p.dur(&s.Health.Interval),
+				"timeout":           p.dur(&s.Health.Timeout),
+				"rise":              p.integer(&s.Health.Rise),
+				"fall":              p.integer(&s.Health.Fall),
+				"max_down_fraction": p.float(&s.Health.MaxDownFraction),
+			})
+		},
 		"check": func(path string, n *yaml.Node) {
 			p.fields(path, n, map[string]func(string, *yaml.Node){
 				"full_every":   p.dur(&s.FullCheckEvery),
@@ -739,6 +789,12 @@ func (s *Scenario) Problems() []string {
 	if s.Replication.JournalChanges < 1 {
 		bad("replication.journal_changes", "%d: want at least 1", s.Replication.JournalChanges)
 	}
+	hc := s.Health.Config()
+	if err := hc.Validate("health"); err != nil {
+		for _, e := range unjoinErr(err) {
+			out = append(out, e.Error())
+		}
+	}
 	for i, e := range s.Events {
 		path := fmt.Sprintf("events[%d]", i)
 		if e.At < 0 || e.At > s.Duration {
@@ -749,7 +805,7 @@ func (s *Scenario) Problems() []string {
 			continue
 		}
 		switch e.Kind {
-		case EvNodeDown, EvNodeUp, EvNodeDrain, EvNodeAdd, EvNodeRemove:
+		case EvNodeDown, EvNodeUp, EvNodeDrain, EvNodeAdd, EvNodeRemove, EvNodeDies, EvNodeRevives:
 			if e.Node == "" {
 				bad(path+".node", "missing: %s needs a node", e.Kind)
 			} else if err := affinity.ValidateID("node name", e.Node); err != nil {
@@ -788,7 +844,7 @@ func (s *Scenario) Problems() []string {
 				bad(path, "%q already exists at %s", e.Node, FormatDuration(e.At))
 			}
 			exists[e.Node] = true
-		case EvNodeDown, EvNodeUp, EvNodeDrain, EvNodeRemove:
+		case EvNodeDown, EvNodeUp, EvNodeDrain, EvNodeRemove, EvNodeDies, EvNodeRevives:
 			if e.Node != "" && !exists[e.Node] {
 				bad(path, "%q: no such node at %s", e.Node, FormatDuration(e.At))
 			}

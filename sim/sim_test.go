@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math"
 	"reflect"
 	"strings"
 	"testing"
@@ -229,6 +230,7 @@ churn:
   lifetime: gamma
 director:
   commit_every: soon
+health: {interval: 1s, timeout: 2s, rise: 0, speed: 3}
 events:
   - {at: 1d, kind: node-down, node: vpn-01}
   - {at: 2d, kind: rebalance}
@@ -255,6 +257,9 @@ events:
 		`scenario.yaml: events[5].mode: "graceful"`,
 		`scenario.yaml: events[5].size: unknown key`,
 		`scenario.yaml: events[0].node: "vpn-01": no such node at 1d`,
+		`scenario.yaml: health.speed: unknown key`,
+		`scenario.yaml: health.timeout: 2s is not below interval 1s`,
+		`scenario.yaml: health.rise: 0: must be at least 1`,
 	} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("errors lack %q:\n%v", want, err)
@@ -417,5 +422,58 @@ func TestJournalLink(t *testing.T) {
 		if e.Kind == EvFailover && e.Moves != 0 {
 			t.Errorf("switchover moved %d", e.Moves)
 		}
+	}
+}
+
+// TestHealthScenario plays sim/examples/health.yaml: the director's real
+// health state machine on the virtual clock takes a dead node down
+// within (fall-1) x interval + timeout .. fall x interval + timeout of
+// its death and moves exactly its tunnels; its tunnels are dark for the
+// detection plus the re-establishment; a revived node comes up and
+// nothing moves back; a flapping node is held; five of eight dying at
+// once move nothing (panic). Times are virtual: the same every run.
+func TestHealthScenario(t *testing.T) {
+	s, err := LoadScenario("examples/health.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Tunnels.Count = 2000
+	r, _ := run(t, s, nil, false)
+	if r.Traffic.Violations != 0 || r.Totals.UnattributedMoves != 0 {
+		t.Fatalf("%d violations, %d unattributed moves", r.Traffic.Violations, r.Totals.UnattributedMoves)
+	}
+	hc := s.Health.Config()
+	lo, hi := time.Duration(hc.Fall-1)*hc.Interval+hc.Timeout, time.Duration(hc.Fall)*hc.Interval+hc.Timeout
+	die := r.Events[0]
+	if die.Kind != EvNodeDies || die.DetectedMs == nil {
+		t.Fatalf("first event %+v", die)
+	}
+	detect := time.Duration(*die.DetectedMs * float64(time.Millisecond))
+	if detect < lo || detect > hi {
+		t.Fatalf("detected after %s, want %s..%s", detect, lo, hi)
+	}
+	if die.Ideal == nil || die.Moves != *die.Ideal || die.Moves == 0 || len(die.MovedFrom) != 1 || die.MovedFrom[0].Node != "vpn-03" {
+		t.Fatalf("node-dies moved %d (ideal %v) from %+v", die.Moves, die.Ideal, die.MovedFrom)
+	}
+	want := (detect + s.Reestablish).Seconds()
+	if d := die.Dark; d == nil || d.Tunnels != die.Moves || math.Abs(d.MeanS-want) > 0.002 || math.Abs(d.MaxS-want) > 0.002 {
+		t.Fatalf("dark %+v, want %d tunnels dark %.3fs", die.Dark, die.Moves, want)
+	}
+	if up := r.Events[1]; up.Kind != EvNodeRevives || up.DetectedMs == nil || up.Moves != 0 ||
+		*up.DetectedMs > float64(time.Duration(hc.Rise)*hc.Interval+time.Millisecond)/float64(time.Millisecond) {
+		t.Fatalf("revival %+v", up)
+	}
+	h := r.Health
+	if h == nil || h.Held != 1 || h.Panics != 1 {
+		t.Fatalf("health summary %+v: want one hold and one panic", h)
+	}
+	for _, ev := range r.Events[10:15] {
+		if ev.Kind != EvNodeDies || ev.Moves != 0 || ev.DetectedMs != nil || ev.Dark == nil || ev.Dark.Tunnels == 0 {
+			t.Fatalf("during the panic: %+v", ev)
+		}
+	}
+	// The held node's last revival waits for the hold (1 minute).
+	if held := r.Events[9]; held.DetectedMs == nil || *held.DetectedMs < float64(30*time.Second/time.Millisecond) {
+		t.Fatalf("flapping node's last revival %+v: not held", held)
 	}
 }

@@ -184,7 +184,7 @@ func compareChart(w io.Writer, r *Report) {
 	}
 	for _, e := range r.Compare.Events {
 		switch e.Kind {
-		case EvNodeDown, EvNodeUp, EvNodeAdd, EvNodeRemove, EvNodeDrain:
+		case EvNodeDown, EvNodeUp, EvNodeAdd, EvNodeRemove, EvNodeDrain, EvNodeDies, EvNodeRevives:
 			labels = append(labels, eventLabel(e.Kind, e.Node))
 			values = append(values, e.Moves)
 		}

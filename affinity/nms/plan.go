@@ -174,6 +174,13 @@ func PlanNodes(t *affinity.Table, nodes []NodeRecord, replace bool) *Diff {
 		if want.Weight == 0 {
 			want.Weight = affinity.DefaultWeight
 		}
+		// Files carry no health record: the node keeps the table's,
+		// unless the file sets another state, which is then the
+		// operator's (as with `node up` or `node down`).
+		want.Health = old.Health
+		if want.State != old.State {
+			want.Health = old.Health.AfterOperator(affinity.ActionSetState)
+		}
 		if want.Equal(&old) {
 			d.Unchanged = append(d.Unchanged, r.Name)
 			continue

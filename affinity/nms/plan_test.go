@@ -241,3 +241,38 @@ func TestPlanSuspendsPinsToDownNode(t *testing.T) {
 		t.Fatalf("the record was changed: %+v", recs[1].Tunnel)
 	}
 }
+
+// TestPlanNodesKeepsHealth: a nodes file carries no health record, so
+// re-importing it keeps the record health stored; a file that sets
+// another state is the operator's and clears it.
+func TestPlanNodesKeepsHealth(t *testing.T) {
+	tab := newTable(t)
+	rec := affinity.NodeHealth{Down: true, Since: time.Unix(1700000100, 0).UTC(), Reason: "health: ike: timeout 2/2", HoldUntil: time.Unix(1700000200, 0).UTC(), Holds: 1}
+	p, err := tab.PlanHealthState("vpn-b", affinity.NodeDown, rec, rec.Reason)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tab.Apply(p.Batch()); err != nil {
+		t.Fatal(err)
+	}
+	same := strings.Replace(testNodes, "vpn-b,10.255.0.12,100,0,active,2,", "vpn-b,10.255.0.12,100,0,down,2,", 1)
+	nodes, err := ReadNodes(strings.NewReader(same), Options{Name: "nodes.csv"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := PlanNodes(tab, nodes, false); !d.Empty() {
+		t.Fatalf("re-import of the same nodes changes %v: the health record would be lost", d.Changed)
+	}
+	nodes, err = ReadNodes(strings.NewReader(testNodes), Options{Name: "nodes.csv"}) // vpn-b active
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := PlanNodes(tab, nodes, false)
+	if !slices.Equal(d.Changed, []string{"vpn-b"}) {
+		t.Fatalf("%s", d.Summary(5))
+	}
+	apply(t, tab, d)
+	if n, _ := tab.Node("vpn-b"); n.State != affinity.NodeActive || !n.Health.IsZero() {
+		t.Fatalf("a state set by a file kept health's record: %+v", n)
+	}
+}

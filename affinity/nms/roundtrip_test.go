@@ -103,7 +103,7 @@ func TestRoundTripNodes(t *testing.T) {
 			}
 			want := slices.Clone(in)
 			slices.SortFunc(want, func(a, b affinity.Node) int { return strings.Compare(a.Name, b.Name) })
-			if got := nodesOf(recs); !slices.Equal(got, want) {
+			if got := nodesOf(recs); !sameNodes(got, want) {
 				t.Fatalf("round trip:\n got %+v\nwant %+v", got, want)
 			}
 			var w2 bytes.Buffer
@@ -148,4 +148,9 @@ func TestWriteEmpty(t *testing.T) {
 	if err := WriteNodes(&b, FormatAuto, nil); err == nil {
 		t.Error("FormatAuto accepted")
 	}
+}
+
+// sameNodes compares node lists record by record (affinity.Node.Equal).
+func sameNodes(a, b []affinity.Node) bool {
+	return slices.EqualFunc(a, b, func(x, y affinity.Node) bool { return x.Equal(&y) })
 }

@@ -236,7 +236,7 @@ func newShowCmd(g *globals) *cobra.Command {
 	tunnels.Flags().BoolVar(&misplaced, "misplaced", false, "only tunnels whose SAs the node agents report on a node other than their owner (a running master daemon)")
 	nodes := &cobra.Command{
 		Use:   "nodes",
-		Short: "List nodes with their tunnel counts and load bounds",
+		Short: "List nodes with their tunnel counts, load bounds and health",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return g.withOperator(cmd, true, func(s director.Operator) error {
@@ -252,7 +252,7 @@ func newShowCmd(g *globals) *cobra.Command {
 				// The agents' columns appear when a daemon has agent
 				// reports to show.
 				agentCols := slices.ContainsFunc(rows, func(r director.NodeInfo) bool { return r.Agent != nil })
-				head := "NAME\tADDRESS\tSTATE\tWEIGHT\tCAPACITY\tMARK\tTUNNELS\tBOUND"
+				head := "NAME\tADDRESS\tSTATE\tWEIGHT\tCAPACITY\tMARK\tTUNNELS\tBOUND\tHEALTH"
 				if agentCols {
 					head += "\tSAS\tSA-TUNNELS\tMISPLACED\tLAST-REPORT"
 				}
@@ -266,7 +266,7 @@ func newShowCmd(g *globals) *cobra.Command {
 					if r.Bound > 0 {
 						bound = fmt.Sprint(r.Bound)
 					}
-					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s", r.Name, r.Addr, r.State, r.Weight, capacity, r.Mark, r.Tunnels, bound)
+					fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%s\t%d\t%d\t%s\t%s", r.Name, r.Addr, r.State, r.Weight, capacity, r.Mark, r.Tunnels, bound, r.HealthSummary)
 					switch a := r.Agent; {
 					case !agentCols:
 					case a == nil:

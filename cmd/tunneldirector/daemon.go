@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/director/ctsync"
+	"github.com/tunneldirector/tunneldirector/director/health"
 	"github.com/tunneldirector/tunneldirector/director/metrics"
 	"github.com/tunneldirector/tunneldirector/director/replication"
 	"github.com/tunneldirector/tunneldirector/ipvs"
@@ -326,6 +328,9 @@ func newStatusCmd(g *globals) *cobra.Command {
 			if s.LastError != "" {
 				fmt.Fprintf(w, "last error\t%s\n", s.LastError)
 			}
+			if h := s.Health; h != nil {
+				printHealth(w, s, h)
+			}
 			if u := s.UnknownPeers; u != nil {
 				fmt.Fprintf(w, "unknown-peer buckets\t%d %s, %d steps moved %d\n", u.Buckets, bucketShares(u.Nodes), u.Steps, u.Moved)
 			}
@@ -381,6 +386,37 @@ func counts[K ~string, V ~int | ~uint64](m map[K]V) string {
 		parts = append(parts, fmt.Sprintf("%s %d", k, m[k]))
 	}
 	return strings.Join(parts, ", ")
+}
+
+// printHealth writes the health checks' lines of `status`: whether they
+// act, why nothing moves (panic, inside link), what they did, and every
+// node that is not simply up.
+func printHealth(w io.Writer, s *director.Status, h *health.Status) {
+	if !h.Enabled {
+		fmt.Fprintf(w, "health\toff (health.enabled: false)\n")
+		return
+	}
+	who := "master: decides"
+	if !h.Master {
+		who = "backup: checks and shows, the master decides"
+	}
+	link := "inside link up"
+	if !h.LinkUp {
+		link = "INSIDE LINK DOWN"
+	}
+	fmt.Fprintf(w, "health\t%s, %s; since start %d nodes taken down, %d brought up, %d tunnels moved\n", who, link, s.HealthDowns, s.HealthUps, s.HealthMoves)
+	if l := s.HealthLast; l != nil {
+		fmt.Fprintf(w, "health last\t%s %s at %s (%s), %d tunnels moved, committed in %s\n",
+			l.Node, l.State, l.Decided.Format(time.RFC3339), l.Reason, l.Moved, l.Took.Round(time.Microsecond))
+	}
+	if h.Panic != "" {
+		fmt.Fprintf(w, "health panic\t%s\n", h.Panic)
+	}
+	for _, v := range h.Nodes {
+		if col := v.Health(); col != "up" {
+			fmt.Fprintf(w, "health %s\t%s\n", v.Name, col)
+		}
+	}
 }
 
 // bucketShares lists the buckets per node, by name: "(vpn-01 512, vpn-02 480)".

@@ -142,12 +142,14 @@ func (c *Config) For(node string) Params {
 
 // UnmarshalYAML decodes the section over the values already in c (the
 // defaults), then resolves every per-node entry over the top-level values,
-// so a node's entry only names what differs. Unknown keys are errors
-// naming their path and line, as the rest of the configuration's are.
+// so a node's entry only names what differs. Unknown keys and values of
+// the wrong type are reported as the rest of the configuration's are, by
+// key path and line ("health.intervall (line 7): unknown key"), all of
+// them, in a *yaml.TypeError so that the decoder goes on with the rest of
+// the file; a bad value keeps its default.
 func (c *Config) UnmarshalYAML(n *yaml.Node) error {
-	if err := checkKeys(n, reflect.TypeOf(Config{}), "health"); err != nil {
-		return err
-	}
+	var bad []string
+	checkKeys(n, reflect.TypeOf(Config{}), "health", &bad)
 	raw := struct {
 		Global `yaml:",inline"`
 		Nodes  map[string]yaml.Node `yaml:"nodes"`
@@ -169,53 +171,86 @@ func (c *Config) UnmarshalYAML(n *yaml.Node) error {
 			c.Nodes[name] = p
 		}
 	}
+	if len(bad) > 0 {
+		return &yaml.TypeError{Errors: bad}
+	}
 	return nil
 }
 
-// checkKeys walks a YAML mapping against the yaml tags of t and refuses
-// keys t does not have: a typo in the health section must not fall back to
-// a default silently. (yaml.v3 does not carry KnownFields into a custom
-// unmarshaler's Decode.)
-func checkKeys(n *yaml.Node, t reflect.Type, path string) error {
+// checkKeys walks a YAML mapping against the yaml tags of t. It reports
+// keys t does not have (a typo in the health section must not fall back
+// to a default silently; yaml.v3 does not carry KnownFields into a custom
+// unmarshaler's Decode) and values that do not decode into their field,
+// which it then nulls so that the field keeps its default and decoding
+// goes on.
+func checkKeys(n *yaml.Node, t reflect.Type, path string, bad *[]string) {
 	for t.Kind() == reflect.Pointer {
 		t = t.Elem()
 	}
 	if n.Kind == yaml.AliasNode && n.Alias != nil {
 		n = n.Alias
 	}
+	if n.Kind == yaml.ScalarNode && n.Tag == "!!null" {
+		return
+	}
 	switch t.Kind() {
 	case reflect.Struct:
 		if n.Kind != yaml.MappingNode {
-			return nil // the decoder reports the type error
+			*bad = append(*bad, fmt.Sprintf("%s (line %d): want a mapping of keys", path, n.Line))
+			nullNode(n)
+			return
 		}
 		fields := map[string]reflect.Type{}
 		collectFields(t, fields)
-		var errs []error
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k, v := n.Content[i], n.Content[i+1]
 			ft, ok := fields[k.Value]
 			if !ok {
-				errs = append(errs, fmt.Errorf("line %d: %s.%s: unknown key (known: %s)", k.Line, path, k.Value, strings.Join(sortedKeys(fields), ", ")))
+				*bad = append(*bad, fmt.Sprintf("%s.%s (line %d): unknown key (known: %s)", path, k.Value, k.Line, strings.Join(sortedKeys(fields), ", ")))
 				continue
 			}
-			if err := checkKeys(v, ft, path+"."+k.Value); err != nil {
-				errs = append(errs, err)
-			}
+			checkKeys(v, ft, path+"."+k.Value, bad)
 		}
-		return errors.Join(errs...)
 	case reflect.Map:
 		if n.Kind != yaml.MappingNode {
-			return nil
+			*bad = append(*bad, fmt.Sprintf("%s (line %d): want a mapping of node names", path, n.Line))
+			nullNode(n)
+			return
 		}
-		var errs []error
 		for i := 0; i+1 < len(n.Content); i += 2 {
-			if err := checkKeys(n.Content[i+1], t.Elem(), path+"."+n.Content[i].Value); err != nil {
-				errs = append(errs, err)
-			}
+			checkKeys(n.Content[i+1], t.Elem(), path+"."+n.Content[i].Value, bad)
 		}
-		return errors.Join(errs...)
+	default:
+		if err := n.Decode(reflect.New(t).Interface()); err != nil {
+			*bad = append(*bad, fmt.Sprintf("%s (line %d): %s", path, n.Line, valueMessage(t, n, err)))
+			nullNode(n)
+		}
 	}
-	return nil
+}
+
+// valueMessage words a value that does not decode by what was wanted.
+func valueMessage(t reflect.Type, n *yaml.Node, err error) string {
+	v := n.Value
+	if len(v) > 64 {
+		v = v[:64] + "..."
+	}
+	switch {
+	case t == reflect.TypeFor[time.Duration]():
+		return fmt.Sprintf("%q is not a duration (like 1s or 500ms)", v)
+	case t.Kind() == reflect.Slice:
+		return "want a list of " + t.Elem().Kind().String() + "s"
+	case n.Kind != yaml.ScalarNode:
+		return "want a " + t.Kind().String()
+	}
+	msg := err.Error()
+	if _, after, ok := strings.Cut(msg, "cannot unmarshal "); ok {
+		msg = "cannot decode " + after
+	}
+	return msg
+}
+
+func nullNode(n *yaml.Node) {
+	n.Kind, n.Tag, n.Value, n.Style, n.Content, n.Alias = yaml.ScalarNode, "!!null", "", 0, nil, nil
 }
 
 func collectFields(t reflect.Type, into map[string]reflect.Type) {

@@ -106,11 +106,13 @@ func TestConfigUnknownKeysNamePathAndLine(t *testing.T) {
 	for _, tc := range []struct {
 		yaml, want string
 	}{
-		{"health:\n  intervall: 1s\n", "line 2: health.intervall: unknown key"},
-		{"health:\n  flap:\n    cnt: 3\n", "line 3: health.flap.cnt: unknown key"},
-		{"health:\n  nodes:\n    n2:\n      tcp: {prot: 22}\n", "line 4: health.nodes.n2.tcp.prot: unknown key"},
-		{"health:\n  interval: 5\n", "cannot unmarshal !!int `5` into time.Duration"},
-		{"health:\n  nodes:\n    n2:\n      fall: many\n", "health.nodes.n2: yaml: unmarshal errors"},
+		{"health:\n  intervall: 1s\n", "health.intervall (line 2): unknown key"},
+		{"health:\n  flap:\n    cnt: 3\n", "health.flap.cnt (line 3): unknown key"},
+		{"health:\n  nodes:\n    n2:\n      tcp: {prot: 22}\n", "health.nodes.n2.tcp.prot (line 4): unknown key"},
+		{"health:\n  interval: 5\n", `health.interval (line 2): "5" is not a duration (like 1s or 500ms)`},
+		{"health:\n  nodes:\n    n2:\n      fall: many\n", "health.nodes.n2.fall (line 4): cannot decode !!str `many` into int"},
+		{"health:\n  checks: ike\n", "health.checks (line 2): want a list of strings"},
+		{"health:\n  flap: 3\n", "health.flap (line 2): want a mapping of keys"},
 	} {
 		_, err := load(t, tc.yaml)
 		if err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -36,41 +36,12 @@ type Node struct {
 }
 
 // Record is the durable part of a node's health: what a restarted
-// director or a new master must continue. The daemon stores it in the same
-// transaction as the node state change a Decision carries, and replicates
-// it with the table.
-type Record struct {
-	// Down: health took the node down. A node down in the table without
-	// it was taken down by the operator, and health leaves it alone.
-	Down bool `json:"down,omitempty"`
-	// Since is the time of health's last transition of the node.
-	Since time.Time `json:"since,omitzero"`
-	// Reason is the reason of the last down.
-	Reason string `json:"reason,omitempty"`
-	// Downs are the times health took the node down within the flap
-	// window.
-	Downs []time.Time `json:"downs,omitempty"`
-	// HoldUntil: a node down by health stays down until then, however
-	// well it answers.
-	HoldUntil time.Time `json:"hold_until,omitzero"`
-	// Holds counts the holds in a row; each doubles the hold time.
-	Holds int `json:"holds,omitempty"`
-}
-
-// AfterOperator returns the record after an operator's node action
-// (affinity's state names: "up", "down", "drain", "undrain"; the actions
-// of `tunneldirector node`): any state the operator sets by hand is the
-// operator's, so health no longer owns a down, and a hold or the flap
-// history no longer applies ("node up by hand clears a hold"). Other
-// actions (weight, capacity) leave the record as it is. The daemon stores
-// the result with the operator's change.
-func (r Record) AfterOperator(action string) Record {
-	switch action {
-	case "up", "down", "drain", "undrain":
-		return Record{}
-	}
-	return r
-}
+// director or a new master must continue. It is the record the table
+// stores with the node (affinity.NodeHealth, Node.Health): the daemon
+// stores it in the same transaction as the node state change a Decision
+// carries, and replicates it with the table. Record.AfterOperator is the
+// rule for operator actions: any state set by hand clears it.
+type Record = affinity.NodeHealth
 
 // Decision is what the master's health checks decided about one node. The
 // daemon applies a down exactly as `node down` (the node's tunnels move),

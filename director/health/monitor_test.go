@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/charon"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
@@ -152,7 +153,7 @@ func testLog(t *testing.T) *slog.Logger {
 	return quiet()
 }
 
-func newScenario(t *testing.T, charon bool) *scenario {
+func newScenario(t *testing.T, withCharon bool) *scenario {
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 1, Nodes: 4})
 	dir := top.Directors[0]
 	s := &scenario{t: t, top: top, d: &fakeDaemon{decisions: make(chan Decision, 64)}}
@@ -161,8 +162,8 @@ func newScenario(t *testing.T, charon bool) *scenario {
 		addr := n.If(netlab.IfInside).Addr4
 		s.names = append(s.names, name)
 		s.d.nodes = append(s.d.nodes, Node{Name: name, Addr: addr, State: affinity.NodeActive})
-		if charon {
-			s.nodes = append(s.nodes, newCharon(t, n.NS, false))
+		if withCharon {
+			s.nodes = append(s.nodes, charon.Start(t, n.NS, charon.Options{}))
 		} else {
 			s.nodes = append(s.nodes, newGoResponder(t, n.NS, netip.AddrPortFrom(addr, 500)))
 		}
@@ -212,7 +213,7 @@ func TestMonitorInNamespaces(t *testing.T) {
 
 			// Kill node1's IKE daemon: down after fall rounds.
 			t0 := time.Now()
-			s.nodes[1].kill()
+			s.nodes[1].Kill()
 			d := s.expect(limit, "node1", affinity.NodeDown)
 			t.Logf("%s: node1 down %s after its IKE daemon died (fall %d x interval %s): %s", kind, time.Since(t0).Round(time.Millisecond), cfg.Fall, cfg.Interval, d.Reason)
 			if !strings.HasPrefix(d.Reason, "health: ike: ") || !strings.HasSuffix(d.Reason, " 2/2") || !d.Record.Down {
@@ -222,7 +223,7 @@ func TestMonitorInNamespaces(t *testing.T) {
 				t.Fatalf("health column %q", h)
 			}
 			// Restart: up after rise rounds.
-			s.nodes[1].restart()
+			s.nodes[1].Restart()
 			s.expect(limit, "node1", affinity.NodeActive)
 			s.expectNone(3*cfg.Interval, "after node1 came back")
 
@@ -260,9 +261,9 @@ func TestMonitorInNamespaces(t *testing.T) {
 				}
 			}
 			for held.Node == "" && time.Now().Before(deadline) {
-				s.nodes[2].kill()
+				s.nodes[2].Kill()
 				handle(collect(1500 * time.Millisecond))
-				s.nodes[2].restart()
+				s.nodes[2].Restart()
 				if held.Node == "" {
 					handle(collect(1500 * time.Millisecond))
 				}
@@ -327,7 +328,7 @@ func TestMonitorInNamespaces(t *testing.T) {
 			var wg sync.WaitGroup
 			for _, i := range []int{0, 1, 3} {
 				wg.Add(1)
-				go func() { defer wg.Done(); s.nodes[i].kill() }()
+				go func() { defer wg.Done(); s.nodes[i].Kill() }()
 			}
 			wg.Wait()
 			s.expectNone(time.Duration(3*panicCfg.Fall)*cfg.Interval, "3 of 4 nodes failing")
@@ -337,7 +338,7 @@ func TestMonitorInNamespaces(t *testing.T) {
 			}
 			t.Logf("%s: status says: %s", kind, st.Panic)
 			for _, i := range []int{0, 1, 3} {
-				s.nodes[i].restart()
+				s.nodes[i].Restart()
 			}
 			s.waitAllPassing(time.Now(), limit)
 			s.expectNone(0, "after the panic")
@@ -372,16 +373,16 @@ func TestMonitorOnLoopback(t *testing.T) {
 	d.mon.SetRole(true)
 	s := &scenario{t: t, mon: d.mon, d: d, names: []string{"n1", "n2", "n3"}}
 	s.waitAllPassing(time.Now(), 5*time.Second)
-	rs[1].kill()
+	rs[1].Kill()
 	dec := s.expect(5*time.Second, "n2", affinity.NodeDown)
 	if !strings.HasPrefix(dec.Reason, "health: ike: ") {
 		t.Fatalf("reason %q", dec.Reason)
 	}
-	rs[1].restart()
+	rs[1].Restart()
 	s.expect(5*time.Second, "n2", affinity.NodeActive)
 
 	d.mon.SetRole(false)
-	rs[0].kill()
+	rs[0].Kill()
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		v := s.view("n1")

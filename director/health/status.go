@@ -126,3 +126,18 @@ func (m *Machine) Status() Status {
 	}
 	return st
 }
+
+// StoredView is a node's view from the table alone, without checks: what
+// a CLI reading the store file (no daemon) can say. A node health took
+// down shows its down or hold and the stored reason.
+func StoredView(n Node, now time.Time) NodeView {
+	ns := nodeState{Node: n}
+	v := NodeView{Name: n.Name, Address: n.Addr, State: n.State, Operator: !managed(&ns), Record: n.Record}
+	if n.State == affinity.NodeDown && n.Record.Down {
+		v.LastError = n.Record.Reason
+		if now.Before(n.Record.HoldUntil) {
+			v.HeldUntil = n.Record.HoldUntil
+		}
+	}
+	return v
+}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/director/health/ike"
+	"github.com/tunneldirector/tunneldirector/internal/charon"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
@@ -68,7 +69,7 @@ func TestIKEProbeStrongSwan(t *testing.T) {
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 1, Nodes: 1})
 	dir, node := top.Directors[0].NS, top.Nodes[0].NS
 	dirAddr, nodeAddr := top.Directors[0].If(netlab.IfInside).Addr4, top.Nodes[0].If(netlab.IfInside).Addr4
-	ch := newCharon(t, node, false)
+	ch := charon.Start(t, node, charon.Options{})
 	chk := &checker{dial: dialIn(dir), source4: dirAddr}
 	dst := netip.AddrPortFrom(nodeAddr, 500)
 	capture := map[string][]byte{}
@@ -76,12 +77,12 @@ func TestIKEProbeStrongSwan(t *testing.T) {
 
 	r := ikeOnce(t, chk, dst)
 	if !r.OK || r.Detail != "NO_PROPOSAL_CHOSEN" {
-		t.Fatalf("charon without a connection: %+v%s", r, ch.logTail())
+		t.Fatalf("charon without a connection: %+v%s", r, ch.LogTail())
 	}
 	req := ike.ProbeRequest(0x1111222233334444, make([]byte, 32), make([]byte, 32))
 	capture["no-proposal"] = exchange(t, dir, dst, req)
 
-	ch.swanctl("--load-all", "--file", filepath.Join(ch.dir, "swanctl.conf"))
+	ch.LoadConnection()
 	// Probes come far faster than in service (1 s apart per director):
 	// on a loaded machine charon may still be tearing down the last
 	// ones' IKE_SAs when the next arrives and ask for a COOKIE (it does
@@ -96,25 +97,25 @@ func TestIKEProbeStrongSwan(t *testing.T) {
 		case r.OK && r.Detail == "COOKIE":
 			cookies++
 		default:
-			t.Fatalf("probe %d: %+v%s", i, r, ch.logTail())
+			t.Fatalf("probe %d: %+v%s", i, r, ch.LogTail())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	if invalidKE < probes/2 {
-		t.Fatalf("%d INVALID_KE_PAYLOAD and %d COOKIE answers of %d probes%s", invalidKE, cookies, probes, ch.logTail())
+		t.Fatalf("%d INVALID_KE_PAYLOAD and %d COOKIE answers of %d probes%s", invalidKE, cookies, probes, ch.LogTail())
 	}
 	// charon logs asynchronously: give it a moment for the last lines.
 	time.Sleep(100 * time.Millisecond)
 	capture["invalid-ke"] = exchange(t, dir, dst, req)
-	if sas := ch.swanctl("--list-sas"); strings.Contains(sas, "IKEv2") {
+	if sas := ch.Swanctl("--list-sas"); strings.Contains(sas, "IKEv2") {
 		t.Fatalf("probes left IKE_SAs on the node:\n%s", sas)
 	}
-	log := ch.log()
+	log := ch.Log()
 	if n := strings.Count(log, fmt.Sprintf("DH group (%d) unacceptable, requesting CURVE_25519", ike.ProbeGroup)); n < invalidKE {
-		t.Fatalf("charon logged %d rejections of the probe group, want %d or more%s", n, invalidKE, ch.logTail())
+		t.Fatalf("charon logged %d rejections of the probe group, want %d or more%s", n, invalidKE, ch.LogTail())
 	}
 	if n := strings.Count(log, "CONNECTING => DESTROYING"); n < invalidKE {
-		t.Fatalf("charon destroyed %d IKE_SAs at once, want %d or more%s", n, invalidKE, ch.logTail())
+		t.Fatalf("charon destroyed %d IKE_SAs at once, want %d or more%s", n, invalidKE, ch.LogTail())
 	}
 
 	// The control: acceptable requests leave half-open SAs, then cookies.
@@ -134,7 +135,7 @@ func TestIKEProbeStrongSwan(t *testing.T) {
 			capture["cookie"] = b
 		}
 	}
-	sas := ch.swanctl("--list-sas")
+	sas := ch.Swanctl("--list-sas")
 	t.Logf("control: %d accepted, %d cookie requests; half-open SAs left: %d", kinds[ike.Accepted], kinds[ike.CookieRequested], strings.Count(sas, "CONNECTING"))
 	if kinds[ike.Accepted] == 0 || strings.Count(sas, "CONNECTING") != kinds[ike.Accepted] {
 		t.Fatalf("control: accepted %d, SAs:\n%s", kinds[ike.Accepted], sas)

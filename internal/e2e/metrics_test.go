@@ -259,19 +259,26 @@ func TestMetricsOfARealPair(t *testing.T) {
 		if i == 0 {
 			examplesUseRealNames(t, fams)
 		}
-		promtool, err := exec.LookPath("promtool")
-		netlab.Require(t, "promtool (Debian package prometheus; scripts/lab-deps.sh installs it)", err)
-		cmd := exec.Command(promtool, "check", "metrics")
-		cmd.Stdin = strings.NewReader(text)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Errorf("%s: promtool check metrics: %v\n%s", role, err, out)
-		}
+		promtoolCheck(t, role, text)
 	}
 
 	// A change through the daemon says when the kernel holds it.
 	out, err = ds[0].cli(t, "node", "up", "node0")
 	if err != nil || !strings.Contains(out, fmt.Sprintf("kernel: revision %d in place", rev+1)) {
 		t.Errorf("node up through the daemon: %v\n%s", err, out)
+	}
+}
+
+// promtoolCheck runs `promtool check metrics` over a scrape of the
+// director called role.
+func promtoolCheck(t *testing.T, role, text string) {
+	t.Helper()
+	promtool, err := exec.LookPath("promtool")
+	netlab.Require(t, "promtool (Debian package prometheus; scripts/lab-deps.sh installs it)", err)
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = strings.NewReader(text)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Errorf("%s: promtool check metrics: %v\n%s", role, err, out)
 	}
 }
 

@@ -24,7 +24,7 @@ import (
 
 // e2e is a farm in namespaces with a real daemon on the director.
 type e2e struct {
-	t       *testing.T
+	t       testing.TB
 	top     *netlab.Topology
 	dir     string
 	config  string
@@ -36,13 +36,22 @@ type e2e struct {
 }
 
 func newE2E(t *testing.T) *e2e {
+	return newE2EWith(t, netlab.TopologyOptions{Peers: 3, Directors: 1, Nodes: 3, VIPOnDirectors: true}, nil)
+}
+
+// newE2EWith builds the farm of o; edit, when set, changes the daemon's
+// configuration (baseConfig's text).
+func newE2EWith(t testing.TB, o netlab.TopologyOptions, edit func(string) string) *e2e {
 	netlab.RequireRoot(t)
-	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 3, Directors: 1, Nodes: 3, VIPOnDirectors: true})
+	top := netlab.BuildTopology(t, o)
 	e := &e2e{t: t, top: top, dir: t.TempDir()}
 	e.db = filepath.Join(e.dir, "td.db")
 	e.socket = filepath.Join(e.dir, "run", "api.sock")
 	e.config = filepath.Join(e.dir, "config.yaml")
 	cfg := baseConfig(top, e.db, e.socket)
+	if edit != nil {
+		cfg = edit(cfg)
+	}
 	if err := os.WriteFile(e.config, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

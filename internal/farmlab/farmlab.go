@@ -385,6 +385,9 @@ func BuildBinary(dir string) (string, error) {
 
 // DirectorConfig is the daemon configuration of a lab director: route-only,
 // the topology's VIPs and nodes, the inside interface, verify every second.
+// The node health checks are off: the lab's nodes run no IKE daemon, and
+// their captures must hold only the farm's packets (internal/e2e's health
+// tests replace the last line to turn them on).
 func DirectorConfig(top *netlab.Topology, db, socket string) string {
 	var nodes []string
 	for i, n := range top.Nodes {
@@ -399,6 +402,7 @@ nodes:
 api: {socket: %s}
 verify_interval: 1s
 log_level: debug
+health: {enabled: false}
 `, db, top.VIP4, top.VIP6.String(), strings.Join(nodes, "\n"), socket)
 }
 

@@ -37,6 +37,7 @@ nodes:
 api: {socket: %s}
 verify_interval: 1s
 log_level: debug
+health: %s
 `
 
 func newDirector(f *Farm) (*Director, error) {
@@ -53,7 +54,11 @@ func newDirector(f *Farm) (*Director, error) {
 	for _, n := range f.Nodes {
 		nodes = append(nodes, fmt.Sprintf("  - {name: %s, address: %s}", n.Name, n.Addr))
 	}
-	cfg := fmt.Sprintf(directorConfig, d.DB, f.Top.VIP4, netlab.IfOutside, netlab.IfInside, f.Opts.Mode, strings.Join(nodes, "\n"), d.Socket)
+	health := f.Opts.Health
+	if health == "" {
+		health = "{enabled: false}"
+	}
+	cfg := fmt.Sprintf(directorConfig, d.DB, f.Top.VIP4, netlab.IfOutside, netlab.IfInside, f.Opts.Mode, strings.Join(nodes, "\n"), d.Socket, health)
 	if f.Opts.Agents != nil {
 		var err error
 		if cfg, err = f.agentConfig(d, cfg); err != nil {

@@ -43,6 +43,10 @@ type Options struct {
 	// Agents, when set, runs the node agent on every node and has the
 	// director merge their reports.
 	Agents *AgentOptions
+	// Health is the daemon's health: section (a YAML flow mapping, e.g.
+	// "{fall: 3}"); empty turns the health checks off, so that nodes go
+	// down only by the scenario's commands.
+	Health string
 }
 
 // The lab's addresses beyond netlab's.

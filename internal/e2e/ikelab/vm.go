@@ -21,6 +21,20 @@ const DirectorEnv = "TD_IKELAB_DIRECTOR"
 // run, e.g. TD_IKELAB_RUN='^TestGuestMoves$/route-only'.
 const RunEnv = "TD_IKELAB_RUN"
 
+// SlowEnv, when set on the host (to anything), is passed to the guest and
+// enables the scenarios that RequireSlow guards: they cost minutes of the
+// emulated guest's time each, more than the suite's budget allows, and
+// their transition is proven in CI some other way.
+const SlowEnv = "TD_IKELAB_SLOW"
+
+// RequireSlow skips t, saying how to run it, unless SlowEnv is set.
+func RequireSlow(t testing.TB) {
+	t.Helper()
+	if os.Getenv(SlowEnv) == "" {
+		t.Skipf("a slow scenario, not in the default run: set %s=1 (and %s to select it)", SlowEnv, RunEnv)
+	}
+}
+
 // Modules are the guest kernel modules the farm needs beyond
 // vmlab.DefaultModules: conntrack events for the daemon's learner, NAT for
 // the NAT-T peers, and nftables logging for classifiers that report first
@@ -110,6 +124,6 @@ func RunVM(t *testing.T, o VMOptions) *vmlab.Result {
 		Timeout:   o.Timeout,
 		MemoryMB:  2048,
 		Modules:   Modules,
-		Env:       map[string]string{DirectorEnv: bin},
+		Env:       map[string]string{DirectorEnv: bin, SlowEnv: os.Getenv(SlowEnv)},
 	})
 }
