@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -137,7 +138,9 @@ const (
 )
 
 func TestCodecReadsVersion1(t *testing.T) {
-	cs := sampleChanges()
+	// The golden bytes predate learned tunnels too (their flags have
+	// TestCodecReadsVersion1Tunnels): compare without the learned one.
+	cs := slices.DeleteFunc(sampleChanges(), func(c Change) bool { return c.Tunnel != nil && c.Tunnel.Learned })
 	nb, _ := hex.DecodeString(goldenNodeV1)
 	n, err := UnmarshalNode(nb)
 	if err != nil || !n.Equal(cs[0].Node) {
