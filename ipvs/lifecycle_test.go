@@ -124,7 +124,7 @@ func TestNSDriftRepair(t *testing.T) {
 	verify("table-deleted", 10)
 
 	if _, err := l.dir.Run(ctx, "nft", "delete", "element", "inet", "tunneldirector", "peers4", "{", l.peers[0].If(netlab.IfOutside).Addr4.String(), "}"); err != nil {
-		netlab.Require(t, "nft binary", err)
+		netlab.RequireTool(t, "nft binary", err)
 	}
 	verify("peer-element-deleted", 1)
 

@@ -181,7 +181,7 @@ func TestNSRouteOnlySteering(t *testing.T) {
 	// nft must show the marks as the director means them (host byte order).
 	out, err := l.dir.Run(ctx, "nft", "list", "table", "inet", "tunneldirector")
 	if err != nil {
-		netlab.Require(t, "nft binary (scripts/lab-deps.sh)", err)
+		netlab.RequireTool(t, "nft binary (scripts/lab-deps.sh)", err)
 	}
 	for _, want := range []string{"0x7d000001", "0x7d000002", "0x7d000003", "jhash ip saddr mod 3 seed 0x1234567", "map sub4_27", "10.20.0.0 : 0x7d000002", "ip daddr & 255.255.255.224 map @sub4_27"} {
 		if !strings.Contains(string(out), want) {
@@ -253,7 +253,7 @@ func TestNSNodeDownAsUpdate(t *testing.T) {
 	l.checkSubnets(t, "down", 1, 2)
 	out, err := l.dir.Run(ctx, "nft", "list", "map", "inet", "tunneldirector", "nodehash")
 	if err != nil {
-		netlab.Require(t, "nft binary (scripts/lab-deps.sh)", err)
+		netlab.RequireTool(t, "nft binary (scripts/lab-deps.sh)", err)
 	}
 	if strings.Contains(string(out), "0x7d000001") || !strings.Contains(string(out), "0x7d000002") || !strings.Contains(string(out), "0x7d000003") {
 		t.Fatalf("the hash still picks the down node, or not the others:\n%s", out)

@@ -65,7 +65,7 @@ func TestNSSubnetLengths(t *testing.T) {
 	list := func() string {
 		out, err := l.dir.Run(ctx, "nft", "list", "table", "inet", "tunneldirector")
 		if err != nil {
-			netlab.Require(t, "nft binary (scripts/lab-deps.sh)", err)
+			netlab.RequireTool(t, "nft binary (scripts/lab-deps.sh)", err)
 		}
 		return string(out)
 	}

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"runtime"
 	"sync"
 	"testing"
@@ -40,6 +41,22 @@ func Require(t testing.TB, what string, err error) {
 		t.Fatalf("missing %s: %v (CI=true: real-kernel tests must not skip)", what, err)
 	}
 	t.Skipf("skipping: missing %s: %v", what, err)
+}
+
+// RequireTool stops the test when a command the test runs is missing: a
+// skip, or with CI=true a failure (Require). Any other error of the
+// command (it ran and failed, or crashed) fails the test: only a missing
+// binary is a reason not to test.
+func RequireTool(t testing.TB, what string, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	if errors.Is(err, exec.ErrNotFound) {
+		Require(t, what, err)
+		return
+	}
+	t.Fatalf("%s: %v", what, err)
 }
 
 var (

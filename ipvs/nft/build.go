@@ -375,8 +375,17 @@ func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 					&expr.Lookup{SourceRegister: 2, DestRegister: 2, IsDestRegSet: true, SetName: n.hash.Name, SetID: n.hash.ID},
 				)
 				ex = append(ex, tail(s, 2, 3)...)
+				// The window keeps the plain fwmark, read back from
+				// the packet: nft 1.0.6 (Debian 12) aborts listing
+				// the chain when a dynset's data register holds a
+				// map lookup's result.
+				ex = append(ex, &expr.Meta{Key: expr.MetaKeyMARK, Register: 3})
+				if s.ike && sig.IKEBit != 0 {
+					ex = append(ex, &expr.Bitwise{SourceRegister: 3, DestRegister: 3, Len: 4,
+						Mask: binaryutil.NativeEndian.PutUint32(^sig.IKEBit), Xor: binaryutil.NativeEndian.PutUint32(0)})
+				}
 				ex = append(ex,
-					&expr.Dynset{SrcRegKey: 1, SrcRegData: 2, SetName: f.window.Name, SetID: f.window.ID, Operation: unix.NFT_DYNSET_OP_ADD},
+					&expr.Dynset{SrcRegKey: 1, SrcRegData: 3, SetName: f.window.Name, SetID: f.window.ID, Operation: unix.NFT_DYNSET_OP_ADD},
 					// Queue threshold 1: nfnetlink_log batches up to 100
 					// packets or 1 s by default; the learner wants each
 					// first packet at once.

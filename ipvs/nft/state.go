@@ -89,8 +89,11 @@ type Signature struct {
 // window map (address -> first packet's mark) replaced the seen set, and
 // the hash map holds the unknown-peer buckets. 7: the subnet rules leave
 // packets to the director's own addresses alone (an upgraded daemon
-// rebuilds the chain in one transaction).
-const Layout = 7
+// rebuilds the chain in one transaction). 8: the window map's data is
+// the mark read back from the packet (not the bucket lookup's register),
+// because nft 1.0.6 (Debian 12) aborts listing a dynset whose data is a
+// map lookup.
+const Layout = 8
 
 // Equal reports whether two signatures build the same chain.
 func (a Signature) Equal(b Signature) bool {
