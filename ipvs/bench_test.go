@@ -13,8 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
@@ -275,16 +274,6 @@ func benchSize(b *testing.B, def int) int {
 	return def
 }
 
-// cpuTime is the process's user+sys CPU time: on the shared build machine
-// wall time mostly measures the other work.
-func cpuTime() time.Duration {
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
 // BenchmarkNodeDown takes one of 16 nodes down with TD_BENCH_TUNNELS
 // (default 100,000) tunnels loaded: one Update carrying the node's
 // tunnels' moves (1/16 of them: 62,500 at a million) and the new nodes,
@@ -328,10 +317,10 @@ func BenchmarkNodeDown(b *testing.B) {
 		}
 		moved = len(dl.SetPeers)
 		b.StartTimer()
-		t0, c0 := time.Now(), cpuTime()
+		t0, c0 := time.Now(), cputime.Process()
 		st, err := dp.Update(ctx, dl)
 		updTotal += time.Since(t0)
-		updCPU += cpuTime() - c0
+		updCPU += cputime.Process() - c0
 		if err != nil {
 			b.Fatal(err)
 		}
