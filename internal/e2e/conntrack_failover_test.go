@@ -217,9 +217,7 @@ func conntrackFailover(t *testing.T, replicate bool) {
 		t.Helper()
 		waitPair(t, ds, what, limit, cond)
 	}
-	for _, d := range ds {
-		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
-	}
+	waitPairAPI(t, ds)
 	gws := []string{insideGW.String() + "/24 dev " + netlab.IfInside, targetGW.String() + "/24 dev " + netlab.IfTarget}
 	kas := []*keepalived{
 		startKeepalivedWith(t, ds[0], dir, 0, 150, kaOptions{fifo: true, vips: gws}),

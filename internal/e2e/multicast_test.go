@@ -27,9 +27,7 @@ func TestMulticastPair(t *testing.T) {
 		t.Helper()
 		waitPair(t, ds, what, limit, cond)
 	}
-	for _, d := range ds {
-		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
-	}
+	waitPairAPI(t, ds)
 	csv := filepath.Join(dir, "t.csv")
 	os.WriteFile(csv, []byte("id,peer,subnets,node\nsite-1,192.0.2.200,10.80.0.0/16,node0\nsite-2,192.0.2.201,10.81.0.0/16,node1\n"), 0o600)
 	if out, err := ds[0].cli(t, "import", csv); err != nil {

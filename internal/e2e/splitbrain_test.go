@@ -33,9 +33,7 @@ func TestSplitBrain(t *testing.T) {
 		t.Helper()
 		waitPair(t, ds, what, limit, cond)
 	}
-	for _, d := range ds {
-		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
-	}
+	waitPairAPI(t, ds)
 	startKeepalived(t, ds[0], dir, 0, 150)
 	startKeepalived(t, ds[1], dir, 1, 100)
 	role := func(d *pairDirector) string {
