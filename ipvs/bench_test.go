@@ -171,6 +171,13 @@ func BenchmarkFullSync100k(b *testing.B) {
 func loaded(b *testing.B) (*dataplane, *Desired, func()) {
 	ns, done := benchLab(b)
 	d := bigDesired(benchTunnels)
+	dp := synced(b, ns, d)
+	return dp, d, func() { dp.Close(); done() }
+}
+
+// synced is a dataplane in ns with the default Config, synced to d.
+func synced(b *testing.B, ns *netlab.NS, d *Desired) *dataplane {
+	b.Helper()
 	dp, err := newIn(Config{}, ns.NsHandle())
 	if err != nil {
 		b.Fatal(err)
@@ -178,7 +185,7 @@ func loaded(b *testing.B) (*dataplane, *Desired, func()) {
 	if _, err := dp.Sync(context.Background(), d); err != nil {
 		b.Fatal(err)
 	}
-	return dp, d, func() { dp.Close(); done() }
+	return dp
 }
 
 // BenchmarkUpdateMove100k moves one tunnel (peer and subnet) per Update
@@ -286,15 +293,9 @@ func BenchmarkNodeDown(b *testing.B) {
 	ns, done := benchLab(b)
 	defer done()
 	d := bigDesiredNodes(n, 16)
-	dp, err := newIn(Config{}, ns.NsHandle())
-	if err != nil {
-		b.Fatal(err)
-	}
+	dp := synced(b, ns, d)
 	defer dp.Close()
 	ctx := context.Background()
-	if _, err := dp.Sync(ctx, d); err != nil {
-		b.Fatal(err)
-	}
 	var updTotal, updCPU, syncTotal time.Duration
 	moved := 0
 	b.ResetTimer()
@@ -358,15 +359,9 @@ func BenchmarkBucketStep100k(b *testing.B) {
 			for i := range d.Buckets {
 				d.Buckets[i] = uint16(i%3 + 1)
 			}
-			dp, err := newIn(Config{}, ns.NsHandle())
-			if err != nil {
-				b.Fatal(err)
-			}
+			dp := synced(b, ns, d)
 			defer dp.Close()
 			ctx := context.Background()
-			if _, err := dp.Sync(ctx, d); err != nil {
-				b.Fatal(err)
-			}
 			var lat []time.Duration
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
