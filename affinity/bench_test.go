@@ -6,19 +6,13 @@ import (
 	"net/netip"
 	"runtime"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/gaissmai/bart"
-)
 
-// cpuTime is the process's CPU time so far (user and system).
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
+)
 
 // loop runs fn for b.Loop and reports, besides the wall time, the CPU time
 // per operation: on the shared build machine other work steals the cores,
@@ -29,12 +23,12 @@ func loop(b *testing.B, fn func(i int)) {
 	// counts towards the loop.
 	runtime.GC()
 	b.ResetTimer()
-	c0, n := cpuTime(), 0
+	c0, n := cputime.Process(), 0
 	for i := 0; b.Loop(); i++ {
 		fn(i)
 		n++
 	}
-	b.ReportMetric(float64(cpuTime()-c0)/float64(max(n, 1)), "cpu-ns/op")
+	b.ReportMetric(float64(cputime.Process()-c0)/float64(max(n, 1)), "cpu-ns/op")
 }
 
 // bigBatch builds n tunnels with one peer and one /27 each over 16 nodes:

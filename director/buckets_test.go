@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
-	"path/filepath"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -41,30 +40,27 @@ func startBucketDaemon(t *testing.T, repl func(*store.Store) *replication.Replic
 // (nil: the bbolt store itself).
 func startBucketDaemonOn(t *testing.T, repl func(*store.Store) *replication.Replicator, prep func(*store.Store), wrap func(*store.Store) store.Backend) *bucketDaemon {
 	t.Helper()
-	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	cfg := DefaultConfig()
-	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
-	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")}, {Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}
+	st, cfg := testStore(t, 3)
+	// These tests have always run with the default health settings
+	// (testStore turns the checks off).
+	cfg.Health = DefaultConfig().Health
 	cfg.UnknownPeers = UnknownPeersConfig{Buckets: 256, MaxChanges: 256}
 	if prep != nil {
 		prep(st)
 	}
-	b := &bucketDaemon{k: ipvstest.NewFake(ipvs.ModeRouteOnly), st: st, clk: clock.NewManual(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), cfg: &cfg}
-	o := DaemonOptions{Config: &cfg, Store: st, Dataplane: b.k, Logger: slog.New(slog.DiscardHandler), Clock: b.clk}
+	b := &bucketDaemon{k: ipvstest.NewFake(ipvs.ModeRouteOnly), st: st, clk: clock.NewManual(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)), cfg: cfg}
+	o := DaemonOptions{Config: cfg, Store: st, Dataplane: b.k, Logger: slog.New(slog.DiscardHandler), Clock: b.clk}
 	if wrap != nil {
 		o.Store = wrap(st)
 	}
 	if repl != nil {
 		o.Replicator = repl(st)
 	}
-	b.d, err = NewDaemon(o)
+	d, err := NewDaemon(o)
 	if err != nil {
 		t.Fatal(err)
 	}
+	b.d = d
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { b.d.Run(ctx); close(done) }()

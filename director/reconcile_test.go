@@ -85,17 +85,10 @@ func TestReconcileFollowsTheChangeLog(t *testing.T) {
 // one Update carrying the moved tunnels' elements and the new nodes, not
 // as a full sync, and the kernel ends equal to the table (nodes included).
 func TestReconcileNodeDownIsADelta(t *testing.T) {
-	st, err := store.Open(store.Options{Path: filepath.Join(t.TempDir(), "td.db")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	cfg := DefaultConfig()
-	cfg.VIPs = []netip.Addr{netip.MustParseAddr("198.51.100.10")}
-	cfg.Nodes = []NodeConfig{{Name: "vpn-a", Address: netip.MustParseAddr("172.16.0.1")}, {Name: "vpn-b", Address: netip.MustParseAddr("172.16.0.2")},
-		{Name: "vpn-c", Address: netip.MustParseAddr("172.16.0.3")}}
+	st, cfg := testStore(t, 3)
+	cfg.Health = DefaultConfig().Health // as this test has always run
 	k := ipvstest.NewFake(ipvs.ModeRouteOnly)
-	d, err := NewDaemon(DaemonOptions{Config: &cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
+	d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		t.Fatal(err)
 	}

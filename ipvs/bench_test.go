@@ -13,8 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
@@ -172,6 +171,13 @@ func BenchmarkFullSync100k(b *testing.B) {
 func loaded(b *testing.B) (*dataplane, *Desired, func()) {
 	ns, done := benchLab(b)
 	d := bigDesired(benchTunnels)
+	dp := synced(b, ns, d)
+	return dp, d, func() { dp.Close(); done() }
+}
+
+// synced is a dataplane in ns with the default Config, synced to d.
+func synced(b *testing.B, ns *netlab.NS, d *Desired) *dataplane {
+	b.Helper()
 	dp, err := newIn(Config{}, ns.NsHandle())
 	if err != nil {
 		b.Fatal(err)
@@ -179,7 +185,7 @@ func loaded(b *testing.B) (*dataplane, *Desired, func()) {
 	if _, err := dp.Sync(context.Background(), d); err != nil {
 		b.Fatal(err)
 	}
-	return dp, d, func() { dp.Close(); done() }
+	return dp
 }
 
 // BenchmarkUpdateMove100k moves one tunnel (peer and subnet) per Update
@@ -275,16 +281,6 @@ func benchSize(b *testing.B, def int) int {
 	return def
 }
 
-// cpuTime is the process's user+sys CPU time: on the shared build machine
-// wall time mostly measures the other work.
-func cpuTime() time.Duration {
-	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
-		return 0
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
 // BenchmarkNodeDown takes one of 16 nodes down with TD_BENCH_TUNNELS
 // (default 100,000) tunnels loaded: one Update carrying the node's
 // tunnels' moves (1/16 of them: 62,500 at a million) and the new nodes,
@@ -297,15 +293,9 @@ func BenchmarkNodeDown(b *testing.B) {
 	ns, done := benchLab(b)
 	defer done()
 	d := bigDesiredNodes(n, 16)
-	dp, err := newIn(Config{}, ns.NsHandle())
-	if err != nil {
-		b.Fatal(err)
-	}
+	dp := synced(b, ns, d)
 	defer dp.Close()
 	ctx := context.Background()
-	if _, err := dp.Sync(ctx, d); err != nil {
-		b.Fatal(err)
-	}
 	var updTotal, updCPU, syncTotal time.Duration
 	moved := 0
 	b.ResetTimer()
@@ -328,10 +318,10 @@ func BenchmarkNodeDown(b *testing.B) {
 		}
 		moved = len(dl.SetPeers)
 		b.StartTimer()
-		t0, c0 := time.Now(), cpuTime()
+		t0, c0 := time.Now(), cputime.Process()
 		st, err := dp.Update(ctx, dl)
 		updTotal += time.Since(t0)
-		updCPU += cpuTime() - c0
+		updCPU += cputime.Process() - c0
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -369,15 +359,9 @@ func BenchmarkBucketStep100k(b *testing.B) {
 			for i := range d.Buckets {
 				d.Buckets[i] = uint16(i%3 + 1)
 			}
-			dp, err := newIn(Config{}, ns.NsHandle())
-			if err != nil {
-				b.Fatal(err)
-			}
+			dp := synced(b, ns, d)
 			defer dp.Close()
 			ctx := context.Background()
-			if _, err := dp.Sync(ctx, d); err != nil {
-				b.Fatal(err)
-			}
 			var lat []time.Duration
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {

@@ -22,11 +22,7 @@ import (
 // synced count, or a bucket change after a Sync without buckets, is
 // refused and changes nothing.
 func TestBucketsDiff(t *testing.T) {
-	k := newFakeKernel(false)
-	dp, err := newFake(Config{}, k)
-	if err != nil {
-		t.Fatal(err)
-	}
+	dp, k := fakeDataplane(t, false)
 	d := unitDesired()
 	d.Buckets = []uint16{1, 2, 0, 7, 2, 1, 1, 2}
 	mustSync(t, dp, d)

@@ -120,6 +120,18 @@ func (k *fakeKernel) Conns() ([]lvs.Conn, error) { return nil, nil }
 func (k *fakeKernel) Close() error               { return nil }
 
 // newFake is newDataplane over k (as IPVS too when k has it).
+// fakeDataplane is a dataplane with the default Config over a fresh fake
+// kernel, with or without IPVS.
+func fakeDataplane(t *testing.T, ipvs bool) (*dataplane, *fakeKernel) {
+	t.Helper()
+	k := newFakeKernel(ipvs)
+	dp, err := newFake(Config{}, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dp, k
+}
+
 func newFake(cfg Config, k *fakeKernel) (*dataplane, error) {
 	var lk lvs.Kernel
 	if k.ipvs {
@@ -161,11 +173,7 @@ func mustSync(t *testing.T, dp *dataplane, d *Desired) Stats {
 func TestDiffAddIdempotentMoveRemove(t *testing.T) {
 	for _, ipvs := range []bool{false, true} {
 		t.Run(fmt.Sprintf("ipvs=%v", ipvs), func(t *testing.T) {
-			k := newFakeKernel(ipvs)
-			dp, err := newFake(Config{}, k)
-			if err != nil {
-				t.Fatal(err)
-			}
+			dp, k := fakeDataplane(t, ipvs)
 			wantMode := map[bool]Mode{false: ModeRouteOnly, true: ModeIPVS}[ipvs]
 			if dp.Mode() != wantMode {
 				t.Fatalf("mode %s", dp.Mode())
@@ -200,7 +208,7 @@ func TestDiffAddIdempotentMoveRemove(t *testing.T) {
 				t.Fatalf("move: %+v %v", st, ops)
 			}
 			// Move by Update, one transaction.
-			st, err = dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 1}, DeleteSubnets: []netip.Prefix{sB}, SetSubnets: map[netip.Prefix]uint16{netip.MustParsePrefix("10.9.0.0/27"): 2}})
+			st, err := dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 1}, DeleteSubnets: []netip.Prefix{sB}, SetSubnets: map[netip.Prefix]uint16{netip.MustParsePrefix("10.9.0.0/27"): 2}})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -275,8 +283,7 @@ func countPrefix(ops []string, p string) int {
 // previous run programmed and that then drifted: only the difference is
 // applied, nothing is recreated.
 func TestDiffAdoptWithDifferences(t *testing.T) {
-	k := newFakeKernel(true)
-	dp, _ := newFake(Config{}, k)
+	dp, k := fakeDataplane(t, true)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()
@@ -322,8 +329,7 @@ func TestDiffRefusesForeign(t *testing.T) {
 }
 
 func TestHashChangeRebuildsChain(t *testing.T) {
-	k := newFakeKernel(false)
-	dp, _ := newFake(Config{}, k)
+	dp, k := fakeDataplane(t, false)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()
@@ -342,8 +348,7 @@ func TestHashChangeRebuildsChain(t *testing.T) {
 // with its first subnet and go with its last, in the Update's one
 // transaction, and that Verify then finds nothing to do.
 func TestSubnetLengthsFollowUpdates(t *testing.T) {
-	k := newFakeKernel(false)
-	dp, _ := newFake(Config{}, k)
+	dp, k := fakeDataplane(t, false)
 	d := unitDesired()
 	mustSync(t, dp, d)
 	k.take()
@@ -386,11 +391,7 @@ func TestSubnetLengthsFollowUpdates(t *testing.T) {
 func TestUpdateWithNodesEqualsSync(t *testing.T) {
 	for _, ipvs := range []bool{false, true} {
 		t.Run(fmt.Sprintf("ipvs=%v", ipvs), func(t *testing.T) {
-			k := newFakeKernel(ipvs)
-			dp, err := newFake(Config{}, k)
-			if err != nil {
-				t.Fatal(err)
-			}
+			dp, k := fakeDataplane(t, ipvs)
 			d := unitDesired()
 			mustSync(t, dp, d)
 			k.take()
@@ -421,8 +422,7 @@ func TestUpdateWithNodesEqualsSync(t *testing.T) {
 			}
 			// A fresh dataplane synced to the same desired state: the same
 			// kernel.
-			k2 := newFakeKernel(ipvs)
-			dp2, _ := newFake(Config{}, k2)
+			dp2, k2 := fakeDataplane(t, ipvs)
 			mustSync(t, dp2, d)
 			if !reflect.DeepEqual(k.nft, k2.nft) || !reflect.DeepEqual(k.svcs, k2.svcs) || !reflect.DeepEqual(k.routes, k2.routes) {
 				t.Fatalf("after the node update the kernel differs from a sync:\nupdate nft %+v\nsync   nft %+v\nupdate svcs %v\nsync   svcs %v", k.nft, k2.nft, k.svcs, k2.svcs)
@@ -455,8 +455,7 @@ func TestUpdateWithNodesEqualsSync(t *testing.T) {
 // transaction left it, reads the maps back and repairs when anyone else
 // committed, and reads them anyway every fullVerifyEvery verifies.
 func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
-	k := newFakeKernel(false)
-	dp, _ := newFake(Config{}, k)
+	dp, k := fakeDataplane(t, false)
 	mustSync(t, dp, unitDesired())
 	reads := k.nftReads
 	verify := func() Stats {
@@ -494,8 +493,7 @@ func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
 // since left them (a bucket step in the same delta included), and the
 // kernel ends as a Sync of the same desired state would leave it.
 func TestUpdateWithNodesKeepsBuckets(t *testing.T) {
-	k := newFakeKernel(false)
-	dp, _ := newFake(Config{}, k)
+	dp, k := fakeDataplane(t, false)
 	d := unitDesired()
 	d.Buckets = []uint16{1, 2, 1, 2}
 	mustSync(t, dp, d)
@@ -513,8 +511,7 @@ func TestUpdateWithNodesKeepsBuckets(t *testing.T) {
 		Buckets: map[int]uint16{2: 3}, Nodes: slices.Clone(d.Nodes)}); err != nil {
 		t.Fatal(err)
 	}
-	k2 := newFakeKernel(false)
-	dp2, _ := newFake(Config{}, k2)
+	dp2, k2 := fakeDataplane(t, false)
 	mustSync(t, dp2, d)
 	if !reflect.DeepEqual(k.nft, k2.nft) || !reflect.DeepEqual(k.routes, k2.routes) {
 		t.Fatalf("after the node update the kernel differs from a sync:\nupdate %+v\nsync   %+v", k.nft, k2.nft)

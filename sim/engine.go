@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -807,7 +808,7 @@ func (e *engine) failover(ev Event, rp *EventReport) error {
 			stale = append(stale, affinity.Change{Kind: affinity.DeleteTunnel, Name: tu.ID, Reason: "gone before failover"})
 		}
 	})
-	slices.SortFunc(stale, func(a, b affinity.Change) int { return compareStrings(a.Name, b.Name) })
+	slices.SortFunc(stale, func(a, b affinity.Change) int { return cmp.Compare(a.Name, b.Name) })
 	if fix := append(stale, lost...); len(fix) > 0 {
 		a, err := e.master().Commit(fix)
 		e.follow()
@@ -826,16 +827,6 @@ func (e *engine) failover(ev Event, rp *EventReport) error {
 		}
 	}
 	return nil
-}
-
-func compareStrings(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // finish turns the run's observations into the report's derived numbers.
@@ -866,7 +857,7 @@ func (e *engine) finish() {
 		for n, c := range ev.from {
 			ev.MovedFrom = append(ev.MovedFrom, NodeCount{Node: n, Tunnels: c})
 		}
-		slices.SortFunc(ev.MovedFrom, func(a, b NodeCount) int { return compareStrings(a.Node, b.Node) })
+		slices.SortFunc(ev.MovedFrom, func(a, b NodeCount) int { return cmp.Compare(a.Node, b.Node) })
 	}
 	if e.lagN > 0 {
 		r.Replication.MeanLagMs = round3(ms(e.lagSum) / float64(e.lagN))

@@ -153,24 +153,7 @@ func (p *directorPair) Committed() {
 // happen: datagrams delivered and handled, then both replicators' timers.
 func (p *directorPair) step(now time.Time) {
 	p.clk.AdvanceTo(now)
-	for range 256 {
-		p.net.Deliver()
-		moved := false
-		for i, ep := range p.eps {
-			for done := false; !done; {
-				select {
-				case b := <-ep.Recv():
-					p.reps[i].HandleDatagram(b)
-					moved = true
-				default:
-					done = true
-				}
-			}
-		}
-		if !moved {
-			break
-		}
-	}
+	p.net.Settle(256, func(i int, b []byte) { p.reps[i].HandleDatagram(b) })
 	for _, r := range p.reps {
 		r.Tick()
 	}

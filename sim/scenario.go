@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"maps"
@@ -833,7 +834,7 @@ func (s *Scenario) Problems() []string {
 	for i := range order {
 		order[i] = i
 	}
-	slices.SortStableFunc(order, func(a, b int) int { return cmpDuration(s.Events[a].At, s.Events[b].At) })
+	slices.SortStableFunc(order, func(a, b int) int { return cmp.Compare(s.Events[a].At, s.Events[b].At) })
 	exists := maps.Clone(names)
 	for _, i := range order {
 		e := s.Events[i]
@@ -865,16 +866,6 @@ func optionProblems(prefix string, err error, bad func(path, format string, args
 			bad(prefix+e.Key, "%s", e.Problem)
 		}
 	}
-}
-
-func cmpDuration(a, b time.Duration) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // ParseEvent parses the flag form of an event: "AT KIND [NODE|BUDGET|MODE|LOSS]",

@@ -14,6 +14,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/tabletest"
 )
 
 func clock() func() time.Time {
@@ -31,26 +32,11 @@ func open(t testing.TB, path string) *Store {
 	return s
 }
 
-func nodes(n int) []affinity.Change {
-	var b []affinity.Change
-	for i := 0; i < n; i++ {
-		b = append(b, affinity.Change{Kind: affinity.PutNode, Node: &affinity.Node{Name: fmt.Sprintf("vpn-%d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
-	}
-	return b
-}
-
-func tunnels(from, n int) []affinity.Change {
-	var b []affinity.Change
-	for i := from; i < from+n; i++ {
-		b = append(b, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{
-			ID:      fmt.Sprintf("t%06d", i),
-			Peer:    netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)}),
-			Subnets: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(10 + i>>19), byte(i >> 11), byte(i >> 3), byte(i << 5)}), 27)},
-			Comment: fmt.Sprintf("site %d", i),
-		}})
-	}
-	return b
-}
+// nodes and tunnels generate the changes every store test commits.
+var (
+	nodes   = tabletest.Nodes
+	tunnels = tabletest.Tunnels
+)
 
 func TestCommitReopenJournal(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "td.db")

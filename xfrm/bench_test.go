@@ -4,8 +4,9 @@ import (
 	"fmt"
 	"net/netip"
 	"runtime"
-	"syscall"
 	"testing"
+
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 )
 
 // synthetic returns a node's database with n SAs: n/2 peers, each with
@@ -30,7 +31,7 @@ func BenchmarkGroup(b *testing.B) {
 		s := synthetic(n)
 		local := NewLocal(s.Local...)
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			defer cpuPerOp(b)()
+			defer cputime.PerOp(b)()
 			for b.Loop() {
 				if f := Group(local, s.States, s.Policies); f.Summary.SAs != n {
 					b.Fatal(f.Summary)
@@ -47,7 +48,7 @@ func BenchmarkMirrorReset(b *testing.B) {
 		s := synthetic(n)
 		m := NewMirror()
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			defer cpuPerOp(b)()
+			defer cputime.PerOp(b)()
 			for b.Loop() {
 				m.Reset(s)
 				m.Changed()
@@ -68,7 +69,7 @@ func BenchmarkMirrorEvent(b *testing.B) {
 		c := child{local: vip, peer: peer, reqid: 8, spiIn: 0x90000, spiOut: 0x90001}
 		old := c.states()
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			defer cpuPerOp(b)()
+			defer cputime.PerOp(b)()
 			for i := 0; b.Loop(); i++ {
 				c.spiIn, c.spiOut = uint32(0xa0000+2*i), uint32(0xa0001+2*i)
 				fresh := c.states()
@@ -95,7 +96,7 @@ func BenchmarkDecodeDump(b *testing.B) {
 		msgs[i] = encState(sa)
 	}
 	b.SetBytes(int64(len(msgs) * len(msgs[0])))
-	defer cpuPerOp(b)()
+	defer cputime.PerOp(b)()
 	for b.Loop() {
 		for _, m := range msgs {
 			if _, err := decodeState(m); err != nil {
@@ -129,17 +130,4 @@ func TestMirrorMemory(t *testing.T) {
 		t.Errorf("%.0f bytes per SA", per)
 	}
 	runtime.KeepAlive(m)
-}
-
-// cpuPerOp reports the process's CPU time per iteration beside the wall
-// time: on the shared build machine the wall time swings with the load,
-// the CPU time much less. Call it as defer cpuPerOp(b)().
-func cpuPerOp(b *testing.B) func() {
-	cpu := func() int64 {
-		var ru syscall.Rusage
-		_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-		return ru.Utime.Nano() + ru.Stime.Nano()
-	}
-	start := cpu()
-	return func() { b.ReportMetric(float64(cpu()-start)/float64(b.N), "cpu-ns/op") }
 }

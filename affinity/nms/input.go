@@ -208,17 +208,7 @@ func (c *countReader) Read(p []byte) (int, error) {
 	n, err := c.r.Read(p)
 	if n > 0 {
 		if c.trackLines {
-			b := p[:n]
-			off := c.n
-			for {
-				i := bytes.IndexByte(b, '\n')
-				if i < 0 {
-					break
-				}
-				c.nl = append(c.nl, off+int64(i))
-				off += int64(i) + 1
-				b = b[i+1:]
-			}
+			c.noteNewlines(p[:n], c.n)
 		}
 		c.last = p[n-1]
 		c.n += int64(n)
@@ -228,6 +218,20 @@ func (c *countReader) Read(p []byte) (int, error) {
 		}
 	}
 	return n, err
+}
+
+// noteNewlines records the offsets of the newlines in b, which starts at
+// offset off of the input.
+func (c *countReader) noteNewlines(b []byte, off int64) {
+	for {
+		i := bytes.IndexByte(b, '\n')
+		if i < 0 {
+			return
+		}
+		c.nl = append(c.nl, off+int64(i))
+		off += int64(i) + 1
+		b = b[i+1:]
+	}
 }
 
 // finish reports the final count once.

@@ -222,19 +222,8 @@ type decodeFunc func(keys []string, into []json.Unmarshaler) bool
 // trackLines starts recording newline offsets. The bytes sniffed so far
 // are all still in the buffer, so they are scanned here.
 func (in *input) trackLines() {
-	cr := in.cr
-	cr.trackLines = true
-	off := int64(in.bom)
-	b := in.head
-	for {
-		i := bytes.IndexByte(b, '\n')
-		if i < 0 {
-			break
-		}
-		cr.nl = append(cr.nl, off+int64(i))
-		off += int64(i) + 1
-		b = b[i+1:]
-	}
+	in.cr.trackLines = true
+	in.cr.noteNewlines(in.head, int64(in.bom))
 }
 
 // skipSep counts the bytes before the next element in what the decoder

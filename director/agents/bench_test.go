@@ -5,11 +5,11 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 	"github.com/tunneldirector/tunneldirector/store"
 	"github.com/tunneldirector/tunneldirector/xfrm"
 	"github.com/tunneldirector/tunneldirector/xfrm/report"
@@ -113,7 +113,7 @@ func BenchmarkMergeFarm(b *testing.B) {
 	bodies := benchBodies(b)
 	b.Run("known", func(b *testing.B) {
 		st := benchStore(b, true)
-		defer cpuPerOp(b)()
+		defer cputime.PerOp(b)()
 		for b.Loop() {
 			if p := mergeFarm(b, st, bodies, time.Unix(1764410400, 0)); len(p.Changes) != 0 {
 				b.Fatalf("%d changes on a farm the table already matches", len(p.Changes))
@@ -121,7 +121,7 @@ func BenchmarkMergeFarm(b *testing.B) {
 		}
 	})
 	b.Run("learn", func(b *testing.B) {
-		defer cpuPerOp(b)()
+		defer cputime.PerOp(b)()
 		for b.Loop() {
 			b.StopTimer()
 			st := benchStore(b, false)
@@ -161,7 +161,7 @@ func BenchmarkMergeSteady(b *testing.B) {
 	}
 	commit(true)
 	b.Run("delta", func(b *testing.B) {
-		defer cpuPerOp(b)()
+		defer cputime.PerOp(b)()
 		seq := uint64(1)
 		for i := 0; b.Loop(); i++ {
 			seq++
@@ -176,22 +176,9 @@ func BenchmarkMergeSteady(b *testing.B) {
 		}
 	})
 	b.Run("sweep", func(b *testing.B) {
-		defer cpuPerOp(b)()
+		defer cputime.PerOp(b)()
 		for b.Loop() {
 			commit(true)
 		}
 	})
-}
-
-// cpuPerOp reports the process's CPU time per iteration beside the wall
-// time (the shared machine's load moves the wall time much more). Call it
-// as defer cpuPerOp(b)().
-func cpuPerOp(b *testing.B) func() {
-	cpu := func() int64 {
-		var ru syscall.Rusage
-		_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-		return ru.Utime.Nano() + ru.Stime.Nano()
-	}
-	start := cpu()
-	return func() { b.ReportMetric(float64(cpu()-start)/float64(b.N), "cpu-ns/op") }
 }

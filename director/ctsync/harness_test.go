@@ -165,25 +165,7 @@ func (p *pair) setRoles(a, b replication.Role) {
 // for (the dumper's job, run here in the test's goroutine).
 func (p *pair) step() {
 	p.clk.Advance(time.Millisecond)
-	for range 64 {
-		p.net.Deliver()
-		moved := false
-		for i := range 2 {
-			for {
-				select {
-				case b := <-p.ep[i].Recv():
-					p.r[i].HandleDatagram(b)
-					moved = true
-					continue
-				default:
-				}
-				break
-			}
-		}
-		if !moved {
-			break
-		}
-	}
+	p.net.Settle(64, func(i int, b []byte) { p.r[i].HandleDatagram(b) })
 	for i := range 2 {
 		select {
 		case <-p.s[i].dumpReq:

@@ -12,11 +12,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 	"github.com/tunneldirector/tunneldirector/internal/ikeresponder"
 )
 
@@ -58,12 +58,6 @@ func serveResponders(spec string) int {
 // of 127/8 is local, so many nodes need no namespace and no root.
 func loopbackNode(net, i int) netip.Addr { return netip.AddrFrom4([4]byte{127, 0, byte(net), byte(i)}) }
 
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-}
-
 type nullSink struct{}
 
 func (nullSink) Apply(Decision) error { return nil }
@@ -102,9 +96,9 @@ func BenchmarkProbeCost(b *testing.B) {
 		done := make(chan struct{})
 		go func() { m.Run(ctx); close(done) }()
 		time.Sleep(2 * time.Second) // let the staggered schedule settle
-		c0, r0, w0 := cpuTime(), m.Status().Counters.Rounds, time.Now()
+		c0, r0, w0 := cputime.Process(), m.Status().Counters.Rounds, time.Now()
 		time.Sleep(10 * time.Second)
-		c1, r1, w1 := cpuTime(), m.Status().Counters.Rounds, time.Now()
+		c1, r1, w1 := cputime.Process(), m.Status().Counters.Rounds, time.Now()
 		st := m.Status()
 		cancel()
 		<-done

@@ -75,27 +75,11 @@ func (p *pair) startBoth() { p.start(0); p.start(1) }
 // step advances the clock and lets everything due happen.
 func (p *pair) step() {
 	p.clk.Advance(p.step_)
-	for range 64 {
-		p.net.Deliver()
-		moved := false
-		for i := range 2 {
-			for {
-				select {
-				case b := <-p.ep[i].Recv():
-					if p.r[i] != nil {
-						p.r[i].HandleDatagram(b)
-					}
-					moved = true
-					continue
-				default:
-				}
-				break
-			}
+	p.net.Settle(64, func(i int, b []byte) {
+		if p.r[i] != nil { // a stopped director's datagrams are lost
+			p.r[i].HandleDatagram(b)
 		}
-		if !moved {
-			break
-		}
-	}
+	})
 	for i := range 2 {
 		if p.r[i] != nil {
 			p.r[i].Tick()

@@ -185,6 +185,32 @@ func (n *FakeNetwork) Deliver() int {
 	return k
 }
 
+// Settle delivers what is due and hands every datagram waiting at
+// endpoint i to handle(i, datagram), side 0 first, and repeats while
+// datagrams moved, at most rounds times: replies due at once go out in
+// the same step. It is the single-goroutine driver of tests and the
+// simulator; handle runs without the medium's lock, so it may send.
+func (n *FakeNetwork) Settle(rounds int, handle func(side int, b []byte)) {
+	for range rounds {
+		n.Deliver()
+		moved := false
+		for i, ep := range n.ep {
+			for done := false; !done; {
+				select {
+				case b := <-ep.ch:
+					handle(i, b)
+					moved = true
+				default:
+					done = true
+				}
+			}
+		}
+		if !moved {
+			return
+		}
+	}
+}
+
 // Pending reports how many datagrams are in flight.
 func (n *FakeNetwork) Pending() int {
 	n.mu.Lock()

@@ -213,13 +213,7 @@ func conntrackFailover(t *testing.T, replicate bool) {
 		extra = "  conntrack: {enabled: false}\n"
 	}
 	ds := startPairWith(t, top, dir, pairOptions{extra: extra}, "backup", "backup")
-	waitFor := func(what string, limit time.Duration, cond func() bool) {
-		t.Helper()
-		waitPair(t, ds, what, limit, cond)
-	}
-	for _, d := range ds {
-		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
-	}
+	waitPairAPI(t, ds)
 	gws := []string{insideGW.String() + "/24 dev " + netlab.IfInside, targetGW.String() + "/24 dev " + netlab.IfTarget}
 	kas := []*keepalived{
 		startKeepalivedWith(t, ds[0], dir, 0, 150, kaOptions{fifo: true, vips: gws}),
@@ -231,7 +225,7 @@ func conntrackFailover(t *testing.T, replicate bool) {
 		}
 		return ""
 	}
-	waitFor("keepalived (through notify_fifo) to make director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
+	waitPair(t, ds, "keepalived (through notify_fifo) to make director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
 
 	csv := filepath.Join(dir, "t.csv")
 	os.WriteFile(csv, []byte(fmt.Sprintf("id,peer,subnets,node\nsite-1,%s,10.70.0.0/24,node0\n", top.Peers[0].If(netlab.IfOutside).Addr4)), 0o600)
@@ -239,10 +233,10 @@ func conntrackFailover(t *testing.T, replicate bool) {
 		t.Fatalf("import on the master: %v %s", err, out)
 	}
 	rev := ds[0].status(t).Revision
-	waitFor("both kernels programmed", 10*time.Second, func() bool {
+	waitPair(t, ds, "both kernels programmed", 10*time.Second, func() bool {
 		return ds[0].status(t).KernelRevision == rev && ds[1].status(t).KernelRevision == rev
 	})
-	waitFor("the backup to be ready", 20*time.Second, func() bool { _, err := ds[1].cli(t, "ctl", "ready"); return err == nil })
+	waitPair(t, ds, "the backup to be ready", 20*time.Second, func() bool { _, err := ds[1].cli(t, "ctl", "ready"); return err == nil })
 	time.Sleep(1500 * time.Millisecond) // keepalived reads the track file once a second
 
 	// The host in the protected subnet sits behind node0.
@@ -258,18 +252,18 @@ func conntrackFailover(t *testing.T, replicate bool) {
 		t.Fatalf("only %d bytes in the session's first second through the master", n)
 	}
 	if replicate {
-		waitFor("the backup to cache the session", 10*time.Second, func() bool {
+		waitPair(t, ds, "the backup to cache the session", 10*time.Second, func() bool {
 			out, _ := ds[1].cli(t, "ctl", "conntrack", "show")
 			return strings.Contains(out, "10.70.0.1:9000") && strings.Contains(out, "established")
 		})
 	}
 
 	kas[0].cmd.Process.Signal(syscall.SIGTERM)
-	waitFor("director 1 to become master", 10*time.Second, func() bool { return role(ds[1]) == "master" })
+	waitPair(t, ds, "director 1 to become master", 10*time.Second, func() bool { return role(ds[1]) == "master" })
 	// From here on every packet of the session goes through the new
 	// master (a few in flight before may still arrive).
 	tookOver := time.Now().Add(300 * time.Millisecond)
-	waitFor("director 0 to go to fault (keepalived's STOP through notify_fifo)", 10*time.Second, func() bool { return role(ds[0]) == "fault" })
+	waitPair(t, ds, "director 0 to go to fault (keepalived's STOP through notify_fifo)", 10*time.Second, func() bool { return role(ds[0]) == "fault" })
 	time.Sleep(time.Until(tookOver.Add(6 * time.Second)))
 	n, gap := s.since(tookOver)
 	s.mu.Lock()

@@ -70,19 +70,13 @@ func TestConntrackPairLoss(t *testing.T) {
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 1})
 	dir := t.TempDir()
 	ds := startPair(t, top, dir, "master", "backup")
-	waitFor := func(what string, limit time.Duration, cond func() bool) {
-		t.Helper()
-		waitPair(t, ds, what, limit, cond)
-	}
-	for _, d := range ds {
-		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
-	}
+	waitPairAPI(t, ds)
 	csv := filepath.Join(dir, "t.csv")
 	os.WriteFile(csv, []byte("id,peer,subnets,node\nsite-1,192.0.2.200,10.80.0.0/16,node0\n"), 0o600)
 	if out, err := ds[0].cli(t, "import", csv); err != nil {
 		t.Fatalf("import: %v %s", err, out)
 	}
-	waitFor("the backup at the master's revision", 10*time.Second, func() bool { return ds[1].status(t).Revision == ds[0].status(t).Revision })
+	waitPair(t, ds, "the backup at the master's revision", 10*time.Second, func() bool { return ds[1].status(t).Revision == ds[0].status(t).Revision })
 	cached := func() int {
 		if c := ds[1].status(t).Conntrack; c != nil {
 			return c.Cached
@@ -108,12 +102,12 @@ func TestConntrackPairLoss(t *testing.T) {
 		if res, err := k.Commit(ctx, fs, conntrack.CommitOptions{}); err != nil || res.Failed != 0 {
 			t.Fatalf("create flows on the master: %+v %v", res, err)
 		}
-		waitFor(fmt.Sprintf("%d new flows in the backup's cache at %d%% loss", n, loss), 60*time.Second, func() bool { return cached() == base+n })
+		waitPair(t, ds, fmt.Sprintf("%d new flows in the backup's cache at %d%% loss", n, loss), 60*time.Second, func() bool { return cached() == base+n })
 		took := time.Since(start)
 		if _, err := k.Delete(ctx, fs[:n/2]); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(fmt.Sprintf("%d destroyed flows gone from the cache at %d%% loss", n/2, loss), 60*time.Second, func() bool { return cached() == base+n/2 })
+		waitPair(t, ds, fmt.Sprintf("%d destroyed flows gone from the cache at %d%% loss", n/2, loss), 60*time.Second, func() bool { return cached() == base+n/2 })
 		m, b := ds[0].status(t).Conntrack, ds[1].status(t).Conntrack
 		t.Logf("loss %d%%: %d flows cached %s after they were created; master sent %d records in %d datagrams, resent %d; backup: %d received, %d NACKs, %d lost",
 			loss, n, took.Round(time.Millisecond), m.Sent, m.Stream.DatagramsSent, m.Stream.Resent, b.Received, b.Stream.Nacks, b.Stream.Lost)

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"maps"
@@ -14,7 +13,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -525,19 +523,9 @@ func TestEtcdFarm(t *testing.T) {
 		src = a
 		break
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	var sentN atomic.Int64
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for seq := uint32(1); ctx.Err() == nil; seq++ {
-			if err := e.peerOf(src).SendESP(src, f.VIP4, 0xabcd, seq, "etcd-leader-down"); err == nil {
-				sentN.Add(1)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}()
+	stopESP := streamESP(func(seq uint32) error {
+		return e.peerOf(src).SendESP(src, f.VIP4, 0xabcd, seq, "etcd-leader-down")
+	})
 	leader := e.etcdLeader()
 	e.etcd[leader].cmd.Process.Signal(syscall.SIGKILL)
 	e.etcd[leader].cmd.Wait()
@@ -558,8 +546,7 @@ func TestEtcdFarm(t *testing.T) {
 	pause := time.Since(killed)
 	e.converged(30 * time.Second)
 	time.Sleep(200 * time.Millisecond)
-	cancel()
-	wg.Wait()
+	sentN := stopESP()
 	time.Sleep(100 * time.Millisecond)
 	match := func(p netlab.Packet) bool { return p.Tag == "etcd-leader-down" }
 	got := e.caps[owner[src]].Count(match)
@@ -569,11 +556,11 @@ func TestEtcdFarm(t *testing.T) {
 			others += c.Count(match)
 		}
 	}
-	if got != int(sentN.Load()) || others != 0 {
-		t.Fatalf("while the etcd leader died: sent %d ESP packets, owner got %d, other nodes %d", sentN.Load(), got, others)
+	if got != int(sentN) || others != 0 {
+		t.Fatalf("while the etcd leader died: sent %d ESP packets, owner got %d, other nodes %d", sentN, got, others)
 	}
 	t.Logf("etcd leader etcd%d killed: writes resumed after %s (%d refused meanwhile); %d ESP packets sent meanwhile, all %d at the owner",
-		leader, pause.Round(time.Millisecond), fails, sentN.Load(), got)
+		leader, pause.Round(time.Millisecond), fails, sentN, got)
 	owner = e.owners(writer)
 
 	// Partition the other live director from etcd.

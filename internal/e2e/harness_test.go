@@ -6,12 +6,15 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/tunneldirector/tunneldirector/internal/farmlab"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
@@ -81,4 +84,29 @@ func daemonCmd(t testing.TB, config string) *exec.Cmd {
 // second (the lab's, so the demo and these tests run the same daemon).
 func baseConfig(top *netlab.Topology, db, socket string) string {
 	return farmlab.DirectorConfig(top, db, socket)
+}
+
+// streamESP calls send with sequence numbers 1, 2, ... every 5 ms until
+// the returned stop is called: the steady ESP flow that tests keep up
+// across a restart or a failure. stop waits for the sender and returns how
+// many sends succeeded, the packets the owner must have received.
+func streamESP(send func(seq uint32) error) (stop func() int64) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var sent atomic.Int64
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for seq := uint32(1); ctx.Err() == nil; seq++ {
+			if err := send(seq); err == nil {
+				sent.Add(1)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	return func() int64 {
+		cancel()
+		wg.Wait()
+		return sent.Load()
+	}
 }

@@ -23,20 +23,14 @@ func TestMulticastPair(t *testing.T) {
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 2})
 	dir := t.TempDir()
 	ds := startPairWith(t, top, dir, pairOptions{group: netip.MustParseAddrPort("239.255.77.1:7788")}, "master", "backup")
-	waitFor := func(what string, limit time.Duration, cond func() bool) {
-		t.Helper()
-		waitPair(t, ds, what, limit, cond)
-	}
-	for _, d := range ds {
-		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
-	}
+	waitPairAPI(t, ds)
 	csv := filepath.Join(dir, "t.csv")
 	os.WriteFile(csv, []byte("id,peer,subnets,node\nsite-1,192.0.2.200,10.80.0.0/16,node0\nsite-2,192.0.2.201,10.81.0.0/16,node1\n"), 0o600)
 	if out, err := ds[0].cli(t, "import", csv); err != nil {
 		t.Fatalf("import: %v %s", err, out)
 	}
 	rev := ds[0].status(t).Revision
-	waitFor("the backup's table and kernel at the master's revision over multicast", 20*time.Second, func() bool {
+	waitPair(t, ds, "the backup's table and kernel at the master's revision over multicast", 20*time.Second, func() bool {
 		s := ds[1].status(t)
 		return s.Revision == rev && s.KernelRevision == rev && s.Replication.Ready
 	})
@@ -49,7 +43,7 @@ func TestMulticastPair(t *testing.T) {
 	if _, err := k.Commit(context.Background(), ctFlows(top.Target.If(netlab.IfTarget).Addr4, 0, 2000), conntrack.CommitOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("the backup's conntrack cache over multicast", 20*time.Second, func() bool { return ds[1].status(t).Conntrack.Cached == 2000 })
+	waitPair(t, ds, "the backup's conntrack cache over multicast", 20*time.Second, func() bool { return ds[1].status(t).Conntrack.Cached == 2000 })
 	for _, d := range ds {
 		r := d.status(t).Replication
 		if r.Peer.ID == 0 || r.Peer.ID == r.ID || r.Counters.AuthFailures+r.Counters.Malformed+r.Counters.Replays != 0 {

@@ -141,6 +141,15 @@ func waitPair(t testing.TB, ds []*pairDirector, what string, limit time.Duration
 	t.Fatalf("timed out waiting for %s", what)
 }
 
+// waitPairAPI waits up to 20 s for each daemon of the pair to answer on
+// its API socket.
+func waitPairAPI(t *testing.T, ds []*pairDirector) {
+	t.Helper()
+	for _, d := range ds {
+		waitPair(t, ds, "daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
+	}
+}
+
 // start runs the daemon in its namespace; t's cleanup kills it.
 func (d *pairDirector) start(t testing.TB) {
 	t.Helper()

@@ -29,13 +29,7 @@ func TestSplitBrain(t *testing.T) {
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 2})
 	dir := t.TempDir()
 	ds := startPair(t, top, dir, "backup", "backup")
-	waitFor := func(what string, limit time.Duration, cond func() bool) {
-		t.Helper()
-		waitPair(t, ds, what, limit, cond)
-	}
-	for _, d := range ds {
-		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
-	}
+	waitPairAPI(t, ds)
 	startKeepalived(t, ds[0], dir, 0, 150)
 	startKeepalived(t, ds[1], dir, 1, 100)
 	role := func(d *pairDirector) string {
@@ -44,7 +38,7 @@ func TestSplitBrain(t *testing.T) {
 		}
 		return ""
 	}
-	waitFor("director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
+	waitPair(t, ds, "director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
 	importOn := func(d *pairDirector, csv string) {
 		t.Helper()
 		f := filepath.Join(dir, fmt.Sprintf("import-%d.csv", time.Now().UnixNano()))
@@ -54,7 +48,7 @@ func TestSplitBrain(t *testing.T) {
 		}
 	}
 	importOn(ds[0], "base,192.0.2.200,10.80.0.0/16,node0,\nshared,192.0.2.201,10.81.0.0/24,node0,before\n")
-	waitFor("the backup in sync", 10*time.Second, func() bool { return ds[1].status(t).Revision == ds[0].status(t).Revision })
+	waitPair(t, ds, "the backup in sync", 10*time.Second, func() bool { return ds[1].status(t).Revision == ds[0].status(t).Revision })
 
 	server := top.Target.If(netlab.IfTarget).Addr4
 	ctx := context.Background()
@@ -63,7 +57,7 @@ func TestSplitBrain(t *testing.T) {
 	if _, err := k0.Commit(ctx, before, conntrack.CommitOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	waitFor("the backup caching the master's flows", 10*time.Second, func() bool { return ds[1].status(t).Conntrack.Cached == 500 })
+	waitPair(t, ds, "the backup caching the master's flows", 10*time.Second, func() bool { return ds[1].status(t).Conntrack.Cached == 500 })
 
 	// Cut the sync link and the VRRP link (the outside segment): both
 	// directors become master.
@@ -72,7 +66,7 @@ func TestSplitBrain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor("both directors master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "master" })
+	waitPair(t, ds, "both directors master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "master" })
 	if c := ds[1].status(t).Conntrack; c.LastCommit == nil || c.LastCommit.Entries != 500 {
 		t.Fatalf("director 1 becoming master committed %+v, want the 500 cached flows", c.LastCommit)
 	}
@@ -94,8 +88,8 @@ func TestSplitBrain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitFor("director 1 backup again", 20*time.Second, func() bool { return role(ds[1]) == "backup" })
-	waitFor("the merge, and the backup in sync with it", 30*time.Second, func() bool {
+	waitPair(t, ds, "director 1 backup again", 20*time.Second, func() bool { return role(ds[1]) == "backup" })
+	waitPair(t, ds, "the merge, and the backup in sync with it", 30*time.Second, func() bool {
 		s0, s1 := ds[0].status(t), ds[1].status(t)
 		return s0.Replication.Counters.Merges > 0 && s1.Revision == s0.Revision && s1.KernelRevision == s0.Revision && s0.KernelRevision == s0.Revision
 	})
@@ -148,7 +142,7 @@ func TestSplitBrain(t *testing.T) {
 	for _, f := range append(before, during0...) {
 		want[f.Orig.String()] = true
 	}
-	waitFor("the backup's conntrack cache reconciled with the master's flows", 20*time.Second, func() bool {
+	waitPair(t, ds, "the backup's conntrack cache reconciled with the master's flows", 20*time.Second, func() bool {
 		got := map[string]bool{}
 		for g := range cachedFlows(t, ds[1]) {
 			tuple, _, _ := strings.Cut(g, " established")

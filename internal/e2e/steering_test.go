@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -9,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -266,32 +264,21 @@ t0-v6,%s,fd70::/64,node2
 
 	// Restart: peer1 sends ESP every 5 ms while the daemon stops and a
 	// new one starts; every packet must reach node1, none elsewhere.
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	var sent atomic.Int64
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for seq := uint32(1); ctx.Err() == nil; seq++ {
-			if err := e.top.Peers[1].SendESP(p1.Addr4, e.top.VIP4, 0xfeed, seq, "restart"); err == nil {
-				sent.Add(1)
-			}
-			time.Sleep(5 * time.Millisecond)
-		}
-	}()
+	stopESP := streamESP(func(seq uint32) error {
+		return e.top.Peers[1].SendESP(p1.Addr4, e.top.VIP4, 0xfeed, seq, "restart")
+	})
 	time.Sleep(100 * time.Millisecond)
 	e.stop()
 	e.start()
 	time.Sleep(200 * time.Millisecond)
-	cancel()
-	wg.Wait()
+	sent := stopESP()
 	time.Sleep(100 * time.Millisecond)
 	restart := func(p netlab.Packet) bool { return p.Tag == "restart" }
 	got := e.caps[1].Count(restart)
-	if got != int(sent.Load()) || e.caps[0].Count(restart)+e.caps[2].Count(restart) != 0 {
-		t.Fatalf("across the restart: sent %d, node1 got %d, other nodes %d", sent.Load(), got, e.caps[0].Count(restart)+e.caps[2].Count(restart))
+	if got != int(sent) || e.caps[0].Count(restart)+e.caps[2].Count(restart) != 0 {
+		t.Fatalf("across the restart: sent %d, node1 got %d, other nodes %d", sent, got, e.caps[0].Count(restart)+e.caps[2].Count(restart))
 	}
-	t.Logf("restart: %d ESP packets sent during stop and start, all %d at the owner", sent.Load(), got)
+	t.Logf("restart: %d ESP packets sent during stop and start, all %d at the owner", sent, got)
 
 	// Drift: delete the director's nftables table behind its back.
 	err := e.top.Directors[0].Do(func() error {

@@ -67,21 +67,26 @@ type Kernel struct {
 	ModDir  string // path of lib/modules/<release>
 }
 
-// lockCache serialises cache fills across concurrently running test
-// binaries (go test runs packages in parallel).
-func lockCache(dir string) (func(), error) {
+// lockCache returns the cache directory, created and locked: the lock
+// serialises cache fills across concurrently running test binaries (go
+// test runs packages in parallel).
+func lockCache() (dir string, unlock func(), err error) {
+	dir, err = CacheDir()
+	if err != nil {
+		return "", nil, err
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, fmt.Errorf("create cache dir %s: %w", dir, err)
+		return "", nil, fmt.Errorf("create cache dir %s: %w", dir, err)
 	}
 	f, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("open cache lock: %w", err)
+		return "", nil, fmt.Errorf("open cache lock: %w", err)
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
 		f.Close()
-		return nil, fmt.Errorf("lock cache %s: %w", dir, err)
+		return "", nil, fmt.Errorf("lock cache %s: %w", dir, err)
 	}
-	return func() { syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
+	return dir, func() { syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
 }
 
 // KernelPackage names the kernel image package to use: $TD_VMLAB_KERNEL_PKG,
@@ -112,11 +117,7 @@ func KernelPackage(ctx context.Context) (string, error) {
 // Nothing is installed on the host. Without apt, a kernel already in the
 // cache is used.
 func EnsureKernel(ctx context.Context) (*Kernel, error) {
-	cache, err := CacheDir()
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := lockCache(cache)
+	cache, unlock, err := lockCache()
 	if err != nil {
 		return nil, err
 	}

@@ -77,11 +77,7 @@ func newRunner(t testing.TB, opts Options) (*runner, error) {
 	if err != nil {
 		return nil, err
 	}
-	cache, err := CacheDir()
-	if err != nil {
-		return nil, err
-	}
-	unlock, err := lockCache(cache)
+	cache, unlock, err := lockCache()
 	if err != nil {
 		return nil, err
 	}

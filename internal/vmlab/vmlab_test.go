@@ -85,3 +85,23 @@ func TestResolveModulesOrder(t *testing.T) {
 	}
 	t.Logf("%d modules for %s", len(mods), k.Package)
 }
+
+// TestLockCache: the lock creates $TD_VMLAB_CACHE and answers with it, and
+// unlock releases it (a second lock would otherwise wait for ever).
+func TestLockCache(t *testing.T) {
+	want := filepath.Join(t.TempDir(), "cache")
+	t.Setenv("TD_VMLAB_CACHE", want)
+	for range 2 {
+		dir, unlock, err := lockCache()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if dir != want {
+			t.Fatalf("lockCache dir %q, want %q", dir, want)
+		}
+		if _, err := os.Stat(filepath.Join(dir, ".lock")); err != nil {
+			t.Fatal(err)
+		}
+		unlock()
+	}
+}

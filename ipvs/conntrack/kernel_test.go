@@ -92,16 +92,7 @@ func sameFlow(want, got Flow) error {
 // ti-mo/conntrack's (the reference decoder), commits them again with new
 // timeouts (updated in place, not duplicated), and deletes them.
 func TestNSCommitDumpDelete(t *testing.T) {
-	l := netlab.New(t)
-	ns, err := l.AddNS("ct")
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := Open(ns.NsHandle())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.Close()
+	ns, k := openNS(t, "ct")
 	ctx := context.Background()
 	flows := testFlows(3000)
 	res, err := k.Commit(ctx, flows, CommitOptions{})
@@ -206,16 +197,7 @@ func TestNSCommitDumpDelete(t *testing.T) {
 // translation from CTA_NAT_SRC, so the entry reads back with SRC_NAT and
 // the reply tuple the master had.
 func TestNSCommitNAT(t *testing.T) {
-	l := netlab.New(t)
-	ns, err := l.AddNS("nat")
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := Open(ns.NsHandle())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.Close()
+	_, k := openNS(t, "nat")
 	var f Flow
 	f.Orig = MakeTuple(ProtoTCP, netip.MustParseAddr("10.70.0.5"), netip.MustParseAddr("198.18.1.100"), 40000, 443)
 	f.Reply = MakeTuple(ProtoTCP, netip.MustParseAddr("198.18.1.100"), netip.MustParseAddr("198.18.1.1"), 443, 61000)
@@ -244,16 +226,7 @@ func TestNSCommitNAT(t *testing.T) {
 // TestNSEvents: committing, updating and deleting entries produces NEW,
 // UPDATE and DESTROY events with the flows' tuples.
 func TestNSEvents(t *testing.T) {
-	l := netlab.New(t)
-	ns, err := l.AddNS("ev")
-	if err != nil {
-		t.Fatal(err)
-	}
-	k, err := Open(ns.NsHandle())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer k.Close()
+	_, k := openNS(t, "ev")
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var mu sync.Mutex
@@ -299,4 +272,20 @@ func TestNSEvents(t *testing.T) {
 	if err := <-done; err != context.Canceled {
 		t.Fatalf("events ended with %v", err)
 	}
+}
+
+// openNS opens the conntrack table of a fresh namespace, closed when the
+// test ends.
+func openNS(t *testing.T, name string) (*netlab.NS, *Kernel) {
+	t.Helper()
+	ns, err := netlab.New(t).AddNS(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := Open(ns.NsHandle())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { k.Close() })
+	return ns, k
 }

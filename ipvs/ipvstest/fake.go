@@ -100,19 +100,8 @@ func (f *Fake) Sync(ctx context.Context, d *ipvs.Desired) (ipvs.Stats, error) {
 	if err := ctx.Err(); err != nil {
 		return ipvs.Stats{}, err
 	}
-	known := map[uint16]bool{}
-	for _, n := range d.Nodes {
-		known[n.Mark] = true
-	}
-	for a, m := range d.Peers {
-		if !known[m] {
-			return ipvs.Stats{}, fmt.Errorf("sync: peer %s: owner mark %d is not a node", a, m)
-		}
-	}
-	for p, m := range d.Subnets {
-		if !known[m] {
-			return ipvs.Stats{}, fmt.Errorf("sync: subnet %s: owner mark %d is not a node", p, m)
-		}
+	if err := checkOwners("sync", d.Nodes, d.Peers, d.Subnets); err != nil {
+		return ipvs.Stats{}, err
 	}
 	var st ipvs.Stats
 	old := f.state
@@ -125,6 +114,26 @@ func (f *Fake) Sync(ctx context.Context, d *ipvs.Desired) (ipvs.Stats, error) {
 	f.state = cloneDesired(d)
 	st.Duration = time.Since(start)
 	return st, f.partial()
+}
+
+// checkOwners refuses, as the real dataplane does, a peer or subnet whose
+// owner mark is not one of nodes' marks.
+func checkOwners(op string, nodes []ipvs.Node, peers map[netip.Addr]uint16, subnets map[netip.Prefix]uint16) error {
+	known := make(map[uint16]bool, len(nodes))
+	for _, n := range nodes {
+		known[n.Mark] = true
+	}
+	for a, m := range peers {
+		if !known[m] {
+			return fmt.Errorf("%s: peer %s: owner mark %d is not a node", op, a, m)
+		}
+	}
+	for p, m := range subnets {
+		if !known[m] {
+			return fmt.Errorf("%s: subnet %s: owner mark %d is not a node", op, p, m)
+		}
+	}
+	return nil
 }
 
 // countBuckets counts changed buckets (all of them when the count
@@ -170,19 +179,8 @@ func (f *Fake) Update(ctx context.Context, d *ipvs.Delta) (ipvs.Stats, error) {
 	if d.Nodes != nil {
 		next.Nodes = append([]ipvs.Node{}, d.Nodes...)
 	}
-	known := map[uint16]bool{}
-	for _, n := range next.Nodes {
-		known[n.Mark] = true
-	}
-	for a, m := range d.SetPeers {
-		if !known[m] {
-			return ipvs.Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
-		}
-	}
-	for p, m := range d.SetSubnets {
-		if !known[m] {
-			return ipvs.Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", p, m)
-		}
+	if err := checkOwners("update", next.Nodes, d.SetPeers, d.SetSubnets); err != nil {
+		return ipvs.Stats{}, err
 	}
 	for _, a := range d.DeletePeers {
 		delete(next.Peers, a)

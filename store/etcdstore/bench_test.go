@@ -9,8 +9,8 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/tabletest"
 	"github.com/tunneldirector/tunneldirector/store"
-	"github.com/tunneldirector/tunneldirector/store/storetest"
 )
 
 // BenchmarkImport100k commits an import of 100,000 unpinned tunnels (one
@@ -24,14 +24,14 @@ import (
 //	go test -run '^$' -bench Import100k -benchtime 3x ./store/etcdstore/
 func BenchmarkImport100k(b *testing.B) {
 	b.Run("bbolt", func(b *testing.B) {
-		batch := storetest.Tunnels(0, 100_000)
+		batch := tabletest.Tunnels(0, 100_000)
 		var took time.Duration
 		for range b.N {
 			s, err := store.Open(store.Options{Path: filepath.Join(b.TempDir(), "td.db")})
 			if err != nil {
 				b.Fatal(err)
 			}
-			s.Commit(storetest.Nodes(16))
+			s.Commit(tabletest.Nodes(16))
 			start := time.Now()
 			if _, err := s.Commit(batch); err != nil {
 				b.Fatal(err)
@@ -71,13 +71,13 @@ func benchImportEtcd(b *testing.B) {
 		}
 		return st.DbSizeInUse
 	}
-	batch := storetest.Tunnels(0, n)
+	batch := tabletest.Tunnels(0, n)
 	var took time.Duration
 	var logB, snapB, dbB float64
 	for range b.N {
 		p := newPrefix()
 		s := openTest(b, p, affinity.Options{}, func(o *Options) { o.InlineBytes, o.ChunkBytes = 0, 0 })
-		if _, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) { return storetest.Nodes(16), nil }); err != nil {
+		if _, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) { return tabletest.Nodes(16), nil }); err != nil {
 			b.Fatal(err)
 		}
 		before := inUse()

@@ -17,8 +17,8 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/affinity"
 	"github.com/tunneldirector/tunneldirector/internal/etcdlab"
+	"github.com/tunneldirector/tunneldirector/internal/tabletest"
 	"github.com/tunneldirector/tunneldirector/store"
-	"github.com/tunneldirector/tunneldirector/store/storetest"
 )
 
 func rawClient(t *testing.T, ep string) *clientv3.Client {
@@ -68,9 +68,9 @@ func TestForeignPrefixRefused(t *testing.T) {
 	p3 := newPrefix()
 	s := openTest(t, p3, affinity.Options{})
 	defer s.Close()
-	commit(t, s, storetest.Nodes(1))
+	commit(t, s, tabletest.Nodes(1))
 	cli.Put(ctx, p3+keySchema, "someone-else/7")
-	if _, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) { return storetest.Tunnels(0, 1), nil }); err == nil || !strings.Contains(err.Error(), "refusing to write") {
+	if _, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) { return tabletest.Tunnels(0, 1), nil }); err == nil || !strings.Contains(err.Error(), "refusing to write") {
 		t.Fatalf("commit after the schema key changed: %v", err)
 	}
 	if r, _ := cli.Get(ctx, p3+keySchema); string(r.Kvs[0].Value) != "someone-else/7" {
@@ -93,8 +93,8 @@ func TestUnreachableAtStart(t *testing.T) {
 	p := newPrefix()
 	cache := filepath.Join(t.TempDir(), "cache.db")
 	s := openTest(t, p, affinity.Options{}, func(o *Options) { o.Cache = cache })
-	commit(t, s, storetest.Nodes(2))
-	commit(t, s, storetest.Tunnels(0, 40))
+	commit(t, s, tabletest.Nodes(2))
+	commit(t, s, tabletest.Tunnels(0, 40))
 	want := s.Table().Snapshot()
 	s.Close()
 	o.Cache, o.Location.Prefix = cache, p
@@ -110,7 +110,7 @@ func TestUnreachableAtStart(t *testing.T) {
 	if h.Connected || !h.Stale || !h.FromCache || !strings.Contains(h.LastError, dead) {
 		t.Fatalf("health from the cache: %+v", h)
 	}
-	if _, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) { return storetest.Tunnels(100, 1), nil }); !errors.Is(err, errOffline) {
+	if _, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) { return tabletest.Tunnels(100, 1), nil }); !errors.Is(err, errOffline) {
 		t.Fatalf("write while unreachable: %v", err)
 	}
 }
@@ -124,12 +124,12 @@ func TestCacheCatchesUp(t *testing.T) {
 	b := openTest(t, p, affinity.Options{}, func(o *Options) { o.Cache = cache })
 	a := openTest(t, p, affinity.Options{})
 	defer a.Close()
-	commit(t, a, storetest.Nodes(3))
-	commit(t, a, storetest.Tunnels(0, 100))
+	commit(t, a, tabletest.Nodes(3))
+	commit(t, a, tabletest.Tunnels(0, 100))
 	settle(t, b, a.Revision())
 	b.Close()
 	// a changes the table, snapshots twice: b's revision leaves the log.
-	commit(t, a, storetest.Tunnels(100, 100))
+	commit(t, a, tabletest.Tunnels(100, 100))
 	if err := a.SnapshotNow(); err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +138,7 @@ func TestCacheCatchesUp(t *testing.T) {
 	if err := a.SnapshotNow(); err != nil {
 		t.Fatal(err)
 	}
-	commit(t, a, storetest.Tunnels(200, 10))
+	commit(t, a, tabletest.Tunnels(200, 10))
 	keys, _ := a.keysUnder(context.Background(), dirLog)
 	if len(keys) != 2 {
 		t.Fatalf("log after two snapshots: %v (want the entries since the first snapshot)", keys)
@@ -168,12 +168,12 @@ func TestRequestLimits(t *testing.T) {
 	p := newPrefix()
 	// Between etcd's request limit (1.5 MiB) and the client's own
 	// (2 MiB), so that the server's refusal is what is seen.
-	big := storetest.Tunnels(0, 30_000)
+	big := tabletest.Tunnels(0, 30_000)
 	if n := len(affinity.MarshalChanges(big)); n < 3<<19 || n > 2<<20 {
 		t.Fatalf("test batch is %d bytes", n)
 	}
 	inline := openTest(t, p, affinity.Options{}, func(o *Options) { o.InlineBytes = 64 << 20 })
-	commit(t, inline, storetest.Nodes(3))
+	commit(t, inline, tabletest.Nodes(3))
 	if _, err := inline.Do(func(*affinity.Table) ([]affinity.Change, error) { return big, nil }); err == nil || !strings.Contains(err.Error(), "request is too large") {
 		t.Fatalf("an inline change above etcd's request limit: %v", err)
 	}

@@ -5,7 +5,6 @@ package storetest
 
 import (
 	"errors"
-	"fmt"
 	"net/netip"
 	"reflect"
 	"sync"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/tabletest"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -36,29 +36,6 @@ func Clock() func() time.Time {
 	var mu sync.Mutex
 	n := 0
 	return func() time.Time { mu.Lock(); defer mu.Unlock(); n++; return t0.Add(time.Duration(n) * time.Second) }
-}
-
-// Nodes returns n node puts.
-func Nodes(n int) []affinity.Change {
-	var b []affinity.Change
-	for i := range n {
-		b = append(b, affinity.Change{Kind: affinity.PutNode, Node: &affinity.Node{Name: fmt.Sprintf("vpn-%d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
-	}
-	return b
-}
-
-// Tunnels returns n tunnel puts from index from, one /27 each.
-func Tunnels(from, n int) []affinity.Change {
-	var b []affinity.Change
-	for i := from; i < from+n; i++ {
-		b = append(b, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{
-			ID:      fmt.Sprintf("t%06d", i),
-			Peer:    netip.AddrFrom4([4]byte{100, byte(i >> 16), byte(i >> 8), byte(i)}),
-			Subnets: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(10 + i>>19), byte(i >> 11), byte(i >> 3), byte(i << 5)}), 27)},
-			Comment: fmt.Sprintf("site %d", i),
-		}})
-	}
-	return b
 }
 
 func commit(t *testing.T, b store.Backend, cs []affinity.Change) *affinity.Applied {
@@ -90,8 +67,8 @@ func Run(t *testing.T, be Backend) {
 	t.Run("CommitReopen", func(t *testing.T) {
 		open := be.New(t)
 		s := open(t, opts())
-		commit(t, s, Nodes(3))
-		commit(t, s, Tunnels(0, 100))
+		commit(t, s, tabletest.Nodes(3))
+		commit(t, s, tabletest.Tunnels(0, 100))
 		moved, _ := s.Table().Tunnel("t000005")
 		moved.Peer = netip.MustParseAddr("192.0.2.5")
 		moved.Subnets = []netip.Prefix{netip.MustParsePrefix("10.200.0.0/24")}
@@ -103,7 +80,7 @@ func Run(t *testing.T, be Backend) {
 			t.Fatalf("moved tunnel stamped with revision %d, change made %d", tu.Revision, a.Revision)
 		}
 		rev := s.Revision()
-		if a := commit(t, s, Tunnels(10, 10)); len(a.Changes) != 0 || s.Revision() != rev {
+		if a := commit(t, s, tabletest.Tunnels(10, 10)); len(a.Changes) != 0 || s.Revision() != rev {
 			t.Fatalf("no-op commit changed the revision %d -> %d", rev, s.Revision())
 		}
 		want := s.Table().Snapshot()
@@ -124,10 +101,10 @@ func Run(t *testing.T, be Backend) {
 	t.Run("AllOrNothing", func(t *testing.T) {
 		s := be.New(t)(t, opts())
 		defer s.Close()
-		commit(t, s, Nodes(2))
-		commit(t, s, Tunnels(0, 10))
+		commit(t, s, tabletest.Nodes(2))
+		commit(t, s, tabletest.Tunnels(0, 10))
 		rev, before := s.Revision(), s.Table().Snapshot()
-		bad := Tunnels(100, 50)
+		bad := tabletest.Tunnels(100, 50)
 		clash := *bad[49].Tunnel
 		clash.Peer = netip.AddrFrom4([4]byte{100, 0, 0, 3}) // t000003's peer
 		bad[49].Tunnel = &clash
@@ -143,7 +120,7 @@ func Run(t *testing.T, be Backend) {
 		if _, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) { return nil, planErr }); !errors.Is(err, planErr) {
 			t.Fatalf("plan error: %v", err)
 		}
-		if err := s.Try(func(*affinity.Table) ([]affinity.Change, error) { return Tunnels(200, 5), nil }); err != nil {
+		if err := s.Try(func(*affinity.Table) ([]affinity.Change, error) { return tabletest.Tunnels(200, 5), nil }); err != nil {
 			t.Fatal(err)
 		}
 		if s.Revision() != rev || s.Table().Len() != 10 {
@@ -154,7 +131,7 @@ func Run(t *testing.T, be Backend) {
 	t.Run("ChangeLog", func(t *testing.T) {
 		s := be.New(t)(t, opts())
 		defer s.Close()
-		commit(t, s, Nodes(2))
+		commit(t, s, tabletest.Nodes(2))
 		cur, err := s.Changes(s.Revision())
 		if err != nil {
 			t.Fatal(err)
@@ -162,7 +139,7 @@ func Run(t *testing.T, be Backend) {
 		defer cur.Close()
 		var revs []uint64
 		for i := range 5 {
-			a := commit(t, s, Tunnels(i*10, 10))
+			a := commit(t, s, tabletest.Tunnels(i*10, 10))
 			select {
 			case <-cur.Notify():
 			case <-time.After(10 * time.Second):
@@ -206,8 +183,8 @@ func Run(t *testing.T, be Backend) {
 	t.Run("VIPs", func(t *testing.T) {
 		s := be.New(t)(t, opts())
 		defer s.Close()
-		commit(t, s, Nodes(1))
-		commit(t, s, Tunnels(0, 3))
+		commit(t, s, tabletest.Nodes(1))
+		commit(t, s, tabletest.Tunnels(0, 3))
 		if err := s.SetVIPs([]netip.Addr{netip.MustParseAddr("198.51.100.1")}); err != nil {
 			t.Fatal(err)
 		}
@@ -215,7 +192,7 @@ func Run(t *testing.T, be Backend) {
 		if err := s.SetVIPs([]netip.Addr{sub.Addr().Next()}); err == nil {
 			t.Fatalf("a VIP inside stored subnet %s was accepted", sub)
 		}
-		vip := Tunnels(50, 1)
+		vip := tabletest.Tunnels(50, 1)
 		vip[0].Tunnel.Subnets = []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}
 		if _, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) { return vip, nil }); err == nil {
 			t.Fatal("a subnet holding the VIP was committed")
@@ -225,8 +202,8 @@ func Run(t *testing.T, be Backend) {
 	t.Run("LargeBatch", func(t *testing.T) {
 		open := be.New(t)
 		s := open(t, opts())
-		commit(t, s, Nodes(4))
-		a := commit(t, s, Tunnels(0, 20_000))
+		commit(t, s, tabletest.Nodes(4))
+		a := commit(t, s, tabletest.Tunnels(0, 20_000))
 		if len(a.Changes) != 20_000 || s.Table().Len() != 20_000 {
 			t.Fatalf("large batch: %d changes, %d tunnels", len(a.Changes), s.Table().Len())
 		}
@@ -242,8 +219,8 @@ func Run(t *testing.T, be Backend) {
 	t.Run("Backup", func(t *testing.T) {
 		s := be.New(t)(t, opts())
 		defer s.Close()
-		commit(t, s, Nodes(2))
-		commit(t, s, Tunnels(0, 50))
+		commit(t, s, tabletest.Nodes(2))
+		commit(t, s, tabletest.Tunnels(0, 50))
 		path := t.TempDir() + "/backup.db"
 		if _, err := s.Backup(path, store.BackupOptions{}); err != nil {
 			t.Fatal(err)
@@ -275,8 +252,8 @@ func Run(t *testing.T, be Backend) {
 			t.Fatal(err)
 		}
 		defer cur.Close()
-		commit(t, a, Nodes(3))
-		ap := commit(t, a, Tunnels(0, 30))
+		commit(t, a, tabletest.Nodes(3))
+		ap := commit(t, a, tabletest.Tunnels(0, 30))
 		be.Settle(t, b, ap.Revision)
 		bs, err := store.ReadAll(cur)
 		if err != nil || len(bs) != 2 || bs[1].Revision != ap.Revision || !bs[1].Resolved {
@@ -292,7 +269,7 @@ func Run(t *testing.T, be Backend) {
 		defer a.Close()
 		b := open(t, opts())
 		defer b.Close()
-		commit(t, a, Nodes(3))
+		commit(t, a, tabletest.Nodes(3))
 		var wg sync.WaitGroup
 		errs := make([]error, 2)
 		plans := make([]int, 2)
@@ -303,7 +280,7 @@ func Run(t *testing.T, be Backend) {
 				for k := range 10 {
 					_, err := s.Do(func(*affinity.Table) ([]affinity.Change, error) {
 						plans[i]++
-						return Tunnels(i*1000+k*10, 10), nil
+						return tabletest.Tunnels(i*1000+k*10, 10), nil
 					})
 					if err != nil {
 						errs[i] = err

@@ -4,10 +4,10 @@ import (
 	"bytes"
 	"fmt"
 	"net/netip"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 	"github.com/tunneldirector/tunneldirector/xfrm"
 )
 
@@ -34,7 +34,7 @@ func BenchmarkMarshalFull(b *testing.B) {
 	body, _ := Marshal(r)
 	b.SetBytes(int64(len(body)))
 	b.ReportMetric(float64(len(body)), "bytes/report")
-	defer cpuPerOp(b)()
+	defer cputime.PerOp(b)()
 	for b.Loop() {
 		if _, err := Marshal(r); err != nil {
 			b.Fatal(err)
@@ -47,7 +47,7 @@ func BenchmarkMarshalFull(b *testing.B) {
 func BenchmarkDecodeFull(b *testing.B) {
 	body, _ := Marshal(nodeReport("n", 5000))
 	b.SetBytes(int64(len(body)))
-	defer cpuPerOp(b)()
+	defer cputime.PerOp(b)()
 	for b.Loop() {
 		if _, err := Decode(bytes.NewReader(body), Limits{}); err != nil {
 			b.Fatal(err)
@@ -63,7 +63,7 @@ func BenchmarkInboxFarm(b *testing.B) {
 	for i := range bodies {
 		bodies[i], _ = Marshal(nodeReport(fmt.Sprintf("node-%d", i), 1000))
 	}
-	defer cpuPerOp(b)()
+	defer cputime.PerOp(b)()
 	for b.Loop() {
 		in := NewInbox()
 		for i, body := range bodies {
@@ -76,17 +76,4 @@ func BenchmarkInboxFarm(b *testing.B) {
 			}
 		}
 	}
-}
-
-// cpuPerOp reports the process's CPU time per iteration beside the wall
-// time: on the shared build machine the wall time swings with the load,
-// the CPU time much less. Call it as defer cpuPerOp(b)().
-func cpuPerOp(b *testing.B) func() {
-	cpu := func() int64 {
-		var ru syscall.Rusage
-		_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-		return ru.Utime.Nano() + ru.Stime.Nano()
-	}
-	start := cpu()
-	return func() { b.ReportMetric(float64(cpu()-start)/float64(b.N), "cpu-ns/op") }
 }

@@ -119,20 +119,7 @@ func (in *Inbox) Accept(authNode string, r *Report, now time.Time) (Ack, Change,
 }
 
 // Node returns a copy of a node's facts.
-func (in *Inbox) Node(name string) (NodeFacts, bool) {
-	in.mu.Lock()
-	defer in.mu.Unlock()
-	n, ok := in.nodes[name]
-	if !ok {
-		return NodeFacts{}, false
-	}
-	c := *n
-	c.Tunnels = make(map[netip.Addr]xfrm.Tunnel, len(n.Tunnels))
-	for k, v := range n.Tunnels {
-		c.Tunnels[k] = v
-	}
-	return c, true
-}
+func (in *Inbox) Node(name string) (NodeFacts, bool) { return in.facts(name, true) }
 
 // Nodes returns the names of the nodes that have reported, sorted.
 func (in *Inbox) Nodes() []string {
@@ -193,7 +180,10 @@ func (in *Inbox) Peers(node string) []netip.Addr {
 
 // Summary returns a node's facts without their tunnels (Tunnels is nil):
 // what status pages show, without copying thousands of tunnels.
-func (in *Inbox) Summary(name string) (NodeFacts, bool) {
+func (in *Inbox) Summary(name string) (NodeFacts, bool) { return in.facts(name, false) }
+
+// facts copies a node's facts, with a copy of its tunnels or with none.
+func (in *Inbox) facts(name string, tunnels bool) (NodeFacts, bool) {
 	in.mu.Lock()
 	defer in.mu.Unlock()
 	n, ok := in.nodes[name]
@@ -202,6 +192,12 @@ func (in *Inbox) Summary(name string) (NodeFacts, bool) {
 	}
 	c := *n
 	c.Tunnels = nil
+	if tunnels {
+		c.Tunnels = make(map[netip.Addr]xfrm.Tunnel, len(n.Tunnels))
+		for k, v := range n.Tunnels {
+			c.Tunnels[k] = v
+		}
+	}
 	return c, true
 }
 

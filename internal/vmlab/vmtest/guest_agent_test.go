@@ -13,12 +13,12 @@ import (
 	"sort"
 	"strconv"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 	"github.com/tunneldirector/tunneldirector/internal/vmlab"
 	"github.com/tunneldirector/tunneldirector/xfrm"
@@ -427,16 +427,16 @@ func TestScaleGuestAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer k.Close()
-	cpu0, t0 := cpuTime(), time.Now()
+	cpu0, t0 := cputime.Process(), time.Now()
 	snap, err := k.Read()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cpu1, t1 := cpuTime(), time.Now()
+	cpu1, t1 := cputime.Process(), time.Now()
 	m := xfrm.NewMirror()
 	m.Reset(snap)
 	f := m.Facts()
-	cpu2, t2 := cpuTime(), time.Now()
+	cpu2, t2 := cputime.Process(), time.Now()
 	if f.Summary.SAs != n || f.Summary.Tunnels != n/2 {
 		t.Fatalf("summary %+v", f.Summary)
 	}
@@ -483,14 +483,14 @@ func TestScaleGuestAgent(t *testing.T) {
 	defer a.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	c0 := cpuTime()
+	c0 := cputime.Process()
 	go func() { a.Run(ctx); close(done) }()
 	for a.Status().Seq == 0 {
 		time.Sleep(50 * time.Millisecond)
 	}
-	c1, q0 := cpuTime(), time.Now()
+	c1, q0 := cputime.Process(), time.Now()
 	time.Sleep(6 * time.Second)
-	c2, q1 := cpuTime(), time.Now()
+	c2, q1 := cputime.Process(), time.Now()
 	cancel()
 	<-done
 	runtime.ReadMemStats(&ms)
@@ -503,11 +503,4 @@ func TestScaleGuestAgent(t *testing.T) {
 	if reports[report.KindFull] != 1 || reports[report.KindDelta] != 0 {
 		t.Errorf("a quiet node's resyncs sent reports: %v (want one full, no deltas)", reports)
 	}
-}
-
-// cpuTime is the process's user+system CPU time.
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
