@@ -366,10 +366,12 @@ func (t *Table) rollback(undo []undoRec) {
 		case u.bucket:
 			t.rollbackBucket(u)
 		case u.newT != nil || u.oldT != nil:
-			if u.newT != nil {
+			switch {
+			case u.newT != nil && u.oldT != nil:
+				t.reindex(u.newT, u.oldT)
+			case u.newT != nil:
 				t.unindex(u.newT)
-			}
-			if u.oldT != nil {
+			default:
 				t.index(u.oldT)
 			}
 		default:
@@ -402,6 +404,26 @@ func (t *Table) unindex(e *entry) {
 		t.subnets.Delete(p)
 	}
 	t.count[e.mark]--
+}
+
+// reindex replaces old by e, the same tunnel id, in the indexes. A move
+// (same peer and subnets, another node) only changes what the keys point
+// to: no key leaves or enters the peer map or the prefix table, so the
+// keys are overwritten in place instead of deleted and inserted again
+// (a node down moves every tunnel of the node this way).
+func (t *Table) reindex(old, e *entry) {
+	if old.peer != e.peer || !slices.Equal(old.subnets, e.subnets) {
+		t.unindex(old)
+		t.index(e)
+		return
+	}
+	t.tunnels[e.id] = e
+	t.setPeer(e)
+	for _, p := range e.subnets {
+		t.subnets.Insert(p, e)
+	}
+	t.count[old.mark]--
+	t.count[e.mark]++
 }
 
 func (t *Table) isVIP(a netip.Addr) bool {
@@ -580,8 +602,9 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 	}
 	tu.Node = owner.Name
 
+	var prev *Tunnel // the old record, built once for the comparison and the result
 	if old != nil {
-		prev := t.tunnelOf(old)
+		prev = ptr(t.tunnelOf(old))
 		if prev.SameContent(&tu) {
 			return Change{}, undoRec{}, false, nil
 		}
@@ -595,8 +618,13 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 		learned: tu.Learned,
 		seen:    unixSeconds(tu.Seen),
 	}
-	if tu.Comment != "" {
-		e.comment = &tu.Comment
+	switch {
+	case tu.Comment == "":
+	case old != nil && old.comment != nil && *old.comment == tu.Comment:
+		e.comment = old.comment // unchanged (a move): shared, not copied
+	default:
+		c := tu.Comment
+		e.comment = &c
 	}
 	if mode == modeStamp {
 		e.rev = rev
@@ -611,16 +639,15 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 		e.updated = unixSeconds(tu.Updated)
 	}
 	if old != nil {
-		t.unindex(old)
+		t.reindex(old, e)
+	} else {
+		t.index(e)
 	}
-	t.index(e)
 	if mode == modeLoad {
 		return Change{}, undoRec{}, true, nil
 	}
 	res := Change{Kind: PutTunnel, Tunnel: ptr(t.tunnelOf(e))}
-	if old != nil {
-		res.Old = ptr(t.tunnelOf(old))
-	}
+	res.Old = prev
 	return res, undoRec{oldT: old, newT: e}, true, nil
 }
 

@@ -32,9 +32,9 @@ type Plan struct {
 func (p *Plan) Batch() []Change { return p.batch }
 
 // sortedEntries returns the entries the filter keeps, by id, so that plans
-// are deterministic.
-func (t *Table) sortedEntries(keep func(*entry) bool) []*entry {
-	var out []*entry
+// are deterministic. size is how many the filter is expected to keep.
+func (t *Table) sortedEntries(keep func(*entry) bool, size int) []*entry {
+	out := make([]*entry, 0, size)
 	for _, e := range t.tunnels {
 		if keep(e) {
 			out = append(out, e)
@@ -116,7 +116,12 @@ func (t *Table) PlanRemoveNode(name string) (*Plan, error) {
 
 func (t *Table) planEvacuate(plan *Plan, n *Node, reason string) {
 	p := t.newPlanner(n.Name)
-	for _, e := range t.sortedEntries(func(e *entry) bool { return e.mark == n.Mark }) {
+	entries := t.sortedEntries(func(e *entry) bool { return e.mark == n.Mark }, t.count[n.Mark])
+	// Every entry is a move or an unplaced tunnel: sized once, the plan's
+	// slices are not copied over and over while they grow.
+	plan.Moves = slices.Grow(plan.Moves, len(entries))
+	plan.batch = slices.Grow(plan.batch, len(entries))
+	for _, e := range entries {
 		plan.Wanted++
 		to, err := t.pick(e.peer, &p.view, n.Name)
 		if err != nil {
@@ -155,7 +160,7 @@ func (t *Table) Rebalance(maxMoves int) *Plan {
 		plan.Moves = append(plan.Moves, Move{Tunnel: e.id, Peer: e.peer, From: from.Name, To: to.Name, Reason: reason})
 		plan.batch = append(plan.batch, t.moveChange(e, to, reason))
 	}
-	all := t.sortedEntries(func(*entry) bool { return true })
+	all := t.sortedEntries(func(*entry) bool { return true }, len(t.tunnels))
 
 	// 1 and 2: evacuate down and draining nodes.
 	for _, state := range []NodeState{NodeDown, NodeDraining} {

@@ -375,3 +375,45 @@ func moved(p *Plan) []string {
 	}
 	return out
 }
+
+// TestMoveKeepsIndexes: a move (same peer and subnets, another node)
+// re-points the index keys in place; every lookup and count follows it,
+// and a refused batch with a move in it puts everything back.
+func TestMoveKeepsIndexes(t *testing.T) {
+	tb := newTable(t, 2)
+	if _, err := tb.Apply([]Change{put("t1", "192.0.2.1", "n0", "10.1.0.0/24", "10.1.1.0/24")}); err != nil {
+		t.Fatal(err)
+	}
+	owner := func(want string) {
+		t.Helper()
+		if tu, ok := tb.LookupPeer(addr("192.0.2.1")); !ok || tu.Node != want {
+			t.Fatalf("peer lookup: %+v %v, want node %s", tu, ok, want)
+		}
+		for _, a := range []string{"10.1.0.9", "10.1.1.9"} {
+			if tu, _, ok := tb.LookupSubnet(addr(a)); !ok || tu.Node != want {
+				t.Fatalf("subnet lookup %s: %+v %v, want node %s", a, tu, ok, want)
+			}
+		}
+		if c := tb.Counts(); c[want] != 1 || c["n0"]+c["n1"] != 1 {
+			t.Fatalf("counts %v, want the tunnel on %s", c, want)
+		}
+	}
+	before := tb.Snapshot()
+	if _, err := tb.Apply([]Change{put("t1", "192.0.2.1", "n1", "10.1.0.0/24", "10.1.1.0/24"), put("t2", "192.0.2.2", "nope")}); err == nil {
+		t.Fatal("a batch with an unknown node was applied")
+	}
+	assertSameSnapshot(t, before, tb.Snapshot())
+	owner("n0")
+	p, err := tb.PlanNodeState("n0", NodeDown)
+	if err != nil || len(p.Moves) != 1 {
+		t.Fatalf("plan %+v, %v: want one move", p, err)
+	}
+	a, err := tb.Apply(p.Batch())
+	if err != nil {
+		t.Fatal(err)
+	}
+	owner("n1")
+	if c := a.Changes[len(a.Changes)-1]; c.Old == nil || c.Old.Node != "n0" || c.Tunnel.Node != "n1" {
+		t.Fatalf("resolved move %+v old %+v, want n0 -> n1", c.Tunnel, c.Old)
+	}
+}

@@ -103,12 +103,25 @@ func (m *daemonMetrics) countMoves(b store.Batch) {
 	if !b.Resolved {
 		return // a batch from the journal: who owned what before is not known
 	}
+	// Counted per run of one reason (a node down's moves share theirs),
+	// not looked up in the counter vector per move.
+	reason, n := "", 0
+	flush := func() {
+		if n > 0 {
+			m.moves.WithLabelValues(moveReason(reason)).Add(float64(n))
+		}
+	}
 	for i := range b.Changes {
 		c := &b.Changes[i]
 		if c.Kind == affinity.PutTunnel && c.Old != nil && c.Old.Node != "" && c.Old.Node != c.Tunnel.Node {
-			m.moves.WithLabelValues(moveReason(c.Reason)).Inc()
+			if c.Reason != reason {
+				flush()
+				reason, n = c.Reason, 0
+			}
+			n++
 		}
 	}
+	flush()
 }
 
 // moveReason turns a change's reason (free text naming nodes) into the

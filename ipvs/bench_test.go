@@ -270,19 +270,24 @@ func BenchmarkVerify100k(b *testing.B) {
 }
 
 // benchSize is TD_BENCH_TUNNELS, or def.
-func benchSize(b *testing.B, def int) int {
-	if v := os.Getenv("TD_BENCH_TUNNELS"); v != "" {
+func benchSize(b *testing.B, def int) int { return benchEnv(b, "TD_BENCH_TUNNELS", def) }
+
+// benchEnv reads a positive number from the environment variable name,
+// def when it is not set.
+func benchEnv(b *testing.B, name string, def int) int {
+	if v := os.Getenv(name); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n <= 0 {
-			b.Fatalf("TD_BENCH_TUNNELS=%q: want a positive number", v)
+			b.Fatalf("%s=%q: want a positive number", name, v)
 		}
 		return n
 	}
 	return def
 }
 
-// BenchmarkNodeDown takes one of 16 nodes down with TD_BENCH_TUNNELS
-// (default 100,000) tunnels loaded: one Update carrying the node's
+// BenchmarkNodeDown takes one of TD_BENCH_NODES (default 16) nodes down
+// with TD_BENCH_TUNNELS (default 100,000) tunnels loaded (40,000 and 4
+// nodes: the health failover benchmark's 10,000 moves): one Update carrying the node's
 // tunnels' moves (1/16 of them: 62,500 at a million) and the new nodes,
 // as the reconciler sends it. The node comes back by a full Sync of the
 // table before (what a node change cost before deltas carried nodes), so
@@ -290,22 +295,23 @@ func benchSize(b *testing.B, def int) int {
 // ratio.
 func BenchmarkNodeDown(b *testing.B) {
 	n := benchSize(b, benchTunnels)
+	nn := benchEnv(b, "TD_BENCH_NODES", 16)
 	ns, done := benchLab(b)
 	defer done()
-	d := bigDesiredNodes(n, 16)
+	d := bigDesiredNodes(n, nn)
 	dp := synced(b, ns, d)
 	defer dp.Close()
 	ctx := context.Background()
-	var updTotal, updCPU, syncTotal time.Duration
+	var updTotal, updUser, updSys, syncTotal time.Duration
 	moved := 0
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
-		down := uint16(i%16 + 1)
+		down := uint16(i%nn + 1)
 		nodes := slices.Clone(d.Nodes)
 		nodes[down-1].Active, nodes[down-1].Down = false, true
 		dl := &Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Nodes: nodes}
-		to := down%16 + 1
+		to := down%uint16(nn) + 1
 		for a, m := range d.Peers {
 			if m == down {
 				dl.SetPeers[a] = to
@@ -318,10 +324,13 @@ func BenchmarkNodeDown(b *testing.B) {
 		}
 		moved = len(dl.SetPeers)
 		b.StartTimer()
-		t0, c0 := time.Now(), cputime.Process()
+		t0 := time.Now()
+		u0, s0 := cputime.Split()
 		st, err := dp.Update(ctx, dl)
 		updTotal += time.Since(t0)
-		updCPU += cputime.Process() - c0
+		u1, s1 := cputime.Split()
+		updUser += u1 - u0
+		updSys += s1 - s0
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -338,7 +347,9 @@ func BenchmarkNodeDown(b *testing.B) {
 	}
 	b.ReportMetric(float64(moved), "tunnels-moved")
 	b.ReportMetric(updTotal.Seconds()/float64(b.N), "update-s")
-	b.ReportMetric(updCPU.Seconds()/float64(b.N), "update-cpu-s")
+	b.ReportMetric((updUser+updSys).Seconds()/float64(b.N), "update-cpu-s")
+	b.ReportMetric(updUser.Seconds()/float64(b.N), "update-user-s")
+	b.ReportMetric(updSys.Seconds()/float64(b.N), "update-sys-s")
 	b.ReportMetric(syncTotal.Seconds()/float64(b.N), "sync-s")
 	b.ReportMetric(updTotal.Seconds()/syncTotal.Seconds(), "update/sync")
 }

@@ -1,10 +1,15 @@
 package store
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 )
 
 var (
@@ -74,3 +79,54 @@ func BenchmarkCommit100k(b *testing.B) {
 }
 
 func filepathTempDir() (string, error) { return os.MkdirTemp("", "td-bench-") }
+
+// BenchmarkNodeDownCommit40k takes one of 4 nodes down with 40,000
+// tunnels in the store (10,000 on the node, as the health failover
+// benchmark does) and commits the plan in one transaction, as the health
+// checks' Apply and `node down` do; the node comes back between runs,
+// untimed. Reports wall and CPU time of the commit (plan included).
+func BenchmarkNodeDownCommit40k(b *testing.B) {
+	s, err := Open(Options{Path: filepath.Join(b.TempDir(), "td.db")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Commit(nodes(4)); err != nil {
+		b.Fatal(err)
+	}
+	if _, err := s.Commit(tunnels(0, 40_000)); err != nil {
+		b.Fatal(err)
+	}
+	var cpu time.Duration
+	moved := 0
+	b.ResetTimer()
+	for i := range b.N {
+		name := fmt.Sprintf("vpn-%d", i%4)
+		c0 := cputime.Process()
+		a, err := s.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+			p, err := t.PlanNodeState(name, affinity.NodeDown)
+			if err != nil {
+				return nil, err
+			}
+			moved = len(p.Moves)
+			return p.Batch(), nil
+		})
+		cpu += cputime.Process() - c0
+		if err != nil || len(a.Changes) < 2 {
+			b.Fatal(err, a)
+		}
+		b.StopTimer()
+		if _, err := s.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+			p, err := t.PlanNodeState(name, affinity.NodeActive)
+			if err != nil {
+				return nil, err
+			}
+			return p.Batch(), nil
+		}); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(moved), "tunnels-moved")
+	b.ReportMetric(float64(cpu.Microseconds())/1000/float64(b.N), "cpu-ms/op")
+}

@@ -214,6 +214,35 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for _, a := range p.AddVIPs {
 		add[fi(a)].vips = append(add[fi(a)].vips, nftables.SetElement{Key: a.AsSlice()})
 	}
+	// The element lists are sized before they are filled: a node down
+	// puts tens of thousands of elements in them, and growing slices of
+	// SetElement copied them over and over.
+	var nDel, nAdd [2]int
+	nDelSub, nAddSub := map[Len]int{}, map[Len]int{}
+	for _, a := range p.DelPeers {
+		nDel[fi(a)]++
+	}
+	for a := range p.AddPeers {
+		nAdd[fi(a)]++
+	}
+	for _, pf := range p.DelSubnets {
+		if l := LenOf(pf); !gone[l] {
+			nDelSub[l]++
+		}
+	}
+	for pf := range p.AddSubnets {
+		nAddSub[LenOf(pf)]++
+	}
+	for i := range del {
+		del[i].peers = make([]nftables.SetElement, 0, nDel[i])
+		add[i].peers = make([]nftables.SetElement, 0, nAdd[i])
+	}
+	for l, k := range nDelSub {
+		delSub[l] = make([]nftables.SetElement, 0, k)
+	}
+	for l, k := range nAddSub {
+		addSub[l] = make([]nftables.SetElement, 0, k)
+	}
 	for _, a := range p.DelPeers {
 		del[fi(a)].peers = append(del[fi(a)].peers, nftables.SetElement{Key: a.AsSlice()})
 	}
