@@ -7,7 +7,7 @@
 #   - namespace tests on the host kernel (root) and VM tests under qemu
 #   - every test again without -race and -short: the heavy ones too
 # With CI=true a missing tool or kernel module fails the run instead of
-# skipping. Takes about 6-10 minutes on a 2-core machine.
+# skipping. Takes about 13 minutes on a quiet 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin"
