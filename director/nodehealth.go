@@ -243,10 +243,5 @@ type HealthTransition struct {
 // errStale: the node changed since the checks saw it.
 var errStale = errors.New("the table changed since the checks saw the node")
 
-// Heartbeat records a heartbeat of the named node's agent for the health
-// checks' heartbeat check. The agent's report handler calls it for every
-// report it accepts.
-func (d *Daemon) Heartbeat(node string) { d.health.Heartbeat(node) }
-
 // HealthStatus is the health checks' view of the farm.
 func (d *Daemon) HealthStatus() health.Status { return d.health.Status() }
