@@ -33,6 +33,11 @@ type retransmitter struct {
 func startRetransmitter(t *testing.T, h *netlab.Host, prefix string, src, vip netip.Addr) *retransmitter {
 	t.Helper()
 	r := &retransmitter{prefix: prefix, stop: make(chan struct{}), errs: make(chan error, 4)}
+	// NAT-T starts once IKE on 500 is under way, as with a real peer
+	// (IKE_SA_INIT goes to 500, the exchange moves to 4500 after it): two
+	// first packets sent at the same instant from two CPUs both miss the
+	// pin window and are both logged, a race no real peer runs.
+	started := make(chan struct{})
 	for _, port := range []uint16{500, 4500} {
 		c, err := h.UDPSocket(netip.AddrPortFrom(src, port))
 		if err != nil {
@@ -42,7 +47,15 @@ func startRetransmitter(t *testing.T, h *netlab.Host, prefix string, src, vip ne
 		go func(c *net.UDPConn, port uint16) {
 			defer r.wg.Done()
 			defer c.Close()
-			for {
+			if port != 500 {
+				select {
+				case <-started:
+					time.Sleep(5 * time.Millisecond)
+				case <-r.stop:
+					return
+				}
+			}
+			for first := port == 500; ; first = false {
 				select {
 				case <-r.stop:
 					return
@@ -53,6 +66,9 @@ func startRetransmitter(t *testing.T, h *netlab.Host, prefix string, src, vip ne
 				if _, err := c.WriteToUDPAddrPort([]byte(tag), netip.AddrPortFrom(vip, port)); err != nil {
 					r.errs <- err
 					return
+				}
+				if first {
+					close(started)
 				}
 				time.Sleep(5 * time.Millisecond)
 			}
