@@ -262,7 +262,15 @@ func TestHealthMovesDeadNode(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	e.stop()
 	e.start()
-	e.waitFor("node3 checked again after the restart", 10*time.Second, func() bool { return e.healthView("node3").Rising >= 2 })
+	// A restarted daemon answers before its checks know the nodes.
+	e.waitFor("node3 checked again after the restart", 10*time.Second, func() bool {
+		s := e.status()
+		if s.Health == nil {
+			return false
+		}
+		v, ok := s.Health.Node("node3")
+		return ok && v.Rising >= 2
+	})
 	if v := e.healthView("node3"); v.State != affinity.NodeDown || v.HeldUntil.IsZero() || !strings.HasPrefix(v.Health(), "held down until") {
 		t.Fatalf("node3 not held after the restart: %+v", v)
 	}
