@@ -288,8 +288,8 @@ func TestDiffAdoptWithDifferences(t *testing.T) {
 	mustSync(t, dp, d)
 	k.take()
 	// A restart with a drifted kernel and a changed desire.
-	delete(k.nft.Peers, pA)
-	k.nft.Subnets[netip.MustParsePrefix("10.7.0.0/27")] = 0x7d000001
+	k.nft.Peers.Delete(pA)
+	k.nft.Subnets.Set(netip.MustParsePrefix("10.7.0.0/27"), 0x7d000001)
 	k.routes = k.routes[1:]
 	d.Peers[pB] = 1
 	dp2, err := newFake(Config{}, k)
@@ -470,14 +470,14 @@ func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
 		t.Fatalf("verify with an unchanged generation read the maps (%d reads) or changed %+v", k.nftReads-reads, st)
 	}
 	// Someone else deletes a peer: one transaction, the generation moves.
-	delete(k.nft.Peers, pA)
+	k.nft.Peers.Delete(pA)
 	k.gen++
 	if st := verify(); k.nftReads != reads+1 || st.Added != 1 {
 		t.Fatalf("foreign change: %d reads, repaired %+v; want 1 read, 1 added", k.nftReads-reads, st)
 	}
 	// A change the generation does not show (a foreign commit racing the
 	// director's own): found by the periodic full read.
-	delete(k.nft.Peers, pA)
+	k.nft.Peers.Delete(pA)
 	reads = k.nftReads
 	repaired := 0
 	for range fullVerifyEvery {

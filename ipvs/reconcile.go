@@ -307,7 +307,10 @@ func leftMasq(cur *kstate, p *nft.Plan) []svcKey {
 	}
 	marks := map[uint32]bool{}
 	for _, a := range p.DelPeers {
-		if fm, ok := cur.nft.Peers[a]; ok && p.AddPeers[a] != fm {
+		if fm, ok := cur.nft.Peers.Get(a); ok {
+			if nm, _ := p.AddPeers.Get(a); nm == fm {
+				continue
+			}
 			marks[fm|IKEBit] = true
 		}
 	}
@@ -526,12 +529,12 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 		}
 	}
 	out.VIPs = sortedAddrs(s.nft.VIPs)
-	for a, fm := range s.nft.Peers {
+	for a, fm := range s.nft.Peers.All() {
 		if m, ok := c.NodeOf(fm); ok {
 			out.Peers[a] = m
 		}
 	}
-	for p, fm := range s.nft.Subnets {
+	for p, fm := range s.nft.Subnets.All() {
 		if m, ok := c.NodeOf(fm); ok {
 			out.Subnets[p] = m
 		}

@@ -75,6 +75,7 @@ func nodeAddr(n Node, v6 bool) netip.Addr {
 func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 	t := &kstate{nft: nft.NewState(), svcs: map[svcKey]svcDest{}}
 	t.nft.Table = true
+	t.nft.Peers, t.nft.Subnets = nft.NewPeerMap(len(d.Peers)), nft.NewSubnetMap(len(d.Subnets))
 	known := map[uint16]bool{}
 	var active []uint16
 	var rnodes []route.Node
@@ -124,7 +125,7 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 		if !known[m] {
 			return nil, fmt.Errorf("peer %s: owner mark %d is not a node", a, m)
 		}
-		t.nft.Peers[a.Unmap()] = c.Fwmark(m)
+		t.nft.Peers.Set(a.Unmap(), c.Fwmark(m))
 	}
 	for p, m := range d.Subnets {
 		if !known[m] {

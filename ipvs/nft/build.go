@@ -222,7 +222,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for _, a := range p.DelPeers {
 		nDel[fi(a)]++
 	}
-	for a := range p.AddPeers {
+	for a := range p.AddPeers.All() {
 		nAdd[fi(a)]++
 	}
 	for _, pf := range p.DelSubnets {
@@ -230,7 +230,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 			nDelSub[l]++
 		}
 	}
-	for pf := range p.AddSubnets {
+	for pf := range p.AddSubnets.All() {
 		nAddSub[LenOf(pf)]++
 	}
 	for i := range del {
@@ -246,7 +246,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for _, a := range p.DelPeers {
 		del[fi(a)].peers = append(del[fi(a)].peers, nftables.SetElement{Key: a.AsSlice()})
 	}
-	for a, m := range p.AddPeers {
+	for a, m := range p.AddPeers.All() {
 		add[fi(a)].peers = append(add[fi(a)].peers, nftables.SetElement{Key: a.AsSlice(), Val: markBytes(m)})
 	}
 	for _, pf := range p.DelSubnets {
@@ -255,7 +255,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 			delSub[l] = append(delSub[l], nftables.SetElement{Key: pf.Addr().AsSlice()})
 		}
 	}
-	for pf, m := range p.AddSubnets {
+	for pf, m := range p.AddSubnets.All() {
 		l := LenOf(pf)
 		addSub[l] = append(addSub[l], nftables.SetElement{Key: pf.Addr().AsSlice(), Val: markBytes(m)})
 	}

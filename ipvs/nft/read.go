@@ -86,7 +86,7 @@ func read(c *nftables.Conn, table string, elems func(*nftables.Set) ([]nftables.
 		}
 		for _, e := range els {
 			if a, ok := netip.AddrFromSlice(e.Key); ok {
-				s.Peers[a] = markOf(e.Val)
+				s.Peers.Set(a, markOf(e.Val))
 			}
 		}
 	}
@@ -109,7 +109,7 @@ func read(c *nftables.Conn, table string, elems func(*nftables.Set) ([]nftables.
 				s.Broken = true
 				continue
 			}
-			s.Subnets[p] = markOf(e.Val)
+			s.Subnets.Set(p, markOf(e.Val))
 		}
 	}
 	els, err := elems(n.hash)
