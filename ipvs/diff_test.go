@@ -44,6 +44,11 @@ func (k *fakeKernel) log(f string, a ...any) { k.ops = append(k.ops, fmt.Sprintf
 
 // nft.Kernel
 func (k *fakeKernel) Read() (*nft.State, error) { k.nftReads++; return k.nft.Clone(), nil }
+func (k *fakeKernel) ReadMeta() (*nft.State, error) {
+	s := k.nft.Clone()
+	s.Peers, s.Subnets = nft.PeerMap{}, nft.SubnetMap{}
+	return s, nil
+}
 func (k *fakeKernel) Apply(p *nft.Plan) error {
 	a, c, r := p.Count()
 	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.Recreate, p.Chain, a, c, r)
@@ -308,6 +313,54 @@ func TestDiffAdoptWithDifferences(t *testing.T) {
 	}
 	if st := mustSync(t, dp2, d); st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("sync after adopt: %+v", st)
+	}
+}
+
+// TestAdoptTrustsTheDigest: a restarted dataplane whose target's maps
+// have the digest the kernel stored with its last transaction takes them
+// without reading them back, also after updates maintained the digest
+// incrementally; a target that differs from what the kernel stored is
+// adopted by reading the kernel and applying the difference.
+func TestAdoptTrustsTheDigest(t *testing.T) {
+	dp, k := fakeDataplane(t, true)
+	d := unitDesired()
+	mustSync(t, dp, d)
+	restart := func() *dataplane {
+		t.Helper()
+		k.take()
+		dp2, err := newFake(Config{}, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return dp2
+	}
+	reads := k.nftReads
+	dp2 := restart()
+	if st := mustSync(t, dp2, d); st.Added+st.Changed+st.Removed != 0 || dp2.adopted != 1 || k.nftReads != reads {
+		t.Fatalf("restart on an unchanged kernel: %+v, adopted %d, %d map reads (want 0 changes, adopted 1, no read)", st, dp2.adopted, k.nftReads-reads)
+	}
+	// A move and a new subnet, as a delta: the stored digest follows.
+	sub := netip.MustParsePrefix("10.9.0.0/24")
+	if _, err := dp2.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}, SetSubnets: map[netip.Prefix]uint16{sub: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	d.Peers[pA], d.Subnets[sub] = 2, 1
+	if !k.nft.HasStored || k.nft.Stored != k.nft.Digest() {
+		t.Fatalf("kernel stores digest %+v (%v), its maps' digest is %+v", k.nft.Stored, k.nft.HasStored, k.nft.Digest())
+	}
+	dp3 := restart()
+	if st := mustSync(t, dp3, d); st.Added+st.Changed+st.Removed != 0 || dp3.adopted != 1 || k.nftReads != reads {
+		t.Fatalf("restart after an update: %+v, adopted %d, %d map reads", st, dp3.adopted, k.nftReads-reads)
+	}
+	// The store moved on while no director ran: read and repair.
+	d.Peers[pA] = 1
+	dp4 := restart()
+	st := mustSync(t, dp4, d)
+	if dp4.adopted != 0 || k.nftReads != reads+1 || st.Changed != 1 {
+		t.Fatalf("restart with a changed target: %+v, adopted %d, %d map reads (want a read and 1 change)", st, dp4.adopted, k.nftReads-reads)
+	}
+	if v, _ := k.nft.Peers.Get(pA); v != dp4.cfg.Fwmark(1) || k.nft.Stored != k.nft.Digest() {
+		t.Fatalf("after the repair: pA -> %#x, stored digest %+v, maps %+v", v, k.nft.Stored, k.nft.Digest())
 	}
 }
 

@@ -41,6 +41,9 @@ type dataplane struct {
 	gen      uint32
 	genKnown bool
 	verifies int
+	// adopted counts first Syncs that took the maps from the digest
+	// instead of reading them back.
+	adopted int
 	// buckets is the unknown-peer bucket count of the last Sync, 0 when
 	// it had no Buckets (one bucket per active node): a delta may change
 	// buckets only within it. bucketMarks are the buckets as of the last
@@ -150,14 +153,14 @@ func newDataplane(cfg Config, nk nft.Kernel, rk route.Kernel, lk lvs.Kernel) (*d
 
 func (d *dataplane) Mode() Mode { return d.mode }
 
-// read returns the director's objects as the kernel holds them; without
-// nftToo the nftables part is the model's (the caller proved it current
-// by the ruleset generation).
-func (d *dataplane) read(nftToo bool) (*kstate, error) {
+// read returns the director's objects as the kernel holds them; with
+// known set, the nftables part is known (the caller proved it current by
+// the ruleset generation, or by the maps' digest).
+func (d *dataplane) read(known *nft.State) (*kstate, error) {
 	c := d.cfg
-	s := &kstate{svcs: map[svcKey]svcDest{}}
+	s := &kstate{svcs: map[svcKey]svcDest{}, nft: known}
 	var err error
-	if nftToo {
+	if known == nil {
 		// The generation before the read: a change during it moves the
 		// kernel past gen, so the next Verify reads again.
 		g, gerr := d.nft.Gen()
@@ -165,8 +168,6 @@ func (d *dataplane) read(nftToo bool) (*kstate, error) {
 			return nil, err
 		}
 		d.gen, d.genKnown = g, gerr == nil
-	} else {
-		s.nft = d.model.nft
 	}
 	if s.rt, err = d.rc.Read(d.rt); err != nil {
 		return nil, err
@@ -190,6 +191,33 @@ func (d *dataplane) read(nftToo bool) (*kstate, error) {
 			s.svcs[svcKey{sv.V6, sv.Mark}] = dst
 		}
 	}
+	return s, nil
+}
+
+// adopt returns what the kernel holds for a first Sync to want. The peer
+// and subnet maps are not read back when the digest the director's last
+// transaction stored with them equals want's: a restarted director then
+// takes want's maps as the kernel's in O(1) kernel reads instead of
+// dumping a million elements (minutes: the kernel restarts its hash walk
+// for every dump message). What someone else changed in the maps while no
+// director ran is found by a later Verify's full read (the generation
+// check or every fullVerifyEvery verifies), as it is while one runs.
+func (d *dataplane) adopt(want *kstate) (*kstate, error) {
+	g, gerr := d.nft.Gen()
+	meta, err := d.nft.ReadMeta()
+	if err != nil {
+		return nil, err
+	}
+	if !meta.Table || meta.Broken || !meta.HasStored || meta.Stored != want.nft.Digest() {
+		return d.read(nil)
+	}
+	meta.Peers, meta.Subnets = want.nft.Peers.Clone(), want.nft.Subnets.Clone()
+	s, err := d.read(meta)
+	if err != nil {
+		return nil, err
+	}
+	d.gen, d.genKnown = g, gerr == nil
+	d.adopted++
 	return s, nil
 }
 
@@ -217,6 +245,7 @@ func (d *dataplane) reconcileMaps(cur, want *kstate, withMaps bool) (st Stats, f
 	p := &nft.Plan{}
 	if withMaps {
 		p = nft.Diff(cur.nft, want.nft)
+		p.WithDigest(cur.nft)
 	}
 	if !p.Empty() {
 		flush := leftMasq(cur, p)
@@ -354,7 +383,7 @@ func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
 		return Stats{}, fmt.Errorf("sync: %w", err)
 	}
 	if d.model == nil {
-		cur, err := d.read(true)
+		cur, err := d.adopt(want)
 		if err != nil {
 			return Stats{}, fmt.Errorf("sync: adopt kernel state: %w", err)
 		}
@@ -451,6 +480,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 		}
 	}
 	p := nft.Update(d.model.nft, d.want.nft, ch)
+	p.WithDigest(d.model.nft)
 	var st Stats
 	var failed []error
 	if nt != nil {
@@ -498,7 +528,11 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 		g, err := d.nft.Gen()
 		full = err != nil || g != d.gen
 	}
-	cur, err := d.read(full)
+	var known *nft.State
+	if !full {
+		known = d.model.nft
+	}
+	cur, err := d.read(known)
 	if err != nil {
 		return Stats{}, fmt.Errorf("verify: %w", err)
 	}
@@ -516,7 +550,7 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	s, err := d.read(true)
+	s, err := d.read(nil)
 	if err != nil {
 		return nil, fmt.Errorf("read: %w", err)
 	}

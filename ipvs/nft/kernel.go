@@ -13,6 +13,10 @@ import (
 type Kernel interface {
 	// Read dumps the table.
 	Read() (*State, error)
+	// ReadMeta reads the table without the elements of the peer and
+	// subnet maps (a million tunnels' worth takes minutes to dump): their
+	// Digest as the director last committed it is in State.Stored.
+	ReadMeta() (*State, error)
 	// Apply runs p as one transaction.
 	Apply(p *Plan) error
 	// DeleteTable removes the table (and nothing else); no table is fine.
@@ -96,8 +100,12 @@ func (k *kernel) Close() error {
 	return err
 }
 
-func (k *kernel) Read() (*State, error) {
-	s, err := read(k.nft, k.table, func(s *nftables.Set) ([]nftables.SetElement, error) {
+func (k *kernel) Read() (*State, error) { return k.read(true) }
+
+func (k *kernel) ReadMeta() (*State, error) { return k.read(false) }
+
+func (k *kernel) read(withMaps bool) (*State, error) {
+	s, err := read(k.nft, k.table, withMaps, func(s *nftables.Set) ([]nftables.SetElement, error) {
 		return k.tx.dumpElems(s.Table.Name, s.Name)
 	})
 	if err != nil {

@@ -30,12 +30,15 @@ type Plan struct {
 	DelSubnets       []netip.Prefix
 	AddHash          map[uint32]uint32
 	DelHash          []uint32
+	// Digest, when set, replaces the digest set's element: the Digest of
+	// the peer and subnet maps once the plan is applied (WithDigest).
+	Digest *Digest
 }
 
 // Empty reports whether p changes nothing.
 func (p *Plan) Empty() bool {
 	return !p.Recreate && !p.Chain && len(p.AddLens)+len(p.DelLens)+len(p.AddVIPs)+len(p.DelVIPs)+p.AddPeers.Len()+len(p.DelPeers)+
-		p.AddSubnets.Len()+len(p.DelSubnets)+len(p.AddHash)+len(p.DelHash) == 0
+		p.AddSubnets.Len()+len(p.DelSubnets)+len(p.AddHash)+len(p.DelHash) == 0 && p.Digest == nil
 }
 
 // Count returns the plan's element changes as added, changed, removed.
@@ -294,6 +297,56 @@ func Update(model, want *State, c Changes) *Plan {
 	return p
 }
 
+// WithDigest sets p.Digest to the digest of model's maps after p, when p
+// changes them or the kernel's stored digest is not model's: O(the plan's
+// elements).
+func (p *Plan) WithDigest(model *State) {
+	if p.Recreate {
+		d := Digest{Sum: p.AddPeers.sum + p.AddSubnets.sum, N: uint64(p.AddPeers.Len() + p.AddSubnets.Len())}
+		p.Digest = &d
+		return
+	}
+	d := model.Digest()
+	gone := map[Len]bool{}
+	for _, l := range p.DelLens {
+		gone[l] = true
+	}
+	for _, k := range p.DelPeers {
+		if v, ok := model.Peers.Get(k); ok {
+			d.Sum -= model.Peers.hash(k, v)
+			d.N--
+		}
+	}
+	deleted := make(map[netip.Prefix]bool, len(p.DelSubnets))
+	for _, k := range p.DelSubnets {
+		if v, ok := model.Subnets.Get(k); ok && !deleted[k] {
+			deleted[k] = true
+			d.Sum -= model.Subnets.hash(k, v)
+			d.N--
+		}
+	}
+	if len(gone) > 0 {
+		// A deleted map takes its elements with it, named or not.
+		for k, v := range model.Subnets.All() {
+			if gone[LenOf(k)] && !deleted[k] {
+				d.Sum -= model.Subnets.hash(k, v)
+				d.N--
+			}
+		}
+	}
+	for k, v := range p.AddPeers.All() {
+		d.Sum += model.Peers.hash(k, v)
+		d.N++
+	}
+	for k, v := range p.AddSubnets.All() {
+		d.Sum += model.Subnets.hash(k, v)
+		d.N++
+	}
+	if d != model.Digest() || !model.HasStored || model.Stored != d {
+		p.Digest = &d
+	}
+}
+
 // Apply updates s after the kernel accepted p.
 func (s *State) Apply(p *Plan) {
 	if p.Recreate {
@@ -340,4 +393,7 @@ func (s *State) Apply(p *Plan) {
 		delete(s.Hash, k)
 	}
 	maps.Copy(s.Hash, p.AddHash)
+	if p.Digest != nil {
+		s.Stored, s.HasStored = *p.Digest, true
+	}
 }

@@ -30,6 +30,11 @@ type State struct {
 	// Lens are the per-prefix-length subnet maps: in the kernel's state
 	// the maps that exist, in a target the maps its subnets need.
 	Lens map[Len]struct{}
+	// Stored is the Digest the digest set holds (HasStored: it holds
+	// one): in a read state, what the director last committed; in the
+	// model, what the last transaction wrote.
+	Stored    Digest
+	HasStored bool
 	// Broken says a set or the chain is missing or holds something the
 	// director cannot read (a key with host bits): the table is recreated.
 	Broken bool
