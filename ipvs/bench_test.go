@@ -404,3 +404,73 @@ func BenchmarkBucketStep100k(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkMoveDuringVerify measures moves (one tunnel's peer and subnet
+// per Update) issued while Verify's background read of the whole table
+// runs, against the same moves with no read running, and the read's own
+// duration; TD_BENCH_TUNNELS sets the table (default 100,000):
+//
+//	TD_BENCH_TUNNELS=1000000 go test -run '^$' -bench MoveDuringVerify -benchtime 1x ./ipvs/
+//
+// The read, taken when it arrives, must repair nothing: the moves made
+// during it are taken from the model.
+func BenchmarkMoveDuringVerify(b *testing.B) {
+	n := benchSize(b, benchTunnels)
+	ns, done := benchLab(b)
+	defer done()
+	d := bigDesired(n)
+	dp := synced(b, ns, d)
+	defer dp.Close()
+	ctx := context.Background()
+	var peers []netip.Addr
+	for a := range d.Peers {
+		if peers = append(peers, a); len(peers) == 1000 {
+			break
+		}
+	}
+	i := 0
+	move := func() time.Duration {
+		a := peers[i%len(peers)]
+		i++
+		m := d.Peers[a]%3 + 1
+		d.Peers[a] = m
+		t0 := time.Now()
+		if _, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{a: m}}); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(t0)
+	}
+	var quiet, during []time.Duration
+	var reads []float64
+	b.ResetTimer()
+	for range b.N {
+		for range 200 {
+			quiet = append(quiet, move())
+		}
+		t0 := time.Now()
+		dp.startRead()
+		for len(dp.pending) == 0 {
+			during = append(during, move())
+			time.Sleep(5 * time.Millisecond)
+		}
+		reads = append(reads, time.Since(t0).Seconds())
+		st, err := dp.Verify(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if st.Added+st.Changed+st.Removed != 0 {
+			b.Fatalf("the read taken after %d moves during it repaired %+v", len(during), st)
+		}
+	}
+	pct := func(v []time.Duration, p float64) float64 {
+		s := slices.Clone(v)
+		slices.Sort(s)
+		return s[min(len(s)-1, int(float64(len(s))*p))].Seconds() * 1000
+	}
+	b.ReportMetric(slices.Max(reads), "read-s")
+	b.ReportMetric(float64(len(during)), "moves-during")
+	b.ReportMetric(pct(quiet, 0.5), "quiet-p50-ms")
+	b.ReportMetric(pct(quiet, 0.99), "quiet-p99-ms")
+	b.ReportMetric(pct(during, 0.5), "during-p50-ms")
+	b.ReportMetric(pct(during, 0.99), "during-p99-ms")
+}

@@ -29,6 +29,20 @@ type fakeKernel struct {
 	// gen is the ruleset generation; nftReads counts table reads.
 	gen      uint32
 	nftReads int
+	// hold keeps background reads back until release: the test then
+	// makes its changes while the read "runs".
+	hold    bool
+	pending []chan nft.ReadResult
+	snaps   []*nft.State
+}
+
+// release delivers the held background reads (each the table as it was
+// when the read began).
+func (k *fakeKernel) release() {
+	for i, ch := range k.pending {
+		ch <- nft.ReadResult{State: k.snaps[i]}
+	}
+	k.pending, k.snaps = nil, nil
 }
 
 func newFakeKernel(ipvs bool) *fakeKernel {
@@ -44,6 +58,19 @@ func (k *fakeKernel) log(f string, a ...any) { k.ops = append(k.ops, fmt.Sprintf
 
 // nft.Kernel
 func (k *fakeKernel) Read() (*nft.State, error) { k.nftReads++; return k.nft.Clone(), nil }
+
+// ReadInBackground takes the snapshot now: a test decides what changes
+// after the read began by what it does before it calls Verify again.
+func (k *fakeKernel) ReadInBackground() <-chan nft.ReadResult {
+	k.nftReads++
+	ch := make(chan nft.ReadResult, 1)
+	if k.hold {
+		k.pending, k.snaps = append(k.pending, ch), append(k.snaps, k.nft.Clone())
+		return ch
+	}
+	ch <- nft.ReadResult{State: k.nft.Clone()}
+	return ch
+}
 func (k *fakeKernel) ReadMeta() (*nft.State, error) {
 	s := k.nft.Clone()
 	s.Peers, s.Subnets = nft.PeerMap{}, nft.SubnetMap{}
@@ -538,6 +565,70 @@ func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
 	}
 	if k.nftReads != reads+1 || repaired != 1 {
 		t.Fatalf("%d verifies: %d reads, %d repaired; want 1 and 1", fullVerifyEvery, k.nftReads-reads, repaired)
+	}
+}
+
+// TestVerifyInTheBackground: a read that has not arrived leaves Verify to
+// the routes and services while deltas go on; when it arrives, the keys
+// the deltas touched meanwhile are taken from the model (no spurious
+// repair of a key the read saw before its move), a foreign change is
+// repaired, and a read that saw a structure the director changed since
+// is dropped and read again.
+func TestVerifyInTheBackground(t *testing.T) {
+	dp, k := fakeDataplane(t, false)
+	d := unitDesired()
+	mustSync(t, dp, d)
+	ctx := context.Background()
+	verify := func() Stats {
+		t.Helper()
+		st, err := dp.Verify(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	k.hold = true
+	// Someone else deletes pA; the director's next Verify starts a read.
+	k.nft.Peers.Delete(pA)
+	k.gen++
+	if st := verify(); st.Added+st.Changed+st.Removed != 0 || dp.pending == nil {
+		t.Fatalf("verify with the read outstanding: %+v, pending %v", st, dp.pending != nil)
+	}
+	// The director moves pB while the read runs (the read saw pB on
+	// node 2); the move reaches the kernel at once.
+	if _, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{pB: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := k.nft.Peers.Get(pB); v != dp.cfg.Fwmark(1) {
+		t.Fatalf("a move during the read did not reach the kernel: %#x", v)
+	}
+	k.release()
+	st := verify()
+	if st.Added != 1 || st.Changed != 0 || st.Removed != 0 {
+		t.Fatalf("repair from the read: %+v, want pA added and nothing else", st)
+	}
+	if _, ok := k.nft.Peers.Get(pA); !ok {
+		t.Fatal("pA not repaired")
+	}
+	if v, _ := k.nft.Peers.Get(pB); v != dp.cfg.Fwmark(1) {
+		t.Fatalf("the read's stale pB was written back: %#x", v)
+	}
+	// A structural change during a read drops it; the next Verify reads
+	// again and repairs.
+	k.nft.Peers.Delete(pA)
+	k.gen++
+	verify()
+	sub := netip.MustParsePrefix("2001:db8:77::/48")
+	if _, err := dp.Update(ctx, &Delta{SetSubnets: map[netip.Prefix]uint16{sub: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	k.release()
+	if st := verify(); st.Added+st.Changed+st.Removed != 0 || dp.pending != nil {
+		t.Fatalf("a read across a new subnet length was used: %+v", st)
+	}
+	k.hold = false
+	if st := verify(); st.Added != 1 {
+		t.Fatalf("the read after the dropped one repaired %+v, want pA added", st)
 	}
 }
 
