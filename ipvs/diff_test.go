@@ -661,3 +661,30 @@ func TestUpdateWithNodesKeepsBuckets(t *testing.T) {
 		t.Fatalf("after the node update the kernel differs from a sync:\nupdate %+v\nsync   %+v", k.nft, k2.nft)
 	}
 }
+
+// TestSyncFromMarks: a Desired handing its elements over Marks programs
+// the same kernel as one with maps, and a mark that is no node is refused.
+func TestSyncFromMarks(t *testing.T) {
+	dp1, k1 := fakeDataplane(t, true)
+	mustSync(t, dp1, unitDesired())
+	dp2, k2 := fakeDataplane(t, true)
+	d := unitDesired()
+	peers, subnets := d.Peers, d.Subnets
+	d.Peers, d.Subnets = nil, nil
+	d.Marks = func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) {
+		for a, m := range peers {
+			peer(a, m)
+		}
+		for p, m := range subnets {
+			subnet(p, m)
+		}
+	}
+	mustSync(t, dp2, d)
+	if k1.nft.Digest() != k2.nft.Digest() || k2.nft.Peers.Len() != len(peers) || k2.nft.Subnets.Len() != len(subnets) {
+		t.Fatalf("from Marks: %d peers, %d subnets, digest %+v; from maps digest %+v", k2.nft.Peers.Len(), k2.nft.Subnets.Len(), k2.nft.Digest(), k1.nft.Digest())
+	}
+	peers[pA] = 9
+	if _, err := dp2.Sync(context.Background(), d); err == nil || !strings.Contains(err.Error(), "owner mark 9 is not a node") {
+		t.Fatalf("a peer on mark 9 from Marks: %v", err)
+	}
+}
