@@ -122,16 +122,19 @@ func nftFile(b *testing.B, d *Desired, cfg Config) string {
 
 const benchTunnels = 100000
 
-// BenchmarkFullSync100k loads 100,000 tunnels (peer + /27 each) into an
-// empty kernel with one Sync, and times nft -f of an equivalent file in the
-// same namespace for comparison (metric nft-f-s and ratio).
+// BenchmarkFullSync100k loads 100,000 tunnels (peer + /27 each; another
+// count with TD_BENCH_TUNNELS) into an empty kernel with one Sync, and
+// times nft -f of an equivalent file in the same namespace for comparison
+// (metric nft-f-s and ratio); sync-user-s and sync-sys-s split the sync's
+// CPU time between the director's code and the kernel's insertion.
 func BenchmarkFullSync100k(b *testing.B) {
+	n := benchSize(b, benchTunnels)
 	ns, done := benchLab(b)
 	defer done()
-	d := bigDesired(benchTunnels)
+	d := bigDesired(n)
 	file := nftFile(b, d, Config{})
 	ctx := context.Background()
-	var nftTotal, syncTotal time.Duration
+	var nftTotal, syncTotal, syncUser, syncSys time.Duration
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		dp, err := newIn(Config{}, ns.NsHandle())
@@ -151,13 +154,16 @@ func BenchmarkFullSync100k(b *testing.B) {
 		}
 		b.StartTimer()
 		t0 = time.Now()
+		u0, s0 := cputime.Split()
 		st, err := dp.Sync(ctx, d)
 		syncTotal += time.Since(t0)
+		u1, s1 := cputime.Split()
+		syncUser, syncSys = syncUser+u1-u0, syncSys+s1-s0
 		if err != nil {
 			b.Fatal(err)
 		}
 		b.StopTimer()
-		if st.Added < 2*benchTunnels {
+		if st.Added < 2*n {
 			b.Fatalf("sync added %d", st.Added)
 		}
 		dp.Close()
@@ -166,6 +172,8 @@ func BenchmarkFullSync100k(b *testing.B) {
 	b.ReportMetric(nftTotal.Seconds()/float64(b.N), "nft-f-s")
 	b.ReportMetric(syncTotal.Seconds()/float64(b.N), "sync-s")
 	b.ReportMetric(syncTotal.Seconds()/nftTotal.Seconds(), "sync/nft-f")
+	b.ReportMetric(syncUser.Seconds()/float64(b.N), "sync-user-s")
+	b.ReportMetric(syncSys.Seconds()/float64(b.N), "sync-sys-s")
 }
 
 func loaded(b *testing.B) (*dataplane, *Desired, func()) {
