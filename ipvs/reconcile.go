@@ -66,12 +66,6 @@ type dataplane struct {
 // the generation.
 const fullVerifyEvery = 10
 
-// verifyWait is how long Verify waits for a background read it started: a
-// small table's arrives within it and is compared at once; a million
-// tunnels' takes longer and is compared by a later Verify, while table
-// changes reach the kernel in the meantime.
-const verifyWait = 250 * time.Millisecond
-
 // touchedKeys are what the director's transactions changed during a
 // background read.
 type touchedKeys struct {
@@ -611,15 +605,22 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 	// it does. Routes and services are read every time.
 	var known *nft.State
 	var err error
-	withMaps := true
+	withMaps, pending := true, false
 	switch {
 	case d.model == nil:
 		// Nothing to compare a background read with: read now.
 	case d.pending != nil:
-		known, withMaps, err = d.takeRead(ctx, 0)
+		select {
+		case r := <-d.pending:
+			known, withMaps, err = d.takeRead(r)
+		default:
+			// Still reading; routes and services were verified when
+			// it started.
+			return Stats{Pending: true, Duration: time.Since(start)}, nil
+		}
 	case d.mapsMayDiffer():
 		d.startRead()
-		known, withMaps, err = d.takeRead(ctx, verifyWait)
+		known, withMaps, pending = d.model.nft, false, true
 	default:
 		known, withMaps = d.model.nft, false
 	}
@@ -632,7 +633,7 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 	}
 	d.model = cur
 	st, failed, err := d.reconcileMaps(cur, d.want, withMaps)
-	st.Duration = time.Since(start)
+	st.Duration, st.Pending = time.Since(start), pending
 	if err != nil {
 		d.model = nil
 		return st, fmt.Errorf("verify: repair: %w", errors.Join(append(failed, err)...))
@@ -661,30 +662,12 @@ func (d *dataplane) startRead() {
 	d.pending = d.nft.ReadInBackground()
 }
 
-// takeRead returns the background read, with the model's values for the
-// keys the director's transactions touched meanwhile, and true when it
-// arrives within wait; otherwise the model's nftables state and false (the
-// read goes on; a later Verify takes it). A read that failed (its error is
-// returned) or saw a structure the director has changed since is dropped
-// and the next Verify reads again.
-func (d *dataplane) takeRead(ctx context.Context, wait time.Duration) (*nft.State, bool, error) {
-	var r nft.ReadResult
-	select {
-	case r = <-d.pending:
-	default:
-		if wait == 0 {
-			return d.model.nft, false, nil
-		}
-		t := time.NewTimer(wait)
-		defer t.Stop()
-		select {
-		case r = <-d.pending:
-		case <-t.C:
-			return d.model.nft, false, nil
-		case <-ctx.Done():
-			return d.model.nft, false, nil
-		}
-	}
+// takeRead takes a background read that arrived: with the model's values
+// for the keys the director's transactions touched meanwhile, and true.
+// A read that failed (its error is returned) or saw a structure the
+// director has changed since is dropped (false) and the next Verify reads
+// again.
+func (d *dataplane) takeRead(r nft.ReadResult) (*nft.State, bool, error) {
 	d.pending = nil
 	if r.Err != nil || d.touched.shape {
 		d.genKnown = false

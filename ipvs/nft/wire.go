@@ -206,28 +206,12 @@ func (t *transport) dumpElems(table, name string) ([]nftables.SetElement, error)
 	if err != nil {
 		return nil, fmt.Errorf("request dump of set %s: %w", name, err)
 	}
-	rc, err := t.c.SyscallConn()
-	if err != nil {
-		return nil, err
-	}
 	buf := make([]byte, dumpBuf)
 	var out []nftables.SetElement
 	for {
-		var n int
-		var rerr error
-		err := rc.Read(func(fd uintptr) bool {
-			n, _, rerr = unix.Recvfrom(int(fd), buf, 0)
-			return rerr != unix.EAGAIN
-		})
-		if err == nil {
-			err = rerr
-		}
+		msgs, err := t.recv(buf)
 		if err != nil {
 			return nil, fmt.Errorf("read dump of set %s: %w", name, err)
-		}
-		msgs, err := syscall.ParseNetlinkMessage(buf[:n])
-		if err != nil {
-			return nil, fmt.Errorf("parse dump of set %s: %w", name, err)
 		}
 		for _, m := range msgs {
 			if m.Header.Seq != sent.Header.Sequence {
@@ -310,27 +294,11 @@ func (t *transport) getChunk(table, name string, keys [][]byte, found map[string
 	for _, m := range sent {
 		want[m.Header.Sequence] = true
 	}
-	rc, err := t.c.SyscallConn()
-	if err != nil {
-		return err
-	}
 	buf := make([]byte, 1<<16)
 	for len(want) > 0 {
-		var n int
-		var rerr error
-		err := rc.Read(func(fd uintptr) bool {
-			n, _, rerr = unix.Recvfrom(int(fd), buf, 0)
-			return rerr != unix.EAGAIN
-		})
-		if err == nil {
-			err = rerr
-		}
+		replies, err := t.recv(buf)
 		if err != nil {
 			return fmt.Errorf("read elements of set %s: %w", name, err)
-		}
-		replies, err := syscall.ParseNetlinkMessage(buf[:n])
-		if err != nil {
-			return fmt.Errorf("parse elements of set %s: %w", name, err)
 		}
 		for _, m := range replies {
 			if !want[m.Header.Seq] {
@@ -359,6 +327,29 @@ func (t *transport) getChunk(table, name string, keys [][]byte, found map[string
 		}
 	}
 	return nil
+}
+
+// recv reads one datagram of replies into buf (large enough for the
+// kernel's dump messages: mdlayher/netlink's Receive would offer a page)
+// and parses its messages.
+func (t *transport) recv(buf []byte) ([]syscall.NetlinkMessage, error) {
+	rc, err := t.c.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	var n int
+	var rerr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, _, rerr = unix.Recvfrom(int(fd), buf, 0)
+		return rerr != unix.EAGAIN
+	})
+	if err == nil {
+		err = rerr
+	}
+	if err != nil {
+		return nil, err
+	}
+	return syscall.ParseNetlinkMessage(buf[:n])
 }
 
 func nativeUint32(b []byte) uint32 {
