@@ -663,10 +663,9 @@ func TestVerifyInTheBackground(t *testing.T) {
 	}
 }
 
-// TestInterruptedReadConfirmsMissed: a read the kernel flagged as
-// interrupted (it ran across a transaction) may lack elements the kernel
-// holds; Verify asks for those one by one instead of re-adding them as
-// drift, and repairs the ones really gone.
+// TestInterruptedReadConfirmsMissed: a read that ran across a transaction
+// may lack elements the kernel holds; Verify asks for those one by one
+// instead of re-adding them as drift, and repairs the ones really gone.
 func TestInterruptedReadConfirmsMissed(t *testing.T) {
 	dp, k := fakeDataplane(t, false)
 	mustSync(t, dp, unitDesired())
@@ -692,6 +691,20 @@ func TestInterruptedReadConfirmsMissed(t *testing.T) {
 	}
 	if _, ok := k.nft.Subnets.Get(sA); !ok {
 		t.Fatal("sA not repaired")
+	}
+	// Not flagged, but the director moved pB during the read: the walk
+	// may have skipped pA all the same.
+	k.gen++
+	if _, err := dp.Verify(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{pB: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	k.snaps[0].Peers.Delete(pA)
+	k.release()
+	if st, err := dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+		t.Fatalf("a read that skipped pA while the director moved pB repaired %+v, %v", st, err)
 	}
 }
 

@@ -26,9 +26,10 @@ import (
 // on any error, naming the message.
 type transport struct {
 	c *mdnl.Conn
-	// interrupted is set when a dump message carried NLM_F_DUMP_INTR: a
-	// transaction committed while the dump ran, so the walk may have
-	// missed elements (the kernel resumes a hash walk by counting).
+	// interrupted is set when a dump message carried NLM_F_DUMP_INTR (a
+	// transaction committed while the dump ran). The set dumps of 6.18
+	// were not seen to set it although they can skip elements then: the
+	// dataplane does not rely on it alone.
 	interrupted bool
 }
 
