@@ -71,6 +71,21 @@ func (k *fakeKernel) ReadInBackground() <-chan nft.ReadResult {
 	ch <- nft.ReadResult{State: k.nft.Clone()}
 	return ch
 }
+func (k *fakeKernel) Confirm(peers []netip.Addr, subnets []netip.Prefix) (nft.PeerMap, nft.SubnetMap, error) {
+	var pm nft.PeerMap
+	var sm nft.SubnetMap
+	for _, a := range peers {
+		if v, ok := k.nft.Peers.Get(a); ok {
+			pm.Set(a, v)
+		}
+	}
+	for _, p := range subnets {
+		if v, ok := k.nft.Subnets.Get(p); ok {
+			sm.Set(p, v)
+		}
+	}
+	return pm, sm, nil
+}
 func (k *fakeKernel) ReadMeta() (*nft.State, error) {
 	s := k.nft.Clone()
 	s.Peers, s.Subnets = nft.PeerMap{}, nft.SubnetMap{}
@@ -629,6 +644,38 @@ func TestVerifyInTheBackground(t *testing.T) {
 	k.hold = false
 	if st := verify(); st.Added != 1 {
 		t.Fatalf("the read after the dropped one repaired %+v, want pA added", st)
+	}
+}
+
+// TestInterruptedReadConfirmsMissed: a read the kernel flagged as
+// interrupted (it ran across a transaction) may lack elements the kernel
+// holds; Verify asks for those one by one instead of re-adding them as
+// drift, and repairs the ones really gone.
+func TestInterruptedReadConfirmsMissed(t *testing.T) {
+	dp, k := fakeDataplane(t, false)
+	mustSync(t, dp, unitDesired())
+	ctx := context.Background()
+	k.hold = true
+	k.gen++ // someone else committed: the next Verify reads
+	if _, err := dp.Verify(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The walk skipped pA, which the kernel holds, and sA, which
+	// someone else really deleted.
+	k.snaps[0].Peers.Delete(pA)
+	k.snaps[0].Subnets.Delete(sA)
+	k.snaps[0].Interrupted = true
+	k.nft.Subnets.Delete(sA)
+	k.release()
+	st, err := dp.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Added != 1 || st.Changed+st.Removed != 0 {
+		t.Fatalf("repair from an interrupted read: %+v, want sA alone added", st)
+	}
+	if _, ok := k.nft.Subnets.Get(sA); !ok {
+		t.Fatal("sA not repaired")
 	}
 }
 

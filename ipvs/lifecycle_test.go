@@ -297,3 +297,29 @@ func TestNSTeardownAndForeign(t *testing.T) {
 	}
 	t.Logf("refused: %v", err)
 }
+
+// TestNSConfirm asks the kernel for peers and subnets one by one, the way
+// Verify checks what an interrupted dump lacked: the ones the maps hold
+// come back with their marks, the others do not.
+func TestNSConfirm(t *testing.T) {
+	l := newLab(t, Config{})
+	if _, err := l.dp.Sync(context.Background(), l.des); err != nil {
+		t.Fatal(err)
+	}
+	held := l.peers[0].If(netlab.IfOutside).Addr4
+	absent := netip.MustParseAddr("198.51.100.250")
+	absent6 := netip.MustParseAddr("2001:db8:100::250")
+	pm, sm, err := l.dp.nft.Confirm([]netip.Addr{held, absent, absent6}, []netip.Prefix{subnet4, subnet6, netip.MustParsePrefix("10.21.0.0/27")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := pm.Get(held); !ok || v != l.dp.cfg.Fwmark(l.des.Peers[held]) || pm.Len() != 1 {
+		t.Fatalf("peers confirmed: %d, %s -> %#x %v (want only it, on %#x)", pm.Len(), held, v, ok, l.dp.cfg.Fwmark(l.des.Peers[held]))
+	}
+	if v, ok := sm.Get(subnet4); !ok || v != l.dp.cfg.Fwmark(l.des.Subnets[subnet4]) || sm.Len() != 2 {
+		t.Fatalf("subnets confirmed: %d, %s -> %#x %v", sm.Len(), subnet4, v, ok)
+	}
+	if _, ok := sm.Get(subnet6); !ok {
+		t.Fatalf("%s not confirmed", subnet6)
+	}
+}

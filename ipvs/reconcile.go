@@ -692,8 +692,47 @@ func (d *dataplane) takeRead(ctx context.Context, wait time.Duration) (*nft.Stat
 	}
 	if r.State.Table && !r.State.Broken {
 		d.touched.overlay(r.State, d.model.nft)
+		if r.State.Interrupted {
+			if err := d.confirmMissed(r.State); err != nil {
+				d.genKnown = false
+				return d.model.nft, false, err
+			}
+		}
 	}
 	return r.State, true, nil
+}
+
+// confirmMissed asks the kernel, key by key, for the elements the model
+// has and an interrupted read lacks: a hash walk resumed across the
+// director's own transactions skips some, and re-adding them would count
+// as drift that never was.
+func (d *dataplane) confirmMissed(read *nft.State) error {
+	var peers []netip.Addr
+	var subnets []netip.Prefix
+	for a := range d.model.nft.Peers.All() {
+		if _, ok := read.Peers.Get(a); !ok {
+			peers = append(peers, a)
+		}
+	}
+	for p := range d.model.nft.Subnets.All() {
+		if _, ok := read.Subnets.Get(p); !ok {
+			subnets = append(subnets, p)
+		}
+	}
+	if len(peers)+len(subnets) == 0 {
+		return nil
+	}
+	pm, sm, err := d.nft.Confirm(peers, subnets)
+	if err != nil {
+		return err
+	}
+	for a, v := range pm.All() {
+		read.Peers.Set(a, v)
+	}
+	for p, v := range sm.All() {
+		read.Subnets.Set(p, v)
+	}
+	return nil
 }
 
 func (d *dataplane) Read(ctx context.Context) (*Desired, error) {

@@ -2,6 +2,7 @@ package nft
 
 import (
 	"fmt"
+	"net/netip"
 
 	"github.com/google/nftables"
 	mdnl "github.com/mdlayher/netlink"
@@ -21,6 +22,10 @@ type Kernel interface {
 	// transactions go on while a million elements are read; the result
 	// arrives on the channel.
 	ReadInBackground() <-chan ReadResult
+	// Confirm asks for the given peers and subnets one by one (a dump
+	// that ran across transactions, State.Interrupted, may have missed
+	// some) and returns the ones the kernel holds, with their values.
+	Confirm(peers []netip.Addr, subnets []netip.Prefix) (PeerMap, SubnetMap, error)
 	// Apply runs p as one transaction.
 	Apply(p *Plan) error
 	// DeleteTable removes the table (and nothing else); no table is fine.
@@ -131,13 +136,53 @@ func (k *kernel) ReadInBackground() <-chan ReadResult {
 }
 
 func (k *kernel) read(withMaps bool) (*State, error) {
+	k.tx.interrupted = false
 	s, err := read(k.nft, k.table, withMaps, func(s *nftables.Set) ([]nftables.SetElement, error) {
 		return k.tx.dumpElems(s.Table.Name, s.Name)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("read nftables table %s: %w", k.table, err)
 	}
+	s.Interrupted = k.tx.interrupted
 	return s, nil
+}
+
+func (k *kernel) Confirm(peers []netip.Addr, subnets []netip.Prefix) (PeerMap, SubnetMap, error) {
+	var pm PeerMap
+	var sm SubnetMap
+	byPeerSet := map[bool][][]byte{}
+	for _, a := range peers {
+		byPeerSet[a.Is6()] = append(byPeerSet[a.Is6()], a.AsSlice())
+	}
+	n := newNames(k.table)
+	for v6, keys := range byPeerSet {
+		name := n.fams[b2i(v6)].peers.Name
+		found, err := k.tx.getElems(k.table, name, keys)
+		if err != nil {
+			return pm, sm, fmt.Errorf("confirm peers in map %s: %w", name, err)
+		}
+		for key, val := range found {
+			if a, ok := netip.AddrFromSlice([]byte(key)); ok {
+				pm.Set(a, markOf(val))
+			}
+		}
+	}
+	byLen := map[Len][][]byte{}
+	for _, p := range subnets {
+		byLen[LenOf(p)] = append(byLen[LenOf(p)], p.Addr().AsSlice())
+	}
+	for l, keys := range byLen {
+		found, err := k.tx.getElems(k.table, l.setName(), keys)
+		if err != nil {
+			return pm, sm, fmt.Errorf("confirm subnets in map %s: %w", l.setName(), err)
+		}
+		for key, val := range found {
+			if a, ok := netip.AddrFromSlice([]byte(key)); ok {
+				sm.Set(netip.PrefixFrom(a, l.Bits), markOf(val))
+			}
+		}
+	}
+	return pm, sm, nil
 }
 
 func (k *kernel) Apply(p *Plan) error {

@@ -30,6 +30,9 @@ type State struct {
 	// Lens are the per-prefix-length subnet maps: in the kernel's state
 	// the maps that exist, in a target the maps its subnets need.
 	Lens map[Len]struct{}
+	// Interrupted says a read's dump ran across a transaction (the
+	// kernel flagged it NLM_F_DUMP_INTR): it may have missed elements.
+	Interrupted bool
 	// Stored is the Digest the digest set holds (HasStored: it holds
 	// one): in a read state, what the director last committed; in the
 	// model, what the last transaction wrote.
