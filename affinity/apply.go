@@ -11,6 +11,8 @@ import (
 	"net/netip"
 	"strings"
 	"time"
+
+	"github.com/tunneldirector/tunneldirector/internal/enum"
 )
 
 // ChangeKind says what a Change does.
@@ -29,12 +31,7 @@ const (
 
 var changeKindNames = [...]string{"", "put-node", "delete-node", "put-tunnel", "delete-tunnel", "put-bucket"}
 
-func (k ChangeKind) String() string {
-	if int(k) < len(changeKindNames) && k != 0 {
-		return changeKindNames[k]
-	}
-	return fmt.Sprintf("ChangeKind(%d)", uint8(k))
-}
+func (k ChangeKind) String() string { return enum.String(changeKindNames[:], "ChangeKind", k) }
 
 // Change is one step of a batch given to Apply.
 type Change struct {

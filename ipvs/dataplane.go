@@ -29,15 +29,7 @@ const (
 	ModeRouteOnly
 )
 
-func (m Mode) String() string {
-	switch m {
-	case ModeIPVS:
-		return "ipvs"
-	case ModeRouteOnly:
-		return "route-only"
-	}
-	return "auto"
-}
+func (m Mode) String() string { return nameOf(modeNames, m) }
 
 // Forward is the IPVS forwarding method of a node.
 type Forward uint8
@@ -49,15 +41,7 @@ const (
 	ForwardMasq                  // NAT (-m)
 )
 
-func (f Forward) String() string {
-	switch f {
-	case ForwardTunnel:
-		return "tunnel"
-	case ForwardMasq:
-		return "masq"
-	}
-	return "dr"
-}
+func (f Forward) String() string { return nameOf(forwardNames, f) }
 
 // Node is one terminator node as the dataplane sees it.
 type Node struct {

@@ -122,15 +122,9 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 		}
 	}
 
-	d.Batch = make([]affinity.Change, 0, len(d.Removed)+len(changed)+len(added))
-	d.Sources = make([]Pos, 0, cap(d.Batch))
-	for _, id := range d.Removed {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.DeleteTunnel, Name: id, Reason: reason})
-		d.Sources = append(d.Sources, Pos{File: d.File, Index: -1})
-	}
+	d.startBatch(affinity.DeleteTunnel, len(changed)+len(added), reason)
 	for k, i := range changed {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &changes[k], Reason: reason})
-		d.Sources = append(d.Sources, tunnels[i].Pos)
+		d.add(affinity.Change{Kind: affinity.PutTunnel, Tunnel: &changes[k], Reason: reason}, tunnels[i].Pos)
 	}
 	for _, i := range added {
 		// Apply copies the tunnel it is given, so the record can serve.
@@ -138,8 +132,7 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 		if u, ok := unpinned[i]; ok {
 			tu = u
 		}
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: tu, Reason: reason})
-		d.Sources = append(d.Sources, tunnels[i].Pos)
+		d.add(affinity.Change{Kind: affinity.PutTunnel, Tunnel: tu, Reason: reason}, tunnels[i].Pos)
 	}
 	d.sortLists()
 	return d
@@ -196,19 +189,12 @@ func PlanNodes(t *affinity.Table, nodes []NodeRecord, replace bool) *Diff {
 			}
 		}
 	}
-	d.Batch = make([]affinity.Change, 0, len(d.Removed)+len(changed)+len(added))
-	d.Sources = make([]Pos, 0, cap(d.Batch))
-	for _, name := range d.Removed {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.DeleteNode, Name: name, Reason: reason})
-		d.Sources = append(d.Sources, Pos{File: d.File, Index: -1})
-	}
+	d.startBatch(affinity.DeleteNode, len(changed)+len(added), reason)
 	for k, i := range changed {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutNode, Node: &changes[k], Reason: reason})
-		d.Sources = append(d.Sources, nodes[i].Pos)
+		d.add(affinity.Change{Kind: affinity.PutNode, Node: &changes[k], Reason: reason}, nodes[i].Pos)
 	}
 	for _, i := range added {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutNode, Node: &nodes[i].Node, Reason: reason})
-		d.Sources = append(d.Sources, nodes[i].Pos)
+		d.add(affinity.Change{Kind: affinity.PutNode, Node: &nodes[i].Node, Reason: reason}, nodes[i].Pos)
 	}
 	d.sortLists()
 	return d
@@ -218,6 +204,24 @@ func (d *Diff) sortLists() {
 	for _, l := range [][]string{d.Added, d.Changed, d.Removed, d.Unchanged, d.Suspended} {
 		slices.Sort(l)
 	}
+}
+
+// startBatch sizes Batch for the removals and n more changes, and puts
+// the removals (with del, by name) first: they come from no record of the
+// file.
+func (d *Diff) startBatch(del affinity.ChangeKind, n int, reason string) {
+	d.Batch = make([]affinity.Change, 0, len(d.Removed)+n)
+	d.Sources = make([]Pos, 0, cap(d.Batch))
+	for _, name := range d.Removed {
+		d.add(affinity.Change{Kind: del, Name: name, Reason: reason}, Pos{File: d.File, Index: -1})
+	}
+}
+
+// add appends a change and the record it comes from, so Batch and
+// Sources stay in step.
+func (d *Diff) add(c affinity.Change, from Pos) {
+	d.Batch = append(d.Batch, c)
+	d.Sources = append(d.Sources, from)
 }
 
 // Empty reports whether applying the diff would change nothing.

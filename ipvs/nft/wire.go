@@ -379,23 +379,9 @@ func decodeElems(b []byte) ([]nftables.SetElement, error) {
 					for el.Next() {
 						switch el.Type() {
 						case unix.NFTA_SET_ELEM_KEY:
-							el.Nested(func(v *mdnl.AttributeDecoder) error {
-								for v.Next() {
-									if v.Type() == unix.NFTA_DATA_VALUE {
-										e.Key = v.Bytes()
-									}
-								}
-								return nil
-							})
+							el.Nested(dataValue(&e.Key))
 						case unix.NFTA_SET_ELEM_DATA:
-							el.Nested(func(v *mdnl.AttributeDecoder) error {
-								for v.Next() {
-									if v.Type() == unix.NFTA_DATA_VALUE {
-										e.Val = v.Bytes()
-									}
-								}
-								return nil
-							})
+							el.Nested(dataValue(&e.Val))
 						case unix.NFTA_SET_ELEM_FLAGS:
 							el.ByteOrder = binary.BigEndian
 							e.IntervalEnd = el.Uint32()&unix.NFT_SET_ELEM_INTERVAL_END != 0
@@ -409,6 +395,19 @@ func decodeElems(b []byte) ([]nftables.SetElement, error) {
 		})
 	}
 	return out, ad.Err()
+}
+
+// dataValue reads the value of a nested nft_data (an element's key or
+// data) into *dst.
+func dataValue(dst *[]byte) func(*mdnl.AttributeDecoder) error {
+	return func(v *mdnl.AttributeDecoder) error {
+		for v.Next() {
+			if v.Type() == unix.NFTA_DATA_VALUE {
+				*dst = v.Bytes()
+			}
+		}
+		return nil
+	}
 }
 
 // gen asks for the ruleset generation.
