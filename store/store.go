@@ -675,18 +675,18 @@ func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 // valueArena holds encoded tunnel records for the life of one bbolt
 // transaction, in buffers that double from 4 KiB to 1 MiB: a one-tunnel
 // commit allocates little, a million-tunnel one a hundred buffers.
-type valueArena struct{ buf []byte }
+type valueArena struct{ buf, scratch []byte }
 
 // add encodes t and returns its record, valid until the transaction ends.
 func (v *valueArena) add(t *affinity.Tunnel) []byte {
-	if cap(v.buf)-len(v.buf) < 1024 {
-		v.buf = make([]byte, 0, min(max(2*cap(v.buf), 4096), 1<<20))
+	// Encoded aside first, so that a record never outgrows its buffer
+	// (which would move the buffer, records before included).
+	v.scratch = affinity.AppendTunnel(v.scratch[:0], t)
+	if cap(v.buf)-len(v.buf) < len(v.scratch) {
+		v.buf = make([]byte, 0, max(len(v.scratch), min(max(2*cap(v.buf), 4096), 1<<20)))
 	}
-	// A record longer than what is left (a long comment) makes append
-	// move to a larger buffer: the records before keep pointing at the
-	// old one, which stays as it was.
 	n := len(v.buf)
-	v.buf = affinity.AppendTunnel(v.buf, t)
+	v.buf = append(v.buf, v.scratch...)
 	return v.buf[n:len(v.buf):len(v.buf)]
 }
 
