@@ -56,6 +56,22 @@ type tunnelSet struct {
 	// record (the records live only as long as the import).
 	prefixes []netip.Prefix
 	bad      map[int32]bool // records that drew an error
+	nodes    map[string]string
+}
+
+// nodeName returns the file's node name as one string per name: a CSV
+// field shares its string with the whole line, which every record naming
+// a node would otherwise keep until the import ends.
+func (s *tunnelSet) nodeName(name string) string {
+	if n, ok := s.nodes[name]; ok {
+		return n
+	}
+	if s.nodes == nil {
+		s.nodes = map[string]string{}
+	}
+	n := strings.Clone(name)
+	s.nodes[n] = n
+	return n
 }
 
 // peerSet maps the file's peers to their records: IPv4 peers keyed by the
@@ -147,7 +163,7 @@ func (s *tunnelSet) add(pos Pos, raw *rawTunnel) {
 		if err := affinity.ValidateID("node name", f[tcNode]); err != nil {
 			c.addf(pos, "node", f[tcNode], "%v", err)
 		}
-		t.Node = f[tcNode]
+		t.Node = s.nodeName(f[tcNode])
 	}
 	switch p, valid := parseBool(f[tcPinned]); {
 	case f[tcPinned] == "":
