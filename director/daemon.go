@@ -271,20 +271,22 @@ func (d *Daemon) kick() {
 }
 
 // Desired computes the whole kernel state from the table and configuration.
+// The peers and subnets are read from the table when the dataplane asks
+// (Marks), not copied.
 func (d *Daemon) Desired() *ipvs.Desired {
 	c := d.config()
 	t := d.st.Table()
-	want := &ipvs.Desired{
+	return &ipvs.Desired{
 		VIPs:     t.VIPs(),
 		Nodes:    c.kernelNodes(t),
-		Peers:    make(map[netip.Addr]uint16, t.Len()),
-		Subnets:  make(map[netip.Prefix]uint16, t.Len()),
 		HashSeed: c.HashSeed,
 		Buckets:  t.Buckets(),
+		Marks: func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) {
+			t.PeerMarks(peer)
+			t.SubnetMarks(subnet)
+		},
+		MarksLen: t.Len(),
 	}
-	t.PeerMarks(func(a netip.Addr, m uint16) { want.Peers[a] = m })
-	t.SubnetMarks(func(p netip.Prefix, m uint16) { want.Subnets[p] = m })
-	return want
 }
 
 // kernelNodes are the table's nodes as the dataplane programs them, never
@@ -558,13 +560,13 @@ func (d *Daemon) syncAll(ctx context.Context, why string) error {
 	if err == nil || d.partial(err) {
 		err = nil
 		d.statMu.Lock()
-		d.elements.peers, d.elements.subnets, d.elements.nodes = len(want.Peers), len(want.Subnets), len(want.Nodes)
+		d.elements.peers, d.elements.subnets, d.elements.nodes = d.st.Table().Len(), d.st.Table().SubnetLen(), len(want.Nodes)
 		d.statMu.Unlock()
 	}
 	if err != nil {
 		return fmt.Errorf("sync kernel to revision %d (%s): %w", rev, why, err)
 	}
-	d.log.Info("kernel synced", "why", why, "revision", rev, "peers", len(want.Peers), "subnets", len(want.Subnets),
+	d.log.Info("kernel synced", "why", why, "revision", rev, "peers", d.st.Table().Len(), "subnets", d.st.Table().SubnetLen(),
 		"added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
 	return nil
 }

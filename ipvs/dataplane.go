@@ -84,6 +84,13 @@ type Desired struct {
 	Peers map[netip.Addr]uint16
 	// Subnets maps protected subnets to the owner's mark.
 	Subnets map[netip.Prefix]uint16
+	// Marks, when set, stands for Peers and Subnets (left nil): it calls
+	// peer for every tunnel endpoint and subnet for every protected
+	// subnet, with the owner's mark. A daemon hands its table over this
+	// way, so a million tunnels are not copied into Go maps for a Sync;
+	// MarksLen (the tunnel count) sizes the dataplane's own maps.
+	Marks    func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16))
+	MarksLen int
 	// HashSeed seeds the kernel's jhash of an unknown peer's address.
 	HashSeed uint32
 	// Buckets is the unknown-peer bucket map: the kernel hashes an
@@ -93,6 +100,34 @@ type Desired struct {
 	// hash over the active nodes, HashPick), for a table that holds no
 	// buckets.
 	Buckets []uint16
+}
+
+// Each calls peer and subnet for every tunnel endpoint and protected
+// subnet of d, from Marks or from the maps.
+func (d *Desired) Each(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) {
+	if d.Marks != nil {
+		d.Marks(peer, subnet)
+		return
+	}
+	for a, m := range d.Peers {
+		peer(a, m)
+	}
+	for p, m := range d.Subnets {
+		subnet(p, m)
+	}
+}
+
+// WithMaps returns d with Peers and Subnets filled from Marks (a copy;
+// d itself when it has no Marks): for tests and fakes that want maps.
+func (d *Desired) WithMaps() *Desired {
+	if d.Marks == nil {
+		return d
+	}
+	c := *d
+	c.Marks, c.MarksLen = nil, 0
+	c.Peers, c.Subnets = make(map[netip.Addr]uint16, d.MarksLen), make(map[netip.Prefix]uint16, d.MarksLen)
+	d.Marks(func(a netip.Addr, m uint16) { c.Peers[a] = m }, func(p netip.Prefix, m uint16) { c.Subnets[p] = m })
+	return &c
 }
 
 // Delta is a change to the peer, subnet and bucket maps, and optionally to

@@ -210,6 +210,21 @@ func TestNSAdoptWithoutInterruption(t *testing.T) {
 	if st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("adopting sync changed the kernel: %+v", st)
 	}
+	if dp2.adopted != 1 {
+		t.Fatalf("the restarted dataplane read the maps back instead of trusting the stored digest")
+	}
+	// The digest the kernel stores follows a delta, so the next restart
+	// adopts too; and it is the digest of what the kernel really holds.
+	if _, err := dp2.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{l.top.Peers[1].If(netlab.IfOutside).Addr4: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	ks, err := dp2.nft.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ks.HasStored || ks.Stored != ks.Digest() || ks.Stored != dp2.want.nft.Digest() {
+		t.Fatalf("kernel stores digest %+v (%v); its maps' digest %+v, the target's %+v", ks.Stored, ks.HasStored, ks.Digest(), dp2.want.nft.Digest())
+	}
 	isAdopt := func(pk netlab.Packet) bool { return strings.HasPrefix(pk.Tag, "adopt-") }
 	deadline := time.Now().Add(2 * time.Second)
 	for l.caps[0].Count(isAdopt) < sent && time.Now().Before(deadline) {

@@ -18,6 +18,9 @@ import (
 const (
 	chainName   = "prerouting"
 	hashMapName = "nodehash"
+	// digestSetName holds the maps' Digest (a table without it, from a
+	// director before it, is recreated in one transaction).
+	digestSetName = "digest"
 )
 
 // LearnInterval is how often the classifier logs the same unknown peer: its
@@ -54,10 +57,11 @@ type famSets struct {
 }
 
 type nftNames struct {
-	table *nftables.Table
-	fams  [2]famSets
-	hash  *nftables.Set
-	chain *nftables.Chain
+	table  *nftables.Table
+	fams   [2]famSets
+	hash   *nftables.Set
+	digest *nftables.Set
+	chain  *nftables.Chain
 }
 
 // newNames returns fresh set descriptors: google/nftables assigns batch IDs
@@ -82,6 +86,10 @@ func newNames(name string) *nftNames {
 	// mark so nft(8) can print it.
 	n.hash = &nftables.Set{Table: t, Name: hashMapName, IsMap: true, KeyType: nftables.TypeMark,
 		KeyByteOrder: binaryutil.NativeEndian, DataType: nftables.TypeMark}
+	// The digest set holds one element, the Digest of the peer and
+	// subnet maps as of the director's last transaction; a 16-byte key
+	// type, so nft(8) lists it as an IPv6 address.
+	n.digest = &nftables.Set{Table: t, Name: digestSetName, KeyType: nftables.TypeIP6Addr, KeyByteOrder: binaryutil.BigEndian}
 	n.chain = &nftables.Chain{Name: chainName, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle}
 	return n
@@ -92,7 +100,7 @@ func (n *nftNames) allSets() []*nftables.Set {
 	for _, f := range n.fams {
 		out = append(out, f.vips, f.peers, f.window)
 	}
-	return append(out, n.hash)
+	return append(out, n.hash, n.digest)
 }
 
 // subnetSet describes the exact-match map of one prefix length: key the
@@ -222,7 +230,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for _, a := range p.DelPeers {
 		nDel[fi(a)]++
 	}
-	for a := range p.AddPeers {
+	for a := range p.AddPeers.All() {
 		nAdd[fi(a)]++
 	}
 	for _, pf := range p.DelSubnets {
@@ -230,7 +238,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 			nDelSub[l]++
 		}
 	}
-	for pf := range p.AddSubnets {
+	for pf := range p.AddSubnets.All() {
 		nAddSub[LenOf(pf)]++
 	}
 	for i := range del {
@@ -246,7 +254,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for _, a := range p.DelPeers {
 		del[fi(a)].peers = append(del[fi(a)].peers, nftables.SetElement{Key: a.AsSlice()})
 	}
-	for a, m := range p.AddPeers {
+	for a, m := range p.AddPeers.All() {
 		add[fi(a)].peers = append(add[fi(a)].peers, nftables.SetElement{Key: a.AsSlice(), Val: markBytes(m)})
 	}
 	for _, pf := range p.DelSubnets {
@@ -255,7 +263,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 			delSub[l] = append(delSub[l], nftables.SetElement{Key: pf.Addr().AsSlice()})
 		}
 	}
-	for pf, m := range p.AddSubnets {
+	for pf, m := range p.AddSubnets.All() {
 		l := LenOf(pf)
 		addSub[l] = append(addSub[l], nftables.SetElement{Key: pf.Addr().AsSlice(), Val: markBytes(m)})
 	}
@@ -301,6 +309,14 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	}
 	if err := chunked(c.SetAddElements, n.hash, hadd); err != nil {
 		return err
+	}
+	if p.Digest != nil {
+		if !p.Recreate {
+			c.FlushSet(n.digest)
+		}
+		if err := c.SetAddElements(n.digest, []nftables.SetElement{{Key: p.Digest.bytes()}}); err != nil {
+			return fmt.Errorf("set %s: %w", digestSetName, err)
+		}
 	}
 	// Maps whose last subnet went: after the chain flush above dropped the
 	// rules that used them (the kernel refuses to delete a map in use).

@@ -13,6 +13,14 @@ import (
 type Kernel interface {
 	// Read dumps the table.
 	Read() (*State, error)
+	// ReadMeta reads the table without the elements of the peer and
+	// subnet maps (a million tunnels' worth takes minutes to dump): their
+	// Digest as the director last committed it is in State.Stored.
+	ReadMeta() (*State, error)
+	// ReadInBackground dumps the table on connections of its own, so
+	// transactions go on while a million elements are read; the result
+	// arrives on the channel.
+	ReadInBackground() <-chan ReadResult
 	// Apply runs p as one transaction.
 	Apply(p *Plan) error
 	// DeleteTable removes the table (and nothing else); no table is fine.
@@ -25,8 +33,15 @@ type Kernel interface {
 	Close() error
 }
 
+// ReadResult is what a background read found.
+type ReadResult struct {
+	State *State
+	Err   error
+}
+
 type kernel struct {
 	table string
+	ns    netns.NsHandle
 	nft   *nftables.Conn // reads (dumps)
 	tx    *transport
 	wr    *nftables.Conn // table deletion, through tx
@@ -61,7 +76,7 @@ func forceBuffers(c *mdnl.Conn) error {
 // Open connects to nftables in network namespace ns (0: the caller's) for
 // the table named table (family inet).
 func Open(table string, ns netns.NsHandle) (Kernel, error) {
-	k := &kernel{table: table}
+	k := &kernel{table: table, ns: ns}
 	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(forceBuffers)}
 	fd := 0
 	if ns > 0 {
@@ -96,8 +111,27 @@ func (k *kernel) Close() error {
 	return err
 }
 
-func (k *kernel) Read() (*State, error) {
-	s, err := read(k.nft, k.table, func(s *nftables.Set) ([]nftables.SetElement, error) {
+func (k *kernel) Read() (*State, error) { return k.read(true) }
+
+func (k *kernel) ReadMeta() (*State, error) { return k.read(false) }
+
+func (k *kernel) ReadInBackground() <-chan ReadResult {
+	ch := make(chan ReadResult, 1)
+	go func() {
+		r, err := Open(k.table, k.ns)
+		if err != nil {
+			ch <- ReadResult{Err: fmt.Errorf("background read: %w", err)}
+			return
+		}
+		defer r.Close()
+		s, err := r.Read()
+		ch <- ReadResult{State: s, Err: err}
+	}()
+	return ch
+}
+
+func (k *kernel) read(withMaps bool) (*State, error) {
+	s, err := read(k.nft, k.table, withMaps, func(s *nftables.Set) ([]nftables.SetElement, error) {
 		return k.tx.dumpElems(s.Table.Name, s.Name)
 	})
 	if err != nil {
