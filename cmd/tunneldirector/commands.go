@@ -26,6 +26,7 @@ func newImportCmd(g *globals) *cobra.Command {
 		kind, format     string
 		dryRun, replace  bool
 		show, maxRecords int
+		prof             profileFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "import FILE",
@@ -44,6 +45,11 @@ changes nothing. FILE "-" reads standard input.`,
 			if err != nil {
 				return err
 			}
+			stop, err := prof.start()
+			if err != nil {
+				return err
+			}
+			defer stop()
 			name := args[0]
 			in, size, err := openInput(name)
 			if err != nil {
@@ -101,6 +107,7 @@ changes nothing. FILE "-" reads standard input.`,
 	fl.BoolVar(&replace, "replace", false, "make the table equal to the file: remove what the file does not list")
 	fl.IntVar(&show, "show", 10, "how many ids of each kind of change to list")
 	fl.IntVar(&maxRecords, "max-records", 0, fmt.Sprintf("refuse files with more records (0: %d)", nms.DefaultMaxRecords))
+	prof.register(cmd)
 	return cmd
 }
 
