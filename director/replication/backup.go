@@ -323,7 +323,7 @@ func (r *Replicator) backupTimers(now time.Time) {
 		b.lastNack = now
 	}
 	if !behind && b.ready == nil && r.in == nil && b.masterRev == r.rev && !b.masterHeard.IsZero() &&
-		(b.lastDigest.IsZero() || now.Sub(b.lastDigest) >= r.cfg.DigestInterval) {
+		(b.lastDigest.IsZero() || now.Sub(b.lastDigest) >= r.cfg.DigestInterval) && r.digestReady() {
 		r.sendDigest()
 		b.lastDigest = now
 	}

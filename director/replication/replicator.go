@@ -77,9 +77,24 @@ type Replicator struct {
 	ct  *ctOut
 	cti ctIn
 
+	// bigWork is the size from which digest updates and snapshot
+	// encodes run off the event loop (work.go); dw runs the digest's,
+	// and wake tells Run that a worker finished.
+	bigWork int
+	dw      digestWorker
+	wake    chan struct{}
+	// ownSnap is a full snapshot this backup is committing, and ownSnapAt
+	// the (prev, revision) of its batch: its digest is made from the
+	// snapshot on the worker, not change by change.
+	ownSnap   *target
+	ownSnapAt [2]uint64
+
 	// testDrop, set by tests only, loses changes before they are applied,
 	// to make a backup diverge for anti-entropy to find.
 	testDrop func(rev uint64, cs []affinity.Change) []affinity.Change
+	// testBigWork, set by tests only, runs first in each off-loop worker
+	// ("digest" or "encode"): a test holds it to make the work take long.
+	testBigWork func(what string)
 }
 
 // New returns a replicator in the backup role, following the store's
@@ -97,6 +112,9 @@ func New(cfg Config) (*Replicator, error) {
 		history: []epochStart{{0, 0}}, // epoch 0: not known
 		b:       newBackupSide(),
 		ct:      newCTOut(cfg.CTQueueBytes, cfg.CTWindowBytes),
+		bigWork: defaultBigWork,
+		wake:    make(chan struct{}, 1),
+		dw:      digestWorker{done: make(chan *digest, 1)},
 	}
 	r.ct.restart()
 	var nonce [8]byte
@@ -129,6 +147,11 @@ func (r *Replicator) follow() error {
 		r.changes.Close()
 	}
 	r.changes = cur
+	// A digest job still running works on the digest being replaced:
+	// its result is dropped, and the queued ones followed the old one.
+	r.dw.stale = r.dw.busy
+	r.dw.queue = nil
+	r.ownSnap = nil
 	r.dig = newDigest()
 	for i := range snap.Nodes {
 		r.dig.putNode(&snap.Nodes[i])
@@ -234,7 +257,12 @@ func (r *Replicator) drain() {
 			}
 			return
 		}
-		r.dig.apply(cs)
+		if t := r.ownSnap; mine && t != nil && r.ownSnapAt == [2]uint64{b.Prev, b.Revision} {
+			r.ownSnap = nil
+			r.digestLater(func(*digest) *digest { return targetDigest(t) })
+		} else {
+			r.applyDigest(cs)
+		}
 		r.rev, r.logAt = b.Revision, b.Revision
 		r.tablesEqual = false
 		switch {
@@ -420,6 +448,7 @@ func (r *Replicator) Tick() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.drain()
+	r.digestReady()
 	now := r.clk.Now()
 	if now.Sub(r.lastStatus) >= r.cfg.StatusInterval {
 		r.sendStatus()
@@ -452,13 +481,30 @@ func (r *Replicator) Run(ctx context.Context) error {
 			}
 			r.HandleDatagram(b)
 		case <-committed:
-			r.Tick()
+			r.tickAfter(recv)
 		case <-r.ct.wake:
-			r.Tick()
+			r.tickAfter(recv)
+		case <-r.wake:
+			r.tickAfter(recv)
 		case <-tc:
-			r.Tick()
+			r.tickAfter(recv)
 		}
 	}
+}
+
+// tickAfter handles the datagrams already received, then runs the
+// timers. After a long piece of work (a snapshot applied) the peer's
+// statuses are waiting in the queue: the timers must see them, or they
+// would find the peer silent for as long as the work took.
+func (r *Replicator) tickAfter(recv <-chan []byte) {
+	for range len(recv) {
+		b, ok := <-recv
+		if !ok {
+			break
+		}
+		r.HandleDatagram(b)
+	}
+	r.Tick()
 }
 
 func (r *Replicator) sendStatus() {
