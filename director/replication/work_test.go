@@ -1,0 +1,165 @@
+package replication
+
+import (
+	"reflect"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+)
+
+// holdWork makes r's off-loop work (what is "digest" or "encode") wait
+// until the returned release is called, and reports whether such work is
+// running. Work still running inline on the event loop cannot be waited
+// for by the test stepping that loop: it is let go after 10 s of wall
+// time, and the test then finds it finished when it should be running.
+func holdWork(r *Replicator, what string, bigWork int) (running *atomic.Bool, started *atomic.Bool, release func()) {
+	running, started = new(atomic.Bool), new(atomic.Bool)
+	ch := make(chan struct{})
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.bigWork = bigWork
+	r.testBigWork = func(w string) {
+		if w != what {
+			return
+		}
+		running.Store(true)
+		started.Store(true)
+		select {
+		case <-ch:
+		case <-time.After(10 * time.Second):
+		}
+		running.Store(false)
+	}
+	return running, started, func() { close(ch) }
+}
+
+// stepsWhileHeld steps the pair through more than the peer timeout of
+// clock time while the held work runs, and fails the test when the work
+// was not running beside the loop, when the backup found the master
+// silent, or when a status did not arrive within a few intervals.
+func stepsWhileHeld(t *testing.T, p *pair, running *atomic.Bool, what string) {
+	t.Helper()
+	timeout := 3 * time.Second // the default PeerTimeout
+	for d := time.Duration(0); d < timeout+time.Second; d += p.step_ {
+		p.step()
+		if !running.Load() {
+			t.Fatalf("after %s of clock the %s work is not running beside the event loop: it ran inline, and no status left meanwhile", d, what)
+		}
+		st := p.r[1].Status()
+		if strings.HasPrefix(st.Reason, silentReason) {
+			t.Fatalf("after %s of clock, with the master's %s work running, the backup finds the master silent: %s", d, what, st.Reason)
+		}
+		if since := p.clk.Now().Sub(st.Peer.LastHeard); since > 5*p.r[0].cfg.StatusInterval {
+			t.Fatalf("after %s of clock, with the master's %s work running, the backup last heard the master %s ago", d, what, since)
+		}
+	}
+}
+
+// TestHeartbeatDuringLargeBatch: a master commits a batch large enough
+// to move its digest's update off the event loop (an import of a million
+// tunnels hashes for seconds). While that update runs, the master goes
+// on sending statuses, so the backup never finds it silent; once it
+// ends, the digests agree.
+func TestHeartbeatDuringLargeBatch(t *testing.T) {
+	p := newPair(t, FakeConfig{Seed: 1}, nil)
+	p.startBoth()
+	commit(p.st[0], benchNodes(3))
+	if !p.settle(5 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	running, started, release := holdWork(p.r[0], "digest", 100)
+	if !commit(p.st[0], benchTunnels(0, 1000)) {
+		t.Fatal("commit failed")
+	}
+	p.step() // the master reads the batch: its digest update starts
+	if !started.Load() {
+		t.Fatal("a batch of 1,000 changes did not start the digest worker (bigWork 100)")
+	}
+	stepsWhileHeld(t, p, running, "digest")
+	release()
+	if !p.settle(10 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	waitDigestMatch(t, p)
+}
+
+// TestHeartbeatDuringSnapshotEncode: a fresh backup needs a snapshot of
+// a table large enough to be encoded off the master's event loop. While
+// the encoding runs, statuses flow both ways; the snapshot then arrives,
+// is applied (its digest made from the snapshot), and the digests agree.
+func TestHeartbeatDuringSnapshotEncode(t *testing.T) {
+	// A window of 10 changes: the backup catches up by snapshot, not
+	// by resends of the master's journal.
+	p := newPair(t, FakeConfig{Seed: 2}, func(_ int, c *Config) { c.WindowChanges = 10 })
+	p.start(0)
+	commit(p.st[0], benchNodes(3))
+	commit(p.st[0], benchTunnels(0, 500))
+	running, started, release := holdWork(p.r[0], "encode", 100)
+	p.start(1)
+	p.r[1].mu.Lock()
+	p.r[1].bigWork = 100 // the backup makes the snapshot's digest on its worker too
+	p.r[1].mu.Unlock()
+	for range 1000 {
+		if started.Load() {
+			break
+		}
+		p.step()
+	}
+	if !started.Load() {
+		t.Fatal("no snapshot encode started for a fresh backup")
+	}
+	stepsWhileHeld(t, p, running, "encode")
+	if s := p.r[1].Status(); s.Counters.SnapshotsApplied != 0 || s.Ready {
+		t.Fatalf("the backup applied a snapshot or says ready before it was encoded: %+v", s)
+	}
+	release()
+	if !p.settle(10 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	if n := p.r[1].Status().Counters.SnapshotsApplied; n != 1 {
+		t.Fatalf("snapshots applied: %d, want 1", n)
+	}
+	waitDigestMatch(t, p)
+}
+
+// waitDigestMatch steps until the master confirmed a digest of the whole
+// table, and fails on any mismatch: a digest made off the loop (or from
+// a snapshot) must equal the one made change by change.
+func waitDigestMatch(t *testing.T, p *pair) {
+	t.Helper()
+	for range 5000 {
+		p.step()
+		c := p.r[0].Status().Counters
+		if c.DigestMismatches > 0 {
+			t.Fatalf("digest mismatch: %+v", c)
+		}
+		if st := p.r[0].Status(); st.TablesEqual && st.LastMatchRevision == p.st[0].Revision() {
+			return
+		}
+	}
+	t.Fatalf("no digest match at revision %d: %+v", p.st[0].Revision(), p.r[0].Status())
+}
+
+// TestFreshTargetOps: a full snapshot for an empty table gives the same
+// changes as the table's diff, without building its maps.
+func TestFreshTargetOps(t *testing.T) {
+	p := newPair(t, FakeConfig{Seed: 3}, nil)
+	p.start(0)
+	commit(p.st[0], benchNodes(3))
+	commit(p.st[0], benchTunnels(0, 50))
+	blob, rev := encodeTarget(nil, p.st[0].Table(), allBuckets(), true)
+	tg := &target{kind: xSnapshot, full: true, rev: rev}
+	if err := decodeTarget(tg, blob); err != nil {
+		t.Fatal(err)
+	}
+	p.start(1)
+	got := p.r[1].targetOps(tg)
+	s := affinity.Snapshot{Revision: tg.rev, Nodes: tg.nodes, Tunnels: tg.tunnels, Buckets: tg.unknown}
+	want := p.st[1].Table().DiffTo(&s, nil)
+	if len(got) != 53 || !reflect.DeepEqual(got, want) {
+		t.Fatalf("fresh-table changes (%d) differ from the diff's (%d)", len(got), len(want))
+	}
+}
