@@ -33,6 +33,9 @@ type backupSide struct {
 	masterSilent bool
 	silentLogAt  time.Time
 	silentEvery  time.Duration
+	// deafUntil is when the event loop last came back from work that
+	// kept it from hearing the master (see noteDeaf).
+	deafUntil time.Time
 }
 
 // maxSilentLogEvery caps the backoff of the "master silent" reminder.
@@ -294,7 +297,11 @@ const silentReason = "no word from the master"
 
 func (r *Replicator) backupTimers(now time.Time) {
 	b := &r.b
-	if !b.masterHeard.IsZero() && now.Sub(b.masterHeard) > r.cfg.PeerTimeout {
+	overdue := !b.masterHeard.IsZero() && now.Sub(b.masterHeard) > r.cfg.PeerTimeout
+	if overdue && !b.masterSilent && now.Sub(b.deafUntil) <= r.cfg.PeerTimeout {
+		// This director was not listening (deafUntil): the master gets
+		// a whole timeout from then before it is called silent.
+	} else if overdue {
 		switch {
 		case !b.masterSilent && r.oos == "":
 			// The state changes: logged once, then reminded with

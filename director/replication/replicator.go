@@ -355,6 +355,7 @@ func (r *Replicator) Epoch() uint64 {
 func (r *Replicator) HandleDatagram(b []byte) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer r.noteDeaf(r.clk.Now())
 	r.drain()
 	r.c.DatagramsReceived++
 	p, err := r.codec.Open(b)
@@ -439,6 +440,17 @@ func (r *Replicator) dispatch(p *wire.Packet) error {
 		return r.onCTResync(p)
 	}
 	return nil // a newer director's message type: skipped
+}
+
+// noteDeaf records that the event loop was busy with one datagram (a
+// snapshot applied) for longer than a status interval: it heard nothing
+// meanwhile, and what the peer sent then may have been lost in a full
+// socket buffer, so the peer's silence is counted from the end of the
+// work, not from the last datagram heard (backupTimers).
+func (r *Replicator) noteDeaf(start time.Time) {
+	if now := r.clk.Now(); now.Sub(start) > r.cfg.StatusInterval {
+		r.b.deafUntil = now
+	}
 }
 
 // Tick runs the timers: status, NACKs, digests, transfer pacing and

@@ -163,3 +163,48 @@ func TestFreshTargetOps(t *testing.T) {
 		t.Fatalf("fresh-table changes (%d) differ from the diff's (%d)", len(got), len(want))
 	}
 }
+
+// TestNotSilentAfterLongApply: a fresh backup applying a large snapshot
+// is busy for longer than the peer timeout (here the clock jumps 10 s
+// inside the apply) and hears nothing meanwhile. Right after, before any
+// of the master's statuses is read, it must not call the master silent:
+// the silence is its own.
+func TestNotSilentAfterLongApply(t *testing.T) {
+	p := newPair(t, FakeConfig{Seed: 4}, func(_ int, c *Config) { c.WindowChanges = 10 })
+	p.start(0)
+	commit(p.st[0], benchNodes(3))
+	commit(p.st[0], benchTunnels(0, 200))
+	p.start(1)
+	applied := false
+	p.r[1].testBigWork = func(w string) {
+		if w == "apply" {
+			p.clk.Advance(10 * time.Second)
+			applied = true
+		}
+	}
+	var after Status
+	for range 2000 {
+		p.clk.Advance(p.step_)
+		p.net.Settle(64, func(i int, b []byte) {
+			p.r[i].HandleDatagram(b)
+			if i == 1 && applied && after.ID == 0 {
+				p.r[1].Tick() // the backup's timers, right after the apply
+				after = p.r[1].Status()
+			}
+		})
+		p.r[0].Tick()
+		p.r[1].Tick()
+		if after.ID != 0 {
+			break
+		}
+	}
+	if after.ID == 0 {
+		t.Fatal("no snapshot applied")
+	}
+	if strings.HasPrefix(after.Reason, silentReason) {
+		t.Fatalf("right after its own 10 s apply, the backup calls the master silent: %s", after.Reason)
+	}
+	if !p.settle(10 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+}

@@ -519,6 +519,9 @@ func (r *Replicator) targetOps(t *target) []affinity.Change {
 
 // applyTarget applies a snapshot above the table's revision on its own.
 func (r *Replicator) applyTarget(t *target) {
+	if r.testBigWork != nil {
+		r.testBigWork("apply")
+	}
 	ops := r.targetOps(t)
 	a, err := r.st.CommitAt(t.rev, ops)
 	if err != nil {
