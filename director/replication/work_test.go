@@ -75,11 +75,12 @@ func TestHeartbeatDuringLargeBatch(t *testing.T) {
 		t.Fatal("commit failed")
 	}
 	p.step() // the master reads the batch: its digest update starts
-	if !started.Load() {
+	if !waitTrue(started) {
 		t.Fatal("a batch of 1,000 changes did not start the digest worker (bigWork 100)")
 	}
 	stepsWhileHeld(t, p, running, "digest")
 	release()
+	waitIdle(t, p)
 	if !p.settle(10 * time.Second) {
 		t.Fatal(p.describeDiff())
 	}
@@ -103,12 +104,15 @@ func TestHeartbeatDuringSnapshotEncode(t *testing.T) {
 	p.r[1].bigWork = 100 // the backup makes the snapshot's digest on its worker too
 	p.r[1].mu.Unlock()
 	for range 1000 {
-		if started.Load() {
+		p.r[0].mu.Lock()
+		launched := p.r[0].out != nil
+		p.r[0].mu.Unlock()
+		if launched {
 			break
 		}
 		p.step()
 	}
-	if !started.Load() {
+	if !waitTrue(started) {
 		t.Fatal("no snapshot encode started for a fresh backup")
 	}
 	stepsWhileHeld(t, p, running, "encode")
@@ -116,6 +120,7 @@ func TestHeartbeatDuringSnapshotEncode(t *testing.T) {
 		t.Fatalf("the backup applied a snapshot or says ready before it was encoded: %+v", s)
 	}
 	release()
+	waitIdle(t, p)
 	if !p.settle(10 * time.Second) {
 		t.Fatal(p.describeDiff())
 	}
@@ -131,6 +136,7 @@ func TestHeartbeatDuringSnapshotEncode(t *testing.T) {
 func waitDigestMatch(t *testing.T, p *pair) {
 	t.Helper()
 	for range 5000 {
+		waitIdle(t, p)
 		p.step()
 		c := p.r[0].Status().Counters
 		if c.DigestMismatches > 0 {
@@ -206,5 +212,36 @@ func TestNotSilentAfterLongApply(t *testing.T) {
 	}
 	if !p.settle(10 * time.Second) {
 		t.Fatal(p.describeDiff())
+	}
+}
+
+// waitTrue waits up to 10 s of wall time for a flag a worker goroutine
+// sets: on the shared machine a goroutine may get no CPU while the test
+// steps the clock many times.
+func waitTrue(f *atomic.Bool) bool {
+	for deadline := time.Now().Add(10 * time.Second); !f.Load() && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+	return f.Load()
+}
+
+// waitIdle waits (wall time) until neither replicator has work running
+// off its event loop, so that the clock steps that follow see its result
+// as they would see inline work's.
+func waitIdle(t *testing.T, p *pair) {
+	t.Helper()
+	for _, r := range p.r {
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			r.mu.Lock()
+			idle := r.digestReady() && (r.out == nil || r.out.enc == nil || len(r.out.enc) > 0)
+			r.mu.Unlock()
+			if idle {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("off-loop work still running after 10 s")
+			}
+			time.Sleep(time.Millisecond)
+		}
 	}
 }
