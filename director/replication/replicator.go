@@ -461,6 +461,9 @@ func (r *Replicator) Tick() {
 	defer r.mu.Unlock()
 	r.drain()
 	r.digestReady()
+	if r.b.installing != nil && r.installed() {
+		r.tryApply()
+	}
 	now := r.clk.Now()
 	if now.Sub(r.lastStatus) >= r.cfg.StatusInterval {
 		r.sendStatus()
@@ -523,7 +526,7 @@ func (r *Replicator) sendStatus() {
 	var w wire.Builder
 	w.U8(wire.TRole, uint8(r.role))
 	w.U64(wire.TRev, r.base())
-	w.U64(wire.TRevEpoch, r.epochAt(r.base()))
+	w.U64(wire.TRevEpoch, r.baseEpoch())
 	w.U64(wire.TMasterRev, r.masterRevLocked())
 	w.U8(wire.TState, uint8(r.stateLocked()))
 	w.U64(wire.TTime, uint64(r.clk.Now().UnixNano()))
@@ -603,7 +606,7 @@ func (r *Replicator) stateLocked() SyncState {
 		return StateOutOfSync
 	}
 	b := &r.b
-	if !b.synced || b.ready != nil || r.in != nil || b.masterRev > r.rev || b.masterHeard.IsZero() {
+	if !b.synced || b.ready != nil || b.installing != nil || r.in != nil || b.masterRev > r.rev || b.masterHeard.IsZero() {
 		return StateSyncing
 	}
 	return StateInSync
@@ -648,6 +651,8 @@ func (r *Replicator) Status() Status {
 			s.Reason = "no master heard yet"
 		case r.in != nil:
 			s.Reason = fmt.Sprintf("receiving %s at revision %d: %d of %d chunks", r.in.kind, r.in.rev, r.in.got, r.in.n)
+		case r.b.installing != nil:
+			s.Reason = fmt.Sprintf("applying the snapshot at revision %d", r.b.installing.t.rev)
 		case r.b.ready != nil:
 			s.Reason = fmt.Sprintf("%s at revision %d waits for the master's next revision", r.b.ready.kind, r.b.ready.rev)
 		}

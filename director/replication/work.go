@@ -11,16 +11,17 @@ import (
 //
 // HandleDatagram and Tick run under the replicator's lock, one event at a
 // time; a status (the heartbeat and the backup's acknowledgement) is sent
-// from Tick. Two pieces of work grow with the table and would hold the
+// from Tick. Three pieces of work grow with the table and would hold the
 // lock for seconds at a million tunnels, so that no status leaves while
-// they run and the peer declares this director silent: the digest's
-// update for a large batch (an import of a million tunnels hashes every
-// record) and the encoding of a snapshot. Above Replicator.bigWork
-// changes (or tunnels) both run on a goroutine of their own, without the
-// lock, and hand their result back to the event loop, which goes on
-// sending statuses and answering the peer meanwhile. Smaller work stays
-// inline, so that tests stepping a clock.Manual see the same order of
-// events as before.
+// they run and the peer declares this director silent (or, on a master,
+// sees no acknowledgement): the digest's update for a large batch (an
+// import of a million tunnels hashes every record), the encoding of a
+// snapshot on the master, and its commit on the backup. Above
+// Replicator.bigWork changes (or tunnels) each runs on a goroutine of its
+// own, without the lock, and hands its result back to the event loop,
+// which goes on sending statuses and answering the peer meanwhile.
+// Smaller work stays inline, so that tests stepping a clock.Manual see
+// the same order of events as before.
 
 // defaultBigWork is the size from which digest updates and snapshot
 // encodes leave the event loop.
@@ -150,6 +151,68 @@ func (r *Replicator) takeEncoded(o *outXfer, now time.Time) bool {
 	case e := <-o.enc:
 		o.enc = nil
 		r.encoded(o, e.blob, e.rev, now)
+		return true
+	default:
+		return false
+	}
+}
+
+// install is a large full snapshot being committed off the event loop:
+// a million tunnels take seconds to apply to the table and write, while
+// the backup goes on exchanging statuses with the master (reporting the
+// snapshot's revision as its base, so that the master neither sends it
+// again nor resends what it carries) and buffering the revisions that
+// follow it.
+type install struct {
+	t    *target
+	done chan installDone
+}
+
+type installDone struct {
+	a   *affinity.Applied
+	err error
+}
+
+// installLater commits a full snapshot above the table's revision on a
+// goroutine. The batch is registered as the replicator's own before it
+// exists, so that drain, reading it whenever it lands, neither takes it
+// for a local write nor hashes it change by change.
+func (r *Replicator) installLater(t *target) {
+	r.b.ready = nil
+	at := [2]uint64{r.st.Revision(), t.rev}
+	r.own = append(r.own, at)
+	r.ownSnap, r.ownSnapAt = t, at
+	in := &install{t: t, done: make(chan installDone, 1)}
+	r.b.installing = in
+	go func() {
+		if r.testBigWork != nil {
+			r.testBigWork("install")
+		}
+		a, err := r.st.CommitAt(t.rev, r.targetOps(t))
+		in.done <- installDone{a, err}
+		r.kick()
+	}()
+}
+
+// installed reports whether the snapshot being installed is done, and
+// then finishes it on the event loop as applyTarget would.
+func (r *Replicator) installed() bool {
+	in := r.b.installing
+	select {
+	case d := <-in.done:
+		r.b.installing = nil
+		if d.err != nil {
+			r.ownSnap = nil
+			r.applyFailed(in.t.rev, d.err)
+			return true
+		}
+		r.drain()
+		r.ownSnap = nil              // read by drain, or no batch (nothing differed)
+		r.rev = max(r.rev, in.t.rev) // nothing differed: follow the master's number
+		r.c.ChangesApplied += uint64(len(d.a.Changes))
+		r.appliedTarget(in.t)
+		r.gcPending()
+		r.noteBehind(r.clk.Now())
 		return true
 	default:
 		return false

@@ -245,3 +245,83 @@ func waitIdle(t *testing.T, p *pair) {
 		}
 	}
 }
+
+// TestHeartbeatDuringSnapshotInstall: a fresh backup commits a snapshot
+// large enough to be installed off its event loop. While the install
+// runs, the backup keeps hearing the master and the master keeps hearing
+// the backup, which reports the snapshot's revision, so the master sends
+// no second snapshot; a revision committed meanwhile waits and is
+// applied after it; the digests then agree.
+func TestHeartbeatDuringSnapshotInstall(t *testing.T) {
+	p := newPair(t, FakeConfig{Seed: 5}, func(_ int, c *Config) { c.WindowChanges = 10 })
+	p.start(0)
+	commit(p.st[0], benchNodes(3))
+	commit(p.st[0], benchTunnels(0, 500))
+	p.start(1)
+	p.r[0].mu.Lock()
+	p.r[0].bigWork = 100
+	p.r[0].mu.Unlock()
+	running, started, release := holdWork(p.r[1], "install", 100)
+	for range 2000 {
+		p.r[1].mu.Lock()
+		launched := p.r[1].b.installing != nil
+		p.r[1].mu.Unlock()
+		if launched {
+			break
+		}
+		waitIdle(t, p) // the master's encode
+		p.step()
+	}
+	if !waitTrue(started) {
+		t.Fatalf("no snapshot install started on the fresh backup: %+v; master %+v", p.r[1].Status(), p.r[0].Status())
+	}
+	commit(p.st[0], benchTunnels(500, 5)) // a revision after the snapshot
+	timeout := p.r[1].cfg.PeerTimeout
+	for d := time.Duration(0); d < timeout+time.Second; d += p.step_ {
+		p.step()
+		if !running.Load() {
+			t.Fatalf("after %s of clock the install is not running beside the backup's event loop", d)
+		}
+		b, m := p.r[1].Status(), p.r[0].Status()
+		if strings.HasPrefix(b.Reason, silentReason) {
+			t.Fatalf("after %s of clock, during the install, the backup finds the master silent: %s", d, b.Reason)
+		}
+		if since := p.clk.Now().Sub(m.Peer.LastHeard); since > 5*p.r[0].cfg.StatusInterval {
+			t.Fatalf("after %s of clock, during the install, the master last heard the backup %s ago", d, since)
+		}
+		if b.Ready || b.State == StateInSync {
+			t.Fatalf("the backup says ready or in sync during the install: %+v", b)
+		}
+		p.r[0].mu.Lock()
+		second := p.r[0].out != nil && p.r[0].out.kind == xSnapshot
+		p.r[0].mu.Unlock()
+		if second {
+			t.Fatalf("after %s of clock, during the install, the master sends a second snapshot", d)
+		}
+	}
+	release()
+	waitInstalled(t, p.r[1])
+	if !p.settle(10 * time.Second) {
+		t.Fatal(p.describeDiff())
+	}
+	if c := p.r[1].Status().Counters; c.SnapshotsApplied != 1 || c.RevisionsApplied == 0 {
+		t.Fatalf("snapshots applied %d (want 1), revisions applied after it %d (want some)", c.SnapshotsApplied, c.RevisionsApplied)
+	}
+	waitDigestMatch(t, p)
+}
+
+// waitInstalled waits (wall time) until a snapshot install finished.
+func waitInstalled(t *testing.T, r *Replicator) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		r.mu.Lock()
+		done := r.b.installing == nil || len(r.b.installing.done) > 0
+		r.mu.Unlock()
+		if done {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("snapshot install still running after 10 s")
+		}
+	}
+}
