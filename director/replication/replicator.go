@@ -240,7 +240,11 @@ func (r *Replicator) drain() {
 			r.own = r.own[:0]
 			return
 		}
-		mine := false
+		// A snapshot committed off the loop (installLater) is ours
+		// whenever its batch lands; r.own is emptied each time the log
+		// is read to its end, which may happen before it commits.
+		snap := r.ownSnap != nil && r.ownSnapAt == [2]uint64{b.Prev, b.Revision}
+		mine := snap
 		for i, o := range r.own {
 			if o == [2]uint64{b.Prev, b.Revision} {
 				mine = true
@@ -257,7 +261,8 @@ func (r *Replicator) drain() {
 			}
 			return
 		}
-		if t := r.ownSnap; mine && t != nil && r.ownSnapAt == [2]uint64{b.Prev, b.Revision} {
+		if snap {
+			t := r.ownSnap
 			r.ownSnap = nil
 			r.digestLater(func(*digest) *digest { return targetDigest(t) })
 		} else {

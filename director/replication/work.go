@@ -174,14 +174,12 @@ type installDone struct {
 }
 
 // installLater commits a full snapshot above the table's revision on a
-// goroutine. The batch is registered as the replicator's own before it
-// exists, so that drain, reading it whenever it lands, neither takes it
-// for a local write nor hashes it change by change.
+// goroutine. The batch is registered as the replicator's own (ownSnap)
+// before it exists, so that drain, reading it whenever it lands, neither
+// takes it for a local write nor hashes it change by change.
 func (r *Replicator) installLater(t *target) {
 	r.b.ready = nil
-	at := [2]uint64{r.st.Revision(), t.rev}
-	r.own = append(r.own, at)
-	r.ownSnap, r.ownSnapAt = t, at
+	r.ownSnap, r.ownSnapAt = t, [2]uint64{r.st.Revision(), t.rev}
 	in := &install{t: t, done: make(chan installDone, 1)}
 	r.b.installing = in
 	go func() {
