@@ -444,6 +444,13 @@ func (t *Table) PeerMarks(fn func(netip.Addr, uint16)) {
 	t.peers.each(func(e *entry) { fn(e.peer, e.mark) })
 }
 
+// SubnetLen is the number of protected subnets.
+func (t *Table) SubnetLen() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.subnets.Size()
+}
+
 // SubnetMarks calls fn for every protected subnet and its owner's mark, in
 // no particular order: the dataplane's subnet map.
 func (t *Table) SubnetMarks(fn func(netip.Prefix, uint16)) {

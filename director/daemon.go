@@ -271,20 +271,22 @@ func (d *Daemon) kick() {
 }
 
 // Desired computes the whole kernel state from the table and configuration.
+// The peers and subnets are read from the table when the dataplane asks
+// (Marks), not copied.
 func (d *Daemon) Desired() *ipvs.Desired {
 	c := d.config()
 	t := d.st.Table()
-	want := &ipvs.Desired{
+	return &ipvs.Desired{
 		VIPs:     t.VIPs(),
 		Nodes:    c.kernelNodes(t),
-		Peers:    make(map[netip.Addr]uint16, t.Len()),
-		Subnets:  make(map[netip.Prefix]uint16, t.Len()),
 		HashSeed: c.HashSeed,
 		Buckets:  t.Buckets(),
+		Marks: func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) {
+			t.PeerMarks(peer)
+			t.SubnetMarks(subnet)
+		},
+		MarksLen: t.Len(),
 	}
-	t.PeerMarks(func(a netip.Addr, m uint16) { want.Peers[a] = m })
-	t.SubnetMarks(func(p netip.Prefix, m uint16) { want.Subnets[p] = m })
-	return want
 }
 
 // kernelNodes are the table's nodes as the dataplane programs them, never
@@ -507,6 +509,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		defer wd.Stop()
 		watchdogC = c
 	}
+	// pendingC fires while a verify's background read of the maps runs,
+	// to compare it as soon as it arrives.
+	var pendingC <-chan time.Time
 	d.writeReady()
 	d.sd.ready(d.statusLine())
 	defer d.sd.stopping()
@@ -524,8 +529,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.stepBuckets()
 		case <-stepC:
 			d.stepBuckets()
+		case <-pendingC:
+			pendingC = d.verifyAgain(d.Verify(ctx))
 		case <-verifyC:
-			d.Verify(ctx)
+			pendingC = d.verifyAgain(d.Verify(ctx))
 			if d.ct != nil {
 				d.ct.Filter().SetOwn(ownAddresses(d.config()))
 			}
@@ -558,13 +565,13 @@ func (d *Daemon) syncAll(ctx context.Context, why string) error {
 	if err == nil || d.partial(err) {
 		err = nil
 		d.statMu.Lock()
-		d.elements.peers, d.elements.subnets, d.elements.nodes = len(want.Peers), len(want.Subnets), len(want.Nodes)
+		d.elements.peers, d.elements.subnets, d.elements.nodes = d.st.Table().Len(), d.st.Table().SubnetLen(), len(want.Nodes)
 		d.statMu.Unlock()
 	}
 	if err != nil {
 		return fmt.Errorf("sync kernel to revision %d (%s): %w", rev, why, err)
 	}
-	d.log.Info("kernel synced", "why", why, "revision", rev, "peers", len(want.Peers), "subnets", len(want.Subnets),
+	d.log.Info("kernel synced", "why", why, "revision", rev, "peers", d.st.Table().Len(), "subnets", d.st.Table().SubnetLen(),
 		"added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
 	return nil
 }
@@ -638,8 +645,23 @@ func (d *Daemon) reconcile(ctx context.Context) {
 	}
 }
 
-// Verify reads the kernel back and repairs drift, counting the repairs.
-func (d *Daemon) Verify(ctx context.Context) {
+// verifyPoll is how often a verify whose background read of the maps is
+// running looks for it.
+const verifyPoll = 100 * time.Millisecond
+
+// verifyAgain returns a channel firing after verifyPoll when pending, nil
+// otherwise.
+func (d *Daemon) verifyAgain(pending bool) <-chan time.Time {
+	if !pending {
+		return nil
+	}
+	_, c := d.clk.NewTimer(verifyPoll)
+	return c
+}
+
+// Verify reads the kernel back and repairs drift, counting the repairs;
+// it says whether a background read of the maps is still running.
+func (d *Daemon) Verify(ctx context.Context) (pending bool) {
 	st, err := d.dp.Verify(ctx)
 	d.m.reconciled(reconcileVerify, st, err)
 	d.statMu.Lock()
@@ -661,6 +683,7 @@ func (d *Daemon) Verify(ctx context.Context) {
 		d.log.Warn("kernel drift repaired: something else changed the director's objects",
 			"added", st.Added, "changed", st.Changed, "removed", st.Removed)
 	}
+	return st.Pending && err == nil
 }
 
 func (d *Daemon) record(kind string, rev uint64, st ipvs.Stats, err error) {

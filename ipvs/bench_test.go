@@ -23,17 +23,7 @@ func benchLab(b *testing.B) (*netlab.NS, func()) {
 	b.Helper()
 	netlab.RequireRoot(b)
 	l := netlab.NewLab()
-	d, err := l.AddNS("dir")
-	if err != nil {
-		b.Fatal(err)
-	}
-	n, err := l.AddNS("nodes")
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := l.Veth(d, "in0", n, "in0"); err != nil {
-		b.Fatal(err)
-	}
+	d, _ := l.Pair(b, "dir", "nodes", "in0")
 	for _, p := range []string{"192.0.2.1/24", "2001:db8:2::1/64"} {
 		if err := d.AddAddr("in0", netip.MustParsePrefix(p)); err != nil {
 			b.Fatal(err)
@@ -122,16 +112,19 @@ func nftFile(b *testing.B, d *Desired, cfg Config) string {
 
 const benchTunnels = 100000
 
-// BenchmarkFullSync100k loads 100,000 tunnels (peer + /27 each) into an
-// empty kernel with one Sync, and times nft -f of an equivalent file in the
-// same namespace for comparison (metric nft-f-s and ratio).
+// BenchmarkFullSync100k loads 100,000 tunnels (peer + /27 each; another
+// count with TD_BENCH_TUNNELS) into an empty kernel with one Sync, and
+// times nft -f of an equivalent file in the same namespace for comparison
+// (metric nft-f-s and ratio); sync-user-s and sync-sys-s split the sync's
+// CPU time between the director's code and the kernel's insertion.
 func BenchmarkFullSync100k(b *testing.B) {
+	n := benchSize(b, benchTunnels)
 	ns, done := benchLab(b)
 	defer done()
-	d := bigDesired(benchTunnels)
+	d := bigDesired(n)
 	file := nftFile(b, d, Config{})
 	ctx := context.Background()
-	var nftTotal, syncTotal time.Duration
+	var nftTotal, syncTotal, syncUser, syncSys time.Duration
 	for i := 0; i < b.N; i++ {
 		b.StopTimer()
 		dp, err := newIn(Config{}, ns.NsHandle())
@@ -151,13 +144,16 @@ func BenchmarkFullSync100k(b *testing.B) {
 		}
 		b.StartTimer()
 		t0 = time.Now()
+		u0, s0 := cputime.Split()
 		st, err := dp.Sync(ctx, d)
 		syncTotal += time.Since(t0)
+		u1, s1 := cputime.Split()
+		syncUser, syncSys = syncUser+u1-u0, syncSys+s1-s0
 		if err != nil {
 			b.Fatal(err)
 		}
 		b.StopTimer()
-		if st.Added < 2*benchTunnels {
+		if st.Added < 2*n {
 			b.Fatalf("sync added %d", st.Added)
 		}
 		dp.Close()
@@ -166,6 +162,8 @@ func BenchmarkFullSync100k(b *testing.B) {
 	b.ReportMetric(nftTotal.Seconds()/float64(b.N), "nft-f-s")
 	b.ReportMetric(syncTotal.Seconds()/float64(b.N), "sync-s")
 	b.ReportMetric(syncTotal.Seconds()/nftTotal.Seconds(), "sync/nft-f")
+	b.ReportMetric(syncUser.Seconds()/float64(b.N), "sync-user-s")
+	b.ReportMetric(syncSys.Seconds()/float64(b.N), "sync-sys-s")
 }
 
 func loaded(b *testing.B) (*dataplane, *Desired, func()) {
@@ -403,4 +401,74 @@ func BenchmarkBucketStep100k(b *testing.B) {
 			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-us")
 		})
 	}
+}
+
+// BenchmarkMoveDuringVerify measures moves (one tunnel's peer and subnet
+// per Update) issued while Verify's background read of the whole table
+// runs, against the same moves with no read running, and the read's own
+// duration; TD_BENCH_TUNNELS sets the table (default 100,000):
+//
+//	TD_BENCH_TUNNELS=1000000 go test -run '^$' -bench MoveDuringVerify -benchtime 1x ./ipvs/
+//
+// The read, taken when it arrives, must repair nothing: the moves made
+// during it are taken from the model.
+func BenchmarkMoveDuringVerify(b *testing.B) {
+	n := benchSize(b, benchTunnels)
+	ns, done := benchLab(b)
+	defer done()
+	d := bigDesired(n)
+	dp := synced(b, ns, d)
+	defer dp.Close()
+	ctx := context.Background()
+	var peers []netip.Addr
+	for a := range d.Peers {
+		if peers = append(peers, a); len(peers) == 1000 {
+			break
+		}
+	}
+	i := 0
+	move := func() time.Duration {
+		a := peers[i%len(peers)]
+		i++
+		m := d.Peers[a]%3 + 1
+		d.Peers[a] = m
+		t0 := time.Now()
+		if _, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{a: m}}); err != nil {
+			b.Fatal(err)
+		}
+		return time.Since(t0)
+	}
+	var quiet, during []time.Duration
+	var reads []float64
+	b.ResetTimer()
+	for range b.N {
+		for range 200 {
+			quiet = append(quiet, move())
+		}
+		t0 := time.Now()
+		dp.startRead()
+		for len(dp.pending) == 0 {
+			during = append(during, move())
+			time.Sleep(5 * time.Millisecond)
+		}
+		reads = append(reads, time.Since(t0).Seconds())
+		st, err := dp.Verify(ctx)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if st.Added+st.Changed+st.Removed != 0 {
+			b.Fatalf("the read taken after %d moves during it repaired %+v", len(during), st)
+		}
+	}
+	pct := func(v []time.Duration, p float64) float64 {
+		s := slices.Clone(v)
+		slices.Sort(s)
+		return s[min(len(s)-1, int(float64(len(s))*p))].Seconds() * 1000
+	}
+	b.ReportMetric(slices.Max(reads), "read-s")
+	b.ReportMetric(float64(len(during)), "moves-during")
+	b.ReportMetric(pct(quiet, 0.5), "quiet-p50-ms")
+	b.ReportMetric(pct(quiet, 0.99), "quiet-p99-ms")
+	b.ReportMetric(pct(during, 0.5), "during-p50-ms")
+	b.ReportMetric(pct(during, 0.99), "during-p99-ms")
 }

@@ -29,15 +29,7 @@ const (
 	ModeRouteOnly
 )
 
-func (m Mode) String() string {
-	switch m {
-	case ModeIPVS:
-		return "ipvs"
-	case ModeRouteOnly:
-		return "route-only"
-	}
-	return "auto"
-}
+func (m Mode) String() string { return nameOf(modeNames, m) }
 
 // Forward is the IPVS forwarding method of a node.
 type Forward uint8
@@ -49,15 +41,7 @@ const (
 	ForwardMasq                  // NAT (-m)
 )
 
-func (f Forward) String() string {
-	switch f {
-	case ForwardTunnel:
-		return "tunnel"
-	case ForwardMasq:
-		return "masq"
-	}
-	return "dr"
-}
+func (f Forward) String() string { return nameOf(forwardNames, f) }
 
 // Node is one terminator node as the dataplane sees it.
 type Node struct {
@@ -84,6 +68,13 @@ type Desired struct {
 	Peers map[netip.Addr]uint16
 	// Subnets maps protected subnets to the owner's mark.
 	Subnets map[netip.Prefix]uint16
+	// Marks, when set, stands for Peers and Subnets (left nil): it calls
+	// peer for every tunnel endpoint and subnet for every protected
+	// subnet, with the owner's mark. A daemon hands its table over this
+	// way, so a million tunnels are not copied into Go maps for a Sync;
+	// MarksLen (the tunnel count) sizes the dataplane's own maps.
+	Marks    func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16))
+	MarksLen int
 	// HashSeed seeds the kernel's jhash of an unknown peer's address.
 	HashSeed uint32
 	// Buckets is the unknown-peer bucket map: the kernel hashes an
@@ -93,6 +84,34 @@ type Desired struct {
 	// hash over the active nodes, HashPick), for a table that holds no
 	// buckets.
 	Buckets []uint16
+}
+
+// Each calls peer and subnet for every tunnel endpoint and protected
+// subnet of d, from Marks or from the maps.
+func (d *Desired) Each(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) {
+	if d.Marks != nil {
+		d.Marks(peer, subnet)
+		return
+	}
+	for a, m := range d.Peers {
+		peer(a, m)
+	}
+	for p, m := range d.Subnets {
+		subnet(p, m)
+	}
+}
+
+// WithMaps returns d with Peers and Subnets filled from Marks (a copy;
+// d itself when it has no Marks): for tests and fakes that want maps.
+func (d *Desired) WithMaps() *Desired {
+	if d.Marks == nil {
+		return d
+	}
+	c := *d
+	c.Marks, c.MarksLen = nil, 0
+	c.Peers, c.Subnets = make(map[netip.Addr]uint16, d.MarksLen), make(map[netip.Prefix]uint16, d.MarksLen)
+	d.Marks(func(a netip.Addr, m uint16) { c.Peers[a] = m }, func(p netip.Prefix, m uint16) { c.Subnets[p] = m })
+	return &c
 }
 
 // Delta is a change to the peer, subnet and bucket maps, and optionally to
@@ -121,6 +140,10 @@ type Delta struct {
 type Stats struct {
 	Added, Changed, Removed int
 	Duration                time.Duration
+	// Pending says a Verify left a background read of the maps running
+	// (it started one, or the one it started before has not arrived):
+	// call Verify again soon to compare and repair them.
+	Pending bool
 }
 
 // Dataplane programs the kernel. Implementations are safe for use by one
@@ -136,7 +159,9 @@ type Dataplane interface {
 	// routes and services around it when Delta.Nodes is set.
 	Update(ctx context.Context, d *Delta) (Stats, error)
 	// Verify reads the kernel back, compares it with the last synced
-	// state, and repairs every difference; Stats counts the repairs.
+	// state, and repairs every difference; Stats counts the repairs. The
+	// maps are read in the background: a Verify that leaves the read
+	// running says so (Stats.Pending), and a later one compares it.
 	Verify(ctx context.Context) (Stats, error)
 	// Read returns what the kernel holds, as a Desired.
 	Read(ctx context.Context) (*Desired, error)

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/tunneldirector/tunneldirector/ipvs/lvs"
 	"github.com/tunneldirector/tunneldirector/ipvs/nft"
@@ -29,6 +30,20 @@ type fakeKernel struct {
 	// gen is the ruleset generation; nftReads counts table reads.
 	gen      uint32
 	nftReads int
+	// hold keeps background reads back until release: the test then
+	// makes its changes while the read "runs".
+	hold    bool
+	pending []chan nft.ReadResult
+	snaps   []*nft.State
+}
+
+// release delivers the held background reads (each the table as it was
+// when the read began).
+func (k *fakeKernel) release() {
+	for i, ch := range k.pending {
+		ch <- nft.ReadResult{State: k.snaps[i]}
+	}
+	k.pending, k.snaps = nil, nil
 }
 
 func newFakeKernel(ipvs bool) *fakeKernel {
@@ -44,6 +59,39 @@ func (k *fakeKernel) log(f string, a ...any) { k.ops = append(k.ops, fmt.Sprintf
 
 // nft.Kernel
 func (k *fakeKernel) Read() (*nft.State, error) { k.nftReads++; return k.nft.Clone(), nil }
+
+// ReadInBackground takes the snapshot now: a test decides what changes
+// after the read began by what it does before it calls Verify again.
+func (k *fakeKernel) ReadInBackground() <-chan nft.ReadResult {
+	k.nftReads++
+	ch := make(chan nft.ReadResult, 1)
+	if k.hold {
+		k.pending, k.snaps = append(k.pending, ch), append(k.snaps, k.nft.Clone())
+		return ch
+	}
+	ch <- nft.ReadResult{State: k.nft.Clone()}
+	return ch
+}
+func (k *fakeKernel) Confirm(peers []netip.Addr, subnets []netip.Prefix) (nft.PeerMap, nft.SubnetMap, error) {
+	var pm nft.PeerMap
+	var sm nft.SubnetMap
+	for _, a := range peers {
+		if v, ok := k.nft.Peers.Get(a); ok {
+			pm.Set(a, v)
+		}
+	}
+	for _, p := range subnets {
+		if v, ok := k.nft.Subnets.Get(p); ok {
+			sm.Set(p, v)
+		}
+	}
+	return pm, sm, nil
+}
+func (k *fakeKernel) ReadMeta() (*nft.State, error) {
+	s := k.nft.Clone()
+	s.Peers, s.Subnets = nft.PeerMap{}, nft.SubnetMap{}
+	return s, nil
+}
 func (k *fakeKernel) Apply(p *nft.Plan) error {
 	a, c, r := p.Count()
 	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.Recreate, p.Chain, a, c, r)
@@ -288,8 +336,8 @@ func TestDiffAdoptWithDifferences(t *testing.T) {
 	mustSync(t, dp, d)
 	k.take()
 	// A restart with a drifted kernel and a changed desire.
-	delete(k.nft.Peers, pA)
-	k.nft.Subnets[netip.MustParsePrefix("10.7.0.0/27")] = 0x7d000001
+	k.nft.Peers.Delete(pA)
+	k.nft.Subnets.Set(netip.MustParsePrefix("10.7.0.0/27"), 0x7d000001)
 	k.routes = k.routes[1:]
 	d.Peers[pB] = 1
 	dp2, err := newFake(Config{}, k)
@@ -308,6 +356,69 @@ func TestDiffAdoptWithDifferences(t *testing.T) {
 	}
 	if st := mustSync(t, dp2, d); st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("sync after adopt: %+v", st)
+	}
+}
+
+// verifySettled calls Verify until no background read is pending and
+// returns what the calls repaired together.
+func verifySettled(ctx context.Context, dp Dataplane) (Stats, error) {
+	var sum Stats
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		st, err := dp.Verify(ctx)
+		sum.Added, sum.Changed, sum.Removed = sum.Added+st.Added, sum.Changed+st.Changed, sum.Removed+st.Removed
+		sum.Duration += st.Duration
+		if err != nil || !st.Pending || time.Now().After(deadline) {
+			sum.Pending = st.Pending
+			return sum, err
+		}
+	}
+}
+
+// TestAdoptTrustsTheDigest: a restarted dataplane whose target's maps
+// have the digest the kernel stored with its last transaction takes them
+// without reading them back, also after updates maintained the digest
+// incrementally; a target that differs from what the kernel stored is
+// adopted by reading the kernel and applying the difference.
+func TestAdoptTrustsTheDigest(t *testing.T) {
+	dp, k := fakeDataplane(t, true)
+	d := unitDesired()
+	mustSync(t, dp, d)
+	restart := func() *dataplane {
+		t.Helper()
+		k.take()
+		dp2, err := newFake(Config{}, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return dp2
+	}
+	reads := k.nftReads
+	dp2 := restart()
+	if st := mustSync(t, dp2, d); st.Added+st.Changed+st.Removed != 0 || dp2.adopted != 1 || k.nftReads != reads {
+		t.Fatalf("restart on an unchanged kernel: %+v, adopted %d, %d map reads (want 0 changes, adopted 1, no read)", st, dp2.adopted, k.nftReads-reads)
+	}
+	// A move and a new subnet, as a delta: the stored digest follows.
+	sub := netip.MustParsePrefix("10.9.0.0/24")
+	if _, err := dp2.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}, SetSubnets: map[netip.Prefix]uint16{sub: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	d.Peers[pA], d.Subnets[sub] = 2, 1
+	if !k.nft.HasStored || k.nft.Stored != k.nft.Digest() {
+		t.Fatalf("kernel stores digest %+v (%v), its maps' digest is %+v", k.nft.Stored, k.nft.HasStored, k.nft.Digest())
+	}
+	dp3 := restart()
+	if st := mustSync(t, dp3, d); st.Added+st.Changed+st.Removed != 0 || dp3.adopted != 1 || k.nftReads != reads {
+		t.Fatalf("restart after an update: %+v, adopted %d, %d map reads", st, dp3.adopted, k.nftReads-reads)
+	}
+	// The store moved on while no director ran: read and repair.
+	d.Peers[pA] = 1
+	dp4 := restart()
+	st := mustSync(t, dp4, d)
+	if dp4.adopted != 0 || k.nftReads != reads+1 || st.Changed != 1 {
+		t.Fatalf("restart with a changed target: %+v, adopted %d, %d map reads (want a read and 1 change)", st, dp4.adopted, k.nftReads-reads)
+	}
+	if v, _ := k.nft.Peers.Get(pA); v != dp4.cfg.Fwmark(1) || k.nft.Stored != k.nft.Digest() {
+		t.Fatalf("after the repair: pA -> %#x, stored digest %+v, maps %+v", v, k.nft.Stored, k.nft.Digest())
 	}
 }
 
@@ -370,7 +481,7 @@ func TestSubnetLengthsFollowUpdates(t *testing.T) {
 	if !slices.Equal(nft.SortedLens(k.nft.Lens), want) || !slices.Equal(k.nft.Sig.Lens, want) {
 		t.Fatalf("lens %v sig %+v", k.nft.Lens, k.nft.Sig)
 	}
-	if st, err := dp.Verify(context.Background()); err != nil || st.Added+st.Changed+st.Removed != 0 || len(k.take()) != 0 {
+	if st, err := verifySettled(context.Background(), dp); err != nil || st.Added+st.Changed+st.Removed != 0 || len(k.take()) != 0 {
 		t.Fatalf("verify after update: %+v %v", st, err)
 	}
 	// An element change of a present length leaves the chain alone.
@@ -443,7 +554,7 @@ func TestUpdateWithNodesEqualsSync(t *testing.T) {
 			if _, err := dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pB: 4}, Nodes: slices.Clone(d.Nodes)}); err == nil || !strings.Contains(err.Error(), "owner mark 4 is not a node") {
 				t.Fatalf("a delta to a mark its nodes lack: %v", err)
 			}
-			if st, err := dp.Verify(context.Background()); err != nil || st.Added+st.Changed+st.Removed != 0 {
+			if st, err := verifySettled(context.Background(), dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 				t.Fatalf("verify after node updates found %+v, %v", st, err)
 			}
 		})
@@ -460,7 +571,7 @@ func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
 	reads := k.nftReads
 	verify := func() Stats {
 		t.Helper()
-		st, err := dp.Verify(context.Background())
+		st, err := verifySettled(context.Background(), dp)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -470,14 +581,14 @@ func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
 		t.Fatalf("verify with an unchanged generation read the maps (%d reads) or changed %+v", k.nftReads-reads, st)
 	}
 	// Someone else deletes a peer: one transaction, the generation moves.
-	delete(k.nft.Peers, pA)
+	k.nft.Peers.Delete(pA)
 	k.gen++
 	if st := verify(); k.nftReads != reads+1 || st.Added != 1 {
 		t.Fatalf("foreign change: %d reads, repaired %+v; want 1 read, 1 added", k.nftReads-reads, st)
 	}
 	// A change the generation does not show (a foreign commit racing the
 	// director's own): found by the periodic full read.
-	delete(k.nft.Peers, pA)
+	k.nft.Peers.Delete(pA)
 	reads = k.nftReads
 	repaired := 0
 	for range fullVerifyEvery {
@@ -485,6 +596,115 @@ func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
 	}
 	if k.nftReads != reads+1 || repaired != 1 {
 		t.Fatalf("%d verifies: %d reads, %d repaired; want 1 and 1", fullVerifyEvery, k.nftReads-reads, repaired)
+	}
+}
+
+// TestVerifyInTheBackground: a read that has not arrived leaves Verify to
+// the routes and services while deltas go on; when it arrives, the keys
+// the deltas touched meanwhile are taken from the model (no spurious
+// repair of a key the read saw before its move), a foreign change is
+// repaired, and a read that saw a structure the director changed since
+// is dropped and read again.
+func TestVerifyInTheBackground(t *testing.T) {
+	dp, k := fakeDataplane(t, false)
+	d := unitDesired()
+	mustSync(t, dp, d)
+	ctx := context.Background()
+	verify := func() Stats {
+		t.Helper()
+		st, err := dp.Verify(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st
+	}
+	k.hold = true
+	// Someone else deletes pA; the director's next Verify starts a read.
+	k.nft.Peers.Delete(pA)
+	k.gen++
+	if st := verify(); st.Added+st.Changed+st.Removed != 0 || dp.pending == nil {
+		t.Fatalf("verify with the read outstanding: %+v, pending %v", st, dp.pending != nil)
+	}
+	// The director moves pB while the read runs (the read saw pB on
+	// node 2); the move reaches the kernel at once.
+	if _, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{pB: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := k.nft.Peers.Get(pB); v != dp.cfg.Fwmark(1) {
+		t.Fatalf("a move during the read did not reach the kernel: %#x", v)
+	}
+	k.release()
+	st := verify()
+	if st.Added != 1 || st.Changed != 0 || st.Removed != 0 {
+		t.Fatalf("repair from the read: %+v, want pA added and nothing else", st)
+	}
+	if _, ok := k.nft.Peers.Get(pA); !ok {
+		t.Fatal("pA not repaired")
+	}
+	if v, _ := k.nft.Peers.Get(pB); v != dp.cfg.Fwmark(1) {
+		t.Fatalf("the read's stale pB was written back: %#x", v)
+	}
+	// A structural change during a read drops it; the next Verify reads
+	// again and repairs.
+	k.nft.Peers.Delete(pA)
+	k.gen++
+	verify()
+	sub := netip.MustParsePrefix("2001:db8:77::/48")
+	if _, err := dp.Update(ctx, &Delta{SetSubnets: map[netip.Prefix]uint16{sub: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	k.release()
+	if st := verify(); st.Added+st.Changed+st.Removed != 0 || dp.pending != nil {
+		t.Fatalf("a read across a new subnet length was used: %+v", st)
+	}
+	k.hold = false
+	if st, err := verifySettled(ctx, dp); err != nil || st.Added != 1 {
+		t.Fatalf("the read after the dropped one repaired %+v, want pA added", st)
+	}
+}
+
+// TestInterruptedReadConfirmsMissed: a read that ran across a transaction
+// may lack elements the kernel holds; Verify asks for those one by one
+// instead of re-adding them as drift, and repairs the ones really gone.
+func TestInterruptedReadConfirmsMissed(t *testing.T) {
+	dp, k := fakeDataplane(t, false)
+	mustSync(t, dp, unitDesired())
+	ctx := context.Background()
+	k.hold = true
+	k.gen++ // someone else committed: the next Verify reads
+	if _, err := dp.Verify(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The walk skipped pA, which the kernel holds, and sA, which
+	// someone else really deleted.
+	k.snaps[0].Peers.Delete(pA)
+	k.snaps[0].Subnets.Delete(sA)
+	k.snaps[0].Interrupted = true
+	k.nft.Subnets.Delete(sA)
+	k.release()
+	st, err := dp.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Added != 1 || st.Changed+st.Removed != 0 {
+		t.Fatalf("repair from an interrupted read: %+v, want sA alone added", st)
+	}
+	if _, ok := k.nft.Subnets.Get(sA); !ok {
+		t.Fatal("sA not repaired")
+	}
+	// Not flagged, but the director moved pB during the read: the walk
+	// may have skipped pA all the same.
+	k.gen++
+	if _, err := dp.Verify(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{pB: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	k.snaps[0].Peers.Delete(pA)
+	k.release()
+	if st, err := dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+		t.Fatalf("a read that skipped pA while the director moved pB repaired %+v, %v", st, err)
 	}
 }
 
@@ -515,5 +735,32 @@ func TestUpdateWithNodesKeepsBuckets(t *testing.T) {
 	mustSync(t, dp2, d)
 	if !reflect.DeepEqual(k.nft, k2.nft) || !reflect.DeepEqual(k.routes, k2.routes) {
 		t.Fatalf("after the node update the kernel differs from a sync:\nupdate %+v\nsync   %+v", k.nft, k2.nft)
+	}
+}
+
+// TestSyncFromMarks: a Desired handing its elements over Marks programs
+// the same kernel as one with maps, and a mark that is no node is refused.
+func TestSyncFromMarks(t *testing.T) {
+	dp1, k1 := fakeDataplane(t, true)
+	mustSync(t, dp1, unitDesired())
+	dp2, k2 := fakeDataplane(t, true)
+	d := unitDesired()
+	peers, subnets := d.Peers, d.Subnets
+	d.Peers, d.Subnets = nil, nil
+	d.Marks = func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) {
+		for a, m := range peers {
+			peer(a, m)
+		}
+		for p, m := range subnets {
+			subnet(p, m)
+		}
+	}
+	mustSync(t, dp2, d)
+	if k1.nft.Digest() != k2.nft.Digest() || k2.nft.Peers.Len() != len(peers) || k2.nft.Subnets.Len() != len(subnets) {
+		t.Fatalf("from Marks: %d peers, %d subnets, digest %+v; from maps digest %+v", k2.nft.Peers.Len(), k2.nft.Subnets.Len(), k2.nft.Digest(), k1.nft.Digest())
+	}
+	peers[pA] = 9
+	if _, err := dp2.Sync(context.Background(), d); err == nil || !strings.Contains(err.Error(), "owner mark 9 is not a node") {
+		t.Fatalf("a peer on mark 9 from Marks: %v", err)
 	}
 }

@@ -92,12 +92,12 @@ func TestNSDriftRepair(t *testing.T) {
 	if !l.dp.genKnown {
 		t.Fatal("after Sync the dataplane does not know the ruleset generation: every Verify reads the maps back")
 	}
-	if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+	if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("verify of an untouched kernel: %+v, %v", st, err)
 	}
 	verify := func(what string, min int) {
 		t.Helper()
-		st, err := l.dp.Verify(ctx)
+		st, err := verifySettled(ctx, l.dp)
 		if err != nil {
 			t.Fatalf("verify after %s: %v", what, err)
 		}
@@ -106,7 +106,7 @@ func TestNSDriftRepair(t *testing.T) {
 			t.Fatalf("verify after %s repaired %d (%+v), want >= %d", what, n, st, min)
 		}
 		t.Logf("%s: verify repaired %+v", what, st)
-		if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+		if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 			t.Fatalf("second verify after %s: %+v, %v", what, st, err)
 		}
 		l.checkPeers(t, what, []int{0, 1, 2})
@@ -210,6 +210,21 @@ func TestNSAdoptWithoutInterruption(t *testing.T) {
 	if st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("adopting sync changed the kernel: %+v", st)
 	}
+	if dp2.adopted != 1 {
+		t.Fatalf("the restarted dataplane read the maps back instead of trusting the stored digest")
+	}
+	// The digest the kernel stores follows a delta, so the next restart
+	// adopts too; and it is the digest of what the kernel really holds.
+	if _, err := dp2.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{l.top.Peers[1].If(netlab.IfOutside).Addr4: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	ks, err := dp2.nft.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ks.HasStored || ks.Stored != ks.Digest() || ks.Stored != dp2.want.nft.Digest() {
+		t.Fatalf("kernel stores digest %+v (%v); its maps' digest %+v, the target's %+v", ks.Stored, ks.HasStored, ks.Digest(), dp2.want.nft.Digest())
+	}
 	isAdopt := func(pk netlab.Packet) bool { return strings.HasPrefix(pk.Tag, "adopt-") }
 	deadline := time.Now().Add(2 * time.Second)
 	for l.caps[0].Count(isAdopt) < sent && time.Now().Before(deadline) {
@@ -281,4 +296,30 @@ func TestNSTeardownAndForeign(t *testing.T) {
 		t.Fatalf("foreign route in table 20005: err %v", err)
 	}
 	t.Logf("refused: %v", err)
+}
+
+// TestNSConfirm asks the kernel for peers and subnets one by one, the way
+// Verify checks what an interrupted dump lacked: the ones the maps hold
+// come back with their marks, the others do not.
+func TestNSConfirm(t *testing.T) {
+	l := newLab(t, Config{})
+	if _, err := l.dp.Sync(context.Background(), l.des); err != nil {
+		t.Fatal(err)
+	}
+	held := l.peers[0].If(netlab.IfOutside).Addr4
+	absent := netip.MustParseAddr("198.51.100.250")
+	absent6 := netip.MustParseAddr("2001:db8:100::250")
+	pm, sm, err := l.dp.nft.Confirm([]netip.Addr{held, absent, absent6}, []netip.Prefix{subnet4, subnet6, netip.MustParsePrefix("10.21.0.0/27")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := pm.Get(held); !ok || v != l.dp.cfg.Fwmark(l.des.Peers[held]) || pm.Len() != 1 {
+		t.Fatalf("peers confirmed: %d, %s -> %#x %v (want only it, on %#x)", pm.Len(), held, v, ok, l.dp.cfg.Fwmark(l.des.Peers[held]))
+	}
+	if v, ok := sm.Get(subnet4); !ok || v != l.dp.cfg.Fwmark(l.des.Subnets[subnet4]) || sm.Len() != 2 {
+		t.Fatalf("subnets confirmed: %d, %s -> %#x %v", sm.Len(), subnet4, v, ok)
+	}
+	if _, ok := sm.Get(subnet6); !ok {
+		t.Fatalf("%s not confirmed", subnet6)
+	}
 }

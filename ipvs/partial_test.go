@@ -27,14 +27,14 @@ func TestSyncAppliesAllButAnUnreachableNode(t *testing.T) {
 		if !errors.As(err, &pe) || len(pe.Failed) != 1 || !strings.Contains(err.Error(), "192.0.2.12") || !errors.Is(err, syscall.ENETUNREACH) {
 			t.Fatalf("ipvs=%v: sync with an unreachable node: %v", ipvs, err)
 		}
-		if len(k.nft.Peers) != 2 || len(k.nft.Subnets) != 2 || len(k.routes) != 2 {
-			t.Fatalf("ipvs=%v: not everything else applied: peers %v subnets %v routes %v", ipvs, k.nft.Peers, k.nft.Subnets, k.routes)
+		if k.nft.Peers.Len() != 2 || k.nft.Subnets.Len() != 2 || len(k.routes) != 2 {
+			t.Fatalf("ipvs=%v: not everything else applied: peers %d subnets %d routes %v", ipvs, k.nft.Peers.Len(), k.nft.Subnets.Len(), k.routes)
 		}
 		if ipvs && len(k.svcs) != 3 {
 			t.Fatalf("services %v", k.svcs)
 		}
 		delete(k.failRoute, unreachable)
-		st, err := dp.Verify(context.Background())
+		st, err := verifySettled(context.Background(), dp)
 		if err != nil || st.Added != 1 {
 			t.Fatalf("ipvs=%v: verify once reachable: %+v %v", ipvs, st, err)
 		}

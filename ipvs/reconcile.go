@@ -41,6 +41,16 @@ type dataplane struct {
 	gen      uint32
 	genKnown bool
 	verifies int
+	// adopted counts first Syncs that took the maps from the digest
+	// instead of reading them back.
+	adopted int
+	// pending is the background read of the nftables table a Verify
+	// started (nil: none). Transactions go on while it runs; the keys
+	// they touch (touched) are taken from the model when the read
+	// arrives, as the read may have seen them before or after; a
+	// transaction that changed the table's structure (shape) discards it.
+	pending <-chan nft.ReadResult
+	touched touchedKeys
 	// buckets is the unknown-peer bucket count of the last Sync, 0 when
 	// it had no Buckets (one bucket per active node): a delta may change
 	// buckets only within it. bucketMarks are the buckets as of the last
@@ -56,6 +66,75 @@ type dataplane struct {
 // the generation.
 const fullVerifyEvery = 10
 
+// maxConfirm bounds how many elements a read lacks that confirmMissed
+// asks for one by one.
+const maxConfirm = 10000
+
+// touchedKeys are what the director's transactions changed during a
+// background read.
+type touchedKeys struct {
+	peers   map[netip.Addr]struct{}
+	subnets map[netip.Prefix]struct{}
+	hash    map[uint32]struct{}
+	tx      bool // any transaction: the stored digest is the model's
+	shape   bool // sets, chain or VIPs changed: the read is discarded
+}
+
+// note records the keys of a plan applied during a background read.
+func (t *touchedKeys) note(p *nft.Plan) {
+	t.tx = true
+	if p.Recreate || p.Chain || len(p.AddLens)+len(p.DelLens)+len(p.AddVIPs)+len(p.DelVIPs) > 0 {
+		t.shape = true
+		return
+	}
+	for _, a := range p.DelPeers {
+		t.peers[a] = struct{}{}
+	}
+	for a := range p.AddPeers.All() {
+		t.peers[a] = struct{}{}
+	}
+	for _, pf := range p.DelSubnets {
+		t.subnets[pf] = struct{}{}
+	}
+	for pf := range p.AddSubnets.All() {
+		t.subnets[pf] = struct{}{}
+	}
+	for _, k := range p.DelHash {
+		t.hash[k] = struct{}{}
+	}
+	for k := range p.AddHash {
+		t.hash[k] = struct{}{}
+	}
+}
+
+// overlay gives read the model's value of every touched key.
+func (t *touchedKeys) overlay(read, model *nft.State) {
+	for a := range t.peers {
+		if v, ok := model.Peers.Get(a); ok {
+			read.Peers.Set(a, v)
+		} else {
+			read.Peers.Delete(a)
+		}
+	}
+	for pf := range t.subnets {
+		if v, ok := model.Subnets.Get(pf); ok {
+			read.Subnets.Set(pf, v)
+		} else {
+			read.Subnets.Delete(pf)
+		}
+	}
+	for k := range t.hash {
+		if v, ok := model.Hash[k]; ok {
+			read.Hash[k] = v
+		} else {
+			delete(read.Hash, k)
+		}
+	}
+	if t.tx {
+		read.Stored, read.HasStored = model.Stored, model.HasStored
+	}
+}
+
 // applyNft runs p as one transaction and keeps gen: known only when the
 // generation moved by exactly this transaction.
 func (d *dataplane) applyNft(p *nft.Plan) error {
@@ -65,7 +144,13 @@ func (d *dataplane) applyNft(p *nft.Plan) error {
 		return err
 	}
 	g1, err1 := d.nft.Gen()
-	d.gen, d.genKnown = g1, err0 == nil && err1 == nil && g1 == g0+1
+	// Known only when the chain is unbroken: the generation was where
+	// the model was last known to match, and moved by this transaction
+	// alone (a foreign one before it must not be covered by it).
+	d.gen, d.genKnown = g1, d.genKnown && g0 == d.gen && err0 == nil && err1 == nil && g1 == g0+1
+	if d.pending != nil {
+		d.touched.note(p)
+	}
 	return nil
 }
 
@@ -150,14 +235,14 @@ func newDataplane(cfg Config, nk nft.Kernel, rk route.Kernel, lk lvs.Kernel) (*d
 
 func (d *dataplane) Mode() Mode { return d.mode }
 
-// read returns the director's objects as the kernel holds them; without
-// nftToo the nftables part is the model's (the caller proved it current
-// by the ruleset generation).
-func (d *dataplane) read(nftToo bool) (*kstate, error) {
+// read returns the director's objects as the kernel holds them; with
+// known set, the nftables part is known (the caller proved it current by
+// the ruleset generation, or by the maps' digest).
+func (d *dataplane) read(known *nft.State) (*kstate, error) {
 	c := d.cfg
-	s := &kstate{svcs: map[svcKey]svcDest{}}
+	s := &kstate{svcs: map[svcKey]svcDest{}, nft: known}
 	var err error
-	if nftToo {
+	if known == nil {
 		// The generation before the read: a change during it moves the
 		// kernel past gen, so the next Verify reads again.
 		g, gerr := d.nft.Gen()
@@ -165,8 +250,6 @@ func (d *dataplane) read(nftToo bool) (*kstate, error) {
 			return nil, err
 		}
 		d.gen, d.genKnown = g, gerr == nil
-	} else {
-		s.nft = d.model.nft
 	}
 	if s.rt, err = d.rc.Read(d.rt); err != nil {
 		return nil, err
@@ -190,6 +273,33 @@ func (d *dataplane) read(nftToo bool) (*kstate, error) {
 			s.svcs[svcKey{sv.V6, sv.Mark}] = dst
 		}
 	}
+	return s, nil
+}
+
+// adopt returns what the kernel holds for a first Sync to want. The peer
+// and subnet maps are not read back when the digest the director's last
+// transaction stored with them equals want's: a restarted director then
+// takes want's maps as the kernel's in O(1) kernel reads instead of
+// dumping a million elements (minutes: the kernel restarts its hash walk
+// for every dump message). What someone else changed in the maps while no
+// director ran is found by a later Verify's full read (the generation
+// check or every fullVerifyEvery verifies), as it is while one runs.
+func (d *dataplane) adopt(want *kstate) (*kstate, error) {
+	g, gerr := d.nft.Gen()
+	meta, err := d.nft.ReadMeta()
+	if err != nil {
+		return nil, err
+	}
+	if !meta.Table || meta.Broken || !meta.HasStored || meta.Stored != want.nft.Digest() {
+		return d.read(nil)
+	}
+	meta.Peers, meta.Subnets = want.nft.Peers.Clone(), want.nft.Subnets.Clone()
+	s, err := d.read(meta)
+	if err != nil {
+		return nil, err
+	}
+	d.gen, d.genKnown = g, gerr == nil
+	d.adopted++
 	return s, nil
 }
 
@@ -217,6 +327,7 @@ func (d *dataplane) reconcileMaps(cur, want *kstate, withMaps bool) (st Stats, f
 	p := &nft.Plan{}
 	if withMaps {
 		p = nft.Diff(cur.nft, want.nft)
+		p.WithDigest(cur.nft)
 	}
 	if !p.Empty() {
 		flush := leftMasq(cur, p)
@@ -307,7 +418,10 @@ func leftMasq(cur *kstate, p *nft.Plan) []svcKey {
 	}
 	marks := map[uint32]bool{}
 	for _, a := range p.DelPeers {
-		if fm, ok := cur.nft.Peers[a]; ok && p.AddPeers[a] != fm {
+		if fm, ok := cur.nft.Peers.Get(a); ok {
+			if nm, _ := p.AddPeers.Get(a); nm == fm {
+				continue
+			}
 			marks[fm|IKEBit] = true
 		}
 	}
@@ -351,7 +465,7 @@ func (d *dataplane) Sync(ctx context.Context, des *Desired) (Stats, error) {
 		return Stats{}, fmt.Errorf("sync: %w", err)
 	}
 	if d.model == nil {
-		cur, err := d.read(true)
+		cur, err := d.adopt(want)
 		if err != nil {
 			return Stats{}, fmt.Errorf("sync: adopt kernel state: %w", err)
 		}
@@ -448,6 +562,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 		}
 	}
 	p := nft.Update(d.model.nft, d.want.nft, ch)
+	p.WithDigest(d.model.nft)
 	var st Stats
 	var failed []error
 	if nt != nil {
@@ -485,23 +600,44 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 	if d.want == nil {
 		return Stats{}, errors.New("verify: no Sync yet: nothing to compare with")
 	}
+	d.verifies++
 	// The maps are read back only when the ruleset generation moved
 	// since the director's last transaction (or every fullVerifyEvery
-	// verifies): at a million tunnels the read is seconds, the
-	// generation one message. Routes and services are read every time.
-	d.verifies++
-	full := d.model == nil || !d.genKnown || d.verifies%fullVerifyEvery == 0
-	if !full {
-		g, err := d.nft.Gen()
-		full = err != nil || g != d.gen
+	// verifies): at a million tunnels the read takes minutes, the
+	// generation one message. The read runs in the background, on
+	// connections of its own, so table changes reach the kernel while
+	// it does. Routes and services are read every time.
+	var known *nft.State
+	var err error
+	withMaps, pending := true, false
+	switch {
+	case d.model == nil:
+		// Nothing to compare a background read with: read now.
+	case d.pending != nil:
+		select {
+		case r := <-d.pending:
+			known, withMaps, err = d.takeRead(r)
+		default:
+			// Still reading; routes and services were verified when
+			// it started.
+			return Stats{Pending: true, Duration: time.Since(start)}, nil
+		}
+	case d.mapsMayDiffer():
+		d.startRead()
+		known, withMaps, pending = d.model.nft, false, true
+	default:
+		known, withMaps = d.model.nft, false
 	}
-	cur, err := d.read(full)
+	if err != nil {
+		return Stats{}, fmt.Errorf("verify: %w", err)
+	}
+	cur, err := d.read(known)
 	if err != nil {
 		return Stats{}, fmt.Errorf("verify: %w", err)
 	}
 	d.model = cur
-	st, failed, err := d.reconcileMaps(cur, d.want, full)
-	st.Duration = time.Since(start)
+	st, failed, err := d.reconcileMaps(cur, d.want, withMaps)
+	st.Duration, st.Pending = time.Since(start), pending
 	if err != nil {
 		d.model = nil
 		return st, fmt.Errorf("verify: repair: %w", errors.Join(append(failed, err)...))
@@ -509,11 +645,92 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 	return st, partial("verify: repair", failed)
 }
 
+// mapsMayDiffer says whether the maps need reading back: someone else's
+// transaction may have changed them, or it is the periodic full read.
+func (d *dataplane) mapsMayDiffer() bool {
+	if !d.genKnown || d.verifies%fullVerifyEvery == 0 {
+		return true
+	}
+	g, err := d.nft.Gen()
+	return err != nil || g != d.gen
+}
+
+// startRead starts a background read of the table. The model is compared
+// with it as of the current generation: the director's own transactions
+// carry that on (applyNft), anyone else's breaks it and the next Verify
+// reads again.
+func (d *dataplane) startRead() {
+	g, err := d.nft.Gen()
+	d.gen, d.genKnown = g, err == nil
+	d.touched = touchedKeys{peers: map[netip.Addr]struct{}{}, subnets: map[netip.Prefix]struct{}{}, hash: map[uint32]struct{}{}}
+	d.pending = d.nft.ReadInBackground()
+}
+
+// takeRead takes a background read that arrived: with the model's values
+// for the keys the director's transactions touched meanwhile, and true.
+// A read that failed (its error is returned) or saw a structure the
+// director has changed since is dropped (false) and the next Verify reads
+// again.
+func (d *dataplane) takeRead(r nft.ReadResult) (*nft.State, bool, error) {
+	d.pending = nil
+	if r.Err != nil || d.touched.shape {
+		d.genKnown = false
+		return d.model.nft, false, r.Err
+	}
+	if r.State.Table && !r.State.Broken {
+		d.touched.overlay(r.State, d.model.nft)
+		if r.State.Interrupted || d.touched.tx {
+			if err := d.confirmMissed(r.State); err != nil {
+				d.genKnown = false
+				return d.model.nft, false, err
+			}
+		}
+	}
+	return r.State, true, nil
+}
+
+// confirmMissed asks the kernel, key by key, for the elements the model
+// has and a read across transactions lacks: the kernel resumes a set dump
+// by counting elements from the start of its hash walk, so the director's
+// own deletions and additions during the read can make it skip one (one
+// in a million, measured with 8,000 moves during the read; the kernel
+// did not flag those dumps NLM_F_DUMP_INTR). Re-adding them would count
+// as drift that never was. Beyond maxConfirm missing elements the read is
+// taken as it is: that is drift (a flushed map), not a skip.
+func (d *dataplane) confirmMissed(read *nft.State) error {
+	var peers []netip.Addr
+	var subnets []netip.Prefix
+	for a := range d.model.nft.Peers.All() {
+		if _, ok := read.Peers.Get(a); !ok {
+			peers = append(peers, a)
+		}
+	}
+	for p := range d.model.nft.Subnets.All() {
+		if _, ok := read.Subnets.Get(p); !ok {
+			subnets = append(subnets, p)
+		}
+	}
+	if n := len(peers) + len(subnets); n == 0 || n > maxConfirm {
+		return nil
+	}
+	pm, sm, err := d.nft.Confirm(peers, subnets)
+	if err != nil {
+		return err
+	}
+	for a, v := range pm.All() {
+		read.Peers.Set(a, v)
+	}
+	for p, v := range sm.All() {
+		read.Subnets.Set(p, v)
+	}
+	return nil
+}
+
 func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	s, err := d.read(true)
+	s, err := d.read(nil)
 	if err != nil {
 		return nil, fmt.Errorf("read: %w", err)
 	}
@@ -526,12 +743,12 @@ func (d *dataplane) Read(ctx context.Context) (*Desired, error) {
 		}
 	}
 	out.VIPs = sortedAddrs(s.nft.VIPs)
-	for a, fm := range s.nft.Peers {
+	for a, fm := range s.nft.Peers.All() {
 		if m, ok := c.NodeOf(fm); ok {
 			out.Peers[a] = m
 		}
 	}
-	for p, fm := range s.nft.Subnets {
+	for p, fm := range s.nft.Subnets.All() {
 		if m, ok := c.NodeOf(fm); ok {
 			out.Subnets[p] = m
 		}

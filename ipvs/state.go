@@ -75,6 +75,7 @@ func nodeAddr(n Node, v6 bool) netip.Addr {
 func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 	t := &kstate{nft: nft.NewState(), svcs: map[svcKey]svcDest{}}
 	t.nft.Table = true
+	t.nft.Peers, t.nft.Subnets = nft.NewPeerMap(max(len(d.Peers), d.MarksLen)), nft.NewSubnetMap(max(len(d.Subnets), d.MarksLen))
 	known := map[uint16]bool{}
 	var active []uint16
 	var rnodes []route.Node
@@ -120,17 +121,20 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 	for _, v := range d.VIPs {
 		t.nft.VIPs[v.Unmap()] = struct{}{}
 	}
-	for a, m := range d.Peers {
-		if !known[m] {
-			return nil, fmt.Errorf("peer %s: owner mark %d is not a node", a, m)
+	var bad error
+	d.Each(func(a netip.Addr, m uint16) {
+		if bad == nil && !known[m] {
+			bad = fmt.Errorf("peer %s: owner mark %d is not a node", a, m)
 		}
-		t.nft.Peers[a.Unmap()] = c.Fwmark(m)
-	}
-	for p, m := range d.Subnets {
-		if !known[m] {
-			return nil, fmt.Errorf("subnet %s: owner mark %d is not a node", p, m)
+		t.nft.Peers.Set(a.Unmap(), c.Fwmark(m))
+	}, func(p netip.Prefix, m uint16) {
+		if bad == nil && !known[m] {
+			bad = fmt.Errorf("subnet %s: owner mark %d is not a node", p, m)
 		}
 		t.nft.AddSubnet(p.Masked(), c.Fwmark(m))
+	})
+	if bad != nil {
+		return nil, bad
 	}
 	t.nft.SyncLens()
 	return t, nil

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -31,6 +32,8 @@ type e2e struct {
 	daemon  *exec.Cmd
 	logPath string
 	caps    []*netlab.Capture
+	// apiWait bounds how long start waits for the API (default 20 s).
+	apiWait time.Duration
 }
 
 func newE2E(t *testing.T) *e2e {
@@ -112,7 +115,8 @@ func (e *e2e) start() {
 			e.t.Logf("daemon log %s:\n%s", e.logPath, b)
 		}
 	})
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+	wait := cmp.Or(e.apiWait, 20*time.Second)
+	for deadline := time.Now().Add(wait); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		if _, err := runArgs(e.t, "--socket", e.socket, "status"); err == nil {
 			return
 		}

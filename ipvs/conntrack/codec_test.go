@@ -1,9 +1,13 @@
 package conntrack
 
 import (
+	"encoding/binary"
 	"errors"
 	"net/netip"
 	"testing"
+
+	"github.com/mdlayher/netlink"
+	ct "github.com/ti-mo/conntrack"
 )
 
 // TestCodecRoundTrip encodes every kind of flow as the commit request the
@@ -119,6 +123,31 @@ func FuzzDecodeEvent(f *testing.F) {
 		}
 		_ = ev.Flow.String()
 	})
+}
+
+// BenchmarkDecodeFlowReference decodes the same message as
+// BenchmarkDecodeFlow through ti-mo/conntrack (Event.Unmarshal), the
+// reference decoder this package's tests compare against: the reason the
+// replication's hot path has its own codec.
+//
+//	go test -run '^$' -bench 'DecodeFlow' -count 5 ./ipvs/conntrack/
+func BenchmarkDecodeFlowReference(b *testing.B) {
+	fl := testFlows(1)[0]
+	var e encoder
+	e.commitMsg(&fl, 1, false, false)
+	m := netlink.Message{Header: netlink.Header{Length: binary.NativeEndian.Uint32(e.b), Type: netlink.HeaderType(binary.NativeEndian.Uint16(e.b[4:])),
+		Flags: netlink.HeaderFlags(binary.NativeEndian.Uint16(e.b[6:]))}, Data: e.b[16:]}
+	var ev ct.Event
+	if err := ev.Unmarshal(m); err != nil || ev.Flow == nil || ev.Flow.TupleOrig.Proto.Protocol != fl.Orig.Proto {
+		b.Fatalf("reference decoder: %v %+v", err, ev.Flow)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		var ev ct.Event // it refuses to decode into a used Event
+		if err := ev.Unmarshal(m); err != nil {
+			b.Fatal(err)
+		}
+	}
 }
 
 func BenchmarkDecodeFlow(b *testing.B) {

@@ -94,6 +94,7 @@ func (f *Fake) Sync(ctx context.Context, d *ipvs.Desired) (ipvs.Stats, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	start := time.Now()
+	d = d.WithMaps()
 	if err := f.record(Call{Op: "Sync", Sync: cloneDesired(d)}); err != nil {
 		return ipvs.Stats{}, err
 	}

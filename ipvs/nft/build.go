@@ -18,6 +18,9 @@ import (
 const (
 	chainName   = "prerouting"
 	hashMapName = "nodehash"
+	// digestSetName holds the maps' Digest (a table without it, from a
+	// director before it, is recreated in one transaction).
+	digestSetName = "digest"
 )
 
 // LearnInterval is how often the classifier logs the same unknown peer: its
@@ -54,10 +57,11 @@ type famSets struct {
 }
 
 type nftNames struct {
-	table *nftables.Table
-	fams  [2]famSets
-	hash  *nftables.Set
-	chain *nftables.Chain
+	table  *nftables.Table
+	fams   [2]famSets
+	hash   *nftables.Set
+	digest *nftables.Set
+	chain  *nftables.Chain
 }
 
 // newNames returns fresh set descriptors: google/nftables assigns batch IDs
@@ -82,6 +86,10 @@ func newNames(name string) *nftNames {
 	// mark so nft(8) can print it.
 	n.hash = &nftables.Set{Table: t, Name: hashMapName, IsMap: true, KeyType: nftables.TypeMark,
 		KeyByteOrder: binaryutil.NativeEndian, DataType: nftables.TypeMark}
+	// The digest set holds one element, the Digest of the peer and
+	// subnet maps as of the director's last transaction; a 16-byte key
+	// type, so nft(8) lists it as an IPv6 address.
+	n.digest = &nftables.Set{Table: t, Name: digestSetName, KeyType: nftables.TypeIP6Addr, KeyByteOrder: binaryutil.BigEndian}
 	n.chain = &nftables.Chain{Name: chainName, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle}
 	return n
@@ -92,7 +100,7 @@ func (n *nftNames) allSets() []*nftables.Set {
 	for _, f := range n.fams {
 		out = append(out, f.vips, f.peers, f.window)
 	}
-	return append(out, n.hash)
+	return append(out, n.hash, n.digest)
 }
 
 // subnetSet describes the exact-match map of one prefix length: key the
@@ -135,6 +143,9 @@ func markOf(b []byte) uint32 {
 	}
 	return binaryutil.NativeEndian.Uint32(b)
 }
+
+// famElems are the element changes of one family's VIP and peer maps.
+type famElems struct{ vips, peers []nftables.SetElement }
 
 type elemOp func(*nftables.Set, []nftables.SetElement) error
 
@@ -196,7 +207,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	}
 	// Deletions before additions: a changed element is a delete and an add
 	// of the same key in the same transaction.
-	var del, add [2]struct{ vips, peers []nftables.SetElement }
+	var del, add [2]famElems
 	delSub, addSub := map[Len][]nftables.SetElement{}, map[Len][]nftables.SetElement{}
 	gone := map[Len]bool{}
 	for _, l := range p.DelLens {
@@ -222,7 +233,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for _, a := range p.DelPeers {
 		nDel[fi(a)]++
 	}
-	for a := range p.AddPeers {
+	for a := range p.AddPeers.All() {
 		nAdd[fi(a)]++
 	}
 	for _, pf := range p.DelSubnets {
@@ -230,7 +241,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 			nDelSub[l]++
 		}
 	}
-	for pf := range p.AddSubnets {
+	for pf := range p.AddSubnets.All() {
 		nAddSub[LenOf(pf)]++
 	}
 	for i := range del {
@@ -246,7 +257,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for _, a := range p.DelPeers {
 		del[fi(a)].peers = append(del[fi(a)].peers, nftables.SetElement{Key: a.AsSlice()})
 	}
-	for a, m := range p.AddPeers {
+	for a, m := range p.AddPeers.All() {
 		add[fi(a)].peers = append(add[fi(a)].peers, nftables.SetElement{Key: a.AsSlice(), Val: markBytes(m)})
 	}
 	for _, pf := range p.DelSubnets {
@@ -255,24 +266,9 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 			delSub[l] = append(delSub[l], nftables.SetElement{Key: pf.Addr().AsSlice()})
 		}
 	}
-	for pf, m := range p.AddSubnets {
+	for pf, m := range p.AddSubnets.All() {
 		l := LenOf(pf)
 		addSub[l] = append(addSub[l], nftables.SetElement{Key: pf.Addr().AsSlice(), Val: markBytes(m)})
-	}
-	for i, f := range n.fams {
-		for _, x := range []struct {
-			s  *nftables.Set
-			el []nftables.SetElement
-		}{{f.vips, del[i].vips}, {f.peers, del[i].peers}} {
-			if err := chunked(c.SetDeleteElements, x.s, x.el); err != nil {
-				return err
-			}
-		}
-	}
-	for _, l := range slices.SortedFunc(maps.Keys(delSub), lenLess) {
-		if err := chunked(c.SetDeleteElements, sub(l), delSub[l]); err != nil {
-			return err
-		}
 	}
 	var hdel, hadd []nftables.SetElement
 	for _, k := range p.DelHash {
@@ -281,26 +277,37 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for k, m := range p.AddHash {
 		hadd = append(hadd, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(k), Val: markBytes(m)})
 	}
-	if err := chunked(c.SetDeleteElements, n.hash, hdel); err != nil {
-		return err
-	}
-	for i, f := range n.fams {
-		for _, x := range []struct {
-			s  *nftables.Set
-			el []nftables.SetElement
-		}{{f.vips, add[i].vips}, {f.peers, add[i].peers}} {
-			if err := chunked(c.SetAddElements, x.s, x.el); err != nil {
+	// send queues one direction of the element changes to every map: each
+	// family's VIPs and peers, the subnet maps by length, the hash map.
+	send := func(op elemOp, fams [2]famElems, subs map[Len][]nftables.SetElement, hash []nftables.SetElement) error {
+		for i, f := range n.fams {
+			if err := chunked(op, f.vips, fams[i].vips); err != nil {
+				return err
+			}
+			if err := chunked(op, f.peers, fams[i].peers); err != nil {
 				return err
 			}
 		}
-	}
-	for _, l := range slices.SortedFunc(maps.Keys(addSub), lenLess) {
-		if err := chunked(c.SetAddElements, sub(l), addSub[l]); err != nil {
-			return err
+		for _, l := range slices.SortedFunc(maps.Keys(subs), lenLess) {
+			if err := chunked(op, sub(l), subs[l]); err != nil {
+				return err
+			}
 		}
+		return chunked(op, n.hash, hash)
 	}
-	if err := chunked(c.SetAddElements, n.hash, hadd); err != nil {
+	if err := send(c.SetDeleteElements, del, delSub, hdel); err != nil {
 		return err
+	}
+	if err := send(c.SetAddElements, add, addSub, hadd); err != nil {
+		return err
+	}
+	if p.Digest != nil {
+		if !p.Recreate {
+			c.FlushSet(n.digest)
+		}
+		if err := c.SetAddElements(n.digest, []nftables.SetElement{{Key: p.Digest.bytes()}}); err != nil {
+			return fmt.Errorf("set %s: %w", digestSetName, err)
+		}
 	}
 	// Maps whose last subnet went: after the chain flush above dropped the
 	// rules that used them (the kernel refuses to delete a map in use).

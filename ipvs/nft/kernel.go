@@ -2,6 +2,7 @@ package nft
 
 import (
 	"fmt"
+	"net/netip"
 
 	"github.com/google/nftables"
 	mdnl "github.com/mdlayher/netlink"
@@ -13,6 +14,18 @@ import (
 type Kernel interface {
 	// Read dumps the table.
 	Read() (*State, error)
+	// ReadMeta reads the table without the elements of the peer and
+	// subnet maps (a million tunnels' worth takes minutes to dump): their
+	// Digest as the director last committed it is in State.Stored.
+	ReadMeta() (*State, error)
+	// ReadInBackground dumps the table on connections of its own, so
+	// transactions go on while a million elements are read; the result
+	// arrives on the channel.
+	ReadInBackground() <-chan ReadResult
+	// Confirm asks for the given peers and subnets one by one (a dump
+	// that ran across transactions, State.Interrupted, may have missed
+	// some) and returns the ones the kernel holds, with their values.
+	Confirm(peers []netip.Addr, subnets []netip.Prefix) (PeerMap, SubnetMap, error)
 	// Apply runs p as one transaction.
 	Apply(p *Plan) error
 	// DeleteTable removes the table (and nothing else); no table is fine.
@@ -25,8 +38,15 @@ type Kernel interface {
 	Close() error
 }
 
+// ReadResult is what a background read found.
+type ReadResult struct {
+	State *State
+	Err   error
+}
+
 type kernel struct {
 	table string
+	ns    netns.NsHandle
 	nft   *nftables.Conn // reads (dumps)
 	tx    *transport
 	wr    *nftables.Conn // table deletion, through tx
@@ -61,7 +81,7 @@ func forceBuffers(c *mdnl.Conn) error {
 // Open connects to nftables in network namespace ns (0: the caller's) for
 // the table named table (family inet).
 func Open(table string, ns netns.NsHandle) (Kernel, error) {
-	k := &kernel{table: table}
+	k := &kernel{table: table, ns: ns}
 	opts := []nftables.ConnOption{nftables.AsLasting(), nftables.WithSockOptions(forceBuffers)}
 	fd := 0
 	if ns > 0 {
@@ -96,14 +116,73 @@ func (k *kernel) Close() error {
 	return err
 }
 
-func (k *kernel) Read() (*State, error) {
-	s, err := read(k.nft, k.table, func(s *nftables.Set) ([]nftables.SetElement, error) {
+func (k *kernel) Read() (*State, error) { return k.read(true) }
+
+func (k *kernel) ReadMeta() (*State, error) { return k.read(false) }
+
+func (k *kernel) ReadInBackground() <-chan ReadResult {
+	ch := make(chan ReadResult, 1)
+	go func() {
+		r, err := Open(k.table, k.ns)
+		if err != nil {
+			ch <- ReadResult{Err: fmt.Errorf("background read: %w", err)}
+			return
+		}
+		defer r.Close()
+		s, err := r.Read()
+		ch <- ReadResult{State: s, Err: err}
+	}()
+	return ch
+}
+
+func (k *kernel) read(withMaps bool) (*State, error) {
+	k.tx.interrupted = false
+	s, err := read(k.nft, k.table, withMaps, func(s *nftables.Set) ([]nftables.SetElement, error) {
 		return k.tx.dumpElems(s.Table.Name, s.Name)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("read nftables table %s: %w", k.table, err)
 	}
+	s.Interrupted = k.tx.interrupted
 	return s, nil
+}
+
+func (k *kernel) Confirm(peers []netip.Addr, subnets []netip.Prefix) (PeerMap, SubnetMap, error) {
+	var pm PeerMap
+	var sm SubnetMap
+	byPeerSet := map[bool][][]byte{}
+	for _, a := range peers {
+		byPeerSet[a.Is6()] = append(byPeerSet[a.Is6()], a.AsSlice())
+	}
+	n := newNames(k.table)
+	for v6, keys := range byPeerSet {
+		name := n.fams[b2i(v6)].peers.Name
+		found, err := k.tx.getElems(k.table, name, keys)
+		if err != nil {
+			return pm, sm, fmt.Errorf("confirm peers in map %s: %w", name, err)
+		}
+		for key, val := range found {
+			if a, ok := netip.AddrFromSlice([]byte(key)); ok {
+				pm.Set(a, markOf(val))
+			}
+		}
+	}
+	byLen := map[Len][][]byte{}
+	for _, p := range subnets {
+		byLen[LenOf(p)] = append(byLen[LenOf(p)], p.Addr().AsSlice())
+	}
+	for l, keys := range byLen {
+		found, err := k.tx.getElems(k.table, l.setName(), keys)
+		if err != nil {
+			return pm, sm, fmt.Errorf("confirm subnets in map %s: %w", l.setName(), err)
+		}
+		for key, val := range found {
+			if a, ok := netip.AddrFromSlice([]byte(key)); ok {
+				sm.Set(netip.PrefixFrom(a, l.Bits), markOf(val))
+			}
+		}
+	}
+	return pm, sm, nil
 }
 
 func (k *kernel) Apply(p *Plan) error {

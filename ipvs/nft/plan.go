@@ -1,6 +1,7 @@
 package nft
 
 import (
+	"iter"
 	"maps"
 	"net/netip"
 	"slices"
@@ -23,18 +24,21 @@ type Plan struct {
 	AddLens, DelLens []Len
 
 	AddVIPs, DelVIPs []netip.Addr
-	AddPeers         map[netip.Addr]uint32
+	AddPeers         PeerMap
 	DelPeers         []netip.Addr
-	AddSubnets       map[netip.Prefix]uint32
+	AddSubnets       SubnetMap
 	DelSubnets       []netip.Prefix
 	AddHash          map[uint32]uint32
 	DelHash          []uint32
+	// Digest, when set, replaces the digest set's element: the Digest of
+	// the peer and subnet maps once the plan is applied (WithDigest).
+	Digest *Digest
 }
 
 // Empty reports whether p changes nothing.
 func (p *Plan) Empty() bool {
-	return !p.Recreate && !p.Chain && len(p.AddLens)+len(p.DelLens)+len(p.AddVIPs)+len(p.DelVIPs)+len(p.AddPeers)+len(p.DelPeers)+
-		len(p.AddSubnets)+len(p.DelSubnets)+len(p.AddHash)+len(p.DelHash) == 0
+	return !p.Recreate && !p.Chain && len(p.AddLens)+len(p.DelLens)+len(p.AddVIPs)+len(p.DelVIPs)+p.AddPeers.Len()+len(p.DelPeers)+
+		p.AddSubnets.Len()+len(p.DelSubnets)+len(p.AddHash)+len(p.DelHash) == 0 && p.Digest == nil
 }
 
 // Count returns the plan's element changes as added, changed, removed.
@@ -42,17 +46,17 @@ func (p *Plan) Count() (a, c, r int) {
 	if p.Recreate || p.Chain && !p.LensOnly {
 		c++
 	}
-	a += len(p.AddVIPs) + len(p.AddPeers) + len(p.AddSubnets) + len(p.AddHash)
+	a += len(p.AddVIPs) + p.AddPeers.Len() + p.AddSubnets.Len() + len(p.AddHash)
 	r += len(p.DelVIPs) + len(p.DelPeers) + len(p.DelSubnets) + len(p.DelHash)
 	// A changed element is a delete plus an add of the same key.
 	ch := 0
 	for _, k := range p.DelPeers {
-		if _, ok := p.AddPeers[k]; ok {
+		if _, ok := p.AddPeers.Get(k); ok {
 			ch++
 		}
 	}
 	for _, k := range p.DelSubnets {
-		if _, ok := p.AddSubnets[k]; ok {
+		if _, ok := p.AddSubnets.Get(k); ok {
 			ch++
 		}
 	}
@@ -62,6 +66,17 @@ func (p *Plan) Count() (a, c, r int) {
 		}
 	}
 	return a - ch, c + ch, r - ch
+}
+
+// keysNotIn lists the keys of a that b lacks (nil when none).
+func keysNotIn[K comparable, V any](a, b map[K]V) []K {
+	var out []K
+	for k := range a {
+		if _, ok := b[k]; !ok {
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
 func diffMap[K comparable](cur, want map[K]uint32) (add map[K]uint32, del []K) {
@@ -82,6 +97,34 @@ func diffMap[K comparable](cur, want map[K]uint32) (add map[K]uint32, del []K) {
 	return add, del
 }
 
+// elemMap is what PeerMap and SubnetMap share for a comparison.
+type elemMap[K any] interface {
+	Get(K) (uint32, bool)
+	Set(K, uint32) bool
+	All() iter.Seq2[K, uint32]
+}
+
+// diffElems is diffMap for the big maps.
+func diffElems[K any, M any, PM interface {
+	*M
+	elemMap[K]
+}](cur, want PM) (add M, del []K) {
+	for k, v := range want.All() {
+		if cv, ok := cur.Get(k); !ok || cv != v {
+			PM(&add).Set(k, v)
+			if ok {
+				del = append(del, k)
+			}
+		}
+	}
+	for k := range cur.All() {
+		if _, ok := want.Get(k); !ok {
+			del = append(del, k)
+		}
+	}
+	return add, del
+}
+
 // Diff computes the transaction that turns cur into want.
 func Diff(cur, want *State) *Plan {
 	p := &Plan{Sig: want.Sig}
@@ -90,37 +133,19 @@ func Diff(cur, want *State) *Plan {
 		p.Chain = true
 		p.AddLens = SortedLens(want.Lens)
 		p.AddVIPs = slices.Collect(maps.Keys(want.VIPs))
-		p.AddPeers = maps.Clone(want.Peers)
-		p.AddSubnets = maps.Clone(want.Subnets)
+		p.AddPeers = want.Peers.Clone()
+		p.AddSubnets = want.Subnets.Clone()
 		p.AddHash = maps.Clone(want.Hash)
 		return p
 	}
-	for l := range want.Lens {
-		if _, ok := cur.Lens[l]; !ok {
-			p.AddLens = append(p.AddLens, l)
-		}
-	}
-	for l := range cur.Lens {
-		if _, ok := want.Lens[l]; !ok {
-			p.DelLens = append(p.DelLens, l)
-		}
-	}
+	p.AddLens, p.DelLens = keysNotIn(want.Lens, cur.Lens), keysNotIn(cur.Lens, want.Lens)
 	// The signature names the lengths, so a chain that matches it has a
 	// rule for every wanted map; a changed length set rebuilds it anyway.
 	p.Chain = !cur.Sig.Equal(want.Sig) || len(p.AddLens)+len(p.DelLens) > 0
 	p.LensOnly = p.Chain && cur.Sig.Version == Layout && cur.Sig.sameButLens(want.Sig)
-	for v := range want.VIPs {
-		if _, ok := cur.VIPs[v]; !ok {
-			p.AddVIPs = append(p.AddVIPs, v)
-		}
-	}
-	for v := range cur.VIPs {
-		if _, ok := want.VIPs[v]; !ok {
-			p.DelVIPs = append(p.DelVIPs, v)
-		}
-	}
-	p.AddPeers, p.DelPeers = diffMap(cur.Peers, want.Peers)
-	p.AddSubnets, p.DelSubnets = diffMap(cur.Subnets, want.Subnets)
+	p.AddVIPs, p.DelVIPs = keysNotIn(want.VIPs, cur.VIPs), keysNotIn(cur.VIPs, want.VIPs)
+	p.AddPeers, p.DelPeers = diffElems(&cur.Peers, &want.Peers)
+	p.AddSubnets, p.DelSubnets = diffElems(&cur.Subnets, &want.Subnets)
 	p.AddHash, p.DelHash = diffMap(cur.Hash, want.Hash)
 	return p
 }
@@ -146,7 +171,7 @@ type Changes struct {
 // compared, and a length that appears or goes creates or deletes its map
 // and rebuilds the chain in the same transaction.
 func Update(model, want *State, c Changes) *Plan {
-	p := &Plan{Sig: model.Sig, AddPeers: make(map[netip.Addr]uint32, len(c.SetPeers)), AddSubnets: make(map[netip.Prefix]uint32, len(c.SetSubnets)),
+	p := &Plan{Sig: model.Sig, AddPeers: NewPeerMap(len(c.SetPeers)), AddSubnets: NewSubnetMap(len(c.SetSubnets)),
 		AddHash: map[uint32]uint32{}}
 	// Buckets: a step changes up to all of them, so deletions are
 	// tracked in a set rather than searched.
@@ -172,11 +197,16 @@ func Update(model, want *State, c Changes) *Plan {
 	}
 	// Peers and subnets likewise (a node going down at a million
 	// tunnels moves 60,000 of them).
+	// The plan is computed from model before want changes: the two
+	// may be the same maps one day, and a key deleted and set again in
+	// one delta must be deleted and added, even with its old value.
 	delPeer := make(map[netip.Addr]struct{}, len(c.DelPeers))
 	for _, a := range c.DelPeers {
 		a = a.Unmap()
-		delete(want.Peers, a)
-		if _, ok := model.Peers[a]; ok {
+		if _, dup := delPeer[a]; dup {
+			continue
+		}
+		if _, ok := model.Peers.Get(a); ok {
 			p.DelPeers = append(p.DelPeers, a)
 			delPeer[a] = struct{}{}
 		}
@@ -184,35 +214,49 @@ func Update(model, want *State, c Changes) *Plan {
 	delSub := make(map[netip.Prefix]struct{}, len(c.DelSubnets))
 	for _, pf := range c.DelSubnets {
 		pf = pf.Masked()
-		want.DelSubnet(pf)
-		if _, ok := model.Subnets[pf]; ok {
+		if _, dup := delSub[pf]; dup {
+			continue
+		}
+		if _, ok := model.Subnets.Get(pf); ok {
 			p.DelSubnets = append(p.DelSubnets, pf)
 			delSub[pf] = struct{}{}
 		}
 	}
 	for a, fm := range c.SetPeers {
 		a = a.Unmap()
-		want.Peers[a] = fm
-		cur, ok := model.Peers[a]
-		if ok && cur == fm {
-			continue
-		}
-		if _, del := delPeer[a]; ok && !del {
+		cur, ok := model.Peers.Get(a)
+		_, del := delPeer[a]
+		if ok && !del {
+			if cur == fm {
+				continue
+			}
 			p.DelPeers = append(p.DelPeers, a)
 		}
-		p.AddPeers[a] = fm
+		p.AddPeers.Set(a, fm)
 	}
 	for pf, fm := range c.SetSubnets {
 		pf = pf.Masked()
-		want.AddSubnet(pf, fm)
-		cur, ok := model.Subnets[pf]
-		if ok && cur == fm {
-			continue
-		}
-		if _, del := delSub[pf]; ok && !del {
+		cur, ok := model.Subnets.Get(pf)
+		_, del := delSub[pf]
+		if ok && !del {
+			if cur == fm {
+				continue
+			}
 			p.DelSubnets = append(p.DelSubnets, pf)
 		}
-		p.AddSubnets[pf] = fm
+		p.AddSubnets.Set(pf, fm)
+	}
+	for _, a := range c.DelPeers {
+		want.Peers.Delete(a.Unmap())
+	}
+	for _, pf := range c.DelSubnets {
+		want.DelSubnet(pf.Masked())
+	}
+	for a, fm := range c.SetPeers {
+		want.Peers.Set(a.Unmap(), fm)
+	}
+	for pf, fm := range c.SetSubnets {
+		want.AddSubnet(pf.Masked(), fm)
 	}
 	touched := map[Len]struct{}{}
 	for _, pf := range c.DelSubnets {
@@ -246,6 +290,56 @@ func Update(model, want *State, c Changes) *Plan {
 	return p
 }
 
+// WithDigest sets p.Digest to the digest of model's maps after p, when p
+// changes them or the kernel's stored digest is not model's: O(the plan's
+// elements).
+func (p *Plan) WithDigest(model *State) {
+	if p.Recreate {
+		d := Digest{Sum: p.AddPeers.sum + p.AddSubnets.sum, N: uint64(p.AddPeers.Len() + p.AddSubnets.Len())}
+		p.Digest = &d
+		return
+	}
+	d := model.Digest()
+	gone := map[Len]bool{}
+	for _, l := range p.DelLens {
+		gone[l] = true
+	}
+	for _, k := range p.DelPeers {
+		if v, ok := model.Peers.Get(k); ok {
+			d.Sum -= model.Peers.hash(k, v)
+			d.N--
+		}
+	}
+	deleted := make(map[netip.Prefix]bool, len(p.DelSubnets))
+	for _, k := range p.DelSubnets {
+		if v, ok := model.Subnets.Get(k); ok && !deleted[k] {
+			deleted[k] = true
+			d.Sum -= model.Subnets.hash(k, v)
+			d.N--
+		}
+	}
+	if len(gone) > 0 {
+		// A deleted map takes its elements with it, named or not.
+		for k, v := range model.Subnets.All() {
+			if gone[LenOf(k)] && !deleted[k] {
+				d.Sum -= model.Subnets.hash(k, v)
+				d.N--
+			}
+		}
+	}
+	for k, v := range p.AddPeers.All() {
+		d.Sum += model.Peers.hash(k, v)
+		d.N++
+	}
+	for k, v := range p.AddSubnets.All() {
+		d.Sum += model.Subnets.hash(k, v)
+		d.N++
+	}
+	if d != model.Digest() || !model.HasStored || model.Stored != d {
+		p.Digest = &d
+	}
+}
+
 // Apply updates s after the kernel accepted p.
 func (s *State) Apply(p *Plan) {
 	if p.Recreate {
@@ -261,11 +355,7 @@ func (s *State) Apply(p *Plan) {
 			delete(s.Lens, l)
 			gone[l] = true
 		}
-		for pf := range s.Subnets {
-			if gone[LenOf(pf)] {
-				delete(s.Subnets, pf)
-			}
-		}
+		s.Subnets.DeleteLens(gone)
 	}
 	for _, l := range p.AddLens {
 		s.Lens[l] = struct{}{}
@@ -281,15 +371,22 @@ func (s *State) Apply(p *Plan) {
 		s.VIPs[v] = struct{}{}
 	}
 	for _, k := range p.DelPeers {
-		delete(s.Peers, k)
+		s.Peers.Delete(k)
 	}
-	maps.Copy(s.Peers, p.AddPeers)
+	for k, v := range p.AddPeers.All() {
+		s.Peers.Set(k, v)
+	}
 	for _, k := range p.DelSubnets {
-		delete(s.Subnets, k)
+		s.Subnets.Delete(k)
 	}
-	maps.Copy(s.Subnets, p.AddSubnets)
+	for k, v := range p.AddSubnets.All() {
+		s.Subnets.Set(k, v)
+	}
 	for _, k := range p.DelHash {
 		delete(s.Hash, k)
 	}
 	maps.Copy(s.Hash, p.AddHash)
+	if p.Digest != nil {
+		s.Stored, s.HasStored = *p.Digest, true
+	}
 }

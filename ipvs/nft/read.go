@@ -9,9 +9,11 @@ import (
 	"github.com/google/nftables/userdata"
 )
 
-// read dumps the table. A table with a missing set or chain, or with keys
-// the director cannot have written, is reported Broken.
-func read(c *nftables.Conn, table string, elems func(*nftables.Set) ([]nftables.SetElement, error)) (*State, error) {
+// read dumps the table; without withMaps it leaves out the elements of the
+// peer and subnet maps (their Digest, in Stored, stands for them). A table
+// with a missing set or chain, or with keys the director cannot have
+// written, is reported Broken.
+func read(c *nftables.Conn, table string, withMaps bool, elems func(*nftables.Set) ([]nftables.SetElement, error)) (*State, error) {
 	s := NewState()
 	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
 	if err != nil {
@@ -80,17 +82,23 @@ func read(c *nftables.Conn, table string, elems func(*nftables.Set) ([]nftables.
 				s.VIPs[a] = struct{}{}
 			}
 		}
+		if !withMaps {
+			continue
+		}
 		els, err = elems(f.peers)
 		if err != nil {
 			return nil, fmt.Errorf("list map %s: %w", f.peers.Name, err)
 		}
 		for _, e := range els {
 			if a, ok := netip.AddrFromSlice(e.Key); ok {
-				s.Peers[a] = markOf(e.Val)
+				s.Peers.Set(a, markOf(e.Val))
 			}
 		}
 	}
 	for _, l := range SortedLens(s.Lens) {
+		if !withMaps {
+			break
+		}
 		st := n.subnetSet(l)
 		els, err := elems(st)
 		if err != nil {
@@ -109,7 +117,7 @@ func read(c *nftables.Conn, table string, elems func(*nftables.Set) ([]nftables.
 				s.Broken = true
 				continue
 			}
-			s.Subnets[p] = markOf(e.Val)
+			s.Subnets.Set(p, markOf(e.Val))
 		}
 	}
 	els, err := elems(n.hash)
@@ -120,6 +128,12 @@ func read(c *nftables.Conn, table string, elems func(*nftables.Set) ([]nftables.
 		if len(e.Key) == 4 {
 			s.Hash[binaryutil.NativeEndian.Uint32(e.Key)] = markOf(e.Val)
 		}
+	}
+	if els, err = elems(n.digest); err != nil {
+		return nil, fmt.Errorf("list set %s: %w", digestSetName, err)
+	}
+	if len(els) == 1 {
+		s.Stored, s.HasStored = digestOf(els[0].Key)
 	}
 	return s, nil
 }

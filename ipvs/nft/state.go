@@ -24,12 +24,20 @@ type State struct {
 	// carry the wanted signature is rebuilt.
 	Sig     Signature
 	VIPs    map[netip.Addr]struct{}
-	Peers   map[netip.Addr]uint32
-	Subnets map[netip.Prefix]uint32
+	Peers   PeerMap
+	Subnets SubnetMap
 	Hash    map[uint32]uint32 // unknown-peer bucket -> fwmark
 	// Lens are the per-prefix-length subnet maps: in the kernel's state
 	// the maps that exist, in a target the maps its subnets need.
 	Lens map[Len]struct{}
+	// Interrupted says a read's dump ran across a transaction (the
+	// kernel flagged it NLM_F_DUMP_INTR): it may have missed elements.
+	Interrupted bool
+	// Stored is the Digest the digest set holds (HasStored: it holds
+	// one): in a read state, what the director last committed; in the
+	// model, what the last transaction wrote.
+	Stored    Digest
+	HasStored bool
 	// Broken says a set or the chain is missing or holds something the
 	// director cannot read (a key with host bits): the table is recreated.
 	Broken bool
@@ -41,11 +49,9 @@ type State struct {
 // NewState returns an empty state (no table).
 func NewState() *State {
 	return &State{
-		VIPs:    map[netip.Addr]struct{}{},
-		Peers:   map[netip.Addr]uint32{},
-		Subnets: map[netip.Prefix]uint32{},
-		Hash:    map[uint32]uint32{},
-		Lens:    map[Len]struct{}{},
+		VIPs: map[netip.Addr]struct{}{},
+		Hash: map[uint32]uint32{},
+		Lens: map[Len]struct{}{},
 	}
 }
 
@@ -54,8 +60,8 @@ func (s *State) Clone() *State {
 	c := *s
 	c.Sig.Lens = slices.Clone(s.Sig.Lens)
 	c.VIPs = maps.Clone(s.VIPs)
-	c.Peers = maps.Clone(s.Peers)
-	c.Subnets = maps.Clone(s.Subnets)
+	c.Peers = s.Peers.Clone()
+	c.Subnets = s.Subnets.Clone()
 	c.Hash = maps.Clone(s.Hash)
 	c.Lens = maps.Clone(s.Lens)
 	return &c
@@ -192,9 +198,7 @@ func SortedLens(m map[Len]struct{}) []Len { return slices.SortedFunc(maps.Keys(m
 // key shows in the map's length, so a Sync of 100,000 subnets pays no extra
 // hashing for them.
 func (s *State) AddSubnet(p netip.Prefix, m uint32) {
-	n := len(s.Subnets)
-	s.Subnets[p] = m
-	if len(s.Subnets) == n {
+	if !s.Subnets.Set(p, m) {
 		return
 	}
 	l := LenOf(p)
@@ -206,9 +210,7 @@ func (s *State) AddSubnet(p netip.Prefix, m uint32) {
 
 // DelSubnet is AddSubnet's inverse.
 func (s *State) DelSubnet(p netip.Prefix) {
-	n := len(s.Subnets)
-	delete(s.Subnets, p)
-	if len(s.Subnets) == n {
+	if !s.Subnets.Delete(p) {
 		return
 	}
 	l := LenOf(p)

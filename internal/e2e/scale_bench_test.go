@@ -1,0 +1,153 @@
+package e2e
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/internal/netlab"
+)
+
+// BenchmarkDaemonScale runs the real daemon in a director namespace with
+// 16 nodes (route-only, the host kernel) and measures what a farm of
+// TD_BENCH_TUNNELS tunnels (default 100,000; 1-4 subnets each, from
+// `tunneldirector gen`) costs the daemon:
+//
+//	TD_BENCH_TUNNELS=1000000 go test -run '^$' -bench DaemonScale -benchtime 1x -count 3 -timeout 60m ./internal/e2e/
+//
+// Reported per run: import-s (the import through the API until the kernel
+// holds it), rss-MB and hwm-MB (the daemon's resident and peak resident
+// memory once the kernel holds the import, after the garbage collector
+// ran), nodedown-s (`node down` of one of the 16 nodes until the kernel
+// holds the moves), restart-api-s (SIGTERM, start, until the API answers)
+// and restart-kernel-s (until the restarted daemon has adopted and
+// confirmed the kernel's state), restart-rss-MB (resident memory then).
+// The -cpu-s figures are the daemon's own CPU time (user and system) over
+// the same spans: on a shared machine, wall time grows with the load and
+// CPU time hardly.
+func BenchmarkDaemonScale(b *testing.B) {
+	n := 100_000
+	if v := os.Getenv("TD_BENCH_TUNNELS"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n <= 0 {
+			b.Fatalf("TD_BENCH_TUNNELS=%q: want a positive count", v)
+		}
+	}
+	const nodes = 16
+	// The import goes through the API: lift the body limit for the
+	// generated file, and verify at the default interval (the base
+	// configuration's 1 s would verify all the time at this size).
+	e := newE2EWith(b, netlab.TopologyOptions{Peers: 1, Directors: 1, Nodes: nodes, VIPOnDirectors: true}, func(cfg string) string {
+		cfg = strings.Replace(cfg, "verify_interval: 1s\n", "verify_interval: 30s\n", 1)
+		cfg = strings.Replace(cfg, "log_level: debug\n", "log_level: info\n", 1)
+		return strings.Replace(cfg, "api: {socket: ", "api: {max_body: 4294967296, socket: ", 1)
+	})
+	if out, err := runArgs(b, "gen", "--dir", e.dir, "--tunnels", strconv.Itoa(n), "--nodes", strconv.Itoa(nodes), "--pinned", "0"); err != nil {
+		b.Fatalf("gen: %v\n%s", err, out)
+	}
+	file := filepath.Join(e.dir, "tunnels.csv")
+	long := time.Duration(n/1000+60) * time.Second
+	e.apiWait = long
+	var imp, rss, hwm, down, api, restart, rrss, impCPU, downCPU, apiCPU, restartCPU []float64
+	b.ResetTimer()
+	for iter := range b.N {
+		b.StopTimer()
+		if iter > 0 {
+			e.stop()
+			os.Remove(e.db)
+		}
+		e.start()
+		t0, c0 := time.Now(), e.daemonCPU()
+		e.cli("import", file)
+		e.waitFor("the kernel to hold the import", long, e.kernelCaughtUp)
+		imp, impCPU = append(imp, time.Since(t0).Seconds()), append(impCPU, e.daemonCPU()-c0)
+		r, h := e.daemonMemory()
+		rss, hwm = append(rss, r), append(hwm, h)
+
+		victim := fmt.Sprintf("node%d", iter%nodes)
+		t0, c0 = time.Now(), e.daemonCPU()
+		e.cli("node", "down", victim)
+		e.waitFor("the kernel to hold the node's moves", long, e.kernelCaughtUp)
+		down, downCPU = append(down, time.Since(t0).Seconds()), append(downCPU, e.daemonCPU()-c0)
+
+		e.stop()
+		t0 = time.Now()
+		e.start()
+		api, apiCPU = append(api, time.Since(t0).Seconds()), append(apiCPU, e.daemonCPU())
+		e.waitFor("the restarted daemon to confirm the kernel", long, e.kernelCaughtUp)
+		restart, restartCPU = append(restart, time.Since(t0).Seconds()), append(restartCPU, e.daemonCPU())
+		r, _ = e.daemonMemory()
+		rrss = append(rrss, r)
+	}
+	for _, m := range []struct {
+		v    []float64
+		unit string
+	}{{imp, "import-s"}, {impCPU, "import-cpu-s"}, {rss, "rss-MB"}, {hwm, "hwm-MB"}, {down, "nodedown-s"}, {downCPU, "nodedown-cpu-s"},
+		{api, "restart-api-s"}, {apiCPU, "restart-api-cpu-s"}, {restart, "restart-kernel-s"}, {restartCPU, "restart-kernel-cpu-s"}, {rrss, "restart-rss-MB"}} {
+		b.ReportMetric(median(m.v), m.unit)
+	}
+}
+
+// kernelCaughtUp says whether the daemon has applied the table's revision
+// to the kernel (and has one: a restarted daemon reports 0 until its first
+// sync).
+func (e *e2e) kernelCaughtUp() bool {
+	s := e.status()
+	return s.KernelRevision == s.Revision && s.KernelRevision > 0
+}
+
+// daemonMemory returns the daemon's resident and peak resident memory in
+// MB, read from /proc after a moment for the collector to return what the
+// last sync freed.
+func (e *e2e) daemonMemory() (rss, hwm float64) {
+	e.t.Helper()
+	time.Sleep(2 * time.Second)
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", e.daemon.Process.Pid))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		k, v, _ := strings.Cut(sc.Text(), ":")
+		kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+		if err != nil {
+			continue
+		}
+		switch k {
+		case "VmRSS":
+			rss = kb / 1024
+		case "VmHWM":
+			hwm = kb / 1024
+		}
+	}
+	return rss, hwm
+}
+
+// daemonCPU is the daemon's CPU time so far in seconds (user and system,
+// from /proc/PID/stat; the status command's own work is not in it).
+func (e *e2e) daemonCPU() float64 {
+	e.t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", e.daemon.Process.Pid))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	// Fields after the command's closing parenthesis: state is the
+	// first, utime and stime the 12th and 13th.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100 // USER_HZ, 100 on Linux
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
