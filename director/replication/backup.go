@@ -21,6 +21,7 @@ type backupSide struct {
 	pendByPrev  map[uint64]*pendRev
 	pendBytes   int
 	ready       *target // a complete snapshot or repair waiting to be applied
+	installing  *install
 	synced      bool
 	lastNack    time.Time
 	lastDigest  time.Time
@@ -33,6 +34,9 @@ type backupSide struct {
 	masterSilent bool
 	silentLogAt  time.Time
 	silentEvery  time.Duration
+	// deafUntil is when the event loop last came back from work that
+	// kept it from hearing the master (see noteDeaf).
+	deafUntil time.Time
 }
 
 // maxSilentLogEvery caps the backoff of the "master silent" reminder.
@@ -67,10 +71,21 @@ func (r *Replicator) forget(p *pendRev) {
 // base is the revision the backup's next live revision must follow: its
 // own, or that of a full snapshot waiting to be applied below it.
 func (r *Replicator) base() uint64 {
+	if in := r.b.installing; in != nil {
+		return in.t.rev
+	}
 	if t := r.b.ready; t != nil && t.full && t.rev <= r.rev {
 		return t.rev
 	}
 	return r.rev
+}
+
+// baseEpoch is the epoch that wrote base().
+func (r *Replicator) baseEpoch() uint64 {
+	if in := r.b.installing; in != nil {
+		return in.t.revEpoch
+	}
+	return r.epochAt(r.base())
 }
 
 func (r *Replicator) backupHearsMaster(rev uint64, now time.Time) {
@@ -159,11 +174,17 @@ func (r *Replicator) onData(p *wire.Packet) error {
 // a waiting snapshot or repair together with the revisions after it.
 func (r *Replicator) tryApply() {
 	b := &r.b
+	if b.installing != nil && !r.installed() {
+		return // the revisions after it wait for the snapshot
+	}
 	for {
 		var rep *target
 		start := r.rev
 		if t := b.ready; t != nil {
 			switch {
+			case t.full && t.rev > r.rev && len(t.tunnels) >= r.bigWork:
+				r.installLater(t)
+				return
 			case t.full && t.rev > r.rev:
 				r.applyTarget(t, false)
 				continue
@@ -284,7 +305,7 @@ func (r *Replicator) backupReady(now time.Time) bool {
 	// A director that never heard a master is not ready.
 	b := &r.b
 	lagging := !b.behindSince.IsZero() && now.Sub(b.behindSince) > r.cfg.ReadyMaxLagTime
-	return b.synced && (r.oos == "" || b.masterSilent) && b.ready == nil && r.in == nil && !b.masterHeard.IsZero() &&
+	return b.synced && (r.oos == "" || b.masterSilent) && b.ready == nil && b.installing == nil && r.in == nil && !b.masterHeard.IsZero() &&
 		b.masterRev-min(b.masterRev, r.rev) <= r.cfg.ReadyMaxLag && !lagging
 }
 
@@ -294,7 +315,11 @@ const silentReason = "no word from the master"
 
 func (r *Replicator) backupTimers(now time.Time) {
 	b := &r.b
-	if !b.masterHeard.IsZero() && now.Sub(b.masterHeard) > r.cfg.PeerTimeout {
+	overdue := !b.masterHeard.IsZero() && now.Sub(b.masterHeard) > r.cfg.PeerTimeout
+	if overdue && !b.masterSilent && now.Sub(b.deafUntil) <= r.cfg.PeerTimeout {
+		// This director was not listening (deafUntil): the master gets
+		// a whole timeout from then before it is called silent.
+	} else if overdue {
 		switch {
 		case !b.masterSilent && r.oos == "":
 			// The state changes: logged once, then reminded with
@@ -323,7 +348,7 @@ func (r *Replicator) backupTimers(now time.Time) {
 		b.lastNack = now
 	}
 	if !behind && b.ready == nil && r.in == nil && b.masterRev == r.rev && !b.masterHeard.IsZero() &&
-		(b.lastDigest.IsZero() || now.Sub(b.lastDigest) >= r.cfg.DigestInterval) {
+		(b.lastDigest.IsZero() || now.Sub(b.lastDigest) >= r.cfg.DigestInterval) && r.digestReady() {
 		r.sendDigest()
 		b.lastDigest = now
 	}

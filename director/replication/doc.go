@@ -96,7 +96,9 @@
 // resumes where it stopped. The backup applies a snapshot as one commit
 // of the differences (affinity.Table.DiffTo: deletes first, then nodes,
 // then tunnels, then the unknown-peer buckets) at the snapshot's revision,
-// then applies the live revisions that follow it. Every transfer carries
+// then applies the live revisions that follow it. A snapshot of a large
+// table is encoded, committed and hashed off the event loop, so statuses
+// keep flowing both ways meanwhile (work.go). Every transfer carries
 // the table's unknown-peer bucket assignment (the map the kernel hashes
 // unknown peers through, decided on the master) as one record, so the
 // backup programs the same map and a takeover keeps it.

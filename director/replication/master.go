@@ -270,6 +270,9 @@ func (r *Replicator) onDigest(p *wire.Packet) error {
 // read back from disk (without the old records), or would take more than
 // WindowChanges changes.
 func (r *Replicator) digestAt(rev uint64) (digestSums, bool) {
+	if !r.digestReady() {
+		return digestSums{}, false // the worker holds it: the next digest will do
+	}
 	d := digestSums{nodes: r.dig.nodes, sums: r.dig.sums}
 	if rev == r.rev || rev == r.logAt {
 		return d, true

@@ -77,9 +77,24 @@ type Replicator struct {
 	ct  *ctOut
 	cti ctIn
 
+	// bigWork is the size from which digest updates and snapshot
+	// encodes run off the event loop (work.go); dw runs the digest's,
+	// and wake tells Run that a worker finished.
+	bigWork int
+	dw      digestWorker
+	wake    chan struct{}
+	// ownSnap is a full snapshot this backup is committing, and ownSnapAt
+	// the (prev, revision) of its batch: its digest is made from the
+	// snapshot on the worker, not change by change.
+	ownSnap   *target
+	ownSnapAt [2]uint64
+
 	// testDrop, set by tests only, loses changes before they are applied,
 	// to make a backup diverge for anti-entropy to find.
 	testDrop func(rev uint64, cs []affinity.Change) []affinity.Change
+	// testBigWork, set by tests only, runs first in each off-loop worker
+	// ("digest" or "encode"): a test holds it to make the work take long.
+	testBigWork func(what string)
 }
 
 // New returns a replicator in the backup role, following the store's
@@ -97,6 +112,9 @@ func New(cfg Config) (*Replicator, error) {
 		history: []epochStart{{0, 0}}, // epoch 0: not known
 		b:       newBackupSide(),
 		ct:      newCTOut(cfg.CTQueueBytes, cfg.CTWindowBytes),
+		bigWork: defaultBigWork,
+		wake:    make(chan struct{}, 1),
+		dw:      digestWorker{done: make(chan *digest, 1)},
 	}
 	r.ct.restart()
 	var nonce [8]byte
@@ -129,6 +147,11 @@ func (r *Replicator) follow() error {
 		r.changes.Close()
 	}
 	r.changes = cur
+	// A digest job still running works on the digest being replaced:
+	// its result is dropped, and the queued ones followed the old one.
+	r.dw.stale = r.dw.busy
+	r.dw.queue = nil
+	r.ownSnap = nil
 	r.dig = newDigest()
 	for i := range snap.Nodes {
 		r.dig.putNode(&snap.Nodes[i])
@@ -217,7 +240,11 @@ func (r *Replicator) drain() {
 			r.own = r.own[:0]
 			return
 		}
-		mine := false
+		// A snapshot committed off the loop (installLater) is ours
+		// whenever its batch lands; r.own is emptied each time the log
+		// is read to its end, which may happen before it commits.
+		snap := r.ownSnap != nil && r.ownSnapAt == [2]uint64{b.Prev, b.Revision}
+		mine := snap
 		for i, o := range r.own {
 			if o == [2]uint64{b.Prev, b.Revision} {
 				mine = true
@@ -234,7 +261,13 @@ func (r *Replicator) drain() {
 			}
 			return
 		}
-		r.dig.apply(cs)
+		if snap {
+			t := r.ownSnap
+			r.ownSnap = nil
+			r.digestLater(func(*digest) *digest { return targetDigest(t) })
+		} else {
+			r.applyDigest(cs)
+		}
 		r.rev, r.logAt = b.Revision, b.Revision
 		r.tablesEqual = false
 		switch {
@@ -327,6 +360,7 @@ func (r *Replicator) Epoch() uint64 {
 func (r *Replicator) HandleDatagram(b []byte) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	defer r.noteDeaf(r.clk.Now())
 	r.drain()
 	r.c.DatagramsReceived++
 	p, err := r.codec.Open(b)
@@ -413,6 +447,17 @@ func (r *Replicator) dispatch(p *wire.Packet) error {
 	return nil // a newer director's message type: skipped
 }
 
+// noteDeaf records that the event loop was busy with one datagram (a
+// snapshot applied) for longer than a status interval: it heard nothing
+// meanwhile, and what the peer sent then may have been lost in a full
+// socket buffer, so the peer's silence is counted from the end of the
+// work, not from the last datagram heard (backupTimers).
+func (r *Replicator) noteDeaf(start time.Time) {
+	if now := r.clk.Now(); now.Sub(start) > r.cfg.StatusInterval {
+		r.b.deafUntil = now
+	}
+}
+
 // Tick runs the timers: status, NACKs, digests, transfer pacing and
 // retries. Run calls it every few milliseconds; tests call it after
 // stepping a clock.Manual.
@@ -420,6 +465,10 @@ func (r *Replicator) Tick() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	r.drain()
+	r.digestReady()
+	if r.b.installing != nil && r.installed() {
+		r.tryApply()
+	}
 	now := r.clk.Now()
 	if now.Sub(r.lastStatus) >= r.cfg.StatusInterval {
 		r.sendStatus()
@@ -452,20 +501,37 @@ func (r *Replicator) Run(ctx context.Context) error {
 			}
 			r.HandleDatagram(b)
 		case <-committed:
-			r.Tick()
+			r.tickAfter(recv)
 		case <-r.ct.wake:
-			r.Tick()
+			r.tickAfter(recv)
+		case <-r.wake:
+			r.tickAfter(recv)
 		case <-tc:
-			r.Tick()
+			r.tickAfter(recv)
 		}
 	}
+}
+
+// tickAfter handles the datagrams already received, then runs the
+// timers. After a long piece of work (a snapshot applied) the peer's
+// statuses are waiting in the queue: the timers must see them, or they
+// would find the peer silent for as long as the work took.
+func (r *Replicator) tickAfter(recv <-chan []byte) {
+	for range len(recv) {
+		b, ok := <-recv
+		if !ok {
+			break
+		}
+		r.HandleDatagram(b)
+	}
+	r.Tick()
 }
 
 func (r *Replicator) sendStatus() {
 	var w wire.Builder
 	w.U8(wire.TRole, uint8(r.role))
 	w.U64(wire.TRev, r.base())
-	w.U64(wire.TRevEpoch, r.epochAt(r.base()))
+	w.U64(wire.TRevEpoch, r.baseEpoch())
 	w.U64(wire.TMasterRev, r.masterRevLocked())
 	w.U8(wire.TState, uint8(r.stateLocked()))
 	w.U64(wire.TTime, uint64(r.clk.Now().UnixNano()))
@@ -545,7 +611,7 @@ func (r *Replicator) stateLocked() SyncState {
 		return StateOutOfSync
 	}
 	b := &r.b
-	if !b.synced || b.ready != nil || r.in != nil || b.masterRev > r.rev || b.masterHeard.IsZero() {
+	if !b.synced || b.ready != nil || b.installing != nil || r.in != nil || b.masterRev > r.rev || b.masterHeard.IsZero() {
 		return StateSyncing
 	}
 	return StateInSync
@@ -590,6 +656,8 @@ func (r *Replicator) Status() Status {
 			s.Reason = "no master heard yet"
 		case r.in != nil:
 			s.Reason = fmt.Sprintf("receiving %s at revision %d: %d of %d chunks", r.in.kind, r.in.rev, r.in.got, r.in.n)
+		case r.b.installing != nil:
+			s.Reason = fmt.Sprintf("applying the snapshot at revision %d", r.b.installing.t.rev)
 		case r.b.ready != nil:
 			s.Reason = fmt.Sprintf("%s at revision %d waits for the master's next revision", r.b.ready.kind, r.b.ready.rev)
 		}

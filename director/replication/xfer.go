@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
@@ -102,6 +103,12 @@ func encodeTarget(h []epochStart, tab *affinity.Table, buckets bucketSet, full b
 }
 
 func decodeTarget(t *target, b []byte) error {
+	// A first pass counts the tunnel records, so a million of them are
+	// decoded into one slice instead of one grown by doubling (each
+	// growth copying every tunnel decoded so far).
+	if n := countRecords(b, recTunnel); n > 0 {
+		t.tunnels = make([]affinity.Tunnel, 0, n)
+	}
 	for len(b) > 0 {
 		kind := b[0]
 		n, k := binary.Uvarint(b[1:])
@@ -141,7 +148,33 @@ func decodeTarget(t *target, b []byte) error {
 			// A newer director's record: skipped.
 		}
 	}
+	// The sender streams its tunnels in its map's order; in id order,
+	// the changes made of them reach the store in its key order, so its
+	// sort before writing has nothing to move (a million records in
+	// random order cost it seconds of comparisons).
+	if !slices.IsSortedFunc(t.tunnels, byID) {
+		slices.SortFunc(t.tunnels, byID)
+	}
 	return nil
+}
+
+func byID(a, b affinity.Tunnel) int { return strings.Compare(a.ID, b.ID) }
+
+// countRecords counts the records of one kind in a transfer blob, stopping
+// at the first malformed one (decodeTarget then reports it).
+func countRecords(b []byte, kind byte) int {
+	n := 0
+	for len(b) > 0 {
+		l, k := binary.Uvarint(b[1:])
+		if k <= 0 || l > uint64(len(b)-1-k) {
+			break
+		}
+		if b[0] == kind {
+			n++
+		}
+		b = b[1+k+int(l):]
+	}
+	return n
 }
 
 // outXfer is a transfer being sent, paced by a token bucket.
@@ -160,6 +193,10 @@ type outXfer struct {
 	refill    time.Time
 	lastHeard time.Time
 	started   time.Time
+	why       string
+	// enc receives the encoding made off the event loop (work.go); nil
+	// once the transfer is encoded.
+	enc chan encoded
 }
 
 func (o *outXfer) enqueue(i uint32) {
@@ -180,17 +217,31 @@ func (r *Replicator) startOut(kind xferKind, buckets bucketSet, why string) {
 		return // the backup's word predates the snapshot it just took
 	}
 	full := kind != xRepair
-	blob, rev := encodeTarget(r.history, r.st.Table(), buckets, full)
-	room := r.cfg.MTU - chunkOverhead
-	n := max(1, (len(blob)+room-1)/room)
 	r.seq++
-	o := &outXfer{id: r.seq, kind: kind, rev: rev, revEpoch: r.epochAt(rev), buckets: buckets,
-		blob: blob, room: room, n: n, queued: make([]bool, n), refill: now, lastHeard: now, started: now}
-	for i := range n {
+	o := &outXfer{id: r.seq, kind: kind, buckets: buckets, refill: now, lastHeard: now, started: now, why: why}
+	r.out = o
+	if r.st.Table().Len() >= r.bigWork {
+		// Seconds of work at a million tunnels: off the event loop,
+		// so that statuses keep flowing meanwhile.
+		r.encodeLater(o, full)
+		return
+	}
+	blob, rev := encodeTarget(r.history, r.st.Table(), buckets, full)
+	r.encoded(o, blob, rev, now)
+}
+
+// encoded readies an encoded transfer for sending and starts it.
+func (r *Replicator) encoded(o *outXfer, blob []byte, rev uint64, now time.Time) {
+	o.rev, o.revEpoch, o.blob = rev, r.epochAt(rev), blob
+	o.room = r.cfg.MTU - chunkOverhead
+	o.n = max(1, (len(blob)+o.room-1)/o.room)
+	o.queued = make([]bool, o.n)
+	o.refill, o.lastHeard = now, now
+	for i := range o.n {
 		o.enqueue(uint32(i))
 	}
-	r.out = o
-	r.log.Info("transfer started", "kind", kind.String(), "id", o.id, "to", r.peer.ID, "revision", o.rev, "bytes", len(blob), "chunks", n, "why", why)
+	r.log.Info("transfer started", "kind", o.kind.String(), "id", o.id, "to", r.peer.ID, "revision", o.rev, "bytes", len(blob), "chunks", o.n,
+		"why", o.why, "encoded_in", now.Sub(o.started).Round(time.Millisecond))
 	r.pumpOut(now)
 }
 
@@ -211,7 +262,7 @@ func (r *Replicator) sendChunk(o *outXfer, i uint32) {
 // 10 ms of the rate, so live datagrams interleave with a snapshot.
 func (r *Replicator) pumpOut(now time.Time) {
 	o := r.out
-	if o == nil {
+	if o == nil || !r.takeEncoded(o, now) {
 		return
 	}
 	rate := float64(r.cfg.SnapshotRate)
@@ -408,7 +459,7 @@ func (r *Replicator) onXferReq(p *wire.Packet) error {
 }
 
 func (r *Replicator) xferTimers(now time.Time) {
-	if o := r.out; o != nil {
+	if o := r.out; o != nil && r.takeEncoded(o, now) {
 		r.pumpOut(now)
 		idle := now.Sub(o.lastHeard)
 		switch {
@@ -444,6 +495,20 @@ func (r *Replicator) xferTimers(now time.Time) {
 // table's nodes and unknown-peer buckets, and its tunnels in the target's
 // hash ranges, equal to the target: the table's own DiffTo.
 func (r *Replicator) targetOps(t *target) []affinity.Change {
+	tab := r.st.Table()
+	if t.full && tab.Len() == 0 && len(tab.Nodes()) == 0 {
+		// A fresh backup: every record is new, so the changes are the
+		// target itself, without the maps a diff builds to compare
+		// (a million-tunnel snapshot spent seconds in them).
+		ops := make([]affinity.Change, 0, len(t.nodes)+len(t.tunnels)+len(t.unknown))
+		for i := range t.nodes {
+			ops = append(ops, affinity.Change{Kind: affinity.PutNode, Node: &t.nodes[i], Reason: "snapshot"})
+		}
+		for i := range t.tunnels {
+			ops = append(ops, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &t.tunnels[i], Reason: "snapshot"})
+		}
+		return append(ops, affinity.BucketChanges(tab.Buckets(), t.unknown, "snapshot")...)
+	}
 	s := affinity.Snapshot{Revision: t.rev, Nodes: t.nodes, Tunnels: t.tunnels, Buckets: t.unknown}
 	var in func(string) bool
 	if !t.full {
@@ -458,6 +523,9 @@ func (r *Replicator) targetOps(t *target) []affinity.Change {
 // the digests of revisions above it, which belonged to a history the
 // master does not share, are dropped.
 func (r *Replicator) applyTarget(t *target, reset bool) {
+	if r.testBigWork != nil {
+		r.testBigWork("apply")
+	}
 	commit := r.st.CommitAt
 	if reset {
 		commit = r.st.CommitReset
@@ -467,6 +535,7 @@ func (r *Replicator) applyTarget(t *target, reset bool) {
 		r.applyFailed(t.rev, err)
 		return
 	}
+	r.snapDigest(t, a)
 	r.committed(a)
 	if reset {
 		r.rev = t.rev
@@ -477,6 +546,15 @@ func (r *Replicator) applyTarget(t *target, reset bool) {
 	r.appliedTarget(t)
 	r.gcPending()
 	r.noteBehind(r.clk.Now())
+}
+
+// snapDigest marks a large full snapshot's commit, so that drain makes
+// the digest from the snapshot on the worker instead of hashing its
+// changes one by one on the event loop.
+func (r *Replicator) snapDigest(t *target, a *affinity.Applied) {
+	if t.full && len(t.tunnels) >= r.bigWork && len(a.Changes) > 0 {
+		r.ownSnap, r.ownSnapAt = t, [2]uint64{a.Previous(), a.Revision}
+	}
 }
 
 func (r *Replicator) appliedTarget(t *target) {

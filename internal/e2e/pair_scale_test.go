@@ -1,0 +1,180 @@
+package e2e
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/tunneldirector/tunneldirector/internal/netlab"
+)
+
+// TestPairScale measures a replicated pair at scale, with real daemons in
+// namespaces on the host kernel: an import of TD_PAIR_SCALE tunnels on
+// the master until both kernels hold it, during which the backup must
+// never find the master silent; then, three times, a fresh backup (empty
+// store, empty kernel) from its start until its kernel holds the
+// master's revision, with the backup process's CPU time. It is a
+// measurement (about ten minutes at 1,000,000 on the shared 2-core
+// machine), run on demand: TD_PAIR_SCALE=1 (1,000,000 tunnels) or
+// TD_PAIR_SCALE=N. CI keeps the small-scale proofs: TestPairReplicatesAndTakesOver
+// and the replication package's TestHeartbeat* tests.
+func TestPairScale(t *testing.T) {
+	n := 1_000_000
+	switch v := os.Getenv("TD_PAIR_SCALE"); v {
+	case "":
+		t.Skip("a measurement: TD_PAIR_SCALE=1 runs it (1,000,000 tunnels), TD_PAIR_SCALE=N with N tunnels")
+	case "1":
+	default:
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 100 || n > 1<<22 {
+			t.Fatalf("TD_PAIR_SCALE=%q: want 1 or a number of tunnels from 100 to 4194304", v)
+		}
+	}
+	netlab.RequireRoot(t)
+	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 3})
+	dir := t.TempDir()
+	ds := startPair(t, top, dir, "master", "backup")
+	waitPairAPI(t, ds)
+	waitPair(t, ds, "the backup in sync", time.Minute, func() bool {
+		s := ds[1].status(t)
+		return s.Replication != nil && s.Replication.Ready
+	})
+
+	// One peer and one /27 each: peers in 100.64.0.0/10, subnets from
+	// 12.0.0.0 up (a million /27s fill 12.0.0.0/7).
+	var b strings.Builder
+	b.WriteString("id,peer,subnets\n")
+	for i := range n {
+		p, s := 0x64400000+uint32(i), 0x0c000000+uint32(i)*32
+		fmt.Fprintf(&b, "t%d,%d.%d.%d.%d,%d.%d.%d.%d/27\n", i, p>>24, p>>16&255, p>>8&255, p&255, s>>24, s>>16&255, s>>8&255, s&255)
+	}
+	f := filepath.Join(dir, "tunnels.csv")
+	if err := os.WriteFile(f, []byte(b.String()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	b.Reset()
+
+	// The import on the master; the backup follows by snapshot (the
+	// batch is larger than the journal) and must hear the master all
+	// along.
+	load := loadAvg()
+	start := time.Now()
+	if out, err := ds[0].cli(t, "import", f); err != nil {
+		t.Fatalf("import on the master: %v %s", err, out)
+	}
+	committed := time.Since(start)
+	silent := false
+	waitPair(t, ds, "both kernels at the master's revision", 10*time.Minute, func() bool {
+		s0, s1 := ds[0].status(t), ds[1].status(t)
+		if r := s1.Replication; r != nil && strings.HasPrefix(r.Reason, "no word from the master") {
+			silent = true
+		}
+		return s1.Revision == s0.Revision && s1.KernelRevision == s0.Revision && s0.KernelRevision == s0.Revision
+	})
+	t.Logf("import of %d tunnels on the master: committed in %s, in both kernels after %s (load average before: %s)",
+		n, committed.Round(time.Millisecond), time.Since(start).Round(time.Millisecond), load)
+	if log, _ := os.ReadFile(ds[1].log); silent || strings.Contains(string(log), "no word from the master") {
+		t.Errorf("the backup found the master silent during the import (status said so: %v); its log:\n%s", silent, grepLines(string(log), "master"))
+	}
+
+	// A fresh backup, three times: empty store, state and kernel.
+	var walls, cpus []time.Duration
+	for run := range 3 {
+		bk := ds[1]
+		bk.cmd.Process.Kill()
+		bk.cmd.Wait()
+		for _, p := range []string{bk.db, filepath.Join(dir, "d1.state"), filepath.Join(dir, "d1.ready")} {
+			os.Remove(p)
+		}
+		// The kernel's state goes with the director: the namespace's
+		// table is deleted, as on a new machine.
+		conn, err := bk.host.Nft()
+		if err != nil {
+			t.Fatal(err)
+		}
+		conn.FlushRuleset()
+		if err := conn.Flush(); err != nil {
+			t.Fatalf("flush the backup's nftables ruleset: %v", err)
+		}
+		master := ds[0].status(t).Revision
+		load := loadAvg()
+		start := time.Now()
+		bk.start(t)
+		// The store first (the snapshot received and applied), then
+		// the kernel.
+		var stored, storedCPU time.Duration
+		waitPair(t, ds, "the fresh backup's kernel at the master's revision", 10*time.Minute, func() bool {
+			s, err := statusOf(t, bk)
+			if err == nil && s.Revision == master && stored == 0 {
+				stored, storedCPU = time.Since(start), procCPU(t, bk.cmd.Process.Pid)
+			}
+			return err == nil && s.KernelRevision == master && s.Revision == master
+		})
+		wall := time.Since(start)
+		user, sys := procCPUSplit(t, bk.cmd.Process.Pid)
+		cpu := user + sys
+		walls, cpus = append(walls, wall), append(cpus, cpu)
+		t.Logf("fresh backup %d: kernel at revision %d after %s wall, the backup process %s CPU (%s user, %s system); its store there after %s wall, %s CPU (load average before: %s)",
+			run+1, master, wall.Round(time.Millisecond), cpu.Round(time.Millisecond), user.Round(time.Millisecond), sys.Round(time.Millisecond),
+			stored.Round(time.Millisecond), storedCPU.Round(time.Millisecond), load)
+		t.Logf("its log:\n%s", grepLines(readFile(bk.log), "transfer", "kernel synced", "kernel updated", "no word"))
+		os.Truncate(bk.log, 0)
+	}
+	slices.Sort(walls)
+	slices.Sort(cpus)
+	t.Logf("fresh backup at %d tunnels: median %s wall, %s CPU", n, walls[1].Round(time.Millisecond), cpus[1].Round(time.Millisecond))
+}
+
+// procCPU is a process's user+system CPU time so far, from /proc.
+func procCPU(t *testing.T, pid int) time.Duration {
+	u, s := procCPUSplit(t, pid)
+	return u + s
+}
+
+// procCPUSplit is a process's user and system CPU time so far, apart:
+// the system part of programming the kernel is mostly the kernel's own
+// work on the transaction.
+func procCPUSplit(t *testing.T, pid int) (user, sys time.Duration) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The fields after the command (which may hold spaces) in brackets.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+	u, _ := strconv.ParseInt(f[11], 10, 64)
+	s, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(u) * 10 * time.Millisecond, time.Duration(s) * 10 * time.Millisecond // USER_HZ is 100 on Linux
+}
+
+func loadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+func readFile(p string) string {
+	b, _ := os.ReadFile(p)
+	return string(b)
+}
+
+// grepLines returns the lines of s that contain any of the words.
+func grepLines(s string, words ...string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		for _, w := range words {
+			if strings.Contains(l, w) {
+				out = append(out, l)
+				break
+			}
+		}
+	}
+	return strings.Join(out, "\n")
+}
