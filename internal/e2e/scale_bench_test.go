@@ -58,10 +58,7 @@ func BenchmarkDaemonScale(b *testing.B) {
 	b.ResetTimer()
 	for iter := range b.N {
 		b.StopTimer()
-		if iter > 0 {
-			e.stop()
-			os.Remove(e.db)
-		}
+		os.Remove(e.db)
 		e.start()
 		t0, c0 := time.Now(), e.daemonCPU()
 		e.cli("import", file)
@@ -84,6 +81,7 @@ func BenchmarkDaemonScale(b *testing.B) {
 		restart, restartCPU = append(restart, time.Since(t0).Seconds()), append(restartCPU, e.daemonCPU())
 		r, _ = e.daemonMemory()
 		rrss = append(rrss, r)
+		e.stop() // a clean stop: TD_DAEMON_PROFILE's profile is written
 	}
 	for _, m := range []struct {
 		v    []float64
