@@ -285,7 +285,8 @@ func (d *Daemon) Desired() *ipvs.Desired {
 			t.PeerMarks(peer)
 			t.SubnetMarks(subnet)
 		},
-		MarksLen: t.Len(),
+		MarksPeers:   t.Len(),
+		MarksSubnets: t.SubnetLen(),
 	}
 }
 
