@@ -252,8 +252,11 @@ func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*T
 	}
 	for tu := range tunnels {
 		c := Change{Kind: PutTunnel, Tunnel: tu}
+		n := len(t.tunnels)
 		if _, _, _, err := t.putTunnel(&c, 0, 0, modeLoad); err != nil {
 			fail(&c, err)
+		} else if len(t.tunnels) == n {
+			fail(&c, fmt.Errorf("%w: tunnel %s appears twice", ErrConflict, tu.ID))
 		}
 		i++
 	}
@@ -559,7 +562,13 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 	if err := t.checkTunnelShape(&tu); err != nil {
 		return Change{}, undoRec{}, false, err
 	}
-	old := t.tunnels[tu.ID]
+	// A load fills an empty table from unique keys: there is no old
+	// record to look up (a million lookups in a map that does not fit the
+	// cache cost a tenth of the load), and Load refuses a repeated id.
+	var old *entry
+	if mode != modeLoad {
+		old = t.tunnels[tu.ID]
+	}
 
 	// Owner: a named node, the current owner, or the scheduler's choice.
 	var owner *Node

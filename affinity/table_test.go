@@ -417,3 +417,28 @@ func TestMoveKeepsIndexes(t *testing.T) {
 		t.Fatalf("resolved move %+v old %+v, want n0 -> n1", c.Tunnel, c.Old)
 	}
 }
+
+// TestLoadRefusesRepeatedID: Load skips the lookup of an old record, so a
+// tunnel id given twice (a second record with other keys, or the same
+// keys) must still be refused and leave the table empty.
+func TestLoadRefusesRepeatedID(t *testing.T) {
+	nodes := []Node{{Name: "n0", Addr: addr("172.16.0.1"), Mark: 1}}
+	for _, second := range []Tunnel{
+		{ID: "t1", Peer: addr("192.0.2.2"), Subnets: []netip.Prefix{pfx("10.0.2.0/24")}, Node: "n0"},
+		{ID: "t1", Peer: addr("192.0.2.1"), Subnets: []netip.Prefix{pfx("10.0.1.0/24")}, Node: "n0"},
+	} {
+		tb, err := New(Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		first := Tunnel{ID: "t1", Peer: addr("192.0.2.1"), Subnets: []netip.Prefix{pfx("10.0.1.0/24")}, Node: "n0"}
+		err = tb.Load(7, nodes, 2, slices.Values([]*Tunnel{&first, &second}))
+		var be *BatchError
+		if !errors.As(err, &be) || len(be.Errors) != 1 || !errors.Is(be.Errors[0], ErrConflict) {
+			t.Fatalf("load of t1 twice (second peer %s): %v, want a conflict", second.Peer, err)
+		}
+		if tb.Len() != 0 || tb.Revision() != 0 || len(tb.Nodes()) != 0 {
+			t.Fatalf("refused load left %d tunnels, revision %d, %d nodes", tb.Len(), tb.Revision(), len(tb.Nodes()))
+		}
+	}
+}

@@ -130,3 +130,28 @@ func BenchmarkNodeDownCommit40k(b *testing.B) {
 	b.ReportMetric(float64(moved), "tunnels-moved")
 	b.ReportMetric(float64(cpu.Microseconds())/1000/float64(b.N), "cpu-ms/op")
 }
+
+// BenchmarkOpenFile opens the store named by TD_BENCH_STORE read-only
+// (a daemon's restart at scale: `tunneldirector gen --tunnels 1000000`
+// imported into a file) and reports the CPU time of the open beside its
+// wall time. Skipped without TD_BENCH_STORE.
+func BenchmarkOpenFile(b *testing.B) {
+	path := os.Getenv("TD_BENCH_STORE")
+	if path == "" {
+		b.Skip("TD_BENCH_STORE names no store file")
+	}
+	var cpu time.Duration
+	n := 0
+	for b.Loop() {
+		c0 := cputime.Process()
+		s, err := Open(Options{Path: path, ReadOnly: true})
+		cpu += cputime.Process() - c0
+		if err != nil {
+			b.Fatal(err)
+		}
+		n = s.Table().Len()
+		s.Close()
+	}
+	b.ReportMetric(float64(n), "tunnels")
+	b.ReportMetric(cpu.Seconds()/float64(b.N), "cpu-s/op")
+}
