@@ -325,9 +325,11 @@ func (s *Store) load(t *affinity.Table) error {
 		} else {
 			hint = tx.Bucket(bucketTunnels).Stats().KeyN
 		}
+		resume := pauseGC()
 		dec := s.decodeTunnels(tx)
 		err = t.Load(rev, nodes, hint, dec.seq)
 		dec.stop()
+		resume()
 		if dec.err != nil {
 			return dec.err
 		}
