@@ -418,14 +418,18 @@ func TestMoveKeepsIndexes(t *testing.T) {
 	}
 }
 
-// TestLoadRefusesRepeatedID: Load skips the lookup of an old record, so a
-// tunnel id given twice (a second record with other keys, or the same
-// keys) must still be refused and leave the table empty.
-func TestLoadRefusesRepeatedID(t *testing.T) {
+// TestLoadRefusesRepeatedKeys: Load looks up neither an old record nor
+// the peer's owner before it indexes a tunnel, so a tunnel id given twice
+// (a second record with other keys, or the same keys) and a peer of two
+// tunnels must still be refused, the other tunnel named, and leave the
+// table empty.
+func TestLoadRefusesRepeatedKeys(t *testing.T) {
 	nodes := []Node{{Name: "n0", Addr: addr("172.16.0.1"), Mark: 1}}
 	for _, second := range []Tunnel{
 		{ID: "t1", Peer: addr("192.0.2.2"), Subnets: []netip.Prefix{pfx("10.0.2.0/24")}, Node: "n0"},
 		{ID: "t1", Peer: addr("192.0.2.1"), Subnets: []netip.Prefix{pfx("10.0.1.0/24")}, Node: "n0"},
+		{ID: "t2", Peer: addr("192.0.2.1"), Subnets: []netip.Prefix{pfx("10.0.2.0/24")}, Node: "n0"},
+		{ID: "t2", Peer: addr("2001:db8::1"), Subnets: []netip.Prefix{pfx("10.0.1.0/25")}, Node: "n0"},
 	} {
 		tb, err := New(Options{})
 		if err != nil {
@@ -434,8 +438,8 @@ func TestLoadRefusesRepeatedID(t *testing.T) {
 		first := Tunnel{ID: "t1", Peer: addr("192.0.2.1"), Subnets: []netip.Prefix{pfx("10.0.1.0/24")}, Node: "n0"}
 		err = tb.Load(7, nodes, 2, slices.Values([]*Tunnel{&first, &second}))
 		var be *BatchError
-		if !errors.As(err, &be) || len(be.Errors) != 1 || !errors.Is(be.Errors[0], ErrConflict) {
-			t.Fatalf("load of t1 twice (second peer %s): %v, want a conflict", second.Peer, err)
+		if !errors.As(err, &be) || len(be.Errors) != 1 || !errors.Is(be.Errors[0], ErrConflict) || second.ID == "t2" && !strings.Contains(err.Error(), "tunnel t1") {
+			t.Fatalf("load of t1, then %s (peer %s, subnet %s): %v, want a conflict naming t1", second.ID, second.Peer, second.Subnets[0], err)
 		}
 		if tb.Len() != 0 || tb.Revision() != 0 || len(tb.Nodes()) != 0 {
 			t.Fatalf("refused load left %d tunnels, revision %d, %d nodes", tb.Len(), tb.Revision(), len(tb.Nodes()))
