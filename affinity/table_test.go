@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode"
 )
 
 var (
@@ -444,5 +445,20 @@ func TestLoadRefusesRepeatedKeys(t *testing.T) {
 		if tb.Len() != 0 || tb.Revision() != 0 || len(tb.Nodes()) != 0 {
 			t.Fatalf("refused load left %d tunnels, revision %d, %d nodes", tb.Len(), tb.Revision(), len(tb.Nodes()))
 		}
+	}
+}
+
+// TestValidateIDASCII: the ASCII fast path of ValidateID allows exactly
+// what the Unicode rule allows, byte by byte.
+func TestValidateIDASCII(t *testing.T) {
+	for c := rune(0); c < 0x80; c++ {
+		id := "a" + string(c) + "b"
+		want := unicode.IsGraphic(c) && !unicode.IsSpace(c) && !strings.ContainsRune(`,;"`, c)
+		if err := ValidateID("tunnel id", id); (err == nil) != want {
+			t.Errorf("ValidateID(%+q): %v, want allowed %v", id, err, want)
+		}
+	}
+	if err := ValidateID("tunnel id", "tünnel-1"); err != nil {
+		t.Errorf("non-ASCII printable id refused: %v", err)
 	}
 }
