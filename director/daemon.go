@@ -285,7 +285,8 @@ func (d *Daemon) Desired() *ipvs.Desired {
 			t.PeerMarks(peer)
 			t.SubnetMarks(subnet)
 		},
-		MarksLen: t.Len(),
+		MarksLen:       t.Len(),
+		SubnetMarksLen: t.SubnetLen(),
 	}
 }
 

@@ -88,9 +88,13 @@ type Desired struct {
 	// peer for every tunnel endpoint and subnet for every protected
 	// subnet, with the owner's mark. A daemon hands its table over this
 	// way, so a million tunnels are not copied into Go maps for a Sync;
-	// MarksLen (the tunnel count) sizes the dataplane's own maps.
-	Marks    func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16))
-	MarksLen int
+	// MarksLen (the tunnel count) sizes the dataplane's peer map and
+	// SubnetMarksLen (the protected subnet count) its subnet map: sized
+	// by the tunnel count, the subnet map of a million tunnels with 2.5
+	// million subnets grew and rehashed on the way.
+	Marks          func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16))
+	MarksLen       int
+	SubnetMarksLen int
 	// HashSeed seeds the kernel's jhash of an unknown peer's address.
 	HashSeed uint32
 	// Buckets is the unknown-peer bucket map: the kernel hashes an
@@ -124,8 +128,8 @@ func (d *Desired) WithMaps() *Desired {
 		return d
 	}
 	c := *d
-	c.Marks, c.MarksLen = nil, 0
-	c.Peers, c.Subnets = make(map[netip.Addr]uint16, d.MarksLen), make(map[netip.Prefix]uint16, d.MarksLen)
+	c.Marks, c.MarksLen, c.SubnetMarksLen = nil, 0, 0
+	c.Peers, c.Subnets = make(map[netip.Addr]uint16, d.MarksLen), make(map[netip.Prefix]uint16, d.SubnetMarksLen)
 	d.Marks(func(a netip.Addr, m uint16) { c.Peers[a] = m }, func(p netip.Prefix, m uint16) { c.Subnets[p] = m })
 	return &c
 }

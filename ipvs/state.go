@@ -75,7 +75,7 @@ func nodeAddr(n Node, v6 bool) netip.Addr {
 func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 	t := &kstate{nft: nft.NewState(), svcs: map[svcKey]svcDest{}}
 	t.nft.Table = true
-	t.nft.Peers, t.nft.Subnets = nft.NewPeerMap(max(len(d.Peers), d.MarksLen)), nft.NewSubnetMap(max(len(d.Subnets), d.MarksLen))
+	t.nft.Peers, t.nft.Subnets = nft.NewPeerMap(max(len(d.Peers), d.MarksLen)), nft.NewSubnetMap(max(len(d.Subnets), d.SubnetMarksLen))
 	known := map[uint16]bool{}
 	var active []uint16
 	var rnodes []route.Node
