@@ -11,6 +11,8 @@ import (
 	"net/netip"
 	"strings"
 	"time"
+
+	"github.com/tunneldirector/tunneldirector/internal/enum"
 )
 
 // ChangeKind says what a Change does.
@@ -29,12 +31,7 @@ const (
 
 var changeKindNames = [...]string{"", "put-node", "delete-node", "put-tunnel", "delete-tunnel", "put-bucket"}
 
-func (k ChangeKind) String() string {
-	if int(k) < len(changeKindNames) && k != 0 {
-		return changeKindNames[k]
-	}
-	return fmt.Sprintf("ChangeKind(%d)", uint8(k))
-}
+func (k ChangeKind) String() string { return enum.String(changeKindNames[:], "ChangeKind", k) }
 
 // Change is one step of a batch given to Apply.
 type Change struct {
@@ -153,15 +150,22 @@ func (a *Applied) Rollback() {
 	a.t = nil
 }
 
+// undoRec undoes one change. It is kept to 40 bytes, one per change of a
+// batch until it commits: the rare bucket change keeps its part behind a
+// pointer.
 type undoRec struct {
 	oldT, newT *entry
 	oldN, newN *Node
-	// A PutBucket: the bucket's old mark, or after a resize the whole
-	// old assignment.
-	bucket, resized bool
-	bIndex          int
-	bMark           uint16
-	oldBuckets      []uint16
+	bucket     *bucketUndo
+}
+
+// bucketUndo undoes a PutBucket: the bucket's old mark, or after a resize
+// the whole old assignment.
+type bucketUndo struct {
+	resized    bool
+	index      int
+	mark       uint16
+	oldBuckets []uint16
 }
 
 // Apply applies a batch of changes atomically: either every change is
@@ -375,8 +379,8 @@ func (t *Table) rollback(undo []undoRec) {
 	for i := len(undo) - 1; i >= 0; i-- {
 		u := undo[i]
 		switch {
-		case u.bucket:
-			t.rollbackBucket(u)
+		case u.bucket != nil:
+			t.rollbackBucket(u.bucket)
 		case u.newT != nil || u.oldT != nil:
 			switch {
 			case u.newT != nil && u.oldT != nil:

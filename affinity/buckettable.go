@@ -100,9 +100,9 @@ func (t *Table) putBucket(c *Change) (Change, undoRec, bool, error) {
 		}
 		old.Mark = t.buckets[b.Index]
 	}
-	u := undoRec{bucket: true, bIndex: b.Index, bMark: old.Mark}
+	u := undoRec{bucket: &bucketUndo{index: b.Index, mark: old.Mark}}
 	if resize {
-		u.resized, u.oldBuckets = true, t.buckets
+		u.bucket.resized, u.bucket.oldBuckets = true, t.buckets
 		t.buckets = nil
 		if b.Count > 0 {
 			t.buckets = make([]uint16, b.Count)
@@ -116,12 +116,12 @@ func (t *Table) putBucket(c *Change) (Change, undoRec, bool, error) {
 }
 
 // rollbackBucket undoes putBucket.
-func (t *Table) rollbackBucket(u undoRec) {
+func (t *Table) rollbackBucket(u *bucketUndo) {
 	if u.resized {
 		t.buckets = u.oldBuckets
 		return
 	}
-	t.buckets[u.bIndex] = u.bMark
+	t.buckets[u.index] = u.mark
 }
 
 // BucketChanges returns the PutBucket changes that turn the assignment cur

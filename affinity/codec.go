@@ -354,8 +354,13 @@ func UnmarshalNode(b []byte) (Node, error) {
 }
 
 // MarshalTunnel encodes a tunnel.
-func MarshalTunnel(t *Tunnel) []byte {
-	e := encoder{b: make([]byte, 0, 96), v: codecV1}
+func MarshalTunnel(t *Tunnel) []byte { return AppendTunnel(make([]byte, 0, 96), t) }
+
+// AppendTunnel appends the encoding MarshalTunnel returns to b: a bulk
+// writer encodes a million records into a few large buffers instead of a
+// million small ones.
+func AppendTunnel(b []byte, t *Tunnel) []byte {
+	e := encoder{b: b, v: codecV1}
 	e.byte(e.v)
 	e.tunnel(t)
 	return e.b

@@ -13,10 +13,11 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
 	"time"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/tunneldirector/tunneldirector/internal/enum"
 )
 
 // NodeState is the administrative and health state of a terminator node.
@@ -34,12 +35,7 @@ const (
 
 var nodeStateNames = [...]string{"active", "draining", "down"}
 
-func (s NodeState) String() string {
-	if int(s) < len(nodeStateNames) {
-		return nodeStateNames[s]
-	}
-	return fmt.Sprintf("NodeState(%d)", uint8(s))
-}
+func (s NodeState) String() string { return enum.String(nodeStateNames[:], "NodeState", s) }
 
 // MarshalText writes the state's name.
 func (s NodeState) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
@@ -53,12 +49,10 @@ func (s *NodeState) UnmarshalText(b []byte) error {
 
 // ParseNodeState parses "active", "draining" or "down".
 func ParseNodeState(s string) (NodeState, error) {
-	for i, n := range nodeStateNames {
-		if strings.EqualFold(s, n) {
-			return NodeState(i), nil
-		}
+	if v, ok := enum.Parse[NodeState](nodeStateNames[:], s, true); ok {
+		return v, nil
 	}
-	return 0, fmt.Errorf("unknown node state %q (want active, draining or down)", s)
+	return 0, fmt.Errorf("unknown node state %q (want %s)", s, enum.Want(nodeStateNames[:]))
 }
 
 // MaxMark is the largest node mark. Marks index small kernel objects (one

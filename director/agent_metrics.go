@@ -22,12 +22,7 @@ type agentCollector struct {
 }
 
 func newAgentCollector(d *Daemon) *agentCollector {
-	g := func(name, help string, labels ...string) *prometheus.Desc {
-		return metrics.NewDesc(metrics.Agent, name, help, false, labels...)
-	}
-	c := func(name, help string, labels ...string) *prometheus.Desc {
-		return metrics.NewDesc(metrics.Agent, name, help, true, labels...)
-	}
+	g, c := metrics.Descs(metrics.Agent)
 	return &agentCollector{d: d,
 		reports:    c("reports_total", "Agent reports accepted by this director as master, by kind: full, delta, heartbeat.", "kind"),
 		refused:    c("refused_total", "Agent reports refused, by reason: unauthorized, unknown_node, wrong_node, off, method, not_master, too_large, invalid, error.", "reason"),

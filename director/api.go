@@ -56,12 +56,12 @@ func (d *Daemon) Handler(token string) http.Handler {
 	mux.HandleFunc("GET /v1/agents", func(w http.ResponseWriter, r *http.Request) { reply(d.Agents())(w) })
 	mux.HandleFunc("GET /v1/misplaced", func(w http.ResponseWriter, r *http.Request) { reply(d.Misplaced())(w) })
 	mux.HandleFunc("GET /v1/agents/peer/{addr}", func(w http.ResponseWriter, r *http.Request) {
-		a, err := netip.ParseAddr(r.PathValue("addr"))
+		a, err := addrPath(r, "peer")
 		if err != nil {
-			reply[any](nil, badRequest("peer", r.PathValue("addr"), "not an IP address"))(w)
+			reply[any](nil, err)(w)
 			return
 		}
-		reply(d.PeerFacts(a.Unmap()))(w)
+		reply(d.PeerFacts(a))(w)
 	})
 	mux.HandleFunc("GET /v1/tunnels", func(w http.ResponseWriter, r *http.Request) {
 		limit, err := intParam(r.URL.Query(), "limit", 0)
@@ -73,12 +73,12 @@ func (d *Daemon) Handler(token string) http.Handler {
 	})
 	mux.HandleFunc("GET /v1/tunnels/{id}", func(w http.ResponseWriter, r *http.Request) { reply(s.Tunnel(r.PathValue("id")))(w) })
 	mux.HandleFunc("GET /v1/lookup/{addr}", func(w http.ResponseWriter, r *http.Request) {
-		a, err := netip.ParseAddr(r.PathValue("addr"))
+		a, err := addrPath(r, "lookup")
 		if err != nil {
-			reply[any](nil, badRequest("lookup", r.PathValue("addr"), "not an IP address"))(w)
+			reply[any](nil, err)(w)
 			return
 		}
-		reply(s.Lookup(a.Unmap()))(w)
+		reply(s.Lookup(a))(w)
 	})
 	mux.HandleFunc("POST /v1/import", func(w http.ResponseWriter, r *http.Request) {
 		q := r.URL.Query()
@@ -228,6 +228,16 @@ func (d *Daemon) Handler(token string) http.Handler {
 		}
 		limited.ServeHTTP(w, r)
 	})
+}
+
+// addrPath parses the request's {addr} path value as an address
+// (unmapped); param names it in the error.
+func addrPath(r *http.Request, param string) (netip.Addr, error) {
+	a, err := netip.ParseAddr(r.PathValue("addr"))
+	if err != nil {
+		return netip.Addr{}, badRequest(param, r.PathValue("addr"), "not an IP address")
+	}
+	return a.Unmap(), nil
 }
 
 // intParam parses an optional non-negative integer query parameter (absent:

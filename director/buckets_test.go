@@ -201,24 +201,30 @@ func TestDaemonBucketsKeepPinWindow(t *testing.T) {
 	}
 }
 
+// skewedBuckets returns every bucket on vpn-a (mark 1) and the prep that
+// commits the three nodes and that assignment, with reason, to a store.
+func skewedBuckets(t *testing.T, reason string) ([]uint16, func(*store.Store)) {
+	skewed := make([]uint16, 256)
+	for i := range skewed {
+		skewed[i] = 1
+	}
+	return skewed, func(st *store.Store) {
+		ns := []affinity.Change{}
+		for i, n := range []string{"vpn-a", "vpn-b", "vpn-c"} {
+			ns = append(ns, affinity.Change{Kind: affinity.PutNode, Node: &affinity.Node{Name: n, Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+		}
+		if _, err := st.Commit(append(ns, affinity.BucketChanges(nil, skewed, reason)...)); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestDaemonBackupNeverStepsTakeoverKeepsBuckets: a backup programs the
 // table's buckets (the master's) and never steps them; the first packets
 // it sees still count, so after a takeover its first step keeps the bucket
 // of a peer waiting for its pin and balances the rest.
 func TestDaemonBackupNeverStepsTakeoverKeepsBuckets(t *testing.T) {
-	skewed := make([]uint16, 256)
-	for i := range skewed {
-		skewed[i] = 1 // all on vpn-a, as a master left them
-	}
-	prep := func(st *store.Store) {
-		ns := []affinity.Change{}
-		for i, n := range []string{"vpn-a", "vpn-b", "vpn-c"} {
-			ns = append(ns, affinity.Change{Kind: affinity.PutNode, Node: &affinity.Node{Name: n, Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
-		}
-		if _, err := st.Commit(append(ns, affinity.BucketChanges(nil, skewed, "master")...)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	skewed, prep := skewedBuckets(t, "master") // as a master left them
 	var clk *clock.Manual
 	repl := func(st *store.Store) *replication.Replicator {
 		clk = clock.NewManual(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
@@ -284,19 +290,7 @@ func (f *sharedFake) OnLearnRequest(func(netip.Addr, uint16) error) {}
 // would fight over the assignment); elected, it goes on from the table's
 // assignment for an interval, then balances.
 func TestDaemonSharedStoreOnlyElectedStepsBuckets(t *testing.T) {
-	skewed := make([]uint16, 256)
-	for i := range skewed {
-		skewed[i] = 1
-	}
-	prep := func(st *store.Store) {
-		ns := []affinity.Change{}
-		for i, n := range []string{"vpn-a", "vpn-b", "vpn-c"} {
-			ns = append(ns, affinity.Change{Kind: affinity.PutNode, Node: &affinity.Node{Name: n, Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
-		}
-		if _, err := st.Commit(append(ns, affinity.BucketChanges(nil, skewed, "elected")...)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	skewed, prep := skewedBuckets(t, "elected")
 	var sh *sharedFake
 	b := startBucketDaemonOn(t, nil, prep, func(st *store.Store) store.Backend { sh = &sharedFake{Store: st}; return sh })
 	rev := b.st.Revision()

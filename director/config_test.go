@@ -189,21 +189,29 @@ func TestConfigWarnings(t *testing.T) {
 	}
 }
 
-// TestConfigCheckAgainstStoredTable: the stored table adds what the file
-// alone cannot show (a VIP inside a stored tunnel's subnet, a configured
-// node taking a stored node's address).
-func TestConfigCheckAgainstStoredTable(t *testing.T) {
+// storedTable is a table holding node (at 10.0.0.9) and its tunnel t1
+// (peer 203.0.113.1) protecting subnets.
+func storedTable(t *testing.T, node string, subnets ...netip.Prefix) *affinity.Table {
+	t.Helper()
 	tb, err := affinity.New(affinity.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	_, err = tb.Apply([]affinity.Change{
-		{Kind: affinity.PutNode, Node: &affinity.Node{Name: "old", Addr: netip.MustParseAddr("10.0.0.9")}},
-		{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{ID: "t1", Peer: netip.MustParseAddr("203.0.113.1"), Subnets: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}}},
+		{Kind: affinity.PutNode, Node: &affinity.Node{Name: node, Addr: netip.MustParseAddr("10.0.0.9")}},
+		{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{ID: "t1", Peer: netip.MustParseAddr("203.0.113.1"), Subnets: subnets}},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
+	return tb
+}
+
+// TestConfigCheckAgainstStoredTable: the stored table adds what the file
+// alone cannot show (a VIP inside a stored tunnel's subnet, a configured
+// node taking a stored node's address).
+func TestConfigCheckAgainstStoredTable(t *testing.T) {
+	tb := storedTable(t, "old", netip.MustParsePrefix("198.51.100.0/24"))
 	c, err := ParseConfig([]byte("vips: [198.51.100.10]\n"))
 	if err != nil {
 		t.Fatal(err)
@@ -225,18 +233,7 @@ func TestConfigCheckAgainstStoredTable(t *testing.T) {
 // the key, the subnet and the tunnel; VIPs, loopback and addresses
 // outside every subnet are not.
 func TestSelfInSubnetsWarns(t *testing.T) {
-	tb, err := affinity.New(affinity.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = tb.Apply([]affinity.Change{
-		{Kind: affinity.PutNode, Node: &affinity.Node{Name: "n1", Addr: netip.MustParseAddr("10.0.0.9")}},
-		{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{ID: "t1", Peer: netip.MustParseAddr("203.0.113.1"),
-			Subnets: []netip.Prefix{netip.MustParsePrefix("10.9.0.0/24"), netip.MustParsePrefix("2001:db8:9::/64")}}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	tb := storedTable(t, "n1", netip.MustParsePrefix("10.9.0.0/24"), netip.MustParsePrefix("2001:db8:9::/64"))
 	dir := t.TempDir()
 	tok, key := filepath.Join(dir, "token"), filepath.Join(dir, "key")
 	os.WriteFile(tok, []byte("secret"), 0o600)

@@ -510,6 +510,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		defer wd.Stop()
 		watchdogC = c
 	}
+	// pendingC fires while a verify's background read of the maps runs,
+	// to compare it as soon as it arrives.
+	var pendingC <-chan time.Time
 	d.writeReady()
 	d.sd.ready(d.statusLine())
 	defer d.sd.stopping()
@@ -527,8 +530,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.stepBuckets()
 		case <-stepC:
 			d.stepBuckets()
+		case <-pendingC:
+			pendingC = d.verifyAgain(d.Verify(ctx))
 		case <-verifyC:
-			d.Verify(ctx)
+			pendingC = d.verifyAgain(d.Verify(ctx))
 			if d.ct != nil {
 				d.ct.Filter().SetOwn(ownAddresses(d.config()))
 			}
@@ -641,8 +646,23 @@ func (d *Daemon) reconcile(ctx context.Context) {
 	}
 }
 
-// Verify reads the kernel back and repairs drift, counting the repairs.
-func (d *Daemon) Verify(ctx context.Context) {
+// verifyPoll is how often a verify whose background read of the maps is
+// running looks for it.
+const verifyPoll = 100 * time.Millisecond
+
+// verifyAgain returns a channel firing after verifyPoll when pending, nil
+// otherwise.
+func (d *Daemon) verifyAgain(pending bool) <-chan time.Time {
+	if !pending {
+		return nil
+	}
+	_, c := d.clk.NewTimer(verifyPoll)
+	return c
+}
+
+// Verify reads the kernel back and repairs drift, counting the repairs;
+// it says whether a background read of the maps is still running.
+func (d *Daemon) Verify(ctx context.Context) (pending bool) {
 	st, err := d.dp.Verify(ctx)
 	d.m.reconciled(reconcileVerify, st, err)
 	d.statMu.Lock()
@@ -664,6 +684,7 @@ func (d *Daemon) Verify(ctx context.Context) {
 		d.log.Warn("kernel drift repaired: something else changed the director's objects",
 			"added", st.Added, "changed", st.Changed, "removed", st.Removed)
 	}
+	return st.Pending && err == nil
 }
 
 func (d *Daemon) record(kind string, rev uint64, st ipvs.Stats, err error) {

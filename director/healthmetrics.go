@@ -40,12 +40,7 @@ type healthCollector struct {
 }
 
 func newHealthCollector(d *Daemon) *healthCollector {
-	g := func(name, help string, labels ...string) *prometheus.Desc {
-		return metrics.NewDesc(metrics.Health, name, help, false, labels...)
-	}
-	c := func(name, help string, labels ...string) *prometheus.Desc {
-		return metrics.NewDesc(metrics.Health, name, help, true, labels...)
-	}
+	g, c := metrics.Descs(metrics.Health)
 	return &healthCollector{d: d,
 		state:       g("node_state", "1 for each node's health state: up, failing (a round failed, not yet fall), down (by health), held (down and held for flapping), operator (drained or down by hand: health leaves it alone).", "node", "state"),
 		failing:     g("node_failing_rounds", "Failing rounds in a row of each node (fall of them take an active node down).", "node"),

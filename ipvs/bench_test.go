@@ -23,17 +23,7 @@ func benchLab(b *testing.B) (*netlab.NS, func()) {
 	b.Helper()
 	netlab.RequireRoot(b)
 	l := netlab.NewLab()
-	d, err := l.AddNS("dir")
-	if err != nil {
-		b.Fatal(err)
-	}
-	n, err := l.AddNS("nodes")
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := l.Veth(d, "in0", n, "in0"); err != nil {
-		b.Fatal(err)
-	}
+	d, _ := l.Pair(b, "dir", "nodes", "in0")
 	for _, p := range []string{"192.0.2.1/24", "2001:db8:2::1/64"} {
 		if err := d.AddAddr("in0", netip.MustParsePrefix(p)); err != nil {
 			b.Fatal(err)

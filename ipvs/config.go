@@ -1,6 +1,7 @@
 package ipvs
 
 import (
+	"cmp"
 	"fmt"
 	"net/netip"
 )
@@ -58,30 +59,14 @@ const MaxMark = 0x0fff
 const NodeBits = MaxMark | IKEBit
 
 func (c Config) withDefaults() (Config, error) {
-	if c.Table == "" {
-		c.Table = "tunneldirector"
-	}
-	if c.MarkBase == 0 {
-		c.MarkBase = 0x7d000000
-	}
-	if c.MarkMask == 0 {
-		c.MarkMask = 0xff001fff
-	}
-	if c.TableBase == 0 {
-		c.TableBase = 20000
-	}
-	if c.RulePriority == 0 {
-		c.RulePriority = 100
-	}
-	if c.LocalRulePriority == 0 {
-		c.LocalRulePriority = 1000
-	}
-	if c.Protocol == 0 {
-		c.Protocol = 211
-	}
-	if c.LogGroup == 0 {
-		c.LogGroup = DefaultLogGroup
-	}
+	c.Table = cmp.Or(c.Table, "tunneldirector")
+	c.MarkBase = cmp.Or(c.MarkBase, 0x7d000000)
+	c.MarkMask = cmp.Or(c.MarkMask, 0xff001fff)
+	c.TableBase = cmp.Or(c.TableBase, 20000)
+	c.RulePriority = cmp.Or(c.RulePriority, 100)
+	c.LocalRulePriority = cmp.Or(c.LocalRulePriority, 1000)
+	c.Protocol = cmp.Or(c.Protocol, 211)
+	c.LogGroup = cmp.Or(c.LogGroup, DefaultLogGroup)
 	switch {
 	case c.MarkMask&NodeBits != NodeBits:
 		return c, fmt.Errorf("config: mark mask %#x must cover the node mark bits %#x", c.MarkMask, NodeBits)

@@ -29,15 +29,7 @@ const (
 	ModeRouteOnly
 )
 
-func (m Mode) String() string {
-	switch m {
-	case ModeIPVS:
-		return "ipvs"
-	case ModeRouteOnly:
-		return "route-only"
-	}
-	return "auto"
-}
+func (m Mode) String() string { return nameOf(modeNames, m) }
 
 // Forward is the IPVS forwarding method of a node.
 type Forward uint8
@@ -49,15 +41,7 @@ const (
 	ForwardMasq                  // NAT (-m)
 )
 
-func (f Forward) String() string {
-	switch f {
-	case ForwardTunnel:
-		return "tunnel"
-	case ForwardMasq:
-		return "masq"
-	}
-	return "dr"
-}
+func (f Forward) String() string { return nameOf(forwardNames, f) }
 
 // Node is one terminator node as the dataplane sees it.
 type Node struct {
@@ -160,6 +144,10 @@ type Delta struct {
 type Stats struct {
 	Added, Changed, Removed int
 	Duration                time.Duration
+	// Pending says a Verify left a background read of the maps running
+	// (it started one, or the one it started before has not arrived):
+	// call Verify again soon to compare and repair them.
+	Pending bool
 }
 
 // Dataplane programs the kernel. Implementations are safe for use by one
@@ -175,7 +163,9 @@ type Dataplane interface {
 	// routes and services around it when Delta.Nodes is set.
 	Update(ctx context.Context, d *Delta) (Stats, error)
 	// Verify reads the kernel back, compares it with the last synced
-	// state, and repairs every difference; Stats counts the repairs.
+	// state, and repairs every difference; Stats counts the repairs. The
+	// maps are read in the background: a Verify that leaves the read
+	// running says so (Stats.Pending), and a later one compares it.
 	Verify(ctx context.Context) (Stats, error)
 	// Read returns what the kernel holds, as a Desired.
 	Read(ctx context.Context) (*Desired, error)

@@ -92,12 +92,12 @@ func TestNSDriftRepair(t *testing.T) {
 	if !l.dp.genKnown {
 		t.Fatal("after Sync the dataplane does not know the ruleset generation: every Verify reads the maps back")
 	}
-	if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+	if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("verify of an untouched kernel: %+v, %v", st, err)
 	}
 	verify := func(what string, min int) {
 		t.Helper()
-		st, err := l.dp.Verify(ctx)
+		st, err := verifySettled(ctx, l.dp)
 		if err != nil {
 			t.Fatalf("verify after %s: %v", what, err)
 		}
@@ -106,7 +106,7 @@ func TestNSDriftRepair(t *testing.T) {
 			t.Fatalf("verify after %s repaired %d (%+v), want >= %d", what, n, st, min)
 		}
 		t.Logf("%s: verify repaired %+v", what, st)
-		if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+		if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 			t.Fatalf("second verify after %s: %+v, %v", what, st, err)
 		}
 		l.checkPeers(t, what, []int{0, 1, 2})

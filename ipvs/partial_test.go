@@ -34,7 +34,7 @@ func TestSyncAppliesAllButAnUnreachableNode(t *testing.T) {
 			t.Fatalf("services %v", k.svcs)
 		}
 		delete(k.failRoute, unreachable)
-		st, err := dp.Verify(context.Background())
+		st, err := verifySettled(context.Background(), dp)
 		if err != nil || st.Added != 1 {
 			t.Fatalf("ipvs=%v: verify once reachable: %+v %v", ipvs, st, err)
 		}

@@ -258,7 +258,7 @@ func TestNSNodeDownAsUpdate(t *testing.T) {
 	if strings.Contains(string(out), "0x7d000001") || !strings.Contains(string(out), "0x7d000002") || !strings.Contains(string(out), "0x7d000003") {
 		t.Fatalf("the hash still picks the down node, or not the others:\n%s", out)
 	}
-	if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+	if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("verify after the node update: %+v, %v", st, err)
 	}
 }

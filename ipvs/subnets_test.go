@@ -108,7 +108,7 @@ func TestNSSubnetLengths(t *testing.T) {
 	if !strings.Contains(out, "map sub4_28") || !strings.Contains(out, "map sub6_60") {
 		t.Errorf("new length maps missing:\n%s", out)
 	}
-	if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+	if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("verify after update: %+v, %v", st, err)
 	}
 	// A Sync of the same table as the Updates built changes nothing.
@@ -129,12 +129,12 @@ func TestNSSubnetLengths(t *testing.T) {
 	if out, err := l.dir.Run(ctx, "nft", "delete", "map", "inet", "tunneldirector", "sub4_28"); err != nil {
 		t.Fatalf("delete map: %v: %s", err, out)
 	}
-	st, err = l.dp.Verify(ctx)
+	st, err = verifySettled(ctx, l.dp)
 	if err != nil || st.Added < 1 || st.Changed < 1 {
 		t.Fatalf("verify after deleting a length's map: %+v, %v", st, err)
 	}
 	t.Logf("map and chain deleted: verify repaired %+v", st)
-	if st, err := l.dp.Verify(ctx); err != nil || st.Added+st.Changed+st.Removed != 0 {
+	if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("second verify: %+v, %v", st, err)
 	}
 	check("r3", map[string]uint16{"10.33.0.17": 3, "10.30.0.1": 2, "2001:db8:dd00::1": 3, "2001:db8:bb00::1": 1})

@@ -1,7 +1,6 @@
 package sim
 
 import (
-	"errors"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -129,15 +128,7 @@ func (p *directorPair) Stats() LinkStats {
 	return s
 }
 
-func (p *directorPair) Close() error {
-	var errs []error
-	for _, st := range p.stores {
-		if st != nil {
-			errs = append(errs, st.Close())
-		}
-	}
-	return errors.Join(errs...)
-}
+func (p *directorPair) Close() error { return closeStores(p.stores) }
 
 // Committed starts stepping the pair if it is idle.
 func (p *directorPair) Committed() {

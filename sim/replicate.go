@@ -94,6 +94,17 @@ type PairOptions struct {
 	Applied func(rev uint64)
 }
 
+// closeStores closes a pair's stores; one not opened yet is nil.
+func closeStores(stores [2]*store.Store) error {
+	var errs []error
+	for _, st := range stores {
+		if st != nil {
+			errs = append(errs, st.Close())
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // NewJournalPair opens two empty stores in o.Dir.
 func NewJournalPair(o PairOptions, clk clock.Clock) (Pair, error) {
 	p := &journalPair{
@@ -132,15 +143,7 @@ func (p *journalPair) Backup() *store.Store { return p.stores[1-p.master] }
 func (p *journalPair) SetLoss(l float64)    { p.loss = l }
 func (p *journalPair) Stats() LinkStats     { return p.stats }
 
-func (p *journalPair) Close() error {
-	var errs []error
-	for _, st := range p.stores {
-		if st != nil {
-			errs = append(errs, st.Close())
-		}
-	}
-	return errors.Join(errs...)
-}
+func (p *journalPair) Close() error { return closeStores(p.stores) }
 
 func (p *journalPair) Committed() {
 	if p.inflight {

@@ -427,56 +427,59 @@ func (p *parser) scalar(path string, n *yaml.Node) (string, bool) {
 	return n.Value, true
 }
 
-func (p *parser) dur(dst *time.Duration) func(string, *yaml.Node) {
+// section returns the handler of a key whose value is a mapping of the
+// keys h knows.
+func (p *parser) section(h map[string]func(string, *yaml.Node)) func(string, *yaml.Node) {
+	return func(path string, n *yaml.Node) { p.fields(path, n, h) }
+}
+
+// scalarOf returns the handler of a single-value key: parse turns the
+// value into *dst, and its error is the problem reported at the key.
+func scalarOf[T any](p *parser, dst *T, parse func(string) (T, error)) func(string, *yaml.Node) {
 	return func(path string, n *yaml.Node) {
 		if v, ok := p.scalar(path, n); ok {
-			d, err := ParseDuration(v)
+			x, err := parse(v)
 			if err != nil {
 				p.errf(path, n, "%v", err)
 				return
 			}
-			*dst = d
+			*dst = x
 		}
 	}
+}
+
+func (p *parser) dur(dst *time.Duration) func(string, *yaml.Node) {
+	return scalarOf(p, dst, ParseDuration)
 }
 
 func (p *parser) float(dst *float64) func(string, *yaml.Node) {
-	return func(path string, n *yaml.Node) {
-		if v, ok := p.scalar(path, n); ok {
-			f, err := strconv.ParseFloat(v, 64)
-			if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
-				p.errf(path, n, "%q: not a number", v)
-				return
-			}
-			*dst = f
+	return scalarOf(p, dst, func(v string) (float64, error) {
+		f, err := strconv.ParseFloat(v, 64)
+		if err != nil || math.IsNaN(f) || math.IsInf(f, 0) {
+			return 0, fmt.Errorf("%q: not a number", v)
 		}
-	}
+		return f, nil
+	})
 }
 
 func (p *parser) integer(dst *int) func(string, *yaml.Node) {
-	return func(path string, n *yaml.Node) {
-		if v, ok := p.scalar(path, n); ok {
-			i, err := strconv.Atoi(strings.ReplaceAll(v, "_", ""))
-			if err != nil {
-				p.errf(path, n, "%q: not an integer", v)
-				return
-			}
-			*dst = i
+	return scalarOf(p, dst, func(v string) (int, error) {
+		i, err := strconv.Atoi(strings.ReplaceAll(v, "_", ""))
+		if err != nil {
+			return 0, fmt.Errorf("%q: not an integer", v)
 		}
-	}
+		return i, nil
+	})
 }
 
 func (p *parser) uint64(dst *uint64) func(string, *yaml.Node) {
-	return func(path string, n *yaml.Node) {
-		if v, ok := p.scalar(path, n); ok {
-			i, err := strconv.ParseUint(v, 10, 64)
-			if err != nil {
-				p.errf(path, n, "%q: not a non-negative integer", v)
-				return
-			}
-			*dst = i
+	return scalarOf(p, dst, func(v string) (uint64, error) {
+		i, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("%q: not a non-negative integer", v)
 		}
-	}
+		return i, nil
+	})
 }
 
 func (p *parser) weight(dst *uint32) func(string, *yaml.Node) {
@@ -492,24 +495,17 @@ func (p *parser) weight(dst *uint32) func(string, *yaml.Node) {
 }
 
 func (p *parser) boolean(dst *bool) func(string, *yaml.Node) {
-	return func(path string, n *yaml.Node) {
-		if v, ok := p.scalar(path, n); ok {
-			b, err := strconv.ParseBool(v)
-			if err != nil {
-				p.errf(path, n, "%q: want true or false", v)
-				return
-			}
-			*dst = b
+	return scalarOf(p, dst, func(v string) (bool, error) {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return false, fmt.Errorf("%q: want true or false", v)
 		}
-	}
+		return b, nil
+	})
 }
 
 func (p *parser) str(dst *string) func(string, *yaml.Node) {
-	return func(path string, n *yaml.Node) {
-		if v, ok := p.scalar(path, n); ok {
-			*dst = v
-		}
-	}
+	return scalarOf(p, dst, func(v string) (string, error) { return v, nil })
 }
 
 func (p *parser) scenario(n *yaml.Node, s *Scenario) {
@@ -582,71 +578,55 @@ func (p *parser) scenario(n *yaml.Node, s *Scenario) {
 				}
 			}
 		},
-		"tunnels": func(path string, n *yaml.Node) {
-			p.fields(path, n, map[string]func(string, *yaml.Node){
-				"count":        p.integer(&s.Tunnels.Count),
-				"pinned_share": p.float(&s.Tunnels.PinnedShare),
-				"max_subnets":  p.integer(&s.Tunnels.MaxSubnets),
-				"ipv6_share":   p.float(&s.Tunnels.IPv6Share),
-			})
-		},
-		"churn": func(path string, n *yaml.Node) {
-			p.fields(path, n, map[string]func(string, *yaml.Node){
-				"lifetime":          p.str(&s.Churn.Lifetime),
-				"mean":              p.dur(&s.Churn.Mean),
-				"median":            p.dur(&s.Churn.Median),
-				"sigma":             p.float(&s.Churn.Sigma),
-				"arrivals_per_hour": p.float(&s.Churn.ArrivalsPerHour),
-			})
-		},
-		"director": func(path string, n *yaml.Node) {
-			p.fields(path, n, map[string]func(string, *yaml.Node){
-				"commit_every": p.dur(&s.CommitEvery),
-				"reestablish":  p.dur(&s.Reestablish),
-				"epsilon":      p.float(&s.Epsilon),
-				"choices":      p.integer(&s.Choices),
-			})
-		},
-		"unknown": func(path string, n *yaml.Node) {
-			p.fields(path, n, map[string]func(string, *yaml.Node){
-				"share":       p.float(&s.Unknown.Share),
-				"buckets":     p.integer(&s.Unknown.Buckets),
-				"interval":    p.dur(&s.Unknown.Interval),
-				"max_changes": p.integer(&s.Unknown.MaxChanges),
-				"quiet":       p.dur(&s.Unknown.Quiet),
-				"horizon":     p.float(&s.Unknown.Horizon),
-				"learn_delay": p.dur(&s.Unknown.LearnDelay),
-			})
-		},
-		"dataplane": func(path string, n *yaml.Node) {
-			p.fields(path, n, map[string]func(string, *yaml.Node){
-				"connection_entries": p.boolean(&s.Dataplane.ConnectionEntries),
-			})
-		},
-		"replication": func(path string, n *yaml.Node) {
-			p.fields(path, n, map[string]func(string, *yaml.Node){
-				"impl":            p.str(&s.Replication.Impl),
-				"latency":         p.dur(&s.Replication.Latency),
-				"loss":            p.float(&s.Replication.Loss),
-				"retransmit":      p.dur(&s.Replication.Retransmit),
-				"journal_changes": p.integer(&s.Replication.JournalChanges),
-			})
-		},
-		"health": func(path string, n *yaml.Node) {
-			p.fields(path, n, map[string]func(string, *yaml.Node){
-				"interval":          p.dur(&s.Health.Interval),
-				"timeout":           p.dur(&s.Health.Timeout),
-				"rise":              p.integer(&s.Health.Rise),
-				"fall":              p.integer(&s.Health.Fall),
-				"max_down_fraction": p.float(&s.Health.MaxDownFraction),
-			})
-		},
-		"check": func(path string, n *yaml.Node) {
-			p.fields(path, n, map[string]func(string, *yaml.Node){
-				"full_every":   p.dur(&s.FullCheckEvery),
-				"sample_every": p.dur(&s.SampleEvery),
-			})
-		},
+		"tunnels": p.section(map[string]func(string, *yaml.Node){
+			"count":        p.integer(&s.Tunnels.Count),
+			"pinned_share": p.float(&s.Tunnels.PinnedShare),
+			"max_subnets":  p.integer(&s.Tunnels.MaxSubnets),
+			"ipv6_share":   p.float(&s.Tunnels.IPv6Share),
+		}),
+		"churn": p.section(map[string]func(string, *yaml.Node){
+			"lifetime":          p.str(&s.Churn.Lifetime),
+			"mean":              p.dur(&s.Churn.Mean),
+			"median":            p.dur(&s.Churn.Median),
+			"sigma":             p.float(&s.Churn.Sigma),
+			"arrivals_per_hour": p.float(&s.Churn.ArrivalsPerHour),
+		}),
+		"director": p.section(map[string]func(string, *yaml.Node){
+			"commit_every": p.dur(&s.CommitEvery),
+			"reestablish":  p.dur(&s.Reestablish),
+			"epsilon":      p.float(&s.Epsilon),
+			"choices":      p.integer(&s.Choices),
+		}),
+		"unknown": p.section(map[string]func(string, *yaml.Node){
+			"share":       p.float(&s.Unknown.Share),
+			"buckets":     p.integer(&s.Unknown.Buckets),
+			"interval":    p.dur(&s.Unknown.Interval),
+			"max_changes": p.integer(&s.Unknown.MaxChanges),
+			"quiet":       p.dur(&s.Unknown.Quiet),
+			"horizon":     p.float(&s.Unknown.Horizon),
+			"learn_delay": p.dur(&s.Unknown.LearnDelay),
+		}),
+		"dataplane": p.section(map[string]func(string, *yaml.Node){
+			"connection_entries": p.boolean(&s.Dataplane.ConnectionEntries),
+		}),
+		"replication": p.section(map[string]func(string, *yaml.Node){
+			"impl":            p.str(&s.Replication.Impl),
+			"latency":         p.dur(&s.Replication.Latency),
+			"loss":            p.float(&s.Replication.Loss),
+			"retransmit":      p.dur(&s.Replication.Retransmit),
+			"journal_changes": p.integer(&s.Replication.JournalChanges),
+		}),
+		"health": p.section(map[string]func(string, *yaml.Node){
+			"interval":          p.dur(&s.Health.Interval),
+			"timeout":           p.dur(&s.Health.Timeout),
+			"rise":              p.integer(&s.Health.Rise),
+			"fall":              p.integer(&s.Health.Fall),
+			"max_down_fraction": p.float(&s.Health.MaxDownFraction),
+		}),
+		"check": p.section(map[string]func(string, *yaml.Node){
+			"full_every":   p.dur(&s.FullCheckEvery),
+			"sample_every": p.dur(&s.SampleEvery),
+		}),
 		"events": func(path string, n *yaml.Node) {
 			if n.Kind != yaml.SequenceNode {
 				p.errf(path, n, "want a list")

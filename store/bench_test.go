@@ -1,15 +1,18 @@
 package store
 
 import (
+	"bytes"
 	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
+	"github.com/tunneldirector/tunneldirector/affinity/nms"
 	"github.com/tunneldirector/tunneldirector/internal/cputime"
 )
 
@@ -164,4 +167,88 @@ func BenchmarkOpenFile(b *testing.B) {
 	b.ReportMetric(float64(elems), "elements")
 	b.ReportMetric(cpu.Seconds()/float64(b.N), "cpu-s/op")
 	b.ReportMetric(marks.Seconds()/float64(b.N), "marks-s")
+}
+
+// BenchmarkImport1kInto compares, in a store of TD_BENCH_TUNNELS tunnels
+// (default 100,000), importing a CSV file of 1,000 new tunnels (read,
+// validate, plan, commit: the path of `tunneldirector import`) with
+// committing the same 1,000 tunnels as a batch. Each run adds 1,000 more
+// tunnels. Reports wall and CPU time per run of each; the two should be
+// of the same order, whatever the size of the table.
+func BenchmarkImport1kInto(b *testing.B) {
+	size := 100_000
+	if v := os.Getenv("TD_BENCH_TUNNELS"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			b.Fatalf("TD_BENCH_TUNNELS=%q: want a positive number", v)
+		}
+		size = n
+	}
+	s, err := Open(Options{Path: filepath.Join(b.TempDir(), "td.db")})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Commit(nodes(16)); err != nil {
+		b.Fatal(err)
+	}
+	for i := 0; i < size; i += 100_000 {
+		if _, err := s.Commit(tunnels(i, min(100_000, size-i))); err != nil {
+			b.Fatal(err)
+		}
+	}
+	next := size
+	batch := func() []affinity.Change {
+		next += 1000
+		return tunnels(next-1000, 1000)
+	}
+	run := func(b *testing.B, commit func([]affinity.Change) *affinity.Applied) {
+		var cpu time.Duration
+		for b.Loop() {
+			b.StopTimer()
+			batch := batch()
+			b.StartTimer()
+			c0 := cputime.Process()
+			a := commit(batch)
+			cpu += cputime.Process() - c0
+			if len(a.Changes) != 1000 {
+				b.Fatalf("%d changes committed, want 1000", len(a.Changes))
+			}
+		}
+		b.ReportMetric(float64(cpu.Microseconds())/1000/float64(b.N), "cpu-ms/op")
+	}
+	b.Run("commit", func(b *testing.B) {
+		run(b, func(batch []affinity.Change) *affinity.Applied {
+			a, err := s.Commit(batch)
+			if err != nil {
+				b.Fatal(err)
+			}
+			return a
+		})
+	})
+	b.Run("import", func(b *testing.B) {
+		run(b, func(batch []affinity.Change) *affinity.Applied {
+			b.StopTimer()
+			list := make([]affinity.Tunnel, len(batch))
+			for i := range batch {
+				list[i] = *batch[i].Tunnel
+			}
+			var csv bytes.Buffer
+			if err := nms.WriteTunnels(&csv, nms.FormatCSV, list); err != nil {
+				b.Fatal(err)
+			}
+			b.StartTimer()
+			f, err := nms.Read(&csv, nms.Options{Name: "new.csv"})
+			if err != nil {
+				b.Fatal(err)
+			}
+			a, err := s.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+				return nms.Plan(t, f.Tunnels, false).Batch, nil
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			return a
+		})
+	})
 }

@@ -52,14 +52,11 @@ func TestCursorRingThenJournal(t *testing.T) {
 	// journal first, then the ring, without a gap.
 	var got []uint64
 	resolved := 0
-	for {
-		b, ok, err := slow.Next()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if !ok {
-			break
-		}
+	bs, err := ReadAll(slow)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range bs {
 		cs, err := b.Decoded()
 		if err != nil || len(cs) != 10 || b.Len() != 10 {
 			t.Fatalf("batch %d: %d changes (Len %d), %v", b.Revision, len(cs), b.Len(), err)

@@ -130,23 +130,35 @@ func stateAttrs(sa *SA, attrs []byte, family uint16) error {
 			if oa, err := addr(&e.EncapOa, family); err == nil && !oa.IsUnspecified() {
 				sa.Encap.OriginalAddress = oa
 			}
-		case nl.XFRMA_MARK:
-			var m nl.XfrmMark
-			if err := load(&m, a.val, "XFRMA_MARK"); err != nil {
+		case nl.XFRMA_MARK, nl.XFRMA_IF_ID:
+			if err := markAttr(a, &sa.Mark, &sa.Ifid); err != nil {
 				return err
 			}
-			sa.Mark = Mark{Value: m.Value, Mask: m.Mask}
-		case nl.XFRMA_IF_ID:
-			if len(a.val) < 4 {
-				return fmt.Errorf("XFRMA_IF_ID: %d bytes, want 4", len(a.val))
-			}
-			sa.Ifid = binary.NativeEndian.Uint32(a.val)
 		case xfrmaLastUsed:
 			if len(a.val) < 8 {
 				return fmt.Errorf("XFRMA_LASTUSED: %d bytes, want 8", len(a.val))
 			}
 			sa.UseTime = max(sa.UseTime, binary.NativeEndian.Uint64(a.val))
 		}
+	}
+	return nil
+}
+
+// markAttr decodes the attributes states and policies share, XFRMA_MARK
+// into mark and XFRMA_IF_ID into ifid.
+func markAttr(a attr, mark *Mark, ifid *uint32) error {
+	switch a.typ {
+	case nl.XFRMA_MARK:
+		var m nl.XfrmMark
+		if err := load(&m, a.val, "XFRMA_MARK"); err != nil {
+			return err
+		}
+		*mark = Mark{Value: m.Value, Mask: m.Mask}
+	case nl.XFRMA_IF_ID:
+		if len(a.val) < 4 {
+			return fmt.Errorf("XFRMA_IF_ID: %d bytes, want 4", len(a.val))
+		}
+		*ifid = binary.NativeEndian.Uint32(a.val)
 	}
 	return nil
 }
@@ -198,17 +210,10 @@ func policyAttrs(p *Policy, attrs []byte) error {
 				p.Tmpls = append(p.Tmpls, Template{Src: src, Dst: dst, Proto: Proto(t.XfrmId.Proto),
 					Mode: Mode(t.Mode), Reqid: t.Reqid, SPI: nl.Swap32(t.XfrmId.Spi)})
 			}
-		case nl.XFRMA_MARK:
-			var m nl.XfrmMark
-			if err := load(&m, a.val, "XFRMA_MARK"); err != nil {
+		case nl.XFRMA_MARK, nl.XFRMA_IF_ID:
+			if err := markAttr(a, &p.Mark, &p.Ifid); err != nil {
 				return err
 			}
-			p.Mark = Mark{Value: m.Value, Mask: m.Mask}
-		case nl.XFRMA_IF_ID:
-			if len(a.val) < 4 {
-				return fmt.Errorf("XFRMA_IF_ID: %d bytes, want 4", len(a.val))
-			}
-			p.Ifid = binary.NativeEndian.Uint32(a.val)
 		}
 	}
 	return nil

@@ -94,25 +94,11 @@ func (k *nlKernel) read() (Snapshot, error) {
 		}
 	}
 	var derr error
-	err = k.dump(nl.XFRM_MSG_GETSA, nl.XFRM_MSG_NEWSA, func(b []byte) {
-		sa, err := decodeState(b)
-		if err != nil {
-			derr = errors.Join(derr, err)
-			return
-		}
-		s.States = append(s.States, sa)
-	})
+	s.States, err = dump(k, nl.XFRM_MSG_GETSA, nl.XFRM_MSG_NEWSA, decodeState, &derr)
 	if err != nil {
 		return s, fmt.Errorf("xfrm: dump states: %w", err)
 	}
-	err = k.dump(nl.XFRM_MSG_GETPOLICY, nl.XFRM_MSG_NEWPOLICY, func(b []byte) {
-		p, err := decodePolicy(b)
-		if err != nil {
-			derr = errors.Join(derr, err)
-			return
-		}
-		s.Policies = append(s.Policies, p)
-	})
+	s.Policies, err = dump(k, nl.XFRM_MSG_GETPOLICY, nl.XFRM_MSG_NEWPOLICY, decodePolicy, &derr)
 	if err != nil {
 		return s, fmt.Errorf("xfrm: dump policies: %w", err)
 	}
@@ -122,10 +108,23 @@ func (k *nlKernel) read() (Snapshot, error) {
 	return s, nil
 }
 
-func (k *nlKernel) dump(req, resp int, f func([]byte)) error {
+// dump reads every object of one kind and decodes each entry; decoding
+// errors are joined into *derr, so one bad entry neither stops the dump
+// nor hides the others.
+func dump[T any](k *nlKernel, req, resp int, decode func([]byte) (T, error), derr *error) ([]T, error) {
 	r := nl.NewNetlinkRequest(req, unix.NLM_F_DUMP)
 	r.Sockets = map[int]*nl.SocketHandle{unix.NETLINK_XFRM: k.xfrm}
-	return r.ExecuteIter(unix.NETLINK_XFRM, uint16(resp), func(b []byte) bool { f(b); return true })
+	var out []T
+	err := r.ExecuteIter(unix.NETLINK_XFRM, uint16(resp), func(b []byte) bool {
+		v, err := decode(b)
+		if err != nil {
+			*derr = errors.Join(*derr, err)
+		} else {
+			out = append(out, v)
+		}
+		return true
+	})
+	return out, err
 }
 
 func (k *nlKernel) Watch(ctx context.Context) (<-chan Event, error) {

@@ -112,12 +112,18 @@ func (m *Mirror) dropState(k stateKey) {
 	if c != classSA {
 		return
 	}
-	if set := slices.DeleteFunc(m.peerSAs[peer], func(x peerSA) bool { return x.key == k }); len(set) > 0 {
-		m.peerSAs[peer] = set
-	} else {
-		delete(m.peerSAs, peer)
-	}
+	dropFrom(m.peerSAs, peer, func(x peerSA) bool { return x.key == k })
 	m.dirty[peer] = struct{}{}
+}
+
+// dropFrom deletes what drop matches from a peer's list, and the list
+// when nothing is left in it.
+func dropFrom[V any](lists map[netip.Addr][]V, peer netip.Addr, drop func(V) bool) {
+	if set := slices.DeleteFunc(lists[peer], drop); len(set) > 0 {
+		lists[peer] = set
+	} else {
+		delete(lists, peer)
+	}
 }
 
 func (m *Mirror) putPolicy(p Policy) {
@@ -138,11 +144,7 @@ func (m *Mirror) dropPolicy(k policyKey) {
 	}
 	delete(m.policies, k)
 	for _, peer := range policyPeers(old) {
-		if set := slices.DeleteFunc(m.peerPols[peer], func(x policyKey) bool { return x == k }); len(set) > 0 {
-			m.peerPols[peer] = set
-		} else {
-			delete(m.peerPols, peer)
-		}
+		dropFrom(m.peerPols, peer, func(x policyKey) bool { return x == k })
 		m.dirty[peer] = struct{}{}
 	}
 }

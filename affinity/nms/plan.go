@@ -62,58 +62,65 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 		d.File = tunnels[0].Pos.File
 	}
 	reason := importReason(d.File)
-	var changed, added []int
-	var changes []affinity.Tunnel
-	var inFile map[string]struct{}
-	if replace {
-		inFile = make(map[string]struct{}, len(tunnels))
-	}
-	// New tunnels whose pin is suspended are added unpinned, by record.
-	unpinned := map[int]*affinity.Tunnel{}
+	// One pass classifies every record, a second builds lists of the
+	// exact size: a million records appended to growing slices copied
+	// them over and over (a second of a million-tunnel import).
+	class := make([]planClass, len(tunnels))
+	var counts [planClasses]int
+	suspended := 0
+	var changes []affinity.Tunnel // the wanted tunnel of each changed record
+	downNodes := map[string]bool{}
 	for i := range tunnels {
 		r := &tunnels[i]
-		if replace {
-			inFile[r.ID] = struct{}{}
-		}
-		old, ok := t.Tunnel(r.ID)
 		down := false
 		if r.Node != "" {
-			n, exists := t.Node(r.Node)
-			down = exists && n.State == affinity.NodeDown
-		}
-		if down {
-			d.Suspended = append(d.Suspended, r.ID)
-		}
-		if !ok {
-			if down {
-				tu := r.Tunnel
-				tu.Node, tu.Pinned = "", false
-				unpinned[i] = &tu
+			isDown, seen := downNodes[r.Node]
+			if !seen {
+				n, exists := t.Node(r.Node)
+				isDown = exists && n.State == affinity.NodeDown
+				downNodes[r.Node] = isDown
 			}
-			added = append(added, i)
-			d.Added = append(d.Added, r.ID)
-			continue
+			down = isDown
 		}
-		want := r.Tunnel
+		old, ok := t.Tunnel(r.ID)
+		c := planAdd
+		if ok {
+			want := r.Tunnel
+			if down {
+				// Failover moved the tunnel off the down node; the
+				// NMS's pin waits until the node is back.
+				want.Node = ""
+			}
+			if want.Node == "" {
+				// The scheduler's choice sticks; only a pin is undone.
+				want.Node, want.Pinned = old.Node, false
+			}
+			// The table's own rule for a no-op change.
+			if c = planUnchanged; !old.SameContent(&want) {
+				c = planChange
+				changes = append(changes, want)
+			}
+		}
 		if down {
-			// Failover moved the tunnel off the down node; the NMS's
-			// pin waits until the node is back.
-			want.Node = ""
+			c |= planSuspended
 		}
-		if want.Node == "" {
-			// The scheduler's choice sticks; only a pin is undone.
-			want.Node, want.Pinned = old.Node, false
+		class[i] = c
+		counts[c&^planSuspended]++
+		if down {
+			suspended++
 		}
-		// The table's own rule for a no-op change.
-		if old.SameContent(&want) {
-			d.Unchanged = append(d.Unchanged, r.ID)
-			continue
-		}
-		d.Changed = append(d.Changed, r.ID)
-		changed = append(changed, i)
-		changes = append(changes, want)
+	}
+	d.Added = make([]string, 0, counts[planAdd])
+	d.Changed = make([]string, 0, counts[planChange])
+	d.Unchanged = make([]string, 0, counts[planUnchanged])
+	if suspended > 0 {
+		d.Suspended = make([]string, 0, suspended)
 	}
 	if replace {
+		inFile := make(map[string]struct{}, len(tunnels))
+		for i := range tunnels {
+			inFile[tunnels[i].ID] = struct{}{}
+		}
 		for _, tu := range t.Filter(func(tu *affinity.Tunnel) bool {
 			_, ok := inFile[tu.ID]
 			return !ok
@@ -122,28 +129,70 @@ func Plan(t *affinity.Table, tunnels []TunnelRecord, replace bool) *Diff {
 		}
 	}
 
-	d.Batch = make([]affinity.Change, 0, len(d.Removed)+len(changed)+len(added))
-	d.Sources = make([]Pos, 0, cap(d.Batch))
+	n := len(d.Removed) + counts[planChange] + counts[planAdd]
+	d.Batch = make([]affinity.Change, 0, n)
+	d.Sources = make([]Pos, 0, n)
 	for _, id := range d.Removed {
 		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.DeleteTunnel, Name: id, Reason: reason})
 		d.Sources = append(d.Sources, Pos{File: d.File, Index: -1})
 	}
-	for k, i := range changed {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &changes[k], Reason: reason})
-		d.Sources = append(d.Sources, tunnels[i].Pos)
-	}
-	for _, i := range added {
-		// Apply copies the tunnel it is given, so the record can serve.
-		tu := &tunnels[i].Tunnel
-		if u, ok := unpinned[i]; ok {
-			tu = u
+	// Deletions, then changes, then additions, each in file order.
+	// New tunnels whose pin is suspended (at most that many).
+	unpinned := make([]affinity.Tunnel, 0, suspended)
+	for _, want := range []planClass{planChange, planAdd} {
+		k := 0
+		for i := range tunnels {
+			c := class[i]
+			if c&^planSuspended != want {
+				continue
+			}
+			r := &tunnels[i]
+			// Apply copies the tunnel it is given, so the record can
+			// serve.
+			tu := &r.Tunnel
+			switch {
+			case want == planChange:
+				tu = &changes[k]
+				k++
+				d.Changed = append(d.Changed, r.ID)
+			case c&planSuspended != 0:
+				// New tunnels whose pin is suspended are added
+				// unpinned.
+				unpinned = append(unpinned, r.Tunnel)
+				tu = &unpinned[len(unpinned)-1]
+				tu.Node, tu.Pinned = "", false
+				d.Added = append(d.Added, r.ID)
+			default:
+				d.Added = append(d.Added, r.ID)
+			}
+			d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: tu, Reason: reason})
+			d.Sources = append(d.Sources, r.Pos)
 		}
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutTunnel, Tunnel: tu, Reason: reason})
-		d.Sources = append(d.Sources, tunnels[i].Pos)
+	}
+	for i, c := range class {
+		if c&^planSuspended == planUnchanged {
+			d.Unchanged = append(d.Unchanged, tunnels[i].ID)
+		}
+		if c&planSuspended != 0 {
+			d.Suspended = append(d.Suspended, tunnels[i].ID)
+		}
 	}
 	d.sortLists()
 	return d
 }
+
+// planClass is what Plan does with a record; planSuspended is or-ed in
+// when the record pins a tunnel to a node that is down.
+type planClass uint8
+
+const (
+	planAdd planClass = iota
+	planChange
+	planUnchanged
+	planClasses
+
+	planSuspended planClass = 1 << 7
+)
 
 // PlanNodes compares a nodes file with the table. A record equal to the
 // table's node is unchanged; a record without a mark keeps the node's
@@ -196,19 +245,12 @@ func PlanNodes(t *affinity.Table, nodes []NodeRecord, replace bool) *Diff {
 			}
 		}
 	}
-	d.Batch = make([]affinity.Change, 0, len(d.Removed)+len(changed)+len(added))
-	d.Sources = make([]Pos, 0, cap(d.Batch))
-	for _, name := range d.Removed {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.DeleteNode, Name: name, Reason: reason})
-		d.Sources = append(d.Sources, Pos{File: d.File, Index: -1})
-	}
+	d.startBatch(affinity.DeleteNode, len(changed)+len(added), reason)
 	for k, i := range changed {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutNode, Node: &changes[k], Reason: reason})
-		d.Sources = append(d.Sources, nodes[i].Pos)
+		d.add(affinity.Change{Kind: affinity.PutNode, Node: &changes[k], Reason: reason}, nodes[i].Pos)
 	}
 	for _, i := range added {
-		d.Batch = append(d.Batch, affinity.Change{Kind: affinity.PutNode, Node: &nodes[i].Node, Reason: reason})
-		d.Sources = append(d.Sources, nodes[i].Pos)
+		d.add(affinity.Change{Kind: affinity.PutNode, Node: &nodes[i].Node, Reason: reason}, nodes[i].Pos)
 	}
 	d.sortLists()
 	return d
@@ -218,6 +260,24 @@ func (d *Diff) sortLists() {
 	for _, l := range [][]string{d.Added, d.Changed, d.Removed, d.Unchanged, d.Suspended} {
 		slices.Sort(l)
 	}
+}
+
+// startBatch sizes Batch for the removals and n more changes, and puts
+// the removals (with del, by name) first: they come from no record of the
+// file.
+func (d *Diff) startBatch(del affinity.ChangeKind, n int, reason string) {
+	d.Batch = make([]affinity.Change, 0, len(d.Removed)+n)
+	d.Sources = make([]Pos, 0, cap(d.Batch))
+	for _, name := range d.Removed {
+		d.add(affinity.Change{Kind: del, Name: name, Reason: reason}, Pos{File: d.File, Index: -1})
+	}
+}
+
+// add appends a change and the record it comes from, so Batch and
+// Sources stay in step.
+func (d *Diff) add(c affinity.Change, from Pos) {
+	d.Batch = append(d.Batch, c)
+	d.Sources = append(d.Sources, from)
 }
 
 // Empty reports whether applying the diff would change nothing.

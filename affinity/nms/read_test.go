@@ -2,6 +2,8 @@ package nms
 
 import (
 	"errors"
+	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -498,5 +500,25 @@ func TestLinesDeepInFile(t *testing.T) {
 	}
 	if found != 2 {
 		t.Errorf("found t4000 %d times", found)
+	}
+}
+
+// TestRecordSubnetsOwnWindow: the records' subnets share buffers, but each
+// record's slice is its own: appending to one leaves the next alone, and
+// each comes sorted the way the table keeps subnets.
+func TestRecordSubnetsOwnWindow(t *testing.T) {
+	in := "id,peer,subnets\n" +
+		"a,192.0.2.1,10.0.0.64/26 10.0.0.0/26\n" +
+		"b,192.0.2.2,10.1.0.0/24\n"
+	recs, err := ReadTunnels(strings.NewReader(in), Options{Name: "t.csv"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(recs[0].Subnets); got != "[10.0.0.0/26 10.0.0.64/26]" {
+		t.Fatalf("a's subnets %s, want sorted", got)
+	}
+	_ = append(recs[0].Subnets, netip.MustParsePrefix("10.9.9.0/24"))
+	if got := fmt.Sprint(recs[1].Subnets); got != "[10.1.0.0/24]" {
+		t.Fatalf("b's subnets %s after appending to a's", got)
 	}
 }

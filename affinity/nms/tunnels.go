@@ -1,6 +1,7 @@
 package nms
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -47,17 +48,63 @@ type tunnelSet struct {
 	c       *collector
 	recs    chunks[TunnelRecord]
 	ids     map[string]int32
-	peers   map[netip.Addr]int32
+	peers   peerSet
 	subnets bart.Table[int32]
 	prefBuf []netip.Prefix
-	bad     map[int32]bool // records that drew an error
+	// prefixes holds the records' subnets, each record's a clipped
+	// window: one allocation per few thousand records instead of one per
+	// record (the records live only as long as the import).
+	prefixes []netip.Prefix
+	bad      map[int32]bool // records that drew an error
+	nodes    map[string]string
+}
+
+// nodeName returns the file's node name as one string per name: a CSV
+// field shares its string with the whole line, which every record naming
+// a node would otherwise keep until the import ends.
+func (s *tunnelSet) nodeName(name string) string {
+	if n, ok := s.nodes[name]; ok {
+		return n
+	}
+	if s.nodes == nil {
+		s.nodes = map[string]string{}
+	}
+	n := strings.Clone(name)
+	s.nodes[n] = n
+	return n
+}
+
+// peerSet maps the file's peers to their records: IPv4 peers keyed by the
+// address as a number (an eighth of a netip.Addr key's slot), IPv6 peers
+// by the address.
+type peerSet struct {
+	v4 map[uint32]int32
+	v6 map[netip.Addr]int32
+}
+
+// claim records a for record idx, or returns the record that has it.
+func (p *peerSet) claim(a netip.Addr, idx int32) (int32, bool) {
+	if a.Is4() {
+		b := a.As4()
+		k := binary.BigEndian.Uint32(b[:])
+		if j, dup := p.v4[k]; dup {
+			return j, true
+		}
+		p.v4[k] = idx
+		return 0, false
+	}
+	if j, dup := p.v6[a]; dup {
+		return j, true
+	}
+	p.v6[a] = idx
+	return 0, false
 }
 
 func newTunnelSet(c *collector, hint int) *tunnelSet {
 	s := &tunnelSet{
 		c:     c,
 		ids:   make(map[string]int32, hint),
-		peers: make(map[netip.Addr]int32, hint),
+		peers: peerSet{v4: make(map[uint32]int32, hint), v6: map[netip.Addr]int32{}},
 	}
 	s.recs.reserve(hint)
 	return s
@@ -116,7 +163,7 @@ func (s *tunnelSet) add(pos Pos, raw *rawTunnel) {
 		if err := affinity.ValidateID("node name", f[tcNode]); err != nil {
 			c.addf(pos, "node", f[tcNode], "%v", err)
 		}
-		t.Node = f[tcNode]
+		t.Node = s.nodeName(f[tcNode])
 	}
 	switch p, valid := parseBool(f[tcPinned]); {
 	case f[tcPinned] == "":
@@ -145,11 +192,9 @@ func (s *tunnelSet) add(pos Pos, raw *rawTunnel) {
 		}
 	}
 	if t.Peer.IsValid() {
-		if j, dup := s.peers[t.Peer]; dup {
+		if j, dup := s.peers.claim(t.Peer, idx); dup {
 			o := s.recs.at(int(j))
 			c.addf(pos, "peer", f[tcPeer], "peer of tunnel %s is already the peer of tunnel %s at %s", t.ID, o.ID, where(o.Pos))
-		} else {
-			s.peers[t.Peer] = idx
 		}
 	}
 	for _, p := range t.Subnets {
@@ -210,10 +255,19 @@ func (s *tunnelSet) parseSubnets(pos Pos, field string, items []string, missing 
 		}
 		return nil
 	}
-	out := slices.Clone(buf)
+	if cap(s.prefixes)-len(s.prefixes) < len(buf) {
+		s.prefixes = make([]netip.Prefix, 0, max(prefixChunk, len(buf)))
+	}
+	n := len(s.prefixes)
+	s.prefixes = append(s.prefixes, buf...)
+	out := s.prefixes[n:len(s.prefixes):len(s.prefixes)]
 	slices.SortFunc(out, affinity.ComparePrefix)
 	return out
 }
+
+// prefixChunk is the number of subnets per allocation of the records'
+// subnets (128 KiB).
+const prefixChunk = 4096
 
 // subnetFree reports when p equals, contains or lies inside a subnet
 // already read, and otherwise claims it for record idx.

@@ -25,13 +25,7 @@ func WriteTunnels(w io.Writer, format Format, tunnels []affinity.Tunnel) error {
 	}
 	order := sortedOrder(len(tunnels), func(i, j int) int { return cmp.Compare(tunnels[i].ID, tunnels[j].ID) })
 	bw := bufio.NewWriterSize(w, 64<<10)
-	var b []byte
-	if format == FormatCSV {
-		b = append(b, strings.Join(tunnelColumns[:], ",")...)
-		b = append(b, '\n')
-	} else {
-		b = append(b, "[\n"...)
-	}
+	b := exportHead(format, tunnelColumns[:])
 	for k, i := range order {
 		t := &tunnels[i]
 		ps := t.Subnets
@@ -77,11 +71,7 @@ func WriteTunnels(w io.Writer, format Format, tunnels []affinity.Tunnel) error {
 				b = append(b, `,"comment":`...)
 				b = appendJSONString(b, t.Comment)
 			}
-			b = append(b, '}')
-			if k < len(order)-1 {
-				b = append(b, ',')
-			}
-			b = append(b, '\n')
+			b = endObject(b, k == len(order)-1)
 		}
 		if len(b) >= 32<<10 {
 			if _, err := bw.Write(b); err != nil {
@@ -109,13 +99,7 @@ func WriteNodes(w io.Writer, format Format, nodes []affinity.Node) error {
 		return fmt.Errorf("export nodes: unsupported format %v", format)
 	}
 	order := sortedOrder(len(nodes), func(i, j int) int { return cmp.Compare(nodes[i].Name, nodes[j].Name) })
-	var b []byte
-	if format == FormatCSV {
-		b = append(b, strings.Join(nodeColumns[:], ",")...)
-		b = append(b, '\n')
-	} else {
-		b = append(b, "[\n"...)
-	}
+	b := exportHead(format, nodeColumns[:])
 	for k, i := range order {
 		n := &nodes[i]
 		addr, addr6 := "", ""
@@ -159,11 +143,7 @@ func WriteNodes(w io.Writer, format Format, nodes []affinity.Node) error {
 				b = append(b, `,"comment":`...)
 				b = appendJSONString(b, n.Comment)
 			}
-			b = append(b, '}')
-			if k < len(order)-1 {
-				b = append(b, ',')
-			}
-			b = append(b, '\n')
+			b = endObject(b, k == len(order)-1)
 		}
 	}
 	if format == FormatJSON {
@@ -173,6 +153,25 @@ func WriteNodes(w io.Writer, format Format, nodes []affinity.Node) error {
 		return fmt.Errorf("export nodes: %w", err)
 	}
 	return nil
+}
+
+// exportHead starts an export: the CSV header line, or the opening of the
+// JSON array.
+func exportHead(format Format, columns []string) []byte {
+	if format == FormatCSV {
+		return append([]byte(strings.Join(columns, ",")), '\n')
+	}
+	return []byte("[\n")
+}
+
+// endObject closes a JSON record, with the comma that separates it from
+// the next unless it is the last.
+func endObject(b []byte, last bool) []byte {
+	b = append(b, '}')
+	if !last {
+		b = append(b, ',')
+	}
+	return append(b, '\n')
 }
 
 // appendAddr appends an address, or nothing for the zero Addr (whose

@@ -26,6 +26,7 @@ func newImportCmd(g *globals) *cobra.Command {
 		kind, format     string
 		dryRun, replace  bool
 		show, maxRecords int
+		prof             profileFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "import FILE",
@@ -44,6 +45,11 @@ changes nothing. FILE "-" reads standard input.`,
 			if err != nil {
 				return err
 			}
+			stop, err := prof.start()
+			if err != nil {
+				return err
+			}
+			defer stop()
 			name := args[0]
 			in, size, err := openInput(name)
 			if err != nil {
@@ -101,6 +107,7 @@ changes nothing. FILE "-" reads standard input.`,
 	fl.BoolVar(&replace, "replace", false, "make the table equal to the file: remove what the file does not list")
 	fl.IntVar(&show, "show", 10, "how many ids of each kind of change to list")
 	fl.IntVar(&maxRecords, "max-records", 0, fmt.Sprintf("refuse files with more records (0: %d)", nms.DefaultMaxRecords))
+	prof.register(cmd)
 	return cmd
 }
 
@@ -323,18 +330,7 @@ func newShowCmd(g *globals) *cobra.Command {
 		Use:   "agents",
 		Short: "Show the node agents: per node SAs and tunnels, the merge's counters, and what was reported but not applied",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := daemonClient(g, cmd, "show agents")
-			if err != nil {
-				return err
-			}
-			res, err := c.Agents()
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return g.emitJSON(res)
-			}
+		RunE: askDaemon(g, "show agents", agentsHint, (*director.Client).Agents, func(res *director.AgentsResult) error {
 			w := g.table()
 			fmt.Fprintln(w, "NODE\tSAS\tTUNNELS\tMISPLACED\tLAST-REPORT\tLAST-FULL")
 			for _, name := range slices.Sorted(maps.Keys(res.Nodes)) {
@@ -359,30 +355,53 @@ func newShowCmd(g *globals) *cobra.Command {
 				w.Flush()
 			}
 			return nil
-		},
+		}),
 	}
 	cmd.AddCommand(tunnels, nodes, one, agentsCmd)
 	return cmd
 }
 
-// daemonClient returns the client of a running daemon, or an error naming
-// the command when none answers: the agents' facts live in the master
-// daemon's memory, not in the store.
-func daemonClient(g *globals, cmd *cobra.Command, what string) (*director.Client, error) {
+// agentsHint says why the agents' commands need a daemon: the agents'
+// facts live in the master daemon's memory, not in the store.
+const agentsHint = ": the agents' reports live in the running master daemon (pass --socket or --api)"
+
+// daemonClient returns the client of a running daemon, or, when none
+// answers, an error naming the command (what) with hint after it.
+func daemonClient(g *globals, cmd *cobra.Command, what, hint string) (*director.Client, error) {
 	c, err := g.client(cmd, true)
 	if err != nil {
 		return nil, err
 	}
 	if c == nil {
-		return nil, fmt.Errorf("%s: no daemon answers on %s: the agents' reports live in the running master daemon (pass --socket or --api)", what, g.socket)
+		return nil, fmt.Errorf("%s: no daemon answers on %s%s", what, g.socket, hint)
 	}
 	return c, nil
+}
+
+// askDaemon is the RunE of a command only a running daemon answers: it
+// asks the daemon and prints the answer as JSON with --json, else with
+// text.
+func askDaemon[T any](g *globals, what, hint string, ask func(*director.Client) (T, error), text func(T) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, _ []string) error {
+		c, err := daemonClient(g, cmd, what, hint)
+		if err != nil {
+			return err
+		}
+		r, err := ask(c)
+		if err != nil {
+			return err
+		}
+		if g.json {
+			return g.emitJSON(r)
+		}
+		return text(r)
+	}
 }
 
 // showMisplaced lists the tunnels whose SAs the agents report on a node
 // other than their owner.
 func showMisplaced(g *globals, cmd *cobra.Command) error {
-	c, err := daemonClient(g, cmd, "show tunnels --misplaced")
+	c, err := daemonClient(g, cmd, "show tunnels --misplaced", agentsHint)
 	if err != nil {
 		return err
 	}

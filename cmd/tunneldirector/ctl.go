@@ -9,25 +9,20 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tunneldirector/tunneldirector/director"
+	"github.com/tunneldirector/tunneldirector/director/ctsync"
+	"github.com/tunneldirector/tunneldirector/director/replication"
 )
 
 // newCtlCmd holds what keepalived calls: notify scripts, notify_fifo and
 // the readiness check.
 func newCtlCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "ctl", Short: "Control a running daemon from keepalived (role, notify_fifo, readiness)"}
-	daemon := func(c *cobra.Command) (*director.Client, error) {
-		cl, err := g.client(c, true)
-		if err == nil && cl == nil {
-			err = fmt.Errorf("no daemon answers on %s", g.socket)
-		}
-		return cl, err
-	}
 	role := &cobra.Command{
 		Use:   "role master|backup|fault",
 		Short: "Set the pair role (for keepalived's notify_master, notify_backup, notify_fault)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(c *cobra.Command, args []string) error {
-			cl, err := daemon(c)
+			cl, err := daemonClient(g, c, "ctl role", "")
 			if err != nil {
 				return err
 			}
@@ -50,7 +45,7 @@ director's role from the lines of the sync group (--group) or one instance
 			if (group == "") == (instance == "") {
 				return fmt.Errorf("notify-fifo: give exactly one of --group and --instance")
 			}
-			cl, err := daemon(c)
+			cl, err := daemonClient(g, c, "ctl notify-fifo", "")
 			if err != nil {
 				return err
 			}
@@ -87,7 +82,7 @@ director's role from the lines of the sync group (--group) or one instance
 		Short: "Exit 0 when the daemon is in sync with its peer (for a keepalived track_script)",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := daemon(c)
+			cl, err := daemonClient(g, c, "ctl ready", "")
 			if err != nil {
 				return err
 			}
@@ -98,18 +93,7 @@ director's role from the lines of the sync group (--group) or one instance
 		Use:   "conflicts",
 		Short: "Show the split-brain merges this director made as master: every record both directors changed, the winner and why",
 		Args:  cobra.NoArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := daemon(c)
-			if err != nil {
-				return err
-			}
-			reps, err := cl.Conflicts()
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return g.emitJSON(reps)
-			}
+		RunE: askDaemon(g, "ctl conflicts", "", (*director.Client).Conflicts, func(reps []replication.MergeReport) error {
 			for _, r := range reps {
 				fmt.Fprintf(g.out, "%s merge of director %d (revision %d, epoch %d) into revision %d: %d conflicts, %d tunnels kept from the peer, %d adopted\n",
 					r.At.Format(time.RFC3339), r.PeerID, r.PeerRevision, r.PeerEpoch, r.Revision, len(r.Conflicts), len(r.KeptFromPeer), len(r.AdoptedFromPeer))
@@ -118,60 +102,38 @@ director's role from the lines of the sync group (--group) or one instance
 				}
 			}
 			return nil
-		},
+		}),
 	}
-	cmd.AddCommand(role, fifo, ready, conflicts, newConntrackCmd(g, daemon))
+	cmd.AddCommand(role, fifo, ready, conflicts, newConntrackCmd(g))
 	return cmd
 }
 
 // newConntrackCmd holds conntrackd's -c, -f, -n/-B and -e for operators
 // who drive conntrack replication by hand (the daemon does all of them
 // itself on role changes).
-func newConntrackCmd(g *globals, daemon func(*cobra.Command) (*director.Client, error)) *cobra.Command {
+func newConntrackCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "conntrack", Short: "Conntrack replication by hand: commit, flush, resync, show"}
 	commit := &cobra.Command{
 		Use:   "commit",
 		Short: "Commit the cache of the peer's flows into this director's kernel now (conntrackd -c)",
 		Args:  cobra.NoArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := daemon(c)
-			if err != nil {
-				return err
-			}
-			r, err := cl.ConntrackCommit()
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return g.emitJSON(r)
-			}
+		RunE: askDaemon(g, "ctl conntrack commit", "", (*director.Client).ConntrackCommit, func(r *ctsync.CommitReport) error {
 			fmt.Fprintf(g.out, "committed %d entries (%d failed) in %s\n", r.Entries-r.Failed, r.Failed, r.Took)
 			if r.Error != "" {
 				return fmt.Errorf("conntrack commit: %s", r.Error)
 			}
 			return nil
-		},
+		}),
 	}
 	var cache bool
 	flush := &cobra.Command{
 		Use:   "flush",
 		Short: "Let the synced entries in this director's kernel run out (conntrackd -t); --cache also empties the cache (conntrackd -f)",
 		Args:  cobra.NoArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := daemon(c)
-			if err != nil {
-				return err
-			}
-			r, err := cl.ConntrackFlush(cache)
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return g.emitJSON(r)
-			}
+		RunE: askDaemon(g, "ctl conntrack flush", "", func(cl *director.Client) (*director.FlushResult, error) { return cl.ConntrackFlush(cache) }, func(r *director.FlushResult) error {
 			fmt.Fprintf(g.out, "%d entries left to run out; cache emptied: %v\n", r.Purged, r.CacheEmptied)
 			return nil
-		},
+		}),
 	}
 	flush.Flags().BoolVar(&cache, "cache", false, "also empty the cache of the peer's flows")
 	resync := &cobra.Command{
@@ -179,7 +141,7 @@ func newConntrackCmd(g *globals, daemon func(*cobra.Command) (*director.Client, 
 		Short: "Full resync: a backup asks the master for every flow (conntrackd -n), a master sends them (conntrackd -B)",
 		Args:  cobra.NoArgs,
 		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := daemon(c)
+			cl, err := daemonClient(g, c, "ctl conntrack resync", "")
 			if err != nil {
 				return err
 			}
@@ -196,23 +158,12 @@ func newConntrackCmd(g *globals, daemon func(*cobra.Command) (*director.Client, 
 		Use:   "show",
 		Short: "List the cache of the peer's flows (conntrackd -e)",
 		Args:  cobra.NoArgs,
-		RunE: func(c *cobra.Command, _ []string) error {
-			cl, err := daemon(c)
-			if err != nil {
-				return err
-			}
-			fs, err := cl.ConntrackFlows(limit)
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return g.emitJSON(fs)
-			}
+		RunE: askDaemon(g, "ctl conntrack show", "", func(cl *director.Client) ([]director.FlowInfo, error) { return cl.ConntrackFlows(limit) }, func(fs []director.FlowInfo) error {
 			for _, f := range fs {
 				fmt.Fprintln(g.out, f.Flow)
 			}
 			return nil
-		},
+		}),
 	}
 	show.Flags().IntVar(&limit, "limit", 100, "at most this many flows (0: all)")
 	cmd.AddCommand(commit, flush, resync, show)

@@ -306,21 +306,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 		Use:   "status",
 		Short: "Show a running daemon's status",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := g.client(cmd, true)
-			if err != nil {
-				return err
-			}
-			if c == nil {
-				return fmt.Errorf("status: no daemon answers on %s (start one with 'tunneldirector run', or pass --socket)", g.socket)
-			}
-			s, err := c.Status()
-			if err != nil {
-				return err
-			}
-			if g.json {
-				return g.emitJSON(s)
-			}
+		RunE: askDaemon(g, "status", " (start one with 'tunneldirector run', or pass --socket)", (*director.Client).Status, func(s *director.Status) error {
 			w := g.table()
 			fmt.Fprintf(w, "mode\t%s\nrevision\t%d (kernel at %d)\ntunnels\t%d\nnodes\t%d\n", s.Mode, s.Revision, s.KernelRevision, s.Tunnels, s.Nodes)
 			fmt.Fprintf(w, "last reconcile\t%s (took %s)\nreconciles\t%d (%d failed)\n", s.LastReconcile.Format(time.RFC3339), s.LastReconcileTook, s.Reconciles, s.ReconcileErrors)
@@ -371,7 +357,7 @@ func newStatusCmd(g *globals) *cobra.Command {
 				}
 			}
 			return w.Flush()
-		},
+		}),
 	}
 }
 

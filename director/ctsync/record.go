@@ -71,12 +71,22 @@ func appendTuple(b []byte, t *conntrack.Tuple) []byte {
 	return b
 }
 
-// appendPut encodes a flow's put record.
-func appendPut(b []byte, f *conntrack.Flow) []byte {
+// keyFlags are the flags of what both a put and a destroy record carry:
+// the family and the zone.
+func keyFlags(f *conntrack.Flow) byte {
 	flags := byte(0)
 	if f.Orig.V6 {
 		flags |= fV6
 	}
+	if f.Zone != 0 {
+		flags |= fZone
+	}
+	return flags
+}
+
+// appendPut encodes a flow's put record.
+func appendPut(b []byte, f *conntrack.Flow) []byte {
+	flags := keyFlags(f)
 	nat := f.NAT()
 	if nat {
 		flags |= fNAT
@@ -86,9 +96,6 @@ func appendPut(b []byte, f *conntrack.Flow) []byte {
 	}
 	if f.Mark != 0 {
 		flags |= fMark
-	}
-	if f.Zone != 0 {
-		flags |= fZone
 	}
 	b = append(b, recPut, flags, f.Orig.Proto)
 	b = appendTuple(b, &f.Orig)
@@ -111,14 +118,7 @@ func appendPut(b []byte, f *conntrack.Flow) []byte {
 
 // appendDestroy encodes the destroy record of a flow's key.
 func appendDestroy(b []byte, f *conntrack.Flow) []byte {
-	flags := byte(0)
-	if f.Orig.V6 {
-		flags |= fV6
-	}
-	if f.Zone != 0 {
-		flags |= fZone
-	}
-	b = append(b, recDestroy, flags, f.Orig.Proto)
+	b = append(b, recDestroy, keyFlags(f), f.Orig.Proto)
 	b = appendTuple(b, &f.Orig)
 	if f.Zone != 0 {
 		b = binary.BigEndian.AppendUint16(b, f.Zone)

@@ -222,12 +222,7 @@ func (f sinkFunc) Apply(d Decision) error { return f(d) }
 //
 //	go test -run X -bench IKEProbe ./director/health/
 func BenchmarkIKEProbe(b *testing.B) {
-	r, err := ikeresponder.Listen(netip.MustParseAddrPort("127.0.0.1:0"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	r.Start()
-	defer r.Close()
+	r := startResponder(b, "127.0.0.1:0")
 	c := &checker{dial: dialKernel}
 	b.ReportAllocs()
 	for b.Loop() {

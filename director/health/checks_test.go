@@ -20,16 +20,24 @@ func ikeOnce(t *testing.T, c *checker, dst netip.AddrPort) CheckResult {
 	return c.ike(ctx, dst, 250*time.Millisecond)
 }
 
+// startResponder starts a Go IKE responder on addr, closed when the test
+// ends.
+func startResponder(tb testing.TB, addr string) *ikeresponder.Responder {
+	tb.Helper()
+	r, err := ikeresponder.Listen(netip.MustParseAddrPort(addr))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	r.Start()
+	tb.Cleanup(func() { r.Close() })
+	return r
+}
+
 // The IKE check on loopback against the test responder in every mode: only
 // a well-formed response with the probe's SPI from the probed address and
 // port counts.
 func TestIKECheckAgainstResponder(t *testing.T) {
-	r, err := ikeresponder.Listen(netip.MustParseAddrPort("127.0.0.1:0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Start()
-	defer r.Close()
+	r := startResponder(t, "127.0.0.1:0")
 	other, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatal(err)
@@ -68,12 +76,7 @@ func TestIKECheckAgainstResponder(t *testing.T) {
 		}
 	}
 	// IPv6.
-	r6, err := ikeresponder.Listen(netip.MustParseAddrPort("[::1]:0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r6.Start()
-	defer r6.Close()
+	r6 := startResponder(t, "[::1]:0")
 	if res := ikeOnce(t, c, r6.Addr()); !res.OK || res.Detail != "INVALID_KE_PAYLOAD (group 31)" {
 		t.Errorf("IPv6: %+v", res)
 	}
@@ -133,12 +136,7 @@ func TestTCPAndExecChecks(t *testing.T) {
 
 // A round runs all of a node's checks and passes only when all do.
 func TestRoundRunsAllChecks(t *testing.T) {
-	r, err := ikeresponder.Listen(netip.MustParseAddrPort("127.0.0.1:0"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.Start()
-	defer r.Close()
+	r := startResponder(t, "127.0.0.1:0")
 	p := DefaultConfig().Params
 	p.Checks = []string{CheckIKE, CheckExec, CheckHeartbeat}
 	p.IKE.Port = r.Addr().Port()

@@ -103,6 +103,15 @@ func (f *fixture) round(name string, ok bool) {
 // tick advances to the next interval.
 func (f *fixture) tick() { f.clock.advance(time.Second - 10*time.Millisecond) }
 
+// rounds runs n rounds of name's checks (passing when ok), a tick after
+// each.
+func (f *fixture) rounds(n int, name string, ok bool) {
+	for range n {
+		f.round(name, ok)
+		f.tick()
+	}
+}
+
 // take returns and clears the decisions so far.
 func (f *fixture) take() []string {
 	var out []string
@@ -121,11 +130,15 @@ func (f *fixture) want(what string, want ...string) {
 	}
 }
 
-func (f *fixture) view(name string) NodeView {
-	st := f.m.Status()
+func (f *fixture) view(name string) NodeView { return viewOf(f.t, f.m.Status(), name) }
+
+// viewOf returns name's view in a status, failing the test when it has
+// none.
+func viewOf(t *testing.T, st Status, name string) NodeView {
+	t.Helper()
 	v, ok := st.Node(name)
 	if !ok {
-		f.t.Fatalf("no node %s in status", name)
+		t.Fatalf("no node %s in status", name)
 	}
 	return v
 }
@@ -242,25 +255,13 @@ func TestHeldNodeShowsHold(t *testing.T) {
 	cfg := testConfig()
 	cfg.Flap.Count = 1
 	f := newFixture(t, cfg, "n1", "n2", "n3")
-	for range 2 {
-		f.round("n1", false)
-		f.tick()
-	}
+	f.rounds(2, "n1", false)
 	f.want("down", "n1 down")
-	for range 2 {
-		f.round("n1", true)
-		f.tick()
-	}
+	f.rounds(2, "n1", true)
 	f.want("up", "n1 active")
-	for range 2 {
-		f.round("n1", false)
-		f.tick()
-	}
+	f.rounds(2, "n1", false)
 	f.want("down again: held", "n1 down")
-	for range 3 {
-		f.round("n1", true)
-		f.tick()
-	}
+	f.rounds(3, "n1", true)
 	v := f.view("n1")
 	if v.HeldUntil.IsZero() || !strings.HasPrefix(v.Health(), "held down until ") || !strings.Contains(v.Pending, "held down until") {
 		t.Fatalf("held node: health %q pending %q", v.Health(), v.Pending)
@@ -333,10 +334,7 @@ func TestInsideLinkDownMovesNothing(t *testing.T) {
 	f.round("n1", false)
 	f.m.Link(false)
 	f.tick()
-	for range 3 {
-		f.round("n1", false)
-		f.tick()
-	}
+	f.rounds(3, "n1", false)
 	f.want("link down")
 	if v := f.view("n1"); v.Failing != 0 {
 		t.Fatalf("rounds counted while the link was down: failing %d", v.Failing)
@@ -386,16 +384,10 @@ func TestLinkDownDropsDueDecision(t *testing.T) {
 func TestOperatorStatesWin(t *testing.T) {
 	f := newFixture(t, testConfig(), "n1", "n2", "n3")
 	f.operator("n1", "drain")
-	for range 3 {
-		f.round("n1", false)
-		f.tick()
-	}
+	f.rounds(3, "n1", false)
 	f.want("a drained node failing is not taken down")
 	f.operator("n2", "down")
-	for range 3 {
-		f.round("n2", true)
-		f.tick()
-	}
+	f.rounds(3, "n2", true)
 	f.want("a node down by hand is not brought up")
 	if v := f.view("n1"); !v.Operator || !strings.HasPrefix(v.Health(), "draining (operator)") {
 		t.Fatalf("n1: %q", v.Health())
@@ -407,10 +399,7 @@ func TestOperatorStatesWin(t *testing.T) {
 	cfg.Flap.Hold = time.Hour
 	cfg.Flap.HoldMax = time.Hour
 	g := newFixture(t, cfg, "n1", "n2", "n3")
-	for range 2 {
-		g.round("n1", false)
-		g.tick()
-	}
+	g.rounds(2, "n1", false)
 	g.want("down and held", "n1 down")
 	if g.nodes["n1"].Record.HoldUntil.IsZero() {
 		t.Fatal("no hold")
@@ -429,10 +418,7 @@ func TestOperatorStatesWin(t *testing.T) {
 func TestBackupDecidesNothingAndNewMasterActs(t *testing.T) {
 	f := newFixture(t, testConfig(), "n1", "n2", "n3")
 	f.m.Role(false)
-	for range 3 {
-		f.round("n1", false)
-		f.tick()
-	}
+	f.rounds(3, "n1", false)
 	f.want("backup")
 	if v := f.view("n1"); v.Pending != "down due: the master decides" {
 		t.Fatalf("backup view: %q", v.Pending)
@@ -445,10 +431,7 @@ func TestTakeoverContinuesHold(t *testing.T) {
 	cfg := testConfig()
 	cfg.Flap.Count = 0
 	master := newFixture(t, cfg, "n1", "n2", "n3")
-	for range 2 {
-		master.round("n1", false)
-		master.tick()
-	}
+	master.rounds(2, "n1", false)
 	master.want("down and held", "n1 down")
 	rec := master.nodes["n1"].Record
 
@@ -459,10 +442,7 @@ func TestTakeoverContinuesHold(t *testing.T) {
 	backup.clock.t = master.clock.t
 	backup.nodes = master.nodes
 	backup.push()
-	for range 3 {
-		backup.round("n1", true)
-		backup.tick()
-	}
+	backup.rounds(3, "n1", true)
 	backup.m.Role(true) // takeover
 	backup.want("the hold carries over: nothing before it ends")
 	backup.clock.t = rec.HoldUntil

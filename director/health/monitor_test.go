@@ -126,14 +126,7 @@ func (s *scenario) waitAllPassing(since time.Time, within time.Duration) {
 	s.t.Fatalf("not all nodes passing after %s:\n%s", within, s.status())
 }
 
-func (s *scenario) view(name string) NodeView {
-	st := s.mon.Status()
-	v, ok := st.Node(name)
-	if !ok {
-		s.t.Fatalf("no node %s in status", name)
-	}
-	return v
-}
+func (s *scenario) view(name string) NodeView { return viewOf(s.t, s.mon.Status(), name) }
 
 func scenarioConfig() Config {
 	cfg := DefaultConfig()

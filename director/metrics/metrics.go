@@ -100,6 +100,18 @@ func NewDesc(subsystem, name, help string, counter bool, labels ...string) *prom
 	return prometheus.NewDesc(Name(subsystem, name, counter), help, labels, nil)
 }
 
+// Descs returns the constructors of a subsystem's gauge and counter
+// descriptions, for a Collector that declares many.
+func Descs(subsystem string) (gauge, counter func(name, help string, labels ...string) *prometheus.Desc) {
+	gauge = func(name, help string, labels ...string) *prometheus.Desc {
+		return NewDesc(subsystem, name, help, false, labels...)
+	}
+	counter = func(name, help string, labels ...string) *prometheus.Desc {
+		return NewDesc(subsystem, name, help, true, labels...)
+	}
+	return gauge, counter
+}
+
 // NewCounterVec makes a counter family (name ends in _total).
 func NewCounterVec(subsystem, name, help string, labels ...string) *prometheus.CounterVec {
 	return prometheus.NewCounterVec(prometheus.CounterOpts{Name: Name(subsystem, name, true), Help: help}, labels)

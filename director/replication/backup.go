@@ -165,7 +165,7 @@ func (r *Replicator) tryApply() {
 		if t := b.ready; t != nil {
 			switch {
 			case t.full && t.rev > r.rev:
-				r.applyTarget(t)
+				r.applyTarget(t, false)
 				continue
 			case !t.full && t.rev < r.rev:
 				b.ready = nil // stale repair: the next digest asks again
@@ -173,7 +173,7 @@ func (r *Replicator) tryApply() {
 			case b.pendByPrev[t.rev] == nil || !b.pendByPrev[t.rev].complete():
 				// Nothing follows it yet: apply it at its own revision
 				// now rather than wait for the master's next change.
-				r.applyTargetReset(t)
+				r.applyTarget(t, true)
 				continue
 			case t.full || t.rev == r.rev:
 				rep, start = t, t.rev

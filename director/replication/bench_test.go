@@ -142,15 +142,15 @@ func BenchmarkSustainedFake(b *testing.B) {
 }
 
 // udpPair wires two replicators over loopback UDP, running on real time.
-func udpPair(b *testing.B, s0, s1 *store.Store, mod func(*Config)) (r0, r1 *Replicator, stop func()) {
+func udpPair(tb testing.TB, s0, s1 *store.Store, mod func(*Config)) (r0, r1 *Replicator, stop func()) {
 	lo := netip.MustParseAddrPort("127.0.0.1:0")
 	u0, err := ListenUDP(UDPConfig{Local: lo, Peer: netip.MustParseAddrPort("127.0.0.1:9")})
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
 	u1, err := ListenUDP(UDPConfig{Local: lo, Peer: u0.LocalAddr()})
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
 	u0.SetPeer(u1.LocalAddr())
 	c0 := Config{ID: 1, Key: testKey, Store: s0, Transport: u0}
@@ -160,10 +160,10 @@ func udpPair(b *testing.B, s0, s1 *store.Store, mod func(*Config)) (r0, r1 *Repl
 		mod(&c1)
 	}
 	if r0, err = New(c0); err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
 	if r1, err = New(c1); err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
 	r0.SetRole(RoleMaster)
 	ctx, cancel := context.WithCancel(context.Background())

@@ -8,6 +8,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/director/replication/wire"
 	"github.com/tunneldirector/tunneldirector/internal/clock"
+	"github.com/tunneldirector/tunneldirector/internal/enum"
 	"github.com/tunneldirector/tunneldirector/store"
 )
 
@@ -24,12 +25,7 @@ const (
 var roleNames = [...]string{"backup", "master", "fault"}
 
 // String returns "backup", "master" or "fault".
-func (r Role) String() string {
-	if int(r) < len(roleNames) {
-		return roleNames[r]
-	}
-	return fmt.Sprintf("Role(%d)", uint8(r))
-}
+func (r Role) String() string { return enum.String(roleNames[:], "Role", r) }
 
 // MarshalText makes a role read as its name in JSON status.
 func (r Role) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
@@ -43,10 +39,8 @@ func (r *Role) UnmarshalText(b []byte) error {
 
 // ParseRole parses "master", "backup" or "fault".
 func ParseRole(s string) (Role, error) {
-	for i, n := range roleNames {
-		if n == s {
-			return Role(i), nil
-		}
+	if v, ok := enum.Parse[Role](roleNames[:], s, false); ok {
+		return v, nil
 	}
 	return 0, fmt.Errorf("unknown role %q (want master, backup or fault)", s)
 }
@@ -69,23 +63,16 @@ const (
 var stateNames = [...]string{"syncing", "in-sync", "out-of-sync"}
 
 // String returns "syncing", "in-sync" or "out-of-sync".
-func (s SyncState) String() string {
-	if int(s) < len(stateNames) {
-		return stateNames[s]
-	}
-	return fmt.Sprintf("SyncState(%d)", uint8(s))
-}
+func (s SyncState) String() string { return enum.String(stateNames[:], "SyncState", s) }
 
 // MarshalText makes a state read as its name in JSON status.
 func (s SyncState) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 
 // UnmarshalText parses the state's name, for API clients.
 func (s *SyncState) UnmarshalText(b []byte) error {
-	for v := SyncState(0); v < 8; v++ {
-		if v.String() == string(b) {
-			*s = v
-			return nil
-		}
+	if v, ok := enum.Parse[SyncState](stateNames[:], string(b), false); ok {
+		*s = v
+		return nil
 	}
 	return fmt.Errorf("unknown sync state %q", b)
 }

@@ -1,8 +1,6 @@
 package replication
 
 import (
-	"context"
-	"net/netip"
 	"path/filepath"
 	"reflect"
 	"testing"
@@ -12,18 +10,6 @@ import (
 // TestUDPLoopback runs two replicators on 127.0.0.1 with real sockets and
 // real time.
 func TestUDPLoopback(t *testing.T) {
-	lo := netip.MustParseAddrPort("127.0.0.1:0")
-	u0, err := ListenUDP(UDPConfig{Local: lo, Peer: netip.MustParseAddrPort("127.0.0.1:9")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	u1, err := ListenUDP(UDPConfig{Local: lo, Peer: u0.LocalAddr()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	u0.SetPeer(u1.LocalAddr())
-	defer u0.Close()
-	defer u1.Close()
 	dir := t.TempDir()
 	s0 := openStore(t, filepath.Join(dir, "a.db"), 0)
 	s1 := openStore(t, filepath.Join(dir, "b.db"), 0)
@@ -32,21 +18,8 @@ func TestUDPLoopback(t *testing.T) {
 	for range 50 {
 		commit(s0, o.batch(s0.Table())) // before start: the backup needs a snapshot
 	}
-	r0, err := New(Config{ID: 1, Key: testKey, Store: s0, Transport: u0})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r1, err := New(Config{ID: 2, Key: testKey, Store: s1, Transport: u1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r0.SetRole(RoleMaster)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{}, 2)
-	for _, r := range []*Replicator{r0, r1} {
-		go func() { r.Run(ctx); done <- struct{}{} }()
-	}
-	defer func() { cancel(); <-done; <-done }()
+	r0, r1, stop := udpPair(t, s0, s1, nil)
+	defer stop()
 	for range 200 {
 		commit(s0, o.batch(s0.Table()))
 	}

@@ -452,35 +452,27 @@ func (r *Replicator) targetOps(t *target) []affinity.Change {
 	return r.st.Table().DiffTo(&s, in)
 }
 
-// applyTarget applies a snapshot above the table's revision on its own.
-func (r *Replicator) applyTarget(t *target) {
-	ops := r.targetOps(t)
-	a, err := r.st.CommitAt(t.rev, ops)
+// applyTarget applies a snapshot or repair on its own. Above the table's
+// revision it is committed at its revision; with reset (at or below the
+// table's revision) the store ends at exactly the target's revision, and
+// the digests of revisions above it, which belonged to a history the
+// master does not share, are dropped.
+func (r *Replicator) applyTarget(t *target, reset bool) {
+	commit := r.st.CommitAt
+	if reset {
+		commit = r.st.CommitReset
+	}
+	a, err := commit(t.rev, r.targetOps(t))
 	if err != nil {
 		r.applyFailed(t.rev, err)
 		return
 	}
 	r.committed(a)
-	r.rev = max(r.rev, t.rev) // nothing differed: follow the master's number
-	r.c.ChangesApplied += uint64(len(a.Changes))
-	r.appliedTarget(t)
-	r.gcPending()
-	r.noteBehind(r.clk.Now())
-}
-
-// applyTargetReset applies a snapshot or repair at or below the table's
-// revision: the store ends at exactly the target's revision, and the
-// digests of revisions above it, which belonged to a history the master
-// does not share, are dropped.
-func (r *Replicator) applyTargetReset(t *target) {
-	ops := r.targetOps(t)
-	a, err := r.st.CommitReset(t.rev, ops)
-	if err != nil {
-		r.applyFailed(t.rev, err)
-		return
+	if reset {
+		r.rev = t.rev
+	} else {
+		r.rev = max(r.rev, t.rev) // nothing differed: follow the master's number
 	}
-	r.committed(a)
-	r.rev = t.rev
 	r.c.ChangesApplied += uint64(len(a.Changes))
 	r.appliedTarget(t)
 	r.gcPending()

@@ -14,6 +14,7 @@
 package farmlab
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -68,15 +69,9 @@ func (o *Options) check() error {
 }
 
 func (o *Options) defaults() {
-	if o.Nodes == 0 {
-		o.Nodes = 4
-	}
-	if o.PeerHosts == 0 {
-		o.PeerHosts = 8
-	}
-	if o.TunnelsPerHost == 0 {
-		o.TunnelsPerHost = 32
-	}
+	o.Nodes = cmp.Or(o.Nodes, 4)
+	o.PeerHosts = cmp.Or(o.PeerHosts, 8)
+	o.TunnelsPerHost = cmp.Or(o.TunnelsPerHost, 32)
 	if o.Out == nil {
 		o.Out = io.Discard
 	}

@@ -152,6 +152,24 @@ type Switch struct {
 	ports int
 }
 
+// Pair adds namespaces a and b joined by a veth pair with ifname at both
+// ends, failing t when the kernel refuses any of it.
+func (l *Lab) Pair(t testing.TB, a, b, ifname string) (*NS, *NS) {
+	t.Helper()
+	na, err := l.AddNS(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nb, err := l.AddNS(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Veth(na, ifname, nb, ifname); err != nil {
+		t.Fatal(err)
+	}
+	return na, nb
+}
+
 // AddSwitch creates a namespace holding one bridge br0 (no STP, no
 // multicast snooping: ports forward at once and flood ND/ARP).
 func (l *Lab) AddSwitch(name string) (*Switch, error) {

@@ -129,17 +129,7 @@ func TestSteeringByPeerAddress(t *testing.T) {
 // TestLossInjection proves that SetLoss drops about the configured share.
 func TestLossInjection(t *testing.T) {
 	l := netlab.New(t)
-	a, err := l.AddNS("a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := l.AddNS("b")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Veth(a, "eth0", b, "eth0"); err != nil {
-		t.Fatal(err)
-	}
+	a, b := l.Pair(t, "a", "b", "eth0")
 	for i, n := range []*netlab.NS{a, b} {
 		if err := n.AddAddr("eth0", netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 51, 100, byte(1 + i)}), 24)); err != nil {
 			t.Fatal(err)

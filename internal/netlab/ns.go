@@ -174,26 +174,20 @@ type Route struct {
 }
 
 // AddRoute adds a route.
-func (n *NS) AddRoute(r Route) error {
-	nr, err := n.route(r)
-	if err != nil {
-		return err
-	}
-	if err := n.nl.RouteAdd(nr); err != nil {
-		return fmt.Errorf("netns %s: add route %s via %v dev %q table %d: %w", n.Name, r.Dst, r.Via, r.Dev, r.Table, err)
-	}
-	return nil
-}
+func (n *NS) AddRoute(r Route) error { return n.routeOp(r, "add", n.nl.RouteAdd) }
 
 // ReplaceRoute adds a route or replaces the one to the same destination:
 // a test moves a host's default gateway with it (a VIP takeover).
-func (n *NS) ReplaceRoute(r Route) error {
+func (n *NS) ReplaceRoute(r Route) error { return n.routeOp(r, "replace", n.nl.RouteReplace) }
+
+// routeOp builds r and hands it to op (verb names op in the error).
+func (n *NS) routeOp(r Route, verb string, op func(*netlink.Route) error) error {
 	nr, err := n.route(r)
 	if err != nil {
 		return err
 	}
-	if err := n.nl.RouteReplace(nr); err != nil {
-		return fmt.Errorf("netns %s: replace route %s via %v dev %q table %d: %w", n.Name, r.Dst, r.Via, r.Dev, r.Table, err)
+	if err := op(nr); err != nil {
+		return fmt.Errorf("netns %s: %s route %s via %v dev %q table %d: %w", n.Name, verb, r.Dst, r.Via, r.Dev, r.Table, err)
 	}
 	return nil
 }

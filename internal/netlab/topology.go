@@ -1,6 +1,7 @@
 package netlab
 
 import (
+	"cmp"
 	"fmt"
 	"net/netip"
 	"testing"
@@ -116,15 +117,9 @@ func BuildTopology(t testing.TB, o TopologyOptions) *Topology {
 
 // BuildTopology builds a topology in the lab.
 func (l *Lab) BuildTopology(o TopologyOptions) (*Topology, error) {
-	if o.Peers == 0 {
-		o.Peers = 2
-	}
-	if o.Directors == 0 {
-		o.Directors = 2
-	}
-	if o.Nodes == 0 {
-		o.Nodes = 3
-	}
+	o.Peers = cmp.Or(o.Peers, 2)
+	o.Directors = cmp.Or(o.Directors, 2)
+	o.Nodes = cmp.Or(o.Nodes, 3)
 	if o.Directors > 2 {
 		return nil, fmt.Errorf("topology: %d directors: at most 2 supported", o.Directors)
 	}

@@ -3,6 +3,8 @@ package conntrack
 import (
 	"fmt"
 	"net/netip"
+
+	"github.com/tunneldirector/tunneldirector/internal/enum"
 )
 
 // Tuple is one direction of a conntrack entry: addresses, protocol and
@@ -273,12 +275,7 @@ const (
 var eventNames = [...]string{"", "new", "update", "destroy", "lost"}
 
 // String names the event type.
-func (e EventType) String() string {
-	if int(e) < len(eventNames) && e != 0 {
-		return eventNames[e]
-	}
-	return fmt.Sprintf("EventType(%d)", uint8(e))
-}
+func (e EventType) String() string { return enum.String(eventNames[:], "EventType", e) }
 
 // Event is one conntrack event.
 type Event struct {

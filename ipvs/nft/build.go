@@ -144,6 +144,9 @@ func markOf(b []byte) uint32 {
 	return binaryutil.NativeEndian.Uint32(b)
 }
 
+// famElems are the element changes of one family's VIP and peer maps.
+type famElems struct{ vips, peers []nftables.SetElement }
+
 type elemOp func(*nftables.Set, []nftables.SetElement) error
 
 func chunked(op elemOp, s *nftables.Set, els []nftables.SetElement) error {
@@ -204,7 +207,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	}
 	// Deletions before additions: a changed element is a delete and an add
 	// of the same key in the same transaction.
-	var del, add [2]struct{ vips, peers []nftables.SetElement }
+	var del, add [2]famElems
 	delSub, addSub := map[Len][]nftables.SetElement{}, map[Len][]nftables.SetElement{}
 	gone := map[Len]bool{}
 	for _, l := range p.DelLens {
@@ -267,21 +270,6 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 		l := LenOf(pf)
 		addSub[l] = append(addSub[l], nftables.SetElement{Key: pf.Addr().AsSlice(), Val: markBytes(m)})
 	}
-	for i, f := range n.fams {
-		for _, x := range []struct {
-			s  *nftables.Set
-			el []nftables.SetElement
-		}{{f.vips, del[i].vips}, {f.peers, del[i].peers}} {
-			if err := chunked(c.SetDeleteElements, x.s, x.el); err != nil {
-				return err
-			}
-		}
-	}
-	for _, l := range slices.SortedFunc(maps.Keys(delSub), lenLess) {
-		if err := chunked(c.SetDeleteElements, sub(l), delSub[l]); err != nil {
-			return err
-		}
-	}
 	var hdel, hadd []nftables.SetElement
 	for _, k := range p.DelHash {
 		hdel = append(hdel, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(k)})
@@ -289,25 +277,28 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for k, m := range p.AddHash {
 		hadd = append(hadd, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(k), Val: markBytes(m)})
 	}
-	if err := chunked(c.SetDeleteElements, n.hash, hdel); err != nil {
-		return err
-	}
-	for i, f := range n.fams {
-		for _, x := range []struct {
-			s  *nftables.Set
-			el []nftables.SetElement
-		}{{f.vips, add[i].vips}, {f.peers, add[i].peers}} {
-			if err := chunked(c.SetAddElements, x.s, x.el); err != nil {
+	// send queues one direction of the element changes to every map: each
+	// family's VIPs and peers, the subnet maps by length, the hash map.
+	send := func(op elemOp, fams [2]famElems, subs map[Len][]nftables.SetElement, hash []nftables.SetElement) error {
+		for i, f := range n.fams {
+			if err := chunked(op, f.vips, fams[i].vips); err != nil {
+				return err
+			}
+			if err := chunked(op, f.peers, fams[i].peers); err != nil {
 				return err
 			}
 		}
-	}
-	for _, l := range slices.SortedFunc(maps.Keys(addSub), lenLess) {
-		if err := chunked(c.SetAddElements, sub(l), addSub[l]); err != nil {
-			return err
+		for _, l := range slices.SortedFunc(maps.Keys(subs), lenLess) {
+			if err := chunked(op, sub(l), subs[l]); err != nil {
+				return err
+			}
 		}
+		return chunked(op, n.hash, hash)
 	}
-	if err := chunked(c.SetAddElements, n.hash, hadd); err != nil {
+	if err := send(c.SetDeleteElements, del, delSub, hdel); err != nil {
+		return err
+	}
+	if err := send(c.SetAddElements, add, addSub, hadd); err != nil {
 		return err
 	}
 	if p.Digest != nil {

@@ -55,37 +55,21 @@ func (m *PeerMap) Set(a netip.Addr, v uint32) (added bool) {
 		if m.v4 == nil {
 			m.v4 = map[uint32]uint32{}
 		}
-		k := v4Key(a)
-		old, had := m.v4[k]
-		m.v4[k] = v
-		m.sum += peer4Hash(k, v) - ifHad(had, peer4Hash(k, old))
-		return !had
+		return set(m.v4, &m.sum, peer4Hash, v4Key(a), v)
 	}
 	if m.v6 == nil {
 		m.v6 = map[[16]byte]uint32{}
 	}
-	k := a.As16()
-	old, had := m.v6[k]
-	m.v6[k] = v
-	m.sum += peer6Hash(k, v) - ifHad(had, peer6Hash(k, old))
-	return !had
+	return set(m.v6, &m.sum, peer6Hash, a.As16(), v)
 }
 
 // Delete removes a.
 func (m *PeerMap) Delete(a netip.Addr) {
 	if a.Is4() {
-		k := v4Key(a)
-		if old, had := m.v4[k]; had {
-			delete(m.v4, k)
-			m.sum -= peer4Hash(k, old)
-		}
+		del(m.v4, &m.sum, peer4Hash, v4Key(a))
 		return
 	}
-	k := a.As16()
-	if old, had := m.v6[k]; had {
-		delete(m.v6, k)
-		m.sum -= peer6Hash(k, old)
-	}
+	del(m.v6, &m.sum, peer6Hash, a.As16())
 }
 
 // Len is the number of endpoints.
@@ -146,40 +130,20 @@ func (m *SubnetMap) Set(p netip.Prefix, v uint32) (added bool) {
 		if m.v4 == nil {
 			m.v4 = map[uint64]uint32{}
 		}
-		k := v4PrefixKey(p)
-		old, had := m.v4[k]
-		m.v4[k] = v
-		m.sum += subnet4Hash(k, v) - ifHad(had, subnet4Hash(k, old))
-		return !had
+		return set(m.v4, &m.sum, subnet4Hash, v4PrefixKey(p), v)
 	}
 	if m.v6 == nil {
 		m.v6 = map[prefix6]uint32{}
 	}
-	k := prefix6{p.Addr().As16(), uint8(p.Bits())}
-	old, had := m.v6[k]
-	m.v6[k] = v
-	m.sum += subnet6Hash(k, v) - ifHad(had, subnet6Hash(k, old))
-	return !had
+	return set(m.v6, &m.sum, subnet6Hash, prefix6{p.Addr().As16(), uint8(p.Bits())}, v)
 }
 
 // Delete removes p and says whether it was there.
 func (m *SubnetMap) Delete(p netip.Prefix) (removed bool) {
 	if p.Addr().Is4() {
-		k := v4PrefixKey(p)
-		old, had := m.v4[k]
-		if had {
-			delete(m.v4, k)
-			m.sum -= subnet4Hash(k, old)
-		}
-		return had
+		return del(m.v4, &m.sum, subnet4Hash, v4PrefixKey(p))
 	}
-	k := prefix6{p.Addr().As16(), uint8(p.Bits())}
-	old, had := m.v6[k]
-	if had {
-		delete(m.v6, k)
-		m.sum -= subnet6Hash(k, old)
-	}
-	return had
+	return del(m.v6, &m.sum, subnet6Hash, prefix6{p.Addr().As16(), uint8(p.Bits())})
 }
 
 // Len is the number of subnets.
@@ -298,6 +262,24 @@ func (m *SubnetMap) hash(p netip.Prefix, v uint32) uint64 {
 		return subnet4Hash(v4PrefixKey(p), v)
 	}
 	return subnet6Hash(prefix6{p.Addr().As16(), uint8(p.Bits())}, v)
+}
+
+// set sets k's value in m, keeps sum, and says whether k is new.
+func set[K comparable](m map[K]uint32, sum *uint64, h func(K, uint32) uint64, k K, v uint32) bool {
+	old, had := m[k]
+	m[k] = v
+	*sum += h(k, v) - ifHad(had, h(k, old))
+	return !had
+}
+
+// del removes k from m, keeps sum, and says whether k was there.
+func del[K comparable](m map[K]uint32, sum *uint64, h func(K, uint32) uint64, k K) bool {
+	old, had := m[k]
+	if had {
+		delete(m, k)
+		*sum -= h(k, old)
+	}
+	return had
 }
 
 // ifHad is h when had, else 0: what a replaced element takes off a sum.

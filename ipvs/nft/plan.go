@@ -68,6 +68,17 @@ func (p *Plan) Count() (a, c, r int) {
 	return a - ch, c + ch, r - ch
 }
 
+// keysNotIn lists the keys of a that b lacks (nil when none).
+func keysNotIn[K comparable, V any](a, b map[K]V) []K {
+	var out []K
+	for k := range a {
+		if _, ok := b[k]; !ok {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
 func diffMap[K comparable](cur, want map[K]uint32) (add map[K]uint32, del []K) {
 	add = map[K]uint32{}
 	for k, v := range want {
@@ -127,30 +138,12 @@ func Diff(cur, want *State) *Plan {
 		p.AddHash = maps.Clone(want.Hash)
 		return p
 	}
-	for l := range want.Lens {
-		if _, ok := cur.Lens[l]; !ok {
-			p.AddLens = append(p.AddLens, l)
-		}
-	}
-	for l := range cur.Lens {
-		if _, ok := want.Lens[l]; !ok {
-			p.DelLens = append(p.DelLens, l)
-		}
-	}
+	p.AddLens, p.DelLens = keysNotIn(want.Lens, cur.Lens), keysNotIn(cur.Lens, want.Lens)
 	// The signature names the lengths, so a chain that matches it has a
 	// rule for every wanted map; a changed length set rebuilds it anyway.
 	p.Chain = !cur.Sig.Equal(want.Sig) || len(p.AddLens)+len(p.DelLens) > 0
 	p.LensOnly = p.Chain && cur.Sig.Version == Layout && cur.Sig.sameButLens(want.Sig)
-	for v := range want.VIPs {
-		if _, ok := cur.VIPs[v]; !ok {
-			p.AddVIPs = append(p.AddVIPs, v)
-		}
-	}
-	for v := range cur.VIPs {
-		if _, ok := want.VIPs[v]; !ok {
-			p.DelVIPs = append(p.DelVIPs, v)
-		}
-	}
+	p.AddVIPs, p.DelVIPs = keysNotIn(want.VIPs, cur.VIPs), keysNotIn(cur.VIPs, want.VIPs)
 	p.AddPeers, p.DelPeers = diffElems(&cur.Peers, &want.Peers)
 	p.AddSubnets, p.DelSubnets = diffElems(&cur.Subnets, &want.Subnets)
 	p.AddHash, p.DelHash = diffMap(cur.Hash, want.Hash)

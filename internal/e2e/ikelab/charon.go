@@ -56,9 +56,8 @@ type Charon struct {
 	Name string
 	ns   *netlab.NS
 	// Dir holds its strongswan.conf, swanctl.conf, log and vici socket.
-	Dir  string
-	cmd  *exec.Cmd
-	done chan struct{}
+	Dir string
+	process
 }
 
 func newCharon(name string, ns *netlab.NS, dir string, swanctl []byte, failover string) (*Charon, error) {
@@ -78,19 +77,6 @@ func newCharon(name string, ns *netlab.NS, dir string, swanctl []byte, failover 
 func (c *Charon) path(f string) string { return filepath.Join(c.Dir, f) }
 
 func (c *Charon) uri() string { return "unix://" + c.path("charon.vici") }
-
-// Running reports whether the daemon process is alive.
-func (c *Charon) Running() bool {
-	if c.done == nil {
-		return false
-	}
-	select {
-	case <-c.done:
-		return false
-	default:
-		return true
-	}
-}
 
 // Start starts charon in its namespace with a private /run (its pid file
 // would clash with the other instances'), waits for its vici socket and
@@ -112,8 +98,7 @@ func (c *Charon) Start() error {
 	if err := c.ns.Start(cmd); err != nil {
 		return fmt.Errorf("charon %s: %w", c.Name, err)
 	}
-	c.cmd, c.done = cmd, make(chan struct{})
-	go func(done chan struct{}) { cmd.Wait(); close(done) }(c.done)
+	c.started(cmd)
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		if _, err := c.call("version", nil); err == nil {

@@ -96,7 +96,7 @@ func (d *Director) Start() {
 	t.Fatalf("director daemon did not come up:\n%s", d.LogTail(40))
 }
 
-// process is a started child of the lab (the daemon, an agent), reaped
+// process is a started child of the lab (the daemon, an agent, charon), reaped
 // in the background so that Running never blocks.
 type process struct {
 	cmd  *exec.Cmd

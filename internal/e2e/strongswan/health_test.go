@@ -2,7 +2,6 @@ package strongswan
 
 import (
 	"maps"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -141,22 +140,9 @@ func healthScenario(t *testing.T, mode ikelab.Mode) {
 		if to == victim || to == "" {
 			t.Fatalf("%s still owned by %q after health took %s down", p.Name, to, victim)
 		}
-		r, err := f.WaitRecovered(p, victim, to, killedAt, old[p], tr, recoverWithin)
-		if err != nil {
-			t.Error(err)
-			continue
-		}
-		t.Logf("MEASURE mode=%s what=charon-killed-to-first-new-ESP peer=%s seconds=%.1f", mode, p.Name, r.FirstESP.Seconds())
-		t.Logf("MEASURE mode=%s what=charon-killed-to-flowing peer=%s seconds=%.1f", mode, p.Name, r.Flowing.Seconds())
-		if err := f.OnlyAt(p, to, kernelAt.Add(moveMargin)); err != nil {
-			t.Error(err)
-		}
+		checkRecovered(t, f, tr, mode, "charon-killed", p, victim, to, killedAt, kernelAt, old[p])
 	}
-	for p, o := range owners {
-		if o != victim && !slices.Equal(f.SPIs(p), old[p]) {
-			t.Errorf("%s (on %s) re-established although its node is alive", p.Name, o)
-		}
-	}
+	checkUntouched(t, f, owners, victim, old)
 
 	// charon is back: health brings the node up, nothing moves back.
 	if err := f.Node(victim).Charon.Start(); err != nil {

@@ -53,16 +53,7 @@ func moveScenarios(t *testing.T, mode ikelab.Mode) {
 		if err := p.Charon.RekeyIKE("farm"); err != nil {
 			t.Errorf("%s: rekey: %v", p.Name, err)
 		}
-		r, err := f.WaitRecovered(p, from, to, cmdAt, old, tr, recoverWithin)
-		if err != nil {
-			t.Error(err)
-		} else {
-			t.Logf("MEASURE mode=%s what=%s-to-first-new-ESP peer=%s seconds=%.1f", mode, what, p.Name, r.FirstESP.Seconds())
-			t.Logf("MEASURE mode=%s what=%s-to-flowing peer=%s seconds=%.1f", mode, what, p.Name, r.Flowing.Seconds())
-		}
-		if err := f.OnlyAt(p, to, kernelAt.Add(moveMargin)); err != nil {
-			t.Error(err)
-		}
+		checkRecovered(t, f, tr, mode, what, p, from, to, cmdAt, kernelAt, old)
 		if n := len(f.Node(to).From(p, kernelAt.Add(moveMargin), ikelab.IsIKE)); n == 0 {
 			t.Errorf("%s: no IKE from the peer reached its new owner %s after the move (rekey, DPD)", p.Name, to)
 		}
@@ -171,23 +162,9 @@ func moveScenarios(t *testing.T, mode ikelab.Mode) {
 			if to == victim {
 				t.Fatalf("%s still owned by %s after node down", p.Name, victim)
 			}
-			r, err := f.WaitRecovered(p, victim, to, cmdAt, old[p], tr, recoverWithin)
-			if err != nil {
-				t.Error(err)
-				continue
-			}
-			t.Logf("MEASURE mode=%s what=node-down-to-first-new-ESP peer=%s seconds=%.1f", mode, p.Name, r.FirstESP.Seconds())
-			t.Logf("MEASURE mode=%s what=node-down-to-flowing peer=%s seconds=%.1f", mode, p.Name, r.Flowing.Seconds())
-			if err := f.OnlyAt(p, to, kernelAt.Add(moveMargin)); err != nil {
-				t.Error(err)
-			}
+			checkRecovered(t, f, tr, mode, "node-down", p, victim, to, cmdAt, kernelAt, old[p])
 		}
-		// The other tunnels were not touched.
-		for p, o := range owners {
-			if o != victim && !slices.Equal(f.SPIs(p), old[p]) {
-				t.Errorf("%s (on %s) re-established although its node is alive", p.Name, owners[p])
-			}
-		}
+		checkUntouched(t, f, owners, victim, old)
 	})
 }
 
@@ -198,4 +175,33 @@ func peerByAddr(f *ikelab.Farm, a string) *ikelab.Peer {
 		}
 	}
 	return nil
+}
+
+// checkRecovered waits until p's tunnel, moved from one node to another
+// at at, is back up on to (old: its SPIs before), logs the two MEASURE
+// figures of what, and checks that from kernelAt on its packets reach
+// only to.
+func checkRecovered(t *testing.T, f *ikelab.Farm, tr *ikelab.Traffic, mode ikelab.Mode, what string, p *ikelab.Peer, from, to string, at, kernelAt time.Time, old []uint32) {
+	t.Helper()
+	r, err := f.WaitRecovered(p, from, to, at, old, tr, recoverWithin)
+	if err != nil {
+		t.Error(err)
+	} else {
+		t.Logf("MEASURE mode=%s what=%s-to-first-new-ESP peer=%s seconds=%.1f", mode, what, p.Name, r.FirstESP.Seconds())
+		t.Logf("MEASURE mode=%s what=%s-to-flowing peer=%s seconds=%.1f", mode, what, p.Name, r.Flowing.Seconds())
+	}
+	if err := f.OnlyAt(p, to, kernelAt.Add(moveMargin)); err != nil {
+		t.Error(err)
+	}
+}
+
+// checkUntouched checks that every tunnel whose owner was not victim kept
+// its SAs (old: the SPIs before).
+func checkUntouched(t *testing.T, f *ikelab.Farm, owners map[*ikelab.Peer]string, victim string, old map[*ikelab.Peer][]uint32) {
+	t.Helper()
+	for p, o := range owners {
+		if o != victim && !slices.Equal(f.SPIs(p), old[p]) {
+			t.Errorf("%s (on %s) re-established although its node is alive", p.Name, o)
+		}
+	}
 }

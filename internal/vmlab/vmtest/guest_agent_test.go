@@ -123,17 +123,7 @@ func (c espChild) remove(t testing.TB, h *netlink.Handle) {
 func agentNode(t *testing.T) (node, peer *netlab.NS) {
 	t.Helper()
 	l := netlab.New(t)
-	node, err := l.AddNS("node")
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer, err = l.AddNS("peer")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Veth(node, "eth0", peer, "eth0"); err != nil {
-		t.Fatal(err)
-	}
+	node, peer = l.Pair(t, "node", "peer", "eth0")
 	for _, p := range []string{"192.0.2.10/32", "2001:db8:f::10/128", "10.0.0.1/32"} {
 		if err := node.AddAddr("lo", netip.MustParsePrefix(p)); err != nil {
 			t.Fatal(err)

@@ -45,17 +45,7 @@ func fwmarkService(mark uint32, v6 bool) ipvs.Service {
 func TestGuestIPVSFwmarkService(t *testing.T) {
 	vmlab.RequireGuest(t)
 	l := netlab.New(t)
-	d, err := l.AddNS("dir")
-	if err != nil {
-		t.Fatal(err)
-	}
-	n, err := l.AddNS("node")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := l.Veth(d, "in0", n, "in0"); err != nil {
-		t.Fatal(err)
-	}
+	d, _ := l.Pair(t, "dir", "node", "in0")
 	// IPVS rejects (EINVAL) a destination the director cannot route, so
 	// the inside network must exist first.
 	for _, p := range []string{"192.0.2.1/24", "2001:db8:2::1/64"} {
