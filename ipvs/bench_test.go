@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -471,4 +472,37 @@ func BenchmarkMoveDuringVerify(b *testing.B) {
 	b.ReportMetric(pct(quiet, 0.99), "quiet-p99-ms")
 	b.ReportMetric(pct(during, 0.5), "during-p50-ms")
 	b.ReportMetric(pct(during, 0.99), "during-p99-ms")
+}
+
+// BenchmarkTargetMemory measures the heap a target (the kernel state the
+// dataplane keeps, and the model of the kernel beside it) holds for
+// TD_BENCH_TUNNELS tunnels (default 1,000,000; a peer and a /27 each),
+// and one garbage collection with it alive:
+//
+//	go test -run '^$' -bench TargetMemory -benchtime 1x ./ipvs/
+func BenchmarkTargetMemory(b *testing.B) {
+	n := benchSize(b, 1_000_000)
+	d := bigDesiredNodes(n, 16)
+	c, err := Config{}.withDefaults()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var m0, m1 runtime.MemStats
+	var gc time.Duration
+	for range b.N {
+		runtime.GC()
+		runtime.ReadMemStats(&m0)
+		k, err := c.target(ModeRouteOnly, d)
+		if err != nil {
+			b.Fatal(err)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&m1)
+		t0 := time.Now()
+		runtime.GC()
+		gc += time.Since(t0)
+		runtime.KeepAlive(k)
+	}
+	b.ReportMetric(float64(m1.HeapAlloc-m0.HeapAlloc)/(1<<20), "target-MB")
+	b.ReportMetric(gc.Seconds()*1000/float64(b.N), "gc-ms")
 }

@@ -32,6 +32,7 @@ const defaultConfig = "/etc/tunneldirector/config.yaml"
 
 func newRunCmd(g *globals) *cobra.Command {
 	var path string
+	var prof profileFlags
 	cmd := &cobra.Command{
 		Use:   "run",
 		Short: "Run the director: program the kernel from the table and keep it so",
@@ -42,6 +43,11 @@ SIGHUP reloads the configuration. SIGTERM stops the daemon and leaves the kernel
 programmed; 'tunneldirector teardown' removes what the director owns.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			stopProfile, err := prof.start()
+			if err != nil {
+				return err
+			}
+			defer stopProfile()
 			cfg, err := director.LoadConfig(path)
 			if err != nil {
 				return err
@@ -143,6 +149,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 		},
 	}
 	cmd.Flags().StringVarP(&path, "config", "c", defaultConfig, "configuration file (YAML)")
+	prof.register(cmd)
 	return cmd
 }
 

@@ -10,8 +10,8 @@ import (
 )
 
 // profileFlags are the hidden --cpuprofile and --memprofile of a command
-// whose cost at scale is measured (import): they profile the very path
-// the operator runs, not a harness beside it.
+// whose cost at scale is measured (import, run): they profile the very
+// path the operator runs, not a harness beside it.
 type profileFlags struct {
 	cpu, mem string
 }

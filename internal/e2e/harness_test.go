@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -76,7 +77,13 @@ func mustRun(t testing.TB, db string, args ...string) string {
 
 // daemonCmd is the daemon as a process that can be killed and restarted.
 func daemonCmd(t testing.TB, config string) *exec.Cmd {
-	return exec.Command(tdBinary(t), "run", "--config", config)
+	args := []string{"run", "--config", config}
+	// TD_DAEMON_PROFILE=DIR profiles every daemon a test starts (CPU,
+	// written when it stops), for the scale benchmarks.
+	if dir := os.Getenv("TD_DAEMON_PROFILE"); dir != "" {
+		args = append(args, "--cpuprofile", filepath.Join(dir, fmt.Sprintf("daemon-%d.prof", time.Now().UnixNano())))
+	}
+	return exec.Command(tdBinary(t), args...)
 }
 
 // baseConfig is the daemon configuration every end-to-end director
