@@ -256,8 +256,20 @@ func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*T
 	}
 	for tu := range tunnels {
 		c := Change{Kind: PutTunnel, Tunnel: tu}
+		n, np := len(t.tunnels), t.peers.len()
 		if _, _, _, err := t.putTunnel(&c, 0, 0, modeLoad); err != nil {
 			fail(&c, err)
+		} else if len(t.tunnels) == n {
+			fail(&c, fmt.Errorf("%w: tunnel %s appears twice", ErrConflict, tu.ID))
+		} else if t.peers.len() == np {
+			// Its peer replaced another tunnel's in the index: find
+			// that one to name it (a refused load only).
+			for _, o := range t.tunnels {
+				if o.peer == tu.Peer && o.id != tu.ID {
+					fail(&c, peerTaken(tu.Peer, o))
+					break
+				}
+			}
 		}
 		i++
 	}
@@ -563,7 +575,13 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 	if err := t.checkTunnelShape(&tu); err != nil {
 		return Change{}, undoRec{}, false, err
 	}
-	old := t.tunnels[tu.ID]
+	// A load fills an empty table from unique keys: there is no old
+	// record to look up (a million lookups in a map that does not fit the
+	// cache cost a tenth of the load), and Load refuses a repeated id.
+	var old *entry
+	if mode != modeLoad {
+		old = t.tunnels[tu.ID]
+	}
 
 	// Owner: a named node, the current owner, or the scheduler's choice.
 	var owner *Node
@@ -586,9 +604,12 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 		owner = t.byMark[old.mark]
 	}
 
-	// Conflicts with other tunnels.
-	if o, ok := t.peer(tu.Peer); ok && o != old {
-		return Change{}, undoRec{}, false, fmt.Errorf("%w: peer %s already belongs to tunnel %s", ErrConflict, tu.Peer, o.id)
+	// Conflicts with other tunnels (a load finds a repeated peer by the
+	// peer index's length instead: Load).
+	if mode != modeLoad {
+		if o, ok := t.peer(tu.Peer); ok && o != old {
+			return Change{}, undoRec{}, false, peerTaken(tu.Peer, o)
+		}
 	}
 	for _, p := range tu.Subnets {
 		if err := t.checkSubnetFree(p, old); err != nil {
@@ -656,6 +677,10 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 }
 
 func ptr[T any](v T) *T { return &v }
+
+func peerTaken(a netip.Addr, o *entry) error {
+	return fmt.Errorf("%w: peer %s already belongs to tunnel %s", ErrConflict, a, o.id)
+}
 
 // unixSeconds clamps a time into the entry's uint32 seconds.
 func unixSeconds(t time.Time) uint32 {

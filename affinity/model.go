@@ -182,12 +182,27 @@ func ValidateID(kind, id string) error {
 	if len(id) > 128 {
 		return fmt.Errorf("%s %.20q... is longer than 128 bytes", kind, id)
 	}
+	if plainASCII(id) {
+		return nil
+	}
 	for _, r := range id {
 		if r == ',' || r == ';' || r == '"' || r == utf8.RuneError || !unicode.IsGraphic(r) || unicode.IsSpace(r) || unicode.Is(unicode.Zs, r) {
 			return fmt.Errorf("%s %+q contains %+q (allowed: printable characters without space, comma, semicolon or quote)", kind, id, r)
 		}
 	}
 	return nil
+}
+
+// plainASCII reports whether s is all printable ASCII other than space,
+// comma, semicolon and quote: what ValidateID allows, decided without
+// the Unicode tables (a store's load checks a million ids).
+func plainASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c >= 0x7f || c == ',' || c == ';' || c == '"' {
+			return false
+		}
+	}
+	return true
 }
 
 // MaxComment is the longest comment a tunnel or node may carry.

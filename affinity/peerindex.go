@@ -57,6 +57,8 @@ func (p *peerIndex) each(fn func(*entry)) {
 	}
 }
 
+func (p *peerIndex) len() int { return len(p.v4) + len(p.v6) }
+
 func (p *peerIndex) clear() {
 	clear(p.v4)
 	clear(p.v6)

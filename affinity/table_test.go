@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode"
 )
 
 var (
@@ -415,5 +416,49 @@ func TestMoveKeepsIndexes(t *testing.T) {
 	owner("n1")
 	if c := a.Changes[len(a.Changes)-1]; c.Old == nil || c.Old.Node != "n0" || c.Tunnel.Node != "n1" {
 		t.Fatalf("resolved move %+v old %+v, want n0 -> n1", c.Tunnel, c.Old)
+	}
+}
+
+// TestLoadRefusesRepeatedKeys: Load looks up neither an old record nor
+// the peer's owner before it indexes a tunnel, so a tunnel id given twice
+// (a second record with other keys, or the same keys) and a peer of two
+// tunnels must still be refused, the other tunnel named, and leave the
+// table empty.
+func TestLoadRefusesRepeatedKeys(t *testing.T) {
+	nodes := []Node{{Name: "n0", Addr: addr("172.16.0.1"), Mark: 1}}
+	for _, second := range []Tunnel{
+		{ID: "t1", Peer: addr("192.0.2.2"), Subnets: []netip.Prefix{pfx("10.0.2.0/24")}, Node: "n0"},
+		{ID: "t1", Peer: addr("192.0.2.1"), Subnets: []netip.Prefix{pfx("10.0.1.0/24")}, Node: "n0"},
+		{ID: "t2", Peer: addr("192.0.2.1"), Subnets: []netip.Prefix{pfx("10.0.2.0/24")}, Node: "n0"},
+		{ID: "t2", Peer: addr("2001:db8::1"), Subnets: []netip.Prefix{pfx("10.0.1.0/25")}, Node: "n0"},
+	} {
+		tb, err := New(Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		first := Tunnel{ID: "t1", Peer: addr("192.0.2.1"), Subnets: []netip.Prefix{pfx("10.0.1.0/24")}, Node: "n0"}
+		err = tb.Load(7, nodes, 2, slices.Values([]*Tunnel{&first, &second}))
+		var be *BatchError
+		if !errors.As(err, &be) || len(be.Errors) != 1 || !errors.Is(be.Errors[0], ErrConflict) || second.ID == "t2" && !strings.Contains(err.Error(), "tunnel t1") {
+			t.Fatalf("load of t1, then %s (peer %s, subnet %s): %v, want a conflict naming t1", second.ID, second.Peer, second.Subnets[0], err)
+		}
+		if tb.Len() != 0 || tb.Revision() != 0 || len(tb.Nodes()) != 0 {
+			t.Fatalf("refused load left %d tunnels, revision %d, %d nodes", tb.Len(), tb.Revision(), len(tb.Nodes()))
+		}
+	}
+}
+
+// TestValidateIDASCII: the ASCII fast path of ValidateID allows exactly
+// what the Unicode rule allows, byte by byte.
+func TestValidateIDASCII(t *testing.T) {
+	for c := rune(0); c < 0x80; c++ {
+		id := "a" + string(c) + "b"
+		want := unicode.IsGraphic(c) && !unicode.IsSpace(c) && !strings.ContainsRune(`,;"`, c)
+		if err := ValidateID("tunnel id", id); (err == nil) != want {
+			t.Errorf("ValidateID(%+q): %v, want allowed %v", id, err, want)
+		}
+	}
+	if err := ValidateID("tunnel id", "tünnel-1"); err != nil {
+		t.Errorf("non-ASCII printable id refused: %v", err)
 	}
 }

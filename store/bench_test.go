@@ -3,6 +3,7 @@ package store
 import (
 	"bytes"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -132,6 +133,40 @@ func BenchmarkNodeDownCommit40k(b *testing.B) {
 	}
 	b.ReportMetric(float64(moved), "tunnels-moved")
 	b.ReportMetric(float64(cpu.Microseconds())/1000/float64(b.N), "cpu-ms/op")
+}
+
+// BenchmarkOpenFile opens the store named by TD_BENCH_STORE read-only
+// (a daemon's restart at scale: `tunneldirector gen --tunnels 1000000`
+// imported into a file) and reports the CPU time of the open beside its
+// wall time. marks-s is the walk of every peer's and subnet's mark that
+// the daemon's first kernel sync makes (Desired.Marks), untimed.
+func BenchmarkOpenFile(b *testing.B) {
+	path := os.Getenv("TD_BENCH_STORE")
+	if path == "" {
+		b.Skip("TD_BENCH_STORE names no store file")
+	}
+	var cpu, marks time.Duration
+	n, elems := 0, 0
+	for b.Loop() {
+		c0 := cputime.Process()
+		s, err := Open(Options{Path: path, ReadOnly: true})
+		cpu += cputime.Process() - c0
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		n, elems = s.Table().Len(), 0
+		t0 := time.Now()
+		s.Table().PeerMarks(func(netip.Addr, uint16) { elems++ })
+		s.Table().SubnetMarks(func(netip.Prefix, uint16) { elems++ })
+		marks += time.Since(t0)
+		s.Close()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(n), "tunnels")
+	b.ReportMetric(float64(elems), "elements")
+	b.ReportMetric(cpu.Seconds()/float64(b.N), "cpu-s/op")
+	b.ReportMetric(marks.Seconds()/float64(b.N), "marks-s")
 }
 
 // BenchmarkImport1kInto compares, in a store of TD_BENCH_TUNNELS tunnels

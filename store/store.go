@@ -319,36 +319,17 @@ func (s *Store) load(t *affinity.Table) error {
 		if err != nil {
 			return err
 		}
-		// Tunnels stream from the cursor into the table: a million of
-		// them never sit in a slice as well.
-		var decodeErr error
-		seq := func(yield func(*affinity.Tunnel) bool) {
-			c := tx.Bucket(bucketTunnels).Cursor()
-			var tu affinity.Tunnel
-			for k, v := c.First(); k != nil; k, v = c.Next() {
-				var err error
-				if tu, err = affinity.UnmarshalTunnel(v); err != nil {
-					decodeErr = damaged(s.path, "bucket tunnels: record %q: %v", shortKey(k), err)
-					return
-				}
-				if tu.ID != string(k) {
-					decodeErr = damaged(s.path, "bucket tunnels: record %q holds id %q", shortKey(k), shortKey([]byte(tu.ID)))
-					return
-				}
-				if !yield(&tu) {
-					return
-				}
-			}
-		}
 		hint := 0
 		if d, err := decodeIndexDigest(tx.Bucket(bucketMeta).Get(keyIndexDigest)); err == nil {
 			hint = int(min(d.tunnels, 1<<26))
 		} else {
 			hint = tx.Bucket(bucketTunnels).Stats().KeyN
 		}
-		err = t.Load(rev, nodes, hint, seq)
-		if decodeErr != nil {
-			return decodeErr
+		dec := s.decodeTunnels(tx)
+		err = t.Load(rev, nodes, hint, dec.seq)
+		dec.stop()
+		if dec.err != nil {
+			return dec.err
 		}
 		if err != nil {
 			return fmt.Errorf("load store %s: the stored table breaks an invariant: %w", s.path, err)
@@ -362,7 +343,7 @@ func (s *Store) load(t *affinity.Table) error {
 				return damaged(s.path, "bucket meta: record %s: %v", keyBuckets, err)
 			}
 		}
-		if errs := s.checkIndexes(tx, t, 5); len(errs) > 0 {
+		if errs := s.checkIndexes(tx, t, dec.digest, 5); len(errs) > 0 {
 			return fmt.Errorf("load store %s: indexes disagree with the tunnels (run 'tunneldirector store check'): %w", s.path, errors.Join(errs...))
 		}
 		return nil
@@ -370,10 +351,9 @@ func (s *Store) load(t *affinity.Table) error {
 }
 
 // checkIndexes compares the index (the stored digest, or on a schema-1
-// store the index buckets) with the table built from the tunnel records,
-// returning at most max problems.
-func (s *Store) checkIndexes(tx *bolt.Tx, t *affinity.Table, max int) []error {
-	built := tableDigest(t)
+// store the index buckets) with built, the digest of the table t built
+// from the tunnel records, returning at most max problems.
+func (s *Store) checkIndexes(tx *bolt.Tx, t *affinity.Table, built indexDigest, max int) []error {
 	if s.schema >= 2 {
 		stored, _ := decodeIndexDigest(tx.Bucket(bucketMeta).Get(keyIndexDigest))
 		if stored == built {
@@ -740,7 +720,7 @@ func (s *Store) Check() (*CheckReport, error) {
 			r.Problems = append(r.Problems, "bbolt: "+e.Error())
 		}
 		r.Schema = binary.BigEndian.Uint32(tx.Bucket(bucketMeta).Get(keySchema))
-		for _, e := range s.checkIndexes(tx, s.table, 100) {
+		for _, e := range s.checkIndexes(tx, s.table, tableDigest(s.table), 100) {
 			r.Problems = append(r.Problems, e.Error())
 		}
 		j := tx.Bucket(bucketJournal)
