@@ -164,10 +164,21 @@ func (d *Daemon) stepBuckets() {
 	// that failed before is retried, and a restored assignment of another
 	// count replaces the table's.
 	a, err := d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
+		// Asked again under the store's lock: the step above can take
+		// long enough (4,096 buckets at a pair's first assignment) for
+		// keepalived to have made this director backup meanwhile, and a
+		// backup's own commit puts the pair out of sync.
+		if err := d.writable(); err != nil {
+			return nil, err
+		}
 		return affinity.BucketChanges(t.Buckets(), want, fmt.Sprintf("unknown-peer buckets: %d moved by headroom", len(moved))), nil
 	})
 	u.mu.Lock()
 	defer u.mu.Unlock()
+	if errors.Is(err, ErrNotMaster) {
+		u.synced = false // the new master steps; this director follows it
+		return
+	}
 	if err != nil {
 		u.synced = false
 		d.log.Error("commit the unknown-peer buckets; retrying at the next step", "err", err)
