@@ -436,6 +436,19 @@ func (t *Table) EachKey(fn func(id string, peer netip.Addr, subnets []netip.Pref
 	}
 }
 
+// Marks calls peer for every peer address and subnet for every protected
+// subnet, each with its owner's mark, in no particular order and under one
+// read lock, and returns the revision they are of: the dataplane's maps.
+func (t *Table) Marks(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) (revision uint64) {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	t.peers.each(func(e *entry) { peer(e.peer, e.mark) })
+	for p, e := range t.subnets.All() {
+		subnet(p, e.mark)
+	}
+	return t.rev
+}
+
 // PeerMarks calls fn for every peer address and its owner's mark, in no
 // particular order: the dataplane's peer map.
 func (t *Table) PeerMarks(fn func(netip.Addr, uint16)) {

@@ -64,7 +64,10 @@ type Daemon struct {
 	// elements are the peer, subnet and node elements the kernel holds,
 	// as of the last successful reconcile (under statMu).
 	elements struct{ peers, subnets, nodes int }
-	sd       *systemd
+	// countedRev is the table revision the last full sync's element
+	// counts are of: later deltas count only batches past it.
+	countedRev uint64
+	sd         *systemd
 }
 
 // Status is what `tunneldirector status` shows.
@@ -274,20 +277,34 @@ func (d *Daemon) kick() {
 // The peers and subnets are read from the table when the dataplane asks
 // (Marks), not copied.
 func (d *Daemon) Desired() *ipvs.Desired {
+	want, _ := d.desired()
+	return want
+}
+
+// desired is Desired, and what its Marks yielded once the dataplane read
+// them: the element counts, and the table revision they are of.
+func (d *Daemon) desired() (*ipvs.Desired, *markCount) {
 	c := d.config()
 	t := d.st.Table()
+	n := &markCount{}
 	return &ipvs.Desired{
 		VIPs:     t.VIPs(),
 		Nodes:    c.kernelNodes(t),
 		HashSeed: c.HashSeed,
 		Buckets:  t.Buckets(),
 		Marks: func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) {
-			t.PeerMarks(peer)
-			t.SubnetMarks(subnet)
+			n.revision = t.Marks(func(a netip.Addr, m uint16) { n.peers++; peer(a, m) },
+				func(p netip.Prefix, m uint16) { n.subnets++; subnet(p, m) })
 		},
 		MarksPeers:   t.Len(),
 		MarksSubnets: t.SubnetLen(),
-	}
+	}, n
+}
+
+// markCount is what a sync's Marks yielded.
+type markCount struct {
+	peers, subnets int
+	revision       uint64
 }
 
 // kernelNodes are the table's nodes as the dataplane programs them, never
@@ -560,19 +577,23 @@ func (d *Daemon) syncAll(ctx context.Context, why string) error {
 		return fmt.Errorf("sync kernel (%s): %w", why, err)
 	}
 	rev := d.st.Revision()
-	want := d.Desired()
+	want, n := d.desired()
 	st, err := d.dp.Sync(ctx, want)
 	d.record(reconcileFull, rev, st, err)
 	if err == nil || d.partial(err) {
 		err = nil
+		// The sync read the table as of n.revision, which may be past
+		// rev: the batches up to it, still in the cursor, are in the
+		// kernel and in these counts already.
 		d.statMu.Lock()
-		d.elements.peers, d.elements.subnets, d.elements.nodes = d.st.Table().Len(), d.st.Table().SubnetLen(), len(want.Nodes)
+		d.elements.peers, d.elements.subnets, d.elements.nodes = n.peers, n.subnets, len(want.Nodes)
+		d.countedRev = n.revision
 		d.statMu.Unlock()
 	}
 	if err != nil {
 		return fmt.Errorf("sync kernel to revision %d (%s): %w", rev, why, err)
 	}
-	d.log.Info("kernel synced", "why", why, "revision", rev, "peers", d.st.Table().Len(), "subnets", d.st.Table().SubnetLen(),
+	d.log.Info("kernel synced", "why", why, "revision", rev, "peers", n.peers, "subnets", n.subnets,
 		"added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
 	return nil
 }
@@ -627,7 +648,7 @@ func (d *Daemon) reconcile(ctx context.Context) {
 			st, err := d.dp.Update(ctx, dl)
 			d.record(reconcileDelta, rev, st, err)
 			if err == nil || d.partial(err) {
-				dp, ds := elementDelta(batches)
+				dp, ds := elementDelta(batches, d.countedRev)
 				d.statMu.Lock()
 				d.elements.peers += dp
 				d.elements.subnets += ds

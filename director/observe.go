@@ -299,11 +299,14 @@ func bool01(b bool) float64 {
 	return 0
 }
 
-// elementDelta is how many peer and subnet map elements committed batches
-// add (negative: remove); a delta the daemon applied changes the kernel's
-// maps by exactly this much.
-func elementDelta(batches []store.Batch) (peers, subnets int) {
+// elementDelta is how many peer and subnet map elements the committed
+// batches past revision after add (negative: remove); a delta the daemon
+// applied changes the kernel's maps by exactly this much.
+func elementDelta(batches []store.Batch, after uint64) (peers, subnets int) {
 	for _, b := range batches {
+		if b.Revision <= after {
+			continue // counted by the full sync that read the table past it
+		}
 		for i := range b.Changes {
 			c := &b.Changes[i]
 			if c.Old != nil && (c.Kind == affinity.PutTunnel || c.Kind == affinity.DeleteTunnel) {
