@@ -436,6 +436,13 @@ func (t *Table) EachKey(fn func(id string, peer netip.Addr, subnets []netip.Pref
 	}
 }
 
+// SubnetLen is the number of protected subnets.
+func (t *Table) SubnetLen() int {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.subnets.Size()
+}
+
 // Marks calls peer for every peer address and subnet for every protected
 // subnet, each with its owner's mark, in no particular order and under one
 // read lock, and returns the revision they are of: the dataplane's maps.
@@ -447,29 +454,4 @@ func (t *Table) Marks(peer func(netip.Addr, uint16), subnet func(netip.Prefix, u
 		subnet(p, e.mark)
 	}
 	return t.rev
-}
-
-// PeerMarks calls fn for every peer address and its owner's mark, in no
-// particular order: the dataplane's peer map.
-func (t *Table) PeerMarks(fn func(netip.Addr, uint16)) {
-	t.mu.RLock()
-	defer t.mu.RUnlock()
-	t.peers.each(func(e *entry) { fn(e.peer, e.mark) })
-}
-
-// SubnetLen is the number of protected subnets.
-func (t *Table) SubnetLen() int {
-	t.mu.RLock()
-	defer t.mu.RUnlock()
-	return t.subnets.Size()
-}
-
-// SubnetMarks calls fn for every protected subnet and its owner's mark, in
-// no particular order: the dataplane's subnet map.
-func (t *Table) SubnetMarks(fn func(netip.Prefix, uint16)) {
-	t.mu.RLock()
-	defer t.mu.RUnlock()
-	for p, e := range t.subnets.All() {
-		fn(p, e.mark)
-	}
 }

@@ -28,8 +28,7 @@ func kernelEquals(k *ipvstest.Fake, t *affinity.Table) bool {
 		return false
 	}
 	peers, subnets := map[netip.Addr]uint16{}, map[netip.Prefix]uint16{}
-	t.PeerMarks(func(a netip.Addr, m uint16) { peers[a] = m })
-	t.SubnetMarks(func(p netip.Prefix, m uint16) { subnets[p] = m })
+	t.Marks(func(a netip.Addr, m uint16) { peers[a] = m }, func(p netip.Prefix, m uint16) { subnets[p] = m })
 	return maps.Equal(peers, got.Peers) && maps.Equal(subnets, got.Subnets)
 }
 

@@ -157,8 +157,7 @@ func BenchmarkOpenFile(b *testing.B) {
 		b.StopTimer()
 		n, elems = s.Table().Len(), 0
 		t0 := time.Now()
-		s.Table().PeerMarks(func(netip.Addr, uint16) { elems++ })
-		s.Table().SubnetMarks(func(netip.Prefix, uint16) { elems++ })
+		s.Table().Marks(func(netip.Addr, uint16) { elems++ }, func(netip.Prefix, uint16) { elems++ })
 		marks += time.Since(t0)
 		s.Close()
 		b.StartTimer()

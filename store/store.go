@@ -409,8 +409,7 @@ func findIndexProblems(tx *bolt.Tx, t *affinity.Table, max int) []error {
 		}
 		return nil
 	})
-	wantSubnets := 0
-	t.SubnetMarks(func(netip.Prefix, uint16) { wantSubnets++ })
+	wantSubnets := t.SubnetLen()
 	if n := t.Len(); peers != n {
 		add(fmt.Errorf("peer index has %d entries for %d tunnels", peers, n))
 	}
@@ -713,8 +712,8 @@ func (r *CheckReport) OK() bool { return len(r.Problems) == 0 }
 // Check verifies the bbolt pages (free lists, page references), the table's
 // invariants (already checked at Open) and the indexes against the records.
 func (s *Store) Check() (*CheckReport, error) {
-	r := &CheckReport{Path: s.path, Revision: s.table.Revision(), Tunnels: s.table.Len(), Nodes: len(s.table.Nodes()), Buckets: s.table.BucketCount()}
-	s.table.SubnetMarks(func(netip.Prefix, uint16) { r.Subnets++ })
+	r := &CheckReport{Path: s.path, Revision: s.table.Revision(), Tunnels: s.table.Len(), Subnets: s.table.SubnetLen(),
+		Nodes: len(s.table.Nodes()), Buckets: s.table.BucketCount()}
 	err := s.db.View(func(tx *bolt.Tx) error {
 		for e := range tx.Check() {
 			r.Problems = append(r.Problems, "bbolt: "+e.Error())

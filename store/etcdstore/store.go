@@ -821,8 +821,8 @@ func (s *Store) Check() (*store.CheckReport, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cur := s.loc.table()
-	r := &store.CheckReport{Path: s.o.Location.String(), Schema: 1, Revision: cur.Revision(), Tunnels: cur.Len(), Nodes: len(cur.Nodes())}
-	cur.SubnetMarks(func(netip.Prefix, uint16) { r.Subnets++ })
+	r := &store.CheckReport{Path: s.o.Location.String(), Schema: 1, Revision: cur.Revision(), Tunnels: cur.Len(),
+		Subnets: cur.SubnetLen(), Nodes: len(cur.Nodes())}
 	head, err := s.cli.Get(ctx, s.pfx+keyHead)
 	if err != nil {
 		return nil, fmt.Errorf("check etcd %s: %w", s.o.Location, err)
