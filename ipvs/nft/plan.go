@@ -197,9 +197,9 @@ func Update(model, want *State, c Changes) *Plan {
 	}
 	// Peers and subnets likewise (a node going down at a million
 	// tunnels moves 60,000 of them).
-	// The plan is computed from model before want changes: the two
-	// may be the same maps one day, and a key deleted and set again in
-	// one delta must be deleted and added, even with its old value.
+	// The plan is computed from model before want changes: a key
+	// deleted and set again in one delta must be deleted and added, even
+	// with its old value.
 	delPeer := make(map[netip.Addr]struct{}, len(c.DelPeers))
 	for _, a := range c.DelPeers {
 		a = a.Unmap()
@@ -290,9 +290,8 @@ func Update(model, want *State, c Changes) *Plan {
 	return p
 }
 
-// WithDigest sets p.Digest to the digest of model's maps after p, when p
-// changes them or the kernel's stored digest is not model's: O(the plan's
-// elements).
+// WithDigest sets p.Digest to the digest of model's maps after p when the
+// kernel does not store that digest already: O(the plan's elements).
 func (p *Plan) WithDigest(model *State) {
 	if p.Recreate {
 		d := Digest{Sum: p.AddPeers.sum + p.AddSubnets.sum, N: uint64(p.AddPeers.Len() + p.AddSubnets.Len())}
@@ -335,7 +334,7 @@ func (p *Plan) WithDigest(model *State) {
 		d.Sum += model.Subnets.hash(k, v)
 		d.N++
 	}
-	if d != model.Digest() || !model.HasStored || model.Stored != d {
+	if !model.HasStored || model.Stored != d {
 		p.Digest = &d
 	}
 }
