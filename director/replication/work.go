@@ -193,7 +193,7 @@ func (r *Replicator) installLater(t *target) {
 }
 
 // installed reports whether the snapshot being installed is done, and
-// then finishes it on the event loop as applyTarget would.
+// then finishes it on the event loop (finishTarget, as applyTarget does).
 func (r *Replicator) installed() bool {
 	in := r.b.installing
 	select {
@@ -207,10 +207,7 @@ func (r *Replicator) installed() bool {
 		r.drain()
 		r.ownSnap = nil              // read by drain, or no batch (nothing differed)
 		r.rev = max(r.rev, in.t.rev) // nothing differed: follow the master's number
-		r.c.ChangesApplied += uint64(len(d.a.Changes))
-		r.appliedTarget(in.t)
-		r.gcPending()
-		r.noteBehind(r.clk.Now())
+		r.finishTarget(in.t, d.a)
 		return true
 	default:
 		return false

@@ -542,6 +542,12 @@ func (r *Replicator) applyTarget(t *target, reset bool) {
 	} else {
 		r.rev = max(r.rev, t.rev) // nothing differed: follow the master's number
 	}
+	r.finishTarget(t, a)
+}
+
+// finishTarget counts a committed snapshot or repair (inline or off the
+// event loop, installLater) and ends the transfer state it answers.
+func (r *Replicator) finishTarget(t *target, a *affinity.Applied) {
 	r.c.ChangesApplied += uint64(len(a.Changes))
 	r.appliedTarget(t)
 	r.gcPending()
