@@ -12,7 +12,7 @@ import (
 type NotifyEvent struct {
 	Kind     string // INSTANCE or GROUP
 	Name     string
-	State    string // MASTER, BACKUP, FAULT, STOP, DELETED
+	State    string // MASTER, BACKUP, FAULT, STOP, DELETED, or an event such as MASTER_RX_LOWER_PRI
 	Priority int    // INSTANCE lines only
 }
 
@@ -38,14 +38,20 @@ func ParseNotifyLine(line string) (NotifyEvent, error) {
 }
 
 // RoleOf maps a keepalived state to the director's role: MASTER writes,
-// BACKUP follows, anything else (FAULT, STOP, DELETED) is fault: it
-// neither writes nor may be trusted to hold the VIPs.
-func (ev NotifyEvent) RoleOf() string {
+// BACKUP follows, FAULT, STOP and DELETED are fault: it neither writes
+// nor may be trusted to hold the VIPs. ok is false for the lines that
+// report an event and not a state (MASTER_RX_LOWER_PRI when a master
+// hears a lower or equal priority and forces a new election,
+// MASTER_PRIORITY and BACKUP_PRIORITY when the priority changes): the
+// instance keeps its state, and so does the director.
+func (ev NotifyEvent) RoleOf() (role string, ok bool) {
 	switch ev.State {
 	case "MASTER":
-		return "master"
+		return "master", true
 	case "BACKUP":
-		return "backup"
+		return "backup", true
+	case "FAULT", "STOP", "DELETED":
+		return "fault", true
 	}
-	return "fault"
+	return "", false
 }

@@ -39,7 +39,9 @@ func newCtlCmd(g *globals) *cobra.Command {
 		Short: "Follow keepalived's notify_fifo and set the role on every state change",
 		Long: `Read keepalived's notify_fifo (global_defs { notify_fifo FIFO }) and set the
 director's role from the lines of the sync group (--group) or one instance
-(--instance): MASTER -> master, BACKUP -> backup, FAULT/STOP -> fault.`,
+(--instance): MASTER -> master, BACKUP -> backup, FAULT/STOP/DELETED -> fault.
+Events that are not state changes (MASTER_RX_LOWER_PRI, MASTER_PRIORITY,
+BACKUP_PRIORITY) leave the role as it is.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(c *cobra.Command, args []string) error {
 			if (group == "") == (instance == "") {
@@ -64,11 +66,16 @@ director's role from the lines of the sync group (--group) or one instance
 					if (group != "" && (ev.Kind != "GROUP" || ev.Name != group)) || (instance != "" && (ev.Kind != "INSTANCE" || ev.Name != instance)) {
 						continue
 					}
-					if _, err := cl.SetRole(ev.RoleOf()); err != nil {
+					role, ok := ev.RoleOf()
+					if !ok {
+						fmt.Fprintf(g.out, "%s %s %s: not a state change, role unchanged\n", ev.Kind, ev.Name, ev.State)
+						continue
+					}
+					if _, err := cl.SetRole(role); err != nil {
 						fmt.Fprintln(g.errOut, "notify-fifo: set role:", err)
 						continue
 					}
-					fmt.Fprintf(g.out, "%s %s %s -> role %s\n", ev.Kind, ev.Name, ev.State, ev.RoleOf())
+					fmt.Fprintf(g.out, "%s %s %s -> role %s\n", ev.Kind, ev.Name, ev.State, role)
 				}
 				f.Close()
 				time.Sleep(100 * time.Millisecond) // keepalived restarted: reopen

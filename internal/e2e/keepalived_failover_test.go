@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -261,5 +262,57 @@ func keepalivedFailover(t *testing.T, fail func([]*keepalived, []*pairDirector))
 			t.Fatalf("packet after the failover reached node%d, owner node%d", i, owner)
 		}
 		c.Close()
+	}
+}
+
+// TestKeepalivedPartitionHeals cuts VRRP between the two keepalived
+// instances until both are master, then lets it through again. The
+// higher priority master hears the other's advertisement, stays master
+// and writes MASTER_RX_LOWER_PRI to its notify_fifo (an event, not a
+// state); the other goes back to BACKUP. The directors must follow the
+// states and not the event: taking that line for a fault left the pair
+// with no master director at all (seen in CI, where two instances timed
+// out together at the same priority).
+func TestKeepalivedPartitionHeals(t *testing.T) {
+	netlab.RequireRoot(t)
+	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 1})
+	dir := t.TempDir()
+	ds := startPair(t, top, dir, "backup", "backup")
+	waitPairAPI(t, ds)
+	startKeepalivedWith(t, ds[0], dir, 0, 150, kaOptions{fifo: true})
+	startKeepalivedWith(t, ds[1], dir, 1, 100, kaOptions{fifo: true})
+	role := func(d *pairDirector) string {
+		if s := d.status(t); s.Replication != nil {
+			return s.Replication.Role.String()
+		}
+		return ""
+	}
+	waitPair(t, ds, "keepalived to make director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
+
+	nft := func(args ...string) {
+		t.Helper()
+		if out, err := top.Directors[1].Run(context.Background(), "nft", args...); err != nil {
+			t.Fatalf("nft %v: %v %s", args, err, out)
+		}
+	}
+	nft("add table inet td_partition")
+	nft("add chain inet td_partition in { type filter hook input priority -300; ip protocol vrrp drop; }")
+	waitPair(t, ds, "both directors master during the partition", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "master" })
+	nft("delete table inet td_partition")
+	waitPair(t, ds, "keepalived 0's MASTER_RX_LOWER_PRI through its notify_fifo", 20*time.Second, func() bool {
+		b, _ := os.ReadFile(ds[0].log)
+		return strings.Contains(string(b), "MASTER_RX_LOWER_PRI")
+	})
+	waitPair(t, ds, "director 1 back to backup", 20*time.Second, func() bool { return role(ds[1]) == "backup" })
+	// keepalived advertises every second: the roles stay.
+	for range 30 {
+		time.Sleep(100 * time.Millisecond)
+		if r0, r1 := role(ds[0]), role(ds[1]); r0 != "master" || r1 != "backup" {
+			t.Fatalf("after the partition healed: director 0 %s, director 1 %s", r0, r1)
+		}
+	}
+	b, _ := os.ReadFile(ds[0].log)
+	if !strings.Contains(string(b), "MASTER_RX_LOWER_PRI: not a state change") {
+		t.Fatalf("director 0 did not take MASTER_RX_LOWER_PRI for the event it is:\n%s", b)
 	}
 }
