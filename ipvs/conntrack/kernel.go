@@ -177,10 +177,11 @@ func (k *Kernel) Events(ctx context.Context, fn func(*Event)) error {
 func (k *Kernel) Dump(ctx context.Context, fn func(*Flow) error) error {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	stop := context.AfterFunc(ctx, func() { k.req.SetReadDeadline(time.Unix(1, 0)) })
+	req := k.req
+	stop := context.AfterFunc(ctx, func() { req.SetReadDeadline(time.Unix(1, 0)) })
 	defer func() {
 		if !stop() {
-			k.req.SetReadDeadline(time.Time{})
+			req.SetReadDeadline(time.Time{})
 		}
 	}()
 	k.seq++
@@ -211,6 +212,14 @@ func (k *Kernel) Dump(ctx context.Context, fn func(*Flow) error) error {
 		}
 		return false, nil
 	})
+	if err != nil || ctx.Err() != nil {
+		// The kernel holds the dump open on this socket until its last
+		// message is read, and refuses every later dump there with
+		// EBUSY: the next request goes out on a fresh socket.
+		if rerr := k.redial(); rerr != nil {
+			err = errors.Join(err, rerr)
+		}
+	}
 	switch {
 	case ctx.Err() != nil:
 		return ctx.Err()
@@ -218,6 +227,17 @@ func (k *Kernel) Dump(ctx context.Context, fn func(*Flow) error) error {
 		return fmt.Errorf("conntrack: dump: %w", err)
 	}
 	return stopErr
+}
+
+// redial replaces the request socket, whose answers were left half read.
+func (k *Kernel) redial() error {
+	c, raw, err := dial(k.ns, 0, requestBuf)
+	if err != nil {
+		return fmt.Errorf("replace the request socket: %w", err)
+	}
+	k.req.Close()
+	k.req, k.raw = c, raw
+	return nil
 }
 
 // readMessages reads datagrams from the request socket and hands each

@@ -289,3 +289,30 @@ func openNS(t *testing.T, name string) (*netlab.NS, *Kernel) {
 	t.Cleanup(func() { k.Close() })
 	return ns, k
 }
+
+// TestNSDumpCancelled stops a dump of a table larger than one read
+// (its context ends at the first entry) and dumps again: the kernel
+// keeps a dump open on its socket until its last message is read, so
+// the second dump must not go out on the same socket.
+func TestNSDumpCancelled(t *testing.T) {
+	_, k := openNS(t, "ct")
+	flows := testFlows(5000)
+	if _, err := k.Commit(context.Background(), flows, CommitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	seen := 0
+	err := k.Dump(ctx, func(*Flow) error {
+		if seen++; seen == 1 {
+			cancel()
+			time.Sleep(50 * time.Millisecond) // the read deadline is set meanwhile
+		}
+		return nil
+	})
+	if err != context.Canceled || seen >= len(flows) {
+		t.Fatalf("cancelled dump: %v after %d of %d entries", err, seen, len(flows))
+	}
+	if got := dumpAll(t, k); len(got) != len(flows) {
+		t.Fatalf("the dump after a cancelled one read %d entries, want %d", len(got), len(flows))
+	}
+}
