@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -68,6 +69,8 @@ type Daemon struct {
 	// counts are of: later deltas count only batches past it.
 	countedRev uint64
 	sd         *systemd
+	// bulk is set by a reconcile that changed many elements (memory.go).
+	bulk atomic.Bool
 }
 
 // Status is what `tunneldirector status` shows.
@@ -334,7 +337,19 @@ func (c *Config) kernelNodes(t *affinity.Table) []ipvs.Node {
 // without the records as they were before, or a tunnel's node is gone.
 func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
 	nodes := false
-	dl := &ipvs.Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Buckets: map[int]uint16{}}
+	// Sized for what the batches set: an import of a million tunnels
+	// arrives here as one delta, and growing the maps to it rehashed
+	// every key several times.
+	var peers, subnets int
+	for _, a := range batches {
+		for i := range a.Changes {
+			if c := &a.Changes[i]; c.Kind == affinity.PutTunnel && c.Tunnel != nil {
+				peers++
+				subnets += len(c.Tunnel.Subnets)
+			}
+		}
+	}
+	dl := &ipvs.Delta{SetPeers: make(map[netip.Addr]uint16, peers), SetSubnets: make(map[netip.Prefix]uint16, subnets), Buckets: map[int]uint16{}}
 	del := func(tu *affinity.Tunnel) {
 		delete(dl.SetPeers, tu.Peer)
 		dl.DeletePeers = append(dl.DeletePeers, tu.Peer)
@@ -488,6 +503,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.syncAll(ctx, "start"); err != nil {
 		return err
 	}
+	d.releaseAfterBulk()
 	if d.repl != nil {
 		go func() {
 			if err := d.repl.Run(ctx); err != nil && ctx.Err() == nil {
@@ -541,9 +557,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return nil
 		case <-d.changes.Notify():
 			d.reconcile(ctx)
+			d.releaseAfterBulk()
 			d.stepBuckets()
 		case <-d.wake:
 			d.reconcile(ctx)
+			d.releaseAfterBulk()
 			d.stepBuckets()
 		case <-stepC:
 			d.stepBuckets()
@@ -710,6 +728,7 @@ func (d *Daemon) Verify(ctx context.Context) (pending bool) {
 
 func (d *Daemon) record(kind string, rev uint64, st ipvs.Stats, err error) {
 	d.m.reconciled(kind, st, err)
+	d.noteBulk(st)
 	d.statMu.Lock()
 	defer d.statMu.Unlock()
 	d.stat.Reconciles++

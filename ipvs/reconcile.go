@@ -505,20 +505,18 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 			nodes[n.Mark] = n
 		}
 	}
-	ch := nft.Changes{SetPeers: make(map[netip.Addr]uint32, len(delta.SetPeers)), DelPeers: delta.DeletePeers,
-		SetSubnets: make(map[netip.Prefix]uint32, len(delta.SetSubnets)), DelSubnets: delta.DeleteSubnets}
 	for a, m := range delta.SetPeers {
 		if _, ok := nodes[m]; !ok {
 			return Stats{}, fmt.Errorf("update: peer %s: owner mark %d is not a node", a, m)
 		}
-		ch.SetPeers[a] = c.Fwmark(m)
 	}
 	for pf, m := range delta.SetSubnets {
 		if _, ok := nodes[m]; !ok {
 			return Stats{}, fmt.Errorf("update: subnet %s: owner mark %d is not a node", pf, m)
 		}
-		ch.SetSubnets[pf] = c.Fwmark(m)
 	}
+	ch := nft.Changes{SetPeers: delta.SetPeers, DelPeers: delta.DeletePeers,
+		SetSubnets: delta.SetSubnets, DelSubnets: delta.DeleteSubnets, Value: c.Fwmark}
 	if len(delta.Buckets) > 0 {
 		ch.SetHash = make(map[uint32]uint32, len(delta.Buckets))
 	}

@@ -64,6 +64,9 @@ func BenchmarkDaemonScale(b *testing.B) {
 		e.cli("import", file)
 		e.waitFor("the kernel to hold the import", long, e.kernelCaughtUp)
 		imp, impCPU = append(imp, time.Since(t0).Seconds()), append(impCPU, e.daemonCPU()-c0)
+		// The import's aftermath (the daemon hands the heap it
+		// freed back to the system) is not the next step's cost.
+		e.waitIdle()
 		r, h := e.daemonMemory()
 		rss, hwm = append(rss, r), append(hwm, h)
 
@@ -72,6 +75,7 @@ func BenchmarkDaemonScale(b *testing.B) {
 		e.cli("node", "down", victim)
 		e.waitFor("the kernel to hold the node's moves", long, e.kernelCaughtUp)
 		down, downCPU = append(down, time.Since(t0).Seconds()), append(downCPU, e.daemonCPU()-c0)
+		e.waitIdle()
 
 		e.stop()
 		t0 = time.Now()
@@ -130,6 +134,20 @@ func (e *e2e) daemonMemory() (rss, hwm float64) {
 
 // daemonCPU is the daemon's CPU time so far in seconds (user and system,
 // from /proc/PID/stat; the status command's own work is not in it).
+// waitIdle waits (up to 30 s) until the daemon used under 20 ms of CPU in
+// the last half second.
+func (e *e2e) waitIdle() {
+	last := e.daemonCPU()
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
+		time.Sleep(500 * time.Millisecond)
+		now := e.daemonCPU()
+		if now-last < 0.02 {
+			return
+		}
+		last = now
+	}
+}
+
 func (e *e2e) daemonCPU() float64 {
 	e.t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", e.daemon.Process.Pid))

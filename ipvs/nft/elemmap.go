@@ -96,6 +96,11 @@ func (m *PeerMap) Clone() PeerMap {
 	return PeerMap{v4: maps.Clone(m.v4), v6: maps.Clone(m.v6), sum: m.sum}
 }
 
+// GrowFor makes room for o's elements ahead of adding them (see grow).
+func (m *PeerMap) GrowFor(o *PeerMap) {
+	m.v4, m.v6 = grow(m.v4, len(o.v4)), grow(m.v6, len(o.v6))
+}
+
 // SubnetMap maps protected subnets (masked prefixes) to a 32-bit value.
 // The zero value is an empty map ready to use.
 type SubnetMap struct {
@@ -163,6 +168,24 @@ func (m *SubnetMap) All() iter.Seq2[netip.Prefix, uint32] {
 			}
 		}
 	}
+}
+
+// GrowFor makes room for o's elements ahead of adding them (see grow).
+func (m *SubnetMap) GrowFor(o *SubnetMap) {
+	m.v4, m.v6 = grow(m.v4, len(o.v4)), grow(m.v6, len(o.v6))
+}
+
+// grow returns m, or a copy of it sized for more keys when more would at
+// least double it: a map grown one key at a time to a million rehashes
+// every key several times over (an import into an empty table is one
+// plan of millions of additions).
+func grow[K comparable](m map[K]uint32, more int) map[K]uint32 {
+	if more <= len(m) || more < 1024 {
+		return m
+	}
+	g := make(map[K]uint32, len(m)+more)
+	maps.Copy(g, m)
+	return g
 }
 
 // DeleteLens removes every subnet of the given lengths (a deleted

@@ -106,8 +106,8 @@ func TestUpdateDeleteAndSetAgain(t *testing.T) {
 	}
 	want.SyncLens()
 	model.Sig = want.Sig
-	p := Update(model, want, Changes{DelPeers: []netip.Addr{a}, SetPeers: map[netip.Addr]uint32{a: 7},
-		DelSubnets: []netip.Prefix{pf}, SetSubnets: map[netip.Prefix]uint32{pf: 7}})
+	p := Update(model, want, Changes{DelPeers: []netip.Addr{a}, SetPeers: map[netip.Addr]uint16{a: 7},
+		DelSubnets: []netip.Prefix{pf}, SetSubnets: map[netip.Prefix]uint16{pf: 7}, Value: func(m uint16) uint32 { return uint32(m) }})
 	if len(p.DelPeers) != 1 || p.AddPeers.Len() != 1 || len(p.DelSubnets) != 1 || p.AddSubnets.Len() != 1 {
 		t.Fatalf("plan deletes %d/%d and adds %d/%d, want each 1", len(p.DelPeers), len(p.DelSubnets), p.AddPeers.Len(), p.AddSubnets.Len())
 	}
@@ -117,5 +117,38 @@ func TestUpdateDeleteAndSetAgain(t *testing.T) {
 	model.Apply(p)
 	if v, ok := model.Subnets.Get(pf); !ok || v != 7 {
 		t.Fatalf("model after the plan lost the subnet: %d %v", v, ok)
+	}
+}
+
+// TestGrowFor: making room for many elements keeps the content and the
+// digest sum.
+func TestGrowFor(t *testing.T) {
+	var m, more PeerMap
+	var s, moreS SubnetMap
+	for i := range 100 {
+		a := netip.AddrFrom4([4]byte{10, 0, 0, byte(i)})
+		m.Set(a, uint32(i))
+		s.Set(netip.PrefixFrom(a, 32), uint32(i))
+	}
+	m.Set(netip.MustParseAddr("2001:db8::1"), 7)
+	for i := range 5000 {
+		more.Set(netip.AddrFrom4([4]byte{11, 0, byte(i >> 8), byte(i)}), 1)
+		moreS.Set(netip.PrefixFrom(netip.AddrFrom4([4]byte{11, 0, byte(i >> 8), byte(i)}), 32), 1)
+	}
+	before, beforeS := m.Clone(), s.Clone()
+	m.GrowFor(&more)
+	s.GrowFor(&moreS)
+	if m.Len() != before.Len() || m.sum != before.sum || s.Len() != beforeS.Len() || s.sum != beforeS.sum {
+		t.Fatalf("grown maps differ: %d/%d elements, sums %x/%x", m.Len(), s.Len(), m.sum, s.sum)
+	}
+	for a, v := range before.All() {
+		if got, ok := m.Get(a); !ok || got != v {
+			t.Fatalf("%s: %d %v after growing, want %d", a, got, ok, v)
+		}
+	}
+	for p, v := range beforeS.All() {
+		if got, ok := s.Get(p); !ok || got != v {
+			t.Fatalf("%s: %d %v after growing, want %d", p, got, ok, v)
+		}
 	}
 }

@@ -153,10 +153,15 @@ func Diff(cur, want *State) *Plan {
 // Changes is a delta to a target's maps: what tunnel changes need, and
 // bucket changes of the unknown-peer hash map (within the chain's HashN).
 type Changes struct {
-	SetPeers   map[netip.Addr]uint32
+	// SetPeers and SetSubnets map keys to their owner's mark; Value
+	// turns a mark into the element's value (the fwmark). The caller's
+	// maps are taken as they are: an import of a million tunnels is one
+	// delta, and a converted copy of it was a second map of millions.
+	SetPeers   map[netip.Addr]uint16
 	DelPeers   []netip.Addr
-	SetSubnets map[netip.Prefix]uint32
+	SetSubnets map[netip.Prefix]uint16
 	DelSubnets []netip.Prefix
+	Value      func(mark uint16) uint32
 	SetHash    map[uint32]uint32
 	DelHash    []uint32
 	// Nodes says the caller set want's hash map and signature for a new
@@ -222,8 +227,8 @@ func Update(model, want *State, c Changes) *Plan {
 			delSub[pf] = struct{}{}
 		}
 	}
-	for a, fm := range c.SetPeers {
-		a = a.Unmap()
+	for a, m := range c.SetPeers {
+		a, fm := a.Unmap(), c.Value(m)
 		cur, ok := model.Peers.Get(a)
 		_, del := delPeer[a]
 		if ok && !del {
@@ -234,8 +239,8 @@ func Update(model, want *State, c Changes) *Plan {
 		}
 		p.AddPeers.Set(a, fm)
 	}
-	for pf, fm := range c.SetSubnets {
-		pf = pf.Masked()
+	for pf, m := range c.SetSubnets {
+		pf, fm := pf.Masked(), c.Value(m)
 		cur, ok := model.Subnets.Get(pf)
 		_, del := delSub[pf]
 		if ok && !del {
@@ -246,35 +251,53 @@ func Update(model, want *State, c Changes) *Plan {
 		}
 		p.AddSubnets.Set(pf, fm)
 	}
+	// What the kernel gains, want gains too (keys new to both).
+	want.Peers.GrowFor(&p.AddPeers)
+	want.Subnets.GrowFor(&p.AddSubnets)
 	for _, a := range c.DelPeers {
 		want.Peers.Delete(a.Unmap())
 	}
 	for _, pf := range c.DelSubnets {
 		want.DelSubnet(pf.Masked())
 	}
-	for a, fm := range c.SetPeers {
-		want.Peers.Set(a.Unmap(), fm)
+	for a, m := range c.SetPeers {
+		want.Peers.Set(a.Unmap(), c.Value(m))
 	}
-	for pf, fm := range c.SetSubnets {
-		want.AddSubnet(pf.Masked(), fm)
+	for pf, m := range c.SetSubnets {
+		want.AddSubnet(pf.Masked(), c.Value(m))
 	}
-	touched := map[Len]struct{}{}
-	for _, pf := range c.DelSubnets {
-		touched[LenOf(pf.Masked())] = struct{}{}
-	}
-	for pf := range c.SetSubnets {
-		touched[LenOf(pf.Masked())] = struct{}{}
-	}
-	for l := range touched {
-		_, w := want.Lens[l]
-		_, h := model.Lens[l]
-		if w && !h {
-			p.AddLens = append(p.AddLens, l)
-		} else if h && !w {
-			p.DelLens = append(p.DelLens, l)
+	// The lengths touched, [IPv6][bits]: an array, as every subnet of
+	// the delta marks one.
+	var touched [2][129]bool
+	touch := func(pf netip.Prefix) {
+		if pf.IsValid() {
+			touched[b2i(pf.Addr().Is6())][pf.Bits()] = true
 		}
 	}
-	if len(touched) > 0 {
+	for _, pf := range c.DelSubnets {
+		touch(pf)
+	}
+	for pf := range c.SetSubnets {
+		touch(pf)
+	}
+	some := false
+	for v6, bits := range touched {
+		for b, t := range bits {
+			if !t {
+				continue
+			}
+			some = true
+			l := Len{V6: v6 == 1, Bits: b}
+			_, w := want.Lens[l]
+			_, h := model.Lens[l]
+			if w && !h {
+				p.AddLens = append(p.AddLens, l)
+			} else if h && !w {
+				p.DelLens = append(p.DelLens, l)
+			}
+		}
+	}
+	if some {
 		want.SyncLens()
 	}
 	if c.Nodes {
@@ -369,6 +392,8 @@ func (s *State) Apply(p *Plan) {
 	for _, v := range p.AddVIPs {
 		s.VIPs[v] = struct{}{}
 	}
+	s.Peers.GrowFor(&p.AddPeers)
+	s.Subnets.GrowFor(&p.AddSubnets)
 	for _, k := range p.DelPeers {
 		s.Peers.Delete(k)
 	}
