@@ -106,7 +106,7 @@ func (d *Daemon) Handler(token string) http.Handler {
 		// A body above the limit is refused while it is read: the
 		// reader fails, the import stops, and the answer is 413.
 		limit := d.config().API.MaxBody
-		body := &bodyLimit{r: http.MaxBytesReader(w, r.Body, limit), limit: limit}
+		body := &bodyLimit{r: http.MaxBytesReader(w, r.Body, limit), limit: limit, size: r.ContentLength}
 		res, err := s.Import(body, req)
 		if body.over {
 			err = fmt.Errorf("import %s: %w: above api.max_body (%d bytes)", shortValue(req.Name), ErrTooLarge, limit)
@@ -260,6 +260,16 @@ type bodyLimit struct {
 	r     io.Reader
 	limit int64
 	over  bool
+	size  int64 // the request's Content-Length, -1 when unknown
+}
+
+// Size tells the file reader the body's length (see nms's sizeOf), when
+// the client sent it and it is within the limit.
+func (b *bodyLimit) Size() int64 {
+	if b.size <= 0 || b.size > b.limit {
+		return -1
+	}
+	return b.size
 }
 
 func (b *bodyLimit) Read(p []byte) (int, error) {

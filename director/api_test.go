@@ -222,3 +222,40 @@ func TestAPISocketPlaces(t *testing.T) {
 		t.Fatalf("the store is gone: %v", err)
 	}
 }
+
+// TestImportSendsFileSize: the client sends a file's size as the
+// Content-Length (the daemon sizes its indexes from it); a stream of
+// unknown length goes chunked, and the body the API reads tells its size
+// only when it is known and within the limit.
+func TestImportSendsFileSize(t *testing.T) {
+	var got []int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got = append(got, r.ContentLength)
+		io.Copy(io.Discard, r.Body)
+		w.Write([]byte(`{"diff":{}}`))
+	}))
+	defer srv.Close()
+	c := NewTCPClient(strings.TrimPrefix(srv.URL, "http://"), "")
+	path := filepath.Join(t.TempDir(), "t.csv")
+	content := "id,peer,subnets\nsite-1,192.0.2.1,10.1.0.0/24\n"
+	os.WriteFile(path, []byte(content), 0o600)
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := c.Import(f, ImportRequest{Name: "t.csv", Progress: func(int64) {}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Import(io.MultiReader(strings.NewReader(content)), ImportRequest{Name: "t.csv"}); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0] != int64(len(content)) || got[1] != -1 {
+		t.Fatalf("Content-Length sent: %v, want [%d -1]", got, len(content))
+	}
+	for _, c := range []struct{ size, limit, want int64 }{{100, 1000, 100}, {-1, 1000, -1}, {0, 1000, -1}, {2000, 1000, -1}} {
+		if b := (&bodyLimit{size: c.size, limit: c.limit}); b.Size() != c.want {
+			t.Errorf("body of %d bytes, limit %d: Size %d, want %d", c.size, c.limit, b.Size(), c.want)
+		}
+	}
+}
