@@ -3,6 +3,7 @@ package affinity
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -460,5 +461,33 @@ func TestValidateIDASCII(t *testing.T) {
 	}
 	if err := ValidateID("tunnel id", "tünnel-1"); err != nil {
 		t.Errorf("non-ASCII printable id refused: %v", err)
+	}
+}
+
+// TestMarksWalksTheIndexes: Marks walks the tunnels' own subnet lists;
+// what it yields is exactly the prefix table and the peer index, through
+// new tunnels, moves, subnet changes and deletions.
+func TestMarksWalksTheIndexes(t *testing.T) {
+	tb := newTable(t, 3)
+	steps := [][]Change{
+		{put("t1", "192.0.2.1", "n0", "10.1.0.0/24", "10.1.1.0/24"), put("t2", "2001:db8::1", "n1", "fd00:1::/64", "10.2.0.0/27"), put("t3", "192.0.2.3", "n2")},
+		{put("t1", "192.0.2.1", "n1", "10.1.0.0/24", "10.1.1.0/24")},                    // moved
+		{put("t2", "2001:db8::1", "n1", "fd00:2::/64")},                                 // subnets changed
+		{{Kind: DeleteTunnel, Name: "t3"}, put("t4", "192.0.2.4", "n2", "10.4.0.0/16")}, // deleted, added
+	}
+	for i, batch := range steps {
+		if _, err := tb.Apply(batch); err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
+		peers, subnets := map[netip.Addr]uint16{}, map[netip.Prefix]uint16{}
+		tb.Marks(func(a netip.Addr, m uint16) { peers[a] = m }, func(p netip.Prefix, m uint16) { subnets[p] = m })
+		wantPeers, wantSubnets := map[netip.Addr]uint16{}, map[netip.Prefix]uint16{}
+		tb.peers.each(func(e *entry) { wantPeers[e.peer] = e.mark })
+		for p, e := range tb.subnets.All() {
+			wantSubnets[p] = e.mark
+		}
+		if !maps.Equal(peers, wantPeers) || !maps.Equal(subnets, wantSubnets) {
+			t.Fatalf("step %d: Marks yields peers %v subnets %v, the indexes hold %v %v", i, peers, subnets, wantPeers, wantSubnets)
+		}
 	}
 }
