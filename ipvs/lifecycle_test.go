@@ -3,6 +3,7 @@ package ipvs
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"strings"
@@ -322,4 +323,84 @@ func TestNSConfirm(t *testing.T) {
 	if _, ok := sm.Get(subnet6); !ok {
 		t.Fatalf("%s not confirmed", subnet6)
 	}
+}
+
+// TestNSReloadInsteadOfRead: a restarted dataplane whose target differs
+// from the maps the kernel holds (the director stopped between its store's
+// commit and the kernel's), with more elements than it reads back,
+// replaces the table in one transaction: the kernel ends up holding the
+// target, and a peer's packets stream to their owner throughout.
+func TestNSReloadInsteadOfRead(t *testing.T) {
+	l := newLab(t, Config{})
+	ctx := context.Background()
+	if _, err := l.dp.Sync(ctx, l.des); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	p := l.peers[0]
+	src := p.If(netlab.IfOutside).Addr4
+	conn, err := p.UDPSocket(netip.AddrPortFrom(src, 4500))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	sent := 0
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := conn.WriteToUDPAddrPort([]byte(fmt.Sprintf("reload-%05d", sent)), netip.AddrPortFrom(l.top.VIP4, 4500)); err != nil {
+				t.Error(err)
+				return
+			}
+			sent++
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	// The table gained a peer the kernel never got.
+	des := *l.des
+	des.Peers = maps.Clone(l.des.Peers)
+	des.Peers[netip.MustParseAddr("192.0.2.200")] = 2
+	dp2, err := newIn(Config{}, l.dir.NsHandle())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp2.Close()
+	dp2.reloadOver = 0
+	st, err := dp2.Sync(ctx, &des)
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	if dp2.reloaded != 1 || dp2.adopted != 0 {
+		t.Fatalf("reloaded %d, adopted %d: want the maps replaced without reading them", dp2.reloaded, dp2.adopted)
+	}
+	ks, err := dp2.nft.Read()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := ks.Digest(); d != dp2.want.nft.Digest() || !ks.HasStored || ks.Stored != d || ks.Peers.Len() != len(des.Peers) {
+		t.Fatalf("kernel after the reload: %d peers, digest %+v, stored %+v; the target's %+v", ks.Peers.Len(), d, ks.Stored, dp2.want.nft.Digest())
+	}
+	isReload := func(pk netlab.Packet) bool { return strings.HasPrefix(pk.Tag, "reload-") }
+	deadline := time.Now().Add(2 * time.Second)
+	for l.caps[0].Count(isReload) < sent && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := l.caps[0].Count(isReload); got != sent || l.caps[1].Count(isReload)+l.caps[2].Count(isReload) != 0 {
+		t.Fatalf("sent %d during the reload: %d at the owner, %d/%d elsewhere", sent, got, l.caps[1].Count(isReload), l.caps[2].Count(isReload))
+	}
+	t.Logf("reload: sync %+v; %d packets sent during it, all at the owner", st, sent)
 }

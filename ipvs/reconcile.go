@@ -42,8 +42,11 @@ type dataplane struct {
 	genKnown bool
 	verifies int
 	// adopted counts first Syncs that took the maps from the digest
-	// instead of reading them back.
-	adopted int
+	// instead of reading them back; reloaded those that replaced maps
+	// differing from the target and holding over reloadOver elements
+	// without reading them.
+	adopted, reloaded int
+	reloadOver        uint64
 	// pending is the background read of the nftables table a Verify
 	// started (nil: none). Transactions go on while it runs; the keys
 	// they touch (touched) are taken from the model when the read
@@ -65,6 +68,14 @@ type dataplane struct {
 // transaction committed between one of the director's and its reading of
 // the generation.
 const fullVerifyEvery = 10
+
+// reloadOver is the size of the maps (elements) above which a first Sync
+// that finds them different from its target replaces the table in one
+// transaction instead of reading the maps back: the kernel re-walks a
+// set's hash for every dump message, so a read of 100,000 elements takes
+// about 0.6 s and one of 2,000,000 over two minutes, while loading them
+// takes seconds. Packets see the old table until the new one commits.
+const reloadOver = 200_000
 
 // maxConfirm bounds how many elements a read lacks that confirmMissed
 // asks for one by one.
@@ -226,7 +237,7 @@ func newDataplane(cfg Config, nk nft.Kernel, rk route.Kernel, lk lvs.Kernel) (*d
 		// IPVS, if present, is not the director's in this mode.
 		lk = nil
 	}
-	d := &dataplane{cfg: cfg, rc: cfg.routeConfig(), mode: mode, nft: nk, rt: rk, lvs: lk}
+	d := &dataplane{cfg: cfg, rc: cfg.routeConfig(), mode: mode, nft: nk, rt: rk, lvs: lk, reloadOver: reloadOver}
 	if err := d.rc.Foreign(rk); err != nil {
 		return nil, err
 	}
@@ -291,7 +302,20 @@ func (d *dataplane) adopt(want *kstate) (*kstate, error) {
 		return nil, err
 	}
 	if !meta.Table || meta.Broken || !meta.HasStored || meta.Stored != want.nft.Digest() {
-		return d.read(nil)
+		if !meta.Table || meta.Broken || !meta.HasStored || meta.Stored.N <= d.reloadOver {
+			return d.read(nil)
+		}
+		// The maps differ from the target (the director stopped
+		// between a commit to its store and the kernel's, or the store
+		// was restored) and are too large to read back: replace them.
+		meta.Unread = true
+		s, err := d.read(meta)
+		if err != nil {
+			return nil, err
+		}
+		d.gen, d.genKnown = g, gerr == nil
+		d.reloaded++
+		return s, nil
 	}
 	meta.Peers, meta.Subnets = want.nft.Peers.Clone(), want.nft.Subnets.Clone()
 	s, err := d.read(meta)

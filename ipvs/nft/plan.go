@@ -128,7 +128,7 @@ func diffElems[K any, M any, PM interface {
 // Diff computes the transaction that turns cur into want.
 func Diff(cur, want *State) *Plan {
 	p := &Plan{Sig: want.Sig}
-	if !cur.Table || cur.Broken {
+	if !cur.Table || cur.Broken || cur.Unread {
 		p.Recreate = true
 		p.Chain = true
 		p.AddLens = SortedLens(want.Lens)

@@ -41,6 +41,10 @@ type State struct {
 	// Broken says a set or the chain is missing or holds something the
 	// director cannot read (a key with host bits): the table is recreated.
 	Broken bool
+	// Unread says the peer and subnet maps were left unread although
+	// they differ from the target (too many elements to read back):
+	// Diff replaces the table whole, as for Broken.
+	Unread bool
 	// cnt counts a target's subnets per length, so an update learns in
 	// O(1) whether it emptied or opened a length.
 	cnt [2][129]int
