@@ -14,22 +14,22 @@ import (
 // operating system.
 const bulkElements = 100_000
 
-// releaseMin is the reclaimable heap worth a release.
-const releaseMin = 512 << 20
+// releaseMin is the least reclaimable heap worth a release.
+const releaseMin = 64 << 20
 
-// reclaimable is the resident heap memory a collection and a release
-// would hand back: the free heap plus the heap objects that were not live
-// at the last collection.
-func reclaimable() uint64 {
+// reclaimable returns the resident heap memory a collection and a
+// release would hand back (the free heap plus the heap objects that were
+// not live at the last collection) and the live heap.
+func reclaimable() (free, live uint64) {
 	m := []metrics.Sample{{Name: "/memory/classes/heap/free:bytes"}, {Name: "/memory/classes/heap/objects:bytes"}, {Name: "/gc/heap/live:bytes"}}
 	metrics.Read(m)
 	for _, v := range m {
 		if v.Value.Kind() != metrics.KindUint64 {
-			return 0
+			return 0, 0
 		}
 	}
-	free, objects, live := m[0].Value.Uint64(), m[1].Value.Uint64(), m[2].Value.Uint64()
-	return free + objects - min(objects, live)
+	objects, live := m[1].Value.Uint64(), m[2].Value.Uint64()
+	return m[0].Value.Uint64() + objects - min(objects, live), live
 }
 
 // releasing is set while a release runs (one at a time, process-wide).
@@ -58,10 +58,10 @@ func (d *Daemon) releaseAfterBulk() {
 		return
 	}
 	d.bulk.Store(false)
-	// Only when much is held for nothing: the release stalls allocation
-	// while it hands pages back, and a change that left little garbage
-	// (a node going down) is not worth that.
-	if reclaimable() < releaseMin {
+	// Only when at least as much is held for nothing as is live: the
+	// release stalls allocation while it hands pages back, and a change
+	// that left little garbage is not worth that.
+	if free, live := reclaimable(); free < max(releaseMin, live) {
 		releasing.Store(false)
 		return
 	}
