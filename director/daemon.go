@@ -337,15 +337,29 @@ func (c *Config) kernelNodes(t *affinity.Table) []ipvs.Node {
 // without the records as they were before, or a tunnel's node is gone.
 func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
 	nodes := false
-	// Sized for what the batches set: an import of a million tunnels
-	// arrives here as one delta, and growing the maps to it rehashed
-	// every key several times.
+	// A first pass decides whether a delta can be made at all (a fresh
+	// backup's snapshot of a million tunnels ends with new buckets, which
+	// need a full sync: finding that out after building the delta cost
+	// seconds) and sizes it: growing the maps to an import of a million
+	// tunnels rehashed every key several times.
 	var peers, subnets int
 	for _, a := range batches {
+		if !a.Resolved {
+			return nil, false
+		}
 		for i := range a.Changes {
-			if c := &a.Changes[i]; c.Kind == affinity.PutTunnel && c.Tunnel != nil {
+			switch c := &a.Changes[i]; c.Kind {
+			case affinity.PutTunnel:
 				peers++
 				subnets += len(c.Tunnel.Subnets)
+			case affinity.DeleteTunnel:
+				if c.Old == nil {
+					return nil, false
+				}
+			case affinity.PutBucket:
+				if c.OldBucket == nil || c.OldBucket.Count != c.Bucket.Count {
+					return nil, false
+				}
 			}
 		}
 	}
@@ -359,23 +373,14 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 		}
 	}
 	for _, a := range batches {
-		if !a.Resolved {
-			return nil, false
-		}
 		for i := range a.Changes {
 			c := &a.Changes[i]
 			switch c.Kind {
 			case affinity.PutNode, affinity.DeleteNode:
 				nodes = true
 			case affinity.DeleteTunnel:
-				if c.Old == nil {
-					return nil, false
-				}
 				del(c.Old)
 			case affinity.PutBucket:
-				if c.OldBucket == nil || c.OldBucket.Count != c.Bucket.Count {
-					return nil, false
-				}
 				dl.Buckets[c.Bucket.Index] = c.Bucket.Mark
 			case affinity.PutTunnel:
 				if c.Old != nil {
