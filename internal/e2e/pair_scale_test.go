@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -86,7 +87,9 @@ func TestPairScale(t *testing.T) {
 	var walls, cpus []time.Duration
 	for run := range 3 {
 		bk := ds[1]
-		bk.cmd.Process.Kill()
+		// Stopped, not killed: TD_DAEMON_PROFILE's profile is written
+		// on a clean stop (everything it leaves is wiped below).
+		bk.cmd.Process.Signal(syscall.SIGTERM)
 		bk.cmd.Wait()
 		for _, p := range []string{bk.db, filepath.Join(dir, "d1.state"), filepath.Join(dir, "d1.ready")} {
 			os.Remove(p)
