@@ -168,46 +168,18 @@ func TestNSAdoptWithoutInterruption(t *testing.T) {
 	if err := l.dp.Close(); err != nil {
 		t.Fatal(err)
 	}
-	p := l.peers[0]
-	src := p.If(netlab.IfOutside).Addr4
-	conn, err := p.UDPSocket(netip.AddrPortFrom(src, 4500))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	sent := 0
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := conn.WriteToUDPAddrPort([]byte(fmt.Sprintf("adopt-%05d", sent)), netip.AddrPortFrom(l.top.VIP4, 4500)); err != nil {
-				t.Error(err)
-				return
-			}
-			sent++
-			time.Sleep(time.Millisecond)
+	var dp2 *dataplane
+	var st Stats
+	sent := l.streamWhile(t, "adopt-", func() {
+		var err error
+		if dp2, err = newIn(Config{}, l.dir.NsHandle()); err != nil {
+			t.Fatal(err)
 		}
-	}()
-	time.Sleep(100 * time.Millisecond)
-	dp2, err := newIn(Config{}, l.dir.NsHandle())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dp2.Close()
-	st, err := dp2.Sync(ctx, l.des)
-	if err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(100 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+		t.Cleanup(func() { dp2.Close() })
+		if st, err = dp2.Sync(ctx, l.des); err != nil {
+			t.Fatal(err)
+		}
+	})
 	if st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("adopting sync changed the kernel: %+v", st)
 	}
@@ -226,16 +198,56 @@ func TestNSAdoptWithoutInterruption(t *testing.T) {
 	if !ks.HasStored || ks.Stored != ks.Digest() || ks.Stored != dp2.want.nft.Digest() {
 		t.Fatalf("kernel stores digest %+v (%v); its maps' digest %+v, the target's %+v", ks.Stored, ks.HasStored, ks.Digest(), dp2.want.nft.Digest())
 	}
-	isAdopt := func(pk netlab.Packet) bool { return strings.HasPrefix(pk.Tag, "adopt-") }
+	t.Logf("adoption: sync %+v; %d packets sent during it, all at the owner", st, sent)
+}
+
+// streamWhile sends UDP to the VIP's NAT-T port from the first peer every
+// millisecond, tagged with prefix, from 100 ms before during runs until
+// 100 ms after, and fails t unless every packet reached the peer's owner
+// (the first node) and none another node. It returns how many it sent.
+func (l *lab) streamWhile(t *testing.T, prefix string, during func()) int {
+	t.Helper()
+	p := l.peers[0]
+	conn, err := p.UDPSocket(netip.AddrPortFrom(p.If(netlab.IfOutside).Addr4, 4500))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	sent := 0
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := conn.WriteToUDPAddrPort([]byte(fmt.Sprintf("%s%05d", prefix, sent)), netip.AddrPortFrom(l.top.VIP4, 4500)); err != nil {
+				t.Error(err)
+				return
+			}
+			sent++
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	func() {
+		defer func() { close(stop); wg.Wait() }()
+		during()
+		time.Sleep(100 * time.Millisecond)
+	}()
+	tagged := func(pk netlab.Packet) bool { return strings.HasPrefix(pk.Tag, prefix) }
 	deadline := time.Now().Add(2 * time.Second)
-	for l.caps[0].Count(isAdopt) < sent && time.Now().Before(deadline) {
+	for l.caps[0].Count(tagged) < sent && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	got := l.caps[0].Count(isAdopt)
-	if got != sent || l.caps[1].Count(isAdopt)+l.caps[2].Count(isAdopt) != 0 {
-		t.Fatalf("sent %d during adoption: %d at the owner, %d/%d elsewhere", sent, got, l.caps[1].Count(isAdopt), l.caps[2].Count(isAdopt))
+	if got := l.caps[0].Count(tagged); got != sent || l.caps[1].Count(tagged)+l.caps[2].Count(tagged) != 0 {
+		t.Fatalf("sent %d: %d at the owner, %d/%d elsewhere", sent, got, l.caps[1].Count(tagged), l.caps[2].Count(tagged))
 	}
-	t.Logf("adoption: sync %+v; %d packets sent during it, all at the owner", st, sent)
+	return sent
 }
 
 // TestNSTeardownAndForeign checks that Teardown leaves only what was there
@@ -339,51 +351,23 @@ func TestNSReloadInsteadOfRead(t *testing.T) {
 	if err := l.dp.Close(); err != nil {
 		t.Fatal(err)
 	}
-	p := l.peers[0]
-	src := p.If(netlab.IfOutside).Addr4
-	conn, err := p.UDPSocket(netip.AddrPortFrom(src, 4500))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	sent := 0
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			select {
-			case <-stop:
-				return
-			default:
-			}
-			if _, err := conn.WriteToUDPAddrPort([]byte(fmt.Sprintf("reload-%05d", sent)), netip.AddrPortFrom(l.top.VIP4, 4500)); err != nil {
-				t.Error(err)
-				return
-			}
-			sent++
-			time.Sleep(time.Millisecond)
-		}
-	}()
-	time.Sleep(100 * time.Millisecond)
 	// The table gained a peer the kernel never got.
 	des := *l.des
 	des.Peers = maps.Clone(l.des.Peers)
 	des.Peers[netip.MustParseAddr("192.0.2.200")] = 2
-	dp2, err := newIn(Config{}, l.dir.NsHandle())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dp2.Close()
-	dp2.reloadOver = 0
-	st, err := dp2.Sync(ctx, &des)
-	if err != nil {
-		t.Fatal(err)
-	}
-	time.Sleep(100 * time.Millisecond)
-	close(stop)
-	wg.Wait()
+	var dp2 *dataplane
+	var st Stats
+	sent := l.streamWhile(t, "reload-", func() {
+		var err error
+		if dp2, err = newIn(Config{}, l.dir.NsHandle()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { dp2.Close() })
+		dp2.reloadOver = 0
+		if st, err = dp2.Sync(ctx, &des); err != nil {
+			t.Fatal(err)
+		}
+	})
 	if dp2.reloaded != 1 || dp2.adopted != 0 {
 		t.Fatalf("reloaded %d, adopted %d: want the maps replaced without reading them", dp2.reloaded, dp2.adopted)
 	}
@@ -393,14 +377,6 @@ func TestNSReloadInsteadOfRead(t *testing.T) {
 	}
 	if d := ks.Digest(); d != dp2.want.nft.Digest() || !ks.HasStored || ks.Stored != d || ks.Peers.Len() != len(des.Peers) {
 		t.Fatalf("kernel after the reload: %d peers, digest %+v, stored %+v; the target's %+v", ks.Peers.Len(), d, ks.Stored, dp2.want.nft.Digest())
-	}
-	isReload := func(pk netlab.Packet) bool { return strings.HasPrefix(pk.Tag, "reload-") }
-	deadline := time.Now().Add(2 * time.Second)
-	for l.caps[0].Count(isReload) < sent && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-	if got := l.caps[0].Count(isReload); got != sent || l.caps[1].Count(isReload)+l.caps[2].Count(isReload) != 0 {
-		t.Fatalf("sent %d during the reload: %d at the owner, %d/%d elsewhere", sent, got, l.caps[1].Count(isReload), l.caps[2].Count(isReload))
 	}
 	t.Logf("reload: sync %+v; %d packets sent during it, all at the owner", st, sent)
 }

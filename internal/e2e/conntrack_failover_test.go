@@ -219,13 +219,7 @@ func conntrackFailover(t *testing.T, replicate bool) {
 		startKeepalivedWith(t, ds[0], dir, 0, 150, kaOptions{fifo: true, vips: gws}),
 		startKeepalivedWith(t, ds[1], dir, 1, 100, kaOptions{fifo: true, vips: gws}),
 	}
-	role := func(d *pairDirector) string {
-		if s := d.status(t); s.Replication != nil {
-			return s.Replication.Role.String()
-		}
-		return ""
-	}
-	waitPair(t, ds, "keepalived (through notify_fifo) to make director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
+	waitPair(t, ds, "keepalived (through notify_fifo) to make director 0 master", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "backup" })
 
 	csv := filepath.Join(dir, "t.csv")
 	os.WriteFile(csv, []byte(fmt.Sprintf("id,peer,subnets,node\nsite-1,%s,10.70.0.0/24,node0\n", top.Peers[0].If(netlab.IfOutside).Addr4)), 0o600)
@@ -259,11 +253,11 @@ func conntrackFailover(t *testing.T, replicate bool) {
 	}
 
 	kas[0].cmd.Process.Signal(syscall.SIGTERM)
-	waitPair(t, ds, "director 1 to become master", 10*time.Second, func() bool { return role(ds[1]) == "master" })
+	waitPair(t, ds, "director 1 to become master", 10*time.Second, func() bool { return ds[1].role(t) == "master" })
 	// From here on every packet of the session goes through the new
 	// master (a few in flight before may still arrive).
 	tookOver := time.Now().Add(300 * time.Millisecond)
-	waitPair(t, ds, "director 0 to go to fault (keepalived's STOP through notify_fifo)", 10*time.Second, func() bool { return role(ds[0]) == "fault" })
+	waitPair(t, ds, "director 0 to go to fault (keepalived's STOP through notify_fifo)", 10*time.Second, func() bool { return ds[0].role(t) == "fault" })
 	time.Sleep(time.Until(tookOver.Add(6 * time.Second)))
 	n, gap := s.since(tookOver)
 	s.mu.Lock()

@@ -173,14 +173,7 @@ func keepalivedFailover(t *testing.T, fail func([]*keepalived, []*pairDirector))
 		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
 	}
 	kas := []*keepalived{startKeepalived(t, ds[0], dir, 0, 150), startKeepalived(t, ds[1], dir, 1, 100)}
-	role := func(d *pairDirector) string {
-		s := d.status(t)
-		if s.Replication == nil {
-			return ""
-		}
-		return s.Replication.Role.String()
-	}
-	waitFor("keepalived to make director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
+	waitFor("keepalived to make director 0 master", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "backup" })
 
 	p := peer.If(netlab.IfOutside)
 	csv := filepath.Join(dir, "t.csv")
@@ -235,7 +228,7 @@ func keepalivedFailover(t *testing.T, fail func([]*keepalived, []*pairDirector))
 			firstVia = time.Since(stop)
 		}
 	}
-	waitFor("director 1 to become master", 10*time.Second, func() bool { return role(ds[1]) == "master" })
+	waitFor("director 1 to become master", 10*time.Second, func() bool { return ds[1].role(t) == "master" })
 	t.Logf("%s: first packet through the new master at the owner node %s after the failure", t.Name(), firstVia.Round(time.Millisecond))
 	if got, _ := ds[1].cli(t, "show", "tunnel", "site-1"); !strings.Contains(got, fmt.Sprintf("node%d", owner)) {
 		t.Fatalf("the tunnel moved on takeover:\n%s", got)
@@ -281,13 +274,7 @@ func TestKeepalivedPartitionHeals(t *testing.T) {
 	waitPairAPI(t, ds)
 	startKeepalivedWith(t, ds[0], dir, 0, 150, kaOptions{fifo: true})
 	startKeepalivedWith(t, ds[1], dir, 1, 100, kaOptions{fifo: true})
-	role := func(d *pairDirector) string {
-		if s := d.status(t); s.Replication != nil {
-			return s.Replication.Role.String()
-		}
-		return ""
-	}
-	waitPair(t, ds, "keepalived to make director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
+	waitPair(t, ds, "keepalived to make director 0 master", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "backup" })
 
 	nft := func(args ...string) {
 		t.Helper()
@@ -297,17 +284,17 @@ func TestKeepalivedPartitionHeals(t *testing.T) {
 	}
 	nft("add table inet td_partition")
 	nft("add chain inet td_partition in { type filter hook input priority -300; ip protocol vrrp drop; }")
-	waitPair(t, ds, "both directors master during the partition", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "master" })
+	waitPair(t, ds, "both directors master during the partition", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "master" })
 	nft("delete table inet td_partition")
 	waitPair(t, ds, "keepalived 0's MASTER_RX_LOWER_PRI through its notify_fifo", 20*time.Second, func() bool {
 		b, _ := os.ReadFile(ds[0].log)
 		return strings.Contains(string(b), "MASTER_RX_LOWER_PRI")
 	})
-	waitPair(t, ds, "director 1 back to backup", 20*time.Second, func() bool { return role(ds[1]) == "backup" })
+	waitPair(t, ds, "director 1 back to backup", 20*time.Second, func() bool { return ds[1].role(t) == "backup" })
 	// keepalived advertises every second: the roles stay.
 	for range 30 {
 		time.Sleep(100 * time.Millisecond)
-		if r0, r1 := role(ds[0]), role(ds[1]); r0 != "master" || r1 != "backup" {
+		if r0, r1 := ds[0].role(t), ds[1].role(t); r0 != "master" || r1 != "backup" {
 			t.Fatalf("after the partition healed: director 0 %s, director 1 %s", r0, r1)
 		}
 	}

@@ -45,6 +45,16 @@ func (p *pairDirector) status(t *testing.T) director.Status {
 	return s
 }
 
+// role is the director's pair role as its status reports it ("" when it
+// runs without replication).
+func (p *pairDirector) role(t *testing.T) string {
+	t.Helper()
+	if s := p.status(t); s.Replication != nil {
+		return s.Replication.Role.String()
+	}
+	return ""
+}
+
 // kernelMaps reads the director's programmed peer and subnet maps.
 func (p *pairDirector) kernelMaps(t *testing.T) (map[netip.Addr]uint16, map[netip.Prefix]uint16) {
 	t.Helper()

@@ -32,13 +32,7 @@ func TestSplitBrain(t *testing.T) {
 	waitPairAPI(t, ds)
 	startKeepalived(t, ds[0], dir, 0, 150)
 	startKeepalived(t, ds[1], dir, 1, 100)
-	role := func(d *pairDirector) string {
-		if s := d.status(t); s.Replication != nil {
-			return s.Replication.Role.String()
-		}
-		return ""
-	}
-	waitPair(t, ds, "director 0 master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "backup" })
+	waitPair(t, ds, "director 0 master", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "backup" })
 	importOn := func(d *pairDirector, csv string) {
 		t.Helper()
 		f := filepath.Join(dir, fmt.Sprintf("import-%d.csv", time.Now().UnixNano()))
@@ -66,7 +60,7 @@ func TestSplitBrain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitPair(t, ds, "both directors master", 20*time.Second, func() bool { return role(ds[0]) == "master" && role(ds[1]) == "master" })
+	waitPair(t, ds, "both directors master", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "master" })
 	if c := ds[1].status(t).Conntrack; c.LastCommit == nil || c.LastCommit.Entries != 500 {
 		t.Fatalf("director 1 becoming master committed %+v, want the 500 cached flows", c.LastCommit)
 	}
@@ -88,7 +82,7 @@ func TestSplitBrain(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	waitPair(t, ds, "director 1 backup again", 20*time.Second, func() bool { return role(ds[1]) == "backup" })
+	waitPair(t, ds, "director 1 backup again", 20*time.Second, func() bool { return ds[1].role(t) == "backup" })
 	waitPair(t, ds, "the merge, and the backup in sync with it", 30*time.Second, func() bool {
 		s0, s1 := ds[0].status(t), ds[1].status(t)
 		return s0.Replication.Counters.Merges > 0 && s1.Revision == s0.Revision && s1.KernelRevision == s0.Revision && s0.KernelRevision == s0.Revision
