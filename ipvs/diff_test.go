@@ -764,3 +764,44 @@ func TestSyncFromMarks(t *testing.T) {
 		t.Fatalf("a peer on mark 9 from Marks: %v", err)
 	}
 }
+
+// TestReloadFlushesMasq: a restart that replaces differing maps without
+// reading them does not know which peers move, so it flushes the
+// connection entries of every masq service: a moved peer's IKE must not
+// stay on its old node through them.
+func TestReloadFlushesMasq(t *testing.T) {
+	dp, k := fakeDataplane(t, true)
+	d := unitDesired()
+	for i := range d.Nodes {
+		d.Nodes[i].Forward = ForwardMasq
+	}
+	mustSync(t, dp, d)
+	k.take()
+	d.Peers[pA] = 2 // moved while no director ran
+	dp2, err := newFake(Config{}, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dp2.reloadOver = 0
+	mustSync(t, dp2, d)
+	if dp2.reloaded != 1 {
+		t.Fatalf("reloaded %d, want the maps replaced without reading them", dp2.reloaded)
+	}
+	flushed := map[uint32]bool{}
+	for _, op := range k.take() {
+		var v6 bool
+		var mark uint32
+		var ops bool
+		if n, _ := fmt.Sscanf(op, "svc replace v6=%t mark %v ops=%t", &v6, &mark, &ops); n == 3 {
+			flushed[mark] = true
+		}
+	}
+	for _, n := range d.Nodes {
+		if !flushed[dp2.cfg.IKEMark(n.Mark)] {
+			t.Fatalf("the masq service of node %s was not flushed at the reload (flushed %v)", n.Name, flushed)
+		}
+	}
+	if v, _ := k.nft.Peers.Get(pA); v != dp2.cfg.Fwmark(2) {
+		t.Fatalf("after the reload pA -> %#x, want node 2's mark", v)
+	}
+}

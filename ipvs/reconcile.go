@@ -440,6 +440,19 @@ func leftMasq(cur *kstate, p *nft.Plan) []svcKey {
 	if len(cur.svcs) == 0 {
 		return nil
 	}
+	if p.Recreate && cur.nft.Table && (cur.nft.Unread || cur.nft.Broken) {
+		// The table is replaced without its peers having been read:
+		// any of them may move, so every masq service is flushed (one
+		// pause of IKE and NAT-T at a restart that reloads the maps).
+		var out []svcKey
+		for sk, dst := range cur.svcs {
+			if !dst.ops {
+				out = append(out, sk)
+			}
+		}
+		slices.SortFunc(out, svcKeyCmp)
+		return out
+	}
 	marks := map[uint32]bool{}
 	for _, a := range p.DelPeers {
 		if fm, ok := cur.nft.Peers.Get(a); ok {
