@@ -159,11 +159,23 @@ func (c *Client) Import(r io.Reader, req ImportRequest) (*ImportResult, error) {
 	// A file's size goes along as the Content-Length: the daemon sizes
 	// its duplicate indexes from it instead of growing them (at a million
 	// records, seconds of rehashing).
+	// What is left of it from the current offset (standard input
+	// redirected from a file may have been read from already); the body
+	// is cut there, so a file that grows meanwhile does not fail the
+	// request.
 	size := int64(-1)
-	if f, ok := r.(interface{ Stat() (fs.FileInfo, error) }); ok {
-		if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
-			size = fi.Size()
+	if f, ok := r.(interface {
+		Stat() (fs.FileInfo, error)
+		io.Seeker
+	}); ok {
+		fi, err := f.Stat()
+		off, serr := f.Seek(0, io.SeekCurrent)
+		if err == nil && serr == nil && fi.Mode().IsRegular() {
+			size = fi.Size() - off
 		}
+	}
+	if size > 0 {
+		r = io.LimitReader(r, size)
 	}
 	if req.Progress != nil {
 		r = &progressReader{r: r, fn: req.Progress}

@@ -41,7 +41,7 @@ func newCtlCmd(g *globals) *cobra.Command {
 director's role from the lines of the sync group (--group) or one instance
 (--instance): MASTER -> master, BACKUP -> backup, FAULT/STOP/DELETED -> fault.
 Events that are not state changes (MASTER_RX_LOWER_PRI, MASTER_PRIORITY,
-BACKUP_PRIORITY) leave the role as it is.`,
+BACKUP_PRIORITY) and lines of any other state leave the role as it is.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(c *cobra.Command, args []string) error {
 			if (group == "") == (instance == "") {

@@ -132,8 +132,6 @@ func (e *e2e) daemonMemory() (rss, hwm float64) {
 	return rss, hwm
 }
 
-// daemonCPU is the daemon's CPU time so far in seconds (user and system,
-// from /proc/PID/stat; the status command's own work is not in it).
 // waitIdle waits (up to 30 s) until the daemon used under 20 ms of CPU in
 // the last half second.
 func (e *e2e) waitIdle() {
@@ -148,6 +146,8 @@ func (e *e2e) waitIdle() {
 	}
 }
 
+// daemonCPU is the daemon's CPU time so far in seconds (user and system,
+// from /proc/PID/stat; the status command's own work is not in it).
 func (e *e2e) daemonCPU() float64 {
 	e.t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", e.daemon.Process.Pid))

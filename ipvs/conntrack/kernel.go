@@ -25,12 +25,16 @@ import (
 type Kernel struct {
 	ns netns.NsHandle
 
-	mu  sync.Mutex // one request at a time on req
-	req *netlink.Conn
-	raw syscall.RawConn
-	enc encoder
-	seq uint32
-	buf []byte
+	mu sync.Mutex // one request at a time on req
+	// sockMu guards replacing req and raw (under mu too, by redial)
+	// against Close, which does not wait for a request to end.
+	sockMu sync.Mutex
+	closed bool
+	req    *netlink.Conn
+	raw    syscall.RawConn
+	enc    encoder
+	seq    uint32
+	buf    []byte
 }
 
 // Open returns the conntrack table of network namespace ns (0: the
@@ -44,7 +48,12 @@ func Open(ns netns.NsHandle) (*Kernel, error) {
 }
 
 // Close closes the table's request socket.
-func (k *Kernel) Close() error { return k.req.Close() }
+func (k *Kernel) Close() error {
+	k.sockMu.Lock()
+	defer k.sockMu.Unlock()
+	k.closed = true
+	return k.req.Close()
+}
 
 // Socket buffers: a commit batch's errors and a dump need little; a
 // burst of events (100,000 new entries created as fast as the kernel
@@ -231,6 +240,11 @@ func (k *Kernel) Dump(ctx context.Context, fn func(*Flow) error) error {
 
 // redial replaces the request socket, whose answers were left half read.
 func (k *Kernel) redial() error {
+	k.sockMu.Lock()
+	defer k.sockMu.Unlock()
+	if k.closed {
+		return nil
+	}
 	c, raw, err := dial(k.ns, 0, requestBuf)
 	if err != nil {
 		return fmt.Errorf("replace the request socket: %w", err)

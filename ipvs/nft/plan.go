@@ -154,7 +154,8 @@ func Diff(cur, want *State) *Plan {
 // bucket changes of the unknown-peer hash map (within the chain's HashN).
 type Changes struct {
 	// SetPeers and SetSubnets map keys to their owner's mark; Value
-	// turns a mark into the element's value (the fwmark). The caller's
+	// (required when either is set) turns a mark into the element's
+	// value (the fwmark). The caller's
 	// maps are taken as they are: an import of a million tunnels is one
 	// delta, and a converted copy of it was a second map of millions.
 	SetPeers   map[netip.Addr]uint16
