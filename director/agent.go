@@ -196,7 +196,7 @@ func (d *Daemon) mergeAgents(sweep bool, again int) {
 	// should not happen) is dropped and reported, not retried forever.
 	for try := 0; try < 5; try++ {
 		_, err = d.st.Do(func(t *affinity.Table) ([]affinity.Change, error) {
-			if err := d.writable(); err != nil {
+			if err := d.mayCommit(); err != nil {
 				return nil, err
 			}
 			if p == nil {

@@ -168,7 +168,7 @@ func (d *Daemon) stepBuckets() {
 		// long enough (4,096 buckets at a pair's first assignment) for
 		// keepalived to have made this director backup meanwhile, and a
 		// backup's own commit puts the pair out of sync.
-		if err := d.writable(); err != nil {
+		if err := d.mayCommit(); err != nil {
 			return nil, err
 		}
 		return affinity.BucketChanges(t.Buckets(), want, fmt.Sprintf("unknown-peer buckets: %d moved by headroom", len(moved))), nil

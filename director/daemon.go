@@ -424,6 +424,19 @@ func (d *Daemon) writable() error {
 		ErrNotMaster, st.ID, st.Role, st.Peer.ID, st.Peer.Role)
 }
 
+// mayCommit is writable for the checks made inside a store transaction
+// (under the store's lock): it takes no lock of the replicator, which
+// holds its own while it waits for the store's.
+func (d *Daemon) mayCommit() error {
+	if d.shared != nil {
+		return d.shared.Writable()
+	}
+	if d.repl == nil || d.repl.IsMaster() {
+		return nil
+	}
+	return fmt.Errorf("%w: this director is no longer the master", ErrNotMaster)
+}
+
 // SetRole sets the pair role (from keepalived's notify): the dataplane is
 // already programmed on both directors, so only who writes changes.
 func (d *Daemon) SetRole(role replication.Role) error {

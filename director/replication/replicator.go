@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
@@ -39,6 +40,8 @@ type Replicator struct {
 	changes store.Cursor
 	own     [][2]uint64
 	role    Role
+	// roleNow mirrors role for IsMaster, which takes no lock.
+	roleNow atomic.Int32
 	epoch   uint64
 	history []epochStart // epoch that wrote each revision range, ascending
 	// masterEpoch is the highest epoch a master was heard in: datagrams
@@ -322,6 +325,7 @@ func (r *Replicator) SetRole(role Role) {
 	r.log.Info("role changed", "from", r.role.String(), "to", role.String(), "revision", r.rev)
 	old := r.role
 	r.role = role
+	r.roleNow.Store(int32(role))
 	r.out, r.in = nil, nil
 	r.m = masterSide{}
 	r.b = newBackupSide()
@@ -340,6 +344,12 @@ func (r *Replicator) SetRole(role Role) {
 	}
 	r.lastStatus = time.Time{}
 }
+
+// IsMaster reports whether the role is master without taking the
+// replicator's lock: for checks made under the store's lock, which a
+// backup's replicator takes while holding its own (committing its
+// master's batches), so asking Role or Status there could deadlock.
+func (r *Replicator) IsMaster() bool { return Role(r.roleNow.Load()) == RoleMaster }
 
 // Role returns the current role.
 func (r *Replicator) Role() Role {

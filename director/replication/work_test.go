@@ -326,3 +326,33 @@ func waitInstalled(t *testing.T, r *Replicator) {
 		}
 	}
 }
+
+// TestIsMasterTakesNoLock: the daemon asks IsMaster under the store's
+// lock, and a backup's replicator waits for that lock while holding its
+// own (committing its master's batch): IsMaster must answer while the
+// replicator's lock is held, and follow SetRole.
+func TestIsMasterTakesNoLock(t *testing.T) {
+	p := newPair(t, FakeConfig{}, nil)
+	p.startBoth()
+	if !p.r[0].IsMaster() || p.r[1].IsMaster() {
+		t.Fatalf("IsMaster: %v %v, want true false", p.r[0].IsMaster(), p.r[1].IsMaster())
+	}
+	r := p.r[0]
+	r.mu.Lock()
+	done := make(chan bool)
+	go func() { done <- r.IsMaster() }()
+	select {
+	case m := <-done:
+		r.mu.Unlock()
+		if !m {
+			t.Fatal("IsMaster said false on the master")
+		}
+	case <-time.After(10 * time.Second):
+		r.mu.Unlock()
+		t.Fatal("IsMaster waited for the replicator's lock")
+	}
+	r.SetRole(RoleBackup)
+	if r.IsMaster() {
+		t.Fatal("IsMaster after SetRole(RoleBackup)")
+	}
+}
