@@ -158,11 +158,10 @@ func (c *Client) Import(r io.Reader, req ImportRequest) (*ImportResult, error) {
 	}
 	// A file's size goes along as the Content-Length: the daemon sizes
 	// its duplicate indexes from it instead of growing them (at a million
-	// records, seconds of rehashing).
-	// What is left of it from the current offset (standard input
-	// redirected from a file may have been read from already); the body
-	// is cut there, so a file that grows meanwhile does not fail the
-	// request.
+	// records, seconds of rehashing). It is what is left from the current
+	// offset (standard input redirected from a file may have been read
+	// from already), and the body is cut there, so a file that grows
+	// meanwhile does not fail the request.
 	size := int64(-1)
 	if f, ok := r.(interface {
 		Stat() (fs.FileInfo, error)
@@ -174,14 +173,11 @@ func (c *Client) Import(r io.Reader, req ImportRequest) (*ImportResult, error) {
 			size = fi.Size() - off
 		}
 	}
-	if size > 0 {
-		r = io.LimitReader(r, size)
-	}
 	if req.Progress != nil {
 		r = &progressReader{r: r, fn: req.Progress}
 	}
 	if size > 0 {
-		r = sizedBody{r, size}
+		r = sizedBody{io.LimitReader(r, size), size}
 	}
 	var res ImportResult
 	return &res, c.do("POST", "/v1/import", q, r, &res)

@@ -9,7 +9,6 @@ import (
 	"os"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -69,8 +68,9 @@ type Daemon struct {
 	// counts are of: later deltas count only batches past it.
 	countedRev uint64
 	sd         *systemd
-	// bulk is set by a reconcile that changed many elements (memory.go).
-	bulk atomic.Bool
+	// bulk is set by a reconcile that changed many elements (memory.go);
+	// reconciles run on the event loop only.
+	bulk bool
 }
 
 // Status is what `tunneldirector status` shows.

@@ -39,7 +39,7 @@ var releasing atomic.Bool
 // releaseAfterBulk once the change's own data is garbage.
 func (d *Daemon) noteBulk(st ipvs.Stats) {
 	if st.Added+st.Changed+st.Removed >= bulkElements {
-		d.bulk.Store(true)
+		d.bulk = true
 	}
 }
 
@@ -54,10 +54,10 @@ func (d *Daemon) noteBulk(st ipvs.Stats) {
 // from the event loop after the reconcile returned, so that the
 // change's batches and delta are no longer on any stack.
 func (d *Daemon) releaseAfterBulk() {
-	if !d.bulk.Load() || !releasing.CompareAndSwap(false, true) {
+	if !d.bulk || !releasing.CompareAndSwap(false, true) {
 		return
 	}
-	d.bulk.Store(false)
+	d.bulk = false
 	// Only when at least as much is held for nothing as is live: the
 	// release stalls allocation while it hands pages back, and a change
 	// that left little garbage is not worth that.

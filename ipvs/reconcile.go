@@ -295,35 +295,36 @@ func (d *dataplane) read(known *nft.State) (*kstate, error) {
 // for every dump message). What someone else changed in the maps while no
 // director ran is found by a later Verify's full read (the generation
 // check or every fullVerifyEvery verifies), as it is while one runs.
+// Nor are they read when they differ and hold over reloadOver elements:
+// the model then says so (Unread) and the Sync replaces the table.
 func (d *dataplane) adopt(want *kstate) (*kstate, error) {
 	g, gerr := d.nft.Gen()
 	meta, err := d.nft.ReadMeta()
 	if err != nil {
 		return nil, err
 	}
-	if !meta.Table || meta.Broken || !meta.HasStored || meta.Stored != want.nft.Digest() {
-		if !meta.Table || meta.Broken || !meta.HasStored || meta.Stored.N <= d.reloadOver {
-			return d.read(nil)
-		}
+	intact := meta.Table && !meta.Broken && meta.HasStored
+	switch {
+	case intact && meta.Stored == want.nft.Digest():
+		meta.Peers, meta.Subnets = want.nft.Peers.Clone(), want.nft.Subnets.Clone()
+	case intact && meta.Stored.N > d.reloadOver:
 		// The maps differ from the target (the director stopped
 		// between a commit to its store and the kernel's, or the store
 		// was restored) and are too large to read back: replace them.
 		meta.Unread = true
-		s, err := d.read(meta)
-		if err != nil {
-			return nil, err
-		}
-		d.gen, d.genKnown = g, gerr == nil
-		d.reloaded++
-		return s, nil
+	default:
+		return d.read(nil)
 	}
-	meta.Peers, meta.Subnets = want.nft.Peers.Clone(), want.nft.Subnets.Clone()
 	s, err := d.read(meta)
 	if err != nil {
 		return nil, err
 	}
 	d.gen, d.genKnown = g, gerr == nil
-	d.adopted++
+	if meta.Unread {
+		d.reloaded++
+	} else {
+		d.adopted++
+	}
 	return s, nil
 }
 

@@ -155,9 +155,9 @@ func Diff(cur, want *State) *Plan {
 type Changes struct {
 	// SetPeers and SetSubnets map keys to their owner's mark; Value
 	// (required when either is set) turns a mark into the element's
-	// value (the fwmark). The caller's
-	// maps are taken as they are: an import of a million tunnels is one
-	// delta, and a converted copy of it was a second map of millions.
+	// value (the fwmark). The caller's maps are taken as they are: an
+	// import of a million tunnels is one delta, and a converted copy of
+	// it was a second map of millions.
 	SetPeers   map[netip.Addr]uint16
 	DelPeers   []netip.Addr
 	SetSubnets map[netip.Prefix]uint16
@@ -258,17 +258,8 @@ func Update(model, want *State, c Changes) *Plan {
 	for _, a := range c.DelPeers {
 		want.Peers.Delete(a.Unmap())
 	}
-	for _, pf := range c.DelSubnets {
-		want.DelSubnet(pf.Masked())
-	}
-	for a, m := range c.SetPeers {
-		want.Peers.Set(a.Unmap(), c.Value(m))
-	}
-	for pf, m := range c.SetSubnets {
-		want.AddSubnet(pf.Masked(), c.Value(m))
-	}
-	// The lengths touched, [IPv6][bits]: an array, as every subnet of
-	// the delta marks one.
+	// The lengths the delta touches, [IPv6][bits]: an array, as every
+	// subnet of the delta marks one.
 	var touched [2][129]bool
 	touch := func(pf netip.Prefix) {
 		if pf.IsValid() {
@@ -276,9 +267,16 @@ func Update(model, want *State, c Changes) *Plan {
 		}
 	}
 	for _, pf := range c.DelSubnets {
+		pf = pf.Masked()
+		want.DelSubnet(pf)
 		touch(pf)
 	}
-	for pf := range c.SetSubnets {
+	for a, m := range c.SetPeers {
+		want.Peers.Set(a.Unmap(), c.Value(m))
+	}
+	for pf, m := range c.SetSubnets {
+		pf = pf.Masked()
+		want.AddSubnet(pf, c.Value(m))
 		touch(pf)
 	}
 	some := false
