@@ -162,24 +162,7 @@ func TestNSDriftRepair(t *testing.T) {
 func TestNSAdoptWithoutInterruption(t *testing.T) {
 	l := newLab(t, Config{})
 	ctx := context.Background()
-	if _, err := l.dp.Sync(ctx, l.des); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.dp.Close(); err != nil {
-		t.Fatal(err)
-	}
-	var dp2 *dataplane
-	var st Stats
-	sent := l.streamWhile(t, "adopt-", func() {
-		var err error
-		if dp2, err = newIn(Config{}, l.dir.NsHandle()); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { dp2.Close() })
-		if st, err = dp2.Sync(ctx, l.des); err != nil {
-			t.Fatal(err)
-		}
-	})
+	dp2, st, sent := l.restartStreaming(t, "adopt-", l.des, nil)
 	if st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("adopting sync changed the kernel: %+v", st)
 	}
@@ -199,6 +182,38 @@ func TestNSAdoptWithoutInterruption(t *testing.T) {
 		t.Fatalf("kernel stores digest %+v (%v); its maps' digest %+v, the target's %+v", ks.Stored, ks.HasStored, ks.Digest(), dp2.want.nft.Digest())
 	}
 	t.Logf("adoption: sync %+v; %d packets sent during it, all at the owner", st, sent)
+}
+
+// restartStreaming programs the lab's target with its dataplane, closes
+// it, and starts a second one (prep, when set, adjusts it before its
+// first Sync) that syncs to des while the first peer streams
+// (streamWhile): a restarted director. It returns the second dataplane,
+// its Sync's stats and the packets sent.
+func (l *lab) restartStreaming(t *testing.T, prefix string, des *Desired, prep func(*dataplane)) (*dataplane, Stats, int) {
+	t.Helper()
+	ctx := context.Background()
+	if _, err := l.dp.Sync(ctx, l.des); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	var dp2 *dataplane
+	var st Stats
+	sent := l.streamWhile(t, prefix, func() {
+		var err error
+		if dp2, err = newIn(Config{}, l.dir.NsHandle()); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { dp2.Close() })
+		if prep != nil {
+			prep(dp2)
+		}
+		if st, err = dp2.Sync(ctx, des); err != nil {
+			t.Fatal(err)
+		}
+	})
+	return dp2, st, sent
 }
 
 // streamWhile sends UDP to the VIP's NAT-T port from the first peer every
@@ -344,30 +359,11 @@ func TestNSConfirm(t *testing.T) {
 // target, and a peer's packets stream to their owner throughout.
 func TestNSReloadInsteadOfRead(t *testing.T) {
 	l := newLab(t, Config{})
-	ctx := context.Background()
-	if _, err := l.dp.Sync(ctx, l.des); err != nil {
-		t.Fatal(err)
-	}
-	if err := l.dp.Close(); err != nil {
-		t.Fatal(err)
-	}
 	// The table gained a peer the kernel never got.
 	des := *l.des
 	des.Peers = maps.Clone(l.des.Peers)
 	des.Peers[netip.MustParseAddr("192.0.2.200")] = 2
-	var dp2 *dataplane
-	var st Stats
-	sent := l.streamWhile(t, "reload-", func() {
-		var err error
-		if dp2, err = newIn(Config{}, l.dir.NsHandle()); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { dp2.Close() })
-		dp2.reloadOver = 0
-		if st, err = dp2.Sync(ctx, &des); err != nil {
-			t.Fatal(err)
-		}
-	})
+	dp2, st, sent := l.restartStreaming(t, "reload-", &des, func(d *dataplane) { d.reloadOver = 0 })
 	if dp2.reloaded != 1 || dp2.adopted != 0 {
 		t.Fatalf("reloaded %d, adopted %d: want the maps replaced without reading them", dp2.reloaded, dp2.adopted)
 	}

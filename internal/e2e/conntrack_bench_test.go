@@ -73,7 +73,7 @@ func BenchmarkConntrackVsConntrackd(b *testing.B) {
 			{"sync traffic per flow", func(r ctRound) float64 { return r.bytesPerFlow }, "bytes"},
 			{"backup memory per cached flow (RSS)", func(r ctRound) float64 { return r.rssPerFlow }, "bytes"},
 		}
-		b.Logf("median of %d rounds (2-core shared machine, load %s):", rounds, loadavg())
+		b.Logf("median of %d rounds (2-core shared machine, load %s):", rounds, loadAvg())
 		for _, row := range rows {
 			t, c := med(td, row.f), med(cd, row.f)
 			b.Logf("  %-48s tunneldirector %8.3f %s   conntrackd %8.3f %s   ratio %.2f", row.name, t, row.unit, c, row.unit, t/c)
@@ -81,15 +81,6 @@ func BenchmarkConntrackVsConntrackd(b *testing.B) {
 			b.ReportMetric(c, strings.ReplaceAll(row.unit+"/"+row.name, " ", "_")+"_ctd")
 		}
 	}
-}
-
-func loadavg() string {
-	b, _ := os.ReadFile("/proc/loadavg")
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return "?"
-	}
-	return strings.Join(f[:3], " ")
 }
 
 // benchTop is two directors joined by the sync link.
@@ -126,16 +117,6 @@ func ctCount(b *testing.B, h *netlab.Host) int {
 	return n
 }
 
-func rss(pid int) float64 {
-	v, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	m := regexp.MustCompile(`VmRSS:\s+(\d+) kB`).FindSubmatch(v)
-	if m == nil {
-		return 0
-	}
-	kb, _ := strconv.ParseFloat(string(m[1]), 64)
-	return kb * 1024
-}
-
 func poll(b *testing.B, what string, limit time.Duration, cond func() bool) {
 	b.Helper()
 	for deadline := time.Now().Add(limit); ; time.Sleep(5 * time.Millisecond) {
@@ -170,7 +151,7 @@ func benchTunneldirector(b *testing.B) ctRound {
 		s, err := cl.Status()
 		return err == nil && s.Replication != nil && s.Replication.Ready && s.Conntrack != nil && !s.Conntrack.Resyncing
 	})
-	rss0 := rss(ds[1].cmd.Process.Pid)
+	rss0, _ := procMemory(b, ds[1].cmd.Process.Pid)
 	bytes0 := syncBytes(b, top)
 	start := time.Now()
 	createFlows(b, top)
@@ -182,7 +163,8 @@ func benchTunneldirector(b *testing.B) ctRound {
 	r.sync = time.Since(start)
 	time.Sleep(200 * time.Millisecond) // the last acknowledgements
 	r.bytesPerFlow = float64(syncBytes(b, top)-bytes0) / benchFlows
-	r.rssPerFlow = (rss(ds[1].cmd.Process.Pid) - rss0) / benchFlows
+	rss1, _ := procMemory(b, ds[1].cmd.Process.Pid)
+	r.rssPerFlow = (rss1 - rss0) / benchFlows
 	base := ctCount(b, top.Directors[1])
 	start = time.Now()
 	rep, err := cl.ConntrackCommit()
@@ -286,7 +268,7 @@ func benchConntrackd(b *testing.B, bin string) ctRound {
 		return n
 	}
 	time.Sleep(500 * time.Millisecond) // both up and talking
-	rss0 := rss(procs[1].Process.Pid)
+	rss0, _ := procMemory(b, procs[1].Process.Pid)
 	bytes0 := syncBytes(b, top)
 	start := time.Now()
 	createFlows(b, top)
@@ -295,7 +277,8 @@ func benchConntrackd(b *testing.B, bin string) ctRound {
 	r.sync = time.Since(start)
 	time.Sleep(200 * time.Millisecond)
 	r.bytesPerFlow = float64(syncBytes(b, top)-bytes0) / benchFlows
-	r.rssPerFlow = (rss(procs[1].Process.Pid) - rss0) / benchFlows
+	rss1, _ := procMemory(b, procs[1].Process.Pid)
+	r.rssPerFlow = (rss1 - rss0) / benchFlows
 	base := ctCount(b, top.Directors[1])
 	start = time.Now()
 	ctl(1, "-c")

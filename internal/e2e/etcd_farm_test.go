@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -633,18 +632,8 @@ type netlinkLink = netlink.Link
 // proofs it repeats at small scale: TestEtcdFarm (an import reaching all
 // three kernels) and etcdstore's TestRequestLimits (the staged path).
 func TestEtcdFarmScale(t *testing.T) {
-	bulk := 100_000
-	switch v := os.Getenv("TD_ETCD_SCALE"); v {
-	case "":
-		t.Skip("a measurement: TD_ETCD_SCALE=1 runs it (100,000 tunnels), TD_ETCD_SCALE=N with N tunnels")
-	case "1":
-	default:
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 100 {
-			t.Fatalf("TD_ETCD_SCALE=%q: want 1 or a number of tunnels >= 100", v)
-		}
-		bulk = n
-	}
+	// The bulk subnets are /27s in 11.0.0.0/8: 2^19 of them.
+	bulk := onDemandScale(t, "TD_ETCD_SCALE", 100_000, 1<<19)
 	e := newEtcdFarm(t, 3, time.Minute)
 	var b strings.Builder
 	b.WriteString("id,peer,subnets\n")

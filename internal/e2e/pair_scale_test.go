@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tunneldirector/tunneldirector/internal/cputime"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
@@ -25,17 +26,7 @@ import (
 // TD_PAIR_SCALE=N. CI keeps the small-scale proofs: TestPairReplicatesAndTakesOver
 // and the replication package's TestHeartbeat* tests.
 func TestPairScale(t *testing.T) {
-	n := 1_000_000
-	switch v := os.Getenv("TD_PAIR_SCALE"); v {
-	case "":
-		t.Skip("a measurement: TD_PAIR_SCALE=1 runs it (1,000,000 tunnels), TD_PAIR_SCALE=N with N tunnels")
-	case "1":
-	default:
-		var err error
-		if n, err = strconv.Atoi(v); err != nil || n < 100 || n > 1<<22 {
-			t.Fatalf("TD_PAIR_SCALE=%q: want 1 or a number of tunnels from 100 to 4194304", v)
-		}
-	}
+	n := onDemandScale(t, "TD_PAIR_SCALE", 1_000_000, 1<<22)
 	netlab.RequireRoot(t)
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 3})
 	dir := t.TempDir()
@@ -133,6 +124,25 @@ func TestPairScale(t *testing.T) {
 	t.Logf("fresh backup at %d tunnels: median %s wall, %s CPU", n, walls[1].Round(time.Millisecond), cpus[1].Round(time.Millisecond))
 }
 
+// onDemandScale is the tunnel count of a measurement run on demand: t is
+// skipped unless env is set, env=1 runs it with def tunnels, and env=N
+// with N (from 100 to max).
+func onDemandScale(t *testing.T, env string, def, max int) int {
+	t.Helper()
+	v := os.Getenv(env)
+	switch v {
+	case "":
+		t.Skipf("a measurement: %s=1 runs it (%d tunnels), %s=N with N tunnels", env, def, env)
+	case "1":
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 100 || n > max {
+		t.Fatalf("%s=%q: want 1 or a number of tunnels from 100 to %d", env, v, max)
+	}
+	return n
+}
+
 // procCPU is a process's user+system CPU time so far, from /proc.
 func procCPU(t *testing.T, pid int) time.Duration {
 	u, s := procCPUSplit(t, pid)
@@ -142,16 +152,13 @@ func procCPU(t *testing.T, pid int) time.Duration {
 // procCPUSplit is a process's user and system CPU time so far, apart:
 // the system part of programming the kernel is mostly the kernel's own
 // work on the transaction.
-func procCPUSplit(t *testing.T, pid int) (user, sys time.Duration) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+func procCPUSplit(t testing.TB, pid int) (user, sys time.Duration) {
+	t.Helper()
+	user, sys, err := cputime.OfPID(pid)
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The fields after the command (which may hold spaces) in brackets.
-	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
-	u, _ := strconv.ParseInt(f[11], 10, 64)
-	s, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(u) * 10 * time.Millisecond, time.Duration(s) * 10 * time.Millisecond // USER_HZ is 100 on Linux
+	return user, sys
 }
 
 func loadAvg() string {

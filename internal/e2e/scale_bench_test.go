@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -110,23 +109,29 @@ func (e *e2e) kernelCaughtUp() bool {
 func (e *e2e) daemonMemory() (rss, hwm float64) {
 	e.t.Helper()
 	time.Sleep(2 * time.Second)
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", e.daemon.Process.Pid))
+	r, h := procMemory(e.t, e.daemon.Process.Pid)
+	return r / (1 << 20), h / (1 << 20)
+}
+
+// procMemory returns a process's resident and peak resident memory in
+// bytes (VmRSS and VmHWM of /proc/PID/status).
+func procMemory(t testing.TB, pid int) (rss, hwm float64) {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		e.t.Fatal(err)
+		t.Fatal(err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		k, v, _ := strings.Cut(sc.Text(), ":")
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, _ := strings.Cut(line, ":")
 		kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
 		if err != nil {
 			continue
 		}
 		switch k {
 		case "VmRSS":
-			rss = kb / 1024
+			rss = kb * 1024
 		case "VmHWM":
-			hwm = kb / 1024
+			hwm = kb * 1024
 		}
 	}
 	return rss, hwm
@@ -150,16 +155,8 @@ func (e *e2e) waitIdle() {
 // from /proc/PID/stat; the status command's own work is not in it).
 func (e *e2e) daemonCPU() float64 {
 	e.t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", e.daemon.Process.Pid))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	// Fields after the command's closing parenthesis: state is the
-	// first, utime and stime the 12th and 13th.
-	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
-	ut, _ := strconv.ParseFloat(f[11], 64)
-	st, _ := strconv.ParseFloat(f[12], 64)
-	return (ut + st) / 100 // USER_HZ, 100 on Linux
+	u, s := procCPUSplit(e.t, e.daemon.Process.Pid)
+	return (u + s).Seconds()
 }
 
 func median(v []float64) float64 {
