@@ -16,6 +16,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/internal/cputime"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
+	"github.com/tunneldirector/tunneldirector/ipvs/nft"
 )
 
 // benchLab is one director namespace with an inside link, enough for the
@@ -66,7 +67,9 @@ func nftFile(b *testing.B, d *Desired, cfg Config) string {
 	cfg, _ = cfg.withDefaults()
 	var s strings.Builder
 	s.WriteString("table inet tunneldirector {\n")
-	s.WriteString("map peers4 { type ipv4_addr : mark; elements = {\n")
+	// Sized as the director sizes its maps (nft.MapSize), so both get
+	// the kernel's fixed-size hash.
+	fmt.Fprintf(&s, "map peers4 { type ipv4_addr : mark; size %d; elements = {\n", nft.MapSize(len(d.Peers)))
 	first := true
 	for a, m := range d.Peers {
 		if !first {
@@ -85,7 +88,7 @@ func nftFile(b *testing.B, d *Desired, cfg Config) string {
 	}
 	lens := slices.Sorted(maps.Keys(byLen))
 	for _, l := range lens {
-		fmt.Fprintf(&s, "map sub4_%d { type ipv4_addr : mark; elements = {\n", l)
+		fmt.Fprintf(&s, "map sub4_%d { type ipv4_addr : mark; size %d; elements = {\n", l, nft.MapSize(len(byLen[l])))
 		for i, p := range byLen[l] {
 			if i > 0 {
 				s.WriteString(",\n")
@@ -298,6 +301,12 @@ func BenchmarkNodeDown(b *testing.B) {
 	ns, done := benchLab(b)
 	defer done()
 	d := bigDesiredNodes(n, nn)
+	// Buckets as the daemon has them (4,096 by default): the hash keeps
+	// its bucket count when a node goes, so the chain stays as it is.
+	d.Buckets = make([]uint16, 4096)
+	for i := range d.Buckets {
+		d.Buckets[i] = uint16(i%nn + 1)
+	}
 	dp := synced(b, ns, d)
 	defer dp.Close()
 	ctx := context.Background()
@@ -309,8 +318,13 @@ func BenchmarkNodeDown(b *testing.B) {
 		down := uint16(i%nn + 1)
 		nodes := slices.Clone(d.Nodes)
 		nodes[down-1].Active, nodes[down-1].Down = false, true
-		dl := &Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Nodes: nodes}
+		dl := &Delta{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Buckets: map[int]uint16{}, Nodes: nodes}
 		to := down%uint16(nn) + 1
+		for i, m := range d.Buckets {
+			if m == down {
+				dl.Buckets[i] = to
+			}
+		}
 		for a, m := range d.Peers {
 			if m == down {
 				dl.SetPeers[a] = to

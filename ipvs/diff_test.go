@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/tunneldirector/tunneldirector/ipvs/lvs"
 	"github.com/tunneldirector/tunneldirector/ipvs/nft"
 	"github.com/tunneldirector/tunneldirector/ipvs/route"
@@ -94,8 +96,17 @@ func (k *fakeKernel) ReadMeta() (*nft.State, error) {
 }
 func (k *fakeKernel) Apply(p *nft.Plan) error {
 	a, c, r := p.Count()
+	next := k.nft.Clone()
+	next.Apply(p)
+	// As the kernel does (ENFILE): a sized map takes no more elements
+	// than its size, and the transaction is refused whole.
+	for name, n := range next.MapCounts() {
+		if size := next.Sizes[name]; size > 0 && n > int(size) {
+			return fmt.Errorf("map %s: %d elements, its size is %d: %w", name, n, size, unix.ENFILE)
+		}
+	}
 	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.Recreate, p.Chain, a, c, r)
-	k.nft.Apply(p)
+	k.nft = next
 	k.gen++
 	return nil
 }

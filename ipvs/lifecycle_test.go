@@ -376,3 +376,53 @@ func TestNSReloadInsteadOfRead(t *testing.T) {
 	}
 	t.Logf("reload: sync %+v; %d packets sent during it, all at the owner", st, sent)
 }
+
+// TestNSMapGrows: the kernel creates the peer and subnet maps with the
+// sizes the director gives them and refuses elements past a size, so an
+// update that outgrows a map replaces the table with larger maps in one
+// transaction: the kernel then holds the whole target in maps of the new
+// size, and a peer's packets stream to their owner throughout.
+func TestNSMapGrows(t *testing.T) {
+	l := newLab(t, Config{})
+	ctx := context.Background()
+	if _, err := l.dp.Sync(ctx, l.des); err != nil {
+		t.Fatal(err)
+	}
+	ks, err := l.dp.nft.ReadMeta()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ks.Sizes["peers4"] != 1024 || ks.Sizes["peers6"] != 1024 || ks.Sizes["sub4_27"] != 1024 {
+		t.Fatalf("kernel map sizes after the first sync: %v; want 1024 each", ks.Sizes)
+	}
+	// 1,100 more IPv4 peers: 1,103 do not fit 1,024.
+	dl := &Delta{SetPeers: map[netip.Addr]uint16{}}
+	for i := range 1100 {
+		dl.SetPeers[netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})] = uint16(i%3 + 1)
+	}
+	var st Stats
+	sent := l.streamWhile(t, "grow-", func() {
+		if st, err = l.dp.Update(ctx, dl); err != nil {
+			t.Fatalf("update past the map's size: %v", err)
+		}
+	})
+	if st.Added != 1100 || st.Changed+st.Removed != 0 {
+		t.Fatalf("update stats %+v: want the 1,100 additions only", st)
+	}
+	if ks, err = l.dp.nft.Read(); err != nil {
+		t.Fatal(err)
+	}
+	if ks.Sizes["peers4"] != 2048 || ks.Peers.Len() != len(l.des.Peers)+1100 || ks.Digest() != l.dp.want.nft.Digest() {
+		t.Fatalf("kernel after growing: peers4 size %d, %d peers, digest %+v; want 2048, %d, the target's %+v",
+			ks.Sizes["peers4"], ks.Peers.Len(), ks.Digest(), len(l.des.Peers)+1100, l.dp.want.nft.Digest())
+	}
+	// The model knows the new size: the next addition fits without a
+	// recreation, and the kernel still agrees.
+	if st, err = l.dp.Update(ctx, &Delta{SetPeers: map[netip.Addr]uint16{netip.MustParseAddr("198.18.100.1"): 1}}); err != nil || st.Added != 1 {
+		t.Fatalf("one more peer: %+v %v", st, err)
+	}
+	if vs, err := l.dp.Verify(ctx); err != nil || vs.Added+vs.Changed+vs.Removed != 0 {
+		t.Fatalf("verify after growing: %+v %v; want nothing to repair", vs, err)
+	}
+	t.Logf("grown: %+v; %d packets sent during it, all at the owner", st, sent)
+}

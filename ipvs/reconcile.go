@@ -455,6 +455,15 @@ func leftMasq(cur *kstate, p *nft.Plan) []svcKey {
 		return out
 	}
 	marks := map[uint32]bool{}
+	if p.Grown {
+		// The maps are replaced whole: a moved peer is one whose
+		// mark differs from the model's.
+		for a, fm := range cur.nft.Peers.All() {
+			if nm, ok := p.AddPeers.Get(a); !ok || nm != fm {
+				marks[fm|IKEBit] = true
+			}
+		}
+	}
 	for _, a := range p.DelPeers {
 		if fm, ok := cur.nft.Peers.Get(a); ok {
 			if nm, _ := p.AddPeers.Get(a); nm == fm {

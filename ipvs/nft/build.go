@@ -77,7 +77,7 @@ func newNames(name string) *nftNames {
 		n.fams[i] = famSets{
 			v6:    v6,
 			vips:  &nftables.Set{Table: t, Name: "vips" + sfx, KeyType: kt, KeyByteOrder: binaryutil.BigEndian},
-			peers: &nftables.Set{Table: t, Name: "peers" + sfx, IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark},
+			peers: &nftables.Set{Table: t, Name: peerSetName(v6), IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark},
 			window: &nftables.Set{Table: t, Name: "window" + sfx, IsMap: true, KeyType: kt, KeyByteOrder: binaryutil.BigEndian,
 				DataType: nftables.TypeMark, Dynamic: true, HasTimeout: true, Timeout: LearnInterval, Size: windowSize},
 		}
@@ -170,6 +170,9 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 		c.DelTable(n.table)
 		c.AddTable(n.table)
 		for _, s := range n.allSets() {
+			if size, ok := p.Sizes[s.Name]; ok {
+				s.Size = size
+			}
 			if err := c.AddSet(s, nil); err != nil {
 				return fmt.Errorf("add set %s: %w", s.Name, err)
 			}
@@ -186,6 +189,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 		return subs[l]
 	}
 	for _, l := range p.AddLens {
+		sub(l).Size = p.Sizes[l.setName()]
 		if err := c.AddSet(sub(l), nil); err != nil {
 			return fmt.Errorf("add set %s: %w", l.setName(), err)
 		}

@@ -33,6 +33,14 @@ type Plan struct {
 	// Digest, when set, replaces the digest set's element: the Digest of
 	// the peer and subnet maps once the plan is applied (WithDigest).
 	Digest *Digest
+	// Sizes are the sizes of the peer and subnet maps the plan creates
+	// (every one on Recreate, AddLens' otherwise), by set name.
+	Sizes map[string]uint32
+	// Grown says the table is recreated because the target no longer
+	// fits a map's size.
+	Grown bool
+	// counts, when set, is what Count reports (a grown plan's changes).
+	counts *[3]int
 }
 
 // Empty reports whether p changes nothing.
@@ -43,6 +51,9 @@ func (p *Plan) Empty() bool {
 
 // Count returns the plan's element changes as added, changed, removed.
 func (p *Plan) Count() (a, c, r int) {
+	if p.counts != nil {
+		return p.counts[0], p.counts[1], p.counts[2]
+	}
 	if p.Recreate || p.Chain && !p.LensOnly {
 		c++
 	}
@@ -127,18 +138,12 @@ func diffElems[K any, M any, PM interface {
 
 // Diff computes the transaction that turns cur into want.
 func Diff(cur, want *State) *Plan {
-	p := &Plan{Sig: want.Sig}
 	if !cur.Table || cur.Broken || cur.Unread {
-		p.Recreate = true
-		p.Chain = true
-		p.AddLens = SortedLens(want.Lens)
-		p.AddVIPs = slices.Collect(maps.Keys(want.VIPs))
-		p.AddPeers = want.Peers.Clone()
-		p.AddSubnets = want.Subnets.Clone()
-		p.AddHash = maps.Clone(want.Hash)
-		return p
+		return recreate(want)
 	}
+	p := &Plan{Sig: want.Sig}
 	p.AddLens, p.DelLens = keysNotIn(want.Lens, cur.Lens), keysNotIn(cur.Lens, want.Lens)
+	p.sizeNewLens(want)
 	// The signature names the lengths, so a chain that matches it has a
 	// rule for every wanted map; a changed length set rebuilds it anyway.
 	p.Chain = !cur.Sig.Equal(want.Sig) || len(p.AddLens)+len(p.DelLens) > 0
@@ -147,7 +152,42 @@ func Diff(cur, want *State) *Plan {
 	p.AddPeers, p.DelPeers = diffElems(&cur.Peers, &want.Peers)
 	p.AddSubnets, p.DelSubnets = diffElems(&cur.Subnets, &want.Subnets)
 	p.AddHash, p.DelHash = diffMap(cur.Hash, want.Hash)
+	if overfills(cur, want) {
+		return grown(p, want)
+	}
 	return p
+}
+
+// recreate is the transaction that replaces the table with want.
+func recreate(want *State) *Plan {
+	p := &Plan{Sig: want.Sig, Recreate: true, Chain: true, Sizes: map[string]uint32{}}
+	p.AddLens = SortedLens(want.Lens)
+	p.AddVIPs = slices.Collect(maps.Keys(want.VIPs))
+	p.AddPeers = want.Peers.Clone()
+	p.AddSubnets = want.Subnets.Clone()
+	p.AddHash = maps.Clone(want.Hash)
+	want.mapCounts(func(name string, n int) { p.Sizes[name] = MapSize(n) })
+	return p
+}
+
+// grown is the recreation of the table for want in place of p, whose
+// target overfills a map; it counts p's changes, not a whole table's.
+func grown(p *Plan, want *State) *Plan {
+	g := recreate(want)
+	g.Grown = true
+	a, c, r := p.Count()
+	g.counts = &[3]int{a, c, r}
+	return g
+}
+
+// sizeNewLens sizes the subnet maps p creates for want's subnets.
+func (p *Plan) sizeNewLens(want *State) {
+	for _, l := range p.AddLens {
+		if p.Sizes == nil {
+			p.Sizes = map[string]uint32{}
+		}
+		p.Sizes[l.setName()] = MapSize(want.cnt[b2i(l.V6)][l.Bits])
+	}
 }
 
 // Changes is a delta to a target's maps: what tunnel changes need, and
@@ -309,6 +349,11 @@ func Update(model, want *State, c Changes) *Plan {
 		p.LensOnly = model.Sig.Version == Layout && model.Sig.sameButLens(want.Sig)
 		p.Sig = want.Sig
 	}
+	if overfills(model, want) {
+		// O(the table), once per growth by half of a map.
+		return grown(p, want)
+	}
+	p.sizeNewLens(want)
 	return p
 }
 
@@ -367,6 +412,7 @@ func (s *State) Apply(p *Plan) {
 		*s = *NewState()
 		s.Table = true
 	}
+	maps.Copy(s.Sizes, p.Sizes)
 	if len(p.DelLens) > 0 {
 		// The kernel dropped a deleted map's elements with it, also any
 		// the plan did not name (rare: lengths go seldom, so a scan is
@@ -374,6 +420,7 @@ func (s *State) Apply(p *Plan) {
 		gone := map[Len]bool{}
 		for _, l := range p.DelLens {
 			delete(s.Lens, l)
+			delete(s.Sizes, l.setName())
 			gone[l] = true
 		}
 		s.Subnets.DeleteLens(gone)

@@ -37,8 +37,12 @@ func read(c *nftables.Conn, table string, withMaps bool, elems func(*nftables.Se
 	have := map[string]bool{}
 	for _, st := range sets {
 		have[st.Name] = true
-		if l, ok := parseLen(st.Name); ok {
+		l, isSub := parseLen(st.Name)
+		if isSub {
 			s.Lens[l] = struct{}{}
+		}
+		if st.Size > 0 && (isSub || st.Name == peerSetName(false) || st.Name == peerSetName(true)) {
+			s.Sizes[st.Name] = st.Size
 		}
 	}
 	for _, name := range legacySets {
