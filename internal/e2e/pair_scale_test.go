@@ -99,6 +99,7 @@ func TestPairScale(t *testing.T) {
 		load := loadAvg()
 		start := time.Now()
 		bk.start(t)
+		stopPerf := perfRecord(t, bk.cmd.Process.Pid, fmt.Sprintf("freshbackup-%d", run))
 		// The store first (the snapshot received and applied), then
 		// the kernel.
 		var stored, storedCPU time.Duration
@@ -110,6 +111,7 @@ func TestPairScale(t *testing.T) {
 			return err == nil && s.KernelRevision == master && s.Revision == master
 		})
 		wall := time.Since(start)
+		stopPerf()
 		user, sys := procCPUSplit(t, bk.cmd.Process.Pid)
 		cpu := user + sys
 		walls, cpus = append(walls, wall), append(cpus, cpu)

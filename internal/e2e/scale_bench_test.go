@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -70,11 +71,13 @@ func BenchmarkDaemonScale(b *testing.B) {
 		rss, hwm = append(rss, r), append(hwm, h)
 
 		victim := fmt.Sprintf("node%d", iter%nodes)
+		stopPerf := perfRecord(b, e.daemon.Process.Pid, fmt.Sprintf("nodedown-%d", iter))
 		t0, c0 = time.Now(), e.daemonCPU()
 		e.cli("node", "down", victim)
 		e.waitFor("the kernel to hold the node's moves", long, e.kernelCaughtUp)
 		down, downCPU = append(down, time.Since(t0).Seconds()), append(downCPU, e.daemonCPU()-c0)
 		e.waitIdle()
+		stopPerf()
 
 		e.stop()
 		t0 = time.Now()
@@ -92,6 +95,26 @@ func BenchmarkDaemonScale(b *testing.B) {
 	}{{imp, "import-s"}, {impCPU, "import-cpu-s"}, {rss, "rss-MB"}, {hwm, "hwm-MB"}, {down, "nodedown-s"}, {downCPU, "nodedown-cpu-s"},
 		{api, "restart-api-s"}, {apiCPU, "restart-api-cpu-s"}, {restart, "restart-kernel-s"}, {restartCPU, "restart-kernel-cpu-s"}, {rrss, "restart-rss-MB"}} {
 		b.ReportMetric(median(m.v), m.unit)
+	}
+}
+
+// perfRecord, when TD_BENCH_PERF names a directory, records process pid
+// with perf(1) (call graphs, kernel included) into DIR/name.data until
+// the returned function is called: one phase's profile, where the
+// daemon's --cpuprofile covers its whole life and not the kernel.
+func perfRecord(t testing.TB, pid int, name string) (stop func()) {
+	dir := os.Getenv("TD_BENCH_PERF")
+	if dir == "" {
+		return func() {}
+	}
+	cmd := exec.Command("perf", "record", "-g", "-p", strconv.Itoa(pid), "-o", filepath.Join(dir, name+".data"))
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("TD_BENCH_PERF: %v", err)
+	}
+	time.Sleep(300 * time.Millisecond) // perf attaches
+	return func() {
+		_ = cmd.Process.Signal(os.Interrupt)
+		_ = cmd.Wait()
 	}
 }
 
