@@ -20,6 +20,8 @@ import (
 // fakeKernel records the kernel operations and holds their result: it is
 // the nftables, the routing and (with ipvs) the IPVS of one namespace.
 type fakeKernel struct {
+	// clock is the dataplane's clock (newFake).
+	clock  time.Time
 	ipvs   bool
 	ops    []string
 	nft    *nft.State
@@ -196,7 +198,12 @@ func newFake(cfg Config, k *fakeKernel) (*dataplane, error) {
 	if k.ipvs {
 		lk = k
 	}
-	return newDataplane(cfg, k, k, lk)
+	dp, err := newDataplane(cfg, k, k, lk)
+	if err == nil {
+		// The clock stands still unless a test moves it.
+		dp.now = func() time.Time { return k.clock }
+	}
+	return dp, err
 }
 
 func (k *fakeKernel) take() []string { o := k.ops; k.ops = nil; return o }
@@ -607,6 +614,50 @@ func TestVerifyReadsMapsOnlyWhenTheGenerationMoved(t *testing.T) {
 	}
 	if k.nftReads != reads+1 || repaired != 1 {
 		t.Fatalf("%d verifies: %d reads, %d repaired; want 1 and 1", fullVerifyEvery, k.nftReads-reads, repaired)
+	}
+}
+
+// TestPeriodicReadDuty: the periodic full read waits readDuty times as
+// long as the last read took, so that a read of minutes (a million
+// tunnels) does not keep a core busy; a foreign change is read at once.
+func TestPeriodicReadDuty(t *testing.T) {
+	dp, k := fakeDataplane(t, false)
+	mustSync(t, dp, unitDesired())
+	ctx := context.Background()
+	k.hold = true
+	// A foreign change starts a read, which takes 100 s.
+	k.gen++
+	if _, err := dp.Verify(ctx); err != nil || dp.pending == nil {
+		t.Fatalf("verify after a foreign change: %v, pending %v", err, dp.pending != nil)
+	}
+	k.clock = k.clock.Add(100 * time.Second)
+	k.release()
+	if st, err := dp.Verify(ctx); err != nil || st.Pending {
+		t.Fatalf("verify taking the read: %+v %v", st, err)
+	}
+	// 30 s a verify: the periodic read is due after 1,000 s, at the
+	// first fullVerifyEvery-th verify from then.
+	reads, verifies := k.nftReads, 0
+	for k.nftReads == reads && verifies < 100 {
+		k.clock = k.clock.Add(30 * time.Second)
+		if _, err := dp.Verify(ctx); err != nil {
+			t.Fatal(err)
+		}
+		verifies++
+	}
+	if waited := time.Duration(verifies) * 30 * time.Second; waited < readDuty*100*time.Second || waited >= (readDuty*100+fullVerifyEvery*30)*time.Second {
+		t.Fatalf("the periodic read came after %s; want it in the %d verifies after %s", waited, fullVerifyEvery, readDuty*100*time.Second)
+	}
+	k.clock = k.clock.Add(time.Second)
+	k.release()
+	if _, err := dp.Verify(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A foreign change is read at the next verify, duty or not.
+	k.gen++
+	reads = k.nftReads
+	if _, err := dp.Verify(ctx); err != nil || k.nftReads != reads+1 {
+		t.Fatalf("foreign change under the duty: %d reads, %v; want 1", k.nftReads-reads, err)
 	}
 }
 

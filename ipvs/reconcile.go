@@ -41,6 +41,13 @@ type dataplane struct {
 	gen      uint32
 	genKnown bool
 	verifies int
+	// readStarted is when the last background read began, readTook
+	// how long it ran until a Verify took it (readDone): the periodic
+	// full read waits readDuty times readTook after the last one.
+	readStarted, readDone time.Time
+	readTook              time.Duration
+	// now is the clock (time.Now; tests step their own).
+	now func() time.Time
 	// adopted counts first Syncs that took the maps from the digest
 	// instead of reading them back; reloaded those that replaced maps
 	// differing from the target and holding over reloadOver elements
@@ -68,6 +75,15 @@ type dataplane struct {
 // transaction committed between one of the director's and its reading of
 // the generation.
 const fullVerifyEvery = 10
+
+// readDuty bounds the periodic full read to a share of the time: the next
+// one waits readDuty times as long as the last one took. At a million
+// tunnels a read keeps a core busy for a minute or two (the kernel walks a
+// set's hash from the start for every dump message), and every
+// fullVerifyEvery verifies at the default 30 s would have kept it busy a
+// third of the time; a foreign change (the generation moved) is still
+// read at once.
+const readDuty = 10
 
 // reloadOver is the size of the maps (elements) above which a first Sync
 // that finds them different from its target replaces the table in one
@@ -237,7 +253,7 @@ func newDataplane(cfg Config, nk nft.Kernel, rk route.Kernel, lk lvs.Kernel) (*d
 		// IPVS, if present, is not the director's in this mode.
 		lk = nil
 	}
-	d := &dataplane{cfg: cfg, rc: cfg.routeConfig(), mode: mode, nft: nk, rt: rk, lvs: lk, reloadOver: reloadOver}
+	d := &dataplane{cfg: cfg, rc: cfg.routeConfig(), mode: mode, nft: nk, rt: rk, lvs: lk, reloadOver: reloadOver, now: time.Now}
 	if err := d.rc.Foreign(rk); err != nil {
 		return nil, err
 	}
@@ -693,7 +709,10 @@ func (d *dataplane) Verify(ctx context.Context) (Stats, error) {
 // mapsMayDiffer says whether the maps need reading back: someone else's
 // transaction may have changed them, or it is the periodic full read.
 func (d *dataplane) mapsMayDiffer() bool {
-	if !d.genKnown || d.verifies%fullVerifyEvery == 0 {
+	if !d.genKnown {
+		return true
+	}
+	if d.verifies%fullVerifyEvery == 0 && d.now().Sub(d.readDone) >= readDuty*d.readTook {
 		return true
 	}
 	g, err := d.nft.Gen()
@@ -709,6 +728,7 @@ func (d *dataplane) startRead() {
 	d.gen, d.genKnown = g, err == nil
 	d.touched = touchedKeys{peers: map[netip.Addr]struct{}{}, subnets: map[netip.Prefix]struct{}{}, hash: map[uint32]struct{}{}}
 	d.pending = d.nft.ReadInBackground()
+	d.readStarted = d.now()
 }
 
 // takeRead takes a background read that arrived: with the model's values
@@ -718,6 +738,8 @@ func (d *dataplane) startRead() {
 // again.
 func (d *dataplane) takeRead(r nft.ReadResult) (*nft.State, bool, error) {
 	d.pending = nil
+	d.readDone = d.now()
+	d.readTook = d.readDone.Sub(d.readStarted)
 	if r.Err != nil || d.touched.shape {
 		d.genKnown = false
 		return d.model.nft, false, r.Err

@@ -101,6 +101,8 @@ type pairOptions struct {
 	// group, when valid, is the multicast group both directors send to
 	// and join on the sync link, instead of unicast to each other.
 	group netip.AddrPort
+	// edit, when set, rewrites both directors' files last.
+	edit func(string) string
 }
 
 // startPairWith is startPair with options.
@@ -128,6 +130,9 @@ func startPairWith(t testing.TB, top *netlab.Topology, dir string, o pairOptions
 			h.If(netlab.IfSync).Addr4, peer, key,
 			filepath.Join(dir, fmt.Sprintf("d%d.state", i)), filepath.Join(dir, fmt.Sprintf("d%d.ready", i)), roles[i])
 		cfg += o.extra
+		if o.edit != nil {
+			cfg = o.edit(cfg)
+		}
 		os.WriteFile(d.config, []byte(cfg), 0o600)
 		d.start(t)
 		ds = append(ds, d)

@@ -30,7 +30,7 @@ func TestPairScale(t *testing.T) {
 	netlab.RequireRoot(t)
 	top := netlab.BuildTopology(t, netlab.TopologyOptions{Peers: 1, Directors: 2, Nodes: 3})
 	dir := t.TempDir()
-	ds := startPair(t, top, dir, "master", "backup")
+	ds := startPairWith(t, top, dir, pairOptions{edit: atScale}, "master", "backup")
 	waitPairAPI(t, ds)
 	waitPair(t, ds, "the backup in sync", time.Minute, func() bool {
 		s := ds[1].status(t)

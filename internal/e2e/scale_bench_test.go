@@ -40,14 +40,7 @@ func BenchmarkDaemonScale(b *testing.B) {
 		}
 	}
 	const nodes = 16
-	// The import goes through the API: lift the body limit for the
-	// generated file, and verify at the default interval (the base
-	// configuration's 1 s would verify all the time at this size).
-	e := newE2EWith(b, netlab.TopologyOptions{Peers: 1, Directors: 1, Nodes: nodes, VIPOnDirectors: true}, func(cfg string) string {
-		cfg = strings.Replace(cfg, "verify_interval: 1s\n", "verify_interval: 30s\n", 1)
-		cfg = strings.Replace(cfg, "log_level: debug\n", "log_level: info\n", 1)
-		return strings.Replace(cfg, "api: {socket: ", "api: {max_body: 4294967296, socket: ", 1)
-	})
+	e := newE2EWith(b, netlab.TopologyOptions{Peers: 1, Directors: 1, Nodes: nodes, VIPOnDirectors: true}, atScale)
 	if out, err := runArgs(b, "gen", "--dir", e.dir, "--tunnels", strconv.Itoa(n), "--nodes", strconv.Itoa(nodes), "--pinned", "0"); err != nil {
 		b.Fatalf("gen: %v\n%s", err, out)
 	}
@@ -98,7 +91,23 @@ func BenchmarkDaemonScale(b *testing.B) {
 	}
 }
 
-// perfRecord, when TD_BENCH_PERF names a directory, records process pid
+// atScale rewrites the base configuration for a measurement at scale:
+// the import goes through the API, so the body limit is lifted for the
+// generated file; verify runs at the default interval (the base
+// configuration's 1 s would verify all the time at this size), and the
+// log at info.
+func atScale(cfg string) string {
+	for _, r := range [][2]string{{"verify_interval: 1s\n", "verify_interval: 30s\n"}, {"log_level: debug\n", "log_level: info\n"},
+		{"api: {socket: ", "api: {max_body: 4294967296, socket: "}} {
+		if !strings.Contains(cfg, r[0]) {
+			panic(fmt.Sprintf("atScale: the base configuration has no %q any more", r[0]))
+		}
+		cfg = strings.Replace(cfg, r[0], r[1], 1)
+	}
+	return cfg
+}
+
+// perfRecord, when TD_BENCH_PERF names a directory, records the machine (for process pid)
 // with perf(1) (call graphs, kernel included) into DIR/name.data until
 // the returned function is called: one phase's profile, where the
 // daemon's --cpuprofile covers its whole life and not the kernel.
@@ -107,7 +116,8 @@ func perfRecord(t testing.TB, pid int, name string) (stop func()) {
 	if dir == "" {
 		return func() {}
 	}
-	cmd := exec.Command("perf", "record", "-g", "-p", strconv.Itoa(pid), "-o", filepath.Join(dir, name+".data"))
+	// System-wide, so that the kernel threads working for it show too.
+	cmd := exec.Command("perf", "record", "-a", "-g", "-o", filepath.Join(dir, name+".data"))
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("TD_BENCH_PERF: %v", err)
 	}
