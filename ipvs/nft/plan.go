@@ -110,6 +110,7 @@ func diffMap[K comparable](cur, want map[K]uint32) (add map[K]uint32, del []K) {
 
 // elemMap is what PeerMap and SubnetMap share for a comparison.
 type elemMap[K any] interface {
+	Len() int
 	Get(K) (uint32, bool)
 	Set(K, uint32) bool
 	All() iter.Seq2[K, uint32]
@@ -119,7 +120,12 @@ type elemMap[K any] interface {
 func diffElems[K any, M any, PM interface {
 	*M
 	elemMap[K]
-}](cur, want PM) (add M, del []K) {
+}](cur, want PM, clone func(PM) M) (add M, del []K) {
+	if cur.Len() == 0 {
+		// Everything is new (a first load, a fresh backup's): a
+		// copy of the map is much cheaper than adding key by key.
+		return clone(want), nil
+	}
 	for k, v := range want.All() {
 		if cv, ok := cur.Get(k); !ok || cv != v {
 			PM(&add).Set(k, v)
@@ -149,8 +155,8 @@ func Diff(cur, want *State) *Plan {
 	p.Chain = !cur.Sig.Equal(want.Sig) || len(p.AddLens)+len(p.DelLens) > 0
 	p.LensOnly = p.Chain && cur.Sig.Version == Layout && cur.Sig.sameButLens(want.Sig)
 	p.AddVIPs, p.DelVIPs = keysNotIn(want.VIPs, cur.VIPs), keysNotIn(cur.VIPs, want.VIPs)
-	p.AddPeers, p.DelPeers = diffElems(&cur.Peers, &want.Peers)
-	p.AddSubnets, p.DelSubnets = diffElems(&cur.Subnets, &want.Subnets)
+	p.AddPeers, p.DelPeers = diffElems(&cur.Peers, &want.Peers, (*PeerMap).Clone)
+	p.AddSubnets, p.DelSubnets = diffElems(&cur.Subnets, &want.Subnets, (*SubnetMap).Clone)
 	p.AddHash, p.DelHash = diffMap(cur.Hash, want.Hash)
 	if overfills(cur, want) {
 		return grown(p, want)
@@ -406,6 +412,23 @@ func (p *Plan) WithDigest(model *State) {
 	}
 }
 
+// addAll sets add's elements in m: into an empty m, as a copy of add
+// (much cheaper than key by key for a first load of millions).
+func addAll[K any, M any, PM interface {
+	*M
+	elemMap[K]
+	GrowFor(*M)
+}](m, add PM, clone func(PM) M) {
+	if m.Len() == 0 {
+		*m = clone(add)
+		return
+	}
+	m.GrowFor((*M)(add))
+	for k, v := range add.All() {
+		m.Set(k, v)
+	}
+}
+
 // Apply updates s after the kernel accepted p.
 func (s *State) Apply(p *Plan) {
 	if p.Recreate {
@@ -438,20 +461,14 @@ func (s *State) Apply(p *Plan) {
 	for _, v := range p.AddVIPs {
 		s.VIPs[v] = struct{}{}
 	}
-	s.Peers.GrowFor(&p.AddPeers)
-	s.Subnets.GrowFor(&p.AddSubnets)
 	for _, k := range p.DelPeers {
 		s.Peers.Delete(k)
 	}
-	for k, v := range p.AddPeers.All() {
-		s.Peers.Set(k, v)
-	}
+	addAll(&s.Peers, &p.AddPeers, (*PeerMap).Clone)
 	for _, k := range p.DelSubnets {
 		s.Subnets.Delete(k)
 	}
-	for k, v := range p.AddSubnets.All() {
-		s.Subnets.Set(k, v)
-	}
+	addAll(&s.Subnets, &p.AddSubnets, (*SubnetMap).Clone)
 	for _, k := range p.DelHash {
 		delete(s.Hash, k)
 	}

@@ -1,0 +1,57 @@
+package ipvs
+
+import (
+	"net/netip"
+	"testing"
+
+	"github.com/tunneldirector/tunneldirector/ipvs/nft"
+)
+
+// TestTargetFillsPeersInParallel: a target of more than parallelPeers
+// peers, walked from Marks as the daemon gives them, holds every peer with
+// its owner's fwmark, as one filled on a single goroutine does; and a
+// peer of an unknown node is still refused.
+func TestTargetFillsPeersInParallel(t *testing.T) {
+	c, err := Config{}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	n := parallelPeers + peerBatch + 17 // several batches and a partial one
+	d := bigDesiredNodes(n, 3)
+	want := nft.NewState()
+	for a, m := range d.Peers {
+		want.Peers.Set(a, c.Fwmark(m))
+	}
+	walked := *d
+	walked.Peers, walked.Subnets = nil, nil
+	walked.MarksPeers, walked.MarksSubnets = len(d.Peers), len(d.Subnets)
+	walked.Marks = func(peer func(netip.Addr, uint16), subnet func(netip.Prefix, uint16)) {
+		for a, m := range d.Peers {
+			peer(a, m)
+		}
+		for p, m := range d.Subnets {
+			subnet(p, m)
+		}
+	}
+	k, err := c.target(ModeRouteOnly, &walked)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if k.nft.Peers.Len() != n || k.nft.Digest().N != uint64(2*n) {
+		t.Fatalf("target holds %d peers and %d elements, want %d and %d", k.nft.Peers.Len(), k.nft.Digest().N, n, 2*n)
+	}
+	for a, v := range want.Peers.All() {
+		if got, ok := k.nft.Peers.Get(a); !ok || got != v {
+			t.Fatalf("peer %s: %#x %v, want %#x", a, got, ok, v)
+		}
+	}
+	bad := *d
+	bad.Peers = map[netip.Addr]uint16{}
+	for a := range d.Peers {
+		bad.Peers[a] = 1
+	}
+	bad.Peers[netip.MustParseAddr("192.0.2.77")] = 9
+	if _, err := c.target(ModeRouteOnly, &bad); err == nil {
+		t.Fatal("a peer of mark 9 (no node) was accepted")
+	}
+}
