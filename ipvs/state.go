@@ -122,7 +122,12 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 		t.nft.VIPs[v.Unmap()] = struct{}{}
 	}
 	var bad error
-	peers := c.peerFiller(&t.nft.Peers, max(len(d.Peers), d.MarksPeers))
+	// Above parallelPeers the peer and subnet maps fill on goroutines of
+	// their own while this one walks the table: at a million tunnels the
+	// maps were 3 of a sync's 13 CPU seconds, one after the other.
+	n := max(len(d.Peers), d.MarksPeers)
+	peers := newFiller(n, func(a netip.Addr, m uint16) { t.nft.Peers.Set(a, c.Fwmark(m)) })
+	subnets := newFiller(n, func(p netip.Prefix, m uint16) { t.nft.AddSubnet(p, c.Fwmark(m)) })
 	d.Each(func(a netip.Addr, m uint16) {
 		if bad == nil && !known[m] {
 			bad = fmt.Errorf("peer %s: owner mark %d is not a node", a, m)
@@ -132,9 +137,10 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 		if bad == nil && !known[m] {
 			bad = fmt.Errorf("subnet %s: owner mark %d is not a node", p, m)
 		}
-		t.nft.AddSubnet(p.Masked(), c.Fwmark(m))
+		subnets.add(p.Masked(), m)
 	})
 	peers.wait()
+	subnets.wait()
 	if bad != nil {
 		return nil, bad
 	}
@@ -142,46 +148,44 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 	return t, nil
 }
 
-// parallelPeers is the peer count from which a target fills its peer map
-// on a second goroutine while the walk of the table fills the subnet map:
-// at a million tunnels the two maps were 3 of a sync's 13 CPU seconds,
-// one after the other.
+// parallelPeers is the peer count from which a target fills its maps on
+// goroutines of their own.
 const parallelPeers = 65536
 
-// peerBatch is how many peers go to the second goroutine at a time.
-const peerBatch = 4096
+// fillBatch is how many keys go to a filler at a time.
+const fillBatch = 4096
 
-type peerMark struct {
-	a netip.Addr
+type keyMark[K any] struct {
+	k K
 	m uint16
 }
 
-// peerFiller fills a peer map, on a goroutine of its own for n peers
-// and more (parallelPeers); wait returns when every added peer is in.
-type peerFiller struct {
-	c     Config
-	m     *nft.PeerMap
-	batch []peerMark
-	full  chan []peerMark // to the filler
-	free  chan []peerMark // back, for reuse
+// filler calls set for every key added, on a goroutine of its own when
+// made for n keys and more (parallelPeers), in batches; wait returns
+// when every added key is set.
+type filler[K any] struct {
+	set   func(K, uint16)
+	batch []keyMark[K]
+	full  chan []keyMark[K] // to the goroutine
+	free  chan []keyMark[K] // back, for reuse
 	done  chan struct{}
 }
 
-func (c Config) peerFiller(m *nft.PeerMap, n int) *peerFiller {
-	f := &peerFiller{c: c, m: m}
+func newFiller[K any](n int, set func(K, uint16)) *filler[K] {
+	f := &filler[K]{set: set}
 	if n < parallelPeers {
 		return f
 	}
-	f.full, f.free, f.done = make(chan []peerMark, 4), make(chan []peerMark, 4), make(chan struct{})
+	f.full, f.free, f.done = make(chan []keyMark[K], 4), make(chan []keyMark[K], 4), make(chan struct{})
 	for range 4 {
-		f.free <- make([]peerMark, 0, peerBatch)
+		f.free <- make([]keyMark[K], 0, fillBatch)
 	}
 	f.batch = <-f.free
 	go func() {
 		defer close(f.done)
 		for b := range f.full {
-			for _, p := range b {
-				f.m.Set(p.a, c.Fwmark(p.m))
+			for _, e := range b {
+				set(e.k, e.m)
 			}
 			f.free <- b[:0]
 		}
@@ -189,18 +193,18 @@ func (c Config) peerFiller(m *nft.PeerMap, n int) *peerFiller {
 	return f
 }
 
-func (f *peerFiller) add(a netip.Addr, m uint16) {
+func (f *filler[K]) add(k K, m uint16) {
 	if f.full == nil {
-		f.m.Set(a, f.c.Fwmark(m))
+		f.set(k, m)
 		return
 	}
-	if f.batch = append(f.batch, peerMark{a, m}); len(f.batch) == peerBatch {
+	if f.batch = append(f.batch, keyMark[K]{k, m}); len(f.batch) == fillBatch {
 		f.full <- f.batch
 		f.batch = <-f.free
 	}
 }
 
-func (f *peerFiller) wait() {
+func (f *filler[K]) wait() {
 	if f.full == nil {
 		return
 	}

@@ -7,16 +7,16 @@ import (
 	"github.com/tunneldirector/tunneldirector/ipvs/nft"
 )
 
-// TestTargetFillsPeersInParallel: a target of more than parallelPeers
-// peers, walked from Marks as the daemon gives them, holds every peer with
+// TestTargetFillsMapsInParallel: a target of more than parallelPeers
+// peers, walked from Marks as the daemon gives them, holds every peer and subnet with
 // its owner's fwmark, as one filled on a single goroutine does; and a
 // peer of an unknown node is still refused.
-func TestTargetFillsPeersInParallel(t *testing.T) {
+func TestTargetFillsMapsInParallel(t *testing.T) {
 	c, err := Config{}.withDefaults()
 	if err != nil {
 		t.Fatal(err)
 	}
-	n := parallelPeers + peerBatch + 17 // several batches and a partial one
+	n := parallelPeers + fillBatch + 17 // several batches and a partial one
 	d := bigDesiredNodes(n, 3)
 	want := nft.NewState()
 	for a, m := range d.Peers {
@@ -44,6 +44,14 @@ func TestTargetFillsPeersInParallel(t *testing.T) {
 		if got, ok := k.nft.Peers.Get(a); !ok || got != v {
 			t.Fatalf("peer %s: %#x %v, want %#x", a, got, ok, v)
 		}
+	}
+	for p, m := range d.Subnets {
+		if got, ok := k.nft.Subnets.Get(p); !ok || got != c.Fwmark(m) {
+			t.Fatalf("subnet %s: %#x %v, want %#x", p, got, ok, c.Fwmark(m))
+		}
+	}
+	if lens := k.nft.Sig.Lens; len(lens) != 1 || lens[0] != (nft.Len{Bits: 27}) {
+		t.Fatalf("target lengths %v, want the one /27 map", lens)
 	}
 	bad := *d
 	bad.Peers = map[netip.Addr]uint16{}

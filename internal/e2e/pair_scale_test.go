@@ -98,8 +98,8 @@ func TestPairScale(t *testing.T) {
 		master := ds[0].status(t).Revision
 		load := loadAvg()
 		start := time.Now()
+		stopPerf := perfRecord(t, fmt.Sprintf("freshbackup-%d", run))
 		bk.start(t)
-		stopPerf := perfRecord(t, bk.cmd.Process.Pid, fmt.Sprintf("freshbackup-%d", run))
 		// The store first (the snapshot received and applied), then
 		// the kernel.
 		var stored, storedCPU time.Duration

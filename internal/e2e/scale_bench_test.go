@@ -64,7 +64,7 @@ func BenchmarkDaemonScale(b *testing.B) {
 		rss, hwm = append(rss, r), append(hwm, h)
 
 		victim := fmt.Sprintf("node%d", iter%nodes)
-		stopPerf := perfRecord(b, e.daemon.Process.Pid, fmt.Sprintf("nodedown-%d", iter))
+		stopPerf := perfRecord(b, fmt.Sprintf("nodedown-%d", iter))
 		t0, c0 = time.Now(), e.daemonCPU()
 		e.cli("node", "down", victim)
 		e.waitFor("the kernel to hold the node's moves", long, e.kernelCaughtUp)
@@ -73,11 +73,13 @@ func BenchmarkDaemonScale(b *testing.B) {
 		stopPerf()
 
 		e.stop()
+		stopPerf = perfRecord(b, fmt.Sprintf("restart-%d", iter))
 		t0 = time.Now()
 		e.start()
 		api, apiCPU = append(api, time.Since(t0).Seconds()), append(apiCPU, e.daemonCPU())
 		e.waitFor("the restarted daemon to confirm the kernel", long, e.kernelCaughtUp)
 		restart, restartCPU = append(restart, time.Since(t0).Seconds()), append(restartCPU, e.daemonCPU())
+		stopPerf()
 		r, _ = e.daemonMemory()
 		rrss = append(rrss, r)
 		e.stop() // a clean stop: TD_DAEMON_PROFILE's profile is written
@@ -107,11 +109,11 @@ func atScale(cfg string) string {
 	return cfg
 }
 
-// perfRecord, when TD_BENCH_PERF names a directory, records the machine (for process pid)
+// perfRecord, when TD_BENCH_PERF names a directory, records the machine
 // with perf(1) (call graphs, kernel included) into DIR/name.data until
 // the returned function is called: one phase's profile, where the
 // daemon's --cpuprofile covers its whole life and not the kernel.
-func perfRecord(t testing.TB, pid int, name string) (stop func()) {
+func perfRecord(t testing.TB, name string) (stop func()) {
 	dir := os.Getenv("TD_BENCH_PERF")
 	if dir == "" {
 		return func() {}
