@@ -10,6 +10,6 @@ import "github.com/tunneldirector/tunneldirector/affinity"
 func (s *Store) CommitApplied(a *affinity.Applied) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	_, err := s.commitLocked(func() (*affinity.Applied, error) { return a, nil })
+	_, err := s.commitLocked(true, func() (*affinity.Applied, error) { return a, nil })
 	return err
 }

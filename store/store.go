@@ -447,7 +447,7 @@ func (s *Store) Do(plan func(*affinity.Table) ([]affinity.Change, error)) (*affi
 	if err != nil {
 		return nil, err
 	}
-	return s.commitLocked(func() (*affinity.Applied, error) {
+	return s.commitLocked(true, func() (*affinity.Applied, error) {
 		a, err := s.table.Apply(batch)
 		// The table copied what it keeps: whatever the batch points to
 		// (a file's records) can go before the commit writes its pages.
@@ -473,10 +473,15 @@ func (s *Store) Try(plan func(*affinity.Table) ([]affinity.Change, error)) error
 func (s *Store) CommitAt(rev uint64, changes []affinity.Change) (*affinity.Applied, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.commitLocked(func() (*affinity.Applied, error) { return s.table.ApplyAt(rev, changes) })
+	return s.commitLocked(false, func() (*affinity.Applied, error) { return s.table.ApplyAt(rev, changes) })
 }
 
-func (s *Store) commitLocked(apply func() (*affinity.Applied, error)) (*affinity.Applied, error) {
+// commitLocked applies and persists a batch. collect says the batch was
+// made from records that are garbage once applied (a file's): a large
+// one is collected before the transaction allocates its pages. A
+// replica's batches come from a transfer its replicator still holds, so
+// a collection there would find little and cost a second at a million.
+func (s *Store) commitLocked(collect bool, apply func() (*affinity.Applied, error)) (*affinity.Applied, error) {
 	if s.readOnly {
 		return nil, fmt.Errorf("commit to store %s: opened read-only", s.path)
 	}
@@ -487,7 +492,7 @@ func (s *Store) commitLocked(apply func() (*affinity.Applied, error)) (*affinity
 	if len(applied.Changes) == 0 {
 		return applied, nil
 	}
-	if len(applied.Changes) >= collectBefore {
+	if collect && len(applied.Changes) >= collectBefore {
 		// What the batch was made from (a file's records) is garbage
 		// now, and the transaction is about to allocate its pages:
 		// collecting here costs one cycle and lowers the peak by the
