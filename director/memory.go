@@ -9,8 +9,8 @@ import (
 	"github.com/tunneldirector/tunneldirector/ipvs"
 )
 
-// bulkElements is the size of a kernel change (elements added and
-// removed) after which the daemon hands its free heap back to the
+// bulkElements is the size of a kernel change (elements added, removed
+// and reloaded with a recreated table) after which the daemon hands its free heap back to the
 // operating system. Changed elements do not count: moves (a node down)
 // leave the table its size, and the next change of the kind needs the
 // same memory again, which a release would make it fault back in.
@@ -40,7 +40,7 @@ var releasing atomic.Bool
 // noteBulk remembers that a kernel change was a bulk one, for
 // releaseAfterBulk once the change's own data is garbage.
 func (d *Daemon) noteBulk(st ipvs.Stats) {
-	if st.Added+st.Removed >= bulkElements {
+	if st.Added+st.Removed+st.Reloaded >= bulkElements {
 		d.bulk = true
 	}
 }

@@ -140,7 +140,11 @@ type Delta struct {
 // Stats says what an Apply, Update or Verify did.
 type Stats struct {
 	Added, Changed, Removed int
-	Duration                time.Duration
+	// Reloaded is the elements a recreation of the table loaded besides
+	// the changes counted (a map outgrew its size, or a restart
+	// replaced maps it did not read): work of a bulk change's size.
+	Reloaded int
+	Duration time.Duration
 	// Pending says a Verify left a background read of the maps running
 	// (it started one, or the one it started before has not arrived):
 	// call Verify again soon to compare and repair them.

@@ -3,6 +3,7 @@ package ipvs
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -20,8 +21,13 @@ import (
 // fakeKernel records the kernel operations and holds their result: it is
 // the nftables, the routing and (with ipvs) the IPVS of one namespace.
 type fakeKernel struct {
-	// clock is the dataplane's clock (newFake).
+	// clock is the dataplane's clock (newFake); readAt is when each
+	// held read began.
 	clock  time.Time
+	readAt []time.Time
+	// sizes are the map sizes the plans created, kept here from the
+	// plans themselves (not State.Apply, which is under test).
+	sizes  map[string]uint32
 	ipvs   bool
 	ops    []string
 	nft    *nft.State
@@ -45,9 +51,9 @@ type fakeKernel struct {
 // when the read began).
 func (k *fakeKernel) release() {
 	for i, ch := range k.pending {
-		ch <- nft.ReadResult{State: k.snaps[i]}
+		ch <- nft.ReadResult{State: k.snaps[i], Took: k.clock.Sub(k.readAt[i])}
 	}
-	k.pending, k.snaps = nil, nil
+	k.pending, k.snaps, k.readAt = nil, nil, nil
 }
 
 func newFakeKernel(ipvs bool) *fakeKernel {
@@ -70,7 +76,7 @@ func (k *fakeKernel) ReadInBackground() <-chan nft.ReadResult {
 	k.nftReads++
 	ch := make(chan nft.ReadResult, 1)
 	if k.hold {
-		k.pending, k.snaps = append(k.pending, ch), append(k.snaps, k.nft.Clone())
+		k.pending, k.snaps, k.readAt = append(k.pending, ch), append(k.snaps, k.nft.Clone()), append(k.readAt, k.clock)
 		return ch
 	}
 	ch <- nft.ReadResult{State: k.nft.Clone()}
@@ -100,15 +106,23 @@ func (k *fakeKernel) Apply(p *nft.Plan) error {
 	a, c, r := p.Count()
 	next := k.nft.Clone()
 	next.Apply(p)
+	sizes := maps.Clone(k.sizes)
+	if p.Recreate || sizes == nil {
+		sizes = map[string]uint32{}
+	}
+	for _, l := range p.DelLens {
+		delete(sizes, l.SetName())
+	}
+	maps.Copy(sizes, p.Sizes)
 	// As the kernel does (ENFILE): a sized map takes no more elements
 	// than its size, and the transaction is refused whole.
 	for name, n := range next.MapCounts() {
-		if size := next.Sizes[name]; size > 0 && n > int(size) {
+		if size := sizes[name]; size > 0 && n > int(size) {
 			return fmt.Errorf("map %s: %d elements, its size is %d: %w", name, n, size, unix.ENFILE)
 		}
 	}
 	k.log("nft recreate=%v chain=%v +%d ~%d -%d", p.Recreate, p.Chain, a, c, r)
-	k.nft = next
+	k.nft, k.sizes = next, sizes
 	k.gen++
 	return nil
 }
@@ -653,11 +667,63 @@ func TestPeriodicReadDuty(t *testing.T) {
 	if _, err := dp.Verify(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// Reads that take no time come every fullVerifyEvery verifies.
+	k.hold = false
+	reads = k.nftReads
+	for range 3 * fullVerifyEvery {
+		k.clock = k.clock.Add(30 * time.Second)
+		if _, err := dp.Verify(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if k.nftReads-reads != 3 {
+		t.Fatalf("%d verifies of instant reads: %d reads, want 3", 3*fullVerifyEvery, k.nftReads-reads)
+	}
 	// A foreign change is read at the next verify, duty or not.
 	k.gen++
 	reads = k.nftReads
 	if _, err := dp.Verify(ctx); err != nil || k.nftReads != reads+1 {
 		t.Fatalf("foreign change under the duty: %d reads, %v; want 1", k.nftReads-reads, err)
+	}
+}
+
+// TestGrownFlushesMasq: a table recreated because a map outgrew its size
+// flushes the masq services of the peers the change moved (their entries
+// would keep their IKE on the old node), and only those.
+func TestGrownFlushesMasq(t *testing.T) {
+	dp, k := fakeDataplane(t, true)
+	d := unitDesired()
+	for i := range d.Nodes {
+		d.Nodes[i].Forward = ForwardMasq
+	}
+	mustSync(t, dp, d)
+	k.take()
+	// pA moves to node 2 together with enough new peers to outgrow the
+	// peer map.
+	dl := &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}}
+	for i := range 1100 {
+		dl.SetPeers[netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})] = 1
+	}
+	old, _ := dp.model.nft.Peers.Get(pA)
+	if _, err := dp.Update(context.Background(), dl); err != nil {
+		t.Fatal(err)
+	}
+	flushed := map[uint32]bool{}
+	recreated := false
+	for _, op := range k.take() {
+		var v6 bool
+		var mark uint32
+		var ops bool
+		if n, _ := fmt.Sscanf(op, "svc replace v6=%t mark %v ops=%t", &v6, &mark, &ops); n == 3 {
+			flushed[mark] = true
+		}
+		recreated = recreated || strings.HasPrefix(op, "nft recreate=true")
+	}
+	if !recreated {
+		t.Fatal("the update did not recreate the table")
+	}
+	if len(flushed) != 1 || !flushed[old|IKEBit] {
+		t.Fatalf("flushed %v; want only the masq service of pA's old node (%#x)", flushed, old|IKEBit)
 	}
 }
 

@@ -41,11 +41,11 @@ type dataplane struct {
 	gen      uint32
 	genKnown bool
 	verifies int
-	// readStarted is when the last background read began, readTook
-	// how long it ran until a Verify took it (readDone): the periodic
-	// full read waits readDuty times readTook after the last one.
-	readStarted, readDone time.Time
-	readTook              time.Duration
+	// readTook is how long the last background read ran, readDone
+	// when a Verify took it: the periodic full read waits readDuty
+	// times readTook after the last one.
+	readDone time.Time
+	readTook time.Duration
 	// now is the clock (time.Now; tests step their own).
 	now func() time.Time
 	// adopted counts first Syncs that took the maps from the digest
@@ -379,6 +379,7 @@ func (d *dataplane) reconcileMaps(cur, want *kstate, withMaps bool) (st Stats, f
 		st.Added += a
 		st.Changed += ch
 		st.Removed += r
+		st.Reloaded += reloaded(p, a+ch)
 		cur.nft.Apply(p)
 		failed = append(failed, d.flushServices(cur, flush)...)
 	}
@@ -442,6 +443,14 @@ func (d *dataplane) removeNodes(cur, want *kstate) (removed int, failed []error)
 	}
 	n, f := d.rc.RemoveStale(d.rt, cur.rt, want.rt)
 	return removed + n.Removed, append(failed, f...)
+}
+
+// reloaded is the elements a recreation loads besides the counted ones.
+func reloaded(p *nft.Plan, counted int) int {
+	if !p.Recreate {
+		return 0
+	}
+	return max(0, p.AddPeers.Len()+p.AddSubnets.Len()-counted)
 }
 
 // service is the lvs form of one of the director's services.
@@ -641,6 +650,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 		st.Added += a
 		st.Changed += chg
 		st.Removed += r
+		st.Reloaded += reloaded(p, a+chg)
 		d.model.nft.Apply(p)
 		failed = append(failed, d.flushServices(d.model, flush)...)
 	}
@@ -728,7 +738,6 @@ func (d *dataplane) startRead() {
 	d.gen, d.genKnown = g, err == nil
 	d.touched = touchedKeys{peers: map[netip.Addr]struct{}{}, subnets: map[netip.Prefix]struct{}{}, hash: map[uint32]struct{}{}}
 	d.pending = d.nft.ReadInBackground()
-	d.readStarted = d.now()
 }
 
 // takeRead takes a background read that arrived: with the model's values
@@ -738,8 +747,7 @@ func (d *dataplane) startRead() {
 // again.
 func (d *dataplane) takeRead(r nft.ReadResult) (*nft.State, bool, error) {
 	d.pending = nil
-	d.readDone = d.now()
-	d.readTook = d.readDone.Sub(d.readStarted)
+	d.readDone, d.readTook = d.now(), r.Took
 	if r.Err != nil || d.touched.shape {
 		d.genKnown = false
 		return d.model.nft, false, r.Err

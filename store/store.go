@@ -476,11 +476,12 @@ func (s *Store) CommitAt(rev uint64, changes []affinity.Change) (*affinity.Appli
 	return s.commitLocked(false, func() (*affinity.Applied, error) { return s.table.ApplyAt(rev, changes) })
 }
 
-// commitLocked applies and persists a batch. collect says the batch was
-// made from records that are garbage once applied (a file's): a large
-// one is collected before the transaction allocates its pages. A
-// replica's batches come from a transfer its replicator still holds, so
-// a collection there would find little and cost a second at a million.
+// commitLocked applies and persists a batch. collect says the caller
+// drops what the batch was made from once it is applied (a local plan, a
+// file's records): a large one is collected before the transaction
+// allocates its pages. A replica's batches come from a transfer its
+// replicator still holds, so a collection there would find little and
+// cost a second at a million.
 func (s *Store) commitLocked(collect bool, apply func() (*affinity.Applied, error)) (*affinity.Applied, error) {
 	if s.readOnly {
 		return nil, fmt.Errorf("commit to store %s: opened read-only", s.path)

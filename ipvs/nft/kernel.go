@@ -3,6 +3,7 @@ package nft
 import (
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/google/nftables"
 	mdnl "github.com/mdlayher/netlink"
@@ -42,6 +43,8 @@ type Kernel interface {
 type ReadResult struct {
 	State *State
 	Err   error
+	// Took is how long the read ran.
+	Took time.Duration
 }
 
 type kernel struct {
@@ -123,14 +126,15 @@ func (k *kernel) ReadMeta() (*State, error) { return k.read(false) }
 func (k *kernel) ReadInBackground() <-chan ReadResult {
 	ch := make(chan ReadResult, 1)
 	go func() {
+		start := time.Now()
 		r, err := Open(k.table, k.ns)
 		if err != nil {
-			ch <- ReadResult{Err: fmt.Errorf("background read: %w", err)}
+			ch <- ReadResult{Err: fmt.Errorf("background read: %w", err), Took: time.Since(start)}
 			return
 		}
 		defer r.Close()
 		s, err := r.Read()
-		ch <- ReadResult{State: s, Err: err}
+		ch <- ReadResult{State: s, Err: err, Took: time.Since(start)}
 	}()
 	return ch
 }

@@ -163,6 +163,9 @@ type Len struct {
 // LenOf is the map a prefix belongs in.
 func LenOf(p netip.Prefix) Len { return Len{p.Addr().Is6(), p.Bits()} }
 
+// SetName is the name of l's map.
+func (l Len) SetName() string { return l.setName() }
+
 func (l Len) setName() string {
 	if l.V6 {
 		return fmt.Sprintf("sub6_%d", l.Bits)
