@@ -630,7 +630,7 @@ func (d *Daemon) syncAll(ctx context.Context, why string) error {
 		return fmt.Errorf("sync kernel to revision %d (%s): %w", rev, why, err)
 	}
 	d.log.Info("kernel synced", "why", why, "revision", rev, "peers", n.peers, "subnets", n.subnets,
-		"added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
+		"added", st.Added, "changed", st.Changed, "removed", st.Removed, "reloaded", st.Reloaded, "took", st.Duration)
 	return nil
 }
 
@@ -689,6 +689,14 @@ func (d *Daemon) reconcile(ctx context.Context) {
 				d.elements.peers += dp
 				d.elements.subnets += ds
 				d.statMu.Unlock()
+				if st.Reloaded > 0 {
+					// Worth an operator's notice: a transaction of the
+					// whole table (a map outgrew the size it was made
+					// with).
+					d.log.Info("kernel updated, maps recreated larger", "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed,
+						"reloaded", st.Reloaded, "took", st.Duration)
+					return
+				}
 				d.log.Debug("kernel updated", "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
 				return
 			}
