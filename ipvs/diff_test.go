@@ -691,13 +691,7 @@ func TestPeriodicReadDuty(t *testing.T) {
 // flushes the masq services of the peers the change moved (their entries
 // would keep their IKE on the old node), and only those.
 func TestGrownFlushesMasq(t *testing.T) {
-	dp, k := fakeDataplane(t, true)
-	d := unitDesired()
-	for i := range d.Nodes {
-		d.Nodes[i].Forward = ForwardMasq
-	}
-	mustSync(t, dp, d)
-	k.take()
+	dp, k, _ := masqSynced(t)
 	// pA moves to node 2 together with enough new peers to outgrow the
 	// peer map.
 	dl := &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}}
@@ -708,18 +702,9 @@ func TestGrownFlushesMasq(t *testing.T) {
 	if _, err := dp.Update(context.Background(), dl); err != nil {
 		t.Fatal(err)
 	}
-	flushed := map[uint32]bool{}
-	recreated := false
-	for _, op := range k.take() {
-		var v6 bool
-		var mark uint32
-		var ops bool
-		if n, _ := fmt.Sscanf(op, "svc replace v6=%t mark %v ops=%t", &v6, &mark, &ops); n == 3 {
-			flushed[mark] = true
-		}
-		recreated = recreated || strings.HasPrefix(op, "nft recreate=true")
-	}
-	if !recreated {
+	ops := k.take()
+	flushed := flushedMarks(ops)
+	if !slices.ContainsFunc(ops, func(op string) bool { return strings.HasPrefix(op, "nft recreate=true") }) {
 		t.Fatal("the update did not recreate the table")
 	}
 	if len(flushed) != 1 || !flushed[old|IKEBit] {
@@ -898,13 +883,7 @@ func TestSyncFromMarks(t *testing.T) {
 // connection entries of every masq service: a moved peer's IKE must not
 // stay on its old node through them.
 func TestReloadFlushesMasq(t *testing.T) {
-	dp, k := fakeDataplane(t, true)
-	d := unitDesired()
-	for i := range d.Nodes {
-		d.Nodes[i].Forward = ForwardMasq
-	}
-	mustSync(t, dp, d)
-	k.take()
+	_, k, d := masqSynced(t)
 	d.Peers[pA] = 2 // moved while no director ran
 	dp2, err := newFake(Config{}, k)
 	if err != nil {
@@ -915,15 +894,7 @@ func TestReloadFlushesMasq(t *testing.T) {
 	if dp2.reloaded != 1 {
 		t.Fatalf("reloaded %d, want the maps replaced without reading them", dp2.reloaded)
 	}
-	flushed := map[uint32]bool{}
-	for _, op := range k.take() {
-		var v6 bool
-		var mark uint32
-		var ops bool
-		if n, _ := fmt.Sscanf(op, "svc replace v6=%t mark %v ops=%t", &v6, &mark, &ops); n == 3 {
-			flushed[mark] = true
-		}
-	}
+	flushed := flushedMarks(k.take())
 	for _, n := range d.Nodes {
 		if !flushed[dp2.cfg.IKEMark(n.Mark)] {
 			t.Fatalf("the masq service of node %s was not flushed at the reload (flushed %v)", n.Name, flushed)
@@ -932,4 +903,31 @@ func TestReloadFlushesMasq(t *testing.T) {
 	if v, _ := k.nft.Peers.Get(pA); v != dp2.cfg.Fwmark(2) {
 		t.Fatalf("after the reload pA -> %#x, want node 2's mark", v)
 	}
+}
+
+// masqSynced is a fake IPVS dataplane synced to unitDesired with every
+// node in masq, its operations so far taken.
+func masqSynced(t *testing.T) (*dataplane, *fakeKernel, *Desired) {
+	dp, k := fakeDataplane(t, true)
+	d := unitDesired()
+	for i := range d.Nodes {
+		d.Nodes[i].Forward = ForwardMasq
+	}
+	mustSync(t, dp, d)
+	k.take()
+	return dp, k, d
+}
+
+// flushedMarks are the fwmarks of the services the operations replaced
+// (flushed their connection entries).
+func flushedMarks(ops []string) map[uint32]bool {
+	flushed := map[uint32]bool{}
+	for _, op := range ops {
+		var v6, onePacket bool
+		var mark uint32
+		if n, _ := fmt.Sscanf(op, "svc replace v6=%t mark %v ops=%t", &v6, &mark, &onePacket); n == 3 {
+			flushed[mark] = true
+		}
+	}
+	return flushed
 }
