@@ -689,15 +689,15 @@ func (d *Daemon) reconcile(ctx context.Context) {
 				d.elements.peers += dp
 				d.elements.subnets += ds
 				d.statMu.Unlock()
+				level, msg := slog.LevelDebug, "kernel updated"
 				if st.Reloaded > 0 {
 					// Worth an operator's notice: a transaction of the
 					// whole table (a map outgrew the size it was made
 					// with).
-					d.log.Info("kernel updated, maps recreated larger", "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed,
-						"reloaded", st.Reloaded, "took", st.Duration)
-					return
+					level, msg = slog.LevelInfo, "kernel updated, maps recreated larger"
 				}
-				d.log.Debug("kernel updated", "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed, "took", st.Duration)
+				d.log.Log(ctx, level, msg, "revision", rev, "added", st.Added, "changed", st.Changed, "removed", st.Removed,
+					"reloaded", st.Reloaded, "took", st.Duration)
 				return
 			}
 			d.log.Warn("kernel update failed, syncing everything", "revision", rev, "err", err)

@@ -10,10 +10,11 @@ import (
 )
 
 // bulkElements is the size of a kernel change (elements added, removed
-// and reloaded with a recreated table) after which the daemon hands its free heap back to the
-// operating system. Changed elements do not count: moves (a node down)
-// leave the table its size, and the next change of the kind needs the
-// same memory again, which a release would make it fault back in.
+// and reloaded with a recreated table) after which the daemon hands its
+// free heap back to the operating system. Changed elements do not count:
+// moves (a node down) leave the table its size, and the next change of
+// the kind needs the same memory again, which a release would make it
+// fault back in.
 const bulkElements = 100_000
 
 // releaseMin is the least reclaimable heap worth a release.

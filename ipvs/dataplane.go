@@ -141,8 +141,8 @@ type Delta struct {
 type Stats struct {
 	Added, Changed, Removed int
 	// Reloaded is the elements a recreation of the table loaded besides
-	// the changes counted (a map outgrew its size, or a restart
-	// replaced maps it did not read): work of a bulk change's size.
+	// the changes counted (a map outgrew its size): work of a bulk
+	// change's size.
 	Reloaded int
 	Duration time.Duration
 	// Pending says a Verify left a background read of the maps running

@@ -25,8 +25,9 @@ import (
 // holds it), rss-MB and hwm-MB (the daemon's resident and peak resident
 // memory once the kernel holds the import, after the garbage collector
 // ran), nodedown-s (`node down` of one of the 16 nodes until the kernel
-// holds the moves), nodedown2-s (a second node down right after), restart-api-s (SIGTERM, start, until the API answers)
-// and restart-kernel-s (until the restarted daemon has adopted and
+// holds the moves), nodedown2-s (a second node down right after),
+// restart-api-s (SIGTERM, start, until the API answers) and
+// restart-kernel-s (until the restarted daemon has adopted and
 // confirmed the kernel's state), restart-rss-MB (resident memory then).
 // The -cpu-s figures are the daemon's own CPU time (user and system) over
 // the same spans: on a shared machine, wall time grows with the load and

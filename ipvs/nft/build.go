@@ -110,7 +110,7 @@ func (n *nftNames) subnetSet(l Len) *nftables.Set {
 	if l.V6 {
 		kt = nftables.TypeIP6Addr
 	}
-	return &nftables.Set{Table: n.table, Name: l.setName(), IsMap: true, KeyType: kt,
+	return &nftables.Set{Table: n.table, Name: l.SetName(), IsMap: true, KeyType: kt,
 		KeyByteOrder: binaryutil.BigEndian, DataType: nftables.TypeMark}
 }
 
@@ -189,9 +189,9 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 		return subs[l]
 	}
 	for _, l := range p.AddLens {
-		sub(l).Size = p.Sizes[l.setName()]
+		sub(l).Size = p.Sizes[l.SetName()]
 		if err := c.AddSet(sub(l), nil); err != nil {
-			return fmt.Errorf("add set %s: %w", l.setName(), err)
+			return fmt.Errorf("add set %s: %w", l.SetName(), err)
 		}
 	}
 	if p.Chain {

@@ -176,9 +176,9 @@ func (k *kernel) Confirm(peers []netip.Addr, subnets []netip.Prefix) (PeerMap, S
 		byLen[LenOf(p)] = append(byLen[LenOf(p)], p.Addr().AsSlice())
 	}
 	for l, keys := range byLen {
-		found, err := k.tx.getElems(k.table, l.setName(), keys)
+		found, err := k.tx.getElems(k.table, l.SetName(), keys)
 		if err != nil {
-			return pm, sm, fmt.Errorf("confirm subnets in map %s: %w", l.setName(), err)
+			return pm, sm, fmt.Errorf("confirm subnets in map %s: %w", l.SetName(), err)
 		}
 		for key, val := range found {
 			if a, ok := netip.AddrFromSlice([]byte(key)); ok {

@@ -172,7 +172,7 @@ func recreate(want *State) *Plan {
 	p.AddPeers = want.Peers.Clone()
 	p.AddSubnets = want.Subnets.Clone()
 	p.AddHash = maps.Clone(want.Hash)
-	want.mapCounts(func(name string, n int) { p.Sizes[name] = MapSize(n) })
+	want.targetCounts(func(name string, n int) { p.Sizes[name] = MapSize(n) })
 	return p
 }
 
@@ -192,7 +192,7 @@ func (p *Plan) sizeNewLens(want *State) {
 		if p.Sizes == nil {
 			p.Sizes = map[string]uint32{}
 		}
-		p.Sizes[l.setName()] = MapSize(want.cnt[b2i(l.V6)][l.Bits])
+		p.Sizes[l.SetName()] = MapSize(want.cnt[b2i(l.V6)][l.Bits])
 	}
 }
 
@@ -443,7 +443,7 @@ func (s *State) Apply(p *Plan) {
 		gone := map[Len]bool{}
 		for _, l := range p.DelLens {
 			delete(s.Lens, l)
-			delete(s.Sizes, l.setName())
+			delete(s.Sizes, l.SetName())
 			gone[l] = true
 		}
 		s.Subnets.DeleteLens(gone)

@@ -164,16 +164,14 @@ type Len struct {
 func LenOf(p netip.Prefix) Len { return Len{p.Addr().Is6(), p.Bits()} }
 
 // SetName is the name of l's map.
-func (l Len) SetName() string { return l.setName() }
-
-func (l Len) setName() string {
+func (l Len) SetName() string {
 	if l.V6 {
 		return fmt.Sprintf("sub6_%d", l.Bits)
 	}
 	return fmt.Sprintf("sub4_%d", l.Bits)
 }
 
-// parseLen is setName's inverse; false for any other name.
+// parseLen is SetName's inverse; false for any other name.
 func parseLen(name string) (Len, bool) {
 	var fam, bits int
 	var rest string
@@ -181,7 +179,7 @@ func parseLen(name string) (Len, bool) {
 		return Len{}, false
 	}
 	l := Len{fam == 6, bits}
-	if (fam != 4 && fam != 6) || bits < 0 || bits > 32 && !l.V6 || bits > 128 || l.setName() != name {
+	if (fam != 4 && fam != 6) || bits < 0 || bits > 32 && !l.V6 || bits > 128 || l.SetName() != name {
 		return Len{}, false
 	}
 	return l, true
@@ -267,13 +265,13 @@ func peerSetName(v6 bool) string {
 	return "peers4"
 }
 
-// mapCounts calls f with the name and element count of every peer and
+// targetCounts calls f with the name and element count of every peer and
 // subnet map a target needs (its subnet counts are kept by AddSubnet).
-func (s *State) mapCounts(f func(name string, n int)) {
+func (s *State) targetCounts(f func(name string, n int)) {
 	f(peerSetName(false), len(s.Peers.v4))
 	f(peerSetName(true), len(s.Peers.v6))
 	for l := range s.Lens {
-		f(l.setName(), s.cnt[b2i(l.V6)][l.Bits])
+		f(l.SetName(), s.cnt[b2i(l.V6)][l.Bits])
 	}
 }
 
@@ -281,7 +279,7 @@ func (s *State) mapCounts(f func(name string, n int)) {
 // elements into one of cur's maps than it was created for.
 func overfills(cur, want *State) bool {
 	over := false
-	want.mapCounts(func(name string, n int) {
+	want.targetCounts(func(name string, n int) {
 		if size := cur.Sizes[name]; size > 0 && uint64(n) > uint64(size) {
 			over = true
 		}
@@ -294,7 +292,7 @@ func overfills(cur, want *State) bool {
 func (s *State) MapCounts() map[string]int {
 	out := map[string]int{peerSetName(false): len(s.Peers.v4), peerSetName(true): len(s.Peers.v6)}
 	for p := range s.Subnets.All() {
-		out[LenOf(p).setName()]++
+		out[LenOf(p).SetName()]++
 	}
 	return out
 }

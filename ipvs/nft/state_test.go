@@ -10,9 +10,9 @@ import (
 
 func TestLenNamesAndMasks(t *testing.T) {
 	for _, l := range []Len{{false, 0}, {false, 27}, {false, 32}, {true, 48}, {true, 64}, {true, 128}} {
-		got, ok := parseLen(l.setName())
+		got, ok := parseLen(l.SetName())
 		if !ok || got != l {
-			t.Fatalf("parseLen(%q) = %v %v", l.setName(), got, ok)
+			t.Fatalf("parseLen(%q) = %v %v", l.SetName(), got, ok)
 		}
 	}
 	for _, bad := range []string{"sub4_33", "sub6_129", "sub5_8", "sub4_08", "sub4_8x", "subnets4", "peers4"} {

@@ -42,7 +42,7 @@ var newSetType = mdnl.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEW
 
 // markDataMaps are the fixed maps whose data is a host-endian mark; the
 // per-length subnet maps (isMarkMap) are too.
-var markDataMaps = map[string]bool{"peers4": true, "peers6": true, hashMapName: true}
+var markDataMaps = map[string]bool{peerSetName(false): true, peerSetName(true): true, hashMapName: true}
 
 func isMarkMap(name string) bool {
 	if markDataMaps[name] {
