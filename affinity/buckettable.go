@@ -46,6 +46,23 @@ func (b *BucketMark) validate() error {
 	return nil
 }
 
+// ApplyTo returns the assignment marks after this change: a count other
+// than len(marks) starts from a new, cleared assignment (nil for none),
+// else marks itself is changed. It does not validate b (putBucket does):
+// a store replaying its journal onto its stored record uses it too.
+func (b BucketMark) ApplyTo(marks []uint16) []uint16 {
+	if b.Count != len(marks) {
+		marks = nil
+		if b.Count > 0 {
+			marks = make([]uint16, b.Count)
+		}
+	}
+	if b.Count > 0 {
+		marks[b.Index] = b.Mark
+	}
+	return marks
+}
+
 // Buckets returns a copy of the table's bucket assignment (bucket i ->
 // node mark, 0: none), or nil when the table has none.
 func (t *Table) Buckets() []uint16 {
@@ -103,14 +120,8 @@ func (t *Table) putBucket(c *Change) (Change, undoRec, bool, error) {
 	u := undoRec{bucket: &bucketUndo{index: b.Index, mark: old.Mark}}
 	if resize {
 		u.bucket.resized, u.bucket.oldBuckets = true, t.buckets
-		t.buckets = nil
-		if b.Count > 0 {
-			t.buckets = make([]uint16, b.Count)
-		}
 	}
-	if b.Count > 0 {
-		t.buckets[b.Index] = b.Mark
-	}
+	t.buckets = b.ApplyTo(t.buckets)
 	nb := *b
 	return Change{Kind: PutBucket, Bucket: &nb, OldBucket: &old}, u, true, nil
 }

@@ -41,6 +41,9 @@ func TestBucketsPersist(t *testing.T) {
 	if err != nil || len(bs) != 2 || bs[1].Len() != 3 {
 		t.Fatalf("change log: %d batches (%d, %d changes), %v", len(bs), bs[0].Len(), bs[1].Len(), err)
 	}
+	if err := s.Fold(); err != nil { // the record written
+		t.Fatal(err)
+	}
 	var size int
 	s.db.View(func(tx *bolt.Tx) error { size = len(tx.Bucket(bucketMeta).Get(keyBuckets)); return nil })
 	if size > 2*len(marks)+8 {

@@ -419,8 +419,11 @@ func (s *Store) journal(tx *bolt.Tx, rev, prev uint64, cs []affinity.Change) ([]
 	}
 	c := j.Cursor()
 	trimmed, last := false, uint64(0)
+	// Entries whose records are not written yet stay (fold.go): the
+	// journal may then hold more than its bound until the next fold.
+	folded := foldedRev(tx)
 	for k, v := c.First(); k != nil && total > uint64(s.journalMax); k, v = c.First() {
-		if binary.BigEndian.Uint64(k) == rev {
+		if r := binary.BigEndian.Uint64(k); r == rev || r > folded {
 			break
 		}
 		total -= journalCount(v)

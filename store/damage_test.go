@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
 )
 
 // pageKinds of a bbolt file: the offsets of the branch and leaf pages in
@@ -164,14 +166,39 @@ func TestEmptyFileIsNotAStore(t *testing.T) {
 	}
 }
 
+// pendingStore returns the bytes of a store whose last commits are only
+// in its journal (fold.go): opening it replays them.
+func pendingStore(t testing.TB) []byte {
+	dir := t.TempDir()
+	s, err := Open(Options{Path: filepath.Join(dir, "live.db"), Table: affinity.Options{Now: clock()}, FoldIdle: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(3))
+	s.Commit(tunnels(0, 200))
+	s.Commit(append(tunnels(200, 5), affinity.Change{Kind: affinity.DeleteTunnel, Name: "t000001"}))
+	path := filepath.Join(dir, "pending.db")
+	if _, err := s.Backup(path, BackupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
 // FuzzOpenStore opens mutated store files: an error is fine, a panic or a
-// fault is not. The seeds are the damaged files of TestDamagedStores.
+// fault is not. The seeds are the damaged files of TestDamagedStores and
+// a store with journal entries to replay.
 func FuzzOpenStore(f *testing.F) {
 	good := goodStore(f)
 	f.Add(good)
 	for _, d := range damages(f, good) {
 		f.Add(d.fn(append([]byte(nil), good...)))
 	}
+	f.Add(pendingStore(f))
 	dir := f.TempDir()
 	n := 0
 	f.Fuzz(func(t *testing.T, b []byte) {

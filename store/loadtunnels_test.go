@@ -30,6 +30,9 @@ func TestLoadRefusesDamagedRecords(t *testing.T) {
 			if _, err := s.Commit(tunnels(0, 3*decodeBatch)); err != nil {
 				t.Fatal(err)
 			}
+			if err := s.Fold(); err != nil { // the records to damage
+				t.Fatal(err)
+			}
 			var good []byte
 			s.db.Update(func(tx *bolt.Tx) error {
 				b := tx.Bucket(bucketTunnels)

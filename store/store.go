@@ -1,12 +1,14 @@
 // Package store persists the affinity table in a bbolt file.
 //
 // Every logical change (one import, one node action, one learned tunnel) is
-// one bbolt transaction that writes the changed records, the index digest,
-// the new revision and a journal entry, so a crash at any instant leaves
-// either the old or the new table. Open loads the whole table into an
-// affinity.Table and checks it against the stored index digest. Readers
-// follow the commits through their own cursor on the change log
-// (Changes, in changes.go).
+// one bbolt transaction that writes its journal entry and the new revision
+// (and, for a change too large to journal, the changed records and the
+// index digest), so a crash at any instant leaves either the old or the
+// new table. The records of journaled changes are written later, by a
+// fold (fold.go). Open loads the whole table into an affinity.Table,
+// checks it against the stored index digest and replays what the fold had
+// not written yet. Readers follow the commits through their own cursor on
+// the change log (Changes, in changes.go).
 package store
 
 import (
@@ -35,8 +37,10 @@ import (
 // with a newer schema is refused rather than misread. Version 1 kept the
 // index buckets idx_peers and idx_subnets; version 2 keeps their digest
 // in the meta bucket instead (indexdigest.go), and a version-1 store
-// opened for writing is migrated once its indexes were checked.
-const SchemaVersion = 2
+// opened for writing is migrated once its indexes were checked; version 3
+// writes the records of journaled changes later (keyFolded, fold.go), and
+// a version-2 store opened for writing becomes version 3 at once.
+const SchemaVersion = 3
 
 // DefaultJournalChanges is how many changes the journal keeps by default.
 const DefaultJournalChanges = 500_000
@@ -80,6 +84,11 @@ type Options struct {
 	LockTimeout time.Duration
 	// NoCreate refuses to create a missing file.
 	NoCreate bool
+	// FoldIdle is how long after its last commit the store writes the
+	// records its journaled commits deferred (0: DefaultFoldIdle;
+	// negative: only when Fold or Close is called, or a commit too large
+	// to journal needs them).
+	FoldIdle time.Duration
 }
 
 // Store is an open store: the bbolt file and the table loaded from it.
@@ -93,6 +102,14 @@ type Store struct {
 	log        changeLog
 	// schema is the file's schema version (1 until migrated).
 	schema uint32
+	// pending counts the changes whose records are not written yet
+	// (fold.go); under mu.
+	pending int
+	// The folder goroutine: kicked by a deferring commit, stopped by
+	// Close.
+	foldKick, foldQuit chan struct{}
+	foldDone           chan struct{}
+	closeOnce          sync.Once
 }
 
 // Open opens (or creates) a store and loads its table.
@@ -167,6 +184,27 @@ func Open(opts Options) (*Store, error) {
 		if err := s.migrate(); err != nil {
 			db.Close()
 			return nil, err
+		}
+	}
+	if s.schema < 3 && !s.readOnly {
+		if err := s.migrate3(); err != nil {
+			db.Close()
+			return nil, err
+		}
+	}
+	if !s.readOnly {
+		idle := opts.FoldIdle
+		if idle == 0 {
+			idle = DefaultFoldIdle
+		}
+		s.foldKick, s.foldQuit, s.foldDone = make(chan struct{}, 1), make(chan struct{}), make(chan struct{})
+		if idle > 0 {
+			go s.folder(idle, s.foldKick, s.foldQuit, s.foldDone)
+			if s.pending > 0 {
+				s.kickFolder()
+			}
+		} else {
+			close(s.foldDone)
 		}
 	}
 	ring := opts.RingChanges
@@ -269,6 +307,9 @@ func (s *Store) init() error {
 			if err := m.Put(keyRevision, be64(0)); err != nil {
 				return err
 			}
+			if err := m.Put(keyFolded, be64(0)); err != nil {
+				return err
+			}
 			if err := m.Put(keyIndexDigest, (&indexDigest{}).encode()); err != nil {
 				return err
 			}
@@ -307,6 +348,12 @@ func appendSubnetKey(b []byte, p netip.Prefix) []byte {
 func (s *Store) load(t *affinity.Table) error {
 	return s.db.View(func(tx *bolt.Tx) error {
 		rev := binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyRevision))
+		// The records hold the table as of folded; the journal holds
+		// the rest (fold.go).
+		folded := foldedRev(tx)
+		if folded > rev {
+			return damaged(s.path, "bucket meta: records folded up to revision %d, past the store's revision %d", folded, rev)
+		}
 		var nodes []affinity.Node
 		err := tx.Bucket(bucketNodes).ForEach(func(k, v []byte) error {
 			n, err := affinity.UnmarshalNode(v)
@@ -326,7 +373,7 @@ func (s *Store) load(t *affinity.Table) error {
 			hint = tx.Bucket(bucketTunnels).Stats().KeyN
 		}
 		dec := s.decodeTunnels(tx)
-		err = t.Load(rev, nodes, hint, dec.seq)
+		err = t.Load(folded, nodes, hint, dec.seq)
 		dec.stop()
 		if dec.err != nil {
 			return dec.err
@@ -346,13 +393,15 @@ func (s *Store) load(t *affinity.Table) error {
 		if errs := s.checkIndexes(tx, t, dec.digest, 5); len(errs) > 0 {
 			return fmt.Errorf("load store %s: indexes disagree with the tunnels (run 'tunneldirector store check'): %w", s.path, errors.Join(errs...))
 		}
-		return nil
+		s.pending, err = s.replayJournal(tx, t, folded, rev)
+		return err
 	})
 }
 
 // checkIndexes compares the index (the stored digest, or on a schema-1
-// store the index buckets) with built, the digest of the table t built
-// from the tunnel records, returning at most max problems.
+// store the index buckets) with built, the digest of the tunnel records
+// (of the table t loaded from them, before any journal replay), returning
+// at most max problems.
 func (s *Store) checkIndexes(tx *bolt.Tx, t *affinity.Table, built indexDigest, max int) []error {
 	if s.schema >= 2 {
 		stored, _ := decodeIndexDigest(tx.Bucket(bucketMeta).Get(keyIndexDigest))
@@ -508,6 +557,19 @@ func (s *Store) commitLocked(collect bool, apply func() (*affinity.Applied, erro
 		return nil, fmt.Errorf("commit revision %d to store %s: %w", applied.Revision, s.path, err)
 	}
 	s.log.add(Batch{Revision: applied.Revision, Prev: prev, Changes: applied.Changes, Encoded: enc, Resolved: true, unjournaled: enc == nil})
+	if enc != nil {
+		s.pending += len(applied.Changes)
+		s.kickFolder()
+		// A store that is never idle long enough still keeps its
+		// journal near its bound (only folded entries are trimmed).
+		if s.pending > s.journalMax {
+			// Committed either way: a failed fold leaves the
+			// records pending (see folder).
+			_, _ = s.foldLocked()
+		}
+	} else {
+		s.pending = 0
+	}
 	return applied, nil
 }
 
@@ -531,7 +593,9 @@ func (s *Store) CommitReset(rev uint64, changes []affinity.Change) (*affinity.Ap
 	prev := a.Previous()
 	var enc []byte
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		if err := s.writeRecords(tx, a); err != nil {
+		// The journal starts over: what it holds unfolded is written
+		// first, this batch's records after it.
+		if err := s.writeInPlace(tx, a.Changes, rev); err != nil {
 			return err
 		}
 		meta := tx.Bucket(bucketMeta)
@@ -549,15 +613,19 @@ func (s *Store) CommitReset(rev uint64, changes []affinity.Change) (*affinity.Ap
 		return nil, fmt.Errorf("reset store %s to revision %d: %w", s.path, rev, err)
 	}
 	s.log.add(Batch{Revision: rev, Prev: prev, Changes: a.Changes, Encoded: enc, Resolved: true, unjournaled: enc == nil})
+	s.pending = 0
 	return a, nil
 }
 
-// persist writes one applied batch: records, index digest, revision and
-// journal entry, all in the caller's transaction. It returns the encoded
-// batch (nil when the batch was too large to journal).
+// persist writes one applied batch in the caller's transaction: its
+// journal entry and the revision, and only when the batch is too large to
+// journal, its records and the index digest (fold.go). It returns the
+// encoded batch (nil when the batch was too large to journal).
 func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) ([]byte, error) {
-	if err := s.writeRecords(tx, a); err != nil {
-		return nil, err
+	if len(a.Changes) > s.journalMax {
+		if err := s.writeInPlace(tx, a.Changes, a.Revision); err != nil {
+			return nil, err
+		}
 	}
 	meta := tx.Bucket(bucketMeta)
 	if err := meta.Put(keyRevision, be64(a.Revision)); err != nil {
@@ -566,7 +634,22 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) ([]byte, error) {
 	return s.journal(tx, a.Revision, a.Previous(), a.Changes)
 }
 
+// writeInPlace folds what is pending, then writes changes (resolved, at
+// revision rev) in place: for a batch after which the journal starts
+// over.
+func (s *Store) writeInPlace(tx *bolt.Tx, changes []affinity.Change, rev uint64) error {
+	if _, err := s.foldTx(tx, 0); err != nil {
+		return err
+	}
+	if err := writeRecords(tx, changes); err != nil {
+		return err
+	}
+	return tx.Bucket(bucketMeta).Put(keyFolded, be64(rev))
+}
+
 // writeRecords writes the changed records and updates the index digest.
+// Every tunnel change carries the record it replaces in Old (nil for
+// none): the table's, or the fold's (fold.go).
 //
 // The digest is what idx_peers and idx_subnets were in schema 1: a second
 // account of every peer and subnet key, kept by a different path (the
@@ -577,7 +660,7 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) ([]byte, error) {
 // see a tunnel that is simply gone. Where the buckets cost a key per peer
 // and subnet in every commit (3.5 million keys for a million tunnels),
 // the digest costs 24 bytes.
-func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
+func writeRecords(tx *bolt.Tx, changes []affinity.Change) error {
 	nodes := tx.Bucket(bucketNodes)
 	tunnels := tx.Bucket(bucketTunnels)
 	meta := tx.Bucket(bucketMeta)
@@ -586,8 +669,8 @@ func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 		return fmt.Errorf("read index digest: %w", err)
 	}
 	var order []int32 // tunnel changes, to write in key order
-	for i := range a.Changes {
-		c := &a.Changes[i]
+	for i := range changes {
+		c := &changes[i]
 		var err error
 		switch c.Kind {
 		case affinity.PutNode:
@@ -610,8 +693,21 @@ func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 			return fmt.Errorf("write %s %s: %w", c.Kind, c.Key(), err)
 		}
 	}
-	if slices.ContainsFunc(a.Changes, func(c affinity.Change) bool { return c.Kind == affinity.PutBucket }) {
-		if err := putBuckets(meta, s.table.Buckets()); err != nil {
+	if slices.ContainsFunc(changes, func(c affinity.Change) bool { return c.Kind == affinity.PutBucket }) {
+		// The record as of the changes' revision: the stored one with
+		// the batch's bucket changes replayed onto it.
+		var marks []uint16
+		if v := meta.Get(keyBuckets); v != nil {
+			if marks, err = affinity.UnmarshalBuckets(v); err != nil {
+				return fmt.Errorf("read the unknown-peer buckets: %w", err)
+			}
+		}
+		for i := range changes {
+			if c := &changes[i]; c.Kind == affinity.PutBucket {
+				marks = c.Bucket.ApplyTo(marks)
+			}
+		}
+		if err := putBuckets(meta, marks); err != nil {
 			return err
 		}
 	}
@@ -621,7 +717,7 @@ func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 	// tunnel's last change in the batch is written (a put then a delete
 	// ends deleted): the stable sort keeps a key's changes in batch order.
 	// A file exported or generated in id order needs no sort.
-	byKey := func(x, y int32) int { return strings.Compare(a.Changes[x].Key(), a.Changes[y].Key()) }
+	byKey := func(x, y int32) int { return strings.Compare(changes[x].Key(), changes[y].Key()) }
 	if !slices.IsSortedFunc(order, byKey) {
 		slices.SortStableFunc(order, byKey)
 	}
@@ -639,8 +735,8 @@ func (s *Store) writeRecords(tx *bolt.Tx, a *affinity.Applied) error {
 	var key []byte
 	var vals valueArena
 	for k, i := range order {
-		c := &a.Changes[i]
-		if k+1 < len(order) && a.Changes[order[k+1]].Key() == c.Key() {
+		c := &changes[i]
+		if k+1 < len(order) && changes[order[k+1]].Key() == c.Key() {
 			continue
 		}
 		if c.Kind == affinity.DeleteTunnel {
@@ -700,15 +796,18 @@ func putBuckets(meta *bolt.Bucket, marks []uint16) error {
 
 // CheckReport is the result of an integrity check.
 type CheckReport struct {
-	Path     string   `json:"path"`
-	Schema   uint32   `json:"schema"`
-	Revision uint64   `json:"revision"`
-	Nodes    int      `json:"nodes"`
-	Tunnels  int      `json:"tunnels"`
-	Subnets  int      `json:"subnets"`
-	Journal  int      `json:"journal_entries"`
-	Buckets  int      `json:"unknown_peer_buckets"`
-	Oldest   uint64   `json:"journal_oldest"`
+	Path     string `json:"path"`
+	Schema   uint32 `json:"schema"`
+	Revision uint64 `json:"revision"`
+	Nodes    int    `json:"nodes"`
+	Tunnels  int    `json:"tunnels"`
+	Subnets  int    `json:"subnets"`
+	Journal  int    `json:"journal_entries"`
+	Buckets  int    `json:"unknown_peer_buckets"`
+	Oldest   uint64 `json:"journal_oldest"`
+	// Pending counts the journaled changes whose records a fold has
+	// still to write (fold.go).
+	Pending  int      `json:"pending_changes"`
 	Problems []string `json:"problems"`
 }
 
@@ -725,7 +824,17 @@ func (s *Store) Check() (*CheckReport, error) {
 			r.Problems = append(r.Problems, "bbolt: "+e.Error())
 		}
 		r.Schema = binary.BigEndian.Uint32(tx.Bucket(bucketMeta).Get(keySchema))
-		for _, e := range s.checkIndexes(tx, s.table, tableDigest(s.table), 100) {
+		// The index digest accounts for the records written: the
+		// table's when nothing is pending, else the records' own.
+		built := tableDigest(s.table)
+		if folded := foldedRev(tx); folded != binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyRevision)) {
+			r.Pending = unfolded(tx, folded)
+			var err error
+			if built, err = s.recordsDigest(tx); err != nil {
+				r.Problems = append(r.Problems, err.Error())
+			}
+		}
+		for _, e := range s.checkIndexes(tx, s.table, built, 100) {
 			r.Problems = append(r.Problems, e.Error())
 		}
 		j := tx.Bucket(bucketJournal)
@@ -738,5 +847,16 @@ func (s *Store) Check() (*CheckReport, error) {
 	return r, err
 }
 
-// Close closes the file.
-func (s *Store) Close() error { return s.db.Close() }
+// Close writes the records still pending (fold.go) and closes the file.
+func (s *Store) Close() error {
+	var err error
+	s.closeOnce.Do(func() {
+		if !s.readOnly {
+			close(s.foldQuit)
+			<-s.foldDone
+			err = s.Fold()
+		}
+		err = errors.Join(err, s.db.Close())
+	})
+	return err
+}

@@ -1,0 +1,206 @@
+package store
+
+import (
+	"encoding/binary"
+	"path/filepath"
+	"reflect"
+	"slices"
+	"testing"
+	"time"
+
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/tunneldirector/tunneldirector/affinity"
+)
+
+// records reads what the file holds as written records: tunnel ids,
+// nodes, the bucket record's length and keyFolded.
+func records(t *testing.T, s *Store) (tunnelIDs []string, nodeN int, folded uint64) {
+	t.Helper()
+	s.db.View(func(tx *bolt.Tx) error {
+		tx.Bucket(bucketTunnels).ForEach(func(k, _ []byte) error { tunnelIDs = append(tunnelIDs, string(k)); return nil })
+		nodeN = tx.Bucket(bucketNodes).Stats().KeyN
+		folded = binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyFolded))
+		return nil
+	})
+	return
+}
+
+// reopenCopy opens a consistent copy of the live file, as a crash at
+// this instant would leave it, and returns its table's snapshot.
+func reopenCopy(t *testing.T, s *Store) affinity.Snapshot {
+	t.Helper()
+	cp := filepath.Join(t.TempDir(), "crashed.db")
+	if _, err := s.Backup(cp, BackupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Open(Options{Path: cp, ReadOnly: true})
+	if err != nil {
+		t.Fatalf("open the file as a crash leaves it: %v", err)
+	}
+	defer c.Close()
+	if r, err := c.Check(); err != nil || !r.OK() {
+		t.Fatalf("check of the file as a crash leaves it: %+v %v", r, err)
+	}
+	return c.Table().Snapshot()
+}
+
+// TestDeferredRecords: journaled commits (nodes, tunnels, a node down's
+// moves, buckets, deletions) write no records; a file left at that point
+// opens to the same table, by replaying the journal; a fold writes the
+// records, and the file then opens to the same table from them alone.
+func TestDeferredRecords(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), Table: affinity.Options{Now: clock()}, FoldIdle: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	commit := func(batch []affinity.Change) {
+		t.Helper()
+		if _, err := s.Commit(batch); err != nil {
+			t.Fatal(err)
+		}
+	}
+	commit(nodes(3))
+	commit(tunnels(0, 300))
+	if _, err := s.Do(func(tb *affinity.Table) ([]affinity.Change, error) {
+		p, err := tb.PlanNodeState("vpn-1", affinity.NodeDown)
+		if err != nil {
+			return nil, err
+		}
+		if len(p.Moves) == 0 {
+			t.Fatal("node down moved nothing")
+		}
+		return p.Batch(), nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	marks := []uint16{1, 3, 1, 3}
+	commit(affinity.BucketChanges(nil, marks, "step"))
+	commit(append(tunnels(300, 10), affinity.Change{Kind: affinity.DeleteTunnel, Name: "t000007"},
+		affinity.Change{Kind: affinity.PutBucket, Bucket: &affinity.BucketMark{Count: 4, Index: 2, Mark: 3}}))
+	want := s.Table().Snapshot()
+
+	ids, nodeN, folded := records(t, s)
+	if len(ids) != 0 || nodeN != 0 || folded != 0 {
+		t.Fatalf("journaled commits wrote records: %d tunnels, %d nodes, folded to %d", len(ids), nodeN, folded)
+	}
+	if got := reopenCopy(t, s); !reflect.DeepEqual(got, want) {
+		t.Fatal("the file with every record pending opens to another table")
+	}
+	if r, err := s.Check(); err != nil || !r.OK() || r.Pending < 300 {
+		t.Fatalf("check with every record pending: %+v %v", r, err)
+	}
+	if err := s.Fold(); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := s.Check(); err != nil || !r.OK() || r.Pending != 0 {
+		t.Fatalf("check after the fold: %+v %v", r, err)
+	}
+	ids, nodeN, folded = records(t, s)
+	if len(ids) != 309 || nodeN != 3 || folded != s.Revision() || slices.Contains(ids, "t000007") {
+		t.Fatalf("after the fold: %d tunnels, %d nodes, folded to %d of %d", len(ids), nodeN, folded, s.Revision())
+	}
+	if got := reopenCopy(t, s); !reflect.DeepEqual(got, want) || !slices.Equal(got.Buckets, []uint16{1, 3, 3, 3}) {
+		t.Fatalf("the folded file opens to another table (buckets %v)", got.Buckets)
+	}
+
+	// Half folded: records up to one revision, the journal after it.
+	commit(tunnels(400, 5))
+	if _, err := s.Do(func(tb *affinity.Table) ([]affinity.Change, error) {
+		p, err := tb.PlanNodeState("vpn-1", affinity.NodeActive)
+		if err != nil {
+			return nil, err
+		}
+		return p.Batch(), nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got := reopenCopy(t, s); !reflect.DeepEqual(got, s.Table().Snapshot()) {
+		t.Fatal("a file folded up to an older revision opens to another table")
+	}
+}
+
+// TestFoldWhenIdle: the store writes the records by itself once no
+// commit came for FoldIdle.
+func TestFoldWhenIdle(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), FoldIdle: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 50))
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if ids, _, folded := records(t, s); len(ids) == 50 && folded == s.Revision() {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("records still pending 10 s after the last commit")
+		}
+	}
+}
+
+// TestInPlaceAfterPending: a reset and a batch too large to journal both
+// start the journal over; what it held pending is written first, so
+// neither loses an earlier commit.
+func TestInPlaceAfterPending(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "td.db")
+	s, err := Open(Options{Path: path, JournalChanges: 100, FoldIdle: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 20))
+	if _, err := s.Commit(tunnels(100, 150)); err != nil { // not journaled
+		t.Fatal(err)
+	}
+	s.Commit(tunnels(20, 5))
+	if _, err := s.CommitReset(s.Revision(), []affinity.Change{{Kind: affinity.DeleteTunnel, Name: "t000003"}}); err != nil {
+		t.Fatal(err)
+	}
+	s.Commit(tunnels(30, 5))
+	want := s.Table().Snapshot()
+	if got := reopenCopy(t, s); !reflect.DeepEqual(got, want) || len(got.Tunnels) != 20+150+5-1+5 {
+		t.Fatalf("reopened: %d tunnels, want the live table's %d", len(got.Tunnels), len(want.Tunnels))
+	}
+	s.Close()
+	s, err = Open(Options{Path: path, JournalChanges: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if !reflect.DeepEqual(s.Table().Snapshot(), want) {
+		t.Fatal("reopened after Close: another table")
+	}
+}
+
+// TestJournalKeepsPending: the journal's bound never trims an entry whose
+// records are pending; a store that is never idle folds once it holds
+// more than its bound.
+func TestJournalKeepsPending(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), JournalChanges: 50, FoldIdle: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	for i := range 4 {
+		s.Commit(tunnels(i*10, 10))
+	}
+	if got := reopenCopy(t, s); len(got.Tunnels) != 40 {
+		t.Fatalf("reopened: %d tunnels, want 40", len(got.Tunnels))
+	}
+	for i := 4; i < 20; i++ {
+		s.Commit(tunnels(i*10, 10))
+	}
+	s.mu.Lock()
+	pending := s.pending
+	s.mu.Unlock()
+	if pending > 50 {
+		t.Fatalf("%d changes pending past a journal of 50", pending)
+	}
+	if got := reopenCopy(t, s); len(got.Tunnels) != 200 {
+		t.Fatalf("reopened: %d tunnels, want 200", len(got.Tunnels))
+	}
+}
