@@ -1,16 +1,16 @@
 package nft
 
 import (
+	"encoding/binary"
 	"fmt"
-	"maps"
 	"net/netip"
-	"slices"
 	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
+	mdnl "github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -144,24 +144,10 @@ func markOf(b []byte) uint32 {
 	return binaryutil.NativeEndian.Uint32(b)
 }
 
-// famElems are the element changes of one family's VIP and peer maps.
-type famElems struct{ vips, peers []nftables.SetElement }
-
-type elemOp func(*nftables.Set, []nftables.SetElement) error
-
-func chunked(op elemOp, s *nftables.Set, els []nftables.SetElement) error {
-	for len(els) > 0 {
-		n := min(len(els), elemChunk)
-		if err := op(s, els[:n]); err != nil {
-			return fmt.Errorf("set %s: %w", s.Name, err)
-		}
-		els = els[n:]
-	}
-	return nil
-}
-
-// build queues plan p on c for table; the caller flushes.
-func build(c *nftables.Conn, table string, p *Plan) error {
+// build queues plan p's structure (table, maps, chain) on c for table and
+// returns its element changes, set flushes and deletions as the messages
+// that follow c's in the same transaction (elemWriter).
+func build(c *nftables.Conn, table string, p *Plan) ([]mdnl.Message, error) {
 	n := newNames(table)
 	if p.Recreate {
 		// add+delete+add: delete fails on a missing table, and the
@@ -174,7 +160,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 				s.Size = size
 			}
 			if err := c.AddSet(s, nil); err != nil {
-				return fmt.Errorf("add set %s: %w", s.Name, err)
+				return nil, fmt.Errorf("add set %s: %w", s.Name, err)
 			}
 		}
 		c.AddChain(n.chain)
@@ -191,7 +177,7 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	for _, l := range p.AddLens {
 		sub(l).Size = p.Sizes[l.SetName()]
 		if err := c.AddSet(sub(l), nil); err != nil {
-			return fmt.Errorf("add set %s: %w", l.SetName(), err)
+			return nil, fmt.Errorf("add set %s: %w", l.SetName(), err)
 		}
 	}
 	if p.Chain {
@@ -211,114 +197,70 @@ func build(c *nftables.Conn, table string, p *Plan) error {
 	}
 	// Deletions before additions: a changed element is a delete and an add
 	// of the same key in the same transaction.
-	var del, add [2]famElems
-	delSub, addSub := map[Len][]nftables.SetElement{}, map[Len][]nftables.SetElement{}
 	gone := map[Len]bool{}
 	for _, l := range p.DelLens {
 		gone[l] = true
 	}
-	fi := func(a netip.Addr) int {
+	w := &elemWriter{}
+	fam := func(a netip.Addr) *famSets {
 		if a.Is4() {
-			return 0
+			return &n.fams[0]
 		}
-		return 1
+		return &n.fams[1]
+	}
+	var kb [16]byte
+	key := func(a netip.Addr) []byte {
+		if a.Is4() {
+			v := a.As4()
+			copy(kb[:], v[:])
+			return kb[:4]
+		}
+		kb = a.As16()
+		return kb[:]
 	}
 	for _, a := range p.DelVIPs {
-		del[fi(a)].vips = append(del[fi(a)].vips, nftables.SetElement{Key: a.AsSlice()})
-	}
-	for _, a := range p.AddVIPs {
-		add[fi(a)].vips = append(add[fi(a)].vips, nftables.SetElement{Key: a.AsSlice()})
-	}
-	// The element lists are sized before they are filled: a node down
-	// puts tens of thousands of elements in them, and growing slices of
-	// SetElement copied them over and over.
-	var nDel, nAdd [2]int
-	nDelSub, nAddSub := map[Len]int{}, map[Len]int{}
-	for _, a := range p.DelPeers {
-		nDel[fi(a)]++
-	}
-	for a := range p.AddPeers.All() {
-		nAdd[fi(a)]++
-	}
-	for _, pf := range p.DelSubnets {
-		if l := LenOf(pf); !gone[l] {
-			nDelSub[l]++
-		}
-	}
-	for pf := range p.AddSubnets.All() {
-		nAddSub[LenOf(pf)]++
-	}
-	for i := range del {
-		del[i].peers = make([]nftables.SetElement, 0, nDel[i])
-		add[i].peers = make([]nftables.SetElement, 0, nAdd[i])
-	}
-	for l, k := range nDelSub {
-		delSub[l] = make([]nftables.SetElement, 0, k)
-	}
-	for l, k := range nAddSub {
-		addSub[l] = make([]nftables.SetElement, 0, k)
+		w.elem(delSetElemType, fam(a).vips, key(a), 0, false)
 	}
 	for _, a := range p.DelPeers {
-		del[fi(a)].peers = append(del[fi(a)].peers, nftables.SetElement{Key: a.AsSlice()})
-	}
-	for a, m := range p.AddPeers.All() {
-		add[fi(a)].peers = append(add[fi(a)].peers, nftables.SetElement{Key: a.AsSlice(), Val: markBytes(m)})
+		w.elem(delSetElemType, fam(a).peers, key(a), 0, false)
 	}
 	for _, pf := range p.DelSubnets {
 		// A deleted map takes its elements with it.
 		if l := LenOf(pf); !gone[l] {
-			delSub[l] = append(delSub[l], nftables.SetElement{Key: pf.Addr().AsSlice()})
+			w.elem(delSetElemType, sub(l), key(pf.Addr()), 0, false)
 		}
+	}
+	var hk [4]byte
+	for _, k := range p.DelHash {
+		binary.NativeEndian.PutUint32(hk[:], k)
+		w.elem(delSetElemType, n.hash, hk[:], 0, false)
+	}
+	w.end()
+	for _, a := range p.AddVIPs {
+		w.elem(newSetElemType, fam(a).vips, key(a), 0, false)
+	}
+	for a, m := range p.AddPeers.All() {
+		w.elem(newSetElemType, fam(a).peers, key(a), m, true)
 	}
 	for pf, m := range p.AddSubnets.All() {
-		l := LenOf(pf)
-		addSub[l] = append(addSub[l], nftables.SetElement{Key: pf.Addr().AsSlice(), Val: markBytes(m)})
-	}
-	var hdel, hadd []nftables.SetElement
-	for _, k := range p.DelHash {
-		hdel = append(hdel, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(k)})
+		w.elem(newSetElemType, sub(LenOf(pf)), key(pf.Addr()), m, true)
 	}
 	for k, m := range p.AddHash {
-		hadd = append(hadd, nftables.SetElement{Key: binaryutil.NativeEndian.PutUint32(k), Val: markBytes(m)})
-	}
-	// send queues one direction of the element changes to every map: each
-	// family's VIPs and peers, the subnet maps by length, the hash map.
-	send := func(op elemOp, fams [2]famElems, subs map[Len][]nftables.SetElement, hash []nftables.SetElement) error {
-		for i, f := range n.fams {
-			if err := chunked(op, f.vips, fams[i].vips); err != nil {
-				return err
-			}
-			if err := chunked(op, f.peers, fams[i].peers); err != nil {
-				return err
-			}
-		}
-		for _, l := range slices.SortedFunc(maps.Keys(subs), lenLess) {
-			if err := chunked(op, sub(l), subs[l]); err != nil {
-				return err
-			}
-		}
-		return chunked(op, n.hash, hash)
-	}
-	if err := send(c.SetDeleteElements, del, delSub, hdel); err != nil {
-		return err
-	}
-	if err := send(c.SetAddElements, add, addSub, hadd); err != nil {
-		return err
+		binary.NativeEndian.PutUint32(hk[:], k)
+		w.elem(newSetElemType, n.hash, hk[:], m, true)
 	}
 	if p.Digest != nil {
 		if !p.Recreate {
-			c.FlushSet(n.digest)
+			w.setOp(delSetElemType, n.digest)
 		}
-		if err := c.SetAddElements(n.digest, []nftables.SetElement{{Key: p.Digest.bytes()}}); err != nil {
-			return fmt.Errorf("set %s: %w", digestSetName, err)
-		}
+		w.elem(newSetElemType, n.digest, p.Digest.bytes(), 0, false)
 	}
 	// Maps whose last subnet went: after the chain flush above dropped the
 	// rules that used them (the kernel refuses to delete a map in use).
 	for _, l := range p.DelLens {
-		c.DelSet(sub(l))
+		w.setOp(delSetType, sub(l))
 	}
-	return nil
+	return w.done(), nil
 }
 
 // chainRules builds the classifier. Per family, for each tunnel selector

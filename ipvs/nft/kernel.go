@@ -196,10 +196,11 @@ func (k *kernel) Apply(p *Plan) error {
 	if err != nil {
 		return err
 	}
-	if err := build(c, k.table, p); err != nil {
+	tail, err := build(c, k.table, p)
+	if err != nil {
 		return err
 	}
-	if err := c.Flush(); err != nil {
+	if err := k.tx.flush(c, tail); err != nil {
 		return fmt.Errorf("nftables transaction on table %s: %w", k.table, err)
 	}
 	return nil

@@ -26,6 +26,9 @@ import (
 // on any error, naming the message.
 type transport struct {
 	c *mdnl.Conn
+	// tail, set by flush, goes at the end of the next batch, before its
+	// NFNL_MSG_BATCH_END (elemWriter's messages).
+	tail []mdnl.Message
 	// interrupted is set when a dump message carried NLM_F_DUMP_INTR (a
 	// transaction committed while the dump ran). The set dumps of 6.18
 	// were not seen to set it although they can skip elements then: the
@@ -113,11 +116,37 @@ func tagDataByteorder(m mdnl.Message) (mdnl.Message, error) {
 	return m, nil
 }
 
+// flush sends c's queued messages and then tail as one transaction.
+// google/nftables sends nothing when it queued nothing (a plan of
+// element changes only): the batch is then tail's alone.
+func (t *transport) flush(c *nftables.Conn, tail []mdnl.Message) error {
+	if len(tail) == 0 {
+		return c.Flush()
+	}
+	t.tail = tail
+	defer func() { t.tail = nil }()
+	if err := c.Flush(); err != nil || t.tail == nil {
+		return err
+	}
+	// Nothing was sent: no structure in this transaction.
+	begin := mdnl.Message{Header: mdnl.Header{Type: mdnl.HeaderType(unix.NFNL_MSG_BATCH_BEGIN), Flags: mdnl.Request},
+		Data: []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES}}
+	end := begin
+	end.Header.Type = mdnl.HeaderType(unix.NFNL_MSG_BATCH_END)
+	_, err := t.roundTrip([]mdnl.Message{begin, end})
+	return err
+}
+
 // roundTrip is an nltest.Func: it sends req for real and returns all
 // replies; nil req is google/nftables polling for more, answered with EOF.
 func (t *transport) roundTrip(req []mdnl.Message) ([]mdnl.Message, error) {
 	if req == nil {
 		return nil, io.EOF
+	}
+	if n := len(req); t.tail != nil && n >= 2 && req[0].Header.Type == mdnl.HeaderType(unix.NFNL_MSG_BATCH_BEGIN) {
+		// The batch's own messages, then tail, then its end.
+		req = append(append(req[:n-1:n-1], t.tail...), req[n-1])
+		t.tail = nil
 	}
 	want := 0
 	dump := false
