@@ -64,7 +64,9 @@ func crashChild(path string) {
 
 // TestCrashDuringImport kills a process in the middle of committing a large
 // import, many times at random instants, and checks that the store then
-// holds exactly the old or exactly the new table.
+// holds exactly the old or exactly the new table. The import is journaled,
+// so its records are written by the fold of the child's Close: later
+// kills land in that fold, and the reopened store replays the journal.
 func TestCrashDuringImport(t *testing.T) {
 	if testing.Short() {
 		t.Skip("kills child processes; skipped with -short")
