@@ -24,12 +24,15 @@ type Plan struct {
 	AddLens, DelLens []Len
 
 	AddVIPs, DelVIPs []netip.Addr
-	AddPeers         PeerMap
-	DelPeers         []netip.Addr
-	AddSubnets       SubnetMap
-	DelSubnets       []netip.Prefix
-	AddHash          map[uint32]uint32
-	DelHash          []uint32
+	// AddPeers and AddSubnets may be the very maps of the target the
+	// plan was made for (a first load, a recreation): once made, a plan
+	// is read, applied and dropped before that target changes.
+	AddPeers   PeerMap
+	DelPeers   []netip.Addr
+	AddSubnets SubnetMap
+	DelSubnets []netip.Prefix
+	AddHash    map[uint32]uint32
+	DelHash    []uint32
 	// Digest, when set, replaces the digest set's element: the Digest of
 	// the peer and subnet maps once the plan is applied (WithDigest).
 	Digest *Digest
@@ -120,11 +123,11 @@ type elemMap[K any] interface {
 func diffElems[K any, M any, PM interface {
 	*M
 	elemMap[K]
-}](cur, want PM, clone func(PM) M) (add M, del []K) {
+}](cur, want PM) (add M, del []K) {
 	if cur.Len() == 0 {
-		// Everything is new (a first load, a fresh backup's): a
-		// copy of the map is much cheaper than adding key by key.
-		return clone(want), nil
+		// Everything is new (a first load, a fresh backup's): the
+		// plan reads want's map itself (see Plan.AddPeers).
+		return *(*M)(want), nil
 	}
 	for k, v := range want.All() {
 		if cv, ok := cur.Get(k); !ok || cv != v {
@@ -155,8 +158,8 @@ func Diff(cur, want *State) *Plan {
 	p.Chain = !cur.Sig.Equal(want.Sig) || len(p.AddLens)+len(p.DelLens) > 0
 	p.LensOnly = p.Chain && cur.Sig.Version == Layout && cur.Sig.sameButLens(want.Sig)
 	p.AddVIPs, p.DelVIPs = keysNotIn(want.VIPs, cur.VIPs), keysNotIn(cur.VIPs, want.VIPs)
-	p.AddPeers, p.DelPeers = diffElems(&cur.Peers, &want.Peers, (*PeerMap).Clone)
-	p.AddSubnets, p.DelSubnets = diffElems(&cur.Subnets, &want.Subnets, (*SubnetMap).Clone)
+	p.AddPeers, p.DelPeers = diffElems[netip.Addr](&cur.Peers, &want.Peers)
+	p.AddSubnets, p.DelSubnets = diffElems[netip.Prefix](&cur.Subnets, &want.Subnets)
 	p.AddHash, p.DelHash = diffMap(cur.Hash, want.Hash)
 	if overfills(cur, want) {
 		return grown(p, want)
@@ -169,8 +172,9 @@ func recreate(want *State) *Plan {
 	p := &Plan{Sig: want.Sig, Recreate: true, Chain: true, Sizes: map[string]uint32{}}
 	p.AddLens = SortedLens(want.Lens)
 	p.AddVIPs = slices.Collect(maps.Keys(want.VIPs))
-	p.AddPeers = want.Peers.Clone()
-	p.AddSubnets = want.Subnets.Clone()
+	// want's own maps (see Plan.AddPeers): a copy of a million
+	// elements cost a second, and State.Apply copies them anyway.
+	p.AddPeers, p.AddSubnets = want.Peers, want.Subnets
 	p.AddHash = maps.Clone(want.Hash)
 	want.targetCounts(func(name string, n int) { p.Sizes[name] = MapSize(n) })
 	return p
