@@ -3,6 +3,7 @@ package store
 import (
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -152,6 +153,30 @@ func TestDamagedMetaRecords(t *testing.T) {
 	_, err = Open(Options{Path: path})
 	if !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), "bucket meta: revision is 1 bytes") {
 		t.Fatalf("1-byte revision: %v", err)
+	}
+
+	// A schema-3 store that lost the revision its records are folded
+	// up to would otherwise drop its pending journal entries.
+	for _, v := range [][]byte{nil, {1, 2, 3}} {
+		path := filepath.Join(t.TempDir(), "td.db")
+		s := open(t, path)
+		s.Commit(nodes(1))
+		s.Close()
+		db, err := bolt.Open(path, 0o600, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		db.Update(func(tx *bolt.Tx) error {
+			if v == nil {
+				return tx.Bucket(bucketMeta).Delete(keyFolded)
+			}
+			return tx.Bucket(bucketMeta).Put(keyFolded, v)
+		})
+		db.Close()
+		_, err = Open(Options{Path: path})
+		if !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), fmt.Sprintf("folded revision is %d bytes", len(v))) {
+			t.Fatalf("folded revision of %d bytes: %v", len(v), err)
+		}
 	}
 }
 

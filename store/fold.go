@@ -49,7 +49,9 @@ const (
 	foldChunk = 65_536
 )
 
-// foldedRev reads keyFolded in tx (the revision itself when absent).
+// foldedRev reads keyFolded in tx: the revision itself when absent (a
+// schema-2 store, every record written; init refuses a schema-3 store
+// without it).
 func foldedRev(tx *bolt.Tx) uint64 {
 	m := tx.Bucket(bucketMeta)
 	if v := m.Get(keyFolded); len(v) == 8 {
@@ -149,8 +151,10 @@ func (s *Store) foldLocked() (bool, error) {
 		return s.db.Update(func(tx *bolt.Tx) (err error) { n, err = s.foldTx(tx, foldChunk); return err })
 	})
 	if err != nil {
-		return false, fmt.Errorf("fold store %s: %w", s.path, err)
+		s.foldErr = fmt.Errorf("fold store %s: %w", s.path, err)
+		return false, s.foldErr
 	}
+	s.foldErr = nil
 	s.pending = max(s.pending-n, 0)
 	if n == 0 {
 		s.pending = 0
@@ -180,9 +184,9 @@ func (s *Store) folder(idle time.Duration, kick <-chan struct{}, quit <-chan str
 			more, err := s.foldSome()
 			if err != nil {
 				// The records stay pending, and Open replays
-				// the journal, so nothing is lost. A fold
-				// fails where a commit would (the disk), and
-				// the next commit, or Close, reports it.
+				// the journal, so nothing is lost; Check and
+				// Close report the failure (foldErr), and the
+				// next commit's kick tries again.
 				continue
 			}
 			if more {

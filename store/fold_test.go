@@ -2,9 +2,11 @@ package store
 
 import (
 	"encoding/binary"
+	"errors"
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -202,5 +204,49 @@ func TestJournalKeepsPending(t *testing.T) {
 	}
 	if got := reopenCopy(t, s); len(got.Tunnels) != 200 {
 		t.Fatalf("reopened: %d tunnels, want 200", len(got.Tunnels))
+	}
+}
+
+// TestFoldFailureReported: a fold that cannot read a record it replaces
+// (a damaged page) fails without losing the pending change, and Check
+// says so until a fold works.
+func TestFoldFailureReported(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), Table: affinity.Options{Now: clock()}, FoldIdle: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 10))
+	if err := s.Fold(); err != nil {
+		t.Fatal(err)
+	}
+	changed := tunnels(3, 1)
+	changed[0].Tunnel.Comment = "changed"
+	if _, err := s.Commit(changed); err != nil {
+		t.Fatal(err)
+	}
+	var good []byte
+	s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketTunnels)
+		good = append([]byte(nil), b.Get([]byte("t000003"))...)
+		return b.Put([]byte("t000003"), []byte{0xff})
+	})
+	if err := s.Fold(); err == nil || !errors.Is(err, ErrDamaged) {
+		t.Fatalf("fold over a damaged record: %v", err)
+	}
+	r, err := s.Check()
+	if err != nil || r.OK() || !strings.Contains(strings.Join(r.Problems, "\n"), "the last fold of the journal into the records failed (1 changes pending") {
+		t.Fatalf("check after a failed fold: %+v %v", r, err)
+	}
+	s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketTunnels).Put([]byte("t000003"), good) })
+	if err := s.Fold(); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := s.Check(); err != nil || !r.OK() {
+		t.Fatalf("check after the repaired fold: %+v %v", r, err)
+	}
+	if tu, _ := s.Table().Tunnel("t000003"); tu.Comment != "changed" {
+		t.Fatalf("the pending change was lost: %+v", tu)
 	}
 }

@@ -105,6 +105,10 @@ type Store struct {
 	// pending counts the changes whose records are not written yet
 	// (fold.go); under mu.
 	pending int
+	// foldErr is the last fold's failure (nil after a fold that
+	// worked), under mu: Check reports it, and a commit does not retry a
+	// failed fold inline.
+	foldErr error
 	// The folder goroutine: kicked by a deferring commit, stopped by
 	// Close.
 	foldKick, foldQuit chan struct{}
@@ -281,6 +285,11 @@ func (s *Store) init() error {
 			buckets = append(buckets, bucketPeers, bucketSubnets)
 		} else if d := m.Get(keyIndexDigest); len(d) != indexDigestLen {
 			return damaged(s.path, "bucket meta: index digest is %d bytes, want %d", len(d), indexDigestLen)
+		}
+		// Without it a schema-3 store would take its records as
+		// current and drop the journal entries they lack.
+		if f := m.Get(keyFolded); s.schema >= 3 && len(f) != 8 {
+			return damaged(s.path, "bucket meta: folded revision is %d bytes, want 8", len(f))
 		}
 		for _, b := range buckets {
 			if tx.Bucket(b) == nil {
@@ -562,9 +571,9 @@ func (s *Store) commitLocked(collect bool, apply func() (*affinity.Applied, erro
 		s.kickFolder()
 		// A store that is never idle long enough still keeps its
 		// journal near its bound (only folded entries are trimmed).
-		if s.pending > s.journalMax {
-			// Committed either way: a failed fold leaves the
-			// records pending (see folder).
+		// Committed either way: a failed fold leaves the records
+		// pending and is reported by Check; the folder retries it.
+		if s.pending > s.journalMax && s.foldErr == nil {
 			_, _ = s.foldLocked()
 		}
 	} else {
@@ -826,6 +835,9 @@ func (s *Store) Check() (*CheckReport, error) {
 		r.Schema = binary.BigEndian.Uint32(tx.Bucket(bucketMeta).Get(keySchema))
 		// The index digest accounts for the records written: the
 		// table's when nothing is pending, else the records' own.
+		// With records pending, the digest is checked against the
+		// records as written; that they and the journal make the table
+		// was proven by Open's replay.
 		built := tableDigest(s.table)
 		if folded := foldedRev(tx); folded != binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyRevision)) {
 			r.Pending = unfolded(tx, folded)
@@ -834,6 +846,11 @@ func (s *Store) Check() (*CheckReport, error) {
 				r.Problems = append(r.Problems, err.Error())
 			}
 		}
+		s.mu.Lock()
+		if s.foldErr != nil {
+			r.Problems = append(r.Problems, fmt.Sprintf("the last fold of the journal into the records failed (%d changes pending; the journal keeps them): %v", s.pending, s.foldErr))
+		}
+		s.mu.Unlock()
 		for _, e := range s.checkIndexes(tx, s.table, built, 100) {
 			r.Problems = append(r.Problems, e.Error())
 		}
