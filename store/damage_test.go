@@ -3,7 +3,6 @@ package store
 import (
 	"encoding/binary"
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -139,25 +138,20 @@ func TestDamagedStores(t *testing.T) {
 	}
 }
 
+// TestDamagedMetaRecords: a meta record of the wrong size refuses the
+// open and names the record.
 func TestDamagedMetaRecords(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "td.db")
-	s := open(t, path)
-	s.Commit(nodes(1))
-	s.Close()
-	db, err := bolt.Open(path, 0o600, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyRevision, []byte{1}) })
-	db.Close()
-	_, err = Open(Options{Path: path})
-	if !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), "bucket meta: revision is 1 bytes") {
-		t.Fatalf("1-byte revision: %v", err)
-	}
-
-	// A schema-3 store that lost the revision its records are folded
-	// up to would otherwise drop its pending journal entries.
-	for _, v := range [][]byte{nil, {1, 2, 3}} {
+	for _, c := range []struct {
+		edit func(m *bolt.Bucket) error
+		want string
+	}{
+		{func(m *bolt.Bucket) error { return m.Put(keyRevision, []byte{1}) }, "bucket meta: revision is 1 bytes"},
+		// A schema-3 store that lost the revision its records are
+		// folded up to would otherwise drop its pending journal
+		// entries.
+		{func(m *bolt.Bucket) error { return m.Delete(keyFolded) }, "bucket meta: folded revision is 0 bytes"},
+		{func(m *bolt.Bucket) error { return m.Put(keyFolded, []byte{1, 2, 3}) }, "bucket meta: folded revision is 3 bytes"},
+	} {
 		path := filepath.Join(t.TempDir(), "td.db")
 		s := open(t, path)
 		s.Commit(nodes(1))
@@ -166,16 +160,10 @@ func TestDamagedMetaRecords(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		db.Update(func(tx *bolt.Tx) error {
-			if v == nil {
-				return tx.Bucket(bucketMeta).Delete(keyFolded)
-			}
-			return tx.Bucket(bucketMeta).Put(keyFolded, v)
-		})
+		db.Update(func(tx *bolt.Tx) error { return c.edit(tx.Bucket(bucketMeta)) })
 		db.Close()
-		_, err = Open(Options{Path: path})
-		if !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), fmt.Sprintf("folded revision is %d bytes", len(v))) {
-			t.Fatalf("folded revision of %d bytes: %v", len(v), err)
+		if _, err = Open(Options{Path: path}); !errors.Is(err, ErrDamaged) || !strings.Contains(err.Error(), c.want) {
+			t.Fatalf("open: %v, want %q", err, c.want)
 		}
 	}
 }
