@@ -146,15 +146,18 @@ func (s *Store) foldLocked() (bool, error) {
 		return false, nil
 	}
 	var n int
+	start := time.Now()
 	// Guarded as Open is: the fold reads records no one read since.
 	err := guard(s.path, "folding the journal into the records", func() error {
 		return s.db.Update(func(tx *bolt.Tx) (err error) { n, err = s.foldTx(tx, foldChunk); return err })
 	})
 	if err != nil {
 		s.foldErr = fmt.Errorf("fold store %s: %w", s.path, err)
+		s.logger.Error("writing the journaled changes into the records failed; they stay in the journal, and the journal is kept past its bound until a fold works", "pending", s.pending, "err", err)
 		return false, s.foldErr
 	}
 	s.foldErr = nil
+	s.logger.Debug("journal folded into the records", "changes", n, "took", time.Since(start))
 	s.pending = max(s.pending-n, 0)
 	if n == 0 {
 		s.pending = 0

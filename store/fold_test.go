@@ -1,8 +1,10 @@
 package store
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
+	"log/slog"
 	"path/filepath"
 	"reflect"
 	"slices"
@@ -208,10 +210,12 @@ func TestJournalKeepsPending(t *testing.T) {
 }
 
 // TestFoldFailureReported: a fold that cannot read a record it replaces
-// (a damaged page) fails without losing the pending change, and Check
-// says so until a fold works.
+// (a damaged page) fails without losing the pending change, logs it, and
+// Check says so until a fold works.
 func TestFoldFailureReported(t *testing.T) {
-	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), Table: affinity.Options{Now: clock()}, FoldIdle: -1})
+	var logged bytes.Buffer
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), Table: affinity.Options{Now: clock()}, FoldIdle: -1,
+		Logger: slog.New(slog.NewTextHandler(&logged, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -238,6 +242,9 @@ func TestFoldFailureReported(t *testing.T) {
 	r, err := s.Check()
 	if err != nil || r.OK() || !strings.Contains(strings.Join(r.Problems, "\n"), "the last fold of the journal into the records failed (1 changes pending") {
 		t.Fatalf("check after a failed fold: %+v %v", r, err)
+	}
+	if !strings.Contains(logged.String(), "level=ERROR") || !strings.Contains(logged.String(), "pending=1") {
+		t.Fatalf("the failed fold was not logged: %q", logged.String())
 	}
 	s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketTunnels).Put([]byte("t000003"), good) })
 	if err := s.Fold(); err != nil {

@@ -16,6 +16,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -89,6 +90,9 @@ type Options struct {
 	// negative: only when Fold or Close is called, or a commit too large
 	// to journal needs them).
 	FoldIdle time.Duration
+	// Logger gets the folds (debug) and a fold's failure (error); nil:
+	// none.
+	Logger *slog.Logger
 }
 
 // Store is an open store: the bbolt file and the table loaded from it.
@@ -109,6 +113,7 @@ type Store struct {
 	// worked), under mu: Check reports it, and a commit does not retry a
 	// failed fold inline.
 	foldErr error
+	logger  *slog.Logger
 	// The folder goroutine: kicked by a deferring commit, stopped by
 	// Close.
 	foldKick, foldQuit chan struct{}
@@ -158,7 +163,10 @@ func Open(opts Options) (*Store, error) {
 		}
 		return nil, fmt.Errorf("open store %s: %w", opts.Path, err)
 	}
-	s := &Store{db: db, path: opts.Path, readOnly: opts.ReadOnly, journalMax: opts.JournalChanges}
+	s := &Store{db: db, path: opts.Path, readOnly: opts.ReadOnly, journalMax: opts.JournalChanges, logger: opts.Logger}
+	if s.logger == nil {
+		s.logger = slog.New(slog.DiscardHandler)
+	}
 	if s.journalMax <= 0 {
 		s.journalMax = DefaultJournalChanges
 	}

@@ -159,7 +159,7 @@ programmed; 'tunneldirector teardown' removes what the director owns.`,
 func openBackend(cfg *director.Config, log *slog.Logger) (store.Backend, *store.Store, error) {
 	topts := cfg.TableOptions()
 	if !etcdstore.IsURL(cfg.Store) {
-		st, err := store.Open(store.Options{Path: cfg.Store, Table: topts})
+		st, err := store.Open(store.Options{Path: cfg.Store, Table: topts, Logger: log.With("component", "store")})
 		return st, st, err
 	}
 	loc, err := etcdstore.ParseURL(cfg.Store)
