@@ -79,9 +79,9 @@ func cstr(s string) []byte { return append([]byte(s), 0) }
 
 // begin starts a message of element changes to set s.
 func begin(typ mdnl.HeaderType, s *nftables.Set) *elemMsg {
-	// Sized for a few elements (a VIP, the digest): a full chunk grows
-	// to about 40 KiB by doubling.
-	b := header(make([]byte, 0, 512), s)
+	// A page: a few elements (a VIP, the digest) fit, a full chunk
+	// grows to about 40 KiB in four doublings.
+	b := header(make([]byte, 0, 4096), s)
 	b = appendAttr(b, unix.NFTA_SET_ELEM_LIST_SET, cstr(s.Name))
 	b = appendAttr(b, unix.NFTA_SET_ELEM_LIST_SET_ID, binary.BigEndian.AppendUint32(nil, s.ID))
 	b = appendAttr(b, unix.NFTA_SET_ELEM_LIST_TABLE, cstr(s.Table.Name))
