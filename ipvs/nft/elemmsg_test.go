@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/google/nftables"
@@ -179,4 +180,103 @@ func BenchmarkElemMessages(b *testing.B) {
 			}
 		}
 	})
+}
+
+// TestBuildOrder: a transaction built by build and spliced as the
+// transport does (spliceTail) keeps the order the kernel needs. The batch
+// begins and ends it; a map is created before its elements; every
+// element deletion comes before every addition (a changed element is a
+// delete and an add of one key); the digest is flushed before its new
+// element; a map whose length went is deleted last, and its elements are
+// not deleted one by one.
+func TestBuildOrder(t *testing.T) {
+	p := &Plan{AddLens: []Len{{Bits: 24}}, DelLens: []Len{{Bits: 16}}, Sizes: map[string]uint32{"sub4_24": 1024},
+		DelPeers:   []netip.Addr{netip.MustParseAddr("100.0.0.1"), netip.MustParseAddr("2001:db8::1")},
+		DelSubnets: []netip.Prefix{netip.MustParsePrefix("10.2.0.0/25"), netip.MustParsePrefix("10.3.0.0/16")},
+		DelHash:    []uint32{7}, AddHash: map[uint32]uint32{7: 0x10002, 8: 0x10001},
+		Digest: &Digest{Sum: 1, N: 2}}
+	p.AddPeers.Set(netip.MustParseAddr("100.0.0.1"), 0x10002)
+	p.AddPeers.Set(netip.MustParseAddr("100.0.0.2"), 0x10001)
+	p.AddSubnets.Set(netip.MustParsePrefix("10.1.0.0/24"), 0x10001)
+	p.AddSubnets.Set(netip.MustParsePrefix("10.2.0.0/25"), 0x10002)
+	var batch []mdnl.Message
+	var tail []mdnl.Message
+	c, err := nftables.New(nftables.WithTestDial(func(req []mdnl.Message) ([]mdnl.Message, error) {
+		if req == nil {
+			return nil, nil
+		}
+		var ok bool
+		if batch, ok = spliceTail(req, tail); !ok {
+			t.Fatal("the transaction is not a batch")
+		}
+		return []mdnl.Message{{Header: mdnl.Header{Type: mdnl.Error}, Data: make([]byte, 4)}}, nil
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tail, err = build(c, "td", p); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	type msg struct {
+		typ   uint16
+		set   string
+		elems bool
+	}
+	var ms []msg
+	for _, m := range batch {
+		x := msg{typ: uint16(m.Header.Type)}
+		if len(m.Data) > 4 {
+			attrs, err := mdnl.UnmarshalAttributes(m.Data[4:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, a := range attrs {
+				switch a.Type &^ unix.NLA_F_NESTED {
+				case unix.NFTA_SET_NAME: // NFTA_SET_ELEM_LIST_SET too
+					x.set = string(bytes.TrimRight(a.Data, "\x00"))
+				case unix.NFTA_SET_ELEM_LIST_ELEMENTS:
+					x.elems = true
+				}
+			}
+		}
+		ms = append(ms, x)
+	}
+	const (
+		newSet  = unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWSET
+		delSet  = unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_DELSET
+		newElem = unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWSETELEM
+		delElem = unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_DELSETELEM
+	)
+	first := func(f func(msg) bool) int { return slices.IndexFunc(ms, f) }
+	last := func(f func(msg) bool) int {
+		for i := len(ms) - 1; i >= 0; i-- {
+			if f(ms[i]) {
+				return i
+			}
+		}
+		return -1
+	}
+	n := len(ms)
+	switch {
+	case n < 2 || ms[0].typ != unix.NFNL_MSG_BATCH_BEGIN || ms[n-1].typ != unix.NFNL_MSG_BATCH_END:
+		t.Fatalf("not one batch: %+v", ms)
+	case first(func(m msg) bool { return m.typ == newSet && m.set == "sub4_24" }) > first(func(m msg) bool { return m.typ == newElem && m.set == "sub4_24" }):
+		t.Fatalf("sub4_24's elements before the map: %+v", ms)
+	case last(func(m msg) bool { return m.typ == delElem && m.elems }) > first(func(m msg) bool { return m.typ == newElem }):
+		t.Fatalf("an element deletion after an addition: %+v", ms)
+	case first(func(m msg) bool { return m.typ == delElem && m.set == digestSetName && !m.elems }) > first(func(m msg) bool { return m.typ == newElem && m.set == digestSetName }):
+		t.Fatalf("the digest's element before its flush: %+v", ms)
+	case ms[n-2].typ != delSet || ms[n-2].set != "sub4_16":
+		t.Fatalf("the gone map is not deleted last: %+v", ms)
+	case first(func(m msg) bool { return m.typ == delElem && m.set == "sub4_16" }) >= 0:
+		t.Fatalf("elements of the gone map deleted one by one: %+v", ms)
+	}
+	for _, set := range []string{"peers4", "peers6", "sub4_25", hashMapName} {
+		if first(func(m msg) bool { return m.typ == delElem && m.set == set && m.elems }) < 0 {
+			t.Errorf("no element deletion for %s: %+v", set, ms)
+		}
+	}
 }

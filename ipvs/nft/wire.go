@@ -137,16 +137,27 @@ func (t *transport) flush(c *nftables.Conn, tail []mdnl.Message) error {
 	return err
 }
 
+// spliceTail puts tail at the end of batch req, before its
+// NFNL_MSG_BATCH_END; a request that is not a batch is left alone.
+func spliceTail(req, tail []mdnl.Message) ([]mdnl.Message, bool) {
+	n := len(req)
+	if n < 2 || req[0].Header.Type != mdnl.HeaderType(unix.NFNL_MSG_BATCH_BEGIN) {
+		return req, false
+	}
+	return append(append(req[:n-1:n-1], tail...), req[n-1]), true
+}
+
 // roundTrip is an nltest.Func: it sends req for real and returns all
 // replies; nil req is google/nftables polling for more, answered with EOF.
 func (t *transport) roundTrip(req []mdnl.Message) ([]mdnl.Message, error) {
 	if req == nil {
 		return nil, io.EOF
 	}
-	if n := len(req); t.tail != nil && n >= 2 && req[0].Header.Type == mdnl.HeaderType(unix.NFNL_MSG_BATCH_BEGIN) {
-		// The batch's own messages, then tail, then its end.
-		req = append(append(req[:n-1:n-1], t.tail...), req[n-1])
-		t.tail = nil
+	if t.tail != nil {
+		var spliced bool
+		if req, spliced = spliceTail(req, t.tail); spliced {
+			t.tail = nil
+		}
 	}
 	want := 0
 	dump := false
