@@ -257,3 +257,29 @@ func TestFoldFailureReported(t *testing.T) {
 		t.Fatalf("the pending change was lost: %+v", tu)
 	}
 }
+
+// TestLargeBatchInPlace: a batch over deferMax (an import) writes its
+// records at once, after what was pending, and leaves nothing to fold.
+func TestLargeBatchInPlace(t *testing.T) {
+	if got := deferMax(1_000_000); got != 125_000 || deferMax(10) != foldChunk {
+		t.Fatalf("deferMax: %d at a million, %d at ten", got, deferMax(10))
+	}
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), FoldIdle: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 10))
+	if _, err := s.Commit(tunnels(10, foldChunk+1)); err != nil {
+		t.Fatal(err)
+	}
+	if ids, nodeN, folded := records(t, s); len(ids) != foldChunk+11 || nodeN != 2 || folded != s.Revision() {
+		t.Fatalf("after a large batch: %d tunnels, %d nodes written, folded to %d of %d", len(ids), nodeN, folded, s.Revision())
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pending != 0 {
+		t.Fatalf("%d changes pending after a batch written in place", s.pending)
+	}
+}

@@ -568,13 +568,14 @@ func (s *Store) commitLocked(collect bool, apply func() (*affinity.Applied, erro
 	}
 	prev := applied.Previous()
 	var enc []byte
-	err = s.db.Update(func(tx *bolt.Tx) (err error) { enc, err = s.persist(tx, applied); return err })
+	var deferred bool
+	err = s.db.Update(func(tx *bolt.Tx) (err error) { enc, deferred, err = s.persist(tx, applied); return err })
 	if err != nil {
 		applied.Rollback()
 		return nil, fmt.Errorf("commit revision %d to store %s: %w", applied.Revision, s.path, err)
 	}
 	s.log.add(Batch{Revision: applied.Revision, Prev: prev, Changes: applied.Changes, Encoded: enc, Resolved: true, unjournaled: enc == nil})
-	if enc != nil {
+	if deferred {
 		s.pending += len(applied.Changes)
 		s.kickFolder()
 		// A store that is never idle long enough still keeps its
@@ -635,21 +636,30 @@ func (s *Store) CommitReset(rev uint64, changes []affinity.Change) (*affinity.Ap
 }
 
 // persist writes one applied batch in the caller's transaction: its
-// journal entry and the revision, and only when the batch is too large to
-// journal, its records and the index digest (fold.go). It returns the
+// journal entry and the revision, and, for a batch it does not defer
+// (deferred), its records and the index digest (fold.go). It returns the
 // encoded batch (nil when the batch was too large to journal).
-func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) ([]byte, error) {
-	if len(a.Changes) > s.journalMax {
+func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) (enc []byte, deferred bool, err error) {
+	deferred = len(a.Changes) <= s.journalMax && len(a.Changes) <= deferMax(s.table.Len())
+	if !deferred {
 		if err := s.writeInPlace(tx, a.Changes, a.Revision); err != nil {
-			return nil, err
+			return nil, false, err
 		}
 	}
 	meta := tx.Bucket(bucketMeta)
 	if err := meta.Put(keyRevision, be64(a.Revision)); err != nil {
-		return nil, err
+		return nil, false, err
 	}
-	return s.journal(tx, a.Revision, a.Previous(), a.Changes)
+	enc, err = s.journal(tx, a.Revision, a.Previous(), a.Changes)
+	return enc, deferred, err
 }
+
+// deferMax is the largest batch whose records a commit to a table of n
+// tunnels leaves to a fold: a node failure's moves on a farm of eight or
+// more nodes, and anything up to a fold's chunk. A larger batch (an
+// import) is written at once: folded later, it would hold the store as
+// long, at a moment nobody chose (a takeover, the next failure).
+func deferMax(n int) int { return max(foldChunk, n/8) }
 
 // writeInPlace folds what is pending, then writes changes (resolved, at
 // revision rev) in place: for a batch after which the journal starts
