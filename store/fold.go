@@ -25,9 +25,9 @@ import (
 // fold still rewrites the leaves, but when the store is idle, not between
 // a node failure and the kernel.
 //
-// A commit too large to journal, and a reset, fold what is pending first
-// and write their records in place, in their own transaction: the journal
-// starts over after them.
+// A commit larger than deferMax (an import, a replica's snapshot), and a
+// reset, fold what is pending first and write their records in place, in
+// their own transaction.
 
 // keyFolded holds the revision up to which the records are written (8
 // bytes). A store without it (schema 2) has every record written.
@@ -247,17 +247,13 @@ func (s *Store) migrate3() error {
 	return nil
 }
 
-// recordsDigest sums the index digest of the tunnel records as written:
-// what keyIndexDigest must equal while records are pending.
+// recordsDigest sums the index digest of the tunnel records as written
+// (what keyIndexDigest must equal while records are pending), decoding
+// them as Open does.
 func (s *Store) recordsDigest(tx *bolt.Tx) (indexDigest, error) {
-	var d indexDigest
-	err := tx.Bucket(bucketTunnels).ForEach(func(k, v []byte) error {
-		t, err := affinity.UnmarshalTunnel(v)
-		if err != nil {
-			return damaged(s.path, "bucket tunnels: record %q: %v", shortKey(k), err)
-		}
-		d.tunnel(&t, +1)
-		return nil
-	})
-	return d, err
+	dec := s.decodeTunnels(tx)
+	for range dec.seq {
+	}
+	dec.stop()
+	return dec.digest, dec.err
 }

@@ -2,10 +2,9 @@
 //
 // Every logical change (one import, one node action, one learned tunnel) is
 // one bbolt transaction that writes its journal entry and the new revision
-// (and, for a change too large to journal, the changed records and the
-// index digest), so a crash at any instant leaves either the old or the
-// new table. The records of journaled changes are written later, by a
-// fold (fold.go). Open loads the whole table into an affinity.Table,
+// (and, for a large change, the changed records and the index digest), so
+// a crash at any instant leaves either the old or the new table. The
+// records of the other changes are written later, by a fold (fold.go). Open loads the whole table into an affinity.Table,
 // checks it against the stored index digest and replays what the fold had
 // not written yet. Readers follow the commits through their own cursor on
 // the change log (Changes, in changes.go).
@@ -87,8 +86,8 @@ type Options struct {
 	NoCreate bool
 	// FoldIdle is how long after its last commit the store writes the
 	// records its journaled commits deferred (0: DefaultFoldIdle;
-	// negative: only when Fold or Close is called, or a commit too large
-	// to journal needs them).
+	// negative: only when Fold or Close is called, or a commit written in
+	// place needs them).
 	FoldIdle time.Duration
 	// Logger gets the folds (debug) and a fold's failure (error); nil:
 	// none.
@@ -662,8 +661,8 @@ func (s *Store) persist(tx *bolt.Tx, a *affinity.Applied) (enc []byte, deferred 
 func deferMax(n int) int { return max(foldChunk, n/8) }
 
 // writeInPlace folds what is pending, then writes changes (resolved, at
-// revision rev) in place: for a batch after which the journal starts
-// over.
+// revision rev) in place: for a batch not left to a fold (deferMax), and
+// a reset, after which the journal starts over.
 func (s *Store) writeInPlace(tx *bolt.Tx, changes []affinity.Change, rev uint64) error {
 	if _, err := s.foldTx(tx, 0); err != nil {
 		return err

@@ -133,10 +133,8 @@ func prefixMask(l Len) []byte {
 	return m
 }
 
-// markBytes encodes a mark as the kernel's meta mark register holds it:
-// host byte order (nft list shows byte-swapped marks otherwise).
-func markBytes(m uint32) []byte { return binaryutil.NativeEndian.PutUint32(m) }
-
+// markOf decodes a map's data: a mark as the kernel's meta mark register
+// holds it, in host byte order (elemWriter writes it so).
 func markOf(b []byte) uint32 {
 	if len(b) != 4 {
 		return 0

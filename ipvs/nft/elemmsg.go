@@ -113,6 +113,8 @@ func (w *elemWriter) elem(typ mdnl.HeaderType, s *nftables.Set, key []byte, val 
 	b, k := nest(b, unix.NFTA_SET_ELEM_KEY)
 	b = closeNest(appendAttr(b, unix.NFTA_DATA_VALUE, key), k)
 	if withVal {
+		// A mark, as the kernel's meta mark register holds it:
+		// host byte order.
 		var v [4]byte
 		binary.NativeEndian.PutUint32(v[:], val)
 		var d int
