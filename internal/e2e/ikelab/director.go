@@ -13,6 +13,7 @@ import (
 
 	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
+	"github.com/tunneldirector/tunneldirector/store"
 )
 
 // Director is the real tunneldirector daemon (the binary RunVM built) in
@@ -139,6 +140,29 @@ func (d *Director) Stop() {
 	case <-time.After(30 * time.Second):
 		t.Fatalf("director daemon did not stop within 30 s of SIGTERM:\n%s", d.LogTail(40))
 	}
+}
+
+// Kill sends SIGKILL and waits for the daemon to die, as a crash or an
+// OOM kill would end it: no fold, no cleanup. The kernel stays programmed.
+func (d *Director) Kill() {
+	t := d.f.T
+	t.Helper()
+	if !d.Running() {
+		t.Fatal("director daemon is not running: nothing to kill")
+	}
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("director daemon did not die within 30 s of SIGKILL")
+	}
+}
+
+// StoreCheck runs `store check` on the store file itself (the daemon must
+// not be running: it holds the file's lock).
+func (d *Director) StoreCheck() (store.CheckReport, error) {
+	var r store.CheckReport
+	return r, d.JSON(&r, "--db", d.DB, "store", "check")
 }
 
 // LogTail returns the last n lines of the current daemon's log.

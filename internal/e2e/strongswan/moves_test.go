@@ -15,9 +15,10 @@ const moveMargin = 300 * time.Millisecond
 
 // TestGuestMoves: tunnels move while peers keep their IKE_SAs, rekey and
 // run DPD: `rebalance --apply` and a re-import that moves a pinned tunnel
-// (both nodes alive), then a node dies (`node down`). After each move every
-// packet of a moved tunnel (IKE rekey and DPD, ESP) must reach the new
-// owner only, and the peer re-establishes there. In both modes; the time
+// (both nodes alive), a re-import followed at once by a SIGKILL of the
+// daemon and its restart, then a node dies (`node down`). After each move
+// every packet of a moved tunnel (IKE rekey and DPD, ESP) must reach the
+// new owner only, and the peer re-establishes there. In both modes; the time
 // from the command to the first ESP of the new SA at the new owner is
 // logged as MEASURE lines.
 func TestGuestMoves(t *testing.T) {
@@ -107,6 +108,63 @@ func moveScenarios(t *testing.T, mode ikelab.Mode) {
 			t.Fatalf("re-import: pinned-b on %s, want node2", o)
 		}
 		moved(t, "reimport-pinned", p, "node1", "node2", cmdAt, kernelAt, old)
+	})
+
+	t.Run("kill-after-move", func(t *testing.T) {
+		defer f.Use(t)()
+		// The NMS re-pins pinned-a from node0 to node2, and the daemon is
+		// killed (SIGKILL, as an OOM kill or a crash ends it) as soon as
+		// the kernel has the move: a small batch's records are written by
+		// a fold seconds after its commit, so the move is in the store's
+		// journal only. The restarted daemon must replay it: the kernel
+		// keeps sending pinned-a to node2, where it re-establishes, and
+		// no other tunnel loses a ping or its SAs.
+		p := f.Peers[0]
+		owners, bad := f.Settled(60*time.Second, f.Peers...)
+		for _, why := range bad {
+			t.Logf("left out (not healthy before the move, see the earlier failures): %s", why)
+		}
+		var others []*ikelab.Peer
+		olds := map[*ikelab.Peer][]uint32{}
+		for q := range owners {
+			olds[q] = f.SPIs(q)
+			if q != p {
+				others = append(others, q)
+			}
+		}
+		old := f.SPIs(p)
+		before := snapshot(tr, others)
+		re := slices.Clone(tunnels)
+		re[0].Node, re[1].Node = "node2", "node2" // pinned-b stays where reimport-pinned put it
+		cmdAt := time.Now()
+		kernelAt := f.Import(re...)
+		f.Director.Kill()
+		killed := time.Since(cmdAt)
+		r, err := f.Director.StoreCheck()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !r.OK() {
+			t.Fatalf("store damaged by the kill: %v", r.Problems)
+		}
+		if r.Pending == 0 {
+			t.Fatalf("the kill (%.1f s after the import) came after the fold: no change pending in the store, so the restart below would not replay the journal", killed.Seconds())
+		}
+		t.Logf("killed %.1f s after the import, %d change(s) pending in the store", killed.Seconds(), r.Pending)
+		f.Director.Start()
+		f.Director.WaitKernel()
+		if o := owner(p); o != "node2" {
+			t.Fatalf("after the kill and restart pinned-a is on %s, want node2: the move was lost", o)
+		}
+		moved(t, "kill-after-move", p, "node0", "node2", cmdAt, kernelAt, old)
+		for q, n := range lostSince(tr, others, before) {
+			t.Errorf("%s: %d pings lost across the kill and restart", q.Name, n)
+		}
+		for _, q := range others {
+			if !slices.Equal(f.SPIs(q), olds[q]) {
+				t.Errorf("%s (on %s) re-established across the kill and restart", q.Name, owners[q])
+			}
+		}
 	})
 
 	t.Run("node-down", func(t *testing.T) {
