@@ -364,12 +364,19 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 		}
 	}
 	dl := &ipvs.Delta{SetPeers: make(map[netip.Addr]uint16, peers), SetSubnets: make(map[netip.Prefix]uint16, subnets), Buckets: map[int]uint16{}}
-	del := func(tu *affinity.Tunnel) {
-		delete(dl.SetPeers, tu.Peer)
-		dl.DeletePeers = append(dl.DeletePeers, tu.Peer)
+	// del drops tu's keys from the delta's settings and deletes them,
+	// except those keep (the record replacing tu) has too: they are set
+	// again right after, so a move deletes nothing.
+	del := func(tu *affinity.Tunnel, keep *affinity.Tunnel) {
+		if keep == nil || keep.Peer != tu.Peer {
+			delete(dl.SetPeers, tu.Peer)
+			dl.DeletePeers = append(dl.DeletePeers, tu.Peer)
+		}
 		for _, p := range tu.Subnets {
-			delete(dl.SetSubnets, p)
-			dl.DeleteSubnets = append(dl.DeleteSubnets, p)
+			if keep == nil || !slices.Contains(keep.Subnets, p) {
+				delete(dl.SetSubnets, p)
+				dl.DeleteSubnets = append(dl.DeleteSubnets, p)
+			}
 		}
 	}
 	for _, a := range batches {
@@ -379,12 +386,12 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 			case affinity.PutNode, affinity.DeleteNode:
 				nodes = true
 			case affinity.DeleteTunnel:
-				del(c.Old)
+				del(c.Old, nil)
 			case affinity.PutBucket:
 				dl.Buckets[c.Bucket.Index] = c.Bucket.Mark
 			case affinity.PutTunnel:
 				if c.Old != nil {
-					del(c.Old)
+					del(c.Old, c.Tunnel)
 				}
 				n, ok := t.Node(c.Tunnel.Node)
 				if !ok {

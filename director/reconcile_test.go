@@ -135,3 +135,59 @@ func TestReconcileNodeDownIsADelta(t *testing.T) {
 		t.Fatalf("kernel nodes %+v, want %+v", k.State().Nodes, want.Nodes)
 	}
 }
+
+// TestReconcileDeltaKeys: a delta deletes exactly the keys a change gives
+// up. A tunnel that changes its peer and one of its subnets, a second
+// tunnel that takes the freed keys and is deleted again, and a plain
+// move: in separate reconciles and all in one, the kernel ends equal to
+// the table by deltas alone, and a move deletes nothing.
+func TestReconcileDeltaKeys(t *testing.T) {
+	p1, p2 := netip.MustParseAddr("100.64.0.1"), netip.MustParseAddr("100.64.0.2")
+	s1, s2, s3 := netip.MustParsePrefix("10.0.1.0/24"), netip.MustParsePrefix("10.0.2.0/24"), netip.MustParsePrefix("10.0.3.0/24")
+	put := func(id, node string, peer netip.Addr, subnets ...netip.Prefix) affinity.Change {
+		return affinity.Change{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{ID: id, Peer: peer, Subnets: subnets, Node: node, Pinned: true}}
+	}
+	steps := [][]affinity.Change{
+		{put("t1", "vpn-a", p1, s1, s2)},
+		{put("t1", "vpn-a", p2, s2, s3)}, // p1 and s1 given up
+		{put("t2", "vpn-b", p1, s1)},     // and taken by another tunnel
+		{{Kind: affinity.DeleteTunnel, Name: "t2"}},
+		{put("t1", "vpn-c", p2, s2, s3)}, // a move
+	}
+	for _, together := range []bool{false, true} {
+		t.Run(fmt.Sprintf("together=%v", together), func(t *testing.T) {
+			st, cfg := testStore(t, 3)
+			k := ipvstest.NewFake(ipvs.ModeRouteOnly)
+			d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			if err := d.syncAll(ctx, "start"); err != nil {
+				t.Fatal(err)
+			}
+			syncs := countOps(k, "Sync")
+			for i, cs := range steps {
+				if _, err := st.Commit(cs); err != nil {
+					t.Fatalf("step %d: %v", i, err)
+				}
+				if together && i < len(steps)-1 {
+					continue
+				}
+				d.reconcile(ctx)
+				if !kernelEquals(k, st.Table()) {
+					t.Fatalf("step %d: kernel differs from the table", i)
+				}
+			}
+			if n := countOps(k, "Sync") - syncs; n != 0 {
+				t.Errorf("%d full syncs, want deltas only", n)
+			}
+			if !together {
+				calls := k.Calls()
+				if dl := calls[len(calls)-1].Delta; dl == nil || len(dl.SetPeers) != 1 || len(dl.SetSubnets) != 2 || len(dl.DeletePeers)+len(dl.DeleteSubnets) != 0 {
+					t.Errorf("the move's delta is not one peer and two subnets set, nothing deleted: %+v", dl)
+				}
+			}
+		})
+	}
+}

@@ -227,8 +227,11 @@ type Changes struct {
 // compared, and a length that appears or goes creates or deletes its map
 // and rebuilds the chain in the same transaction.
 func Update(model, want *State, c Changes) *Plan {
+	// A key set with a new value is deleted first: a node failure's
+	// moves delete as many keys as they set.
 	p := &Plan{Sig: model.Sig, AddPeers: NewPeerMap(len(c.SetPeers)), AddSubnets: NewSubnetMap(len(c.SetSubnets)),
-		AddHash: map[uint32]uint32{}}
+		AddHash: map[uint32]uint32{}, DelPeers: make([]netip.Addr, 0, len(c.DelPeers)+len(c.SetPeers)),
+		DelSubnets: make([]netip.Prefix, 0, len(c.DelSubnets)+len(c.SetSubnets))}
 	// Buckets: a step changes up to all of them, so deletions are
 	// tracked in a set rather than searched.
 	hdel := make(map[uint32]bool, len(c.DelHash))
