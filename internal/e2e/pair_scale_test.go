@@ -62,7 +62,11 @@ func TestPairScale(t *testing.T) {
 	committed := time.Since(start)
 	silent := false
 	waitPair(t, ds, "both kernels at the master's revision", 10*time.Minute, func() bool {
-		s0, s1 := ds[0].status(t), ds[1].status(t)
+		s0, err0 := apiStatus(ds[0].socket)
+		s1, err1 := apiStatus(ds[1].socket)
+		if err0 != nil || err1 != nil {
+			return false
+		}
 		if r := s1.Replication; r != nil && strings.HasPrefix(r.Reason, "no word from the master") {
 			silent = true
 		}
@@ -107,17 +111,18 @@ func TestPairScale(t *testing.T) {
 		// unknown-peer buckets): the backup is there when it holds the
 		// master's current one.
 		waitPair(t, ds, "the fresh backup's kernel at the master's revision", 10*time.Minute, func() bool {
-			s, err := statusOf(t, bk)
+			s, err := apiStatus(bk.socket)
 			if err != nil || s.Revision < master {
 				return false
 			}
 			if stored == 0 {
 				stored, storedCPU = time.Since(start), procCPU(t, bk.cmd.Process.Pid)
 			}
-			// (The master asked only when it moved: each status is
-			// a process, and the polling is the measurement's
-			// resolution.)
-			return s.KernelRevision == s.Revision && (s.Revision == master || s.Revision == ds[0].status(t).Revision)
+			if s.KernelRevision != s.Revision {
+				return false
+			}
+			m, err := apiStatus(ds[0].socket)
+			return s.Revision == master || (err == nil && s.Revision == m.Revision)
 		})
 		wall := time.Since(start)
 		stopPerf()

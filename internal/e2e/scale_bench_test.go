@@ -8,9 +8,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/tunneldirector/tunneldirector/director"
 	"github.com/tunneldirector/tunneldirector/internal/netlab"
 )
 
@@ -142,8 +144,33 @@ func perfRecord(t testing.TB, name string) (stop func()) {
 // to the kernel (and has one: a restarted daemon reports 0 until its first
 // sync).
 func (e *e2e) kernelCaughtUp() bool {
-	s := e.status()
-	return s.KernelRevision == s.Revision && s.KernelRevision > 0
+	s, err := apiStatus(e.socket)
+	return err == nil && s.KernelRevision == s.Revision && s.KernelRevision > 0
+}
+
+var (
+	apiClientsMu sync.Mutex
+	apiClients   = map[string]*director.Client{}
+)
+
+// apiStatus asks the daemon at socket for its status through an API client
+// in this process. The scale measurements poll it every 20 ms: a CLI
+// process per poll (a Go program started, its flags, HTTP, JSON) took
+// about half of one of the machine's two cores from the daemons being
+// measured.
+func apiStatus(socket string) (director.Status, error) {
+	apiClientsMu.Lock()
+	c, ok := apiClients[socket]
+	if !ok {
+		c = director.NewUnixClient(socket)
+		apiClients[socket] = c
+	}
+	apiClientsMu.Unlock()
+	s, err := c.Status()
+	if err != nil {
+		return director.Status{}, err
+	}
+	return *s, nil
 }
 
 // daemonMemory returns the daemon's resident and peak resident memory in
