@@ -92,13 +92,13 @@ func TestDeferredRecords(t *testing.T) {
 	if got := reopenCopy(t, s); !reflect.DeepEqual(got, want) {
 		t.Fatal("the file with every record pending opens to another table")
 	}
-	if r, err := s.Check(); err != nil || !r.OK() || r.Pending < 300 {
+	if r, err := s.Check(); err != nil || !r.OK() || r.Pending < 300 || r.Folded != 0 {
 		t.Fatalf("check with every record pending: %+v %v", r, err)
 	}
 	if err := s.Fold(); err != nil {
 		t.Fatal(err)
 	}
-	if r, err := s.Check(); err != nil || !r.OK() || r.Pending != 0 {
+	if r, err := s.Check(); err != nil || !r.OK() || r.Pending != 0 || r.Folded != s.Revision() {
 		t.Fatalf("check after the fold: %+v %v", r, err)
 	}
 	ids, nodeN, folded = records(t, s)

@@ -832,8 +832,9 @@ type CheckReport struct {
 	Buckets  int    `json:"unknown_peer_buckets"`
 	Oldest   uint64 `json:"journal_oldest"`
 	// Pending counts the journaled changes whose records a fold has
-	// still to write (fold.go).
+	// still to write (fold.go), those of the revisions after Folded.
 	Pending  int      `json:"pending_changes"`
+	Folded   uint64   `json:"folded_revision"`
 	Problems []string `json:"problems"`
 }
 
@@ -856,8 +857,9 @@ func (s *Store) Check() (*CheckReport, error) {
 		// records as written; that they and the journal make the table
 		// was proven by Open's replay.
 		built := tableDigest(s.table)
-		if folded := foldedRev(tx); folded != binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyRevision)) {
-			r.Pending = unfolded(tx, folded)
+		r.Folded = foldedRev(tx)
+		if r.Folded != binary.BigEndian.Uint64(tx.Bucket(bucketMeta).Get(keyRevision)) {
+			r.Pending = unfolded(tx, r.Folded)
 			var err error
 			if built, err = s.recordsDigest(tx); err != nil {
 				r.Problems = append(r.Problems, err.Error())

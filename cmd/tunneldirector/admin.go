@@ -212,8 +212,8 @@ existing file only with --force.`,
 						return err
 					}
 				} else {
-					fmt.Fprintf(g.out, "%s: schema %d, revision %d, %d nodes, %d tunnels, %d subnets, %d unknown-peer buckets, journal %d entries from revision %d, %d changes pending\n",
-						r.Path, r.Schema, r.Revision, r.Nodes, r.Tunnels, r.Subnets, r.Buckets, r.Journal, r.Oldest, r.Pending)
+					fmt.Fprintf(g.out, "%s: schema %d, revision %d, %d nodes, %d tunnels, %d subnets, %d unknown-peer buckets, journal %d entries from revision %d, %d changes pending (records written up to revision %d)\n",
+						r.Path, r.Schema, r.Revision, r.Nodes, r.Tunnels, r.Subnets, r.Buckets, r.Journal, r.Oldest, r.Pending, r.Folded)
 					for _, p := range r.Problems {
 						fmt.Fprintln(g.out, "problem:", p)
 					}

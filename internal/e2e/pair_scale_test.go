@@ -65,6 +65,8 @@ func TestPairScale(t *testing.T) {
 		s0, err0 := apiStatus(ds[0].socket)
 		s1, err1 := apiStatus(ds[1].socket)
 		if err0 != nil || err1 != nil {
+			daemonAlive(t, ds[0].cmd, err0, ds[0].log)
+			daemonAlive(t, ds[1].cmd, err1, ds[1].log)
 			return false
 		}
 		if r := s1.Replication; r != nil && strings.HasPrefix(r.Reason, "no word from the master") {
@@ -112,7 +114,11 @@ func TestPairScale(t *testing.T) {
 		// master's current one.
 		waitPair(t, ds, "the fresh backup's kernel at the master's revision", 10*time.Minute, func() bool {
 			s, err := apiStatus(bk.socket)
-			if err != nil || s.Revision < master {
+			if err != nil {
+				daemonAlive(t, bk.cmd, err, bk.log)
+				return false
+			}
+			if s.Revision < master {
 				return false
 			}
 			if stored == 0 {
@@ -121,8 +127,15 @@ func TestPairScale(t *testing.T) {
 			if s.KernelRevision != s.Revision {
 				return false
 			}
+			if s.Revision == master {
+				return true
+			}
 			m, err := apiStatus(ds[0].socket)
-			return s.Revision == master || (err == nil && s.Revision == m.Revision)
+			if err != nil {
+				daemonAlive(t, ds[0].cmd, err, ds[0].log)
+				return false
+			}
+			return s.Revision == m.Revision
 		})
 		wall := time.Since(start)
 		stopPerf()

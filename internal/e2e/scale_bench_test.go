@@ -144,8 +144,26 @@ func perfRecord(t testing.TB, name string) (stop func()) {
 // to the kernel (and has one: a restarted daemon reports 0 until its first
 // sync).
 func (e *e2e) kernelCaughtUp() bool {
+	e.t.Helper()
 	s, err := apiStatus(e.socket)
-	return err == nil && s.KernelRevision == s.Revision && s.KernelRevision > 0
+	if err != nil {
+		daemonAlive(e.t, e.daemon, err, e.logPath)
+		return false
+	}
+	return s.KernelRevision == s.Revision && s.KernelRevision > 0
+}
+
+// daemonAlive fails the test when the daemon cmd, whose API just failed to
+// answer with err, has exited (a poll would otherwise spin until its
+// deadline).
+func daemonAlive(t testing.TB, cmd *exec.Cmd, err error, log string) {
+	t.Helper()
+	b, rerr := os.ReadFile(fmt.Sprintf("/proc/%d/stat", cmd.Process.Pid))
+	// The state follows the command name in parentheses; Z: exited, not
+	// yet reaped.
+	if _, after, ok := strings.Cut(string(b), ") "); rerr != nil || !ok || strings.HasPrefix(after, "Z") {
+		t.Fatalf("the daemon exited (its API: %v); its log:\n%s", err, readFile(log))
+	}
 }
 
 var (

@@ -228,10 +228,12 @@ type Changes struct {
 // and rebuilds the chain in the same transaction.
 func Update(model, want *State, c Changes) *Plan {
 	// A key set with a new value is deleted first: a node failure's
-	// moves delete as many keys as they set.
+	// moves delete as many keys as they set. Only keys the model holds
+	// can be (an import into a small table deletes next to nothing).
 	p := &Plan{Sig: model.Sig, AddPeers: NewPeerMap(len(c.SetPeers)), AddSubnets: NewSubnetMap(len(c.SetSubnets)),
-		AddHash: map[uint32]uint32{}, DelPeers: make([]netip.Addr, 0, len(c.DelPeers)+len(c.SetPeers)),
-		DelSubnets: make([]netip.Prefix, 0, len(c.DelSubnets)+len(c.SetSubnets))}
+		AddHash:    map[uint32]uint32{},
+		DelPeers:   make([]netip.Addr, 0, len(c.DelPeers)+min(len(c.SetPeers), model.Peers.Len())),
+		DelSubnets: make([]netip.Prefix, 0, len(c.DelSubnets)+min(len(c.SetSubnets), model.Subnets.Len()))}
 	// Buckets: a step changes up to all of them, so deletions are
 	// tracked in a set rather than searched.
 	hdel := make(map[uint32]bool, len(c.DelHash))

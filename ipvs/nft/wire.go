@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"syscall"
 	"time"
 
@@ -228,7 +229,10 @@ func (t *transport) roundTrip(req []mdnl.Message) ([]mdnl.Message, error) {
 // SendMessages does, but encoded straight into one buffer of the batch's
 // size: SendMessages copies every message into a buffer of its own and
 // then all of them into a growing one, which cost a node failure's batch
-// at a million tunnels (tens of MB) about a third of a second.
+// at a million tunnels (tens of MB) about a third of a second. It writes
+// past mdlayher's Conn, and so past the lock that keeps its own sends
+// apart: a transport serves one goroutine (the dataplane's; a background
+// read dials a connection of its own).
 func (t *transport) send(req []mdnl.Message) error {
 	n := 0
 	for i := range req {
@@ -242,11 +246,15 @@ func (t *transport) send(req []mdnl.Message) error {
 	}
 	var serr error
 	err = rc.Write(func(fd uintptr) bool {
-		serr = unix.Sendmsg(int(fd), buf, nil, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}, 0)
-		return serr != unix.EAGAIN
+		for {
+			serr = unix.Sendmsg(int(fd), buf, nil, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}, 0)
+			if serr != unix.EINTR {
+				return serr != unix.EAGAIN
+			}
+		}
 	})
-	if err == nil {
-		err = serr
+	if err == nil && serr != nil {
+		err = os.NewSyscallError("sendmsg", serr)
 	}
 	return err
 }
