@@ -1,0 +1,76 @@
+package nft
+
+import (
+	"math/rand/v2"
+	"net/netip"
+	"testing"
+)
+
+// TestUpdateDigest: the digest an Update's plan carries (from the values
+// Update looked up) is the one WithDigest computes by looking every deleted
+// element up again, and the model's own digest once the plan is applied;
+// the model then holds want's maps. Random deltas of moves, new keys,
+// deletions, keys deleted and set again in one delta, with and without a
+// length appearing or going.
+func TestUpdateDigest(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	peer := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{100, 64, byte(i >> 8), byte(i)}) }
+	subnet := func(i int) netip.Prefix {
+		bits := 24 + i%4 // lengths 24-27, so a length can appear and go
+		return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), bits).Masked()
+	}
+	value := func(m uint16) uint32 { return 0x7d000000 | uint32(m) }
+	model, want := NewState(), NewState()
+	model.Table = true
+	for i := range 300 {
+		for _, s := range []*State{model, want} {
+			s.Peers.Set(peer(i), value(uint16(i%4)))
+			s.AddSubnet(subnet(i), value(uint16(i%4)))
+		}
+	}
+	model.Stored, model.HasStored = model.Digest(), true
+	for round := range 200 {
+		c := Changes{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Value: value}
+		// A subnet alone at its length: its map appears and goes.
+		lone := netip.MustParsePrefix("172.16.0.0/20")
+		switch rng.IntN(3) {
+		case 0:
+			c.SetSubnets[lone] = uint16(rng.IntN(4))
+		case 1:
+			c.DelSubnets = append(c.DelSubnets, lone)
+		}
+		for range rng.IntN(40) {
+			i := rng.IntN(400) // some keys new
+			switch rng.IntN(4) {
+			case 0:
+				c.DelPeers = append(c.DelPeers, peer(i))
+				c.DelSubnets = append(c.DelSubnets, subnet(i))
+			default: // a move, a new key, or the same value again
+				c.SetPeers[peer(i)] = uint16(rng.IntN(4))
+				c.SetSubnets[subnet(i)] = uint16(rng.IntN(4))
+			}
+		}
+		p := Update(model, want, c)
+		p.WithDigest(model)
+		// The same plan without what Update knew: WithDigest's own look-ups.
+		again := *p
+		again.dropped, again.Digest = nil, nil
+		again.WithDigest(model)
+		if (p.Digest == nil) != (again.Digest == nil) || p.Digest != nil && *p.Digest != *again.Digest {
+			t.Fatalf("round %d: digest from Update's values %v, from looking them up %v", round, p.Digest, again.Digest)
+		}
+		model.Apply(p)
+		if model.Stored != model.Digest() {
+			t.Fatalf("round %d: stored digest %+v, the model's maps %+v", round, model.Stored, model.Digest())
+		}
+		if model.Digest() != want.Digest() || model.Peers.Len() != want.Peers.Len() || model.Subnets.Len() != want.Subnets.Len() {
+			t.Fatalf("round %d: model %+v (%d peers, %d subnets), want %+v (%d, %d)", round,
+				model.Digest(), model.Peers.Len(), model.Subnets.Len(), want.Digest(), want.Peers.Len(), want.Subnets.Len())
+		}
+		for k, v := range want.Subnets.All() {
+			if mv, ok := model.Subnets.Get(k); !ok || mv != v {
+				t.Fatalf("round %d: subnet %s: model %#x %v, want %#x", round, k, mv, ok, v)
+			}
+		}
+	}
+}
