@@ -4,9 +4,9 @@
 // one bbolt transaction that writes its journal entry and the new revision
 // (and, for a large change, the changed records and the index digest), so
 // a crash at any instant leaves either the old or the new table. The
-// records of the other changes are written later, by a fold (fold.go). Open loads the whole table into an affinity.Table,
-// checks it against the stored index digest and replays what the fold had
-// not written yet. Readers follow the commits through their own cursor on
+// records of the other changes are written later, by a fold (fold.go).
+// Open loads the whole table into an affinity.Table, checks it against the
+// stored index digest and replays what the fold had not written yet. Readers follow the commits through their own cursor on
 // the change log (Changes, in changes.go).
 package store
 

@@ -174,8 +174,8 @@ var (
 // apiStatus asks the daemon at socket for its status through an API client
 // in this process. The scale measurements poll it every 20 ms: a CLI
 // process per poll (a Go program started, its flags, HTTP, JSON) took
-// about half of one of the machine's two cores from the daemons being
-// measured.
+// about 0.4 of one of the machine's two cores from the daemons being
+// measured (perf, during a fresh backup at a million tunnels).
 func apiStatus(socket string) (director.Status, error) {
 	apiClientsMu.Lock()
 	c, ok := apiClients[socket]

@@ -127,9 +127,9 @@ func moveScenarios(t *testing.T, mode ikelab.Mode) {
 		var others []*ikelab.Peer
 		olds := map[*ikelab.Peer][]uint32{}
 		for q := range owners {
-			olds[q] = f.SPIs(q)
 			if q != p {
 				others = append(others, q)
+				olds[q] = f.SPIs(q)
 			}
 		}
 		old := f.SPIs(p)
