@@ -219,7 +219,7 @@ func conntrackFailover(t *testing.T, replicate bool) {
 		startKeepalivedWith(t, ds[0], dir, 0, 150, kaOptions{fifo: true, vips: gws}),
 		startKeepalivedWith(t, ds[1], dir, 1, 100, kaOptions{fifo: true, vips: gws}),
 	}
-	waitPair(t, ds, "keepalived (through notify_fifo) to make director 0 master", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "backup" })
+	waitElected(t, ds, "keepalived (through notify_fifo) to make director 0 master")
 
 	csv := filepath.Join(dir, "t.csv")
 	os.WriteFile(csv, []byte(fmt.Sprintf("id,peer,subnets,node\nsite-1,%s,10.70.0.0/24,node0\n", top.Peers[0].If(netlab.IfOutside).Addr4)), 0o600)

@@ -132,6 +132,32 @@ vrrp_instance VI_out {
 	return k
 }
 
+// electionSettle is how long keepalived's first election must have held:
+// three VRRP advertisement intervals (advert_int 1).
+const electionSettle = 3 * time.Second
+
+// waitElected waits up to 20 s until keepalived has made director 0 master
+// and director 1 backup, and both roles have held for electionSettle. Both
+// keepalived start with their readiness checks failing, at the same
+// priority, so their first advertisement timeouts can make both master
+// for a moment; a daemon learns its role from its keepalived's notify a
+// little later, so one look could find director 0 master and director 1
+// not yet told (a CI run's import was then refused: "not the master").
+func waitElected(t *testing.T, ds []*pairDirector, what string) {
+	t.Helper()
+	var since time.Time
+	waitPair(t, ds, what, 20*time.Second, func() bool {
+		if ds[0].role(t) != "master" || ds[1].role(t) != "backup" {
+			since = time.Time{}
+			return false
+		}
+		if since.IsZero() {
+			since = time.Now()
+		}
+		return time.Since(since) >= electionSettle
+	})
+}
+
 // TestKeepalivedFailover runs two daemons and two real keepalived
 // instances in the director namespaces. keepalived elects a master and
 // tells the daemon through its notify script; when the master fails, the
@@ -173,7 +199,7 @@ func keepalivedFailover(t *testing.T, fail func([]*keepalived, []*pairDirector))
 		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
 	}
 	kas := []*keepalived{startKeepalived(t, ds[0], dir, 0, 150), startKeepalived(t, ds[1], dir, 1, 100)}
-	waitFor("keepalived to make director 0 master", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "backup" })
+	waitElected(t, ds, "keepalived to make director 0 master")
 
 	p := peer.If(netlab.IfOutside)
 	csv := filepath.Join(dir, "t.csv")
@@ -274,7 +300,7 @@ func TestKeepalivedPartitionHeals(t *testing.T) {
 	waitPairAPI(t, ds)
 	startKeepalivedWith(t, ds[0], dir, 0, 150, kaOptions{fifo: true})
 	startKeepalivedWith(t, ds[1], dir, 1, 100, kaOptions{fifo: true})
-	waitPair(t, ds, "keepalived to make director 0 master", 20*time.Second, func() bool { return ds[0].role(t) == "master" && ds[1].role(t) == "backup" })
+	waitElected(t, ds, "keepalived to make director 0 master")
 
 	nft := func(args ...string) {
 		t.Helper()
