@@ -131,7 +131,7 @@ func TestPairBucketsReplicated(t *testing.T) {
 	dir := t.TempDir()
 	ds := startPairWith(t, top, dir, pairOptions{extra: fastBuckets}, "master", "backup")
 	for _, d := range ds {
-		waitUntil(t, "daemon API", 30*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
+		waitUntil(t, "daemon API", 30*time.Second, func() bool { _, err := apiStatus(d.socket); return err == nil })
 	}
 	inSync := func() bool {
 		s0, s1 := ds[0].status(t), ds[1].status(t)

@@ -196,7 +196,7 @@ func keepalivedFailover(t *testing.T, fail func([]*keepalived, []*pairDirector))
 		t.Fatalf("timed out waiting for %s", what)
 	}
 	for _, d := range ds {
-		waitFor("daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
+		waitFor("daemon API", 20*time.Second, func() bool { _, err := apiStatus(d.socket); return err == nil })
 	}
 	kas := []*keepalived{startKeepalived(t, ds[0], dir, 0, 150), startKeepalived(t, ds[1], dir, 1, 100)}
 	waitElected(t, ds, "keepalived to make director 0 master")

@@ -115,7 +115,7 @@ func TestMetricsOfARealPair(t *testing.T) {
 		t.Fatalf("timed out waiting for %s", what)
 	}
 	for _, d := range ds {
-		waitFor("daemon API", func() bool { _, err := d.cli(t, "status"); return err == nil })
+		waitFor("daemon API", func() bool { _, err := apiStatus(d.socket); return err == nil })
 	}
 
 	const n = 40

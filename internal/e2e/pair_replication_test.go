@@ -161,7 +161,7 @@ func waitPair(t testing.TB, ds []*pairDirector, what string, limit time.Duration
 func waitPairAPI(t *testing.T, ds []*pairDirector) {
 	t.Helper()
 	for _, d := range ds {
-		waitPair(t, ds, "daemon API", 20*time.Second, func() bool { _, err := d.cli(t, "status"); return err == nil })
+		waitPair(t, ds, "daemon API", 20*time.Second, func() bool { _, err := apiStatus(d.socket); return err == nil })
 	}
 }
 
@@ -209,7 +209,7 @@ func TestPairReplicatesAndTakesOver(t *testing.T) {
 		t.Fatalf("timed out waiting for %s", what)
 	}
 	for _, d := range ds {
-		waitFor("daemon API", func() bool { _, err := d.cli(t, "status"); return err == nil })
+		waitFor("daemon API", func() bool { _, err := apiStatus(d.socket); return err == nil })
 	}
 
 	// Import 2,000 tunnels on the master.
