@@ -322,7 +322,7 @@ func (d *dataplane) adopt(want *kstate) (*kstate, error) {
 	intact := meta.Table && !meta.Broken && meta.HasStored
 	switch {
 	case intact && meta.Stored == want.nft.Digest():
-		meta.Peers, meta.Subnets = want.nft.Peers.Clone(), want.nft.Subnets.Clone()
+		meta.Share(want.nft)
 	case intact && meta.Stored.N > d.reloadOver:
 		// The maps differ from the target (the director stopped
 		// between a commit to its store and the kernel's, or the store
@@ -380,7 +380,7 @@ func (d *dataplane) reconcileMaps(cur, want *kstate, withMaps bool) (st Stats, f
 		st.Changed += ch
 		st.Removed += r
 		st.Reloaded += reloaded(p, a+ch)
-		cur.nft.Apply(p)
+		cur.nft.ApplyTo(p, want.nft)
 		failed = append(failed, d.flushServices(cur, flush)...)
 	}
 	n, f := d.removeNodes(cur, want)
@@ -480,7 +480,15 @@ func leftMasq(cur *kstate, p *nft.Plan) []svcKey {
 		return out
 	}
 	marks := map[uint32]bool{}
-	if p.Grown {
+	switch {
+	case p.Left != nil:
+		// An Update's plan: the model's maps may already be the
+		// target's (nft.State.Share), so the plan says where its
+		// peers were.
+		for fm := range p.Left {
+			marks[fm|IKEBit] = true
+		}
+	case p.Grown:
 		// The maps are replaced whole: a moved peer is one whose
 		// mark differs from the model's.
 		for a, fm := range cur.nft.Peers.All() {
@@ -488,13 +496,15 @@ func leftMasq(cur *kstate, p *nft.Plan) []svcKey {
 				marks[fm|IKEBit] = true
 			}
 		}
-	}
-	for _, a := range p.DelPeers {
-		if fm, ok := cur.nft.Peers.Get(a); ok {
-			if nm, _ := p.AddPeers.Get(a); nm == fm {
-				continue
+		fallthrough
+	default:
+		for _, a := range p.DelPeers {
+			if fm, ok := cur.nft.Peers.Get(a); ok {
+				if nm, _ := p.AddPeers.Get(a); nm == fm {
+					continue
+				}
+				marks[fm|IKEBit] = true
 			}
-			marks[fm|IKEBit] = true
 		}
 	}
 	var out []svcKey
@@ -651,7 +661,7 @@ func (d *dataplane) Update(ctx context.Context, delta *Delta) (Stats, error) {
 		st.Changed += chg
 		st.Removed += r
 		st.Reloaded += reloaded(p, a+chg)
-		d.model.nft.Apply(p)
+		d.model.nft.ApplyTo(p, d.want.nft)
 		failed = append(failed, d.flushServices(d.model, flush)...)
 	}
 	if nt != nil {

@@ -125,9 +125,21 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 	// Above parallelPeers the peer and subnet maps fill on goroutines of
 	// their own while this one walks the table: at a million tunnels the
 	// maps were 3 of a sync's 13 CPU seconds, one after the other.
+	// Each goroutine notes a key met twice (two spellings of one peer
+	// or subnet in a Desired's maps; never from the table) for its map's
+	// sum to be recounted.
 	n := max(len(d.Peers), d.MarksPeers)
-	peers := newFiller(n, func(a netip.Addr, m uint16) { t.nft.Peers.Set(a, c.Fwmark(m)) })
-	subnets := newFiller(n, func(p netip.Prefix, m uint16) { t.nft.AddSubnet(p, c.Fwmark(m)) })
+	var peerTwice, subnetTwice bool
+	peers := newFiller(n, func(a netip.Addr, m uint16) {
+		if !t.nft.Peers.Fill(a, c.Fwmark(m)) {
+			peerTwice = true
+		}
+	})
+	subnets := newFiller(n, func(p netip.Prefix, m uint16) {
+		if !t.nft.FillSubnet(p, c.Fwmark(m)) {
+			subnetTwice = true
+		}
+	})
 	d.Each(func(a netip.Addr, m uint16) {
 		if bad == nil && !known[m] {
 			bad = fmt.Errorf("peer %s: owner mark %d is not a node", a, m)
@@ -143,6 +155,12 @@ func (c Config) target(mode Mode, d *Desired) (*kstate, error) {
 	subnets.wait()
 	if bad != nil {
 		return nil, bad
+	}
+	if peerTwice {
+		t.nft.Peers.Resum()
+	}
+	if subnetTwice {
+		t.nft.Subnets.Resum()
 	}
 	t.nft.SyncLens()
 	return t, nil

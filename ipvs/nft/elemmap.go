@@ -8,12 +8,12 @@ import (
 )
 
 // The peer and subnet maps hold an element per tunnel endpoint and per
-// protected subnet: millions at the scale the director is built for, held
-// twice (the target and the model of the kernel) and once more in a full
-// load's plan. A Go map keyed by netip.Addr or netip.Prefix costs 32-40
-// bytes a slot and, because those types carry a pointer (the zone), the
-// garbage collector scans every slot on every cycle: at a million tunnels
-// that scan was most of a node failure's CPU. PeerMap and SubnetMap keep
+// protected subnet: millions at the scale the director is built for (the
+// target and the model of the kernel share them, see State.Share; a Sync
+// holds a new target beside them). A Go map keyed by netip.Addr or
+// netip.Prefix costs 32-40 bytes a slot and, because those types carry a
+// pointer (the zone), the garbage collector scans every slot on every
+// cycle: at a million tunnels that scan was most of a node failure's CPU. PeerMap and SubnetMap keep
 // the same content in maps whose keys are plain integers and byte arrays:
 // 8-12 bytes a slot for IPv4 (most farms), nothing for the collector to
 // scan.
@@ -62,6 +62,27 @@ func (m *PeerMap) Set(a netip.Addr, v uint32) (added bool) {
 	}
 	return set(m.v6, &m.sum, peer6Hash, a.As16(), v)
 }
+
+// Fill sets a's value for a map being filled with keys it does not hold
+// yet (a target built from the table, whose peers are unique): it skips
+// the look-up Set makes of an old value for the sum, a cache miss per key
+// in a map of millions. It says whether a was new; when it was not, its
+// value is replaced but the sum is stale until Resum.
+func (m *PeerMap) Fill(a netip.Addr, v uint32) (added bool) {
+	if a.Is4() {
+		if m.v4 == nil {
+			m.v4 = map[uint32]uint32{}
+		}
+		return fill(m.v4, &m.sum, peer4Hash, v4Key(a), v)
+	}
+	if m.v6 == nil {
+		m.v6 = map[[16]byte]uint32{}
+	}
+	return fill(m.v6, &m.sum, peer6Hash, a.As16(), v)
+}
+
+// Resum recomputes the sum from the elements (after Fill met a key twice).
+func (m *PeerMap) Resum() { m.sum = resum(m.v4, peer4Hash) + resum(m.v6, peer6Hash) }
 
 // Delete removes a.
 func (m *PeerMap) Delete(a netip.Addr) {
@@ -142,6 +163,23 @@ func (m *SubnetMap) Set(p netip.Prefix, v uint32) (added bool) {
 	}
 	return set(m.v6, &m.sum, subnet6Hash, prefix6{p.Addr().As16(), uint8(p.Bits())}, v)
 }
+
+// Fill is PeerMap.Fill for subnets (the table's never overlap).
+func (m *SubnetMap) Fill(p netip.Prefix, v uint32) (added bool) {
+	if p.Addr().Is4() {
+		if m.v4 == nil {
+			m.v4 = map[uint64]uint32{}
+		}
+		return fill(m.v4, &m.sum, subnet4Hash, v4PrefixKey(p), v)
+	}
+	if m.v6 == nil {
+		m.v6 = map[prefix6]uint32{}
+	}
+	return fill(m.v6, &m.sum, subnet6Hash, prefix6{p.Addr().As16(), uint8(p.Bits())}, v)
+}
+
+// Resum is PeerMap.Resum for subnets.
+func (m *SubnetMap) Resum() { m.sum = resum(m.v4, subnet4Hash) + resum(m.v6, subnet6Hash) }
 
 // Delete removes p and says whether it was there.
 func (m *SubnetMap) Delete(p netip.Prefix) (removed bool) {
@@ -293,6 +331,26 @@ func set[K comparable](m map[K]uint32, sum *uint64, h func(K, uint32) uint64, k 
 	m[k] = v
 	*sum += h(k, v) - ifHad(had, h(k, old))
 	return !had
+}
+
+// fill sets k's value in m and adds it to sum when k is new (see
+// PeerMap.Fill); a new key shows in the map's length.
+func fill[K comparable](m map[K]uint32, sum *uint64, h func(K, uint32) uint64, k K, v uint32) bool {
+	n := len(m)
+	m[k] = v
+	if len(m) == n {
+		return false
+	}
+	*sum += h(k, v)
+	return true
+}
+
+// resum is the sum of m's elements.
+func resum[K comparable](m map[K]uint32, h func(K, uint32) uint64) (sum uint64) {
+	for k, v := range m {
+		sum += h(k, v)
+	}
+	return sum
 }
 
 // del removes k from m, keeps sum, and says whether k was there.

@@ -42,13 +42,25 @@ type Plan struct {
 	// Grown says the table is recreated because the target no longer
 	// fits a map's size.
 	Grown bool
+	// Left, set by Update, holds the values the model held for the
+	// peers the plan deletes or changes: the marks of the nodes those
+	// peers leave. The model may share its maps with the target (see
+	// State.Share), and Update has changed the target, so after Update
+	// the model's maps no longer say where a moved peer was.
+	Left map[uint32]struct{}
 	// counts, when set, is what Count reports (a grown plan's changes).
 	counts *[3]int
-	// dropped, set by Update, is the share in the model's digest of the
-	// elements DelPeers and DelSubnets delete: Update looked their
-	// values up anyway, and WithDigest then need not again (a node
-	// failure at a million tunnels deletes 200,000).
-	dropped *Digest
+	// update, set by Update, is the model's digest before the plan and
+	// the share in it of the elements DelPeers and DelSubnets delete:
+	// Update looked their values up anyway, and WithDigest need not
+	// again (a node failure at a million tunnels deletes 200,000), nor
+	// could it in a model sharing the target's maps.
+	update *updateDigest
+}
+
+// updateDigest is what Update knows of the model's digest.
+type updateDigest struct {
+	base, dropped Digest
 }
 
 // Empty reports whether p changes nothing.
@@ -163,8 +175,12 @@ func Diff(cur, want *State) *Plan {
 	p.Chain = !cur.Sig.Equal(want.Sig) || len(p.AddLens)+len(p.DelLens) > 0
 	p.LensOnly = p.Chain && cur.Sig.Version == Layout && cur.Sig.sameButLens(want.Sig)
 	p.AddVIPs, p.DelVIPs = keysNotIn(want.VIPs, cur.VIPs), keysNotIn(cur.VIPs, want.VIPs)
-	p.AddPeers, p.DelPeers = diffElems[netip.Addr](&cur.Peers, &want.Peers)
-	p.AddSubnets, p.DelSubnets = diffElems[netip.Prefix](&cur.Subnets, &want.Subnets)
+	if !cur.sharesMaps(want) {
+		// (Shared maps are one: nothing to compare. A restarted
+		// director that adopted the kernel by its digest has them.)
+		p.AddPeers, p.DelPeers = diffElems[netip.Addr](&cur.Peers, &want.Peers)
+		p.AddSubnets, p.DelSubnets = diffElems[netip.Prefix](&cur.Subnets, &want.Subnets)
+	}
 	p.AddHash, p.DelHash = diffMap(cur.Hash, want.Hash)
 	if overfills(cur, want) {
 		return grown(p, want)
@@ -178,7 +194,7 @@ func recreate(want *State) *Plan {
 	p.AddLens = SortedLens(want.Lens)
 	p.AddVIPs = slices.Collect(maps.Keys(want.VIPs))
 	// want's own maps (see Plan.AddPeers): a copy of a million
-	// elements cost a second, and State.Apply copies them anyway.
+	// elements cost a second.
 	p.AddPeers, p.AddSubnets = want.Peers, want.Subnets
 	p.AddHash = maps.Clone(want.Hash)
 	want.targetCounts(func(name string, n int) { p.Sizes[name] = MapSize(n) })
@@ -230,13 +246,16 @@ type Changes struct {
 // (what the kernel holds) along, in O(len(c)) plus the hash map's few
 // elements and the chain's signature: only the touched lengths are
 // compared, and a length that appears or goes creates or deletes its map
-// and rebuilds the chain in the same transaction.
+// and rebuilds the chain in the same transaction. model's peers and
+// subnets must be want's, as every transaction the plans describe leaves
+// them (they may be the very same maps, see State.Share): the plan covers
+// the keys c touches, no others.
 func Update(model, want *State, c Changes) *Plan {
 	// A key set with a new value is deleted first: a node failure's
 	// moves delete as many keys as they set. Only keys the model holds
 	// can be (an import into a small table deletes next to nothing).
 	p := &Plan{Sig: model.Sig, AddPeers: NewPeerMap(len(c.SetPeers)), AddSubnets: NewSubnetMap(len(c.SetSubnets)),
-		AddHash:    map[uint32]uint32{},
+		AddHash: map[uint32]uint32{}, Left: map[uint32]struct{}{},
 		DelPeers:   make([]netip.Addr, 0, len(c.DelPeers)+min(len(c.SetPeers), model.Peers.Len())),
 		DelSubnets: make([]netip.Prefix, 0, len(c.DelSubnets)+min(len(c.SetSubnets), model.Subnets.Len()))}
 	// Buckets: a step changes up to all of them, so deletions are
@@ -263,12 +282,16 @@ func Update(model, want *State, c Changes) *Plan {
 	}
 	// Peers and subnets likewise (a node going down at a million
 	// tunnels moves 60,000 of them).
-	// The plan is computed from model before want changes: a key
-	// deleted and set again in one delta must be deleted and added, even
-	// with its old value.
-	var dropped Digest
+	// The plan is computed from model before want changes (model may
+	// share want's maps): a key deleted and set again in one delta must
+	// be deleted and added, even with its old value.
+	u := &updateDigest{base: model.Digest()}
+	dropped := &u.dropped
+	// The values of DelPeers, for Left.
+	was := make([]uint32, 0, cap(p.DelPeers))
 	dropPeer := func(a netip.Addr, v uint32) {
 		p.DelPeers = append(p.DelPeers, a)
+		was = append(was, v)
 		dropped.Sum += model.Peers.hash(a, v)
 		dropped.N++
 	}
@@ -325,7 +348,13 @@ func Update(model, want *State, c Changes) *Plan {
 		}
 		p.AddSubnets.Set(pf, fm)
 	}
-	p.dropped = &dropped
+	p.update = u
+	for i, a := range p.DelPeers {
+		// A peer deleted and set again with its value stays.
+		if v, ok := p.AddPeers.Get(a); !ok || v != was[i] {
+			p.Left[was[i]] = struct{}{}
+		}
+	}
 	// What the kernel gains, want gains too (keys new to both).
 	want.Peers.GrowFor(&p.AddPeers)
 	want.Subnets.GrowFor(&p.AddSubnets)
@@ -385,7 +414,9 @@ func Update(model, want *State, c Changes) *Plan {
 	}
 	if overfills(model, want) {
 		// O(the table), once per growth by half of a map.
-		return grown(p, want)
+		g := grown(p, want)
+		g.Left = p.Left
+		return g
 	}
 	p.sizeNewLens(want)
 	return p
@@ -399,15 +430,19 @@ func (p *Plan) WithDigest(model *State) {
 		p.Digest = &d
 		return
 	}
-	d := model.Digest()
-	if p.dropped != nil && len(p.DelLens) == 0 {
-		d.Sum += p.AddPeers.sum + p.AddSubnets.sum - p.dropped.Sum
-		d.N += uint64(p.AddPeers.Len()+p.AddSubnets.Len()) - p.dropped.N
+	if p.update != nil {
+		// The model held what the target held before Update, so a
+		// length the plan deletes lost every element it had in the
+		// model to DelSubnets: they are in dropped.
+		d := p.update.base
+		d.Sum += p.AddPeers.sum + p.AddSubnets.sum - p.update.dropped.Sum
+		d.N += uint64(p.AddPeers.Len()+p.AddSubnets.Len()) - p.update.dropped.N
 		if !model.HasStored || model.Stored != d {
 			p.Digest = &d
 		}
 		return
 	}
+	d := model.Digest()
 	gone := map[Len]bool{}
 	for _, l := range p.DelLens {
 		gone[l] = true
@@ -467,35 +502,12 @@ func addAll[K any, M any, PM interface {
 
 // Apply updates s after the kernel accepted p.
 func (s *State) Apply(p *Plan) {
-	if p.Recreate {
-		*s = *NewState()
-		s.Table = true
-	}
-	maps.Copy(s.Sizes, p.Sizes)
-	if len(p.DelLens) > 0 {
+	gone := s.applyTable(p)
+	if len(gone) > 0 {
 		// The kernel dropped a deleted map's elements with it, also any
 		// the plan did not name (rare: lengths go seldom, so a scan is
 		// fine).
-		gone := map[Len]bool{}
-		for _, l := range p.DelLens {
-			delete(s.Lens, l)
-			delete(s.Sizes, l.SetName())
-			gone[l] = true
-		}
 		s.Subnets.DeleteLens(gone)
-	}
-	for _, l := range p.AddLens {
-		s.Lens[l] = struct{}{}
-	}
-	if p.Chain {
-		s.Sig = p.Sig
-		s.Sig.Lens = slices.Clone(p.Sig.Lens)
-	}
-	for _, v := range p.DelVIPs {
-		delete(s.VIPs, v)
-	}
-	for _, v := range p.AddVIPs {
-		s.VIPs[v] = struct{}{}
 	}
 	// A key the plan deletes and adds again (a move) is overwritten:
 	// one operation on the large map instead of two.
@@ -511,6 +523,45 @@ func (s *State) Apply(p *Plan) {
 		}
 	}
 	addAll(&s.Subnets, &p.AddSubnets, (*SubnetMap).Clone)
+}
+
+// ApplyTo is Apply for a plan made to bring s to want (by Diff(s, want) or
+// Update(s, want, ...)): s then shares want's peer and subnet maps
+// (Share) instead of making its own equal to them.
+func (s *State) ApplyTo(p *Plan, want *State) {
+	s.applyTable(p)
+	s.Share(want)
+}
+
+// applyTable updates s for p but for the peer and subnet elements, and
+// returns the lengths whose maps p deletes.
+func (s *State) applyTable(p *Plan) (gone map[Len]bool) {
+	if p.Recreate {
+		*s = *NewState()
+		s.Table = true
+	}
+	maps.Copy(s.Sizes, p.Sizes)
+	if len(p.DelLens) > 0 {
+		gone = map[Len]bool{}
+		for _, l := range p.DelLens {
+			delete(s.Lens, l)
+			delete(s.Sizes, l.SetName())
+			gone[l] = true
+		}
+	}
+	for _, l := range p.AddLens {
+		s.Lens[l] = struct{}{}
+	}
+	if p.Chain {
+		s.Sig = p.Sig
+		s.Sig.Lens = slices.Clone(p.Sig.Lens)
+	}
+	for _, v := range p.DelVIPs {
+		delete(s.VIPs, v)
+	}
+	for _, v := range p.AddVIPs {
+		s.VIPs[v] = struct{}{}
+	}
 	for _, k := range p.DelHash {
 		delete(s.Hash, k)
 	}
@@ -518,4 +569,5 @@ func (s *State) Apply(p *Plan) {
 	if p.Digest != nil {
 		s.Stored, s.HasStored = *p.Digest, true
 	}
+	return gone
 }
