@@ -47,6 +47,11 @@ type Daemon struct {
 	fullMu  sync.Mutex
 	full    bool // a change the delta path cannot express: sync everything
 	wake    chan struct{}
+	// started is closed once the kernel sync of the start is done (or
+	// Run returned without one): the API's table changes wait for it
+	// (startGate).
+	started     chan struct{}
+	startedOnce sync.Once
 
 	statMu sync.Mutex
 	stat   Status
@@ -164,6 +169,8 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 		cfg:  o.Config,
 		wake: make(chan struct{}, 1),
 		repl: o.Replicator,
+
+		started: make(chan struct{}),
 		ct:   o.Conntrack,
 
 		readyFile: o.ReadyFile,
@@ -187,7 +194,7 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 		}
 	}
 	d.stat.Mode = d.dp.Mode().String()
-	d.svc.gate = d.writable
+	d.svc.gate = d.startGate
 	d.svc.agentNode = func(name string) (agents.NodeView, bool) { return d.agent.merger.Node(name) }
 	if sh, ok := o.Store.(sharedStore); ok {
 		if o.Replicator != nil {
@@ -431,6 +438,22 @@ func (d *Daemon) writable() error {
 		ErrNotMaster, st.ID, st.Role, st.Peer.ID, st.Peer.Role)
 }
 
+// startGate is the API's gate on table changes: writable, once the kernel
+// sync of the start is done. A change committed while that sync walks the
+// table is in its target and not yet in the kernel, so the restarted
+// daemon cannot adopt the kernel's maps by their digest: at a million
+// tunnels it reloaded them whole for a one-tunnel import made as soon as
+// the API answered (the table is too large to read back). Waiting costs
+// the change the rest of that sync (under 2 s at a million tunnels), and
+// it then reaches the kernel as a delta.
+func (d *Daemon) startGate() error {
+	<-d.started
+	return d.writable()
+}
+
+// openStartGate lets the API's table changes through (startGate).
+func (d *Daemon) openStartGate() { d.startedOnce.Do(func() { close(d.started) }) }
+
 // mayCommit is writable for the checks made inside a store transaction
 // (under the store's lock): it takes no lock of the replicator, which
 // holds its own while it waits for the store's.
@@ -520,6 +543,9 @@ func (d *Daemon) writeReady() {
 // returns. Both directors of a pair run it: the backup's kernel follows the
 // replicated table, so a takeover changes nothing in the dataplane.
 func (d *Daemon) Run(ctx context.Context) error {
+	// A daemon stopping before its first sync lets waiting changes
+	// through to the store, as before it ran; the next start syncs them.
+	defer d.openStartGate()
 	// A master assigns the buckets before the kernel is programmed.
 	d.stepBuckets()
 	for _, w := range d.config().SelfInSubnets(d.st.Table(), LocalAddrs()) {
@@ -528,6 +554,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.syncAll(ctx, "start"); err != nil {
 		return err
 	}
+	d.openStartGate()
 	d.releaseAfterBulk()
 	if d.repl != nil {
 		go func() {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -229,5 +230,69 @@ func TestAPITokenOverTCP(t *testing.T) {
 	fi, err := os.Stat(sock)
 	if err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("socket mode %v %v", fi.Mode(), err)
+	}
+}
+
+// slowFirstSync is the fake kernel with its first Sync held, before it
+// reads the table, until release is closed.
+type slowFirstSync struct {
+	*ipvstest.Fake
+	entered, release chan struct{}
+	once             sync.Once
+}
+
+func (s *slowFirstSync) Sync(ctx context.Context, d *ipvs.Desired) (ipvs.Stats, error) {
+	first := false
+	s.once.Do(func() { first = true })
+	if first {
+		close(s.entered)
+		<-s.release
+	}
+	return s.Fake.Sync(ctx, d)
+}
+
+// TestAPIChangeWaitsForTheStartSync: a table change through the API while
+// the start's kernel sync runs waits for that sync, and then reaches the
+// kernel as a delta: committed during the sync, it would be in the sync's
+// target but not in the kernel, whose maps a restarted daemon adopts by
+// their digest (a mismatch reloads them whole).
+func TestAPIChangeWaitsForTheStartSync(t *testing.T) {
+	k := ipvstest.NewFake(ipvs.ModeRouteOnly)
+	slow := &slowFirstSync{Fake: k, entered: make(chan struct{}), release: make(chan struct{})}
+	d, _, st, _ := startDaemonOpts(t, k, func(o *DaemonOptions) { o.Dataplane = slow })
+	var releaseOnce sync.Once
+	release := func() { releaseOnce.Do(func() { close(slow.release) }) }
+	t.Cleanup(release) // before the daemon's own cleanup waits for Run
+	<-slow.entered
+	rev := st.Revision()
+	done := make(chan error, 1)
+	go func() {
+		_, err := d.Service().Import(strings.NewReader("id,peer,subnets\nx,192.0.2.1,10.9.0.0/24\n"), ImportRequest{Name: "x.csv"})
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		t.Fatalf("the import returned (%v) while the start's sync ran", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	if st.Revision() != rev {
+		t.Fatalf("the import committed (revision %d, was %d) while the start's sync ran", st.Revision(), rev)
+	}
+	release()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the import in the kernel", func() bool { return kernelEquals(k, st.Table()) })
+	var ops []string
+	for _, c := range k.Calls() {
+		if c.Op == "Sync" || c.Op == "Update" {
+			ops = append(ops, c.Op)
+		}
+	}
+	if len(ops) != 2 || ops[0] != "Sync" || ops[1] != "Update" {
+		t.Fatalf("kernel calls %v, want the start's Sync and the import's Update", ops)
+	}
+	if _, ok := k.Calls()[0].Sync.Peers[netip.MustParseAddr("192.0.2.1")]; ok {
+		t.Fatal("the start's sync holds the imported peer")
 	}
 }
