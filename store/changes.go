@@ -215,6 +215,13 @@ func (l *changeLog) release() {
 	}
 }
 
+// newest is the revision of the newest batch published.
+func (l *changeLog) newest() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.rev
+}
+
 // find returns the seq of the batch whose Prev is since, if the ring holds
 // it; since equal to the newest revision gives the next seq.
 func (l *changeLog) find(since uint64) (uint64, bool) {
@@ -251,7 +258,17 @@ func (l *changeLog) find(since uint64) (uint64, bool) {
 // so a reader that opens one and then waits misses nothing; Close it when
 // done.
 func (s *Store) Changes(since uint64) (Cursor, error) {
-	return s.log.cursor(since, s.readJournal)
+	c, err := s.log.cursor(since, s.readJournal)
+	if errors.Is(err, ErrCompacted) && since <= s.Revision() && since > s.log.newest() {
+		// The table took a commit's revision before the log published
+		// the commit's batch (a reader opening a cursor at Revision or
+		// at a snapshot's revision meets that): the commit holds mu
+		// until it has, so ask again under mu.
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.log.cursor(since, s.readJournal)
+	}
+	return c, err
 }
 
 // journalReader reads batches that the ring no longer holds (the bbolt

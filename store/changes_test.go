@@ -159,3 +159,46 @@ func TestUnjournaledBatch(t *testing.T) {
 		t.Errorf("ring holds %d batches after every cursor read the unjournaled one, want 1", n)
 	}
 }
+
+// TestChangesAtTheRevisionBeingCommitted: a cursor opened at the table's
+// revision while commits go on never fails. The table takes a commit's
+// revision before the change log publishes the batch, so a reader could
+// ask for a revision the log did not know yet and be told, wrongly, that
+// the journal no longer reaches it (a daemon's health checks, starting
+// as the first table change arrived, logged that error).
+func TestChangesAtTheRevisionBeingCommitted(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	const commits = 300
+	done := make(chan error, 1)
+	go func() {
+		for i := range commits {
+			if _, err := s.Commit(tunnels(i, 1)); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	for opened := 0; ; opened++ {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%d cursors opened during %d commits", opened, commits)
+			return
+		default:
+		}
+		rev := s.Revision()
+		c, err := s.Changes(rev)
+		if err != nil {
+			t.Fatalf("cursor at revision %d during commits: %v", rev, err)
+		}
+		c.Close()
+	}
+}
