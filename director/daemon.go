@@ -169,10 +169,9 @@ func NewDaemon(o DaemonOptions) (*Daemon, error) {
 		cfg:  o.Config,
 		wake: make(chan struct{}, 1),
 		repl: o.Replicator,
-
-		started: make(chan struct{}),
 		ct:   o.Conntrack,
 
+		started:   make(chan struct{}),
 		readyFile: o.ReadyFile,
 		watch:     o.Watch,
 		m:         newDaemonMetrics(),

@@ -489,7 +489,7 @@ func BenchmarkMoveDuringVerify(b *testing.B) {
 }
 
 // BenchmarkTargetMemory measures the heap a target (the kernel state the
-// dataplane keeps, and the model of the kernel beside it) holds for
+// dataplane keeps; its model of the kernel shares the maps) holds for
 // TD_BENCH_TUNNELS tunnels (default 1,000,000; a peer and a /27 each),
 // and one garbage collection with it alive:
 //

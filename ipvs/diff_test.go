@@ -907,6 +907,65 @@ func TestReloadFlushesMasq(t *testing.T) {
 
 // masqSynced is a fake IPVS dataplane synced to unitDesired with every
 // node in masq, its operations so far taken.
+// TestModelSharesTheTargetsMaps: after every reconcile that compared the
+// maps, changed or not (a Sync, an Update, a Verify's full read), the
+// model of the kernel holds the target's maps, not a copy of them.
+func TestModelSharesTheTargetsMaps(t *testing.T) {
+	dp, k := fakeDataplane(t, true)
+	d := unitDesired()
+	shares := func(when string) {
+		t.Helper()
+		if !dp.model.nft.SharesMaps(dp.want.nft) {
+			t.Fatalf("%s: the model holds maps of its own", when)
+		}
+	}
+	mustSync(t, dp, d)
+	shares("first sync")
+	mustSync(t, dp, d)
+	shares("a sync that changed nothing")
+	if _, err := dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	shares("an update")
+	k.gen++ // someone else's transaction: the next verify reads the maps
+	reads := k.nftReads
+	if _, err := dp.Verify(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; dp.pending != nil && i < 10; i++ {
+		if _, err := dp.Verify(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if k.nftReads == reads {
+		t.Fatal("no verify read the maps")
+	}
+	shares("a full read that found nothing to repair")
+}
+
+// TestMoveFlushesMasq: a move through Update flushes the masq service of
+// the node the peer left, and only that one, although the model of the
+// kernel shares the target's maps, which Update has changed by then (the
+// plan says where the peer was: Plan.Left). A peer deleted and set again
+// with its node, and a new peer, leave no node.
+func TestMoveFlushesMasq(t *testing.T) {
+	dp, k, _ := masqSynced(t)
+	old, _ := dp.model.nft.Peers.Get(pA)
+	if _, err := dp.Update(context.Background(), &Delta{SetPeers: map[netip.Addr]uint16{pA: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	if flushed := flushedMarks(k.take()); len(flushed) != 1 || !flushed[old|IKEBit] {
+		t.Fatalf("flushed %v after pA moved; want only its old node's masq service (%#x)", flushed, old|IKEBit)
+	}
+	dl := &Delta{DeletePeers: []netip.Addr{pB}, SetPeers: map[netip.Addr]uint16{pB: 2, netip.MustParseAddr("198.51.100.7"): 1}}
+	if _, err := dp.Update(context.Background(), dl); err != nil {
+		t.Fatal(err)
+	}
+	if flushed := flushedMarks(k.take()); len(flushed) != 0 {
+		t.Fatalf("flushed %v for a peer set again with its node and a new peer; want none", flushed)
+	}
+}
+
 func masqSynced(t *testing.T) (*dataplane, *fakeKernel, *Desired) {
 	dp, k := fakeDataplane(t, true)
 	d := unitDesired()

@@ -382,6 +382,11 @@ func (d *dataplane) reconcileMaps(cur, want *kstate, withMaps bool) (st Stats, f
 		st.Reloaded += reloaded(p, a+ch)
 		cur.nft.ApplyTo(p, want.nft)
 		failed = append(failed, d.flushServices(cur, flush)...)
+	} else if withMaps {
+		// Equal maps (Diff compared them, or they are shared already):
+		// one copy is enough, so a Sync or a full read that changed
+		// nothing does not leave the model a second copy of the table.
+		cur.nft.Share(want.nft)
 	}
 	n, f := d.removeNodes(cur, want)
 	st.Removed += n

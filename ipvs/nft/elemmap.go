@@ -13,10 +13,10 @@ import (
 // holds a new target beside them). A Go map keyed by netip.Addr or
 // netip.Prefix costs 32-40 bytes a slot and, because those types carry a
 // pointer (the zone), the garbage collector scans every slot on every
-// cycle: at a million tunnels that scan was most of a node failure's CPU. PeerMap and SubnetMap keep
-// the same content in maps whose keys are plain integers and byte arrays:
-// 8-12 bytes a slot for IPv4 (most farms), nothing for the collector to
-// scan.
+// cycle: at a million tunnels that scan was most of a node failure's CPU.
+// PeerMap and SubnetMap keep the same content in maps whose keys are plain
+// integers and byte arrays: 8-12 bytes a slot for IPv4 (most farms),
+// nothing for the collector to scan.
 
 // PeerMap maps tunnel endpoints to a 32-bit value (a fwmark). The zero
 // value is an empty map ready to use.

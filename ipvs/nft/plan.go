@@ -175,7 +175,7 @@ func Diff(cur, want *State) *Plan {
 	p.Chain = !cur.Sig.Equal(want.Sig) || len(p.AddLens)+len(p.DelLens) > 0
 	p.LensOnly = p.Chain && cur.Sig.Version == Layout && cur.Sig.sameButLens(want.Sig)
 	p.AddVIPs, p.DelVIPs = keysNotIn(want.VIPs, cur.VIPs), keysNotIn(cur.VIPs, want.VIPs)
-	if !cur.sharesMaps(want) {
+	if !cur.SharesMaps(want) {
 		// (Shared maps are one: nothing to compare. A restarted
 		// director that adopted the kernel by its digest has them.)
 		p.AddPeers, p.DelPeers = diffElems[netip.Addr](&cur.Peers, &want.Peers)

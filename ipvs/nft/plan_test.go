@@ -24,9 +24,8 @@ func TestUpdateDigest(t *testing.T) {
 		return netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(i >> 8), byte(i), 0}), bits).Masked()
 	}
 	value := func(m uint16) uint32 { return 0x7d000000 | uint32(m) }
-	model, want := NewState(), NewState()
-	shared, swant := NewState(), NewState()
-	model.Table, shared.Table = true, true
+	model, want, swant := NewState(), NewState(), NewState()
+	model.Table = true
 	for i := range 300 {
 		for _, s := range []*State{model, want, swant} {
 			s.Peers.Set(peer(i), value(uint16(i%4)))
@@ -37,7 +36,8 @@ func TestUpdateDigest(t *testing.T) {
 		s.Peers.Set(peer(1000), value(9))
 	}
 	model.Stored, model.HasStored = model.Digest(), true
-	shared.Stored, shared.HasStored = model.Stored, true
+	// The same kernel, as a model sharing its target's maps.
+	shared := model.Clone()
 	shared.Share(swant)
 	for round := range 200 {
 		c := Changes{SetPeers: map[netip.Addr]uint16{}, SetSubnets: map[netip.Prefix]uint16{}, Value: value}
@@ -59,6 +59,16 @@ func TestUpdateDigest(t *testing.T) {
 				c.SetPeers[peer(i)] = uint16(rng.IntN(4))
 				c.SetSubnets[subnet(i)] = uint16(rng.IntN(4))
 			}
+		}
+		if round == 100 {
+			// Enough new peers for the target's map to be replaced by a
+			// larger one (GrowFor), and the first IPv6 peer (a map made
+			// on first use): the sharing model keeps its old maps until
+			// ApplyTo.
+			for i := range 1100 {
+				c.SetPeers[netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)})] = uint16(i % 4)
+			}
+			c.SetPeers[netip.MustParseAddr("2001:db8::7")] = 2
 		}
 		if rng.IntN(4) == 0 {
 			// The only peer at mark 9, deleted and set again with
@@ -98,8 +108,8 @@ func TestUpdateDigest(t *testing.T) {
 				t.Fatalf("round %d: stored digest %+v, the model's maps %+v", round, m.Stored, m.Digest())
 			}
 		}
-		if !shared.sharesMaps(swant) || !maps.Equal(shared.Lens, model.Lens) || !slices.Equal(shared.Sig.Lens, model.Sig.Lens) {
-			t.Fatalf("round %d: the sharing model: shares %v, lengths %v %v, want %v %v", round, shared.sharesMaps(swant), shared.Lens, shared.Sig.Lens, model.Lens, model.Sig.Lens)
+		if !shared.SharesMaps(swant) || !maps.Equal(shared.Lens, model.Lens) || !slices.Equal(shared.Sig.Lens, model.Sig.Lens) {
+			t.Fatalf("round %d: the sharing model: shares %v, lengths %v %v, want %v %v", round, shared.SharesMaps(swant), shared.Lens, shared.Sig.Lens, model.Lens, model.Sig.Lens)
 		}
 		if model.Digest() != want.Digest() || model.Peers.Len() != want.Peers.Len() || model.Subnets.Len() != want.Subnets.Len() {
 			t.Fatalf("round %d: model %+v (%d peers, %d subnets), want %+v (%d, %d)", round,

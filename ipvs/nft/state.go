@@ -91,9 +91,9 @@ func (s *State) Clone() *State {
 // changes s's maps but want.
 func (s *State) Share(want *State) { s.Peers, s.Subnets = want.Peers, want.Subnets }
 
-// sharesMaps reports whether s holds o's very peer and subnet maps (Share),
-// so that they are equal without a comparison.
-func (s *State) sharesMaps(o *State) bool {
+// SharesMaps reports whether s holds o's very peer and subnet maps (Share)
+// as they are, so that they are equal without a comparison.
+func (s *State) SharesMaps(o *State) bool {
 	return s.Peers.sum == o.Peers.sum && s.Subnets.sum == o.Subnets.sum &&
 		sameMap(s.Peers.v4, o.Peers.v4) && sameMap(s.Peers.v6, o.Peers.v6) &&
 		sameMap(s.Subnets.v4, o.Subnets.v4) && sameMap(s.Subnets.v6, o.Subnets.v6)
