@@ -60,11 +60,7 @@ func NewLog(rev uint64, max int) *Log {
 func (l *Log) Add(b Batch) { l.l.add(b) }
 
 // Revision is the newest revision added.
-func (l *Log) Revision() uint64 {
-	l.l.mu.Lock()
-	defer l.l.mu.Unlock()
-	return l.l.rev
-}
+func (l *Log) Revision() uint64 { return l.l.newest() }
 
 // Changes returns a cursor whose first batch is the one added right after
 // revision since (see ChangeLog).
