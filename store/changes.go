@@ -259,11 +259,13 @@ func (l *changeLog) find(since uint64) (uint64, bool) {
 // done.
 func (s *Store) Changes(since uint64) (Cursor, error) {
 	c, err := s.log.cursor(since, s.readJournal)
-	if errors.Is(err, ErrCompacted) && since <= s.Revision() && since > s.log.newest() {
-		// The table took a commit's revision before the log published
-		// the commit's batch (a reader opening a cursor at Revision or
-		// at a snapshot's revision meets that): the commit holds mu
-		// until it has, so ask again under mu.
+	if errors.Is(err, ErrCompacted) && since <= s.Revision() {
+		// The table may have taken a commit's revision before the log
+		// published the commit's batch (a reader opening a cursor at
+		// Revision or at a snapshot's revision meets that): the commit
+		// holds mu until it has, so ask again under mu. (Whether the
+		// log has published it by now says nothing: it may have done so
+		// since the first answer.)
 		s.mu.Lock()
 		defer s.mu.Unlock()
 		return s.log.cursor(since, s.readJournal)
