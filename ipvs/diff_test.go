@@ -905,8 +905,6 @@ func TestReloadFlushesMasq(t *testing.T) {
 	}
 }
 
-// masqSynced is a fake IPVS dataplane synced to unitDesired with every
-// node in masq, its operations so far taken.
 // TestModelSharesTheTargetsMaps: after every reconcile that compared the
 // maps, changed or not (a Sync, an Update, a Verify's full read), the
 // model of the kernel holds the target's maps, not a copy of them.
@@ -966,6 +964,8 @@ func TestMoveFlushesMasq(t *testing.T) {
 	}
 }
 
+// masqSynced is a fake IPVS dataplane synced to unitDesired with every
+// node in masq, its operations so far taken.
 func masqSynced(t *testing.T) (*dataplane, *fakeKernel, *Desired) {
 	dp, k := fakeDataplane(t, true)
 	d := unitDesired()

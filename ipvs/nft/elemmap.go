@@ -50,35 +50,27 @@ func (m *PeerMap) Get(a netip.Addr) (uint32, bool) {
 // Set sets a's value and says whether a is new. An IPv4-mapped IPv6
 // address is an IPv6 key, as it is to netip (callers unmap what they mean
 // as IPv4).
-func (m *PeerMap) Set(a netip.Addr, v uint32) (added bool) {
-	if a.Is4() {
-		if m.v4 == nil {
-			m.v4 = map[uint32]uint32{}
-		}
-		return set(m.v4, &m.sum, peer4Hash, v4Key(a), v)
-	}
-	if m.v6 == nil {
-		m.v6 = map[[16]byte]uint32{}
-	}
-	return set(m.v6, &m.sum, peer6Hash, a.As16(), v)
-}
+func (m *PeerMap) Set(a netip.Addr, v uint32) (added bool) { return m.put(a, v, false) }
 
 // Fill sets a's value for a map being filled with keys it does not hold
 // yet (a target built from the table, whose peers are unique): it skips
 // the look-up Set makes of an old value for the sum, a cache miss per key
 // in a map of millions. It says whether a was new; when it was not, its
 // value is replaced but the sum is stale until Resum.
-func (m *PeerMap) Fill(a netip.Addr, v uint32) (added bool) {
+func (m *PeerMap) Fill(a netip.Addr, v uint32) (added bool) { return m.put(a, v, true) }
+
+// put is Set, or Fill when fresh.
+func (m *PeerMap) put(a netip.Addr, v uint32, fresh bool) bool {
 	if a.Is4() {
 		if m.v4 == nil {
 			m.v4 = map[uint32]uint32{}
 		}
-		return fill(m.v4, &m.sum, peer4Hash, v4Key(a), v)
+		return put(m.v4, &m.sum, peer4Hash, v4Key(a), v, fresh)
 	}
 	if m.v6 == nil {
 		m.v6 = map[[16]byte]uint32{}
 	}
-	return fill(m.v6, &m.sum, peer6Hash, a.As16(), v)
+	return put(m.v6, &m.sum, peer6Hash, a.As16(), v, fresh)
 }
 
 // Resum recomputes the sum from the elements (after Fill met a key twice).
@@ -151,31 +143,23 @@ func (m *SubnetMap) Get(p netip.Prefix) (uint32, bool) {
 }
 
 // Set sets p's value and says whether p is new.
-func (m *SubnetMap) Set(p netip.Prefix, v uint32) (added bool) {
-	if p.Addr().Is4() {
-		if m.v4 == nil {
-			m.v4 = map[uint64]uint32{}
-		}
-		return set(m.v4, &m.sum, subnet4Hash, v4PrefixKey(p), v)
-	}
-	if m.v6 == nil {
-		m.v6 = map[prefix6]uint32{}
-	}
-	return set(m.v6, &m.sum, subnet6Hash, prefix6{p.Addr().As16(), uint8(p.Bits())}, v)
-}
+func (m *SubnetMap) Set(p netip.Prefix, v uint32) (added bool) { return m.put(p, v, false) }
 
 // Fill is PeerMap.Fill for subnets (the table's never overlap).
-func (m *SubnetMap) Fill(p netip.Prefix, v uint32) (added bool) {
+func (m *SubnetMap) Fill(p netip.Prefix, v uint32) (added bool) { return m.put(p, v, true) }
+
+// put is Set, or Fill when fresh.
+func (m *SubnetMap) put(p netip.Prefix, v uint32, fresh bool) bool {
 	if p.Addr().Is4() {
 		if m.v4 == nil {
 			m.v4 = map[uint64]uint32{}
 		}
-		return fill(m.v4, &m.sum, subnet4Hash, v4PrefixKey(p), v)
+		return put(m.v4, &m.sum, subnet4Hash, v4PrefixKey(p), v, fresh)
 	}
 	if m.v6 == nil {
 		m.v6 = map[prefix6]uint32{}
 	}
-	return fill(m.v6, &m.sum, subnet6Hash, prefix6{p.Addr().As16(), uint8(p.Bits())}, v)
+	return put(m.v6, &m.sum, subnet6Hash, prefix6{p.Addr().As16(), uint8(p.Bits())}, v, fresh)
 }
 
 // Resum is PeerMap.Resum for subnets.
@@ -331,6 +315,14 @@ func set[K comparable](m map[K]uint32, sum *uint64, h func(K, uint32) uint64, k 
 	m[k] = v
 	*sum += h(k, v) - ifHad(had, h(k, old))
 	return !had
+}
+
+// put is fill when fresh, set otherwise.
+func put[K comparable](m map[K]uint32, sum *uint64, h func(K, uint32) uint64, k K, v uint32, fresh bool) bool {
+	if fresh {
+		return fill(m, sum, h, k, v)
+	}
+	return set(m, sum, h, k, v)
 }
 
 // fill sets k's value in m and adds it to sum when k is new (see

@@ -236,13 +236,8 @@ func SortedLens(m map[Len]struct{}) []Len { return slices.SortedFunc(maps.Keys(m
 // key shows in the map's length, so a Sync of 100,000 subnets pays no extra
 // hashing for them.
 func (s *State) AddSubnet(p netip.Prefix, m uint32) {
-	if !s.Subnets.Set(p, m) {
-		return
-	}
-	l := LenOf(p)
-	c := &s.cnt[b2i(l.V6)][l.Bits]
-	if *c++; *c == 1 {
-		s.Lens[l] = struct{}{}
+	if s.Subnets.Set(p, m) {
+		s.countNew(p)
 	}
 }
 
@@ -252,12 +247,17 @@ func (s *State) FillSubnet(p netip.Prefix, m uint32) (added bool) {
 	if !s.Subnets.Fill(p, m) {
 		return false
 	}
+	s.countNew(p)
+	return true
+}
+
+// countNew counts a subnet new to the target at its length.
+func (s *State) countNew(p netip.Prefix) {
 	l := LenOf(p)
 	c := &s.cnt[b2i(l.V6)][l.Bits]
 	if *c++; *c == 1 {
 		s.Lens[l] = struct{}{}
 	}
-	return true
 }
 
 // DelSubnet is AddSubnet's inverse.
