@@ -234,7 +234,7 @@ func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*T
 		return errors.New("load into a table that is not empty")
 	}
 	if sizeHint > 0 {
-		t.tunnels = make(map[string]*entry, sizeHint)
+		t.tunnels = make(map[string]owned, sizeHint)
 		t.peers = newPeerIndex(sizeHint)
 	}
 	var berr BatchError
@@ -265,8 +265,8 @@ func (t *Table) Load(rev uint64, nodes []Node, sizeHint int, tunnels iter.Seq[*T
 			// Its peer replaced another tunnel's in the index: find
 			// that one to name it (a refused load only).
 			for _, o := range t.tunnels {
-				if o.peer == tu.Peer && o.id != tu.ID {
-					fail(&c, peerTaken(tu.Peer, o))
+				if o.e.peer == tu.Peer && o.e.id != tu.ID {
+					fail(&c, peerTaken(tu.Peer, o.e))
 					break
 				}
 			}
@@ -320,7 +320,7 @@ func (t *Table) applyLocked(batch []Change, rev uint64, mode applyMode) (*Applie
 		if len(t.tunnels) == 0 {
 			// The first import into an empty table: size the
 			// indexes for it instead of growing them.
-			t.tunnels = make(map[string]*entry, len(batch))
+			t.tunnels = make(map[string]owned, len(batch))
 			t.peers = newPeerIndex(len(batch))
 		}
 	}
@@ -405,7 +405,7 @@ func (t *Table) rollback(undo []undoRec) {
 }
 
 func (t *Table) index(e *entry) {
-	t.tunnels[e.id] = e
+	t.tunnels[e.id] = owned{e, e.mark}
 	t.setPeer(e)
 	for _, p := range e.subnets {
 		t.subnets.Insert(p, e)
@@ -433,7 +433,7 @@ func (t *Table) reindex(old, e *entry) {
 		t.index(e)
 		return
 	}
-	t.tunnels[e.id] = e
+	t.tunnels[e.id] = owned{e, e.mark}
 	t.setPeer(e)
 	for _, p := range e.subnets {
 		t.subnets.Insert(p, e)
@@ -541,9 +541,9 @@ func (t *Table) deleteNode(c *Change) (Change, undoRec, bool, error) {
 	}
 	if n := t.count[old.Mark]; n > 0 {
 		var example string
-		for _, e := range t.tunnels {
-			if e.mark == old.Mark {
-				example = e.id
+		for id, o := range t.tunnels {
+			if o.mark == old.Mark {
+				example = id
 				break
 			}
 		}
@@ -556,7 +556,7 @@ func (t *Table) deleteNode(c *Change) (Change, undoRec, bool, error) {
 }
 
 func (t *Table) deleteTunnel(c *Change) (Change, undoRec, bool, error) {
-	old := t.tunnels[c.Name]
+	old := t.tunnels[c.Name].e
 	if old == nil {
 		return Change{}, undoRec{}, false, fmt.Errorf("%w: tunnel %q", ErrNotFound, c.Name)
 	}
@@ -569,18 +569,31 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 		return Change{}, undoRec{}, false, fmt.Errorf("%w: put-tunnel without a tunnel", ErrInvalid)
 	}
 	tu := *c.Tunnel
-	if mode != modeLoad || !slices.IsSortedFunc(tu.Subnets, ComparePrefix) {
-		normalizeTunnel(&tu)
-	}
-	if err := t.checkTunnelShape(&tu); err != nil {
-		return Change{}, undoRec{}, false, err
-	}
 	// A load fills an empty table from unique keys: there is no old
 	// record to look up (a million lookups in a map that does not fit the
 	// cache cost a tenth of the load), and Load refuses a repeated id.
 	var old *entry
 	if mode != modeLoad {
-		old = t.tunnels[tu.ID]
+		old = t.tunnels[tu.ID].e
+	}
+	// A record that keeps its peer and subnets (a move: a node down moves
+	// tens of thousands) brings no key the table has not checked: the
+	// indexes hold these keys for old, and SetVIPs refuses a VIP inside
+	// any of them. So only its comment is checked, and its subnets share
+	// old's sorted slice.
+	sameKeys := old != nil && tu.Peer == old.peer && slices.Equal(tu.Subnets, old.subnets)
+	if sameKeys {
+		tu.Subnets = old.subnets
+		if err := ValidateComment(tu.Comment); err != nil {
+			return Change{}, undoRec{}, false, fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+	} else {
+		if mode != modeLoad || !slices.IsSortedFunc(tu.Subnets, ComparePrefix) {
+			normalizeTunnel(&tu)
+		}
+		if err := t.checkTunnelShape(&tu); err != nil {
+			return Change{}, undoRec{}, false, err
+		}
 	}
 
 	// Owner: a named node, the current owner, or the scheduler's choice.
@@ -606,12 +619,15 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 
 	// Conflicts with other tunnels (a load finds a repeated peer by the
 	// peer index's length instead: Load).
-	if mode != modeLoad {
+	if mode != modeLoad && !sameKeys {
 		if o, ok := t.peer(tu.Peer); ok && o != old {
 			return Change{}, undoRec{}, false, peerTaken(tu.Peer, o)
 		}
 	}
 	for _, p := range tu.Subnets {
+		if sameKeys {
+			break
+		}
 		if err := t.checkSubnetFree(p, old); err != nil {
 			return Change{}, undoRec{}, false, err
 		}
@@ -747,7 +763,7 @@ func (t *Table) SubnetFree(p netip.Prefix, id string) error {
 			return fmt.Errorf("%w: subnet %s contains director VIP %s", ErrConflict, p, v)
 		}
 	}
-	return t.checkSubnetFree(p, t.tunnels[id])
+	return t.checkSubnetFree(p, t.tunnels[id].e)
 }
 
 // checkSubnetFree reports a conflict when p equals, contains or lies inside

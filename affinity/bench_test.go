@@ -289,3 +289,70 @@ func BenchmarkPeerIndex1M(b *testing.B) {
 	})
 	runtime.KeepAlive(sink)
 }
+
+var (
+	farmOnce  sync.Once
+	farmTable *Table
+)
+
+// BenchmarkNodeDown1M16 is the table's side of `node down` at 1,000,000
+// tunnels (1-4 subnets each, as gen makes them) over 16 nodes: planning
+// the 62,500 moves and applying them, reported apart (plan-s, apply-s).
+// Between iterations the node comes back and its tunnels move back, off
+// the clock.
+func BenchmarkNodeDown1M16(b *testing.B) {
+	tb := sharedTable(&farmOnce, &farmTable, func() []Change {
+		const nodes, n = 16, 1_000_000
+		batch := make([]Change, 0, nodes+n)
+		for i := range nodes {
+			batch = append(batch, Change{Kind: PutNode, Node: &Node{Name: fmt.Sprintf("vpn-%02d", i), Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i + 1)})}})
+		}
+		for i := range n {
+			var subnets []netip.Prefix
+			for s := range i%4 + 1 {
+				// /29s: 32 addresses per tunnel, within 10.0.0.0/7.
+				a := uint32(10)<<24 | uint32(i)<<5 | uint32(s)<<3
+				subnets = append(subnets, netip.PrefixFrom(netip.AddrFrom4([4]byte{byte(a >> 24), byte(a >> 16), byte(a >> 8), byte(a)}), 29))
+			}
+			batch = append(batch, Change{Kind: PutTunnel, Tunnel: &Tunnel{
+				ID:      fmt.Sprintf("tun-%07d", i),
+				Peer:    netip.AddrFrom4([4]byte{100, byte(64 + i>>16), byte(i >> 8), byte(i)}),
+				Subnets: subnets,
+			}})
+		}
+		return batch
+	})
+	var plan, apply time.Duration
+	moved := 0
+	runtime.GC()
+	b.ResetTimer()
+	for i := range b.N {
+		name := fmt.Sprintf("vpn-%02d", i%16)
+		t0 := time.Now()
+		p, err := tb.PlanNodeState(name, NodeDown)
+		if err != nil || len(p.Unplaced) > 0 {
+			b.Fatal(err, p.Unplaced)
+		}
+		t1 := time.Now()
+		if _, err := tb.Apply(p.Batch()); err != nil {
+			b.Fatal(err)
+		}
+		plan, apply = plan+t1.Sub(t0), apply+time.Since(t1)
+		moved = len(p.Moves)
+		b.StopTimer()
+		back := []Change{{Kind: PutNode, Node: &Node{Name: name, Addr: netip.AddrFrom4([4]byte{172, 16, 0, byte(i%16 + 1)})}}}
+		for _, m := range p.Moves {
+			tu, _ := tb.Tunnel(m.Tunnel)
+			tu.Node = name
+			back = append(back, Change{Kind: PutTunnel, Tunnel: &tu})
+		}
+		if _, err := tb.Apply(back); err != nil {
+			b.Fatal(err)
+		}
+		runtime.GC()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(moved), "moved")
+	b.ReportMetric(plan.Seconds()/float64(b.N), "plan-s")
+	b.ReportMetric(apply.Seconds()/float64(b.N), "apply-s")
+}

@@ -7,9 +7,9 @@ func (t *Table) CountsWhere(keep func(id string) bool) map[string]int {
 	t.mu.RLock()
 	defer t.mu.RUnlock()
 	byMark := make(map[uint16]int, len(t.nodes))
-	for _, e := range t.tunnels {
-		if keep(e.id) {
-			byMark[e.mark]++
+	for id, o := range t.tunnels {
+		if keep(id) {
+			byMark[o.mark]++
 		}
 	}
 	out := make(map[string]int, len(t.nodes))

@@ -35,12 +35,34 @@ func (p *Plan) Batch() []Change { return p.batch }
 // are deterministic. size is how many the filter is expected to keep.
 func (t *Table) sortedEntries(keep func(*entry) bool, size int) []*entry {
 	out := make([]*entry, 0, size)
-	for _, e := range t.tunnels {
-		if keep(e) {
-			out = append(out, e)
+	for _, o := range t.tunnels {
+		if keep(o.e) {
+			out = append(out, o.e)
 		}
 	}
 	slices.SortFunc(out, func(a, b *entry) int { return cmp.Compare(a.id, b.id) })
+	return out
+}
+
+// entriesOf returns the entries the node with the given mark owns, by id:
+// sortedEntries for one node, reading only the tunnel map (its marks and
+// keys) until the node's own entries are collected.
+func (t *Table) entriesOf(mark uint16) []*entry {
+	type keyed struct {
+		id string
+		e  *entry
+	}
+	ks := make([]keyed, 0, t.count[mark])
+	for id, o := range t.tunnels {
+		if o.mark == mark {
+			ks = append(ks, keyed{id, o.e})
+		}
+	}
+	slices.SortFunc(ks, func(a, b keyed) int { return cmp.Compare(a.id, b.id) })
+	out := make([]*entry, len(ks))
+	for i, k := range ks {
+		out[i] = k.e
+	}
 	return out
 }
 
@@ -116,7 +138,7 @@ func (t *Table) PlanRemoveNode(name string) (*Plan, error) {
 
 func (t *Table) planEvacuate(plan *Plan, n *Node, reason string) {
 	p := t.newPlanner(n.Name)
-	entries := t.sortedEntries(func(e *entry) bool { return e.mark == n.Mark }, t.count[n.Mark])
+	entries := t.entriesOf(n.Mark)
 	// Every entry is a move or an unplaced tunnel: sized once, the plan's
 	// slices are not copied over and over while they grow.
 	plan.Moves = slices.Grow(plan.Moves, len(entries))

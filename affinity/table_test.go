@@ -418,6 +418,32 @@ func TestMoveKeepsIndexes(t *testing.T) {
 	if c := a.Changes[len(a.Changes)-1]; c.Old == nil || c.Old.Node != "n0" || c.Tunnel.Node != "n1" {
 		t.Fatalf("resolved move %+v old %+v, want n0 -> n1", c.Tunnel, c.Old)
 	}
+
+	// A record that keeps its keys skips the checks of its keys only:
+	// a bad comment is still refused, and nothing changes.
+	if p, err = tb.PlanNodeState("n0", NodeActive); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tb.Apply(p.Batch()); err != nil {
+		t.Fatal(err)
+	}
+	bad := put("t1", "192.0.2.1", "n0", "10.1.0.0/24", "10.1.1.0/24")
+	bad.Tunnel.Comment = "bell\a"
+	before = tb.Snapshot()
+	var be *BatchError
+	if _, err := tb.Apply([]Change{bad}); !errors.As(err, &be) || !errors.Is(be.Errors[0], ErrInvalid) {
+		t.Fatalf("a move with a control character in its comment: %v, want ErrInvalid", err)
+	}
+	assertSameSnapshot(t, before, tb.Snapshot())
+	owner("n1")
+	// The same subnets in another order are the same keys: a move.
+	if _, err := tb.Apply([]Change{put("t1", "192.0.2.1", "n0", "10.1.1.0/24", "10.1.0.0/24")}); err != nil {
+		t.Fatal(err)
+	}
+	owner("n0")
+	if tu, _ := tb.Tunnel("t1"); !slices.IsSortedFunc(tu.Subnets, ComparePrefix) {
+		t.Fatalf("subnets %v are not sorted", tu.Subnets)
+	}
 }
 
 // TestLoadRefusesRepeatedKeys: Load looks up neither an old record nor

@@ -385,6 +385,19 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 			}
 		}
 	}
+	// Node marks by name, asked of the table once per node rather than
+	// once per tunnel (a node down moves tens of thousands).
+	marks := map[string]uint16{}
+	mark := func(name string) (uint16, bool) {
+		if m, ok := marks[name]; ok {
+			return m, true
+		}
+		n, ok := t.Node(name)
+		if ok {
+			marks[name] = n.Mark
+		}
+		return n.Mark, ok
+	}
 	for _, a := range batches {
 		for i := range a.Changes {
 			c := &a.Changes[i]
@@ -399,13 +412,13 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 				if c.Old != nil {
 					del(c.Old, c.Tunnel)
 				}
-				n, ok := t.Node(c.Tunnel.Node)
+				m, ok := mark(c.Tunnel.Node)
 				if !ok {
 					return nil, false
 				}
-				dl.SetPeers[c.Tunnel.Peer] = n.Mark
+				dl.SetPeers[c.Tunnel.Peer] = m
 				for _, p := range c.Tunnel.Subnets {
-					dl.SetSubnets[p] = n.Mark
+					dl.SetSubnets[p] = m
 				}
 			}
 		}
