@@ -251,3 +251,33 @@ func BenchmarkImport1kInto(b *testing.B) {
 		})
 	})
 }
+
+// BenchmarkSmallCommitsAfterImport200k times the three one-tunnel commits
+// that follow an import of 200,000 tunnels (journaled whole, as every
+// batch up to the journal's bound is): each used to write the import's
+// 30 MB journal entry again (journalChunk).
+//
+//	go test -run '^$' -bench SmallCommitsAfterImport -benchtime 5x ./store/
+func BenchmarkSmallCommitsAfterImport200k(b *testing.B) {
+	for i := range b.N {
+		b.StopTimer()
+		s, err := Open(Options{Path: filepath.Join(b.TempDir(), "td.db"), FoldIdle: -1})
+		if err != nil {
+			b.Fatal(err)
+		}
+		s.Commit(nodes(16))
+		if _, err := s.Commit(tunnels(0, 200_000)); err != nil {
+			b.Fatal(err)
+		}
+		b.StartTimer()
+		for j := range 3 {
+			if _, err := s.Commit(tunnels(1_000_000+i*3+j, 1)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		b.StopTimer()
+		s.Close()
+		b.StartTimer()
+	}
+	b.ReportMetric(float64(b.Elapsed().Milliseconds())/float64(3*b.N), "ms/commit")
+}

@@ -65,7 +65,9 @@ func unfolded(tx *bolt.Tx, folded uint64) int {
 	n := 0
 	c := tx.Bucket(bucketJournal).Cursor()
 	for k, v := c.Seek(be64(folded + 1)); k != nil; k, v = c.Next() {
-		n += int(journalCount(v))
+		if !isJournalChunk(k) {
+			n += int(journalCount(v))
+		}
 	}
 	return n
 }
@@ -94,11 +96,13 @@ func (s *Store) foldTx(tx *bolt.Tx, limit int) (int, error) {
 		return &t, nil
 	}
 	var changes []affinity.Change
-	c := tx.Bucket(bucketJournal).Cursor()
-	for k, v := c.Seek(be64(folded + 1)); k != nil && (limit <= 0 || len(changes) < limit); k, v = c.Next() {
+	for rev, v := range journalEntries(tx.Bucket(bucketJournal).Cursor(), folded+1) {
+		if limit > 0 && len(changes) >= limit {
+			break
+		}
 		cs, err := affinity.UnmarshalChanges(v)
 		if err != nil {
-			return 0, damaged(s.path, "bucket journal: entry %d: %v", binary.BigEndian.Uint64(k), err)
+			return 0, damaged(s.path, "bucket journal: entry %d: %v", rev, err)
 		}
 		for i := range cs {
 			ch := &cs[i]
@@ -112,7 +116,7 @@ func (s *Store) foldTx(tx *bolt.Tx, limit int) (int, error) {
 			}
 		}
 		changes = append(changes, cs...)
-		folded = binary.BigEndian.Uint64(k)
+		folded = rev
 	}
 	if len(changes) == 0 {
 		return 0, nil
@@ -213,9 +217,7 @@ func (s *Store) kickFolder() {
 // replayed.
 func (s *Store) replayJournal(tx *bolt.Tx, t *affinity.Table, folded, rev uint64) (int, error) {
 	n := 0
-	c := tx.Bucket(bucketJournal).Cursor()
-	for k, v := c.Seek(be64(folded + 1)); k != nil; k, v = c.Next() {
-		r := binary.BigEndian.Uint64(k)
+	for r, v := range journalEntries(tx.Bucket(bucketJournal).Cursor(), folded+1) {
 		cs, err := affinity.UnmarshalChanges(v)
 		if err != nil {
 			return 0, damaged(s.path, "bucket journal: entry %d: %v", r, err)
@@ -244,6 +246,16 @@ func (s *Store) migrate3() error {
 		return fmt.Errorf("migrate store %s to schema 3: %w", s.path, err)
 	}
 	s.schema = 3
+	return nil
+}
+
+// migrate4 makes a schema-3 store schema 4: its journal entries are each
+// one key, which schema 4 reads as they are.
+func (s *Store) migrate4() error {
+	if err := s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keySchema, be32(4)) }); err != nil {
+		return fmt.Errorf("migrate store %s to schema 4: %w", s.path, err)
+	}
+	s.schema = 4
 	return nil
 }
 

@@ -283,3 +283,90 @@ func TestLargeBatchInPlace(t *testing.T) {
 		t.Fatalf("%d changes pending after a batch written in place", s.pending)
 	}
 }
+
+// TestJournalChunks: an entry longer than journalChunk is written in
+// chunks, and every reader of the journal gets it whole: a replay at open
+// (records pending), a cursor that reads the journal, the fold, Check's
+// entry count; trimming takes an entry's chunks with it.
+func TestJournalChunks(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), Table: affinity.Options{Now: clock()},
+		FoldIdle: -1, RingChanges: 10, JournalChanges: 3000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	commit := func(batch []affinity.Change) *affinity.Applied {
+		t.Helper()
+		a, err := s.Commit(batch)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	// heads and chunks counts the journal's keys; an orphan chunk (one
+	// whose entry's own key is gone) fails the test.
+	keys := func() (heads, chunks int) {
+		t.Helper()
+		s.db.View(func(tx *bolt.Tx) error {
+			have := map[uint64]bool{}
+			return tx.Bucket(bucketJournal).ForEach(func(k, _ []byte) error {
+				r := binary.BigEndian.Uint64(k)
+				if !isJournalChunk(k) {
+					heads++
+					have[r] = true
+				} else if chunks++; !have[r] {
+					t.Errorf("journal chunk %x without its entry", k)
+				}
+				return nil
+			})
+		})
+		return heads, chunks
+	}
+	commit(nodes(3))
+	since := s.Revision()
+	big := commit(tunnels(0, 2000))
+	if _, chunks := keys(); chunks < 2 {
+		t.Fatalf("a 2,000-tunnel entry is in %d chunks, want several", chunks)
+	}
+	for i := range 3 {
+		commit(tunnels(5000+i, 1))
+	}
+
+	// Replay: every record is pending, so the copy's table comes from
+	// the journal alone.
+	if got := reopenCopy(t, s); !reflect.DeepEqual(got, s.Table().Snapshot()) {
+		t.Fatal("the file opens to another table than the store's")
+	}
+	// A cursor behind the 10-change ring reads the entry from the
+	// journal: the same bytes as were committed.
+	c, err := s.Changes(since)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, ok, err := c.Next()
+	c.Close()
+	if err != nil || !ok || b.Revision != big.Revision {
+		t.Fatalf("cursor at %d: %+v %v %v, want revision %d", since, b.Revision, ok, err, big.Revision)
+	}
+	if want := affinity.MarshalChanges(big.Changes); !bytes.Equal(b.Encoded, want) {
+		t.Fatalf("the journal gives %d bytes for revision %d, %d were committed", len(b.Encoded), big.Revision, len(want))
+	}
+	if r, err := s.Check(); err != nil || !r.OK() || r.Journal != 5 {
+		t.Fatalf("check: %+v %v, want 5 journal entries", r, err)
+	}
+	if err := s.Fold(); err != nil {
+		t.Fatal(err)
+	}
+	if ids, _, _ := records(t, s); len(ids) != 2003 {
+		t.Fatalf("the fold wrote %d tunnels, want 2,003", len(ids))
+	}
+	// Past the bound of 3,000 changes, folded entries are trimmed from
+	// the oldest: the chunked one goes whole.
+	commit(tunnels(6000, 1500))
+	if heads, chunks := keys(); heads != 4 || chunks == 0 {
+		t.Fatalf("after trimming: %d entries, %d chunks; want 4 entries, the newest in chunks", heads, chunks)
+	}
+	if got := reopenCopy(t, s); !reflect.DeepEqual(got, s.Table().Snapshot()) {
+		t.Fatal("after trimming, the file opens to another table than the store's")
+	}
+}

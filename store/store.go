@@ -39,8 +39,11 @@ import (
 // in the meta bucket instead (indexdigest.go), and a version-1 store
 // opened for writing is migrated once its indexes were checked; version 3
 // writes the records of journaled changes later (keyFolded, fold.go), and
-// a version-2 store opened for writing becomes version 3 at once.
-const SchemaVersion = 3
+// a version-2 store opened for writing becomes version 3 at once; version
+// 4 writes a long journal entry in chunks (journalChunk), which an older
+// director would misread, and a version-3 store (whose entries are all
+// one key) opened for writing becomes version 4 at once.
+const SchemaVersion = 4
 
 // DefaultJournalChanges is how many changes the journal keeps by default.
 const DefaultJournalChanges = 500_000
@@ -199,6 +202,12 @@ func Open(opts Options) (*Store, error) {
 	}
 	if s.schema < 3 && !s.readOnly {
 		if err := s.migrate3(); err != nil {
+			db.Close()
+			return nil, err
+		}
+	}
+	if s.schema < 4 && !s.readOnly {
+		if err := s.migrate4(); err != nil {
 			db.Close()
 			return nil, err
 		}
@@ -873,9 +882,13 @@ func (s *Store) Check() (*CheckReport, error) {
 		for _, e := range s.checkIndexes(tx, s.table, built, 100) {
 			r.Problems = append(r.Problems, e.Error())
 		}
-		j := tx.Bucket(bucketJournal)
-		r.Journal = j.Stats().KeyN
-		if k, _ := j.Cursor().First(); k != nil {
+		c := tx.Bucket(bucketJournal).Cursor()
+		for k, _ := c.First(); k != nil; k, _ = c.Next() {
+			if !isJournalChunk(k) {
+				r.Journal++
+			}
+		}
+		if k, _ := c.First(); k != nil {
 			r.Oldest = binary.BigEndian.Uint64(k)
 		}
 		return nil
