@@ -81,11 +81,13 @@ func BenchmarkDaemonScale(b *testing.B) {
 		stopPerf()
 		// A second node down: on a heap the first one warmed (the
 		// import's release handed its pages back to the system).
+		stopPerf = perfRecord(b, fmt.Sprintf("nodedown2-%d", iter))
 		t0, c0 = time.Now(), e.daemonCPU()
 		e.cli("node", "down", fmt.Sprintf("node%d", (iter+1)%nodes))
 		e.waitFor("the kernel to hold the second node's moves", long, e.kernelCaughtUp)
 		down2, down2CPU = append(down2, time.Since(t0).Seconds()), append(down2CPU, e.daemonCPU()-c0)
 		e.waitIdle()
+		stopPerf()
 
 		e.stop()
 		stopPerf = perfRecord(b, fmt.Sprintf("restart-%d", iter))

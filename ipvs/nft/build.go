@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"net/netip"
+	"sync"
 	"time"
 
 	"github.com/google/nftables"
@@ -93,6 +94,14 @@ func newNames(name string) *nftNames {
 	n.chain = &nftables.Chain{Name: chainName, Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityMangle}
 	return n
+}
+
+// fam returns the sets of a's family.
+func (n *nftNames) fam(a netip.Addr) *famSets {
+	if a.Is4() {
+		return &n.fams[0]
+	}
+	return &n.fams[1]
 }
 
 func (n *nftNames) allSets() []*nftables.Set {
@@ -200,33 +209,13 @@ func build(c *nftables.Conn, table string, p *Plan) ([]mdnl.Message, error) {
 		gone[l] = true
 	}
 	w := &elemWriter{}
-	fam := func(a netip.Addr) *famSets {
-		if a.Is4() {
-			return &n.fams[0]
-		}
-		return &n.fams[1]
-	}
-	var kb [16]byte
-	key := func(a netip.Addr) []byte {
-		if a.Is4() {
-			v := a.As4()
-			copy(kb[:], v[:])
-			return kb[:4]
-		}
-		kb = a.As16()
-		return kb[:]
-	}
+	key := newKeyBuf()
+	// The peers' and subnets' elements, most of a large plan, are encoded
+	// by elemWorkers writers side by side (see halves).
+	var mu sync.Mutex
+	h := halves(p, n, gone, func(l Len) *nftables.Set { mu.Lock(); defer mu.Unlock(); return sub(l) })
 	for _, a := range p.DelVIPs {
-		w.elem(delSetElemType, fam(a).vips, key(a), 0, false)
-	}
-	for _, a := range p.DelPeers {
-		w.elem(delSetElemType, fam(a).peers, key(a), 0, false)
-	}
-	for _, pf := range p.DelSubnets {
-		// A deleted map takes its elements with it.
-		if l := LenOf(pf); !gone[l] {
-			w.elem(delSetElemType, sub(l), key(pf.Addr()), 0, false)
-		}
+		w.elem(delSetElemType, n.fam(a).vips, key(a), 0, false)
 	}
 	var hk [4]byte
 	for _, k := range p.DelHash {
@@ -234,18 +223,20 @@ func build(c *nftables.Conn, table string, p *Plan) ([]mdnl.Message, error) {
 		w.elem(delSetElemType, n.hash, hk[:], 0, false)
 	}
 	w.end()
+	parts := h.wait()
+	for _, part := range parts {
+		w.msgs = append(w.msgs, part.dels...)
+	}
 	for _, a := range p.AddVIPs {
-		w.elem(newSetElemType, fam(a).vips, key(a), 0, false)
-	}
-	for a, m := range p.AddPeers.All() {
-		w.elem(newSetElemType, fam(a).peers, key(a), m, true)
-	}
-	for pf, m := range p.AddSubnets.All() {
-		w.elem(newSetElemType, sub(LenOf(pf)), key(pf.Addr()), m, true)
+		w.elem(newSetElemType, n.fam(a).vips, key(a), 0, false)
 	}
 	for k, m := range p.AddHash {
 		binary.NativeEndian.PutUint32(hk[:], k)
 		w.elem(newSetElemType, n.hash, hk[:], m, true)
+	}
+	w.end()
+	for _, part := range parts {
+		w.msgs = append(w.msgs, part.adds...)
 	}
 	if p.Digest != nil {
 		if !p.Recreate {
@@ -421,4 +412,85 @@ func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 		&expr.Ct{Key: expr.CtKeyMARK, SourceRegister: true, Register: 1},
 	})
 	return rules
+}
+
+// elemWorkers is how many writers encode a plan's peer and subnet
+// elements side by side. A node failure at a million tunnels changes
+// 437,000 elements (a delete and an add of each peer and subnet moved):
+// 0.3 s of encoding on one core, while the director's other core idled.
+const elemWorkers = 2
+
+// elemHalf is what one writer encoded: its element deletions and its
+// additions, kept apart so that every writer's deletions go before any
+// writer's additions.
+type elemHalf struct{ dels, adds []mdnl.Message }
+
+// elemHalves are the writers encoding a plan's peers and subnets.
+type elemHalves struct {
+	wg    sync.WaitGroup
+	parts [elemWorkers]elemHalf
+}
+
+func (h *elemHalves) wait() []elemHalf { h.wg.Wait(); return h.parts[:] }
+
+// halves starts the writers of p's peer and subnet elements. Writer i
+// takes the deletions at positions i, i+elemWorkers, ... and the
+// additions whose key hashes to i (a map has no positions). sub returns
+// a length's map and must be safe for concurrent use; the elements of
+// the maps in gone are not deleted (the map goes with them).
+func halves(p *Plan, n *nftNames, gone map[Len]bool, sub func(Len) *nftables.Set) *elemHalves {
+	h := &elemHalves{}
+	for i := range elemWorkers {
+		h.wg.Go(func() {
+			var dels, adds elemWriter
+			key := newKeyBuf()
+			for j, a := range p.DelPeers {
+				if j%elemWorkers == i {
+					dels.elem(delSetElemType, n.fam(a).peers, key(a), 0, false)
+				}
+			}
+			for j, pf := range p.DelSubnets {
+				if l := LenOf(pf); j%elemWorkers == i && !gone[l] {
+					dels.elem(delSetElemType, sub(l), key(pf.Addr()), 0, false)
+				}
+			}
+			for a, m := range p.AddPeers.All() {
+				if k := key(a); keyWorker(k) == i {
+					adds.elem(newSetElemType, n.fam(a).peers, k, m, true)
+				}
+			}
+			for pf, m := range p.AddSubnets.All() {
+				if k := key(pf.Addr()); keyWorker(k) == i {
+					adds.elem(newSetElemType, sub(LenOf(pf)), k, m, true)
+				}
+			}
+			h.parts[i] = elemHalf{dels.done(), adds.done()}
+		})
+	}
+	return h
+}
+
+// keyWorker spreads keys over the writers by a hash of their bytes: the
+// low bits of a subnet's address are zero, its high bits shared.
+func keyWorker(k []byte) int {
+	x := uint32(2166136261)
+	for _, b := range k {
+		x = (x ^ uint32(b)) * 16777619
+	}
+	return int(x % elemWorkers)
+}
+
+// newKeyBuf returns a function that writes an address as a set key (4 or
+// 16 bytes) into a buffer of its own, valid until its next call.
+func newKeyBuf() func(netip.Addr) []byte {
+	var kb [16]byte
+	return func(a netip.Addr) []byte {
+		if a.Is4() {
+			v := a.As4()
+			copy(kb[:], v[:])
+			return kb[:4]
+		}
+		kb = a.As16()
+		return kb[:]
+	}
 }
