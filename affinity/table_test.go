@@ -436,7 +436,8 @@ func TestMoveKeepsIndexes(t *testing.T) {
 	}
 	assertSameSnapshot(t, before, tb.Snapshot())
 	owner("n1")
-	// The same subnets in another order are the same keys: a move.
+	// The same subnets in another order (checked as new keys, the slow
+	// path) make the same move.
 	if _, err := tb.Apply([]Change{put("t1", "192.0.2.1", "n0", "10.1.1.0/24", "10.1.0.0/24")}); err != nil {
 		t.Fatal(err)
 	}

@@ -520,12 +520,14 @@ func (s *Store) readJournal(since uint64, max int, stop uint64, bounded bool) ([
 			return fmt.Errorf("%w: asked for the revision after %d; the journal of %s holds revisions from %d", ErrCompacted, since, s.path, oldest)
 		}
 		for rev, v := range journalEntries(c, since+1) {
-			if len(out) == max {
+			if len(out) >= max {
 				break
 			}
 			out = append(out, Batch{Revision: rev, Prev: prev, Encoded: append([]byte(nil), v...)})
 			prev = rev
-			if bounded && rev == stop {
+			// Stopped here, not at the next entry: that would join
+			// its chunks first.
+			if len(out) == max || bounded && rev == stop {
 				break
 			}
 		}

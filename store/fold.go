@@ -97,9 +97,6 @@ func (s *Store) foldTx(tx *bolt.Tx, limit int) (int, error) {
 	}
 	var changes []affinity.Change
 	for rev, v := range journalEntries(tx.Bucket(bucketJournal).Cursor(), folded+1) {
-		if limit > 0 && len(changes) >= limit {
-			break
-		}
 		cs, err := affinity.UnmarshalChanges(v)
 		if err != nil {
 			return 0, damaged(s.path, "bucket journal: entry %d: %v", rev, err)
@@ -117,6 +114,9 @@ func (s *Store) foldTx(tx *bolt.Tx, limit int) (int, error) {
 		}
 		changes = append(changes, cs...)
 		folded = rev
+		if limit > 0 && len(changes) >= limit {
+			break
+		}
 	}
 	if len(changes) == 0 {
 		return 0, nil

@@ -351,6 +351,16 @@ func TestJournalChunks(t *testing.T) {
 	if want := affinity.MarshalChanges(big.Changes); !bytes.Equal(b.Encoded, want) {
 		t.Fatalf("the journal gives %d bytes for revision %d, %d were committed", len(b.Encoded), big.Revision, len(want))
 	}
+	// A cursor right after it: the key before the next entry is the
+	// chunked entry's last chunk, which names its revision.
+	if c, err = s.Changes(big.Revision); err != nil {
+		t.Fatal(err)
+	}
+	b, ok, err = c.Next()
+	c.Close()
+	if err != nil || !ok || b.Revision != big.Revision+1 || b.Prev != big.Revision {
+		t.Fatalf("cursor at %d: revision %d after %d, %v %v", big.Revision, b.Revision, b.Prev, ok, err)
+	}
 	if r, err := s.Check(); err != nil || !r.OK() || r.Journal != 5 {
 		t.Fatalf("check: %+v %v, want 5 journal entries", r, err)
 	}
@@ -368,5 +378,44 @@ func TestJournalChunks(t *testing.T) {
 	}
 	if got := reopenCopy(t, s); !reflect.DeepEqual(got, s.Table().Snapshot()) {
 		t.Fatal("after trimming, the file opens to another table than the store's")
+	}
+}
+
+// TestSchema3BecomesSchema4: a schema-3 store (every journal entry one
+// key) with records pending opens read-only as it is and for writing as
+// schema 4, to the same table either way.
+func TestSchema3BecomesSchema4(t *testing.T) {
+	s, err := Open(Options{Path: filepath.Join(t.TempDir(), "td.db"), Table: affinity.Options{Now: clock()}, FoldIdle: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.Commit(nodes(2))
+	s.Commit(tunnels(0, 50))
+	want := s.Table().Snapshot()
+	cp := filepath.Join(t.TempDir(), "schema3.db")
+	if _, err := s.Backup(cp, BackupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	db, err := bolt.Open(cp, 0o600, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keySchema, be32(3)) })
+	db.Close()
+	for _, ro := range []bool{true, false} {
+		c, err := Open(Options{Path: cp, ReadOnly: ro})
+		if err != nil {
+			t.Fatalf("open read-only %v: %v", ro, err)
+		}
+		r, err := c.Check()
+		got := c.Table().Snapshot()
+		c.Close()
+		if wantSchema := map[bool]uint32{true: 3, false: 4}[ro]; err != nil || !r.OK() || r.Schema != wantSchema || r.Pending == 0 && ro {
+			t.Fatalf("open read-only %v: %+v %v, want schema %d", ro, r, err, wantSchema)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("open read-only %v: another table", ro)
+		}
 	}
 }
