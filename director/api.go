@@ -146,6 +146,11 @@ func (d *Daemon) Handler(token string) http.Handler {
 			return
 		}
 		req.Name, req.Action = r.PathValue("name"), r.PathValue("action")
+		var err error
+		if req.MovesLimit, err = intParam(r.URL.Query(), "moves_limit", 0); err != nil {
+			reply[any](nil, err)(w)
+			return
+		}
 		reply(s.NodeAction(req))(w)
 	})
 	mux.HandleFunc("POST /v1/rebalance", func(w http.ResponseWriter, r *http.Request) {

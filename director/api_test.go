@@ -64,6 +64,8 @@ func TestAPIRefusesBadRequests(t *testing.T) {
 		{"bad import kind", "/v1/import?kind=routers", "", "kind \"routers\"", 422},
 		{"bad max_records", "/v1/import?max_records=x", "", "max_records \"x\"", 422},
 		{"node body with unknown field", "/v1/nodes/vpn-z/add", `{"adress":"10.0.0.1"}`, "unknown field", 422},
+		{"negative moves_limit", "/v1/nodes/vpn-a/down?moves_limit=-1", "", "moves_limit \"-1\": want a whole number", 422},
+		{"moves_limit in the body", "/v1/nodes/vpn-a/down", `{"moves_limit":3}`, "unknown field", 422},
 		{"bad role", "/v1/role/king", "", "role \"king\"", 422},
 		{"backup without path", "/v1/store/backup", "", "path: required", 422},
 	}
@@ -262,5 +264,50 @@ func TestImportSendsFileSize(t *testing.T) {
 		if b := (&bodyLimit{size: c.size, limit: c.limit}); b.Size() != c.want {
 			t.Errorf("body of %d bytes, limit %d: Size %d, want %d", c.size, c.limit, b.Size(), c.want)
 		}
+	}
+}
+
+// TestNodeActionMovesLimit: a node down's result lists at most
+// moves_limit moves (a query parameter, which a daemon from before it
+// ignores) and counts the rest; without a limit it lists all.
+func TestNodeActionMovesLimit(t *testing.T) {
+	d, srv, _ := apiDaemon(t)
+	var b strings.Builder
+	b.WriteString("id,peer,subnets\n")
+	for i := range 60 {
+		fmt.Fprintf(&b, "t%d,100.64.0.%d,10.%d.0.0/24\n", i, i+1, i)
+	}
+	if _, err := d.Service().Import(strings.NewReader(b.String()), ImportRequest{Name: "t.csv"}); err != nil {
+		t.Fatal(err)
+	}
+	counts := d.st.Table().Counts()
+	down := func(node, query string) NodeResult {
+		t.Helper()
+		resp, err := http.Post(srv.URL+"/v1/nodes/"+node+"/down"+query, "application/json", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var res NodeResult
+		if err := json.NewDecoder(resp.Body).Decode(&res); err != nil || resp.StatusCode != 200 {
+			t.Fatalf("node %s down: %d %v", node, resp.StatusCode, err)
+		}
+		return res
+	}
+	if res := down("vpn-a", "?moves_limit=3"); len(res.Plan.Moves) != 3 || res.MovesOmitted != counts["vpn-a"]-3 {
+		t.Fatalf("moves_limit 3: %d moves listed, %d omitted; vpn-a had %d tunnels", len(res.Plan.Moves), res.MovesOmitted, counts["vpn-a"])
+	}
+	nb := d.st.Table().Counts()["vpn-b"]
+	if res := down("vpn-b", ""); nb == 0 || len(res.Plan.Moves) != nb || res.MovesOmitted != 0 {
+		t.Fatalf("no limit: %d moves listed, %d omitted; vpn-b had %d tunnels", len(res.Plan.Moves), res.MovesOmitted, nb)
+	}
+	// The CLI's client sends the limit it is given.
+	c := &Client{http: srv.Client(), base: srv.URL}
+	if _, err := c.NodeAction(NodeRequest{Action: "up", Name: "vpn-a"}); err != nil {
+		t.Fatal(err)
+	}
+	res, err := c.NodeAction(NodeRequest{Action: "down", Name: "vpn-c", MovesLimit: 1})
+	if err != nil || len(res.Plan.Moves) != 1 || res.MovesOmitted == 0 {
+		t.Fatalf("through the client, limit 1: %+v %v", res, err)
 	}
 }

@@ -210,8 +210,12 @@ func (c *Client) Export(w io.Writer, kind nms.Kind, format nms.Format) error {
 // NodeAction asks the daemon for a node action.
 func (c *Client) NodeAction(req NodeRequest) (*NodeResult, error) {
 	b, _ := json.Marshal(req)
+	var q url.Values
+	if req.MovesLimit > 0 {
+		q = url.Values{"moves_limit": {strconv.Itoa(req.MovesLimit)}}
+	}
 	var res NodeResult
-	return &res, c.do("POST", "/v1/nodes/"+url.PathEscape(req.Name)+"/"+url.PathEscape(req.Action), nil, bytesReader(b), &res)
+	return &res, c.do("POST", "/v1/nodes/"+url.PathEscape(req.Name)+"/"+url.PathEscape(req.Action), q, bytesReader(b), &res)
 }
 
 // Rebalance asks the daemon for a rebalance plan, applied or not.

@@ -22,7 +22,11 @@ import (
 
 func newNodeCmd(g *globals) *cobra.Command {
 	cmd := &cobra.Command{Use: "node", Short: "Add, remove, drain, fail or reweight a node"}
+	const show = 20 // moves printed
 	run := func(c *cobra.Command, req director.NodeRequest) error {
+		if !g.json {
+			req.MovesLimit = show
+		}
 		return g.withOperator(c, false, func(s director.Operator) error {
 			var res *director.NodeResult
 			start := time.Now()
@@ -42,7 +46,7 @@ func newNodeCmd(g *globals) *cobra.Command {
 			}
 			fmt.Fprintf(g.out, "node %s: %s done, revision %d, committed in %s\n", req.Name, req.Action, res.Revision, time.Since(start).Round(time.Millisecond))
 			if res.Plan != nil {
-				printMoves(g, res.Plan, 20)
+				printMoves(g, res.Plan, show, res.MovesOmitted)
 			}
 			g.kernelFeedback(s, res.Revision)
 			return nil
@@ -98,8 +102,8 @@ func newNodeCmd(g *globals) *cobra.Command {
 	return cmd
 }
 
-func printMoves(g *globals, p *affinity.Plan, max int) {
-	fmt.Fprintf(g.out, "%d tunnel(s) move", len(p.Moves))
+func printMoves(g *globals, p *affinity.Plan, max, omitted int) {
+	fmt.Fprintf(g.out, "%d tunnel(s) move", len(p.Moves)+omitted)
 	if p.Remaining > 0 {
 		fmt.Fprintf(g.out, ", %d more wanted beyond the budget", p.Remaining)
 	}
@@ -113,10 +117,12 @@ func printMoves(g *globals, p *affinity.Plan, max int) {
 	}
 	for i, m := range p.Moves {
 		if i == max {
-			fmt.Fprintf(w, "...\t(%d more)\t\t\t\n", len(p.Moves)-max)
 			break
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", m.Tunnel, m.Peer, m.From, m.To, m.Reason)
+	}
+	if more := len(p.Moves) + omitted - max; more > 0 {
+		fmt.Fprintf(w, "...\t(%d more)\t\t\t\n", more)
 	}
 	for i, m := range p.Unplaced {
 		if i == max {
@@ -155,7 +161,7 @@ tunnel breaks it until it re-establishes on its new node: keep the budget small.
 				if g.json {
 					return g.emitJSON(res)
 				}
-				printMoves(g, res.Plan, show)
+				printMoves(g, res.Plan, show, 0)
 				if apply {
 					fmt.Fprintf(g.out, "applied: revision %d, committed in %s\n", res.Revision, time.Since(start).Round(time.Millisecond))
 					if len(res.Plan.Moves) > 0 {
