@@ -619,17 +619,16 @@ func (t *Table) putTunnel(c *Change, rev uint64, now uint32, mode applyMode) (Ch
 
 	// Conflicts with other tunnels (a load finds a repeated peer by the
 	// peer index's length instead: Load).
-	if mode != modeLoad && !sameKeys {
-		if o, ok := t.peer(tu.Peer); ok && o != old {
-			return Change{}, undoRec{}, false, peerTaken(tu.Peer, o)
+	if !sameKeys {
+		if mode != modeLoad {
+			if o, ok := t.peer(tu.Peer); ok && o != old {
+				return Change{}, undoRec{}, false, peerTaken(tu.Peer, o)
+			}
 		}
-	}
-	for _, p := range tu.Subnets {
-		if sameKeys {
-			break
-		}
-		if err := t.checkSubnetFree(p, old); err != nil {
-			return Change{}, undoRec{}, false, err
+		for _, p := range tu.Subnets {
+			if err := t.checkSubnetFree(p, old); err != nil {
+				return Change{}, undoRec{}, false, err
+			}
 		}
 	}
 
