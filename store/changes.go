@@ -496,7 +496,7 @@ func (s *Store) readJournal(since uint64, max int, stop uint64, bounded bool) ([
 	var out []Batch
 	err := s.db.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketJournal).Cursor()
-		k, _ := c.Seek(be64(since + 1))
+		c.Seek(be64(since + 1))
 		// The entry after since must be the one whose previous entry is
 		// since: a key above since whose predecessor is another
 		// revision means since is not on this journal's history.
@@ -511,8 +511,7 @@ func (s *Store) readJournal(since uint64, max int, stop uint64, bounded bool) ([
 		} else if s.journalFromStart(tx) {
 			prev, known = 0, true
 		}
-		k, _ = c.Seek(be64(since + 1))
-		if k == nil || !known || prev != since {
+		if k, _ := c.Seek(be64(since + 1)); k == nil || !known || prev != since {
 			oldest := uint64(0)
 			if first, _ := c.First(); first != nil {
 				oldest = binary.BigEndian.Uint64(first)
@@ -591,9 +590,9 @@ func journalEntries(c *bolt.Cursor, from uint64) iter.Seq2[uint64, []byte] {
 		for k != nil {
 			rev, enc := binary.BigEndian.Uint64(k), v
 			k, v = c.Next()
-			if k != nil && len(k) > 8 && binary.BigEndian.Uint64(k) == rev {
+			if k != nil && isJournalChunk(k) && binary.BigEndian.Uint64(k) == rev {
 				enc = append([]byte(nil), enc...)
-				for ; k != nil && len(k) > 8 && binary.BigEndian.Uint64(k) == rev; k, v = c.Next() {
+				for ; k != nil && isJournalChunk(k) && binary.BigEndian.Uint64(k) == rev; k, v = c.Next() {
 					enc = append(enc, v...)
 				}
 			}
