@@ -20,8 +20,8 @@ import (
 
 // BenchmarkDaemonScale runs the real daemon in a director namespace with
 // 16 nodes (route-only, the host kernel) and measures what a farm of
-// TD_BENCH_TUNNELS tunnels (default 100,000; 1-4 subnets each, from
-// `tunneldirector gen`) costs the daemon:
+// TD_BENCH_TUNNELS tunnels (default 100,000; 1 to TD_BENCH_SUBNETS
+// subnets each, default 4, from `tunneldirector gen`) costs the daemon:
 //
 //	TD_BENCH_TUNNELS=1000000 go test -run '^$' -bench DaemonScale -benchtime 1x -count 3 -timeout 60m ./internal/e2e/
 //
@@ -46,9 +46,16 @@ func BenchmarkDaemonScale(b *testing.B) {
 			b.Fatalf("TD_BENCH_TUNNELS=%q: want a positive count", v)
 		}
 	}
+	maxSubnets := "4"
+	if v := os.Getenv("TD_BENCH_SUBNETS"); v != "" {
+		if k, err := strconv.Atoi(v); err != nil || k <= 0 {
+			b.Fatalf("TD_BENCH_SUBNETS=%q: want a positive count", v)
+		}
+		maxSubnets = v
+	}
 	const nodes = 16
 	e := newE2EWith(b, netlab.TopologyOptions{Peers: 1, Directors: 1, Nodes: nodes, VIPOnDirectors: true}, atScale)
-	if out, err := runArgs(b, "gen", "--dir", e.dir, "--tunnels", strconv.Itoa(n), "--nodes", strconv.Itoa(nodes), "--pinned", "0"); err != nil {
+	if out, err := runArgs(b, "gen", "--dir", e.dir, "--tunnels", strconv.Itoa(n), "--nodes", strconv.Itoa(nodes), "--pinned", "0", "--max-subnets", maxSubnets); err != nil {
 		b.Fatalf("gen: %v\n%s", err, out)
 	}
 	file := filepath.Join(e.dir, "tunnels.csv")
