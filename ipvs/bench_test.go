@@ -190,6 +190,17 @@ func synced(b *testing.B, ns *netlab.NS, d *Desired) *dataplane {
 	return dp
 }
 
+// syncedBig is a dataplane in a namespace of its own with TD_BENCH_TUNNELS
+// (default 100,000) tunnels of bigDesired synced, both gone with b.
+func syncedBig(b *testing.B) (*Desired, *dataplane) {
+	ns, done := benchLab(b)
+	b.Cleanup(done)
+	d := bigDesired(benchSize(b, benchTunnels))
+	dp := synced(b, ns, d)
+	b.Cleanup(func() { dp.Close() })
+	return d, dp
+}
+
 // BenchmarkUpdateMove100k moves one tunnel (peer and subnet) per Update
 // with 100,000 loaded; reports p50 and p99.
 func BenchmarkUpdateMove100k(b *testing.B) { benchMove(b, true) }
@@ -367,6 +378,54 @@ func BenchmarkNodeDown(b *testing.B) {
 	b.ReportMetric(updTotal.Seconds()/syncTotal.Seconds(), "update/sync")
 }
 
+// BenchmarkNewLength times one-tunnel Updates with TD_BENCH_TUNNELS
+// (default 100,000) tunnels loaded, each of a peer and a /27: the first
+// subnet of a prefix length no tunnel has (its map and rule appear), the
+// last one going (they go), and for comparison a subnet of the length the
+// table has. Reported per Update: newlen-s, gonelen-s and samelen-s, with
+// the director's CPU time (user and system: the kernel's work is system
+// time of the director's sendmsg).
+func BenchmarkNewLength(b *testing.B) {
+	_, dp := syncedBig(b)
+	ctx := context.Background()
+	peer := func(i int) netip.Addr { return netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}) }
+	var wall, cpu [3]time.Duration
+	var count [3]int
+	// timed runs one Update as kind k and checks what it changed.
+	timed := func(k int, dl *Delta, added, removed int) {
+		b.StartTimer()
+		t0 := time.Now()
+		u0, s0 := cputime.Split()
+		st, err := dp.Update(ctx, dl)
+		u1, s1 := cputime.Split()
+		wall[k] += time.Since(t0)
+		cpu[k] += u1 - u0 + s1 - s0
+		count[k]++
+		b.StopTimer()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if st.Added != added || st.Removed != removed {
+			b.Fatalf("update %d: %+v, want +%d -%d", k, st, added, removed)
+		}
+	}
+	b.ResetTimer()
+	b.StopTimer()
+	for i := 0; i < b.N; i++ {
+		a := peer(i)
+		p30 := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 19, byte(i >> 6), byte(i << 2)}), 30)
+		p27 := netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 20, byte(i >> 3), byte(i << 5)}), 27)
+		timed(0, &Delta{SetPeers: map[netip.Addr]uint16{a: 1}, SetSubnets: map[netip.Prefix]uint16{p30: 1}}, 2, 0)
+		timed(1, &Delta{DeletePeers: []netip.Addr{a}, DeleteSubnets: []netip.Prefix{p30}}, 0, 2)
+		timed(2, &Delta{SetPeers: map[netip.Addr]uint16{a: 1}, SetSubnets: map[netip.Prefix]uint16{p27: 1}}, 2, 0)
+		timed(2, &Delta{DeletePeers: []netip.Addr{a}, DeleteSubnets: []netip.Prefix{p27}}, 0, 2)
+	}
+	for k, name := range []string{"newlen", "gonelen", "samelen"} {
+		b.ReportMetric(wall[k].Seconds()/float64(count[k]), name+"-s")
+		b.ReportMetric(cpu[k].Seconds()/float64(count[k]), name+"-cpu-s")
+	}
+}
+
 // BenchmarkBucketStep100k times the nftables transaction of one step of
 // the unknown-peer buckets with 100,000 tunnels and 4,096 buckets loaded:
 // a balancing step of max_changes (256, the default) buckets with one
@@ -428,12 +487,7 @@ func BenchmarkBucketStep100k(b *testing.B) {
 // The read, taken when it arrives, must repair nothing: the moves made
 // during it are taken from the model.
 func BenchmarkMoveDuringVerify(b *testing.B) {
-	n := benchSize(b, benchTunnels)
-	ns, done := benchLab(b)
-	defer done()
-	d := bigDesired(n)
-	dp := synced(b, ns, d)
-	defer dp.Close()
+	d, dp := syncedBig(b)
 	ctx := context.Background()
 	var peers []netip.Addr
 	for a := range d.Peers {

@@ -14,8 +14,9 @@ import (
 // TestNSSubnetLengths programs protected subnets of several prefix lengths
 // in both families (one exact-match map and rule per length) and checks
 // with real packets that return traffic reaches each owner, also after an
-// Update removes the last subnet of a length and opens new ones, and after
-// a length's rule and map are deleted behind the director's back.
+// Update removes the last subnet of a length and opens new ones (adding
+// and deleting those lengths' rules alone, the other rules untouched), and
+// after a length's rule and map are deleted behind the director's back.
 func TestNSSubnetLengths(t *testing.T) {
 	l := newLab(t, Config{})
 	ctx := context.Background()
@@ -77,6 +78,35 @@ func TestNSSubnetLengths(t *testing.T) {
 		}
 	}
 
+	// handles lists the classifier's rules by handle, each with its line;
+	// the chain's last rule under "last".
+	handles := func() map[string]string {
+		out, err := l.dir.Run(ctx, "nft", "-a", "list", "chain", "inet", "tunneldirector", "prerouting")
+		if err != nil {
+			t.Fatalf("nft -a list chain: %v: %s", err, out)
+		}
+		hs := map[string]string{}
+		for _, line := range strings.Split(string(out), "\n") {
+			if i := strings.LastIndex(line, "# handle "); i >= 0 {
+				hs[line[i+len("# handle "):]] = line
+				hs["last"] = line
+			}
+		}
+		return hs
+	}
+	// lastIsCtCopy checks that the chain ends with the copy of a new
+	// flow's mark to its ct mark: packets a rule accepts do not reach it.
+	lastIsCtCopy := func(hs map[string]string) {
+		t.Helper()
+		for h, line := range hs {
+			if h != "last" && strings.Contains(line, "ct mark set meta mark") != (line == hs["last"]) {
+				t.Fatalf("rule %s, the last: %v: %s", h, line == hs["last"], line)
+			}
+		}
+	}
+	before := handles()
+	lastIsCtCopy(before)
+
 	// The last /30 and the last /64s go, /28 and /60 appear, the /24 moves:
 	// one transaction.
 	delta := &Delta{
@@ -108,6 +138,23 @@ func TestNSSubnetLengths(t *testing.T) {
 	if !strings.Contains(out, "map sub4_28") || !strings.Contains(out, "map sub6_60") {
 		t.Errorf("new length maps missing:\n%s", out)
 	}
+	// The chain was not rebuilt (a rebuild binds every rule to its map
+	// again, which walks every element): every rule but the gone lengths'
+	// kept its handle, and the new lengths have a rule each.
+	after := handles()
+	for h, line := range before {
+		if h == "last" {
+			continue
+		}
+		gone := strings.Contains(line, "@sub4_30") || strings.Contains(line, "@sub6_64")
+		if _, kept := after[h]; kept == gone {
+			t.Errorf("rule %s (gone length: %v) kept: %v\nbefore: %v\nafter: %v", h, gone, kept, before, after)
+		}
+	}
+	lastIsCtCopy(after)
+	if len(after) != len(before) {
+		t.Errorf("%d rules after the update, want %d (2 lengths gone, 2 new): %v", len(after), len(before), after)
+	}
 	if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("verify after update: %+v, %v", st, err)
 	}
@@ -134,6 +181,7 @@ func TestNSSubnetLengths(t *testing.T) {
 		t.Fatalf("verify after deleting a length's map: %+v, %v", st, err)
 	}
 	t.Logf("map and chain deleted: verify repaired %+v", st)
+	lastIsCtCopy(handles())
 	if st, err := verifySettled(ctx, l.dp); err != nil || st.Added+st.Changed+st.Removed != 0 {
 		t.Fatalf("second verify: %+v, %v", st, err)
 	}

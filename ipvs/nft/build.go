@@ -151,10 +151,57 @@ func markOf(b []byte) uint32 {
 	return binaryutil.NativeEndian.Uint32(b)
 }
 
+// chainHandles are the handles of the chain's rules that a plan adding or
+// deleting subnet lengths without a rebuild needs: the last rule (new
+// lengths' rules go before it) and each length's rule. ok says the chain
+// is wholly the director's (chainSignature); otherwise, or when a handle
+// is missing, the chain is rebuilt.
+type chainHandles struct {
+	ok   bool
+	last uint64
+	lens map[Len]uint64
+}
+
+// handlesOf reads chainHandles from the chain's rules.
+func handlesOf(rules []*nftables.Rule) *chainHandles {
+	h := &chainHandles{ok: chainSignature(rules).Version != 0, lens: map[Len]uint64{}}
+	for _, r := range rules {
+		if t, ok := ruleTagOf(r); ok && t.Len != nil {
+			h.lens[*t.Len] = r.Handle
+		}
+	}
+	if len(rules) > 0 {
+		h.last = rules[len(rules)-1].Handle
+	}
+	return h
+}
+
+// usable reports whether h has every handle p needs, and no rule yet for a
+// length p adds (the kernel holding what the model lacks is drift: the
+// chain is rebuilt rather than given a second rule for the length).
+func (h *chainHandles) usable(p *Plan) bool {
+	if h == nil || !h.ok || h.last == 0 && len(p.AddLens) > 0 {
+		return false
+	}
+	for _, l := range p.AddLens {
+		if h.lens[l] != 0 {
+			return false
+		}
+	}
+	for _, l := range p.DelLens {
+		if h.lens[l] == 0 {
+			return false
+		}
+	}
+	return true
+}
+
 // build queues plan p's structure (table, maps, chain) on c for table and
 // returns its element changes, set flushes and deletions as the messages
-// that follow c's in the same transaction (elemWriter).
-func build(c *nftables.Conn, table string, p *Plan) ([]mdnl.Message, error) {
+// that follow c's in the same transaction (elemWriter). h holds the
+// chain's handles when p adds or deletes lengths without rebuilding the
+// chain (kernel.Apply reads them); without them the chain is rebuilt.
+func build(c *nftables.Conn, table string, p *Plan, h *chainHandles) ([]mdnl.Message, error) {
 	n := newNames(table)
 	if p.Recreate {
 		// add+delete+add: delete fails on a missing table, and the
@@ -187,19 +234,39 @@ func build(c *nftables.Conn, table string, p *Plan) ([]mdnl.Message, error) {
 			return nil, fmt.Errorf("add set %s: %w", l.SetName(), err)
 		}
 	}
-	if p.Chain {
+	switch {
+	case p.Chain || len(p.AddLens)+len(p.DelLens) > 0 && !h.usable(p):
 		if !p.Recreate {
 			c.FlushChain(n.chain)
 		}
-		var lens []*nftables.Set
-		for _, l := range p.Sig.Lens {
-			lens = append(lens, sub(l))
+		fixed := chainRules(p.Sig, n)
+		base := p.Sig
+		base.Lens = nil
+		tag := func(i int) []byte {
+			return userdata.AppendString(nil, userdata.TypeComment, ruleTag{Sig: base, I: i, N: len(fixed)}.encode())
 		}
-		rules := chainRules(p.Sig, n, lens)
-		for i, ex := range rules {
-			tag := ruleTag{Sig: p.Sig, I: i, N: len(rules)}
-			c.AddRule(&nftables.Rule{Table: n.table, Chain: n.chain, Exprs: ex,
-				UserData: userdata.AppendString(nil, userdata.TypeComment, tag.encode())})
+		// The last rule (the ct mark copy) goes after the subnet rules.
+		for i, ex := range fixed[:len(fixed)-1] {
+			c.AddRule(&nftables.Rule{Table: n.table, Chain: n.chain, Exprs: ex, UserData: tag(i)})
+		}
+		for _, l := range p.Sig.Lens {
+			c.AddRule(lenRule(n, l, sub(l)))
+		}
+		c.AddRule(&nftables.Rule{Table: n.table, Chain: n.chain, Exprs: fixed[len(fixed)-1], UserData: tag(len(fixed) - 1)})
+	default:
+		// Lengths that appear get a rule of their own before the last
+		// rule (subnets never overlap, so the order of the subnet rules
+		// does not matter); those that go lose theirs, before their map
+		// is deleted below. The other rules stay as they are.
+		for _, l := range p.AddLens {
+			r := lenRule(n, l, sub(l))
+			r.Position = h.last
+			c.InsertRule(r)
+		}
+		for _, l := range p.DelLens {
+			if err := c.DelRule(&nftables.Rule{Table: n.table, Chain: n.chain, Handle: h.lens[l]}); err != nil {
+				return nil, fmt.Errorf("delete the rule of map %s: %w", l.SetName(), err)
+			}
 		}
 	}
 	// Deletions before additions: a changed element is a delete and an add
@@ -213,7 +280,7 @@ func build(c *nftables.Conn, table string, p *Plan) ([]mdnl.Message, error) {
 	// The peers' and subnets' elements, most of a large plan, are encoded
 	// by elemWorkers writers side by side (see halves).
 	var mu sync.Mutex
-	h := halves(p, n, gone, func(l Len) *nftables.Set { mu.Lock(); defer mu.Unlock(); return sub(l) })
+	hv := halves(p, n, gone, func(l Len) *nftables.Set { mu.Lock(); defer mu.Unlock(); return sub(l) })
 	for _, a := range p.DelVIPs {
 		w.elem(delSetElemType, n.fam(a).vips, key(a), 0, false)
 	}
@@ -223,7 +290,7 @@ func build(c *nftables.Conn, table string, p *Plan) ([]mdnl.Message, error) {
 		w.elem(delSetElemType, n.hash, hk[:], 0, false)
 	}
 	w.end()
-	parts := h.wait()
+	parts := hv.wait()
 	for _, part := range parts {
 		w.msgs = append(w.msgs, part.dels...)
 	}
@@ -244,23 +311,23 @@ func build(c *nftables.Conn, table string, p *Plan) ([]mdnl.Message, error) {
 		}
 		w.elem(newSetElemType, n.digest, p.Digest.bytes(), 0, false)
 	}
-	// Maps whose last subnet went: after the chain flush above dropped the
-	// rules that used them (the kernel refuses to delete a map in use).
+	// Maps whose last subnet went: after the rules that used them went
+	// above (the kernel refuses to delete a map in use).
 	for _, l := range p.DelLens {
 		w.setOp(delSetType, sub(l))
 	}
 	return w.done(), nil
 }
 
-// chainRules builds the classifier. Per family, for each tunnel selector
-// (ESP, AH, UDP 500, UDP 4500) to a VIP: a known peer gets its owner's
-// mark from the peer map, an unknown one in its pin window the mark its
-// first packet got, any other unknown one its bucket's node; any packet
-// to a protected subnet, unless it is addressed to the director itself,
-// gets the owner's mark. In IPVS mode the IKE and NAT-T marks carry
-// IKEBit so the fwmark rules leave them to the IPVS services.
-func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
-	lens := sig.Lens
+// chainRules builds the classifier but for its subnet rules (lenRule), which
+// go before its last rule (the copy of a new flow's mark to its ct mark,
+// which packets a rule accepted do not reach). Per family, for each tunnel selector (ESP, AH,
+// UDP 500, UDP 4500) to a VIP: a known peer gets its owner's mark from the
+// peer map, an unknown one in its pin window the mark its first packet
+// got, any other unknown one its bucket's node. In IPVS mode the IKE and
+// NAT-T marks carry IKEBit so the fwmark rules leave them to the IPVS
+// services.
+func chainRules(sig Signature, n *nftNames) [][]expr.Any {
 	var rules [][]expr.Any
 	// Any ct expression makes the table depend on conntrack, which the NEW
 	// event watcher needs; counting new flows is useful on its own.
@@ -366,41 +433,11 @@ func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 				rules = append(rules, ex)
 			}
 		}
-		// One rule per subnet length of this family (lens is sorted
-		// longest first): mask the destination to the length and look the
-		// network up in that length's map. Subnets never overlap, so at
-		// most one of these rules matches.
-		for i, l := range lens {
-			if l.V6 != f.v6 {
-				continue
-			}
-			ex := []expr.Any{
-				&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
-				&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
-				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: doff, Len: alen},
-			}
-			if l.Bits < int(alen)*8 {
-				ex = append(ex, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: alen,
-					Mask: prefixMask(l), Xor: make([]byte, alen)})
-			}
-			rules = append(rules, append(ex,
-				&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: subs[i].Name, SetID: subs[i].ID},
-				// Never the director's own addresses: a sync link or
-				// management address inside a protected subnet would
-				// otherwise be policy-routed to a node as return
-				// traffic. The kernel's fib knows the local addresses
-				// as they change, so there is no set to keep current;
-				// the lookup runs only for packets the map matched.
-				&expr.Fib{Register: 2, FlagDADDR: true, ResultADDRTYPE: true},
-				&expr.Cmp{Op: expr.CmpOpNeq, Register: 2, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
-				&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
-			))
-		}
 	}
 	// A new flow the classifier marked keeps the mark as its ct mark, so a
 	// conntrack NEW event tells the director which node the kernel picked
 	// for an unknown peer. Flows with other marks keep their ct mark.
-	rules = append(rules, []expr.Any{
+	return append(rules, []expr.Any{
 		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
 		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
 			Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitNEW), Xor: binaryutil.NativeEndian.PutUint32(0)},
@@ -411,7 +448,42 @@ func chainRules(sig Signature, n *nftNames, subs []*nftables.Set) [][]expr.Any {
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 2, Data: binaryutil.NativeEndian.PutUint32(sig.MarkBase)},
 		&expr.Ct{Key: expr.CtKeyMARK, SourceRegister: true, Register: 1},
 	})
-	return rules
+}
+
+// lenRule is the classifier's rule of subnet length l, whose map is set:
+// mask the destination to the length and look the network up in the map,
+// so a packet to a protected subnet, unless it is addressed to the
+// director itself, gets the owner's mark. Subnets never overlap, so at most
+// one of these rules matches.
+func lenRule(n *nftNames, l Len, set *nftables.Set) *nftables.Rule {
+	nfproto, doff, alen := byte(unix.NFPROTO_IPV4), uint32(16), uint32(4)
+	if l.V6 {
+		nfproto, doff, alen = unix.NFPROTO_IPV6, 24, 16
+	}
+	ex := []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: doff, Len: alen},
+	}
+	if l.Bits < int(alen)*8 {
+		ex = append(ex, &expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: alen,
+			Mask: prefixMask(l), Xor: make([]byte, alen)})
+	}
+	ex = append(ex,
+		&expr.Lookup{SourceRegister: 1, DestRegister: 1, IsDestRegSet: true, SetName: set.Name, SetID: set.ID},
+		// Never the director's own addresses: a sync link or management
+		// address inside a protected subnet would otherwise be
+		// policy-routed to a node as return traffic. The kernel's fib
+		// knows the local addresses as they change, so there is no set
+		// to keep current; the lookup runs only for packets the map
+		// matched.
+		&expr.Fib{Register: 2, FlagDADDR: true, ResultADDRTYPE: true},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 2, Data: binaryutil.NativeEndian.PutUint32(unix.RTN_LOCAL)},
+		&expr.Meta{Key: expr.MetaKeyMARK, SourceRegister: true, Register: 1},
+	)
+	tag := ruleTag{Sig: Signature{Version: Layout}, Len: &l}
+	return &nftables.Rule{Table: n.table, Chain: n.chain, Exprs: ex,
+		UserData: userdata.AppendString(nil, userdata.TypeComment, tag.encode())}
 }
 
 // elemWorkers is how many writers encode a plan's peer and subnet

@@ -214,7 +214,7 @@ func TestBuildOrder(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if tail, err = build(c, "td", p); err != nil {
+	if tail, err = build(c, "td", p, nil); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.Flush(); err != nil {

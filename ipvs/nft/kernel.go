@@ -196,7 +196,13 @@ func (k *kernel) Apply(p *Plan) error {
 	if err != nil {
 		return err
 	}
-	tail, err := build(c, k.table, p)
+	var h *chainHandles
+	if len(p.AddLens)+len(p.DelLens) > 0 && !p.Chain && !p.Recreate {
+		if h, err = k.chainHandles(); err != nil {
+			return err
+		}
+	}
+	tail, err := build(c, k.table, p, h)
 	if err != nil {
 		return err
 	}
@@ -204,6 +210,19 @@ func (k *kernel) Apply(p *Plan) error {
 		return fmt.Errorf("nftables transaction on table %s: %w", k.table, err)
 	}
 	return nil
+}
+
+// chainHandles reads the handles of the chain's rules: a length that
+// appears gets its rule before the last rule and one that goes takes its
+// rule with it, and rules are placed and deleted by handle, which only the
+// kernel knows (a few dozen rules to read).
+func (k *kernel) chainHandles() (*chainHandles, error) {
+	n := newNames(k.table)
+	rules, err := k.nft.GetRules(n.table, n.chain)
+	if err != nil {
+		return nil, fmt.Errorf("list rules of chain %s: %w", chainName, err)
+	}
+	return handlesOf(rules), nil
 }
 
 func (k *kernel) DeleteTable() error {

@@ -13,13 +13,12 @@ type Plan struct {
 	// and chain in the same transaction; the element lists then carry the
 	// whole content.
 	Recreate bool
-	// Chain rebuilds the chain's rules (flush + add) from Sig. LensOnly
-	// says the rebuild is only for lengths that appear or go: internal
-	// structure, not a change Count reports.
-	Chain    bool
-	LensOnly bool
-	Sig      Signature
-	// AddLens / DelLens create and delete per-length subnet maps; a
+	// Chain rebuilds the chains' rules (flush + add) from Sig.
+	Chain bool
+	// Sig is the chains' signature after the plan.
+	Sig Signature
+	// AddLens / DelLens create and delete per-length subnet maps, each
+	// with its rule in the classifier (unless Chain rebuilds them all); a
 	// deleted map's elements go with it.
 	AddLens, DelLens []Len
 
@@ -74,7 +73,7 @@ func (p *Plan) Count() (a, c, r int) {
 	if p.counts != nil {
 		return p.counts[0], p.counts[1], p.counts[2]
 	}
-	if p.Recreate || p.Chain && !p.LensOnly {
+	if p.Recreate || p.Chain {
 		c++
 	}
 	a += len(p.AddVIPs) + p.AddPeers.Len() + p.AddSubnets.Len() + len(p.AddHash)
@@ -170,10 +169,7 @@ func Diff(cur, want *State) *Plan {
 	p := &Plan{Sig: want.Sig}
 	p.AddLens, p.DelLens = keysNotIn(want.Lens, cur.Lens), keysNotIn(cur.Lens, want.Lens)
 	p.sizeNewLens(want)
-	// The signature names the lengths, so a chain that matches it has a
-	// rule for every wanted map; a changed length set rebuilds it anyway.
-	p.Chain = !cur.Sig.Equal(want.Sig) || len(p.AddLens)+len(p.DelLens) > 0
-	p.LensOnly = p.Chain && cur.Sig.Version == Layout && cur.Sig.sameButLens(want.Sig)
+	p.Chain = needsRebuild(cur, want.Sig)
 	p.AddVIPs, p.DelVIPs = keysNotIn(want.VIPs, cur.VIPs), keysNotIn(cur.VIPs, want.VIPs)
 	if !cur.SharesMaps(want) {
 		// (Shared maps are one: nothing to compare. A restarted
@@ -186,6 +182,14 @@ func Diff(cur, want *State) *Plan {
 		return grown(p, want)
 	}
 	return p
+}
+
+// needsRebuild reports whether the chains of cur must be rebuilt for sig:
+// when they were built from another signature, or their subnet rules are
+// not those of cur's maps (lengths that appear or go otherwise add or
+// delete their rule alone).
+func needsRebuild(cur *State, sig Signature) bool {
+	return !cur.Sig.sameButLens(sig) || !slices.Equal(cur.Sig.Lens, SortedLens(cur.Lens))
 }
 
 // recreate is the transaction that replaces the table with want.
@@ -408,8 +412,7 @@ func Update(model, want *State, c Changes) *Plan {
 		p.AddHash, p.DelHash = diffMap(model.Hash, want.Hash)
 	}
 	if len(p.AddLens)+len(p.DelLens) > 0 || !model.Sig.Equal(want.Sig) {
-		p.Chain = true
-		p.LensOnly = model.Sig.Version == Layout && model.Sig.sameButLens(want.Sig)
+		p.Chain = needsRebuild(model, want.Sig)
 		p.Sig = want.Sig
 	}
 	if overfills(model, want) {
@@ -552,7 +555,7 @@ func (s *State) applyTable(p *Plan) (gone map[Len]bool) {
 	for _, l := range p.AddLens {
 		s.Lens[l] = struct{}{}
 	}
-	if p.Chain {
+	if p.Chain || len(p.AddLens)+len(p.DelLens) > 0 {
 		s.Sig = p.Sig
 		s.Sig.Lens = slices.Clone(p.Sig.Lens)
 	}

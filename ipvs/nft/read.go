@@ -142,26 +142,51 @@ func read(c *nftables.Conn, table string, withMaps bool, elems func(*nftables.Se
 	return s, nil
 }
 
-// chainSignature returns the signature every rule of the chain carries, or
-// the zero Signature when a rule is missing, foreign, from another layout
-// or another signature: the chain is then rebuilt.
+// chainSignature returns the signature the chain's rules carry: the one
+// every rule built from it carries, with the lengths of the subnet rules.
+// It returns the zero Signature when a rule is missing, foreign, from
+// another layout or another signature, a length has two rules, or the last
+// rule built from the signature (the ct mark copy) is not the chain's
+// last: the chain is then rebuilt.
 func chainSignature(rules []*nftables.Rule) Signature {
 	var sig Signature
 	seen := map[int]bool{}
-	total := -1
+	lens := map[Len]struct{}{}
+	total, fixed, last := -1, 0, -1
 	for _, r := range rules {
-		cm, ok := userdata.GetString(r.UserData, userdata.TypeComment)
+		t, ok := ruleTagOf(r)
 		if !ok {
 			return Signature{}
 		}
-		t, err := decodeTag(cm)
-		if err != nil || (total >= 0 && (t.N != total || !t.Sig.Equal(sig))) || seen[t.I] {
+		if t.Len != nil {
+			if _, dup := lens[*t.Len]; dup {
+				return Signature{}
+			}
+			lens[*t.Len] = struct{}{}
+			last = -1
+			continue
+		}
+		if (total >= 0 && (t.N != total || !t.Sig.Equal(sig))) || seen[t.I] {
 			return Signature{}
 		}
-		sig, total, seen[t.I] = t.Sig, t.N, true
+		sig, total, seen[t.I], last = t.Sig, t.N, true, t.I
+		fixed++
 	}
-	if total != len(rules) {
+	if total < 0 || total != fixed || last != total-1 {
 		return Signature{}
 	}
+	if len(lens) > 0 {
+		sig.Lens = SortedLens(lens)
+	}
 	return sig
+}
+
+// ruleTagOf decodes r's tag; false for a rule without a valid one.
+func ruleTagOf(r *nftables.Rule) (ruleTag, bool) {
+	cm, ok := userdata.GetString(r.UserData, userdata.TypeComment)
+	if !ok {
+		return ruleTag{}, false
+	}
+	t, err := decodeTag(cm)
+	return t, err == nil
 }

@@ -124,8 +124,10 @@ type Signature struct {
 	RangeMask uint32 `json:"mask"`
 	// LogGroup is the NFLOG group of the first-packet log.
 	LogGroup uint16 `json:"log"`
-	// Lens are the subnet lengths with a rule, in chain order.
-	Lens []Len `json:"lens"`
+	// Lens are the subnet lengths with a rule, in chain order (lenLess).
+	// In the kernel each has a rule of its own, appended when its map
+	// appears and deleted with it, so a rule's tag does not carry them.
+	Lens []Len `json:"lens,omitempty"`
 }
 
 // Layout is the current chain layout version. 6: the unknown peers'
@@ -135,8 +137,12 @@ type Signature struct {
 // rebuilds the chain in one transaction). 8: the window map's data is
 // the mark read back from the packet (not the bucket lookup's register),
 // because nft 1.0.6 (Debian 12) aborts listing a dynset whose data is a
-// map lookup.
-const Layout = 8
+// map lookup. 9: each subnet length's rule is tagged with its length
+// alone and is inserted before the last rule (the ct mark copy) or deleted
+// with its map, so a length that appears or goes no longer rebuilds the
+// chain: a rebuild binds every rule to its map again, which makes the
+// kernel walk every element (0.34 s at a million tunnels).
+const Layout = 9
 
 // Equal reports whether two signatures build the same chain.
 func (a Signature) Equal(b Signature) bool {
@@ -152,11 +158,13 @@ func (a Signature) sameButLens(b Signature) bool {
 	return a.Equal(b)
 }
 
-// ruleTag is the comment of rule i of n.
+// ruleTag is the comment of a rule: of rule i of the n built from Sig
+// (without its lengths), or of the rule of subnet length Len.
 type ruleTag struct {
 	Sig Signature `json:"sig"`
-	I   int       `json:"i"`
-	N   int       `json:"n"`
+	I   int       `json:"i,omitempty"`
+	N   int       `json:"n,omitempty"`
+	Len *Len      `json:"len,omitempty"`
 }
 
 func (t ruleTag) encode() string {
@@ -169,7 +177,16 @@ func decodeTag(s string) (ruleTag, error) {
 	if err := json.Unmarshal([]byte(s), &t); err != nil {
 		return t, err
 	}
-	if t.Sig.Version != Layout || t.N <= 0 || t.I < 0 || t.I >= t.N {
+	if t.Sig.Version != Layout {
+		return t, fmt.Errorf("rule tag %q: not this layout", s)
+	}
+	if t.Len != nil {
+		if t.I != 0 || t.N != 0 || len(t.Sig.Lens) != 0 || !t.Len.valid() {
+			return t, fmt.Errorf("rule tag %q: not a subnet length's", s)
+		}
+		return t, nil
+	}
+	if t.N <= 0 || t.I < 0 || t.I >= t.N || len(t.Sig.Lens) != 0 {
 		return t, fmt.Errorf("rule tag %q: not this layout", s)
 	}
 	return t, nil
@@ -205,11 +222,14 @@ func parseLen(name string) (Len, bool) {
 		return Len{}, false
 	}
 	l := Len{fam == 6, bits}
-	if (fam != 4 && fam != 6) || bits < 0 || bits > 32 && !l.V6 || bits > 128 || l.SetName() != name {
+	if (fam != 4 && fam != 6) || !l.valid() || l.SetName() != name {
 		return Len{}, false
 	}
 	return l, true
 }
+
+// valid reports whether l is a prefix length of its family.
+func (l Len) valid() bool { return l.Bits >= 0 && (l.Bits <= 32 || l.V6 && l.Bits <= 128) }
 
 func b2i(b bool) int {
 	if b {
