@@ -333,6 +333,14 @@ func (c *Config) kernelNodes(t *affinity.Table) []ipvs.Node {
 	return out
 }
 
+// bigDelta is the number of tunnels set in one reconcile from which, when
+// they are half the table or more (an import into an empty table), the
+// kernel gets a full sync instead of a delta: the sync reads the table
+// itself, where the delta's maps, keyed by address and prefix, are a second
+// copy of the batch beside the table and the batch. At a million tunnels
+// they held 150 MB, and the collector's headroom doubles that in peak RSS.
+const bigDelta = 65536
+
 // delta turns committed batches into one delta: the element changes (pins
 // and bucket changes among them), and, when a node changed, all the nodes
 // as the table now has them (a node going down is its new state plus its
@@ -340,7 +348,8 @@ func (c *Config) kernelNodes(t *affinity.Table) []ipvs.Node {
 // transaction. It reports false when the delta cannot express them and
 // the kernel needs a full sync: the bucket count changed (the
 // classifier's hash rule changes), a batch came back from the journal
-// without the records as they were before, or a tunnel's node is gone.
+// without the records as they were before, or a tunnel's node is gone;
+// and when a full sync is cheaper (bigDelta).
 func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, bool) {
 	nodes := false
 	// A first pass decides whether a delta can be made at all (a fresh
@@ -368,6 +377,9 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 				}
 			}
 		}
+	}
+	if peers >= bigDelta && 2*peers >= t.Len() {
+		return nil, false
 	}
 	dl := &ipvs.Delta{SetPeers: make(map[netip.Addr]uint16, peers), SetSubnets: make(map[netip.Prefix]uint16, subnets), Buckets: map[int]uint16{}}
 	// del drops tu's keys from the delta's settings and deletes them,

@@ -136,6 +136,61 @@ func TestReconcileNodeDownIsADelta(t *testing.T) {
 	}
 }
 
+// TestReconcileBulkIsASync: a batch of bigDelta tunnels or more that is
+// half the table or more (an import into an empty table) reaches the kernel
+// as a full sync, with no delta's maps beside the table; a batch of as many
+// into a table more than twice its size stays a delta.
+func TestReconcileBulkIsASync(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds tables of 65,536 and 196,608 tunnels")
+	}
+	st, cfg := testStore(t, 3)
+	k := ipvstest.NewFake(ipvs.ModeRouteOnly)
+	d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if err := d.syncAll(ctx, "start"); err != nil {
+		t.Fatal(err)
+	}
+	// batch is bigDelta new tunnels, the i-th such batch.
+	batch := func(i int) []affinity.Change {
+		cs := make([]affinity.Change, 0, bigDelta)
+		for n := i * bigDelta; n < (i+1)*bigDelta; n++ {
+			cs = append(cs, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &affinity.Tunnel{
+				ID: fmt.Sprintf("t%d", n), Peer: netip.AddrFrom4([4]byte{100, 64 + byte(n>>16), byte(n >> 8), byte(n)}),
+				Subnets: []netip.Prefix{netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(n >> 16), byte(n >> 8), byte(n)}), 32)}}})
+		}
+		return cs
+	}
+	for i, want := range []string{"Sync", "Sync", "Update"} {
+		if i == 2 {
+			// A third batch into a table of two: a third of it.
+			if _, err := st.Commit(batch(3)); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st.Commit(batch(4)); err != nil {
+				t.Fatal(err)
+			}
+			d.reconcile(ctx)
+		}
+		syncs, updates := countOps(k, "Sync"), countOps(k, "Update")
+		if _, err := st.Commit(batch(i)); err != nil {
+			t.Fatal(err)
+		}
+		d.reconcile(ctx)
+		got := map[bool]string{true: "Sync", false: "Update"}[countOps(k, "Sync") > syncs]
+		if got != want || countOps(k, "Sync")+countOps(k, "Update") != syncs+updates+1 {
+			t.Fatalf("batch %d into %d tunnels: %d syncs and %d updates, want one %s", i, st.Table().Len()-bigDelta,
+				countOps(k, "Sync")-syncs, countOps(k, "Update")-updates, want)
+		}
+		if !kernelEquals(k, st.Table()) {
+			t.Fatalf("batch %d: kernel differs from the table", i)
+		}
+	}
+}
+
 // TestReconcileDeltaKeys: a delta deletes exactly the keys a change gives
 // up. A tunnel that changes its peer and one of its subnets, a second
 // tunnel that takes the freed keys and is deleted again, and a plain
