@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/tunneldirector/tunneldirector/affinity"
@@ -417,7 +418,10 @@ func (r *Replicator) onVerdict(p *wire.Packet) error {
 			r.lastMatch, r.matchRev = r.clk.Now(), rev
 			r.tablesEqual = true
 			r.b.synced = true
-			if len(r.oos) > 6 && r.oos[:6] == "digest" {
+			// Equal tables at the same revision leave nothing to
+			// repair, also after a local write of the same change
+			// (LocalWrites keeps the count of those).
+			if strings.HasPrefix(r.oos, "digest") || strings.HasPrefix(r.oos, localWriteReason) {
 				r.oos = ""
 			}
 		}

@@ -278,10 +278,15 @@ func (r *Replicator) drain() {
 			r.stream(&b)
 		case !mine:
 			r.c.LocalWrites++
-			r.setOOS(fmt.Sprintf("store written locally at revision %d while %s: writes belong on the master", b.Revision, r.role))
+			r.setOOS(fmt.Sprintf("%s at revision %d while %s: writes belong on the master", localWriteReason, b.Revision, r.role))
 		}
 	}
 }
+
+// localWriteReason begins the out-of-sync reason of a backup's own commit.
+// A digest match at the backup's revision ends it (backup.go): both
+// directors made the same write, as when both were master for a moment.
+const localWriteReason = "store written locally"
 
 func (r *Replicator) setOOS(reason string) {
 	if r.oos != reason {
