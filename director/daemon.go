@@ -333,9 +333,10 @@ func (c *Config) kernelNodes(t *affinity.Table) []ipvs.Node {
 	return out
 }
 
-// bigDelta is the number of tunnels set in one reconcile from which, when
+// bigDelta is the number of new tunnels in one reconcile from which, when
 // they are half the table or more (an import into an empty table), the
-// kernel gets a full sync instead of a delta: the sync reads the table
+// kernel gets a full sync instead of a delta (moves, such as a node going
+// down, stay a delta however many): the sync reads the table
 // itself, where the delta's maps, keyed by address and prefix, are a second
 // copy of the batch beside the table and the batch. At a million tunnels
 // they held 150 MB, and the collector's headroom doubles that in peak RSS.
@@ -357,7 +358,7 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 	// need a full sync: finding that out after building the delta cost
 	// seconds) and sizes it: growing the maps to an import of a million
 	// tunnels rehashed every key several times.
-	var peers, subnets int
+	var peers, subnets, fresh int
 	for _, a := range batches {
 		if !a.Resolved {
 			return nil, false
@@ -367,6 +368,9 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 			case affinity.PutTunnel:
 				peers++
 				subnets += len(c.Tunnel.Subnets)
+				if c.Old == nil {
+					fresh++
+				}
 			case affinity.DeleteTunnel:
 				if c.Old == nil {
 					return nil, false
@@ -378,7 +382,7 @@ func (d *Daemon) delta(batches []store.Batch, t *affinity.Table) (*ipvs.Delta, b
 			}
 		}
 	}
-	if peers >= bigDelta && 2*peers >= t.Len() {
+	if fresh >= bigDelta && 2*fresh >= t.Len() {
 		return nil, false
 	}
 	dl := &ipvs.Delta{SetPeers: make(map[netip.Addr]uint16, peers), SetSubnets: make(map[netip.Prefix]uint16, subnets), Buckets: map[int]uint16{}}

@@ -136,10 +136,11 @@ func TestReconcileNodeDownIsADelta(t *testing.T) {
 	}
 }
 
-// TestReconcileBulkIsASync: a batch of bigDelta tunnels or more that is
+// TestReconcileBulkIsASync: a batch of bigDelta new tunnels or more that is
 // half the table or more (an import into an empty table) reaches the kernel
 // as a full sync, with no delta's maps beside the table; a batch of as many
-// into a table more than twice its size stays a delta.
+// into a table more than twice its size stays a delta, and so do moves of
+// the whole table (a node going down is never a full comparison).
 func TestReconcileBulkIsASync(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds tables of 65,536 and 196,608 tunnels")
@@ -188,6 +189,26 @@ func TestReconcileBulkIsASync(t *testing.T) {
 		if !kernelEquals(k, st.Table()) {
 			t.Fatalf("batch %d: kernel differs from the table", i)
 		}
+	}
+	// Every tunnel moves (pinned to the next node): all of them are
+	// set, none is new.
+	nodes := st.Table().Nodes()
+	syncs, updates := countOps(k, "Sync"), countOps(k, "Update")
+	if _, err := st.Do(func(tb *affinity.Table) ([]affinity.Change, error) {
+		var cs []affinity.Change
+		for _, tu := range tb.Tunnels() {
+			i := slices.IndexFunc(nodes, func(n affinity.Node) bool { return n.Name == tu.Node })
+			tu.Node, tu.Pinned = nodes[(i+1)%len(nodes)].Name, true
+			cs = append(cs, affinity.Change{Kind: affinity.PutTunnel, Tunnel: &tu})
+		}
+		return cs, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	d.reconcile(ctx)
+	if countOps(k, "Sync") != syncs || countOps(k, "Update") != updates+1 || !kernelEquals(k, st.Table()) {
+		t.Fatalf("moves of every tunnel: %d syncs, %d updates, kernel equal %v; want one update",
+			countOps(k, "Sync")-syncs, countOps(k, "Update")-updates, kernelEquals(k, st.Table()))
 	}
 }
 

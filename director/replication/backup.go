@@ -385,8 +385,13 @@ func (r *Replicator) sendNack(from uint64) {
 	r.send(wire.MsgNack, w.B)
 }
 
+// digestPer is how many buckets' sums one digest message carries.
+func (r *Replicator) digestPer() int {
+	return (r.cfg.MTU - wire.HeaderLen - wire.TagLen - sessionOverhead - 3*(wire.TLVHead+8) - wire.TLVHead - 2) / 4
+}
+
 func (r *Replicator) sendDigest() {
-	per := (r.cfg.MTU - wire.HeaderLen - wire.TagLen - sessionOverhead - 3*(wire.TLVHead+8) - wire.TLVHead - 2) / 4
+	per := r.digestPer()
 	for first := 0; first < NumBuckets; first += per {
 		n := min(per, NumBuckets-first)
 		var w wire.Builder
@@ -420,8 +425,12 @@ func (r *Replicator) onVerdict(p *wire.Packet) error {
 			r.b.synced = true
 			// Equal tables at the same revision leave nothing to
 			// repair, also after a local write of the same change
-			// (LocalWrites keeps the count of those).
-			if strings.HasPrefix(r.oos, "digest") || strings.HasPrefix(r.oos, localWriteReason) {
+			// (LocalWrites keeps the count of those); but a verdict
+			// speaks for its message's buckets only, so a local
+			// write is cleared only when one message carries them
+			// all (the default MTU).
+			whole := r.digestPer() >= NumBuckets
+			if strings.HasPrefix(r.oos, "digest") || whole && strings.HasPrefix(r.oos, localWriteReason) {
 				r.oos = ""
 			}
 		}
