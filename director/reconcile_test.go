@@ -136,6 +136,22 @@ func TestReconcileNodeDownIsADelta(t *testing.T) {
 	}
 }
 
+// syncedDaemon is a daemon on a fresh store of three nodes and a fake
+// dataplane, after its start's full sync.
+func syncedDaemon(t *testing.T) (*Daemon, *store.Store, *ipvstest.Fake) {
+	t.Helper()
+	st, cfg := testStore(t, 3)
+	k := ipvstest.NewFake(ipvs.ModeRouteOnly)
+	d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := d.syncAll(context.Background(), "start"); err != nil {
+		t.Fatal(err)
+	}
+	return d, st, k
+}
+
 // TestReconcileBulkIsASync: a batch of bigDelta new tunnels or more that is
 // half the table or more (an import into an empty table) reaches the kernel
 // as a full sync, with no delta's maps beside the table; a batch of as many
@@ -143,18 +159,10 @@ func TestReconcileNodeDownIsADelta(t *testing.T) {
 // the whole table (a node going down is never a full comparison).
 func TestReconcileBulkIsASync(t *testing.T) {
 	if testing.Short() {
-		t.Skip("builds tables of 65,536 and 196,608 tunnels")
+		t.Skip("builds a table of 327,680 tunnels")
 	}
-	st, cfg := testStore(t, 3)
-	k := ipvstest.NewFake(ipvs.ModeRouteOnly)
-	d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	d, st, k := syncedDaemon(t)
 	ctx := context.Background()
-	if err := d.syncAll(ctx, "start"); err != nil {
-		t.Fatal(err)
-	}
 	// batch is bigDelta new tunnels, the i-th such batch.
 	batch := func(i int) []affinity.Change {
 		cs := make([]affinity.Change, 0, bigDelta)
@@ -232,16 +240,8 @@ func TestReconcileDeltaKeys(t *testing.T) {
 	}
 	for _, together := range []bool{false, true} {
 		t.Run(fmt.Sprintf("together=%v", together), func(t *testing.T) {
-			st, cfg := testStore(t, 3)
-			k := ipvstest.NewFake(ipvs.ModeRouteOnly)
-			d, err := NewDaemon(DaemonOptions{Config: cfg, Store: st, Dataplane: k, Logger: slog.New(slog.DiscardHandler)})
-			if err != nil {
-				t.Fatal(err)
-			}
+			d, st, k := syncedDaemon(t)
 			ctx := context.Background()
-			if err := d.syncAll(ctx, "start"); err != nil {
-				t.Fatal(err)
-			}
 			syncs := countOps(k, "Sync")
 			for i, cs := range steps {
 				if _, err := st.Commit(cs); err != nil {

@@ -430,7 +430,7 @@ func (r *Replicator) onVerdict(p *wire.Packet) error {
 			// write is cleared only when one message carries them
 			// all (the default MTU).
 			whole := r.digestPer() >= NumBuckets
-			if strings.HasPrefix(r.oos, "digest") || whole && strings.HasPrefix(r.oos, localWriteReason) {
+			if strings.HasPrefix(r.oos, digestReason) || whole && strings.HasPrefix(r.oos, localWriteReason) {
 				r.oos = ""
 			}
 		}
@@ -440,6 +440,6 @@ func (r *Replicator) onVerdict(p *wire.Packet) error {
 	copy(bad[:], f.Get(wire.TBitmap))
 	r.c.DigestMismatches++
 	r.tablesEqual = false
-	r.setOOS(fmt.Sprintf("digest at revision %d differs from the master's in %d bucket(s); repair under way", rev, bad.count()))
+	r.setOOS(fmt.Sprintf("%s at revision %d differs from the master's in %d bucket(s); repair under way", digestReason, rev, bad.count()))
 	return nil
 }

@@ -283,6 +283,11 @@ func (r *Replicator) drain() {
 	}
 }
 
+// digestReason begins the out-of-sync reason of a digest that differs from
+// the master's; the repair of the buckets ends it (xfer.go), and so does a
+// digest match (backup.go).
+const digestReason = "digest"
+
 // localWriteReason begins the out-of-sync reason of a backup's own commit.
 // A digest match at the backup's revision ends it (backup.go): both
 // directors made the same write, as when both were master for a moment.

@@ -583,7 +583,7 @@ func (r *Replicator) appliedTarget(t *target) {
 	case xRepair:
 		r.c.RepairsApplied++
 		r.c.BucketsRepaired += uint64(t.buckets.count())
-		if len(r.oos) > 6 && r.oos[:6] == "digest" {
+		if strings.HasPrefix(r.oos, digestReason) {
 			r.oos = ""
 		}
 	}

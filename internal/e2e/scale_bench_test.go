@@ -285,43 +285,41 @@ func apiStatus(socket string) (director.Status, error) {
 func (e *e2e) daemonMemory() (rss, hwm float64) {
 	e.t.Helper()
 	time.Sleep(2 * time.Second)
-	r, h := procMemory(e.t, e.daemon.Process.Pid)
+	st := procStatus(e.t, e.daemon.Process.Pid)
+	r, h := st["VmRSS"], st["VmHWM"]
 	// The split tells the heap from the store's file pages the daemon
 	// read through bbolt's mapping.
-	if st, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", e.daemon.Process.Pid)); err == nil {
-		var split []string
-		for _, line := range strings.Split(string(st), "\n") {
-			if strings.HasPrefix(line, "RssAnon:") || strings.HasPrefix(line, "RssFile:") {
-				split = append(split, strings.Join(strings.Fields(line), " "))
-			}
-		}
-		e.t.Logf("daemon memory: VmRSS %.0f MB (%s)", r/(1<<20), strings.Join(split, ", "))
-	}
+	e.t.Logf("daemon memory: VmRSS %.0f MB (RssAnon %.0f MB, RssFile %.0f MB)", r/(1<<20), st["RssAnon"]/(1<<20), st["RssFile"]/(1<<20))
 	return r / (1 << 20), h / (1 << 20)
 }
 
 // procMemory returns a process's resident and peak resident memory in
 // bytes (VmRSS and VmHWM of /proc/PID/status).
 func procMemory(t testing.TB, pid int) (rss, hwm float64) {
+	st := procStatus(t, pid)
+	return st["VmRSS"], st["VmHWM"]
+}
+
+// procStatus returns the sizes /proc/PID/status gives in kB, in bytes, by
+// name.
+func procStatus(t testing.TB, pid int) map[string]float64 {
 	t.Helper()
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
+	out := map[string]float64{}
 	for _, line := range strings.Split(string(b), "\n") {
 		k, v, _ := strings.Cut(line, ":")
-		kb, err := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
-		if err != nil {
+		v = strings.TrimSpace(v)
+		if !strings.HasSuffix(v, " kB") {
 			continue
 		}
-		switch k {
-		case "VmRSS":
-			rss = kb * 1024
-		case "VmHWM":
-			hwm = kb * 1024
+		if kb, err := strconv.ParseFloat(strings.TrimSuffix(v, " kB"), 64); err == nil {
+			out[k] = kb * 1024
 		}
 	}
-	return rss, hwm
+	return out
 }
 
 // waitIdle waits (up to 30 s) until the daemon used under 20 ms of CPU in

@@ -142,6 +142,16 @@ func prefixMask(l Len) []byte {
 	return m
 }
 
+// ipHeader is where a family's packet header keeps what the classifier
+// reads: the nfproto value and the offsets of the source and destination
+// addresses, and their length.
+func ipHeader(v6 bool) (nfproto byte, soff, doff, alen uint32) {
+	if v6 {
+		return unix.NFPROTO_IPV6, 8, 24, 16
+	}
+	return unix.NFPROTO_IPV4, 12, 16, 4
+}
+
 // markOf decodes a map's data: a mark as the kernel's meta mark register
 // holds it, in host byte order (elemWriter writes it so).
 func markOf(b []byte) uint32 {
@@ -321,8 +331,8 @@ func build(c *nftables.Conn, table string, p *Plan, h *chainHandles) ([]mdnl.Mes
 
 // chainRules builds the classifier but for its subnet rules (lenRule), which
 // go before its last rule (the copy of a new flow's mark to its ct mark,
-// which packets a rule accepted do not reach). Per family, for each tunnel selector (ESP, AH,
-// UDP 500, UDP 4500) to a VIP: a known peer gets its owner's mark from the
+// which packets a rule accepted do not reach). Per family, for each tunnel
+// selector (ESP, AH, UDP 500, UDP 4500) to a VIP: a known peer gets its owner's mark from the
 // peer map, an unknown one in its pin window the mark its first packet
 // got, any other unknown one its bucket's node. In IPVS mode the IKE and
 // NAT-T marks carry IKEBit so the fwmark rules leave them to the IPVS
@@ -352,10 +362,7 @@ func chainRules(sig Signature, n *nftNames) [][]expr.Any {
 	}
 	sels := []sel{{false, proto(unix.IPPROTO_ESP)}, {false, proto(unix.IPPROTO_AH)}, {true, udp(500)}, {true, udp(4500)}}
 	for _, f := range n.fams {
-		nfproto, soff, doff, alen := byte(unix.NFPROTO_IPV4), uint32(12), uint32(16), uint32(4)
-		if f.v6 {
-			nfproto, soff, doff, alen = unix.NFPROTO_IPV6, 8, 24, 16
-		}
+		nfproto, soff, doff, alen := ipHeader(f.v6)
 		head := func(s sel) []expr.Any {
 			ex := []expr.Any{
 				&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
@@ -456,10 +463,7 @@ func chainRules(sig Signature, n *nftNames) [][]expr.Any {
 // director itself, gets the owner's mark. Subnets never overlap, so at most
 // one of these rules matches.
 func lenRule(n *nftNames, l Len, set *nftables.Set) *nftables.Rule {
-	nfproto, doff, alen := byte(unix.NFPROTO_IPV4), uint32(16), uint32(4)
-	if l.V6 {
-		nfproto, doff, alen = unix.NFPROTO_IPV6, 24, 16
-	}
+	nfproto, _, doff, alen := ipHeader(l.V6)
 	ex := []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{nfproto}},

@@ -13,9 +13,9 @@ type Plan struct {
 	// and chain in the same transaction; the element lists then carry the
 	// whole content.
 	Recreate bool
-	// Chain rebuilds the chains' rules (flush + add) from Sig.
+	// Chain rebuilds the chain's rules (flush + add) from Sig.
 	Chain bool
-	// Sig is the chains' signature after the plan.
+	// Sig is the chain's signature after the plan.
 	Sig Signature
 	// AddLens / DelLens create and delete per-length subnet maps, each
 	// with its rule in the classifier (unless Chain rebuilds them all); a
@@ -184,7 +184,7 @@ func Diff(cur, want *State) *Plan {
 	return p
 }
 
-// needsRebuild reports whether the chains of cur must be rebuilt for sig:
+// needsRebuild reports whether the chain of cur must be rebuilt for sig:
 // when they were built from another signature, or their subnet rules are
 // not those of cur's maps (lengths that appear or go otherwise add or
 // delete their rule alone).

@@ -125,7 +125,7 @@ type Signature struct {
 	// LogGroup is the NFLOG group of the first-packet log.
 	LogGroup uint16 `json:"log"`
 	// Lens are the subnet lengths with a rule, in chain order (lenLess).
-	// In the kernel each has a rule of its own, appended when its map
+	// In the kernel each has a rule of its own, added when its map
 	// appears and deleted with it, so a rule's tag does not carry them.
 	Lens []Len `json:"lens,omitempty"`
 }
@@ -150,9 +150,8 @@ func (a Signature) Equal(b Signature) bool {
 		a.MarkBase == b.MarkBase && a.RangeMask == b.RangeMask && a.LogGroup == b.LogGroup && slices.Equal(a.Lens, b.Lens)
 }
 
-// sameButLens reports whether a and b differ at most in their lengths: a
-// rebuild for lengths that appear or go is internal structure, not a
-// change to report.
+// sameButLens reports whether a and b differ at most in their lengths,
+// which a plan adds and deletes rule by rule without rebuilding the chain.
 func (a Signature) sameButLens(b Signature) bool {
 	a.Lens, b.Lens = nil, nil
 	return a.Equal(b)
